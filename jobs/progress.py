@@ -1,0 +1,96 @@
+"""The live progress display: done, failed, rate, ETA, tokens and cost, read from committed state."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
+from rich.text import Text
+
+from config.prices import PriceTable
+from jobs.ledger import cost_report
+from jobs.spec import JobSpec
+from jobs.store import JobState, JobStatus, JobStore
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:,.1f} rows/s" if speed else "- rows/s", style="cyan")
+
+
+class JobProgress:
+    """A rich progress bar over a job; `refresh()` re-reads the job store."""
+
+    def __init__(self, store: JobStore, spec: JobSpec, prices: PriceTable, console: Console):
+        self.store, self.spec, self.prices = store, spec, prices
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("[red]{task.fields[failed]} failed"),
+            _RateColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[tokens]}"),
+            TextColumn("[green]{task.fields[cost]}"),
+            console=console,
+        )
+        self.task = None
+        self.last_refresh = 0.0
+
+    def __enter__(self) -> "JobProgress":
+        self.progress.start()
+        status = self.store.status(self.spec.job_id)
+        # A resumed job shows what is already done at once, not after a silent warm-up.
+        self.task = self.progress.add_task(
+            self.spec.job_id, total=status.total or None, completed=status.terminal, **self._fields(status)
+        )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.task is not None:
+            self.refresh(force=True)
+        self.progress.stop()
+
+    def _fields(self, status: JobStatus) -> dict[str, str]:
+        usage = status.usage
+        cost = cost_report(self.spec, status, self.prices).cost_usd
+        return {
+            "failed": f"{status.failed:,}",
+            "tokens": f"{usage.input_tokens + usage.cache_read_input_tokens + usage.cache_creation_input_tokens:,} in / {usage.output_tokens:,} out",
+            "cost": f"${cost:,.4f}",
+        }
+
+    def refresh(self, force: bool = False) -> JobStatus | None:
+        now = time.monotonic()
+        if not force and now - self.last_refresh < 0.2:
+            return None
+        self.last_refresh = now
+        status = self.store.status(self.spec.job_id)
+        description = "producing" if status.state is JobState.producing else status.state.value
+        self.progress.update(
+            self.task,
+            total=status.total if status.produced else None,
+            completed=status.terminal,
+            description=description,
+            **self._fields(status),
+        )
+        return status
+
+
+class WorkersExited(RuntimeError):
+    pass
+
+
+def wait_for_job(progress: JobProgress, alive: Callable[[], bool] | None = None, poll_s: float = 0.25) -> JobStatus:
+    """Refresh until the job is complete, failed or cancelled; raises if the local workers die."""
+    while True:
+        status = progress.refresh(force=True)
+        assert status is not None
+        if status.state in (JobState.complete, JobState.failed, JobState.cancelled):
+            return status
+        if alive is not None and not alive():
+            raise WorkersExited("the local workers exited before the job finished")
+        time.sleep(poll_s)

@@ -1,0 +1,42 @@
+"""The job spec: everything a worker anywhere needs to run a job's chunks, and nothing secret."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import datetime, timezone
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from pipelines.spec import Pipeline
+
+Backend = Literal["anthropic", "vllm"]
+QUEUE_FOR_BACKEND: dict[str, str] = {"anthropic": "api", "vllm": "gpu"}
+
+
+def new_job_id() -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return f"{stamp}-{secrets.token_hex(3)}"
+
+
+class JobSpec(BaseModel):
+    job_id: str
+    pipeline: Pipeline
+    backend: Backend
+    input_path: str
+    input_format: Literal["jsonl", "csv", "parquet"]
+    out_dir: str
+    chunk_size: int = Field(ge=1)
+    rpm: int | None = Field(default=None, ge=1)
+    max_in_flight: int = Field(ge=1)
+    max_attempts: int = Field(ge=1)
+    worker_processes: int = Field(default=1, ge=1, description="How many processes share --rpm.")
+    created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+
+    @property
+    def queue(self) -> str:
+        return QUEUE_FOR_BACKEND[self.backend]
+
+    @property
+    def model(self) -> str:
+        return self.pipeline.model

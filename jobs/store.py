@@ -1,0 +1,307 @@
+"""The Redis job store: the only module that knows Redis key names.
+
+Every key of a job carries the job id in braces (`pm:{JOB}:...`), so one job's keys share a Redis
+Cluster slot and the Lua scripts below may touch them together.
+
+    pm:jobs                     sorted set of job ids by creation time
+    pm:{JOB}:spec               the JobSpec as JSON (no secrets)
+    pm:{JOB}:meta               hash: state, error, rows_produced, total, produced
+    pm:{JOB}:chunks             list of chunk ids in input order
+    pm:{JOB}:chunk_rows         hash: chunk id -> rows in the chunk (to tell a complete chunk)
+    pm:{JOB}:chunk:{CHUNK}      the chunk's rendered requests as JSON
+    pm:{JOB}:results:{CHUNK}    hash: row -> outcome JSON; a row's field is its done mark
+    pm:{JOB}:counters           hash: ok, failed
+    pm:{JOB}:ledger             hash: "MODEL|requests", "MODEL|input_tokens", ... token usage by model
+    pm:{JOB}:chunk_runs         hash: chunk id -> times a worker started it (poison-chunk guard)
+    pm:{JOB}:lease:{CHUNK}      the token of the worker running the chunk, with an expiry
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Iterator
+
+import orjson
+import redis
+from pydantic import BaseModel
+
+from jobs.spec import JobSpec
+from pipelines.items import ItemOutcome, RenderedRequest, Usage
+
+_USAGE_FIELDS = tuple(Usage.model_fields)
+JOBS_INDEX = "pm:jobs"
+
+
+def _key(job_id: str, *parts: str) -> str:
+    return ":".join(("pm", "{" + job_id + "}", *parts))
+
+
+class JobState(StrEnum):
+    producing = "producing"  #: the producer is still enqueuing rows; workers may already run
+    running = "running"  #: every row is enqueued; workers are on it
+    complete = "complete"  #: every row is ok or failed (derived from the counters, never stored)
+    cancelled = "cancelled"  #: stopped by `promptmill cancel`; `resume` picks it up again
+    failed = "failed"  #: a fatal error (such as a refused API key) stopped it; resumable after a fix
+
+
+class ChunkPayload(BaseModel):
+    chunk_id: str
+    first_row: int
+    row_count: int
+    requests: list[RenderedRequest]
+
+
+@dataclass
+class JobStatus:
+    job_id: str
+    state: JobState
+    error: str | None
+    produced: bool
+    rows_produced: int
+    ok: int
+    failed: int
+    usage_by_model: dict[str, Usage] = field(default_factory=dict)
+    requests_by_model: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return self.rows_produced
+
+    @property
+    def terminal(self) -> int:
+        return self.ok + self.failed
+
+    @property
+    def pending(self) -> int:
+        return self.rows_produced - self.terminal
+
+    @property
+    def usage(self) -> Usage:
+        total = Usage()
+        for usage in self.usage_by_model.values():
+            total = total + usage
+        return total
+
+
+def chunk_id_for(first_row: int) -> str:
+    return f"{first_row:010d}"
+
+
+# Commit one outcome: result, done mark and usage in one step, and only once per row.
+_COMMIT = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
+local model = ARGV[4]
+if tonumber(ARGV[5]) > 0 then redis.call('HINCRBY', KEYS[3], model .. '|requests', ARGV[5]) end
+for i = 6, #ARGV, 2 do
+  if tonumber(ARGV[i + 1]) ~= 0 then redis.call('HINCRBY', KEYS[3], model .. '|' .. ARGV[i], ARGV[i + 1]) end
+end
+return 1
+"""
+
+# Add a chunk once: a producer that runs again over the same rows adds nothing twice.
+_ADD_CHUNK = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX') == false then return 0 end
+redis.call('RPUSH', KEYS[2], ARGV[2])
+redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
+redis.call('HINCRBY', KEYS[4], 'rows_produced', ARGV[3])
+return 1
+"""
+
+# Release a lease only if we still hold it.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+
+class JobStore:
+    def __init__(self, client: redis.Redis):
+        self.redis = client
+        self._commit = client.register_script(_COMMIT)
+        self._add_chunk = client.register_script(_ADD_CHUNK)
+        self._release = client.register_script(_RELEASE)
+        self._renew = client.register_script(_RENEW)
+
+    @classmethod
+    def from_url(cls, url: str) -> "JobStore":
+        return cls(redis.Redis.from_url(url, health_check_interval=30))
+
+    # -- the job -----------------------------------------------------------------------------
+
+    def create_job(self, spec: JobSpec) -> None:
+        created = self.redis.set(_key(spec.job_id, "spec"), spec.model_dump_json(), nx=True)
+        if not created:
+            raise ValueError(f"job {spec.job_id} already exists")
+        with self.redis.pipeline() as pipe:
+            pipe.hset(_key(spec.job_id, "meta"), mapping={"state": JobState.producing, "rows_produced": 0})
+            pipe.zadd(JOBS_INDEX, {spec.job_id: time.time()})
+            pipe.execute()
+
+    def exists(self, job_id: str) -> bool:
+        return bool(self.redis.exists(_key(job_id, "spec")))
+
+    def spec(self, job_id: str) -> JobSpec:
+        raw = self.redis.get(_key(job_id, "spec"))
+        if raw is None:
+            raise KeyError(f"no job {job_id!r} in this Redis")
+        return JobSpec.model_validate_json(raw)
+
+    def job_ids(self) -> list[str]:
+        return [raw.decode() for raw in self.redis.zrange(JOBS_INDEX, 0, -1)]
+
+    def stored_state(self, job_id: str) -> JobState:
+        raw = self.redis.hget(_key(job_id, "meta"), "state")
+        return JobState(raw.decode()) if raw else JobState.failed
+
+    def set_state(self, job_id: str, state: JobState, error: str | None = None) -> None:
+        assert state is not JobState.complete, "complete is derived, never stored"
+        with self.redis.pipeline() as pipe:
+            pipe.hset(_key(job_id, "meta"), "state", state)
+            if error is None:
+                pipe.hdel(_key(job_id, "meta"), "error")
+            else:
+                pipe.hset(_key(job_id, "meta"), "error", error)
+            pipe.execute()
+
+    def fail_job(self, job_id: str, error: str) -> None:
+        """A fatal error: stop every worker on the job, keep every committed result."""
+        self.set_state(job_id, JobState.failed, error)
+
+    def is_runnable(self, job_id: str) -> bool:
+        return self.stored_state(job_id) in (JobState.producing, JobState.running)
+
+    def finish_producing(self, job_id: str) -> None:
+        meta = _key(job_id, "meta")
+        with self.redis.pipeline() as pipe:
+            pipe.hset(meta, "produced", 1)
+            pipe.execute()
+        if self.stored_state(job_id) is JobState.producing:
+            self.set_state(job_id, JobState.running)
+
+    def status(self, job_id: str) -> JobStatus:
+        with self.redis.pipeline() as pipe:
+            pipe.hgetall(_key(job_id, "meta"))
+            pipe.hgetall(_key(job_id, "counters"))
+            pipe.hgetall(_key(job_id, "ledger"))
+            meta, counters, ledger = pipe.execute()
+        if not meta:
+            raise KeyError(f"no job {job_id!r} in this Redis")
+        meta = {k.decode(): v.decode() for k, v in meta.items()}
+        usage_fields: dict[str, dict[str, int]] = {}
+        requests: dict[str, int] = {}
+        for raw_name, raw_value in ledger.items():
+            model, _, name = raw_name.decode().rpartition("|")
+            if name == "requests":
+                requests[model] = int(raw_value)
+            else:
+                usage_fields.setdefault(model, {})[name] = int(raw_value)
+        status = JobStatus(
+            job_id=job_id,
+            state=JobState(meta.get("state", JobState.failed)),
+            error=meta.get("error"),
+            produced=meta.get("produced") == "1",
+            rows_produced=int(meta.get("rows_produced", 0)),
+            ok=int(counters.get(b"ok", 0)),
+            failed=int(counters.get(b"failed", 0)),
+            usage_by_model={model: Usage(**fields) for model, fields in usage_fields.items()},
+            requests_by_model=requests,
+        )
+        if status.state is JobState.running and status.produced and status.pending <= 0:
+            status.state = JobState.complete
+        return status
+
+    # -- chunks --------------------------------------------------------------------------------
+
+    def add_chunk(self, job_id: str, chunk: ChunkPayload) -> bool:
+        """Store a chunk once; returns False when it was already there (a producer re-run)."""
+        added = self._add_chunk(
+            keys=[
+                _key(job_id, "chunk", chunk.chunk_id),
+                _key(job_id, "chunks"),
+                _key(job_id, "chunk_rows"),
+                _key(job_id, "meta"),
+            ],
+            args=[chunk.model_dump_json(), chunk.chunk_id, chunk.row_count],
+        )
+        return bool(added)
+
+    def chunk(self, job_id: str, chunk_id: str) -> ChunkPayload:
+        raw = self.redis.get(_key(job_id, "chunk", chunk_id))
+        if raw is None:
+            raise KeyError(f"job {job_id} has no chunk {chunk_id}")
+        return ChunkPayload.model_validate_json(raw)
+
+    def chunk_ids(self, job_id: str) -> list[str]:
+        return [raw.decode() for raw in self.redis.lrange(_key(job_id, "chunks"), 0, -1)]
+
+    def done_rows(self, job_id: str, chunk_id: str) -> set[int]:
+        return {int(raw) for raw in self.redis.hkeys(_key(job_id, "results", chunk_id))}
+
+    def incomplete_chunks(self, job_id: str) -> list[str]:
+        chunk_ids = self.chunk_ids(job_id)
+        row_counts = self.redis.hgetall(_key(job_id, "chunk_rows"))
+        with self.redis.pipeline(transaction=False) as pipe:
+            for chunk_id in chunk_ids:
+                pipe.hlen(_key(job_id, "results", chunk_id))
+            done_counts = pipe.execute()
+        return [
+            chunk_id
+            for chunk_id, done in zip(chunk_ids, done_counts)
+            if done < int(row_counts[chunk_id.encode()])
+        ]
+
+    def count_chunk_run(self, job_id: str, chunk_id: str) -> int:
+        """How many times a worker has started this chunk, this start included."""
+        return int(self.redis.hincrby(_key(job_id, "chunk_runs"), chunk_id, 1))
+
+    def forget_chunk_runs(self, job_id: str, chunk_id: str) -> None:
+        """A run that ended on its own (not by its worker dying) does not count towards poison."""
+        self.redis.hdel(_key(job_id, "chunk_runs"), chunk_id)
+
+    # -- leases --------------------------------------------------------------------------------
+
+    def acquire_lease(self, job_id: str, chunk_id: str, token: str, ttl_ms: int) -> bool:
+        return bool(self.redis.set(_key(job_id, "lease", chunk_id), token, nx=True, px=ttl_ms))
+
+    def lease_ttl_ms(self, job_id: str, chunk_id: str) -> int:
+        return max(0, int(self.redis.pttl(_key(job_id, "lease", chunk_id))))
+
+    def renew_lease(self, job_id: str, chunk_id: str, token: str, ttl_ms: int) -> bool:
+        return bool(self._renew(keys=[_key(job_id, "lease", chunk_id)], args=[token, ttl_ms]))
+
+    def release_lease(self, job_id: str, chunk_id: str, token: str) -> None:
+        self._release(keys=[_key(job_id, "lease", chunk_id)], args=[token])
+
+    # -- outcomes --------------------------------------------------------------------------------
+
+    def commit(self, job_id: str, chunk_id: str, model: str, outcome: ItemOutcome) -> bool:
+        """Commit an outcome with its done mark and usage, atomically; False if the row was done."""
+        usage = outcome.usage
+        answered = 1 if (usage.input_tokens or usage.output_tokens) else 0
+        args: list[object] = [outcome.row, outcome.model_dump_json(), outcome.status, model, answered]
+        for name in _USAGE_FIELDS:
+            args.extend((name, getattr(usage, name)))
+        committed = self._commit(
+            keys=[_key(job_id, "results", chunk_id), _key(job_id, "counters"), _key(job_id, "ledger")],
+            args=args,
+        )
+        return bool(committed)
+
+    def iter_outcomes(self, job_id: str, page: int = 64) -> Iterator[ItemOutcome]:
+        """Every committed outcome in input order."""
+        chunk_ids = self.chunk_ids(job_id)
+        for start in range(0, len(chunk_ids), page):
+            with self.redis.pipeline(transaction=False) as pipe:
+                for chunk_id in chunk_ids[start : start + page]:
+                    pipe.hvals(_key(job_id, "results", chunk_id))
+                for values in pipe.execute():
+                    outcomes = [ItemOutcome.model_validate(orjson.loads(raw)) for raw in values]
+                    yield from sorted(outcomes, key=lambda outcome: outcome.row)
+

@@ -1,0 +1,68 @@
+"""Turns what the user typed into a checked JobSpec: a bad option fails here, naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from config.prices import PriceTable, UnknownModelError
+from config.settings import Settings
+from jobs.readers import InputFormat, detect_format
+from jobs.spec import Backend, JobSpec, new_job_id
+from pipelines.spec import PipelineError, load_pipeline
+
+
+class SubmitError(ValueError):
+    pass
+
+
+def build_spec(
+    settings: Settings,
+    input_path: Path,
+    pipeline_path: Path,
+    backend: Backend,
+    model: str | None = None,
+    out_dir: Path | None = None,
+    chunk_size: int | None = None,
+    rpm: int | None = None,
+    input_format: InputFormat | None = None,
+    worker_processes: int = 1,
+) -> JobSpec:
+    if not input_path.exists():
+        raise SubmitError(f"INPUT: {input_path} does not exist")
+    try:
+        fmt = input_format or detect_format(input_path)
+    except ValueError as bad:
+        raise SubmitError(f"INPUT: {bad}") from None
+    try:
+        pipeline = load_pipeline(pipeline_path)
+    except PipelineError as bad:
+        raise SubmitError(str(bad)) from None
+    if model:
+        pipeline = pipeline.model_copy(update={"model": model})
+    if backend == "anthropic":
+        try:
+            PriceTable.load(settings).price_for(pipeline.model)
+        except UnknownModelError as unknown:
+            raise SubmitError(f"model: {unknown}") from None
+        if not settings.api_key():
+            raise SubmitError(
+                "anthropic_api_key: no API key; set ANTHROPIC_API_KEY (or PROMPTMILL_ANTHROPIC_API_KEY)"
+            )
+    if chunk_size is not None and chunk_size < 1:
+        raise SubmitError("--chunk-size must be at least 1")
+    if rpm is not None and rpm < 1:
+        raise SubmitError("--rpm must be at least 1")
+    job_id = new_job_id()
+    return JobSpec(
+        job_id=job_id,
+        pipeline=pipeline,
+        backend=backend,
+        input_path=str(input_path.resolve()),
+        input_format=fmt,
+        out_dir=str((out_dir or Path("promptmill-out") / job_id).resolve()),
+        chunk_size=chunk_size or settings.chunk_size,
+        rpm=rpm or settings.rpm,
+        max_in_flight=settings.max_in_flight,
+        max_attempts=settings.max_attempts,
+        worker_processes=worker_processes,
+    )

@@ -1,0 +1,62 @@
+"""The values that cross every seam: a rendered request, its token usage and its outcome."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+
+class ErrorKind(StrEnum):
+    invalid_row = "invalid_row"  #: the input row could not be read (bad JSON, bad encoding, bad CSV)
+    render_error = "render_error"  #: the row lacks a column the prompt names
+    invalid_request = "invalid_request"  #: the provider refused the request (HTTP 400 / 413)
+    unparseable_output = "unparseable_output"  #: the model's text is not a valid output value
+    rate_limited = "rate_limited"  #: 429 after every allowed attempt
+    server_error = "server_error"  #: 5xx / 529 after every allowed attempt
+    timeout = "timeout"  #: no answer in time after every allowed attempt
+    connection_error = "connection_error"  #: connection failures after every allowed attempt
+    auth_error = "auth_error"  #: 401 / 403: fatal for the whole job
+    prompt_too_long = "prompt_too_long"  #: the prompt does not fit the model's context
+    engine_error = "engine_error"  #: the local engine failed on this request
+    worker_lost = "worker_lost"  #: the chunk killed its worker too many times
+
+
+class Usage(BaseModel):
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+
+    def __add__(self, other: "Usage") -> "Usage":
+        return Usage(**{name: getattr(self, name) + getattr(other, name) for name in Usage.model_fields})
+
+
+class ItemError(BaseModel):
+    kind: ErrorKind
+    message: str
+
+
+class RenderedRequest(BaseModel):
+    """One row turned into the user turn of a chat; the system prompt is the pipeline's."""
+
+    row: int
+    prompt: str
+
+
+class ItemOutcome(BaseModel):
+    """The terminal state of one row: what the results file holds for it."""
+
+    row: int
+    status: Literal["ok", "failed"]
+    output: Any = None
+    text: str | None = None
+    error: ItemError | None = None
+    usage: Usage = Field(default_factory=Usage)
+    finish_reason: str | None = None
+    attempts: int = 0
+
+    @classmethod
+    def failure(cls, row: int, kind: ErrorKind, message: str, **extra: Any) -> "ItemOutcome":
+        return cls(row=row, status="failed", error=ItemError(kind=kind, message=message), **extra)

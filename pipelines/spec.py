@@ -1,0 +1,99 @@
+"""A pipeline file (TOML) and its validation: what to ask of each row and how to read the answer."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from string import Formatter
+from typing import Any, Literal
+
+import jsonschema
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class PipelineError(ValueError):
+    """A pipeline that cannot run; the message names the file and the field."""
+
+
+class OutputSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    type: Literal["text", "choice", "json"] = "text"
+    choices: list[str] | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+
+    @model_validator(mode="after")
+    def _fits_type(self) -> "OutputSpec":
+        if self.type == "choice":
+            if not self.choices or len(self.choices) < 2:
+                raise ValueError("output.choices must list at least two labels for type = 'choice'")
+            lowered = [choice.strip().lower() for choice in self.choices]
+            if len(set(lowered)) != len(lowered) or not all(lowered):
+                raise ValueError("output.choices must be distinct, non-empty labels")
+        elif self.choices is not None:
+            raise ValueError(f"output.choices is only for type = 'choice', not {self.type!r}")
+        if self.type == "json":
+            if self.json_schema is None:
+                raise ValueError("output.schema (a JSON schema) is required for type = 'json'")
+            try:
+                jsonschema.Draft202012Validator.check_schema(self.json_schema)
+            except jsonschema.SchemaError as bad:
+                raise ValueError(f"output.schema is not a valid JSON schema: {bad.message}") from None
+        elif self.json_schema is not None:
+            raise ValueError(f"output.schema is only for type = 'json', not {self.type!r}")
+        return self
+
+
+class Pipeline(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    model: str = Field(min_length=1)
+    system: str | None = None
+    prompt: str = Field(min_length=1, description="The user turn; {column} is filled from each row.")
+    max_tokens: int = Field(ge=1, le=1_000_000)
+    # The installed anthropic SDK has no sampling parameters any more; when set, they are sent to the
+    # API as extra body fields (older models take them). The local engine is greedy when unset.
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    stop: list[str] | None = None
+    seed: int | None = None
+    output: OutputSpec = Field(default_factory=OutputSpec)
+
+    @model_validator(mode="after")
+    def _prompt_parses(self) -> "Pipeline":
+        try:
+            columns = self.columns
+        except ValueError as bad:
+            raise ValueError(f"prompt is not a valid template: {bad}") from None
+        if any(not column for column in columns):
+            raise ValueError("prompt has an empty {} placeholder; name a column, or write {{ }} for a brace")
+        return self
+
+    @property
+    def columns(self) -> list[str]:
+        """The row columns the prompt names, in order of first use."""
+        names: list[str] = []
+        for _, field, _, _ in Formatter().parse(self.prompt):
+            if field is not None and field not in names:
+                names.append(field)
+        return names
+
+
+def load_pipeline(path: str | Path) -> Pipeline:
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            raw = tomllib.load(handle)
+    except FileNotFoundError:
+        raise PipelineError(f"pipeline file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as bad:
+        raise PipelineError(f"pipeline file {path} is not valid TOML: {bad}") from None
+    try:
+        return Pipeline.model_validate(raw)
+    except ValidationError as bad:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc']) or 'pipeline'}: {error['msg']}"
+            for error in bad.errors()
+        )
+        raise PipelineError(f"pipeline file {path}: {problems}") from None

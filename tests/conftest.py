@@ -1,0 +1,99 @@
+"""Real parts for every test: an embedded Redis, the local Anthropic-protocol server, the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from jobs.embedded import EmbeddedRedis
+
+ROOT = Path(__file__).resolve().parent.parent
+API_KEY = "test-key"
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
+    url = server.start()
+    yield url
+    server.stop()
+
+
+@dataclass
+class FakeAPI:
+    url: str
+
+    def _call(self, path: str, payload: dict | None = None):
+        data = None if payload is None else json.dumps(payload).encode()
+        request = urllib.request.Request(self.url + path, data=data, method="GET" if data is None else "POST")
+        request.add_header("content-type", "application/json")
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+    def configure(self, **settings: float) -> None:
+        self._call("/_config", settings)
+
+    def log(self) -> list[dict]:
+        return self._call("/_log")
+
+    def reset(self) -> None:
+        self._call("/_reset", {})
+
+
+@pytest.fixture(scope="session")
+def api_server() -> FakeAPI:
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "anthropic_server.py"), "--port", "0", "--key", API_KEY],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    line = process.stdout.readline()
+    assert line.startswith("listening on "), line
+    yield FakeAPI(line.split()[-1])
+    process.terminate()
+    process.wait(timeout=10)
+
+
+@pytest.fixture
+def fake_api(api_server: FakeAPI) -> FakeAPI:
+    api_server.reset()
+    return api_server
+
+
+@pytest.fixture
+def env(redis_url: str, api_server: FakeAPI, tmp_path: Path) -> dict[str, str]:
+    """The environment of a user whose workers share `redis_url` and whose API is the local server."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("PROMPTMILL_", "ANTHROPIC_"))}
+    return {
+        **base,
+        "PROMPTMILL_REDIS_URL": redis_url,
+        "PROMPTMILL_DATA_DIR": str(tmp_path / "data"),
+        "PROMPTMILL_MODELS_DIR": os.environ.get("PROMPTMILL_MODELS_DIR", str(ROOT / ".cache" / "models")),
+        "PROMPTMILL_BACKOFF_BASE_S": "0.05",
+        "PROMPTMILL_BACKOFF_CAP_S": "0.5",
+        "ANTHROPIC_BASE_URL": api_server.url,
+        "ANTHROPIC_API_KEY": API_KEY,
+    }
+
+
+def promptmill(*args: str, env: dict[str, str], timeout: float = 240, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "jobs.cli", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
+    )
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

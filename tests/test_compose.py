@@ -1,0 +1,32 @@
+"""docker-compose.yml stays consistent with the CLI: every service runs a real promptmill subcommand."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from jobs.cli import app
+from tests.conftest import ROOT
+
+COMPOSE = ROOT / "docker-compose.yml"
+
+
+def test_every_compose_service_runs_a_real_promptmill_subcommand() -> None:
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    commands = {name: " ".join(service["command"]) for name, service in services.items() if name != "redis"}
+    known = {command.name or command.callback.__name__ for command in app.registered_commands}
+    for name, command in commands.items():
+        used = re.findall(r"promptmill ([a-z-]+)", command)
+        assert used, f"service {name} runs no promptmill command"
+        assert set(used) <= known, f"service {name} runs unknown subcommands {set(used) - known}"
+    assert "--appendonly" in services["redis"]["command"]
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose is not installed here")
+def test_compose_file_validates() -> None:
+    result = subprocess.run(["docker-compose", "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
