@@ -36,8 +36,16 @@ class Settings(BaseSettings):
 
     # Defaults a job takes when neither its pipeline nor the CLI says otherwise.
     chunk_size: int = Field(default=64, ge=1, le=10_000)
+    # The API account's limits, per model; unset = learned from the provider's rate-limit headers.
     rpm: int | None = Field(default=None, ge=1, description="Requests per minute for the API backend.")
-    max_in_flight: int = Field(default=32, ge=1, le=1024, description="Requests in flight per worker process.")
+    input_tpm: int | None = Field(default=None, ge=1, description="Input tokens per minute for the API backend.")
+    output_tpm: int | None = Field(default=None, ge=1, description="Output tokens per minute for the API backend.")
+    max_in_flight: int = Field(
+        default=256, ge=1, le=4096, description="The most requests in flight per worker process (it adapts below)."
+    )
+    api_chunks_per_worker: int = Field(
+        default=4, ge=1, le=64, description="Chunks one API worker process runs at once, to keep requests flowing."
+    )
     max_attempts: int = Field(default=6, ge=1, le=100, description="Tries per item before it fails.")
     backoff_base_s: float = Field(default=0.5, gt=0)
     backoff_cap_s: float = Field(default=30.0, gt=0)

@@ -28,6 +28,7 @@ from jobs.readers import InputFormat
 from jobs.spec import Backend, JobSpec
 from jobs.store import JobState, JobStatus, JobStore
 from jobs.submission import SubmitError, build_spec
+from pipelines.spec import RateLimits
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -156,6 +157,9 @@ def _run_to_end(
 
 
 BackendOption = typer.Option("anthropic", "--backend", "-b", help="anthropic (the API) or vllm (a local engine).")
+RpmOption = typer.Option(None, "--rpm", min=1, help="The account's requests per minute [default: from its headers].")
+InputTpmOption = typer.Option(None, "--input-tpm", min=1, help="The account's input tokens per minute.")
+OutputTpmOption = typer.Option(None, "--output-tpm", min=1, help="The account's output tokens per minute.")
 
 
 @app.command()
@@ -167,13 +171,16 @@ def run(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder [default: promptmill-out/JOB]."),
     workers: Optional[int] = typer.Option(None, min=1, help="Local worker processes [default: 2 API, 1 vLLM]."),
     chunk_size: Optional[int] = typer.Option(None, min=1, help="Rows per chunk (task)."),
-    rpm: Optional[int] = typer.Option(None, min=1, help="Requests per minute for the API backend."),
+    rpm: Optional[int] = RpmOption,
+    input_tpm: Optional[int] = InputTpmOption,
+    output_tpm: Optional[int] = OutputTpmOption,
     input_format: Optional[str] = typer.Option(None, "--format", help="jsonl, csv or parquet [default: from the name]."),
 ) -> None:
     """Run a job here to the end: embedded Redis (unless PROMPTMILL_REDIS_URL), local workers, progress, export."""
     settings = get_settings()
     processes = workers or DEFAULT_WORKERS[backend]
-    spec = _build(settings, input_path, pipeline, backend, model, out_dir, chunk_size, rpm, input_format, processes)
+    limits = RateLimits(rpm=rpm, input_tpm=input_tpm, output_tpm=output_tpm)
+    spec = _build(settings, input_path, pipeline, backend, model, out_dir, chunk_size, limits, input_format)
     if backend == "vllm":
         from workers.local_model import ModelNotBuiltError, resolve_model
 
@@ -187,13 +194,11 @@ def run(
         _run_to_end(settings, store, url, spec, processes, resuming=False)
 
 
-def _build(settings, input_path, pipeline, backend, model, out_dir, chunk_size, rpm, input_format, processes) -> JobSpec:
+def _build(settings, input_path, pipeline, backend, model, out_dir, chunk_size, limits, input_format) -> JobSpec:
     if input_format not in (None, "jsonl", "csv", "parquet"):
         _fail(f"--format must be jsonl, csv or parquet, not {input_format!r}")
     try:
-        return build_spec(
-            settings, input_path, pipeline, backend, model, out_dir, chunk_size, rpm, input_format, processes
-        )
+        return build_spec(settings, input_path, pipeline, backend, model, out_dir, chunk_size, limits, input_format)
     except SubmitError as bad:
         _fail(str(bad))
         raise  # unreachable
@@ -206,16 +211,18 @@ def submit(
     backend: Backend = BackendOption,
     model: Optional[str] = typer.Option(None, help="Overrides the pipeline's model."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Where `export` writes [default: promptmill-out/JOB]."),
-    workers: int = typer.Option(1, min=1, help="Worker processes that will share --rpm."),
     chunk_size: Optional[int] = typer.Option(None, min=1, help="Rows per chunk (task)."),
-    rpm: Optional[int] = typer.Option(None, min=1, help="Requests per minute for the API backend."),
+    rpm: Optional[int] = RpmOption,
+    input_tpm: Optional[int] = InputTpmOption,
+    output_tpm: Optional[int] = OutputTpmOption,
     input_format: Optional[str] = typer.Option(None, "--format", help="jsonl, csv or parquet [default: from the name]."),
 ) -> None:
     """Enqueue a job on the shared Redis (PROMPTMILL_REDIS_URL) for workers anywhere; prints the job id last."""
     settings = get_settings()
     if not settings.redis_url:
         _fail("submit needs PROMPTMILL_REDIS_URL, the Redis your workers use; `promptmill run` runs a job here")
-    spec = _build(settings, input_path, pipeline, backend, model, out_dir, chunk_size, rpm, input_format, workers)
+    limits = RateLimits(rpm=rpm, input_tpm=input_tpm, output_tpm=output_tpm)
+    spec = _build(settings, input_path, pipeline, backend, model, out_dir, chunk_size, limits, input_format)
     store = JobStore.from_url(settings.redis_url)
     store.create_job(spec)
     dispatcher = ChunkDispatcher(settings.redis_url)
@@ -341,10 +348,17 @@ def jobs() -> None:
 @app.command()
 def worker(
     queues: str = typer.Option("api", help="Comma-separated queues: api, gpu."),
-    concurrency: int = typer.Option(2, min=1, help="Processes (api); a gpu worker always runs one engine."),
+    chunks: Optional[int] = typer.Option(
+        None, min=1, help="Chunks an api worker runs at once [default: PROMPTMILL_API_CHUNKS_PER_WORKER, 4]."
+    ),
     loglevel: str = typer.Option("INFO", help="Celery log level."),
 ) -> None:
-    """Run a Celery worker against PROMPTMILL_REDIS_URL (or the embedded Redis)."""
+    """Run one Celery worker process against PROMPTMILL_REDIS_URL (or the embedded Redis).
+
+    An api worker runs several chunks at once on one event loop, one client and one share of the
+    fleet's rate limit; start more processes (here or on other machines) for more CPU. A gpu worker
+    holds one engine.
+    """
     names = [name.strip() for name in queues.split(",") if name.strip()]
     unknown = [name for name in names if name not in ("api", "gpu")]
     if unknown or not names:
@@ -360,7 +374,7 @@ def worker(
             # On CPU the in-process engine starts in seconds instead of half a minute.
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     else:
-        pool = "prefork"
+        pool, concurrency = "threads", chunks or settings.api_chunks_per_worker
     from workers.app import configure
 
     celery_app = configure(url)

@@ -122,16 +122,10 @@ class LocalWorkers:
     def start(self) -> None:
         env = dict(os.environ, PROMPTMILL_REDIS_URL=self.redis_url)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        # An API worker is one process with many requests in flight per chunk, forking one child per
-        # requested process; a GPU worker holds one engine, so each is its own solo process.
-        if self.queue == "gpu":
-            commands = [["--queues", "gpu", "--concurrency", "1"] for _ in range(self.processes)]
-        else:
-            commands = [["--queues", self.queue, "--concurrency", str(self.processes)]]
-        for index, args in enumerate(commands):
+        for index in range(self.processes):
             log = (self.log_dir / f"worker-{self.queue}-{index}.log").open("ab")
             child = subprocess.Popen(
-                [sys.executable, "-m", "jobs.cli", "worker", *args],
+                [sys.executable, "-m", "jobs.cli", "worker", "--queues", self.queue],
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,

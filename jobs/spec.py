@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from pipelines.spec import Pipeline
+from pipelines.spec import Pipeline, RateLimits
 
 Backend = Literal["anthropic", "vllm"]
 QUEUE_FOR_BACKEND: dict[str, str] = {"anthropic": "api", "vllm": "gpu"}
@@ -27,10 +27,9 @@ class JobSpec(BaseModel):
     input_format: Literal["jsonl", "csv", "parquet"]
     out_dir: str
     chunk_size: int = Field(ge=1)
-    rpm: int | None = Field(default=None, ge=1)
-    max_in_flight: int = Field(ge=1)
+    limits: RateLimits = Field(default_factory=RateLimits, description="The account's limits, fleet-wide.")
+    max_in_flight: int = Field(ge=1, description="The most requests in flight per worker process.")
     max_attempts: int = Field(ge=1)
-    worker_processes: int = Field(default=1, ge=1, description="How many processes share --rpm.")
     created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
 
     @property

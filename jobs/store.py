@@ -14,6 +14,9 @@ Cluster slot and the Lua scripts below may touch them together.
     pm:{JOB}:ledger             hash: "MODEL|requests", "MODEL|input_tokens", ... token usage by model
     pm:{JOB}:chunk_runs         hash: chunk id -> times a worker started it (poison-chunk guard)
     pm:{JOB}:lease:{CHUNK}      the token of the worker running the chunk, with an expiry
+    pm:{JOB}:attempts:{CHUNK}   hash: row -> failed attempts so far (a resumed row keeps its count)
+    pm:limit:{SCOPE}            hash: the fleet's rate-limit buckets for one account and model, with
+                                the limits learned from the provider's headers (workers/rate_limit.py)
 """
 
 from __future__ import annotations
@@ -36,6 +39,10 @@ JOBS_INDEX = "pm:jobs"
 
 def _key(job_id: str, *parts: str) -> str:
     return ":".join(("pm", "{" + job_id + "}", *parts))
+
+
+def limiter_key(scope: str) -> str:
+    return "pm:limit:{" + scope + "}"
 
 
 class JobState(StrEnum):
@@ -64,6 +71,7 @@ class JobStatus:
     failed: int
     usage_by_model: dict[str, Usage] = field(default_factory=dict)
     requests_by_model: dict[str, int] = field(default_factory=dict)
+    limit_scope: str | None = None
 
     @property
     def total(self) -> int:
@@ -212,6 +220,7 @@ class JobStore:
             failed=int(counters.get(b"failed", 0)),
             usage_by_model={model: Usage(**fields) for model, fields in usage_fields.items()},
             requests_by_model=requests,
+            limit_scope=meta.get("limit_scope"),
         )
         if status.state is JobState.running and status.produced and status.pending <= 0:
             status.state = JobState.complete
@@ -264,6 +273,24 @@ class JobStore:
     def forget_chunk_runs(self, job_id: str, chunk_id: str) -> None:
         """A run that ended on its own (not by its worker dying) does not count towards poison."""
         self.redis.hdel(_key(job_id, "chunk_runs"), chunk_id)
+
+    def failed_attempts(self, job_id: str, chunk_id: str) -> dict[int, int]:
+        raw = self.redis.hgetall(_key(job_id, "attempts", chunk_id))
+        return {int(row): int(count) for row, count in raw.items()}
+
+    def add_failed_attempt(self, job_id: str, chunk_id: str, row: int) -> int:
+        """Count a failed attempt before retrying, so a resumed row does not start afresh."""
+        return int(self.redis.hincrby(_key(job_id, "attempts", chunk_id), row, 1))
+
+    # -- the fleet's rate limit ------------------------------------------------------------------
+
+    def set_limit_scope(self, job_id: str, scope: str) -> None:
+        """Record which limiter buckets the job draws on, so `status` can show them."""
+        self.redis.hset(_key(job_id, "meta"), "limit_scope", scope)
+
+    def limit_state(self, scope: str) -> dict[str, float]:
+        raw = self.redis.hgetall(limiter_key(scope))
+        return {name.decode(): float(value) for name, value in raw.items()}
 
     # -- leases --------------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ from config.prices import PriceTable, UnknownModelError
 from config.settings import Settings
 from jobs.readers import InputFormat, detect_format
 from jobs.spec import Backend, JobSpec, new_job_id
-from pipelines.spec import PipelineError, load_pipeline
+from pipelines.spec import PipelineError, RateLimits, load_pipeline
 
 
 class SubmitError(ValueError):
@@ -23,10 +23,10 @@ def build_spec(
     model: str | None = None,
     out_dir: Path | None = None,
     chunk_size: int | None = None,
-    rpm: int | None = None,
+    limits: RateLimits | None = None,
     input_format: InputFormat | None = None,
-    worker_processes: int = 1,
 ) -> JobSpec:
+    """Limits come from the CLI, else the pipeline, else Settings."""
     if not input_path.exists():
         raise SubmitError(f"INPUT: {input_path} does not exist")
     try:
@@ -50,8 +50,8 @@ def build_spec(
             )
     if chunk_size is not None and chunk_size < 1:
         raise SubmitError("--chunk-size must be at least 1")
-    if rpm is not None and rpm < 1:
-        raise SubmitError("--rpm must be at least 1")
+    from_settings = RateLimits(rpm=settings.rpm, input_tpm=settings.input_tpm, output_tpm=settings.output_tpm)
+    job_limits = (limits or RateLimits()).over(pipeline.limits.over(from_settings))
     job_id = new_job_id()
     return JobSpec(
         job_id=job_id,
@@ -61,8 +61,7 @@ def build_spec(
         input_format=fmt,
         out_dir=str((out_dir or Path("promptmill-out") / job_id).resolve()),
         chunk_size=chunk_size or settings.chunk_size,
-        rpm=rpm or settings.rpm,
+        limits=job_limits,
         max_in_flight=settings.max_in_flight,
         max_attempts=settings.max_attempts,
-        worker_processes=worker_processes,
     )

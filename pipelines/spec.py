@@ -44,6 +44,21 @@ class OutputSpec(BaseModel):
         return self
 
 
+class RateLimits(BaseModel):
+    """An account's per-minute limits for one model, as far as the user knows them (None = unknown:
+    the provider's rate-limit headers tell the workers)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rpm: int | None = Field(default=None, ge=1, description="Requests per minute.")
+    input_tpm: int | None = Field(default=None, ge=1, description="Input tokens per minute (cache reads excluded).")
+    output_tpm: int | None = Field(default=None, ge=1, description="Output tokens per minute.")
+
+    def over(self, base: "RateLimits") -> "RateLimits":
+        """These limits where given, `base`'s elsewhere."""
+        return RateLimits(**{name: getattr(self, name) or getattr(base, name) for name in RateLimits.model_fields})
+
+
 class Pipeline(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -59,6 +74,7 @@ class Pipeline(BaseModel):
     stop: list[str] | None = None
     seed: int | None = None
     output: OutputSpec = Field(default_factory=OutputSpec)
+    limits: RateLimits = Field(default_factory=RateLimits)
 
     @model_validator(mode="after")
     def _prompt_parses(self) -> "Pipeline":

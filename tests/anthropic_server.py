@@ -1,4 +1,4 @@
-"""A local HTTP server that speaks the Anthropic Messages wire protocol, for real-SDK tests.
+"""A local HTTP server that speaks the Anthropic Messages wire protocol, for real-SDK tests and benches.
 
     python tests/anthropic_server.py --port 0 --key test-key     (prints "listening on URL")
 
@@ -8,22 +8,56 @@ with `retry-after` on 429 and 529. Replies are deterministic: `[[reply:TEXT]]` i
 the answer TEXT, `[[status:400]]` fails that request with 400; otherwise the answer is "ok".
 Usage: input_tokens = words of the user turn; the system prompt is a cache write the first time the
 server sees it and a cache read after; output_tokens = words of the answer.
-Control: POST /_config {"p429": 0.1, "p500": 0.05, "p529": 0.0, "latency_ms": 0, "retry_after": 0.05},
-GET /_log (every request: prompt, status, usage), POST /_reset.
+
+Rate limits, when configured, are enforced as the API does: one token bucket per budget (requests,
+input tokens = uncached input + cache writes, output tokens charged at `max_tokens` on arrival and
+corrected when the answer is known), refilled continuously, holding `burst_s` seconds of the limit.
+A request that does not fit is answered 429 with `retry-after` in whole seconds, as the API does.
+
+Control: POST /_config with any of
+    p429 p500 p529 p_timeout p_drop    share of requests given each fault (random, not enforced)
+    latency_ms, latency_per_token_ms   answer latency = latency_ms + per token x output tokens
+    retry_after                        seconds sent with injected 429/529
+    rpm input_tpm output_tpm burst_s   enforced limits (0 = none); setting any refills the buckets
+    hide_limits                        send no anthropic-ratelimit-* headers
+GET /_log (every request: t, prompt, status, usage), POST /_reset.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import math
 import random
 import re
+import subprocess
+import sys
+import time
+import urllib.request
 import uuid
+from datetime import datetime, timedelta, timezone
 
 from aiohttp import web
 
 _REPLY = re.compile(r"\[\[reply:(.*?)\]\]", re.DOTALL)
 _STATUS = re.compile(r"\[\[status:(\d{3})\]\]")
+_DEFAULTS = {
+    "p429": 0.0,
+    "p500": 0.0,
+    "p529": 0.0,
+    "p_timeout": 0.0,
+    "p_drop": 0.0,
+    "latency_ms": 0.0,
+    "latency_per_token_ms": 0.0,
+    "retry_after": 0.05,
+    "rpm": 0,
+    "input_tpm": 0,
+    "output_tpm": 0,
+    "burst_s": 60.0,
+    "hide_limits": False,
+}
+_TIMEOUT_HANG_S = 600.0  # a "timed out" request is never answered; the client's timeout ends it
 
 
 def _error(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -37,52 +71,91 @@ def _text(content) -> str:
     return " ".join(block.get("text", "") for block in content if isinstance(block, dict))
 
 
+class Bucket:
+    """A per-minute limit as a continuously refilled token bucket holding `burst_s` of it."""
+
+    def __init__(self, per_minute: float, burst_s: float):
+        self.per_minute = per_minute
+        self.capacity = max(1.0, per_minute * burst_s / 60)
+        self.level = self.capacity
+        self.stamp = time.monotonic()
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self.level = min(self.capacity, self.level + (now - self.stamp) * self.per_minute / 60)
+        self.stamp = now
+
+    def wait_s(self, cost: float) -> float:
+        """0 when `cost` fits now, else the seconds until it will."""
+        self._refill()
+        need = min(cost, self.capacity)
+        return 0.0 if self.level >= need else (need - self.level) * 60 / self.per_minute
+
+    def take(self, cost: float) -> None:
+        self.level -= cost
+
+    def give(self, amount: float) -> None:
+        self._refill()
+        self.level = min(self.capacity, self.level + amount)
+
+    def headers(self, name: str) -> dict[str, str]:
+        self._refill()
+        full_in = max(0.0, (self.capacity - self.level) * 60 / self.per_minute)
+        reset = datetime.now(timezone.utc) + timedelta(seconds=full_in)
+        return {
+            f"anthropic-ratelimit-{name}-limit": str(int(self.per_minute)),
+            f"anthropic-ratelimit-{name}-remaining": str(max(0, int(self.level))),
+            f"anthropic-ratelimit-{name}-reset": reset.isoformat(timespec="seconds").replace("+00:00", "Z"),
+        }
+
+
 class FakeAnthropic:
     def __init__(self, key: str):
         self.key = key
-        self.config = {"p429": 0.0, "p500": 0.0, "p529": 0.0, "latency_ms": 0, "retry_after": 0.05}
+        self.config = dict(_DEFAULTS)
         self.log: list[dict] = []
         self.seen_systems: set[str] = set()
+        self.buckets: dict[str, Bucket] = {}
 
     def _authorised(self, request: web.Request) -> bool:
         bearer = request.headers.get("authorization", "")
         return bearer == f"Bearer {self.key}" or request.headers.get("x-api-key") == self.key
 
-    async def messages(self, request: web.Request) -> web.Response:
-        if not self._authorised(request):
-            self.log.append({"prompt": None, "status": 401, "usage": None})
-            return _error(401, "authentication_error", "invalid x-api-key")
-        body = await request.json()
-        missing = [name for name in ("model", "max_tokens", "messages") if name not in body]
-        if missing:
-            return _error(400, "invalid_request_error", f"{missing[0]}: Field required")
-        prompt = _text(body["messages"][-1]["content"])
-        latency = self.config["latency_ms"] / 1000
+    def _limit_headers(self) -> dict[str, str]:
+        if self.config["hide_limits"]:
+            return {}
+        headers: dict[str, str] = {}
+        for budget, name in (("rpm", "requests"), ("input_tpm", "input-tokens"), ("output_tpm", "output-tokens")):
+            bucket = self.buckets.get(budget)
+            if bucket is not None:
+                headers.update(bucket.headers(name))
+        return headers
+
+    def _enforce(self, input_cost: int, output_reserve: int) -> float:
+        """Take the request's costs from every bucket, or return the seconds until they fit."""
+        costs = {"rpm": 1, "input_tpm": input_cost, "output_tpm": output_reserve}
+        wait = max((self.buckets[b].wait_s(costs[b]) for b in self.buckets), default=0.0)
+        if wait == 0:
+            for budget, bucket in self.buckets.items():
+                bucket.take(costs[budget])
+        return wait
+
+    def _roll_fault(self, prompt: str) -> int | str | None:
         roll = random.random()
-        fault = None
-        if roll < self.config["p429"]:
-            fault = 429
-        elif roll < self.config["p429"] + self.config["p500"]:
-            fault = 500
-        elif roll < self.config["p429"] + self.config["p500"] + self.config["p529"]:
-            fault = 529
+        for fault, share in (
+            (429, "p429"),
+            (500, "p500"),
+            (529, "p529"),
+            ("timeout", "p_timeout"),
+            ("drop", "p_drop"),
+        ):
+            if roll < self.config[share]:
+                return fault
+            roll -= self.config[share]
         forced = _STATUS.search(prompt)
-        if forced and fault is None:
-            fault = int(forced.group(1))
-        if latency:
-            await asyncio.sleep(latency)
-        if fault is not None:
-            self.log.append({"prompt": prompt, "status": fault, "usage": None})
-            retry = {"retry-after": str(self.config["retry_after"])}
-            if fault == 429:
-                return _error(429, "rate_limit_error", "Number of requests has exceeded your rate limit", retry)
-            if fault == 529:
-                return _error(529, "overloaded_error", "Overloaded", retry)
-            if fault == 400:
-                return _error(400, "invalid_request_error", "prompt is poisoned for this test")
-            return _error(fault, "api_error", "Internal server error")
-        reply_match = _REPLY.search(prompt)
-        reply = reply_match.group(1) if reply_match else "ok"
+        return int(forced.group(1)) if forced else None
+
+    def _usage(self, body: dict, prompt: str, reply: str, commit_cache: bool) -> dict[str, int]:
         system = body.get("system")
         system_text = _text(system) if system else ""
         system_words = len(system_text.split())
@@ -91,15 +164,65 @@ class FakeAnthropic:
             if system_text in self.seen_systems:
                 cache_read = system_words
             else:
-                self.seen_systems.add(system_text)
+                if commit_cache:
+                    self.seen_systems.add(system_text)
                 cache_write = system_words
-        usage = {
+        return {
             "input_tokens": len(prompt.split()),
             "output_tokens": max(1, len(reply.split())),
             "cache_creation_input_tokens": cache_write,
             "cache_read_input_tokens": cache_read,
         }
-        self.log.append({"prompt": prompt, "status": 200, "usage": usage})
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        arrived = time.monotonic()
+        if not self._authorised(request):
+            self.log.append({"t": arrived, "prompt": None, "status": 401, "usage": None})
+            return _error(401, "authentication_error", "invalid x-api-key")
+        body = await request.json()
+        missing = [name for name in ("model", "max_tokens", "messages") if name not in body]
+        if missing:
+            return _error(400, "invalid_request_error", f"{missing[0]}: Field required")
+        prompt = _text(body["messages"][-1]["content"])
+        reply_match = _REPLY.search(prompt)
+        reply = reply_match.group(1) if reply_match else "ok"
+        usage = self._usage(body, prompt, reply, commit_cache=False)
+        entry = {"t": arrived, "prompt": prompt, "status": 200, "usage": None}
+        self.log.append(entry)
+
+        input_cost = usage["input_tokens"] + usage["cache_creation_input_tokens"]
+        wait = self._enforce(input_cost, int(body["max_tokens"]))
+        if wait > 0:
+            entry["status"] = 429
+            headers = {"retry-after": str(max(1, math.ceil(wait))), **self._limit_headers()}
+            return _error(429, "rate_limit_error", "This request would exceed your rate limit", headers)
+
+        fault = self._roll_fault(prompt)
+        if fault == "timeout":
+            entry["status"] = "timeout"
+            await asyncio.sleep(_TIMEOUT_HANG_S)
+        if fault == "drop":
+            entry["status"] = "dropped"
+            request.transport.abort()
+            return web.Response(status=500)  # never reaches the client: the connection is gone
+        latency = (self.config["latency_ms"] + self.config["latency_per_token_ms"] * usage["output_tokens"]) / 1000
+        if latency:
+            await asyncio.sleep(latency)
+        if fault is not None:
+            entry["status"] = fault
+            self._refund_output(int(body["max_tokens"]))
+            retry = {"retry-after": str(self.config["retry_after"]), **self._limit_headers()}
+            if fault == 429:
+                return _error(429, "rate_limit_error", "Number of requests has exceeded your rate limit", retry)
+            if fault == 529:
+                return _error(529, "overloaded_error", "Overloaded", retry)
+            if fault == 400:
+                return _error(400, "invalid_request_error", "prompt is poisoned for this test")
+            return _error(fault, "api_error", "Internal server error", self._limit_headers())
+
+        usage = self._usage(body, prompt, reply, commit_cache=True)
+        self._refund_output(int(body["max_tokens"]) - usage["output_tokens"])
+        entry["usage"] = usage
         message = {
             "id": f"msg_{uuid.uuid4().hex[:24]}",
             "type": "message",
@@ -110,18 +233,38 @@ class FakeAnthropic:
             "stop_sequence": None,
             "usage": usage,
         }
-        headers = {
-            "request-id": f"req_{uuid.uuid4().hex[:12]}",
-            "anthropic-ratelimit-requests-limit": "100000",
-            "anthropic-ratelimit-requests-remaining": "99999",
-            "anthropic-ratelimit-input-tokens-remaining": "10000000",
-            "anthropic-ratelimit-output-tokens-remaining": "10000000",
-        }
+        headers = {"request-id": f"req_{uuid.uuid4().hex[:12]}", **self._limit_headers()}
+        if not self.buckets and not self.config["hide_limits"]:
+            headers.update(
+                {
+                    "anthropic-ratelimit-requests-limit": "100000",
+                    "anthropic-ratelimit-requests-remaining": "99999",
+                }
+            )
         return web.json_response(message, headers=headers)
 
+    def _refund_output(self, tokens: int) -> None:
+        bucket = self.buckets.get("output_tpm")
+        if bucket is not None and tokens > 0:
+            bucket.give(tokens)
+
     async def set_config(self, request: web.Request) -> web.Response:
-        self.config.update(await request.json())
+        update = await request.json()
+        unknown = set(update) - set(_DEFAULTS)
+        if unknown:
+            return web.json_response({"error": f"unknown settings {sorted(unknown)}"}, status=400)
+        self.config.update(update)
+        if {"rpm", "input_tpm", "output_tpm", "burst_s"} & set(update):
+            self._rebuild_buckets()
         return web.json_response(self.config)
+
+    def _rebuild_buckets(self) -> None:
+        burst = float(self.config["burst_s"])
+        self.buckets = {
+            budget: Bucket(float(self.config[budget]), burst)
+            for budget in ("rpm", "input_tpm", "output_tpm")
+            if self.config[budget]
+        }
 
     async def get_log(self, request: web.Request) -> web.Response:
         return web.json_response(self.log)
@@ -129,7 +272,8 @@ class FakeAnthropic:
     async def reset(self, request: web.Request) -> web.Response:
         self.log.clear()
         self.seen_systems.clear()
-        self.config.update({"p429": 0.0, "p500": 0.0, "p529": 0.0, "latency_ms": 0, "retry_after": 0.05})
+        self.config = dict(_DEFAULTS)
+        self.buckets = {}
         return web.json_response({"ok": True})
 
     def app(self) -> web.Application:
@@ -141,10 +285,50 @@ class FakeAnthropic:
         return application
 
 
+class ServerControl:
+    """The control side of a running server, for tests and benches in other processes."""
+
+    def __init__(self, url: str, process: subprocess.Popen | None = None):
+        self.url = url
+        self.process = process
+
+    @classmethod
+    def start(cls, key: str) -> "ServerControl":
+        process = subprocess.Popen(
+            [sys.executable, __file__, "--port", "0", "--key", key], stdout=subprocess.PIPE, text=True
+        )
+        line = process.stdout.readline()  # type: ignore[union-attr]
+        if not line.startswith("listening on "):
+            process.kill()
+            raise RuntimeError(f"the local Anthropic server did not start: {line!r}")
+        return cls(line.split()[-1], process)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+    def _call(self, path: str, payload: dict | None = None):
+        data = None if payload is None else json.dumps(payload).encode()
+        request = urllib.request.Request(self.url + path, data=data, method="GET" if data is None else "POST")
+        request.add_header("content-type", "application/json")
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return json.loads(response.read())
+
+    def configure(self, **settings: float) -> None:
+        self._call("/_config", settings)
+
+    def log(self) -> list[dict]:
+        return self._call("/_log")
+
+    def reset(self) -> None:
+        self._call("/_reset", {})
+
+
 async def _serve(port: int, key: str) -> None:
     runner = web.AppRunner(FakeAnthropic(key).app(), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port)
+    site = web.TCPSite(runner, "127.0.0.1", port, backlog=4096)
     await site.start()
     bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     print(f"listening on http://127.0.0.1:{bound}", flush=True)
@@ -156,4 +340,10 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--key", default="test-key")
     options = parser.parse_args()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
     asyncio.run(_serve(options.port, options.key))

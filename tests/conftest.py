@@ -6,13 +6,12 @@ import json
 import os
 import subprocess
 import sys
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from jobs.embedded import EmbeddedRedis
+from tests.anthropic_server import ServerControl
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "test-key"
@@ -26,49 +25,21 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     server.stop()
 
 
-@dataclass
-class FakeAPI:
-    url: str
-
-    def _call(self, path: str, payload: dict | None = None):
-        data = None if payload is None else json.dumps(payload).encode()
-        request = urllib.request.Request(self.url + path, data=data, method="GET" if data is None else "POST")
-        request.add_header("content-type", "application/json")
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return json.loads(response.read())
-
-    def configure(self, **settings: float) -> None:
-        self._call("/_config", settings)
-
-    def log(self) -> list[dict]:
-        return self._call("/_log")
-
-    def reset(self) -> None:
-        self._call("/_reset", {})
-
-
 @pytest.fixture(scope="session")
-def api_server() -> FakeAPI:
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "anthropic_server.py"), "--port", "0", "--key", API_KEY],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    line = process.stdout.readline()
-    assert line.startswith("listening on "), line
-    yield FakeAPI(line.split()[-1])
-    process.terminate()
-    process.wait(timeout=10)
+def api_server() -> ServerControl:
+    server = ServerControl.start(API_KEY)
+    yield server
+    server.stop()
 
 
 @pytest.fixture
-def fake_api(api_server: FakeAPI) -> FakeAPI:
+def fake_api(api_server: ServerControl) -> ServerControl:
     api_server.reset()
     return api_server
 
 
 @pytest.fixture
-def env(redis_url: str, api_server: FakeAPI, tmp_path: Path) -> dict[str, str]:
+def env(redis_url: str, api_server: ServerControl, tmp_path: Path) -> dict[str, str]:
     """The environment of a user whose workers share `redis_url` and whose API is the local server."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("PROMPTMILL_", "ANTHROPIC_"))}
     return {

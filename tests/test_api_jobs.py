@@ -187,17 +187,21 @@ def test_worker_killed_mid_job_then_resume_completes_without_paying_twice(tmp_pa
     submitted = promptmill("submit", str(data), "--pipeline", str(pipeline), "--out", str(tmp_path / "o"), env=env)
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip().splitlines()[-1]
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "jobs.cli", "worker", "--queues", "api", "--concurrency", "2"],
-        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "jobs.cli", "worker", "--queues", "api", "--chunks", "2"],
+            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        for _ in range(2)
+    ]
     store = JobStore.from_url(env["PROMPTMILL_REDIS_URL"])
     deadline = time.monotonic() + 120
     while store.status(job_id).terminal < 400:
         assert time.monotonic() < deadline, "the worker made no progress"
         time.sleep(0.05)
-    os.killpg(worker.pid, signal.SIGKILL)
-    worker.wait()
+    for worker in workers:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
     done_at_kill = store.status(job_id).terminal
     assert done_at_kill < 1500
 
@@ -207,7 +211,7 @@ def test_worker_killed_mid_job_then_resume_completes_without_paying_twice(tmp_pa
     assert [r["row"] for r in records] == list(range(1500))
     assert all(r["status"] == "ok" for r in records)
     twice = sum(count - 1 for count in successes_by_prompt(fake_api.log()).values() if count > 1)
-    # Only answers on the wire when the worker died may be paid twice: 2 processes x 32 in flight.
-    assert twice <= 2 * 32
+    # Only answers on the wire when the workers died may be paid twice: 2 processes x 2 chunks x 64 rows.
+    assert twice <= 2 * 2 * 64
     status = json.loads(promptmill("status", job_id, "--json", env=env).stdout)
     assert status["done"] == 1500

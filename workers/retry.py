@@ -24,6 +24,14 @@ class Verdict:
     fatal_for_job: bool = False
     retry_after_s: float | None = None
 
+    @property
+    def server_failure(self) -> bool:
+        """A failure of the provider (5xx, 529, timeout, dropped connection): feeds the circuit breaker."""
+        return self.kind in (ErrorKind.server_error, ErrorKind.timeout, ErrorKind.connection_error)
+
+    def final_message(self, attempts: int) -> str:
+        return f"{self.message} (after {attempts} attempts)" if self.retryable else self.message
+
 
 def _provider_message(error: anthropic.APIStatusError) -> str:
     body = error.body
@@ -60,7 +68,7 @@ def classify(error: BaseException) -> Verdict:
             if "spend_limit" in str(inner.get("error_code", "")) or "spend_limit" in str(inner.get("type", "")):
                 return Verdict(ErrorKind.rate_limited, message, retryable=False, fatal_for_job=True)
             return Verdict(ErrorKind.rate_limited, message, retryable=True, retry_after_s=_retry_after(error))
-        if status in (408, 409) or status >= 500:
+        if status in (408, 409) or status >= 500:  # 500, 502, 503, 504 and 529 (overloaded) among them
             return Verdict(ErrorKind.server_error, message, retryable=True, retry_after_s=_retry_after(error))
         return Verdict(ErrorKind.invalid_request, message, retryable=False)
     return Verdict(ErrorKind.engine_error, f"{type(error).__name__}: {error}", retryable=False)

@@ -1,7 +1,9 @@
 """What one worker process keeps between chunks: its event loop, its job store and settings.
 
-Celery tasks are synchronous, and clients such as `AsyncAnthropic` are bound to the loop they were
-made on, so each process runs every chunk on one persistent loop instead of `asyncio.run` per task.
+Clients such as `AsyncAnthropic` and the fleet limiter are bound to the loop they were made on, so
+each process runs one persistent loop in a thread of its own, and every task thread hands its chunk's
+coroutine to it. Several chunks then share one loop, one client, one limiter and one in-flight
+budget: requests keep flowing while one chunk drains and the next starts.
 Everything is keyed by process id: a prefork child builds its own after the fork.
 """
 
@@ -9,11 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from dataclasses import dataclass
+from typing import Awaitable, TypeVar
 
 from config.settings import Settings, get_settings
 from jobs.spec import JobSpec
 from jobs.store import JobStore
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -29,21 +35,33 @@ class WorkerRuntime:
             self.specs[job_id] = self.store.spec(job_id)
         return self.specs[job_id]
 
+    def run(self, work: Awaitable[T]) -> T:
+        """Run a coroutine on the process's loop and wait for it from this (task) thread."""
+        return asyncio.run_coroutine_threadsafe(work, self.loop).result()
+
 
 _runtime: WorkerRuntime | None = None
+_lock = threading.Lock()
+
+
+def _start_loop() -> asyncio.AbstractEventLoop:
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, name="promptmill-loop", daemon=True).start()
+    return loop
 
 
 def runtime() -> WorkerRuntime:
     global _runtime
-    if _runtime is None or _runtime.pid != os.getpid():
-        settings = get_settings()
-        if not settings.redis_url:
-            raise RuntimeError("a worker needs PROMPTMILL_REDIS_URL (the `promptmill worker` command sets it)")
-        _runtime = WorkerRuntime(
-            pid=os.getpid(),
-            loop=asyncio.new_event_loop(),
-            store=JobStore.from_url(settings.redis_url),
-            settings=settings,
-            specs={},
-        )
-    return _runtime
+    with _lock:
+        if _runtime is None or _runtime.pid != os.getpid():
+            settings = get_settings()
+            if not settings.redis_url:
+                raise RuntimeError("a worker needs PROMPTMILL_REDIS_URL (the `promptmill worker` command sets it)")
+            _runtime = WorkerRuntime(
+                pid=os.getpid(),
+                loop=_start_loop(),
+                store=JobStore.from_url(settings.redis_url),
+                settings=settings,
+                specs={},
+            )
+        return _runtime

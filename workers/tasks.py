@@ -55,11 +55,26 @@ def to_outcome(job: JobSpec, raw: RawOutcome) -> ItemOutcome:
     return ItemOutcome(row=raw.row, status="ok", output=value, **common)
 
 
+class ChunkAttempts:
+    """The chunk's failed attempts per row, read once when the chunk starts and counted in Redis."""
+
+    def __init__(self, store: JobStore, job_id: str, chunk_id: str):
+        self.store, self.job_id, self.chunk_id = store, job_id, chunk_id
+        self.counts = store.failed_attempts(job_id, chunk_id)
+
+    def prior(self, row: int) -> int:
+        return self.counts.get(row, 0)
+
+    def failed(self, row: int) -> None:
+        self.counts[row] = self.store.add_failed_attempt(self.job_id, self.chunk_id, row)
+
+
 async def _run_requests(rt: WorkerRuntime, job: JobSpec, chunk_id: str, pending: list[RenderedRequest]) -> int:
-    backend = get_backend(job, rt.settings)
+    backend = get_backend(job, rt.settings, rt.store)
+    attempts = ChunkAttempts(rt.store, job.job_id, chunk_id)
     committed = 0
     checked_at = time.monotonic()
-    async for raw in backend.run(job, pending):
+    async for raw in backend.run(job, pending, attempts):
         committed += rt.store.commit(job.job_id, chunk_id, job.model, to_outcome(job, raw))
         if time.monotonic() - checked_at > _RUNNABLE_CHECK_S:
             checked_at = time.monotonic()
@@ -126,7 +141,7 @@ def _run_chunk(job_id: str, chunk_id: str) -> str:
         done = store.done_rows(job_id, chunk_id)
         pending = [request for request in store.chunk(job_id, chunk_id).requests if request.row not in done]
         try:
-            committed = rt.loop.run_until_complete(_run_requests(rt, job, chunk_id, pending))
+            committed = rt.run(_run_requests(rt, job, chunk_id, pending))
         except FatalJobError as fatal:
             log.error("job %s stopped: %s", job_id, fatal)
             store.fail_job(job_id, str(fatal))

@@ -1,43 +1,55 @@
-"""The Anthropic Messages API backend: many requests in flight per process, paced, retried.
+"""The Anthropic Messages API backend: many requests in flight per process, under the fleet's limit.
 
-One `AsyncAnthropic` client per worker process, created on the process's persistent event loop, with
-the SDK's own retries off (`max_retries=0`) so every attempt is counted by our retry policy.
+One `AsyncAnthropic` client per worker process, on the process's persistent event loop, with the
+SDK's own retries off (`max_retries=0`) so every attempt is counted by our retry policy. Every
+request waits for a grant from the fleet's limiter (workers/rate_limit.py), and every response's
+rate-limit headers, 429s and failures go back to it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, AsyncIterator
 
 import anthropic
-from aiolimiter import AsyncLimiter
 
 from config.settings import Settings
 from jobs.spec import JobSpec
-from pipelines.items import ItemError, RenderedRequest, Usage
-from workers.backends.base import FatalJobError, RawOutcome
-from workers.retry import backoff_s, classify
+from jobs.store import JobStore
+from pipelines.items import ErrorKind, ItemError, RenderedRequest, Usage
+from pipelines.spec import RateLimits
+from workers.backends.base import AttemptLog, FatalJobError, RawOutcome
+from workers.concurrency import AdaptiveConcurrency
+from workers.rate_limit import FleetLimiter, InputTokenEstimate, account_scope
+from workers.retry import Verdict, backoff_s, classify
 
 
 class AnthropicBackend:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, store: JobStore):
         self.settings = settings
+        self.store = store
+        self.api_key = settings.api_key()
         self.client = anthropic.AsyncAnthropic(
-            api_key=settings.api_key(),
+            api_key=self.api_key,
             base_url=settings.anthropic_base_url,  # None: the SDK reads ANTHROPIC_BASE_URL
             max_retries=0,
             timeout=settings.request_timeout_s,
         )
-        self._limiters: dict[float, AsyncLimiter] = {}
+        self.concurrency = AdaptiveConcurrency(ceiling=settings.max_in_flight)
+        self.input_estimate = InputTokenEstimate()
+        self._limiters: dict[tuple[str, RateLimits], FleetLimiter] = {}
+        self._scoped_jobs: set[str] = set()
 
-    def _limiter(self, job: JobSpec) -> AsyncLimiter | None:
-        if job.rpm is None:
-            return None
-        # Until the fleet-wide limiter, a job's rpm is shared evenly by its worker processes.
-        per_process_rpm = job.rpm / job.worker_processes
-        if per_process_rpm not in self._limiters:
-            self._limiters[per_process_rpm] = AsyncLimiter(1, 60.0 / per_process_rpm)
-        return self._limiters[per_process_rpm]
+    def _limiter(self, job: JobSpec) -> FleetLimiter:
+        scope = account_scope(str(self.client.base_url), self.api_key, job.model)
+        if job.job_id not in self._scoped_jobs:
+            self.store.set_limit_scope(job.job_id, scope)
+            self._scoped_jobs.add(job.job_id)
+        key = (scope, job.limits)
+        if key not in self._limiters:
+            self._limiters[key] = FleetLimiter(self.store.redis, scope, job.limits)
+        return self._limiters[key]
 
     def _params(self, job: JobSpec, request: RenderedRequest) -> dict[str, Any]:
         pipeline = job.pipeline
@@ -57,50 +69,77 @@ class AnthropicBackend:
             params["stop_sequences"] = pipeline.stop
         return params
 
+    async def _attempt(
+        self, job: JobSpec, params: dict[str, Any], chars: int, limiter: FleetLimiter
+    ) -> RawOutcome | Verdict:
+        """One request under a grant; every answer, good or bad, is reported to the limiter."""
+        async with self.concurrency:
+            grant = await limiter.acquire(self.input_estimate.estimate(chars), job.pipeline.max_tokens)
+            started = time.monotonic()
+            try:
+                raw = await self.client.messages.with_raw_response.create(**params)
+                message = await raw.parse()
+            except anthropic.APIError as error:
+                verdict = classify(error)
+                response = getattr(error, "response", None)
+                if response is not None:
+                    limiter.observe(response.headers, time.monotonic() - started)
+                if verdict.kind is ErrorKind.timeout:
+                    limiter.settle(grant, grant.input_tokens, grant.output_tokens)  # it may have been served
+                else:
+                    limiter.settle(grant, None, None)
+                if verdict.kind is ErrorKind.rate_limited:
+                    limiter.rate_limited(verdict.retry_after_s)
+                else:
+                    limiter.record(server_failure=verdict.server_failure)
+                return verdict
+            latency = time.monotonic() - started
+        limiter.observe(raw.headers, latency)
+        usage = message.usage
+        charged_input = (usage.input_tokens or 0) + (usage.cache_creation_input_tokens or 0)
+        limiter.settle(grant, charged_input, usage.output_tokens or 0)
+        limiter.record(ok=True)
+        self.concurrency.observe(latency, limiter.request_rate_per_s)
+        self.input_estimate.learn(chars, charged_input)
+        return RawOutcome(
+            row=-1,
+            text="".join(block.text for block in message.content if block.type == "text"),
+            usage=Usage(
+                input_tokens=usage.input_tokens or 0,
+                output_tokens=usage.output_tokens or 0,
+                cache_creation_input_tokens=usage.cache_creation_input_tokens or 0,
+                cache_read_input_tokens=usage.cache_read_input_tokens or 0,
+            ),
+            finish_reason=message.stop_reason,
+        )
+
     async def _one(
-        self, job: JobSpec, request: RenderedRequest, in_flight: asyncio.Semaphore, limiter: AsyncLimiter | None
+        self, job: JobSpec, request: RenderedRequest, limiter: FleetLimiter, attempts: AttemptLog
     ) -> RawOutcome:
         params = self._params(job, request)
-        attempt = 0
+        chars = len(request.prompt) + len(job.pipeline.system or "")
+        attempt = attempts.prior(request.row)
         while True:
             attempt += 1
-            async with in_flight:
-                if limiter is not None:
-                    await limiter.acquire()
-                try:
-                    message = await self.client.messages.create(**params)
-                except anthropic.APIError as error:
-                    verdict = classify(error)
-                else:
-                    text = "".join(block.text for block in message.content if block.type == "text")
-                    usage = message.usage
-                    return RawOutcome(
-                        row=request.row,
-                        text=text,
-                        usage=Usage(
-                            input_tokens=usage.input_tokens or 0,
-                            output_tokens=usage.output_tokens or 0,
-                            cache_creation_input_tokens=usage.cache_creation_input_tokens or 0,
-                            cache_read_input_tokens=usage.cache_read_input_tokens or 0,
-                        ),
-                        finish_reason=message.stop_reason,
-                        attempts=attempt,
-                    )
+            result = await self._attempt(job, params, chars, limiter)
+            if isinstance(result, RawOutcome):
+                result.row, result.attempts = request.row, attempt
+                return result
+            verdict = result
             if verdict.fatal_for_job:
                 raise FatalJobError(f"the Anthropic API refused the job: {verdict.message}")
+            attempts.failed(request.row)
             if not verdict.retryable or attempt >= job.max_attempts:
-                suffix = f" (after {attempt} attempts)" if verdict.retryable else ""
-                return RawOutcome(
-                    row=request.row, error=ItemError(kind=verdict.kind, message=verdict.message + suffix), attempts=attempt
-                )
-            await asyncio.sleep(
-                backoff_s(attempt, self.settings.backoff_base_s, self.settings.backoff_cap_s, verdict.retry_after_s)
-            )
+                error = ItemError(kind=verdict.kind, message=verdict.final_message(attempt))
+                return RawOutcome(row=request.row, error=error, attempts=attempt)
+            wait = backoff_s(attempt, self.settings.backoff_base_s, self.settings.backoff_cap_s, verdict.retry_after_s)
+            await asyncio.sleep(wait)
 
-    async def run(self, job: JobSpec, requests: list[RenderedRequest]) -> AsyncIterator[RawOutcome]:
-        in_flight = asyncio.Semaphore(job.max_in_flight)
+    async def run(
+        self, job: JobSpec, requests: list[RenderedRequest], attempts: AttemptLog
+    ) -> AsyncIterator[RawOutcome]:
         limiter = self._limiter(job)
-        tasks = [asyncio.ensure_future(self._one(job, request, in_flight, limiter)) for request in requests]
+        tasks = [asyncio.ensure_future(self._one(job, request, limiter, attempts)) for request in requests]
         try:
             for finished in asyncio.as_completed(tasks):
                 yield await finished

@@ -12,6 +12,7 @@ from typing import AsyncIterator, Protocol
 
 from config.settings import Settings
 from jobs.spec import JobSpec
+from jobs.store import JobStore
 from pipelines.items import ItemError, RenderedRequest, Usage
 
 
@@ -29,21 +30,29 @@ class RawOutcome:
     attempts: int = 1
 
 
+class AttemptLog(Protocol):
+    """Failed attempts per row, kept outside the process so a resumed row does not start afresh."""
+
+    def prior(self, row: int) -> int: ...
+
+    def failed(self, row: int) -> None: ...
+
+
 class Backend(Protocol):
-    def run(self, job: JobSpec, requests: list[RenderedRequest]) -> AsyncIterator[RawOutcome]: ...
+    def run(self, job: JobSpec, requests: list[RenderedRequest], attempts: AttemptLog) -> AsyncIterator[RawOutcome]: ...
 
 
 _BACKENDS: dict[tuple[str, str], Backend] = {}
 
 
-def get_backend(job: JobSpec, settings: Settings) -> Backend:
+def get_backend(job: JobSpec, settings: Settings, store: JobStore) -> Backend:
     """One backend per process and (backend, model): clients and engines outlive a chunk."""
     key = (job.backend, job.model if job.backend == "vllm" else "")
     if key not in _BACKENDS:
         if job.backend == "anthropic":
             from workers.backends.anthropic import AnthropicBackend
 
-            _BACKENDS[key] = AnthropicBackend(settings)
+            _BACKENDS[key] = AnthropicBackend(settings, store)
         else:
             from workers.backends.vllm import VLLMBackend
 

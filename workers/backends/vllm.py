@@ -13,7 +13,7 @@ from typing import Any, AsyncIterator
 from config.settings import Settings
 from jobs.spec import JobSpec
 from pipelines.items import ErrorKind, ItemError, RenderedRequest, Usage
-from workers.backends.base import RawOutcome
+from workers.backends.base import AttemptLog, RawOutcome
 from workers.local_model import resolve_model
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,9 @@ class VLLMBackend:
             log.warning("vLLM refused a batch of %d (%s); retrying one by one", len(batch), error)
             return [outcome for item in batch for outcome in self._generate(job, [item])]
 
-    async def run(self, job: JobSpec, requests: list[RenderedRequest]) -> AsyncIterator[RawOutcome]:
+    async def run(
+        self, job: JobSpec, requests: list[RenderedRequest], attempts: AttemptLog
+    ) -> AsyncIterator[RawOutcome]:
         batch: list[tuple[RenderedRequest, list[dict[str, str]]]] = []
         for request in requests:
             messages = self._messages(job, request)

@@ -1,0 +1,406 @@
+"""The fleet's rate limiter: one set of buckets in Redis per provider account and model, shared by
+every worker process on every machine.
+
+Three budgets, as Anthropic counts them: requests, input tokens (uncached input plus cache writes)
+and output tokens per minute. One Lua script grants a request only when all three allow it; input is
+estimated before sending and output reserved at `max_tokens`, and the difference is given back when
+the real usage is known. The same script learns the account's limits from the `anthropic-ratelimit-*`
+headers, pauses every worker's grants until a 429's `retry-after`, and opens a circuit breaker when
+most recent requests fail with 5xx or 529.
+
+In a process, one granter task per (account, model, limits) batches every waiting request into one
+script call, so the fleet pays one Redis round trip per batch, not per request; `aiolimiter` then
+spreads each batch over a tenth of a second so a process never bursts above the fleet's rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import redis
+from aiolimiter import AsyncLimiter
+
+from jobs.store import limiter_key
+
+log = logging.getLogger(__name__)
+
+BURST_S = 1.0  # each bucket holds this many seconds of its limit: small, so the fleet never bursts
+UNKNOWN_RPM = 50  # the pace before the first response tells the limits (Anthropic's lowest tier)
+MAX_BATCH = 256
+_MAX_SLEEP_S = 0.25  # a waiting granter looks again at least this often (a pause may have ended)
+_REPORT_DELAY_S = 0.02  # refunds with no one waiting are sent this late, to batch them
+
+# KEYS[1]: the limiter hash. ARGV, in order:
+#  1-3   configured limits: requests, input, output per minute (0 = not configured)
+#  4     bucket size in ms of each limit; 5 the rpm used before any response was seen
+#  6-8   refunds: requests, input, output (negative = a further charge)
+#  9-11  outcomes since the last call: ok, server failures (5xx, 529, timeouts), 429s
+#  12    pause ms asked by a 429's retry-after (0 = none)
+#  13    observed (1 when 14-20 hold a response's headers)
+#  14-16 the limits a response named (0 = not named); 17-19 what remained (-1 = not named)
+#  20    the observation's age in ms (how long its request took)
+#  21    how many grants are asked; then per grant its input and output cost
+# Returns {granted, wait ms, effective limits r, i, o (-1 = unlimited), paused ms}.
+_LIMIT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local h = KEYS[1]
+local names = {'r', 'i', 'o'}
+local raw = redis.call('HMGET', h, 'ts', 'lvl_r', 'lvl_i', 'lvl_o', 'lim_r', 'lim_i', 'lim_o',
+  'seen', 'pause', 'okw', 'failw', 'cool')
+local ts = tonumber(raw[1]) or now
+local level = {tonumber(raw[2]), tonumber(raw[3]), tonumber(raw[4])}
+local learned = {tonumber(raw[5]) or 0, tonumber(raw[6]) or 0, tonumber(raw[7]) or 0}
+local seen = tonumber(raw[8]) or 0
+local pause = tonumber(raw[9]) or 0
+local okw, failw = tonumber(raw[10]) or 0, tonumber(raw[11]) or 0
+local cool = tonumber(raw[12]) or 2000
+local burst_ms = tonumber(ARGV[4])
+
+if tonumber(ARGV[13]) == 1 then
+  seen = 1
+  for b = 1, 3 do
+    local named = tonumber(ARGV[13 + b])
+    if named > 0 then learned[b] = named end
+  end
+end
+
+local limit, rate, cap = {}, {}, {}
+for b = 1, 3 do
+  local cfg = tonumber(ARGV[b])
+  local l = 0
+  if cfg > 0 and learned[b] > 0 then l = math.min(cfg, learned[b])
+  elseif cfg > 0 then l = cfg
+  elseif learned[b] > 0 then l = learned[b]
+  elseif b == 1 and seen == 0 then l = tonumber(ARGV[5]) end
+  limit[b] = l
+  if l > 0 then
+    rate[b] = l / 60000
+    cap[b] = math.max(1, l * burst_ms / 60000)
+    local lv = level[b] or cap[b]
+    level[b] = math.min(cap[b], lv + rate[b] * math.max(0, now - ts))
+  end
+end
+
+for b = 1, 3 do
+  if limit[b] > 0 then
+    level[b] = math.min(cap[b], level[b] + tonumber(ARGV[5 + b]))
+    if tonumber(ARGV[13]) == 1 then
+      local remaining = tonumber(ARGV[16 + b])
+      if remaining >= 0 then
+        level[b] = math.min(level[b], remaining + rate[b] * tonumber(ARGV[20]))
+      end
+    end
+  end
+end
+
+-- circuit breaker over the last ~10 s of outcomes
+local decay = 0.5 ^ (math.max(0, now - ts) / 10000)
+okw = okw * decay + tonumber(ARGV[9])
+failw = failw * decay + tonumber(ARGV[10])
+if failw >= 8 and failw >= okw then
+  pause = math.max(pause, now + cool)
+  redis.call('HINCRBY', h, 'breaker_trips', 1)
+  cool = math.min(cool * 2, 60000)
+  okw, failw = 0, 0
+elseif tonumber(ARGV[9]) > 0 and failw * 4 < okw then
+  cool = 2000
+end
+local n429 = tonumber(ARGV[11])
+if n429 > 0 then redis.call('HINCRBY', h, 'rate_limited', n429) end
+if tonumber(ARGV[12]) > 0 then pause = math.max(pause, now + tonumber(ARGV[12])) end
+
+local granted, wait = 0, 0
+local asked = tonumber(ARGV[21])
+if now < pause then
+  wait = pause - now
+else
+  for g = 0, asked - 1 do
+    local cost = {1, tonumber(ARGV[22 + 2 * g]), tonumber(ARGV[23 + 2 * g])}
+    local fits = true
+    for b = 1, 3 do
+      if limit[b] > 0 then
+        local need = math.min(cost[b], cap[b])
+        if level[b] < need then
+          fits = false
+          wait = math.max(wait, (need - level[b]) / rate[b])
+        end
+      end
+    end
+    if not fits then break end
+    for b = 1, 3 do
+      if limit[b] > 0 then level[b] = level[b] - cost[b] end
+    end
+    granted = granted + 1
+  end
+end
+if granted > 0 then redis.call('HINCRBY', h, 'granted', granted) end
+
+redis.call('HSET', h, 'ts', now, 'lim_r', learned[1], 'lim_i', learned[2], 'lim_o', learned[3],
+  'eff_r', limit[1], 'eff_i', limit[2], 'eff_o', limit[3], 'seen', seen, 'pause', pause,
+  'okw', okw, 'failw', failw, 'cool', cool)
+for b = 1, 3 do
+  if limit[b] > 0 then redis.call('HSET', h, 'lvl_' .. names[b], level[b]) end
+end
+redis.call('PEXPIRE', h, 86400000)
+local function eff(b) if limit[b] > 0 then return tostring(limit[b]) end return '-1' end
+return {granted, tostring(math.ceil(wait)), eff(1), eff(2), eff(3), tostring(math.max(0, pause - now))}
+"""
+
+
+def account_scope(base_url: str | None, api_key: str | None, model: str) -> str:
+    """Which buckets a request draws on: its account and model, never the key itself."""
+    fingerprint = hashlib.sha256(f"{base_url or 'default'}\n{api_key or ''}".encode()).hexdigest()[:16]
+    return f"anthropic:{fingerprint}:{model}"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-minute limits a job was given (None = not given: the provider's headers decide)."""
+
+    rpm: int | None = None
+    input_tpm: int | None = None
+    output_tpm: int | None = None
+
+
+@dataclass(frozen=True)
+class LimitHeaders:
+    """What one response said about the account's limits."""
+
+    limits: tuple[int, int, int] = (0, 0, 0)  # requests, input, output per minute; 0 = not said
+    remaining: tuple[int, int, int] = (-1, -1, -1)  # -1 = not said
+
+    _NAMES = ("requests", "input-tokens", "output-tokens")
+
+    @classmethod
+    def parse(cls, headers: Mapping[str, str]) -> "LimitHeaders | None":
+        limits, remaining = [], []
+        for name in cls._NAMES:
+            limits.append(_int(headers.get(f"anthropic-ratelimit-{name}-limit"), 0))
+            remaining.append(_int(headers.get(f"anthropic-ratelimit-{name}-remaining"), -1))
+        if not any(limits) and all(r < 0 for r in remaining):
+            return None
+        return cls(tuple(limits), tuple(remaining))  # type: ignore[arg-type]
+
+
+def _int(raw: str | None, default: int) -> int:
+    try:
+        return int(float(raw)) if raw is not None else default
+    except ValueError:
+        return default
+
+
+@dataclass
+class _Report:
+    """What happened since the last script call, sent with the next one."""
+
+    refund: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    ok: int = 0
+    failed: int = 0
+    rate_limited: int = 0
+    pause_ms: int = 0
+    headers: LimitHeaders | None = None
+    headers_age_ms: int = 0
+
+    def pending(self) -> bool:
+        return bool(any(self.refund) or self.ok or self.failed or self.rate_limited or self.pause_ms or self.headers)
+
+
+@dataclass(frozen=True)
+class Grant:
+    """One request's charge: what to give back once its real usage is known."""
+
+    input_tokens: int
+    output_tokens: int
+
+
+class FleetLimiter:
+    """This process's door to the fleet's buckets for one account, model and set of job limits."""
+
+    def __init__(self, client: redis.Redis, scope: str, limits: Limits, burst_s: float = BURST_S):
+        self._script = client.register_script(_LIMIT)
+        self._key = limiter_key(scope)
+        self.limits = limits
+        self.burst_s = burst_s
+        self._waiters: collections.deque[tuple[asyncio.Future, int, int]] = collections.deque()
+        self._report = _Report()
+        self._wake = asyncio.Event()
+        self._granter: asyncio.Task | None = None
+        self._smoother: AsyncLimiter | None = None
+        self.effective: tuple[float | None, float | None, float | None] = (UNKNOWN_RPM, None, None)
+        self.paused_s = 0.0
+
+    # -- what requests call ---------------------------------------------------------------------
+
+    async def acquire(self, input_tokens: int, output_tokens: int) -> Grant:
+        """Wait until the fleet's buckets allow one request of these costs, and charge it."""
+        if self._granter is None or self._granter.done():
+            self._granter = asyncio.ensure_future(self._grant_forever())
+        granted: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._waiters.append((granted, input_tokens, output_tokens))
+        self._wake.set()
+        try:
+            await granted
+        except asyncio.CancelledError:
+            if granted.done() and not granted.cancelled():
+                self._refund(1, input_tokens, output_tokens)  # granted just as we gave up
+            raise
+        if self._smoother is not None:
+            await self._smoother.acquire()
+        return Grant(input_tokens, output_tokens)
+
+    def settle(self, grant: Grant, input_tokens: int | None, output_tokens: int | None) -> None:
+        """Correct a grant's charge by its real usage; None = the request used nothing."""
+        used_in = 0 if input_tokens is None else input_tokens
+        used_out = 0 if output_tokens is None else output_tokens
+        self._refund(0, grant.input_tokens - used_in, grant.output_tokens - used_out)
+
+    def record(self, *, ok: bool = False, server_failure: bool = False) -> None:
+        self._report.ok += int(ok)
+        self._report.failed += int(server_failure)
+        self._wake.set()
+
+    def rate_limited(self, retry_after_s: float | None) -> None:
+        """A 429: every worker in the fleet waits until the provider's retry time."""
+        self._report.rate_limited += 1
+        pause_ms = int(1000 * (retry_after_s if retry_after_s is not None else 1.0))
+        self._report.pause_ms = max(self._report.pause_ms, pause_ms)
+        self._wake.set()
+
+    def observe(self, headers: Mapping[str, str], age_s: float) -> None:
+        parsed = LimitHeaders.parse(headers)
+        if parsed is None:
+            if self._report.headers is None:
+                # A response without limit headers still tells us the account answers: stop probing.
+                self._report.headers = LimitHeaders()
+            return
+        self._report.headers = parsed
+        self._report.headers_age_ms = int(age_s * 1000)
+        self._wake.set()
+
+    def close(self) -> None:
+        if self._granter is not None:
+            self._granter.cancel()
+
+    # -- the granter ----------------------------------------------------------------------------
+
+    def _refund(self, requests: int, input_tokens: float, output_tokens: float) -> None:
+        refund = self._report.refund
+        refund[0] += requests
+        refund[1] += input_tokens
+        refund[2] += output_tokens
+        self._wake.set()
+
+    async def _grant_forever(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._waiters and self._waiters[0][0].done():
+                self._waiters.popleft()  # its request was cancelled
+            if not self._waiters:
+                if self._report.pending():
+                    await asyncio.sleep(_REPORT_DELAY_S)
+                    if not self._waiters:
+                        await self._call_or_wait([])
+                continue
+            batch = [waiter for waiter in list(self._waiters)[:MAX_BATCH] if not waiter[0].done()]
+            answer = await self._call_or_wait([(cost_in, cost_out) for _, cost_in, cost_out in batch])
+            if answer is None:
+                continue
+            granted, wait_ms = answer
+            for future, cost_in, cost_out in batch[:granted]:
+                self._waiters.remove((future, cost_in, cost_out))
+                if future.done():
+                    self._refund(1, cost_in, cost_out)
+                else:
+                    future.set_result(None)
+            if granted < len(batch):
+                await asyncio.sleep(min(wait_ms / 1000, _MAX_SLEEP_S))
+            self._wake.set()
+
+    async def _call_or_wait(self, costs: list[tuple[int, int]]) -> tuple[int, int] | None:
+        try:
+            return self._call(costs)
+        except redis.RedisError as error:
+            log.warning("the fleet's rate limiter is unreachable (%s); trying again", error)
+            await asyncio.sleep(_MAX_SLEEP_S)
+            self._wake.set()
+            return None
+
+    def _call(self, costs: list[tuple[int, int]]) -> tuple[int, int]:
+        report, self._report = self._report, _Report()
+        cfg = [self.limits.rpm or 0, self.limits.input_tpm or 0, self.limits.output_tpm or 0]
+        headers = report.headers
+        args: list[object] = [
+            *cfg,
+            int(self.burst_s * 1000),
+            UNKNOWN_RPM,
+            *(round(value, 3) for value in report.refund),
+            report.ok,
+            report.failed,
+            report.rate_limited,
+            report.pause_ms,
+            int(headers is not None),
+            *(headers.limits if headers else (0, 0, 0)),
+            *(headers.remaining if headers else (-1, -1, -1)),
+            report.headers_age_ms,
+            len(costs),
+        ]
+        for cost_in, cost_out in costs:
+            args.extend((cost_in, cost_out))
+        try:
+            granted, wait_ms, eff_r, eff_i, eff_o, paused_ms = self._script(keys=[self._key], args=args)
+        except redis.RedisError:
+            self._merge_back(report)
+            raise
+        self.effective = tuple(None if float(e) < 0 else float(e) for e in (eff_r, eff_i, eff_o))  # type: ignore[assignment]
+        self.paused_s = float(paused_ms) / 1000
+        self._pace(self.effective[0])
+        return int(granted), int(float(wait_ms))
+
+    def _merge_back(self, report: _Report) -> None:
+        """A failed call's report is not lost: it goes with the next call."""
+        current = self._report
+        current.refund = [a + b for a, b in zip(current.refund, report.refund)]
+        current.ok += report.ok
+        current.failed += report.failed
+        current.rate_limited += report.rate_limited
+        current.pause_ms = max(current.pause_ms, report.pause_ms)
+        current.headers = current.headers or report.headers
+
+    def _pace(self, rpm: float | None) -> None:
+        if rpm is None:
+            self._smoother = None
+            return
+        per_tenth = max(1.0, rpm / 600)
+        if self._smoother is None or not math.isclose(self._smoother.max_rate, per_tenth):
+            self._smoother = AsyncLimiter(per_tenth, 0.1)
+
+    @property
+    def request_rate_per_s(self) -> float | None:
+        rpm = self.effective[0]
+        return None if rpm is None else rpm / 60
+
+
+class InputTokenEstimate:
+    """Input tokens of a request before it is sent, from its characters, calibrated by the answers.
+
+    Starts at 1 token per 3.5 characters (English prose for Claude's tokenizer) and follows the
+    provider's own counts; the limiter corrects each estimate once the real count is known.
+    """
+
+    def __init__(self, tokens_per_char: float = 1 / 3.5):
+        self.tokens_per_char = tokens_per_char
+
+    def estimate(self, chars: int) -> int:
+        return max(1, math.ceil(chars * self.tokens_per_char))
+
+    def learn(self, chars: int, tokens: int) -> None:
+        if chars > 0:
+            self.tokens_per_char += 0.05 * (tokens / chars - self.tokens_per_char)
