@@ -5,7 +5,8 @@
 POST /v1/messages answers like the API: a message with `usage` (cache fields included), the
 `anthropic-ratelimit-*` headers and `request-id`; 400/401/429/500/529 bodies in the API's error shape,
 with `retry-after` on 429 and 529. Replies are deterministic: `[[reply:TEXT]]` in the user turn makes
-the answer TEXT, `[[status:400]]` fails that request with 400; otherwise the answer is "ok".
+the answer TEXT, `[[status:400]]` fails that request with 400 (any status), `[[spend_limit]]` with
+the 429 of an exhausted spend limit; otherwise the answer is "ok".
 Usage: input_tokens = words of the user turn; the system prompt is a cache write the first time the
 server sees it and a cache read after; output_tokens = words of the answer.
 
@@ -152,6 +153,8 @@ class FakeAnthropic:
             if roll < self.config[share]:
                 return fault
             roll -= self.config[share]
+        if "[[spend_limit]]" in prompt:
+            return "spend_limit"
         forced = _STATUS.search(prompt)
         return int(forced.group(1)) if forced else None
 
@@ -218,6 +221,18 @@ class FakeAnthropic:
                 return _error(529, "overloaded_error", "Overloaded", retry)
             if fault == 400:
                 return _error(400, "invalid_request_error", "prompt is poisoned for this test")
+            if fault == 413:
+                return _error(413, "request_too_large", "Request exceeds the maximum allowed number of bytes")
+            if fault == "spend_limit":
+                body = {
+                    "type": "error",
+                    "error": {
+                        "type": "rate_limit_error",
+                        "message": "You have reached your specified workspace API usage limits",
+                        "error_code": "enforced_spend_limit_reached",
+                    },
+                }
+                return web.json_response(body, status=429, headers={"retry-after": "60"})
             return _error(fault, "api_error", "Internal server error", self._limit_headers())
 
         usage = self._usage(body, prompt, reply, commit_cache=True)

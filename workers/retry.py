@@ -81,5 +81,5 @@ def backoff_s(attempt: int, base_s: float, cap_s: float, retry_after_s: float | 
     """
     jittered = random.uniform(0, min(cap_s, base_s * 2 ** (attempt - 1)))
     if retry_after_s is not None:
-        return min(cap_s, retry_after_s) + jittered * 0.1
+        return retry_after_s + jittered * 0.1
     return jittered

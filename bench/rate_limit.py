@@ -1,0 +1,182 @@
+"""How close to the account's limit a job runs, and how many 429s it earns, with 1, 4 and 8 workers.
+
+    .venv/bin/python bench/rate_limit.py                 # every scenario, 4,000 rows each (about 35 min)
+    .venv/bin/python bench/rate_limit.py --rows 1000 --scenarios exact --workers 4
+
+Everything is real: `promptmill run` with its Celery workers and embedded Redis, the anthropic SDK,
+and the local Anthropic-protocol server enforcing the limits as the API does (token buckets, true
+`anthropic-ratelimit-*` headers, `retry-after` in whole seconds). Figures come from the server's log:
+the achieved rate is answered requests (and output tokens) per minute between the first request and
+the last answer, as a share of the enforced limit; 429s are the share of all requests answered 429.
+
+Scenarios: `exact` (--rpm given right), `high` (--rpm 10% too high), `none` (no limit given: the
+headers must teach it), `faults` (exact, plus 10% of answers 500/529 and 2% timing out), `ceiling`
+(no limit, an instant server: the runner's own requests per second through Redis, Celery, commits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from jobs.embedded import EmbeddedRedis  # noqa: E402
+from tests.anthropic_server import ServerControl  # noqa: E402
+
+API_KEY = "bench-key"
+RPM, OUTPUT_TPM = 1200, 100_000
+LATENCY_MS, LATENCY_PER_TOKEN_MS = 100, 4  # answers average 50 words: about 300 ms each
+PIPELINE = """
+name = "bench"
+model = "claude-haiku-4-5"
+prompt = "Row {id}: {text} [[reply:{answer}]]"
+max_tokens = 128
+"""
+
+
+def write_dataset(folder: Path, rows: int) -> tuple[Path, Path]:
+    rng = random.Random(7)
+    data = folder / "rows.jsonl"
+    with data.open("w") as handle:
+        for i in range(rows):
+            answer = " ".join(f"w{rng.randrange(1000)}" for _ in range(rng.randint(10, 90)))
+            handle.write(json.dumps({"id": i, "text": f"text of row {i}", "answer": answer}) + "\n")
+    pipeline = folder / "bench.toml"
+    pipeline.write_text(PIPELINE)
+    return data, pipeline
+
+
+def run_job(env: dict[str, str], data: Path, pipeline: Path, out: Path, workers: int, extra: list[str]) -> dict:
+    started = time.monotonic()
+    command = [sys.executable, "-m", "jobs.cli", "run", str(data), "--pipeline", str(pipeline), "--out", str(out)]
+    command += ["--workers", str(workers), *extra]
+    finished = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
+    if finished.returncode != 0:
+        raise SystemExit(f"the job failed:\n{finished.stderr[-3000:]}")
+    records = [json.loads(line) for line in (out / "results.jsonl").open()]
+    job_id = finished.stdout.splitlines()[0].split()[1]
+    return {"records": records, "wall_s": time.monotonic() - started, "job_id": job_id}
+
+
+def measure(log: list[dict], records: list[dict]) -> dict:
+    served = [entry for entry in log if entry["status"] == 200]
+    statuses = Counter(str(entry["status"]) for entry in log)
+    first = min(entry["t"] for entry in log)
+    last = max(entry["t"] for entry in served)
+    span_min = max(last - first, 1e-9) / 60
+    output_tokens = sum(entry["usage"]["output_tokens"] for entry in served)
+    answered = Counter(entry["prompt"] for entry in served)
+    return {
+        "requests": len(log),
+        "ok_rows": sum(1 for record in records if record["status"] == "ok"),
+        "rows": len(records),
+        "rpm": len(served) / span_min,
+        "all_rpm": len(log) / span_min,
+        "otpm": output_tokens / span_min,
+        "share_429": statuses.get("429", 0) / len(log),
+        "statuses": dict(statuses),
+        "answered_twice": sum(1 for count in answered.values() if count > 1),
+        "attempts": Counter(record["attempts"] for record in records),
+        "span_s": last - first,
+        "rps": len(served) / max(last - first, 1e-9),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=4000)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--scenarios", nargs="+", default=["exact", "high", "none", "faults", "ceiling"])
+    parser.add_argument("--ceiling-rows", type=int, default=20000)
+    options = parser.parse_args()
+
+    folder = Path(tempfile.mkdtemp(prefix="promptmill-bench-"))
+    redis_server = EmbeddedRedis(folder / "redis")
+    redis_url = redis_server.start()
+    server = ServerControl.start(API_KEY)
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("PROMPTMILL_", "ANTHROPIC_"))}
+    env = {
+        **base_env,
+        "PROMPTMILL_REDIS_URL": redis_url,
+        "PROMPTMILL_DATA_DIR": str(folder / "data"),
+        "ANTHROPIC_BASE_URL": server.url,
+        "ANTHROPIC_API_KEY": API_KEY,
+    }
+    data, pipeline = write_dataset(folder, options.rows)
+    print(
+        f"limit {RPM} requests and {OUTPUT_TPM:,} output tokens per minute; answers 10-90 words, "
+        f"latency {LATENCY_MS} ms + {LATENCY_PER_TOKEN_MS} ms per output token; {options.rows:,} rows\n",
+        flush=True,
+    )
+    try:
+        for scenario in options.scenarios:
+            if scenario == "ceiling":
+                ceiling(server, env, folder, options.ceiling_rows)
+                continue
+            for workers in options.workers:
+                server.reset()
+                server.configure(
+                    rpm=RPM, output_tpm=OUTPUT_TPM, burst_s=2, latency_ms=LATENCY_MS,
+                    latency_per_token_ms=LATENCY_PER_TOKEN_MS,
+                )  # fmt: skip
+                extra = {"exact": ["--rpm", str(RPM)], "high": ["--rpm", str(int(RPM * 1.1))], "none": []}.get(
+                    scenario, ["--rpm", str(RPM)]
+                )
+                job_env = dict(env)
+                if scenario == "faults":
+                    server.configure(p500=0.05, p529=0.05, p_timeout=0.02)
+                    job_env.update(PROMPTMILL_REQUEST_TIMEOUT_S="3", PROMPTMILL_MAX_ATTEMPTS="12")
+                # Flush the limiter's memory of earlier runs: each scenario learns from scratch.
+                subprocess.run(
+                    [sys.executable, "-c", f"import redis; redis.Redis.from_url('{redis_url}').flushdb()"], check=True
+                )
+                job = run_job(job_env, data, pipeline, folder / f"out-{scenario}-{workers}", workers, extra)
+                figures = measure(server.log(), job["records"])
+                report(scenario, workers, figures)
+    finally:
+        server.stop()
+        redis_server.stop()
+
+
+def report(scenario: str, workers: int, figures: dict) -> None:
+    line = (
+        f"{scenario:<7} workers={workers}  rate {figures['rpm']:7.1f}/min = {figures['rpm'] / RPM:6.1%} of rpm, "
+        f"output {figures['otpm']:8.0f}/min = {figures['otpm'] / OUTPUT_TPM:6.1%} of otpm; "
+        f"429s {figures['share_429']:.2%} of {figures['requests']:,} requests; "
+        f"rows ok {figures['ok_rows']}/{figures['rows']}; answered twice {figures['answered_twice']}"
+    )
+    if scenario == "faults":
+        attempts = ", ".join(f"{n} attempts: {count}" for n, count in sorted(figures["attempts"].items()))
+        line += (
+            f"\n        all requests {figures['all_rpm']:.1f}/min = {figures['all_rpm'] / RPM:.1%} of rpm; "
+            f"statuses {figures['statuses']}; rows by attempts: {attempts}"
+        )
+    print(line, flush=True)
+
+
+def ceiling(server: ServerControl, env: dict[str, str], folder: Path, rows: int) -> None:
+    (folder / "ceiling").mkdir()
+    data, pipeline = write_dataset(folder / "ceiling", rows)
+    server.reset()
+    job = run_job(env, data, pipeline, folder / "out-ceiling", 2, ["--chunk-size", "256"])
+    figures = measure(server.log(), job["records"])
+    print(
+        f"ceiling workers=2  {figures['rps']:,.0f} requests/s through the whole path "
+        f"({figures['requests']:,} requests in {figures['span_s']:.1f}s; job wall time {job['wall_s']:.1f}s; "
+        f"rows ok {figures['ok_rows']}/{figures['rows']})",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()
