@@ -74,7 +74,30 @@ def _spec_or_fail(store: JobStore, job_id: str) -> JobSpec:
         raise  # unreachable
 
 
-def _status_dict(spec: JobSpec, status: JobStatus, prices: PriceTable) -> dict:
+def _limits_dict(spec: JobSpec, store: JobStore, status: JobStatus) -> dict | None:
+    """The fleet's limits for the job's account and model: given, learned from headers, in force."""
+    if status.limit_scope is None:
+        return None
+    state = store.limit_state(status.limit_scope)
+
+    def per_minute(field: str) -> int | None:
+        value = state.get(field, 0)
+        return int(value) if value > 0 else None
+
+    budgets = {"r": "requests_per_minute", "i": "input_tokens_per_minute", "o": "output_tokens_per_minute"}
+    paused_s = max(0.0, state.get("pause", 0) / 1000 - time.time())
+    return {
+        **{name: per_minute(f"eff_{b}") for b, name in budgets.items()},
+        "given": {name: getattr(spec.limits, attr) for name, attr in zip(budgets.values(), RateLimits.model_fields)},
+        "learned": {name: per_minute(f"lim_{b}") for b, name in budgets.items()},
+        "granted": int(state.get("granted", 0)),
+        "rate_limited": int(state.get("rate_limited", 0)),
+        "breaker_trips": int(state.get("breaker_trips", 0)),
+        "paused_s": round(paused_s, 1),
+    }
+
+
+def _status_dict(spec: JobSpec, status: JobStatus, prices: PriceTable, store: JobStore) -> dict:
     usage = status.usage
     return {
         "job_id": spec.job_id,
@@ -94,6 +117,7 @@ def _status_dict(spec: JobSpec, status: JobStatus, prices: PriceTable) -> dict:
             "cache_creation": usage.cache_creation_input_tokens,
         },
         "cost_usd": float(cost_report(spec, status, prices).cost_usd),
+        "limits": _limits_dict(spec, store, status),
         "out_dir": spec.out_dir,
     }
 
@@ -267,7 +291,7 @@ def status(
     settings = get_settings()
     with _store(settings) as (store, _):
         spec = _spec_or_fail(store, job_id)
-        info = _status_dict(spec, store.status(job_id), PriceTable.load(settings))
+        info = _status_dict(spec, store.status(job_id), PriceTable.load(settings), store)
     if as_json:
         out.print_json(json.dumps(info))
         return
@@ -277,8 +301,25 @@ def status(
             value = ", ".join(f"{name} {count:,}" for name, count in value.items())
         elif key == "cost_usd":
             value = f"${value:.6f}"
+        elif key == "limits" and value is not None:
+            value = _limits_line(value)
         table.add_row(key, "" if value is None else str(value))
     out.print(table)
+
+
+def _limits_line(limits: dict) -> str:
+    def show(name: str) -> str:
+        value, learned = limits[name], limits["learned"][name]
+        if value is None:
+            return "none"
+        return f"{value:,}" + (" (learned)" if learned == value else "")
+
+    line = (
+        f"{show('requests_per_minute')} rpm, {show('input_tokens_per_minute')} input tpm, "
+        f"{show('output_tokens_per_minute')} output tpm; {limits['rate_limited']:,} 429s, "
+        f"{limits['breaker_trips']:,} breaker trips"
+    )
+    return line + (f"; paused {limits['paused_s']}s" if limits["paused_s"] else "")
 
 
 @app.command()

@@ -85,10 +85,13 @@ def test_2000_rows_with_4_workers_end_complete_in_order_with_exact_tokens_and_co
     assert report["models"][0]["requests"] == 2000
 
 
-def test_injected_429_500_and_529_still_end_complete_with_no_row_answered_twice(tmp_path, env, fake_api):
-    fake_api.configure(p429=0.1, p500=0.08, p529=0.04, retry_after=0.01)
-    # 22% of attempts fail: with the default 6 attempts one row in ~15 runs would exhaust them.
+def test_injected_429_500_529_timeouts_and_drops_still_end_complete_with_no_row_answered_twice(
+    tmp_path, env, fake_api
+):
+    fake_api.configure(p429=0.1, p500=0.08, p529=0.04, p_timeout=0.01, p_drop=0.01, retry_after=0.01)
+    # 24% of attempts fail: with the default 6 attempts one row in ~10 runs would exhaust them.
     env["PROMPTMILL_MAX_ATTEMPTS"] = "12"
+    env["PROMPTMILL_REQUEST_TIMEOUT_S"] = "1"
     data, pipeline = write_job(tmp_path, 600)
     out = tmp_path / "out"
     result = promptmill("run", str(data), "--pipeline", str(pipeline), "--out", str(out), "--workers", "2", env=env)
@@ -97,7 +100,7 @@ def test_injected_429_500_and_529_still_end_complete_with_no_row_answered_twice(
     assert [record["row"] for record in records] == list(range(600))
     assert [r for r in records if r["status"] != "ok"] == []
     log = fake_api.log()
-    assert {entry["status"] for entry in log} >= {200, 429, 500, 529}
+    assert {entry["status"] for entry in log} >= {200, 429, 500, 529, "timeout", "dropped"}
     assert max(successes_by_prompt(log).values()) == 1
     assert len(successes_by_prompt(log)) == 600
     assert sum(record["attempts"] for record in records) == len(log)
