@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import redis
 
 from jobs.embedded import EmbeddedRedis
 from tests.anthropic_server import ServerControl
@@ -33,8 +34,12 @@ def api_server() -> ServerControl:
 
 
 @pytest.fixture
-def fake_api(api_server: ServerControl) -> ServerControl:
+def fake_api(api_server: ServerControl, redis_url: str) -> ServerControl:
+    """The local server, reset: no faults, no limits, and no limits learned from it in Redis."""
     api_server.reset()
+    client = redis.Redis.from_url(redis_url)
+    for key in client.scan_iter("pm:limit:*"):
+        client.delete(key)
     return api_server
 
 
