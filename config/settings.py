@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     backoff_base_s: float = Field(default=0.5, gt=0)
     backoff_cap_s: float = Field(default=30.0, gt=0)
     request_timeout_s: float = Field(default=120.0, gt=0)
+    # Crash safety: a dead worker's chunk is free again after lease_ttl_s, and a sweeper in every
+    # worker sends such chunks again every sweep_every_s (Celery alone would wait an hour).
+    lease_ttl_s: float = Field(default=15.0, ge=1.0, le=3600)
+    sweep_every_s: float = Field(default=10.0, ge=0.5, le=3600)
 
     # The Anthropic key: PROMPTMILL_ANTHROPIC_API_KEY, else the SDK's own ANTHROPIC_API_KEY.
     anthropic_api_key: SecretStr | None = None

@@ -27,7 +27,9 @@ from jobs.progress import JobProgress, WorkersExited, wait_for_job
 from jobs.readers import InputFormat
 from jobs.spec import Backend, JobSpec
 from jobs.store import JobState, JobStatus, JobStore
+from jobs.shards import prepare_shards
 from jobs.submission import SubmitError, build_spec
+from jobs.verify import verify_job
 from pipelines.spec import RateLimits
 
 app = typer.Typer(
@@ -51,7 +53,7 @@ def _sigterm_as_interrupt() -> None:
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -151,9 +153,9 @@ def _run_to_end(
                     progress.refresh()
 
                 produce(spec, store, on_chunk=dispatch)
-            status = wait_for_job(progress, alive=local.alive)
+            status = wait_for_job(progress, alive=local.keep_alive)
     except KeyboardInterrupt:
-        err.print(f"\ninterrupted: stopping workers; resume with [bold]promptmill resume {spec.job_id}[/]")
+        err.print(f"\ninterrupted: stopping workers; resume with [bold]promptmill resume {spec.job_id}[/]", soft_wrap=True)
         local.stop()
         raise typer.Exit(130)
     except WorkersExited as died:
@@ -166,7 +168,7 @@ def _run_to_end(
         _fail(f"job {spec.job_id} stopped: {status.error}\nfix the cause, then: promptmill resume {spec.job_id}", code=1)
     if status.state is JobState.cancelled:
         _fail(f"job {spec.job_id} was cancelled; promptmill resume {spec.job_id} picks it up again", code=1)
-    written = export_job(store, spec.job_id, Path(spec.out_dir))
+    written = export_job(store, spec, Path(spec.out_dir))
     report = cost_report(spec, status, prices)
     usage = status.usage
     err.print(
@@ -215,6 +217,7 @@ def run(
     out.print(f"job {spec.job_id}", highlight=False)
     with _store(settings) as (store, url):
         store.create_job(spec)
+        prepare_shards(spec)
         _run_to_end(settings, store, url, spec, processes, resuming=False)
 
 
@@ -249,6 +252,7 @@ def submit(
     spec = _build(settings, input_path, pipeline, backend, model, out_dir, chunk_size, limits, input_format)
     store = JobStore.from_url(settings.redis_url)
     store.create_job(spec)
+    prepare_shards(spec)
     dispatcher = ChunkDispatcher(settings.redis_url)
     try:
         rows = produce(
@@ -278,7 +282,14 @@ def resume(
             out.print(f"job {job_id} is already complete; exporting")
         else:
             store.set_state(job_id, JobState.running if status.produced else JobState.producing)
+        prepare_shards(spec)
         out.print(f"job {job_id}", highlight=False)
+        total = f"{status.total:,}" if status.produced else f"{status.total:,} enqueued"
+        err.print(
+            f"resuming: {status.terminal:,} of {total} rows already done ({status.ok:,} ok, {status.failed:,} failed)",
+            highlight=False,
+            soft_wrap=True,
+        )
         _run_to_end(settings, store, url, spec, workers or DEFAULT_WORKERS[spec.backend], resuming=True)
 
 
@@ -323,6 +334,20 @@ def _limits_line(limits: dict) -> str:
 
 
 @app.command()
+def verify(job_id: str = typer.Argument(..., metavar="JOB")) -> None:
+    """Recompute counters and the cost ledger from the committed outcomes; exit 1 if they disagree."""
+    settings = get_settings()
+    with _store(settings) as (store, _):
+        spec = _spec_or_fail(store, job_id)
+        result = verify_job(store, spec)
+    if not result.ok:
+        for problem in result.problems:
+            err.print(f"[bold red]mismatch:[/] {problem}", highlight=False)
+        raise typer.Exit(1)
+    out.print(f"ok: {result.rows:,} committed rows; counters and ledger match them exactly", highlight=False)
+
+
+@app.command()
 def cancel(job_id: str = typer.Argument(..., metavar="JOB")) -> None:
     """Stop a job: workers finish the rows in flight and leave the rest; `resume` restarts it."""
     settings = get_settings()
@@ -346,7 +371,7 @@ def export(
     settings = get_settings()
     with _store(settings) as (store, _):
         spec = _spec_or_fail(store, job_id)
-        written = export_job(store, job_id, out_dir or Path(spec.out_dir), fmt)  # type: ignore[arg-type]
+        written = export_job(store, spec, out_dir or Path(spec.out_dir), fmt)  # type: ignore[arg-type]
     out.print(f"{written['records']:,} records ({written['failed']:,} failed) to {written['results']}")
 
 

@@ -109,6 +109,10 @@ def redis_url_for(settings: Settings) -> tuple[str, EmbeddedRedis | None]:
     return embedded.start(), embedded
 
 
+EARLY_DEATH_S = 5.0  # a worker that dies sooner than this after starting did not really start
+MAX_EARLY_DEATHS = 5  # that many in a row is a crash loop: the run stops instead of spinning
+
+
 @dataclass
 class LocalWorkers:
     """Celery worker processes started by `promptmill run` / `resume` and stopped when it ends."""
@@ -118,24 +122,41 @@ class LocalWorkers:
     processes: int
     log_dir: Path
     children: list[subprocess.Popen] = field(default_factory=list)
+    started_at: list[float] = field(default_factory=list)
+    early_deaths: int = 0
 
     def start(self) -> None:
-        env = dict(os.environ, PROMPTMILL_REDIS_URL=self.redis_url)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        for index in range(self.processes):
-            log = (self.log_dir / f"worker-{self.queue}-{index}.log").open("ab")
-            child = subprocess.Popen(
-                [sys.executable, "-m", "jobs.cli", "worker", "--queues", self.queue],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-            self.children.append(child)
+        self.started_at = [0.0] * self.processes
+        self.children = [self._spawn(index) for index in range(self.processes)]
 
-    def alive(self) -> bool:
-        return any(child.poll() is None for child in self.children)
+    def _spawn(self, index: int) -> subprocess.Popen:
+        self.started_at[index] = time.monotonic()
+        env = dict(os.environ, PROMPTMILL_REDIS_URL=self.redis_url)
+        log = (self.log_dir / f"worker-{self.queue}-{index}.log").open("ab")
+        return subprocess.Popen(
+            [sys.executable, "-m", "jobs.cli", "worker", "--queues", self.queue],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def keep_alive(self) -> bool:
+        """Restart any worker that died (killed, out of memory); False when they die as they start.
+
+        The chunks a dead worker held are sent again by the other workers' sweeper.
+        """
+        for index, child in enumerate(self.children):
+            if child.poll() is None:
+                continue
+            lived_s = time.monotonic() - self.started_at[index]
+            self.early_deaths = self.early_deaths + 1 if lived_s < EARLY_DEATH_S else 0
+            if self.early_deaths > MAX_EARLY_DEATHS:
+                return False  # a crash loop (a bad install, an unreachable Redis): stop, resumable
+            self.children[index] = self._spawn(index)
+        return True
 
     def stop(self, timeout: float = 30.0) -> None:
         """Warm shutdown (SIGTERM: finish the chunk in hand), then SIGKILL what is left."""

@@ -12,6 +12,8 @@ from typing import Any, Iterator, Literal
 
 import orjson
 
+from jobs.shards import flush_complete_chunks, iter_outcomes
+from jobs.spec import JobSpec
 from jobs.store import JobStore
 from pipelines.items import ItemOutcome
 
@@ -47,14 +49,18 @@ def _flat(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def export_job(store: JobStore, job_id: str, out_dir: Path, fmt: ExportFormat = "jsonl") -> dict[str, Any]:
-    """Write results and failures; returns the paths and counts written."""
+def export_job(store: JobStore, spec: JobSpec, out_dir: Path, fmt: ExportFormat = "jsonl") -> dict[str, Any]:
+    """Write results and failures from the job's shards and Redis; returns the paths and counts written.
+
+    Complete chunks that workers could not flush (no shared folder) are flushed here first.
+    """
+    flush_complete_chunks(store, spec)
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / f"results.{fmt}"
     failures_path = out_dir / "failures.jsonl"
     partial_results = results_path.with_name(results_path.name + ".partial")
     partial_failures = failures_path.with_name(failures_path.name + ".partial")
-    records: Iterator[dict[str, Any]] = (_record(o) for o in store.iter_outcomes(job_id))
+    records: Iterator[dict[str, Any]] = (_record(o) for o in iter_outcomes(store, spec))
     written = failed = 0
     with partial_failures.open("wb") as failures:
         def counted() -> Iterator[dict[str, Any]]:

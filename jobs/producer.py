@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from jobs.readers import InvalidRow, iter_rows
+from jobs.shards import flush_chunk, shards_reachable
 from jobs.spec import JobSpec
 from jobs.store import ChunkPayload, JobStore, chunk_id_for
 from pipelines.items import ErrorKind, ItemOutcome, RenderedRequest
@@ -18,12 +19,12 @@ from pipelines.render import RenderError, render_request
 OnChunk = Callable[[ChunkPayload, bool], None]
 
 
-def _chunks(spec: JobSpec) -> Iterator[tuple[ChunkPayload, list[ItemOutcome]]]:
+def _chunks(spec: JobSpec, start_row: int) -> Iterator[tuple[ChunkPayload, list[ItemOutcome]]]:
     requests: list[RenderedRequest] = []
     failures: list[ItemOutcome] = []
-    first_row = 0
+    first_row = start_row
     row_count = 0
-    for row_number, row in iter_rows(Path(spec.input_path), spec.input_format):
+    for row_number, row in iter_rows(Path(spec.input_path), spec.input_format, skip=start_row):
         if row_count == 0:
             first_row = row_number
         row_count += 1
@@ -42,14 +43,22 @@ def _chunks(spec: JobSpec) -> Iterator[tuple[ChunkPayload, list[ItemOutcome]]]:
 
 
 def produce(spec: JobSpec, store: JobStore, on_chunk: OnChunk | None = None) -> int:
-    """Store every chunk of the job; `on_chunk(chunk, added)` is called after each. Returns rows seen."""
-    rows = 0
-    for chunk, failures in _chunks(spec):
+    """Store every chunk of the job; `on_chunk(chunk, added)` is called after each. Returns rows seen.
+
+    A producer that stopped halfway (killed, interrupted) starts again at the last chunk it stored,
+    without parsing the rows before it: that chunk is produced again (adding nothing twice) in case
+    its unreadable rows were not yet committed as failed when the producer died.
+    """
+    start_row = store.last_chunk_first_row(spec.job_id) or 0
+    rows = start_row
+    for chunk, failures in _chunks(spec, start_row):
         if not store.is_runnable(spec.job_id):
             break  # cancelled or failed while producing
         added = store.add_chunk(spec.job_id, chunk)
         for failure in failures:
             store.commit(spec.job_id, chunk.chunk_id, spec.model, failure)
+        if not chunk.requests and shards_reachable(spec):
+            flush_chunk(store, spec, chunk.chunk_id)  # every row failed to read: complete already
         rows += chunk.row_count
         if on_chunk is not None:
             on_chunk(chunk, added)

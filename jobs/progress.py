@@ -92,5 +92,5 @@ def wait_for_job(progress: JobProgress, alive: Callable[[], bool] | None = None,
         if status.state in (JobState.complete, JobState.failed, JobState.cancelled):
             return status
         if alive is not None and not alive():
-            raise WorkersExited("the local workers exited before the job finished")
+            raise WorkersExited("the local workers keep dying as soon as they start")
         time.sleep(poll_s)

@@ -40,16 +40,20 @@ def detect_format(path: Path) -> InputFormat:
     raise ValueError(f"cannot tell the format of {path} from its name; pass --format jsonl|csv|parquet")
 
 
-def iter_rows(path: Path, input_format: InputFormat) -> Iterator[tuple[int, Row]]:
+def iter_rows(path: Path, input_format: InputFormat, skip: int = 0) -> Iterator[tuple[int, Row]]:
+    """Rows numbered from 0; the first `skip` rows are passed over without being parsed."""
     readers = {"jsonl": _jsonl_rows, "csv": _csv_rows, "parquet": _parquet_rows}
-    yield from enumerate(readers[input_format](path))
+    yield from enumerate(readers[input_format](path, skip), start=skip)
 
 
-def _jsonl_rows(path: Path) -> Iterator[Row]:
+def _jsonl_rows(path: Path, skip: int) -> Iterator[Row]:
     with path.open("rb") as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue  # blank lines are not rows
+            if skip:
+                skip -= 1
+                continue
             try:
                 line.decode("utf-8")
             except UnicodeDecodeError as bad:
@@ -66,7 +70,7 @@ def _jsonl_rows(path: Path) -> Iterator[Row]:
             yield value
 
 
-def _csv_rows(path: Path) -> Iterator[Row]:
+def _csv_rows(path: Path, skip: int) -> Iterator[Row]:
     # surrogateescape keeps undecodable bytes as lone surrogates, so one bad row is caught below
     # instead of the decoder stopping the whole file.
     with path.open("r", encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
@@ -77,6 +81,9 @@ def _csv_rows(path: Path) -> Iterator[Row]:
             return
         for record in reader:
             if not record:
+                continue
+            if skip:
+                skip -= 1
                 continue
             where = f"line {reader.line_num}"
             if len(record) != len(header):
@@ -96,12 +103,16 @@ def _has_surrogates(text: str) -> bool:
     return False
 
 
-def _parquet_rows(path: Path) -> Iterator[Row]:
+def _parquet_rows(path: Path, skip: int) -> Iterator[Row]:
     import pyarrow.parquet as pq
 
     parquet = pq.ParquetFile(path)
     for batch in parquet.iter_batches(batch_size=1024):
-        yield from batch.to_pylist()
+        if skip >= batch.num_rows:
+            skip -= batch.num_rows
+            continue
+        yield from batch.slice(skip).to_pylist()
+        skip = 0
 
 
 __all__ = ["InvalidRow", "InputFormat", "Row", "detect_format", "iter_rows"]

@@ -12,9 +12,17 @@ Cluster slot and the Lua scripts below may touch them together.
     pm:{JOB}:results:{CHUNK}    hash: row -> outcome JSON; a row's field is its done mark
     pm:{JOB}:counters           hash: ok, failed
     pm:{JOB}:ledger             hash: "MODEL|requests", "MODEL|input_tokens", ... token usage by model
-    pm:{JOB}:chunk_runs         hash: chunk id -> times a worker started it (poison-chunk guard)
+    pm:{JOB}:chunk_runs         hash: chunk id -> times a worker started it, while it runs: a chunk
+                                here whose lease is gone lost its worker
     pm:{JOB}:lease:{CHUNK}      the token of the worker running the chunk, with an expiry
     pm:{JOB}:attempts:{CHUNK}   hash: row -> failed attempts so far (a resumed row keeps its count)
+    pm:{JOB}:row_starts:{CHUNK} hash: row -> times it was sent by a chunk run that follows a dead
+                                worker's (poison-row guard; only written in that careful mode)
+    pm:{JOB}:flushed            set of chunk ids whose outcomes are in result shards on disk, their
+                                results, payload and bookkeeping gone from Redis
+    pm:{JOB}:sweep              a short lock: one worker at a time looks for orphaned chunks
+    pm:{JOB}:resent             hash: chunk id -> its run count when the sweeper last sent it again
+    pm:{JOB}:stranded           hash: chunk id -> when the sweeper last sent it for want of a message
     pm:limit:{SCOPE}            hash: the fleet's rate-limit buckets for one account and model, with
                                 the limits learned from the provider's headers (workers/rate_limit.py)
 """
@@ -24,7 +32,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Iterator
 
 import orjson
 import redis
@@ -98,12 +105,14 @@ def chunk_id_for(first_row: int) -> str:
 
 
 # Commit one outcome: result, done mark and usage in one step, and only once per row.
+# A chunk already flushed to its shard is complete: nothing more is written for it.
 _COMMIT = """
+if redis.call('SISMEMBER', KEYS[4], ARGV[6]) == 1 then return 0 end
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
 redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
 local model = ARGV[4]
 if tonumber(ARGV[5]) > 0 then redis.call('HINCRBY', KEYS[3], model .. '|requests', ARGV[5]) end
-for i = 6, #ARGV, 2 do
+for i = 7, #ARGV, 2 do
   if tonumber(ARGV[i + 1]) ~= 0 then redis.call('HINCRBY', KEYS[3], model .. '|' .. ARGV[i], ARGV[i + 1]) end
 end
 return 1
@@ -115,6 +124,15 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX') == false then return 0 end
 redis.call('RPUSH', KEYS[2], ARGV[2])
 redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
 redis.call('HINCRBY', KEYS[4], 'rows_produced', ARGV[3])
+return 1
+"""
+
+# A chunk's outcomes are safe in its shard: mark it flushed and free everything it held.
+_MARK_FLUSHED = """
+redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+redis.call('HDEL', KEYS[6], ARGV[1])
+redis.call('HDEL', KEYS[7], ARGV[1])
 return 1
 """
 
@@ -136,6 +154,7 @@ class JobStore:
         self._add_chunk = client.register_script(_ADD_CHUNK)
         self._release = client.register_script(_RELEASE)
         self._renew = client.register_script(_RENEW)
+        self._mark_flushed = client.register_script(_MARK_FLUSHED)
 
     @classmethod
     def from_url(cls, url: str) -> "JobStore":
@@ -247,15 +266,25 @@ class JobStore:
             raise KeyError(f"job {job_id} has no chunk {chunk_id}")
         return ChunkPayload.model_validate_json(raw)
 
+    def last_chunk_first_row(self, job_id: str) -> int | None:
+        """Where the producer stopped: the first row of the last chunk it stored."""
+        raw = self.redis.lindex(_key(job_id, "chunks"), -1)
+        return None if raw is None else int(raw)
+
     def chunk_ids(self, job_id: str) -> list[str]:
         return [raw.decode() for raw in self.redis.lrange(_key(job_id, "chunks"), 0, -1)]
 
     def done_rows(self, job_id: str, chunk_id: str) -> set[int]:
+        """Rows of an unflushed chunk that have their outcome (a flushed chunk has all of them)."""
         return {int(raw) for raw in self.redis.hkeys(_key(job_id, "results", chunk_id))}
+
+    def chunk_row_count(self, job_id: str, chunk_id: str) -> int:
+        return int(self.redis.hget(_key(job_id, "chunk_rows"), chunk_id) or 0)
 
     def incomplete_chunks(self, job_id: str) -> list[str]:
         chunk_ids = self.chunk_ids(job_id)
         row_counts = self.redis.hgetall(_key(job_id, "chunk_rows"))
+        flushed = self.flushed_chunks(job_id)
         with self.redis.pipeline(transaction=False) as pipe:
             for chunk_id in chunk_ids:
                 pipe.hlen(_key(job_id, "results", chunk_id))
@@ -263,8 +292,76 @@ class JobStore:
         return [
             chunk_id
             for chunk_id, done in zip(chunk_ids, done_counts)
-            if done < int(row_counts[chunk_id.encode()])
+            if chunk_id not in flushed and done < int(row_counts[chunk_id.encode()])
         ]
+
+    def orphaned_chunks(self, job_id: str) -> list[str]:
+        """Chunks a worker started and neither finished nor still holds (their worker died), and that
+        were not sent again since that run: a chunk waiting in the queue is not sent once more."""
+        runs = {raw.decode(): int(count) for raw, count in self.redis.hgetall(_key(job_id, "chunk_runs")).items()}
+        resent = {raw.decode(): int(count) for raw, count in self.redis.hgetall(_key(job_id, "resent")).items()}
+        candidates = [chunk_id for chunk_id, count in runs.items() if resent.get(chunk_id) != count]
+        with self.redis.pipeline(transaction=False) as pipe:
+            for chunk_id in candidates:
+                pipe.exists(_key(job_id, "lease", chunk_id))
+            held = pipe.execute()
+        orphans = [chunk_id for chunk_id, leased in zip(candidates, held) if not leased]
+        if orphans:
+            self.redis.hset(_key(job_id, "resent"), mapping={chunk_id: runs[chunk_id] for chunk_id in orphans})
+        return orphans
+
+    def stranded_chunks(self, job_id: str, not_before_s: float) -> list[str]:
+        """Incomplete chunks that nobody runs or leases, each at most once per `not_before_s`."""
+        started = set(self.redis.hkeys(_key(job_id, "chunk_runs")))
+        candidates = [c for c in self.incomplete_chunks(job_id) if c.encode() not in started]
+        with self.redis.pipeline(transaction=False) as pipe:
+            for chunk_id in candidates:
+                pipe.exists(_key(job_id, "lease", chunk_id))
+            pipe.hgetall(_key(job_id, "stranded"))
+            *held, last_sent = pipe.execute()
+        now = time.time()
+        stranded = [
+            chunk_id
+            for chunk_id, leased in zip(candidates, held)
+            if not leased and now - float(last_sent.get(chunk_id.encode(), 0)) >= not_before_s
+        ]
+        if stranded:
+            self.redis.hset(_key(job_id, "stranded"), mapping={chunk_id: now for chunk_id in stranded})
+        return stranded
+
+    def take_sweep_turn(self, job_id: str, every_s: float) -> bool:
+        """True for one caller per `every_s` across the fleet."""
+        return bool(self.redis.set(_key(job_id, "sweep"), 1, nx=True, px=int(every_s * 1000)))
+
+    def count_row_starts(self, job_id: str, chunk_id: str, rows: list[int]) -> dict[int, int]:
+        """Count these rows as sent once more; returns each one's count, this start included."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for row in rows:
+                pipe.hincrby(_key(job_id, "row_starts", chunk_id), row, 1)
+            return dict(zip(rows, map(int, pipe.execute())))
+
+    # -- result shards -----------------------------------------------------------------------------
+
+    def flushed_chunks(self, job_id: str) -> set[str]:
+        return {raw.decode() for raw in self.redis.smembers(_key(job_id, "flushed"))}
+
+    def is_flushed(self, job_id: str, chunk_id: str) -> bool:
+        return bool(self.redis.sismember(_key(job_id, "flushed"), chunk_id))
+
+    def mark_flushed(self, job_id: str, chunk_id: str) -> None:
+        """Call only once the chunk's outcomes are safely in its shard."""
+        self._mark_flushed(
+            keys=[
+                _key(job_id, "flushed"),
+                _key(job_id, "results", chunk_id),
+                _key(job_id, "chunk", chunk_id),
+                _key(job_id, "attempts", chunk_id),
+                _key(job_id, "row_starts", chunk_id),
+                _key(job_id, "chunk_runs"),
+                _key(job_id, "resent"),
+            ],
+            args=[chunk_id],
+        )
 
     def count_chunk_run(self, job_id: str, chunk_id: str) -> int:
         """How many times a worker has started this chunk, this start included."""
@@ -312,23 +409,28 @@ class JobStore:
         """Commit an outcome with its done mark and usage, atomically; False if the row was done."""
         usage = outcome.usage
         answered = 1 if (usage.input_tokens or usage.output_tokens) else 0
-        args: list[object] = [outcome.row, outcome.model_dump_json(), outcome.status, model, answered]
+        args: list[object] = [outcome.row, outcome.model_dump_json(), outcome.status, model, answered, chunk_id]
         for name in _USAGE_FIELDS:
             args.extend((name, getattr(usage, name)))
         committed = self._commit(
-            keys=[_key(job_id, "results", chunk_id), _key(job_id, "counters"), _key(job_id, "ledger")],
+            keys=[
+                _key(job_id, "results", chunk_id),
+                _key(job_id, "counters"),
+                _key(job_id, "ledger"),
+                _key(job_id, "flushed"),
+            ],
             args=args,
         )
         return bool(committed)
 
-    def iter_outcomes(self, job_id: str, page: int = 64) -> Iterator[ItemOutcome]:
-        """Every committed outcome in input order."""
-        chunk_ids = self.chunk_ids(job_id)
-        for start in range(0, len(chunk_ids), page):
-            with self.redis.pipeline(transaction=False) as pipe:
-                for chunk_id in chunk_ids[start : start + page]:
-                    pipe.hvals(_key(job_id, "results", chunk_id))
-                for values in pipe.execute():
-                    outcomes = [ItemOutcome.model_validate(orjson.loads(raw)) for raw in values]
-                    yield from sorted(outcomes, key=lambda outcome: outcome.row)
+    def chunk_outcomes(self, job_id: str, chunk_ids: list[str]) -> list[list[ItemOutcome]]:
+        """The outcomes held in Redis for each of these chunks, each list in row order."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for chunk_id in chunk_ids:
+                pipe.hvals(_key(job_id, "results", chunk_id))
+            pages = pipe.execute()
+        return [
+            sorted((ItemOutcome.model_validate(orjson.loads(raw)) for raw in values), key=lambda o: o.row)
+            for values in pages
+        ]
 

@@ -21,7 +21,8 @@ Control: POST /_config with any of
     retry_after                        seconds sent with injected 429/529
     rpm input_tpm output_tpm burst_s   enforced limits (0 = none); setting any refills the buckets
     hide_limits                        send no anthropic-ratelimit-* headers
-GET /_log (every request: t, prompt, status, usage), POST /_reset.
+GET /_log (every request: t arrived and, when answered, done, on the monotonic clock; prompt,
+status, usage), POST /_reset. `[[kill_worker]]` in a prompt SIGKILLs the local process that sent it.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -110,6 +113,20 @@ class Bucket:
         }
 
 
+def _kill_client(request: web.Request) -> None:
+    """SIGKILL the local process that sent this request: a row that kills its worker (as an
+    out-of-memory kill would), for the poison-row tests. Both ends must be on this machine."""
+    import psutil
+
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    if peer is None:
+        return
+    for connection in psutil.net_connections(kind="tcp"):
+        if connection.laddr and connection.laddr.port == peer[1] and connection.pid:
+            os.kill(connection.pid, signal.SIGKILL)
+            return
+
+
 class FakeAnthropic:
     def __init__(self, key: str):
         self.key = key
@@ -155,6 +172,8 @@ class FakeAnthropic:
             roll -= self.config[share]
         if "[[spend_limit]]" in prompt:
             return "spend_limit"
+        if "[[kill_worker]]" in prompt:
+            return "kill_worker"
         forced = _STATUS.search(prompt)
         return int(forced.group(1)) if forced else None
 
@@ -204,6 +223,10 @@ class FakeAnthropic:
         if fault == "timeout":
             entry["status"] = "timeout"
             await asyncio.sleep(_TIMEOUT_HANG_S)
+        if fault == "kill_worker":
+            entry["status"] = "killed_worker"
+            _kill_client(request)
+            await asyncio.sleep(_TIMEOUT_HANG_S)
         if fault == "drop":
             entry["status"] = "dropped"
             request.transport.abort()
@@ -238,6 +261,7 @@ class FakeAnthropic:
         usage = self._usage(body, prompt, reply, commit_cache=True)
         self._refund_output(int(body["max_tokens"]) - usage["output_tokens"])
         entry["usage"] = usage
+        entry["done"] = time.monotonic()
         message = {
             "id": f"msg_{uuid.uuid4().hex[:24]}",
             "type": "message",

@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Awaitable, TypeVar
 
 from config.settings import Settings, get_settings
+from jobs.shards import shards_reachable
 from jobs.spec import JobSpec
 from jobs.store import JobStore
 
@@ -29,11 +30,17 @@ class WorkerRuntime:
     store: JobStore
     settings: Settings
     specs: dict[str, JobSpec]
+    reachable: dict[str, bool] = field(default_factory=dict)  # job id -> sees the job's shard folder
 
     def spec(self, job_id: str) -> JobSpec:
         if job_id not in self.specs:
             self.specs[job_id] = self.store.spec(job_id)
         return self.specs[job_id]
+
+    def shards_reachable(self, job: JobSpec) -> bool:
+        if job.job_id not in self.reachable:
+            self.reachable[job.job_id] = shards_reachable(job)
+        return self.reachable[job.job_id]
 
     def run(self, work: Awaitable[T]) -> T:
         """Run a coroutine on the process's loop and wait for it from this (task) thread."""

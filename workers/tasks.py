@@ -15,6 +15,7 @@ import time
 import uuid
 
 from config.celery_config import TASK_RUN_CHUNK
+from jobs.shards import flush_chunk
 from jobs.spec import JobSpec
 from jobs.store import JobStore
 from pipelines.items import ErrorKind, ItemError, ItemOutcome, RenderedRequest
@@ -25,22 +26,21 @@ from workers.runtime import WorkerRuntime, runtime
 
 log = logging.getLogger(__name__)
 
-LEASE_TTL_MS = 15_000  # a dead worker's chunk is free again this soon; renewed every third of it
-MAX_CHUNK_RUNS = 4  # a chunk started this often without finishing has killed its worker each time
+MAX_ROW_STARTS = 3  # a row in flight this often when its worker died is poison: it fails
 _RUNNABLE_CHECK_S = 1.0
 
 
 class _LeaseHeartbeat(threading.Thread):
     """Keeps the chunk's lease alive from a thread: a blocking engine call cannot starve it."""
 
-    def __init__(self, store: JobStore, job_id: str, chunk_id: str, token: str):
+    def __init__(self, store: JobStore, job_id: str, chunk_id: str, token: str, ttl_ms: int):
         super().__init__(daemon=True, name=f"lease-{chunk_id}")
-        self.store, self.job_id, self.chunk_id, self.token = store, job_id, chunk_id, token
+        self.store, self.job_id, self.chunk_id, self.token, self.ttl_ms = store, job_id, chunk_id, token, ttl_ms
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        while not self.stopped.wait(LEASE_TTL_MS / 3000):
-            self.store.renew_lease(self.job_id, self.chunk_id, self.token, LEASE_TTL_MS)
+        while not self.stopped.wait(self.ttl_ms / 3000):  # renewed every third of its life
+            self.store.renew_lease(self.job_id, self.chunk_id, self.token, self.ttl_ms)
 
 
 def to_outcome(job: JobSpec, raw: RawOutcome) -> ItemOutcome:
@@ -112,10 +112,36 @@ def run_chunk(self, job_id: str, chunk_id: str, errors: int = 0) -> str:
 
 def _fail_pending(store: JobStore, job: JobSpec, chunk_id: str, kind: ErrorKind, message: str) -> None:
     """Commit every row of the chunk that is not done yet as failed."""
+    if store.is_flushed(job.job_id, chunk_id):
+        return
     done = store.done_rows(job.job_id, chunk_id)
     for request in store.chunk(job.job_id, chunk_id).requests:
         if request.row not in done:
             store.commit(job.job_id, chunk_id, job.model, ItemOutcome.failure(request.row, kind, message))
+
+
+def _run_carefully(rt: WorkerRuntime, job: JobSpec, chunk_id: str, pending: list[RenderedRequest], runs: int) -> int:
+    """Run a chunk whose last run died with its worker, so that a row that kills workers is found.
+
+    Every row sent is counted in Redis first. On the second run the rows go together as usual; from
+    the third on, one at a time, so each death counts against the one row in flight, and a row in
+    flight at `MAX_ROW_STARTS` deaths fails as poison instead of being redelivered forever.
+    """
+    groups = [pending] if runs == 2 else [[request] for request in pending]
+    committed = 0
+    for group in groups:
+        starts = rt.store.count_row_starts(job.job_id, chunk_id, [request.row for request in group])
+        runnable = []
+        for request in group:
+            if starts[request.row] > MAX_ROW_STARTS:
+                message = f"its worker died {starts[request.row] - 1} times while this row was in flight"
+                outcome = ItemOutcome.failure(request.row, ErrorKind.worker_lost, message)
+                committed += rt.store.commit(job.job_id, chunk_id, job.model, outcome)
+            else:
+                runnable.append(request)
+        if runnable:
+            committed += rt.run(_run_requests(rt, job, chunk_id, runnable))
+    return committed
 
 
 def _run_chunk(job_id: str, chunk_id: str) -> str:
@@ -127,28 +153,43 @@ def _run_chunk(job_id: str, chunk_id: str) -> str:
         return "unknown job"
     if not store.is_runnable(job_id):
         return "job not runnable"
+    if store.is_flushed(job_id, chunk_id):
+        return "already complete"
     token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    if not store.acquire_lease(job_id, chunk_id, token, LEASE_TTL_MS):
+    ttl_ms = int(rt.settings.lease_ttl_s * 1000)
+    if not store.acquire_lease(job_id, chunk_id, token, ttl_ms):
         raise _LeasedElsewhere(store.lease_ttl_ms(job_id, chunk_id) / 1000 + 0.5)
-    heartbeat = _LeaseHeartbeat(store, job_id, chunk_id, token)
+    heartbeat = _LeaseHeartbeat(store, job_id, chunk_id, token, ttl_ms)
     heartbeat.start()
     try:
+        if store.is_flushed(job_id, chunk_id):
+            return "already complete"  # flushed between our look and the lease
         runs = store.count_chunk_run(job_id, chunk_id)
-        if runs > MAX_CHUNK_RUNS:
-            message = f"the chunk's worker died {runs - 1} times while running it"
-            _fail_pending(store, job, chunk_id, ErrorKind.worker_lost, message)
-            return "failed as poison"
         done = store.done_rows(job_id, chunk_id)
         pending = [request for request in store.chunk(job_id, chunk_id).requests if request.row not in done]
         try:
-            committed = rt.run(_run_requests(rt, job, chunk_id, pending))
+            if runs > 1:
+                committed = _run_carefully(rt, job, chunk_id, pending, runs)
+            else:
+                committed = rt.run(_run_requests(rt, job, chunk_id, pending))
         except FatalJobError as fatal:
             log.error("job %s stopped: %s", job_id, fatal)
             store.fail_job(job_id, str(fatal))
             return "job failed"
         finally:
             store.forget_chunk_runs(job_id, chunk_id)  # the run ended on its own, not by its worker dying
+        _flush_if_complete(rt, job, chunk_id)
         return f"{committed} committed"
     finally:
         heartbeat.stopped.set()
         store.release_lease(job_id, chunk_id, token)
+
+
+def _flush_if_complete(rt: WorkerRuntime, job: JobSpec, chunk_id: str) -> None:
+    """Move the finished chunk's outcomes to its shard, when this worker sees the job's folder."""
+    if not rt.shards_reachable(job):
+        return  # another machine without the shared folder: `export` flushes it later
+    try:
+        flush_chunk(rt.store, job, chunk_id)
+    except OSError as error:
+        log.warning("could not flush chunk %s of job %s (%s); its outcomes stay in Redis", chunk_id, job.job_id, error)

@@ -1,0 +1,58 @@
+"""`promptmill verify`: recompute a job's counters and cost ledger from its committed outcomes and
+say where they disagree. They never should: both are written by the one commit script."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from jobs.shards import iter_outcomes
+from jobs.spec import JobSpec
+from jobs.store import JobStore
+from pipelines.items import Usage
+
+
+@dataclass
+class Verification:
+    rows: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_job(store: JobStore, spec: JobSpec) -> Verification:
+    status = store.status(spec.job_id)
+    result = Verification()
+    ok = failed = answered = 0
+    usage = Usage()
+    seen: set[int] = set()
+    for outcome in iter_outcomes(store, spec):
+        result.rows += 1
+        if outcome.row in seen:
+            result.problems.append(f"row {outcome.row} has two outcomes")
+        seen.add(outcome.row)
+        if not 0 <= outcome.row < status.rows_produced:
+            result.problems.append(f"row {outcome.row} is outside the {status.rows_produced:,} rows produced")
+        ok += outcome.status == "ok"
+        failed += outcome.status == "failed"
+        answered += bool(outcome.usage.input_tokens or outcome.usage.output_tokens)
+        usage = usage + outcome.usage
+    if (status.ok, status.failed) != (ok, failed):
+        result.problems.append(
+            f"counters say {status.ok:,} ok and {status.failed:,} failed; the outcomes, {ok:,} and {failed:,}"
+        )
+    ledger = status.usage_by_model.get(spec.model, Usage())
+    if ledger != usage:
+        result.problems.append(f"the ledger says {ledger.model_dump()}; the outcomes add up to {usage.model_dump()}")
+    others = sorted(set(status.usage_by_model) - {spec.model})
+    if others:
+        result.problems.append(f"the ledger holds usage for models the job does not use: {others}")
+    if status.requests_by_model.get(spec.model, 0) != answered:
+        result.problems.append(
+            f"the ledger counts {status.requests_by_model.get(spec.model, 0):,} answered requests; "
+            f"the outcomes, {answered:,}"
+        )
+    if status.produced and status.pending == 0 and len(seen) != status.rows_produced:
+        result.problems.append(f"the job is complete but {status.rows_produced - len(seen):,} rows have no outcome")
+    return result

@@ -1,0 +1,215 @@
+"""Crash safety with real processes: shards off Redis, `verify`, a producer killed halfway, a row that
+kills its worker, an interrupted run, and (marked `chaos`) workers killed at random all job long."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import psutil
+import pytest
+import redis
+
+from jobs.store import JobStore
+from tests.conftest import ROOT, promptmill, read_jsonl
+from tests.test_api_jobs import LABELS, job_id_of, successes_by_prompt, write_job
+
+
+def fast_recovery(env: dict[str, str]) -> dict[str, str]:
+    """A dead worker's chunks go out again within seconds instead of the default 15 to 25."""
+    return {**env, "PROMPTMILL_LEASE_TTL_S": "2", "PROMPTMILL_SWEEP_EVERY_S": "1"}
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def store(env) -> JobStore:
+    return JobStore.from_url(env["PROMPTMILL_REDIS_URL"])
+
+
+@pytest.fixture
+def new_job(store):
+    """The id of the job a test's subprocess creates, once it exists."""
+    before = set(store.job_ids())
+
+    def find() -> str:
+        wait_until(lambda: set(store.job_ids()) - before, 60, "the job to be created")
+        return (set(store.job_ids()) - before).pop()
+
+    return find
+
+
+def job_keys(redis_url: str, job_id: str, kind: str) -> list[bytes]:
+    return list(redis.Redis.from_url(redis_url).scan_iter(f"pm:{{{job_id}}}:{kind}:*"))
+
+
+def test_finished_chunks_leave_redis_for_shards_and_export_merges_them_in_order(tmp_path, env, fake_api):
+    data, pipeline = write_job(tmp_path, 1000)
+    out = tmp_path / "out"
+    result = promptmill("run", str(data), "--pipeline", str(pipeline), "--out", str(out), env=env)
+    assert result.returncode == 0, result.stderr
+    job_id = job_id_of(result)
+    assert sorted(path.name for path in (out / "shards").glob("*.jsonl")) == [f"{first:010d}.jsonl" for first in range(0, 1000, 64)]
+    assert job_keys(env["PROMPTMILL_REDIS_URL"], job_id, "results") == []
+    assert job_keys(env["PROMPTMILL_REDIS_URL"], job_id, "chunk") == []
+    exported = promptmill("export", job_id, "--out", str(tmp_path / "again"), env=env)
+    assert exported.returncode == 0, exported.stderr
+    records = read_jsonl(tmp_path / "again" / "results.jsonl")
+    assert [r["row"] for r in records] == list(range(1000))
+    assert [r["output"] for r in records] == [LABELS[i % 2] for i in range(1000)]
+
+
+def test_verify_passes_on_a_clean_job_and_names_a_counter_that_drifted(tmp_path, env, fake_api):
+    data, pipeline = write_job(tmp_path, 100)
+    result = promptmill("run", str(data), "--pipeline", str(pipeline), "--out", str(tmp_path / "o"), env=env)
+    job_id = job_id_of(result)
+    clean = promptmill("verify", job_id, env=env)
+    assert clean.returncode == 0 and "100 committed rows" in clean.stdout, clean.stderr
+    redis.Redis.from_url(env["PROMPTMILL_REDIS_URL"]).hincrby(f"pm:{{{job_id}}}:counters", "ok", 1)
+    drifted = promptmill("verify", job_id, env=env)
+    assert drifted.returncode == 1 and "counters say 101 ok" in drifted.stderr
+
+
+def test_a_producer_killed_halfway_resumes_without_enqueuing_or_skipping_rows(tmp_path, env, fake_api, store, new_job):
+    data, pipeline = write_job(tmp_path, 6000)
+    producer = subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", "submit", str(data), "--pipeline", str(pipeline),
+         "--out", str(tmp_path / "o"), "--chunk-size", "4"],
+        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    job_id = new_job()
+    wait_until(lambda: store.status(job_id).rows_produced >= 1000, 60, "a thousand rows enqueued")
+    producer.send_signal(signal.SIGKILL)
+    producer.wait()
+    produced_at_kill = store.status(job_id).rows_produced
+    assert not store.status(job_id).produced and produced_at_kill < 6000
+
+    resumed = promptmill("resume", job_id, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    chunk_ids = store.chunk_ids(job_id)
+    assert chunk_ids == [f"{first:010d}" for first in range(0, 6000, 4)]  # each chunk once, in order
+    records = read_jsonl(tmp_path / "o" / "results.jsonl")
+    assert [r["row"] for r in records] == list(range(6000))
+    assert max(successes_by_prompt(fake_api.log()).values()) == 1
+
+
+def test_a_row_that_kills_its_worker_every_time_fails_as_poison_and_the_rest_complete(tmp_path, env, fake_api):
+    _, pipeline = write_job(tmp_path, 0)
+    data = tmp_path / "poisoned.jsonl"
+    rows = [{"id": i, "text": f"row {i}", "answer": LABELS[i % 2]} for i in range(40)]
+    rows[13]["text"] = "this row kills whoever sends it [[kill_worker]]"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "out"
+    result = promptmill(
+        "run", str(data), "--pipeline", str(pipeline), "--out", str(out), "--chunk-size", "10",
+        env=fast_recovery(env), timeout=200,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    records = read_jsonl(out / "results.jsonl")
+    assert [r["row"] for r in records] == list(range(40))
+    assert [r["row"] for r in records if r["status"] != "ok"] == [13]
+    assert records[13]["error"]["kind"] == "worker_lost" and "died 3 times" in records[13]["error"]["message"]
+    kills = sum(1 for entry in fake_api.log() if entry["status"] == "killed_worker")
+    assert kills == 4  # the first run, then once in a group and twice alone
+
+
+def test_an_interrupted_run_resumes_with_its_counts_and_completes_exactly(tmp_path, env, fake_api, store, new_job):
+    fake_api.configure(latency_ms=20)
+    data, pipeline = write_job(tmp_path, 3000)
+    out = tmp_path / "o"
+    run = subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", "run", str(data), "--pipeline", str(pipeline), "--out", str(out)],
+        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    job_id = new_job()
+    wait_until(lambda: store.status(job_id).terminal >= 500, 120, "500 rows")
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=60)
+    assert run.returncode == 130, stderr
+    assert f"promptmill resume {job_id}" in stderr
+    assert not [p for p in psutil.process_iter(["cmdline"]) if job_id in " ".join(p.info["cmdline"] or [])]
+    done_at_stop = store.status(job_id).terminal
+    assert 500 <= done_at_stop < 3000
+
+    resumed = promptmill("resume", job_id, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming: {done_at_stop:,} of 3,000 rows already done" in resumed.stderr
+    records = read_jsonl(out / "results.jsonl")
+    assert [r["row"] for r in records] == list(range(3000))
+    assert all(r["status"] == "ok" for r in records)
+    assert promptmill("verify", job_id, env=env).returncode == 0
+
+
+@pytest.mark.chaos
+@pytest.mark.timeout(600)
+def test_20000_rows_while_workers_are_killed_at_random_end_exact_and_pay_only_for_answers_in_flight(
+    tmp_path, env, fake_api
+):
+    fake_api.configure(latency_ms=5)
+    data, pipeline = write_job(tmp_path, 20_000)
+    out = tmp_path / "o"
+    run = subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", "run", str(data), "--pipeline", str(pipeline), "--out", str(out),
+         "--workers", "3"],
+        env=fast_recovery(env), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    rng = random.Random(3)
+    kill_times: list[float] = []
+    while run.poll() is None:
+        time.sleep(rng.uniform(3, 6))
+        workers = [child for child in psutil.Process(run.pid).children() if _is_live_worker(child)]
+        if run.poll() is None and workers:
+            rng.choice(workers).send_signal(signal.SIGKILL)
+            kill_times.append(time.monotonic())
+    stdout, stderr = run.communicate()
+    assert run.returncode == 0, stderr
+    assert len(kill_times) >= 3, "the job ended before the harness could kill anything"
+
+    records = read_jsonl(out / "results.jsonl")
+    assert [r["row"] for r in records] == list(range(20_000))
+    assert all(r["status"] == "ok" for r in records)
+    answered = [entry for entry in fake_api.log() if entry["status"] == 200]
+    by_prompt = Counter(entry["prompt"] for entry in answered)
+    paid_twice = {prompt for prompt, count in by_prompt.items() if count > 1}
+    # A row is answered twice only if one of its answers was on the wire when a worker died: sent
+    # (the server's clock starts a moment after the client's) and not yet committed.
+    on_the_wire = 0.25
+    for prompt in paid_twice:
+        spans = [(e["t"], e["done"]) for e in answered if e["prompt"] == prompt]
+        in_flight = [start - on_the_wire <= kill <= done + on_the_wire for start, done in spans for kill in kill_times]
+        assert any(in_flight), (prompt, spans, kill_times)
+    assert len(paid_twice) <= len(kill_times) * 4 * 64  # kills x (chunks x rows) in flight per worker
+    # The job's tokens are the server's billed usage less exactly the lost answers.
+    lost = Counter()
+    for entry in answered:
+        if entry["prompt"] in paid_twice:
+            lost["input"] += entry["usage"]["input_tokens"]
+            lost["output"] += entry["usage"]["output_tokens"]
+    for prompt in paid_twice:  # one answer of each such row is the committed one
+        one = next(e["usage"] for e in answered if e["prompt"] == prompt)
+        lost["input"] -= one["input_tokens"]
+        lost["output"] -= one["output_tokens"]
+    job_id = job_id_of(subprocess.CompletedProcess([], 0, stdout=stdout, stderr=stderr))
+    status = json.loads(promptmill("status", job_id, "--json", env=env).stdout)
+    billed_input = sum(e["usage"]["input_tokens"] for e in answered)
+    billed_output = sum(e["usage"]["output_tokens"] for e in answered)
+    assert status["tokens"]["input"] == billed_input - lost["input"]
+    assert status["tokens"]["output"] == billed_output - lost["output"]
+    assert promptmill("verify", job_id, env=env).returncode == 0
+
+
+def _is_live_worker(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE and "worker" in " ".join(process.cmdline())
+    except psutil.Error:
+        return False
