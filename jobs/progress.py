@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+import redis
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
 from rich.text import Text
@@ -51,8 +52,15 @@ class JobProgress:
 
     def __exit__(self, *exc: object) -> None:
         if self.task is not None:
-            self.refresh(force=True)
+            try:
+                self.refresh(force=True)
+            except redis.ConnectionError:
+                pass  # the last figures stay on screen
         self.progress.stop()
+
+    def note(self, message: str) -> None:
+        if self.task is not None:
+            self.progress.update(self.task, description=message)
 
     def _fields(self, status: JobStatus) -> dict[str, str]:
         usage = status.usage
@@ -80,14 +88,28 @@ class JobProgress:
         return status
 
 
+REDIS_PATIENCE_S = 300.0  # how long a run waits for a Redis that went away before it gives up
+
+
 class WorkersExited(RuntimeError):
     pass
 
 
 def wait_for_job(progress: JobProgress, alive: Callable[[], bool] | None = None, poll_s: float = 0.25) -> JobStatus:
     """Refresh until the job is complete, failed or cancelled; raises if the local workers die."""
+    unreachable_since: float | None = None
     while True:
-        status = progress.refresh(force=True)
+        try:
+            status = progress.refresh(force=True)
+        except redis.ConnectionError as error:
+            # Redis restarting: workers reconnect by themselves; wait for it rather than give up.
+            unreachable_since = unreachable_since or time.monotonic()
+            if time.monotonic() - unreachable_since > REDIS_PATIENCE_S:
+                raise
+            progress.note(f"Redis unreachable ({error}); waiting")
+            time.sleep(1.0)
+            continue
+        unreachable_since = None
         assert status is not None
         if status.state in (JobState.complete, JobState.failed, JobState.cancelled):
             return status

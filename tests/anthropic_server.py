@@ -223,10 +223,12 @@ class FakeAnthropic:
         if fault == "timeout":
             entry["status"] = "timeout"
             await asyncio.sleep(_TIMEOUT_HANG_S)
+            return web.Response(status=504)  # the client gave up long ago
         if fault == "kill_worker":
             entry["status"] = "killed_worker"
             _kill_client(request)
             await asyncio.sleep(_TIMEOUT_HANG_S)
+            return web.Response(status=504)
         if fault == "drop":
             entry["status"] = "dropped"
             request.transport.abort()

@@ -213,3 +213,43 @@ def _is_live_worker(process: psutil.Process) -> bool:
         return process.status() != psutil.STATUS_ZOMBIE and "worker" in " ".join(process.cmdline())
     except psutil.Error:
         return False
+
+
+@pytest.mark.chaos
+@pytest.mark.timeout(600)
+def test_redis_killed_and_restarted_mid_job_loses_no_committed_result(tmp_path, env, fake_api):
+    from jobs.embedded import EmbeddedRedis
+
+    own_redis = EmbeddedRedis(tmp_path / "redis")
+    env = fast_recovery({**env, "PROMPTMILL_REDIS_URL": own_redis.start()})
+    fake_api.configure(latency_ms=10)
+    data, pipeline = write_job(tmp_path, 5000)
+    out = tmp_path / "o"
+    run = subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", "run", str(data), "--pipeline", str(pipeline), "--out", str(out)],
+        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        store = JobStore.from_url(env["PROMPTMILL_REDIS_URL"])
+        wait_until(lambda: store.job_ids() and store.status(store.job_ids()[0]).terminal >= 1000, 120, "1000 rows")
+        job_id = store.job_ids()[0]
+        own_redis.process.send_signal(signal.SIGKILL)
+        own_redis.process.wait()
+        killed_at = time.monotonic()
+        time.sleep(2)
+        EmbeddedRedis(tmp_path / "redis").start()  # as a supervisor would: same port, same data
+        stdout, stderr = run.communicate(timeout=400)
+        assert run.returncode == 0, stderr
+        records = read_jsonl(out / "results.jsonl")
+        assert [r["row"] for r in records] == list(range(5000))
+        assert all(r["status"] == "ok" for r in records)
+        assert promptmill("verify", job_id, env=env).returncode == 0
+        answered = [e for e in fake_api.log() if e["status"] == 200]
+        twice = [p for p, n in Counter(e["prompt"] for e in answered).items() if n > 1]
+        # Only answers that were on the wire, or came back while Redis was down, are paid twice.
+        for prompt in twice:
+            assert any(e["done"] >= killed_at - 0.25 for e in answered if e["prompt"] == prompt), prompt
+    finally:
+        if run.poll() is None:
+            run.kill()
+        JobStore.from_url(env["PROMPTMILL_REDIS_URL"]).redis.shutdown(nosave=True)
