@@ -2,9 +2,11 @@
 
 Chunks are short tasks (one chunk of rows), acknowledged only when done (`acks_late`) and given back to
 the queue when their worker process dies (`task_reject_on_worker_lost`); promptmill's own done marks
-make a second run of a chunk skip its finished rows, and its chunk-run count stops a chunk that kills
-its worker every time. One message is reserved at a time per process (prefetch 1) so a slow chunk does
-not hold others hostage. Results travel through the job store, not Celery's result backend.
+make a second run of a chunk skip its finished rows, and its row-start counts fail a row that kills
+its worker every time. A worker reserves no more messages than it runs (prefetch 1 per slot) so a
+slow chunk does not hold others hostage. Results travel through the job store, not Celery's result
+backend. A chunk whose worker was killed does not wait for the visibility timeout: the workers'
+sweeper (workers/sweeper.py) sends it again within seconds.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from typing import Any
 
 TASK_RUN_CHUNK = "promptmill.run_chunk"
 QUEUES = ("api", "gpu")
-# kombu re-delivers a message still unacknowledged this long after delivery; a chunk must finish
-# well inside it. It has to be given to both the broker and the result backend.
+# kombu re-delivers a message still unacknowledged this long after delivery: a last resort, long
+# enough that a slow chunk is never delivered twice while it runs (its lease would hold the second
+# one off anyway). It has to be given to both the broker and the result backend.
 VISIBILITY_TIMEOUT_S = 3600
 
 

@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(default=120.0, gt=0)
     # Crash safety: a dead worker's chunk is free again after lease_ttl_s, and a sweeper in every
     # worker sends such chunks again every sweep_every_s (Celery alone would wait an hour).
+    max_pending_rows: int = Field(
+        default=65_536, ge=1, description="Rows enqueued and not yet done before the producer waits: bounds Redis memory."
+    )
     lease_ttl_s: float = Field(default=15.0, ge=1.0, le=3600)
     sweep_every_s: float = Field(default=10.0, ge=0.5, le=3600)
 

@@ -152,7 +152,13 @@ def _run_to_end(
                         dispatcher.send(spec.job_id, chunk.chunk_id, spec.queue)
                     progress.refresh()
 
-                produce(spec, store, on_chunk=dispatch)
+                produce(
+                    spec,
+                    store,
+                    on_chunk=dispatch,
+                    max_pending_rows=settings.max_pending_rows,
+                    on_wait=progress.refresh,
+                )
             status = wait_for_job(progress, alive=local.keep_alive)
     except KeyboardInterrupt:
         err.print(f"\ninterrupted: stopping workers; resume with [bold]promptmill resume {spec.job_id}[/]", soft_wrap=True)
@@ -254,6 +260,18 @@ def submit(
     store.create_job(spec)
     prepare_shards(spec)
     dispatcher = ChunkDispatcher(settings.redis_url)
+    err.print(f"job {spec.job_id}", highlight=False)
+    said_waiting = False
+
+    def waiting() -> None:
+        nonlocal said_waiting
+        if not said_waiting:
+            err.print(
+                f"{settings.max_pending_rows:,} rows wait for workers; enqueuing the rest as they finish "
+                "(PROMPTMILL_MAX_PENDING_ROWS bounds what Redis holds)"
+            )
+            said_waiting = True
+
     try:
         rows = produce(
             spec,
@@ -261,6 +279,8 @@ def submit(
             on_chunk=lambda chunk, added: dispatcher.send(spec.job_id, chunk.chunk_id, spec.queue)
             if added and chunk.requests
             else None,
+            max_pending_rows=settings.max_pending_rows,
+            on_wait=waiting,
         )
     finally:
         dispatcher.close()

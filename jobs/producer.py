@@ -6,6 +6,7 @@ twice. A row that cannot be read or rendered is committed at once as a failed it
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -17,6 +18,7 @@ from pipelines.items import ErrorKind, ItemOutcome, RenderedRequest
 from pipelines.render import RenderError, render_request
 
 OnChunk = Callable[[ChunkPayload, bool], None]
+_ROOM_POLL_S = 0.2
 
 
 def _chunks(spec: JobSpec, start_row: int) -> Iterator[tuple[ChunkPayload, list[ItemOutcome]]]:
@@ -42,7 +44,24 @@ def _chunks(spec: JobSpec, start_row: int) -> Iterator[tuple[ChunkPayload, list[
         yield ChunkPayload(chunk_id=chunk_id_for(first_row), first_row=first_row, row_count=row_count, requests=requests), failures
 
 
-def produce(spec: JobSpec, store: JobStore, on_chunk: OnChunk | None = None) -> int:
+def _wait_for_room(spec: JobSpec, store: JobStore, max_pending_rows: int, on_wait: Callable[[], None] | None) -> None:
+    """Hold the producer while too many rows wait in Redis: memory follows the work, not the file."""
+    while True:
+        status = store.status(spec.job_id)
+        if status.rows_produced - status.terminal < max_pending_rows or not store.is_runnable(spec.job_id):
+            return
+        if on_wait is not None:
+            on_wait()
+        time.sleep(_ROOM_POLL_S)
+
+
+def produce(
+    spec: JobSpec,
+    store: JobStore,
+    on_chunk: OnChunk | None = None,
+    max_pending_rows: int | None = None,
+    on_wait: Callable[[], None] | None = None,
+) -> int:
     """Store every chunk of the job; `on_chunk(chunk, added)` is called after each. Returns rows seen.
 
     A producer that stopped halfway (killed, interrupted) starts again at the last chunk it stored,
@@ -52,6 +71,8 @@ def produce(spec: JobSpec, store: JobStore, on_chunk: OnChunk | None = None) -> 
     start_row = store.last_chunk_first_row(spec.job_id) or 0
     rows = start_row
     for chunk, failures in _chunks(spec, start_row):
+        if max_pending_rows is not None:
+            _wait_for_room(spec, store, max_pending_rows, on_wait)
         if not store.is_runnable(spec.job_id):
             break  # cancelled or failed while producing
         added = store.add_chunk(spec.job_id, chunk)

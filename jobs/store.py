@@ -345,6 +345,13 @@ class JobStore:
     def flushed_chunks(self, job_id: str) -> set[str]:
         return {raw.decode() for raw in self.redis.smembers(_key(job_id, "flushed"))}
 
+    def rows_in_redis(self, job_id: str) -> int:
+        """Rows enqueued whose chunk is not yet flushed: what the job holds in Redis now."""
+        produced = int(self.redis.hget(_key(job_id, "meta"), "rows_produced") or 0)
+        flushed = list(self.flushed_chunks(job_id))
+        counts = self.redis.hmget(_key(job_id, "chunk_rows"), flushed) if flushed else []
+        return produced - sum(int(count) for count in counts if count)
+
     def is_flushed(self, job_id: str, chunk_id: str) -> bool:
         return bool(self.redis.sismember(_key(job_id, "flushed"), chunk_id))
 

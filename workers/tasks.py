@@ -14,6 +14,8 @@ import threading
 import time
 import uuid
 
+import redis
+
 from config.celery_config import TASK_RUN_CHUNK
 from jobs.shards import flush_chunk
 from jobs.spec import JobSpec
@@ -37,10 +39,17 @@ class _LeaseHeartbeat(threading.Thread):
         super().__init__(daemon=True, name=f"lease-{chunk_id}")
         self.store, self.job_id, self.chunk_id, self.token, self.ttl_ms = store, job_id, chunk_id, token, ttl_ms
         self.stopped = threading.Event()
+        self.lost = threading.Event()  # another worker may hold the chunk now: stop sending its rows
 
     def run(self) -> None:
         while not self.stopped.wait(self.ttl_ms / 3000):  # renewed every third of its life
-            self.store.renew_lease(self.job_id, self.chunk_id, self.token, self.ttl_ms)
+            try:
+                if not self.store.renew_lease(self.job_id, self.chunk_id, self.token, self.ttl_ms):
+                    log.warning("lost the lease on chunk %s of job %s; stopping it here", self.chunk_id, self.job_id)
+                    self.lost.set()
+                    return
+            except redis.RedisError:
+                continue  # Redis restarting: the next beat tries again
 
 
 def to_outcome(job: JobSpec, raw: RawOutcome) -> ItemOutcome:
@@ -69,13 +78,17 @@ class ChunkAttempts:
         self.counts[row] = self.store.add_failed_attempt(self.job_id, self.chunk_id, row)
 
 
-async def _run_requests(rt: WorkerRuntime, job: JobSpec, chunk_id: str, pending: list[RenderedRequest]) -> int:
+async def _run_requests(
+    rt: WorkerRuntime, job: JobSpec, chunk_id: str, pending: list[RenderedRequest], lease_lost: threading.Event
+) -> int:
     backend = get_backend(job, rt.settings, rt.store)
     attempts = ChunkAttempts(rt.store, job.job_id, chunk_id)
     committed = 0
     checked_at = time.monotonic()
     async for raw in backend.run(job, pending, attempts):
         committed += rt.store.commit(job.job_id, chunk_id, job.model, to_outcome(job, raw))
+        if lease_lost.is_set():
+            break  # sending on would pay twice for rows the new holder sends too
         if time.monotonic() - checked_at > _RUNNABLE_CHECK_S:
             checked_at = time.monotonic()
             if not rt.store.is_runnable(job.job_id):
@@ -120,7 +133,9 @@ def _fail_pending(store: JobStore, job: JobSpec, chunk_id: str, kind: ErrorKind,
             store.commit(job.job_id, chunk_id, job.model, ItemOutcome.failure(request.row, kind, message))
 
 
-def _run_carefully(rt: WorkerRuntime, job: JobSpec, chunk_id: str, pending: list[RenderedRequest], runs: int) -> int:
+def _run_carefully(
+    rt: WorkerRuntime, job: JobSpec, chunk_id: str, pending: list[RenderedRequest], runs: int, lease_lost: threading.Event
+) -> int:
     """Run a chunk whose last run died with its worker, so that a row that kills workers is found.
 
     Every row sent is counted in Redis first. On the second run the rows go together as usual; from
@@ -140,7 +155,7 @@ def _run_carefully(rt: WorkerRuntime, job: JobSpec, chunk_id: str, pending: list
             else:
                 runnable.append(request)
         if runnable:
-            committed += rt.run(_run_requests(rt, job, chunk_id, runnable))
+            committed += rt.run(_run_requests(rt, job, chunk_id, runnable, lease_lost))
     return committed
 
 
@@ -169,9 +184,9 @@ def _run_chunk(job_id: str, chunk_id: str) -> str:
         pending = [request for request in store.chunk(job_id, chunk_id).requests if request.row not in done]
         try:
             if runs > 1:
-                committed = _run_carefully(rt, job, chunk_id, pending, runs)
+                committed = _run_carefully(rt, job, chunk_id, pending, runs, heartbeat.lost)
             else:
-                committed = rt.run(_run_requests(rt, job, chunk_id, pending))
+                committed = rt.run(_run_requests(rt, job, chunk_id, pending, heartbeat.lost))
         except FatalJobError as fatal:
             log.error("job %s stopped: %s", job_id, fatal)
             store.fail_job(job_id, str(fatal))
