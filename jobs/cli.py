@@ -27,7 +27,7 @@ from jobs.progress import JobProgress, WorkersExited, wait_for_job
 from jobs.readers import InputFormat
 from jobs.spec import Backend, JobSpec
 from jobs.store import JobState, JobStatus, JobStore
-from jobs.shards import prepare_shards
+from jobs.shards import ShardError, prepare_shards
 from jobs.submission import SubmitError, build_spec
 from jobs.verify import verify_job
 from pipelines.spec import RateLimits
@@ -391,7 +391,11 @@ def export(
     settings = get_settings()
     with _store(settings) as (store, _):
         spec = _spec_or_fail(store, job_id)
-        written = export_job(store, spec, out_dir or Path(spec.out_dir), fmt)  # type: ignore[arg-type]
+        try:
+            written = export_job(store, spec, out_dir or Path(spec.out_dir), fmt)  # type: ignore[arg-type]
+        except ShardError as missing:
+            _fail(str(missing), code=1)
+            raise  # unreachable
     out.print(f"{written['records']:,} records ({written['failed']:,} failed) to {written['results']}")
 
 

@@ -13,7 +13,6 @@ submitter's folder (another machine, no shared filesystem) leaves its outcomes i
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Iterator
@@ -23,8 +22,6 @@ import orjson
 from jobs.spec import JobSpec
 from jobs.store import JobStore
 from pipelines.items import ItemOutcome
-
-log = logging.getLogger(__name__)
 
 _MARKER = ".job"
 _PAGE = 64  # chunks read from Redis per round trip when merging
@@ -106,5 +103,7 @@ def iter_outcomes(store: JobStore, spec: JobSpec) -> Iterator[ItemOutcome]:
         page = chunk_ids[start : start + _PAGE]
         unflushed = [chunk_id for chunk_id in page if chunk_id not in flushed]
         in_redis = dict(zip(unflushed, store.chunk_outcomes(spec.job_id, unflushed)))
+        if unflushed:
+            flushed = store.flushed_chunks(spec.job_id)  # a worker may have flushed one as we read it
         for chunk_id in page:
             yield from _read_shard(spec, chunk_id) if chunk_id in flushed else in_redis[chunk_id]
