@@ -25,6 +25,14 @@ def fast_recovery(env: dict[str, str]) -> dict[str, str]:
     return {**env, "PROMPTMILL_LEASE_TTL_S": "2", "PROMPTMILL_SWEEP_EVERY_S": "1"}
 
 
+def start_cli(env: dict[str, str], *args: str) -> subprocess.Popen:
+    """A `promptmill` command left running, for a test to interrupt or kill around it."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", *args],
+        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
 def wait_until(condition, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -82,11 +90,9 @@ def test_verify_passes_on_a_clean_job_and_names_a_counter_that_drifted(tmp_path,
 
 def test_a_producer_killed_halfway_resumes_without_enqueuing_or_skipping_rows(tmp_path, env, fake_api, store, new_job):
     data, pipeline = write_job(tmp_path, 6000)
-    producer = subprocess.Popen(
-        [sys.executable, "-m", "jobs.cli", "submit", str(data), "--pipeline", str(pipeline),
-         "--out", str(tmp_path / "o"), "--chunk-size", "4"],
-        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )  # fmt: skip
+    producer = start_cli(
+        env, "submit", str(data), "--pipeline", str(pipeline), "--out", str(tmp_path / "o"), "--chunk-size", "4"
+    )
     job_id = new_job()
     wait_until(lambda: store.status(job_id).rows_produced >= 1000, 60, "a thousand rows enqueued")
     producer.send_signal(signal.SIGKILL)
@@ -127,10 +133,7 @@ def test_an_interrupted_run_resumes_with_its_counts_and_completes_exactly(tmp_pa
     fake_api.configure(latency_ms=20)
     data, pipeline = write_job(tmp_path, 3000)
     out = tmp_path / "o"
-    run = subprocess.Popen(
-        [sys.executable, "-m", "jobs.cli", "run", str(data), "--pipeline", str(pipeline), "--out", str(out)],
-        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    run = start_cli(env, "run", str(data), "--pipeline", str(pipeline), "--out", str(out))
     job_id = new_job()
     wait_until(lambda: store.status(job_id).terminal >= 500, 120, "500 rows")
     run.send_signal(signal.SIGINT)
@@ -158,11 +161,9 @@ def test_20000_rows_while_workers_are_killed_at_random_end_exact_and_pay_only_fo
     fake_api.configure(latency_ms=5)
     data, pipeline = write_job(tmp_path, 20_000)
     out = tmp_path / "o"
-    run = subprocess.Popen(
-        [sys.executable, "-m", "jobs.cli", "run", str(data), "--pipeline", str(pipeline), "--out", str(out),
-         "--workers", "3"],
-        env=fast_recovery(env), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    run = start_cli(
+        fast_recovery(env), "run", str(data), "--pipeline", str(pipeline), "--out", str(out), "--workers", "3"
+    )
     rng = random.Random(3)
     kill_times: list[float] = []
     while run.poll() is None:
@@ -229,10 +230,7 @@ def test_redis_killed_and_restarted_mid_job_loses_no_committed_result(tmp_path, 
     fake_api.configure(latency_ms=10)
     data, pipeline = write_job(tmp_path, 5000)
     out = tmp_path / "o"
-    run = subprocess.Popen(
-        [sys.executable, "-m", "jobs.cli", "run", str(data), "--pipeline", str(pipeline), "--out", str(out)],
-        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    run = start_cli(env, "run", str(data), "--pipeline", str(pipeline), "--out", str(out))
     try:
         store = JobStore.from_url(env["PROMPTMILL_REDIS_URL"])
         wait_until(lambda: store.job_ids() and store.status(store.job_ids()[0]).terminal >= 1000, 120, "1000 rows")

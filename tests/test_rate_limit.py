@@ -10,6 +10,7 @@ import uuid
 
 import redis
 
+from jobs.store import JobStore
 from pipelines.spec import RateLimits
 from workers.rate_limit import UNKNOWN_RPM, FleetLimiter
 
@@ -43,8 +44,8 @@ async def test_one_process_is_paced_at_the_request_rate_even_with_a_full_bucket(
     # 600 per minute = 10 per second; the fleet's bucket holds 10, but aiolimiter spreads them out.
     gate = limiter(redis_url, new_scope(), rpm=600)
     assert await grants_within(gate, 1.0, 1, 1, tries=100) in range(9, 12)
-    state = redis.Redis.from_url(redis_url).hgetall(gate._key)
-    assert int(state[b"granted"]) in range(17, 22)  # the bucket's burst plus a second of its rate
+    state = JobStore.from_url(redis_url).limit_state(gate.scope)
+    assert int(state["granted"]) in range(17, 22)  # the bucket's burst plus a second of its rate
 
 
 async def test_input_token_budget_binds_when_requests_are_plentiful(redis_url):
@@ -95,36 +96,34 @@ async def test_a_response_saying_nothing_remains_empties_the_bucket(redis_url):
     gate.close()
 
 
-async def test_a_429_in_one_process_pauses_every_process_until_its_retry_time(redis_url):
+async def wait_seen_elsewhere(redis_url: str, report) -> tuple[float, dict[str, float]]:
+    """One process reports something; how long must another process on the same account wait?"""
     scope = new_scope()
-    seen_429 = limiter(redis_url, scope, rpm=60_000)
-    elsewhere = limiter(redis_url, scope, rpm=60_000)
-    await seen_429.acquire(1, 1)
-    seen_429.rate_limited(retry_after_s=1.0)
+    reporter, elsewhere = limiter(redis_url, scope, rpm=60_000), limiter(redis_url, scope, rpm=60_000)
+    await reporter.acquire(1, 1)
+    report(reporter)
     await asyncio.sleep(0.1)  # the report reaches Redis
     started = time.monotonic()
     await elsewhere.acquire(1, 1)
-    assert time.monotonic() - started > 0.7
-    assert float(redis.Redis.from_url(redis_url).hget("pm:limit:{" + scope + "}", "rate_limited")) == 1
-    seen_429.close()
+    waited = time.monotonic() - started
+    reporter.close()
     elsewhere.close()
+    return waited, JobStore.from_url(redis_url).limit_state(scope)
+
+
+async def test_a_429_in_one_process_pauses_every_process_until_its_retry_time(redis_url):
+    waited, state = await wait_seen_elsewhere(redis_url, lambda gate: gate.rate_limited(retry_after_s=1.0))
+    assert waited > 0.7 and state["rate_limited"] == 1
 
 
 async def test_mostly_failing_requests_open_the_breaker_for_the_whole_fleet(redis_url):
-    scope = new_scope()
-    failing = limiter(redis_url, scope, rpm=60_000)
-    other = limiter(redis_url, scope, rpm=60_000)
-    await failing.acquire(1, 1)
-    for _ in range(10):
-        failing.record(server_failure=True)
-    failing.record(ok=True)
-    await asyncio.sleep(0.1)  # the report reaches Redis
-    started = time.monotonic()
-    await other.acquire(1, 1)
-    assert time.monotonic() - started > 1.5  # the first opening lasts 2 s
-    assert float(redis.Redis.from_url(redis_url).hget("pm:limit:{" + scope + "}", "breaker_trips")) == 1
-    failing.close()
-    other.close()
+    def mostly_failing(gate: FleetLimiter) -> None:
+        for _ in range(10):
+            gate.record(server_failure=True)
+        gate.record(ok=True)
+
+    waited, state = await wait_seen_elsewhere(redis_url, mostly_failing)
+    assert waited > 1.5 and state["breaker_trips"] == 1  # the first opening lasts 2 s
 
 
 def test_eight_clients_on_their_own_connections_share_one_limit(redis_url):

@@ -225,6 +225,7 @@ class FleetLimiter:
 
     def __init__(self, client: redis.Redis, scope: str, limits: Limits, burst_s: float = BURST_S):
         self._script = client.register_script(_LIMIT)
+        self.scope = scope
         self._key = limiter_key(scope)
         self.limits = limits
         self.burst_s = burst_s
