@@ -25,11 +25,13 @@ def fast_recovery(env: dict[str, str]) -> dict[str, str]:
     return {**env, "PROMPTMILL_LEASE_TTL_S": "2", "PROMPTMILL_SWEEP_EVERY_S": "1"}
 
 
-def start_cli(env: dict[str, str], *args: str) -> subprocess.Popen:
-    """A `promptmill` command left running, for a test to interrupt or kill around it."""
+def start_cli(env: dict[str, str], *args: str, quiet: bool = False) -> subprocess.Popen:
+    """A `promptmill` command left running, for a test to interrupt or kill around it; a quiet one
+    (a worker, whose log nobody reads) writes nowhere, so it can never block on a full pipe."""
+    output = subprocess.DEVNULL if quiet else subprocess.PIPE
     return subprocess.Popen(
         [sys.executable, "-m", "jobs.cli", *args],
-        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env, cwd=ROOT, stdout=output, stderr=output, text=True, start_new_session=quiet,
     )  # fmt: skip
 
 
@@ -262,10 +264,7 @@ def test_sigterm_on_a_worker_finishes_its_chunks_and_exits_cleanly(tmp_path, env
     data, pipeline = write_job(tmp_path, 3000)
     submitted = promptmill("submit", str(data), "--pipeline", str(pipeline), "--out", str(tmp_path / "o"), env=env)
     job_id = submitted.stdout.strip().splitlines()[-1]
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "jobs.cli", "worker", "--queues", "api"],
-        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+    worker = start_cli(env, "worker", "--queues", "api", quiet=True)
     wait_until(lambda: store.status(job_id).terminal >= 300, 120, "300 rows")
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=60) == 0
@@ -277,3 +276,27 @@ def test_sigterm_on_a_worker_finishes_its_chunks_and_exits_cleanly(tmp_path, env
     assert resumed.returncode == 0, resumed.stderr
     assert [r["row"] for r in read_jsonl(tmp_path / "o" / "results.jsonl")] == list(range(3000))
     assert max(successes_by_prompt(fake_api.log()).values()) == 1  # nothing was paid twice
+
+
+def test_cancel_stops_the_workers_sending_and_resume_finishes_the_job(tmp_path, env, fake_api, store):
+    fake_api.configure(latency_ms=20)
+    data, pipeline = write_job(tmp_path, 3000)
+    submitted = promptmill("submit", str(data), "--pipeline", str(pipeline), "--out", str(tmp_path / "o"), env=env)
+    job_id = submitted.stdout.strip().splitlines()[-1]
+    worker = start_cli(env, "worker", "--queues", "api", quiet=True)
+    try:
+        wait_until(lambda: store.status(job_id).terminal >= 300, 120, "300 rows")
+        cancelled = promptmill("cancel", job_id, env=env)
+        assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout
+        time.sleep(3)  # the rows in flight finish; nothing new is sent
+        sent = len(fake_api.log())
+        time.sleep(2)
+        assert len(fake_api.log()) == sent
+        assert store.status(job_id).state.value == "cancelled" and store.status(job_id).terminal < 3000
+    finally:
+        worker.terminate()
+        worker.wait(timeout=60)
+    resumed = promptmill("resume", job_id, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert [r["row"] for r in read_jsonl(tmp_path / "o" / "results.jsonl")] == list(range(3000))
+    assert max(successes_by_prompt(fake_api.log()).values()) == 1
