@@ -20,11 +20,10 @@ from config.prices import PriceTable
 from config.settings import Settings, get_settings
 from jobs.dispatch import ChunkDispatcher
 from jobs.embedded import LocalWorkers, redis_url_for
-from jobs.export import ExportFormat, export_job
+from jobs.export import export_job
 from jobs.ledger import cost_report
 from jobs.producer import produce
 from jobs.progress import JobProgress, WorkersExited, wait_for_job
-from jobs.readers import InputFormat
 from jobs.spec import Backend, JobSpec
 from jobs.store import JobState, JobStatus, JobStore
 from jobs.shards import ShardError, prepare_shards
