@@ -19,7 +19,7 @@ from rich.table import Table
 from config.prices import PriceTable
 from config.settings import Settings, get_settings
 from jobs.dispatch import ChunkDispatcher
-from jobs.embedded import LocalWorkers, redis_url_for
+from jobs.embedded import EmbeddedRedis, LocalWorkers, redis_url_for
 from jobs.export import export_job
 from jobs.ledger import cost_report
 from jobs.producer import produce
@@ -158,7 +158,9 @@ def _run_to_end(
                     max_pending_rows=settings.max_pending_rows,
                     on_wait=progress.refresh,
                 )
-            status = wait_for_job(progress, alive=local.keep_alive)
+            # An embedded Redis that died is ours to bring back (on its port, with its data).
+            embedded = None if settings.redis_url else EmbeddedRedis(settings.data_dir / "redis")
+            status = wait_for_job(progress, alive=local.keep_alive, on_redis_lost=embedded and embedded.start)
     except KeyboardInterrupt:
         err.print(f"\ninterrupted: stopping workers; resume with [bold]promptmill resume {spec.job_id}[/]", soft_wrap=True)
         local.stop()

@@ -95,8 +95,17 @@ class WorkersExited(RuntimeError):
     pass
 
 
-def wait_for_job(progress: JobProgress, alive: Callable[[], bool] | None = None, poll_s: float = 0.25) -> JobStatus:
-    """Refresh until the job is complete, failed or cancelled; raises if the local workers die."""
+def wait_for_job(
+    progress: JobProgress,
+    alive: Callable[[], bool] | None = None,
+    poll_s: float = 0.25,
+    on_redis_lost: Callable[[], object] | None = None,
+) -> JobStatus:
+    """Refresh until the job is complete, failed or cancelled; raises if the local workers die.
+
+    While Redis is unreachable it waits (calling `on_redis_lost`, which may restart it), up to
+    `REDIS_PATIENCE_S`.
+    """
     unreachable_since: float | None = None
     while True:
         try:
@@ -107,6 +116,11 @@ def wait_for_job(progress: JobProgress, alive: Callable[[], bool] | None = None,
             if time.monotonic() - unreachable_since > REDIS_PATIENCE_S:
                 raise
             progress.note(f"Redis unreachable ({error}); waiting")
+            if on_redis_lost is not None:
+                try:
+                    on_redis_lost()
+                except Exception:  # noqa: BLE001 - keep waiting; the next round tries again
+                    pass
             time.sleep(1.0)
             continue
         unreachable_since = None

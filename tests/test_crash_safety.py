@@ -4,6 +4,7 @@ kills its worker, an interrupted run, and (marked `chaos`) workers killed at ran
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import subprocess
@@ -300,3 +301,21 @@ def test_cancel_stops_the_workers_sending_and_resume_finishes_the_job(tmp_path, 
     assert resumed.returncode == 0, resumed.stderr
     assert [r["row"] for r in read_jsonl(tmp_path / "o" / "results.jsonl")] == list(range(3000))
     assert max(successes_by_prompt(fake_api.log()).values()) == 1
+
+
+@pytest.mark.chaos
+def test_an_embedded_redis_killed_under_a_run_is_brought_back_and_the_run_completes(tmp_path, env, fake_api):
+    fake_api.configure(latency_ms=10)
+    embedded_env = {k: v for k, v in env.items() if k != "PROMPTMILL_REDIS_URL"}  # as on a laptop
+    data, pipeline = write_job(tmp_path, 3000)
+    out = tmp_path / "o"
+    run = start_cli(fast_recovery(embedded_env), "run", str(data), "--pipeline", str(pipeline), "--out", str(out))
+    state_file = tmp_path / "data" / "redis" / "server.json"
+    wait_until(state_file.exists, 60, "the embedded Redis")
+    server = json.loads(state_file.read_text())
+    store = JobStore.from_url(server["url"])
+    wait_until(lambda: store.job_ids() and store.status(store.job_ids()[0]).terminal >= 1000, 120, "1000 rows")
+    os.kill(server["pid"], signal.SIGKILL)
+    _, stderr = run.communicate(timeout=240)
+    assert run.returncode == 0, stderr
+    assert [r["row"] for r in read_jsonl(out / "results.jsonl")] == list(range(3000))
