@@ -27,6 +27,7 @@ import redis
 from aiolimiter import AsyncLimiter
 
 from jobs.store import limiter_key
+from pipelines.spec import RateLimits
 
 log = logging.getLogger(__name__)
 
@@ -161,15 +162,6 @@ def account_scope(base_url: str | None, api_key: str | None, model: str) -> str:
 
 
 @dataclass(frozen=True)
-class Limits:
-    """Per-minute limits a job was given (None = not given: the provider's headers decide)."""
-
-    rpm: int | None = None
-    input_tpm: int | None = None
-    output_tpm: int | None = None
-
-
-@dataclass(frozen=True)
 class LimitHeaders:
     """What one response said about the account's limits."""
 
@@ -223,7 +215,7 @@ class Grant:
 class FleetLimiter:
     """This process's door to the fleet's buckets for one account, model and set of job limits."""
 
-    def __init__(self, client: redis.Redis, scope: str, limits: Limits, burst_s: float = BURST_S):
+    def __init__(self, client: redis.Redis, scope: str, limits: RateLimits, burst_s: float = BURST_S):
         self._script = client.register_script(_LIMIT)
         self.scope = scope
         self._key = limiter_key(scope)
