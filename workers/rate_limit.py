@@ -47,7 +47,7 @@ _REPORT_DELAY_S = 0.02  # refunds with no one waiting are sent this late, to bat
 #  14-16 the limits a response named (0 = not named); 17-19 what remained (-1 = not named)
 #  20    the observation's age in ms (how long its request took)
 #  21    how many grants are asked; then per grant its input and output cost
-# Returns {granted, wait ms, effective limits r, i, o (-1 = unlimited), paused ms}.
+# Returns {granted, wait ms, effective limits r, i, o (-1 = unlimited)}.
 _LIMIT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -151,7 +151,7 @@ for b = 1, 3 do
 end
 redis.call('PEXPIRE', h, 86400000)
 local function eff(b) if limit[b] > 0 then return tostring(limit[b]) end return '-1' end
-return {granted, tostring(math.ceil(wait)), eff(1), eff(2), eff(3), tostring(math.max(0, pause - now))}
+return {granted, tostring(math.ceil(wait)), eff(1), eff(2), eff(3)}
 """
 
 
@@ -227,7 +227,6 @@ class FleetLimiter:
         self._granter: asyncio.Task | None = None
         self._smoother: AsyncLimiter | None = None
         self.effective: tuple[float | None, float | None, float | None] = (UNKNOWN_RPM, None, None)
-        self.paused_s = 0.0
 
     # -- what requests call ---------------------------------------------------------------------
 
@@ -348,12 +347,11 @@ class FleetLimiter:
         for cost_in, cost_out in costs:
             args.extend((cost_in, cost_out))
         try:
-            granted, wait_ms, eff_r, eff_i, eff_o, paused_ms = self._script(keys=[self._key], args=args)
+            granted, wait_ms, eff_r, eff_i, eff_o = self._script(keys=[self._key], args=args)
         except redis.RedisError:
             self._merge_back(report)
             raise
         self.effective = tuple(None if float(e) < 0 else float(e) for e in (eff_r, eff_i, eff_o))  # type: ignore[assignment]
-        self.paused_s = float(paused_ms) / 1000
         self._pace(self.effective[0])
         return int(granted), int(float(wait_ms))
 
