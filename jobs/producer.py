@@ -48,7 +48,7 @@ def _wait_for_room(spec: JobSpec, store: JobStore, max_pending_rows: int, on_wai
     """Hold the producer while too many rows wait in Redis: memory follows the work, not the file."""
     while True:
         status = store.status(spec.job_id)
-        if status.rows_produced - status.terminal < max_pending_rows or not store.is_runnable(spec.job_id):
+        if status.rows_produced - status.terminal < max_pending_rows or not status.state.runnable:
             return
         if on_wait is not None:
             on_wait()

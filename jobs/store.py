@@ -59,6 +59,11 @@ class JobState(StrEnum):
     cancelled = "cancelled"  #: stopped by `promptmill cancel`; `resume` picks it up again
     failed = "failed"  #: a fatal error (such as a refused API key) stopped it; resumable after a fix
 
+    @property
+    def runnable(self) -> bool:
+        """Workers (and the producer) go on with a job only in these states."""
+        return self in (JobState.producing, JobState.running)
+
 
 class ChunkPayload(BaseModel):
     chunk_id: str
@@ -202,7 +207,7 @@ class JobStore:
         self.set_state(job_id, JobState.failed, error)
 
     def is_runnable(self, job_id: str) -> bool:
-        return self.stored_state(job_id) in (JobState.producing, JobState.running)
+        return self.stored_state(job_id).runnable
 
     def finish_producing(self, job_id: str) -> None:
         meta = _key(job_id, "meta")
@@ -300,12 +305,8 @@ class JobStore:
         were not sent again since that run: a chunk waiting in the queue is not sent once more."""
         runs = {raw.decode(): int(count) for raw, count in self.redis.hgetall(_key(job_id, "chunk_runs")).items()}
         resent = {raw.decode(): int(count) for raw, count in self.redis.hgetall(_key(job_id, "resent")).items()}
-        candidates = [chunk_id for chunk_id, count in runs.items() if resent.get(chunk_id) != count]
-        with self.redis.pipeline(transaction=False) as pipe:
-            for chunk_id in candidates:
-                pipe.exists(_key(job_id, "lease", chunk_id))
-            held = pipe.execute()
-        orphans = [chunk_id for chunk_id, leased in zip(candidates, held) if not leased]
+        not_resent = [chunk_id for chunk_id, count in runs.items() if resent.get(chunk_id) != count]
+        orphans = self._unleased(job_id, not_resent)
         if orphans:
             self.redis.hset(_key(job_id, "resent"), mapping={chunk_id: runs[chunk_id] for chunk_id in orphans})
         return orphans
@@ -313,21 +314,21 @@ class JobStore:
     def stranded_chunks(self, job_id: str, not_before_s: float) -> list[str]:
         """Incomplete chunks that nobody runs or leases, each at most once per `not_before_s`."""
         started = set(self.redis.hkeys(_key(job_id, "chunk_runs")))
-        candidates = [c for c in self.incomplete_chunks(job_id) if c.encode() not in started]
-        with self.redis.pipeline(transaction=False) as pipe:
-            for chunk_id in candidates:
-                pipe.exists(_key(job_id, "lease", chunk_id))
-            pipe.hgetall(_key(job_id, "stranded"))
-            *held, last_sent = pipe.execute()
+        idle = self._unleased(job_id, [c for c in self.incomplete_chunks(job_id) if c.encode() not in started])
+        last_sent = self.redis.hgetall(_key(job_id, "stranded"))
         now = time.time()
-        stranded = [
-            chunk_id
-            for chunk_id, leased in zip(candidates, held)
-            if not leased and now - float(last_sent.get(chunk_id.encode(), 0)) >= not_before_s
-        ]
+        stranded = [c for c in idle if now - float(last_sent.get(c.encode(), 0)) >= not_before_s]
         if stranded:
             self.redis.hset(_key(job_id, "stranded"), mapping={chunk_id: now for chunk_id in stranded})
         return stranded
+
+    def _unleased(self, job_id: str, chunk_ids: list[str]) -> list[str]:
+        """Those of these chunks that no worker holds a lease on."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for chunk_id in chunk_ids:
+                pipe.exists(_key(job_id, "lease", chunk_id))
+            held = pipe.execute()
+        return [chunk_id for chunk_id, leased in zip(chunk_ids, held) if not leased]
 
     def take_sweep_turn(self, job_id: str, every_s: float) -> bool:
         """True for one caller per `every_s` across the fleet."""

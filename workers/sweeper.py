@@ -16,7 +16,7 @@ from amqp.exceptions import ChannelError
 from celery.signals import worker_ready
 
 from config.celery_config import TASK_RUN_CHUNK
-from jobs.store import JobState, JobStore
+from jobs.store import JobStore
 from workers.app import app
 from workers.runtime import runtime
 
@@ -39,13 +39,12 @@ def sweep_once(store: JobStore, every_s: float) -> int:
     """
     sent = 0
     for job_id in store.job_ids():
-        if store.stored_state(job_id) not in (JobState.producing, JobState.running):
-            continue
-        if not store.take_sweep_turn(job_id, every_s):
+        status = store.status(job_id)
+        if not status.state.runnable or not store.take_sweep_turn(job_id, every_s):
             continue
         spec = store.spec(job_id)
         lost = store.orphaned_chunks(job_id)
-        if store.status(job_id).produced and _queue_is_empty(spec.queue):
+        if status.produced and _queue_is_empty(spec.queue):
             lost += store.stranded_chunks(job_id, not_before_s=3 * every_s)
         for chunk_id in lost:
             app.send_task(TASK_RUN_CHUNK, args=(job_id, chunk_id), queue=spec.queue)
