@@ -168,8 +168,6 @@ def _run_chunk(job_id: str, chunk_id: str) -> str:
         return "unknown job"
     if not store.is_runnable(job_id):
         return "job not runnable"
-    if store.is_flushed(job_id, chunk_id):
-        return "already complete"
     token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     ttl_ms = int(rt.settings.lease_ttl_s * 1000)
     if not store.acquire_lease(job_id, chunk_id, token, ttl_ms):
@@ -178,7 +176,7 @@ def _run_chunk(job_id: str, chunk_id: str) -> str:
     heartbeat.start()
     try:
         if store.is_flushed(job_id, chunk_id):
-            return "already complete"  # flushed between our look and the lease
+            return "already complete"  # a redelivery of a chunk that is done and gone to its shard
         runs = store.count_chunk_run(job_id, chunk_id)
         done = store.done_rows(job_id, chunk_id)
         pending = [request for request in store.chunk(job_id, chunk_id).requests if request.row not in done]
