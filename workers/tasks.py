@@ -145,6 +145,8 @@ def _run_carefully(
     groups = [pending] if runs == 2 else [[request] for request in pending]
     committed = 0
     for group in groups:
+        if lease_lost.is_set() or not rt.store.is_runnable(job.job_id):
+            break  # as `_run_requests` does within a group: the rest stays pending
         starts = rt.store.count_row_starts(job.job_id, chunk_id, [request.row for request in group])
         runnable = []
         for request in group:
