@@ -260,33 +260,37 @@ def test_redis_killed_and_restarted_mid_job_loses_no_committed_result(tmp_path, 
         JobStore.from_url(env["PROMPTMILL_REDIS_URL"]).redis.shutdown(nosave=True)
 
 
-def test_sigterm_on_a_worker_finishes_its_chunks_and_exits_cleanly(tmp_path, env, fake_api, store):
+def one_worker_on_a_submitted_job(tmp_path, env, fake_api, store) -> tuple[str, subprocess.Popen]:
+    """3,000 rows submitted, one worker on them, 300 done: a job to stop in the middle."""
     fake_api.configure(latency_ms=20)
     data, pipeline = write_job(tmp_path, 3000)
     submitted = promptmill("submit", str(data), "--pipeline", str(pipeline), "--out", str(tmp_path / "o"), env=env)
     job_id = submitted.stdout.strip().splitlines()[-1]
     worker = start_cli(env, "worker", "--queues", "api", quiet=True)
     wait_until(lambda: store.status(job_id).terminal >= 300, 120, "300 rows")
-    worker.send_signal(signal.SIGTERM)
-    assert worker.wait(timeout=60) == 0
-    assert store.orphaned_chunks(job_id) == []  # every chunk it started, it finished
-    stopped_at = store.status(job_id).terminal
-    assert stopped_at % 64 == 0 and stopped_at < 3000  # whole chunks only
+    return job_id, worker
 
+
+def resume_and_check_every_row_paid_once(tmp_path, env, fake_api, job_id: str) -> None:
     resumed = promptmill("resume", job_id, env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert [r["row"] for r in read_jsonl(tmp_path / "o" / "results.jsonl")] == list(range(3000))
     assert max(successes_by_prompt(fake_api.log()).values()) == 1  # nothing was paid twice
 
 
+def test_sigterm_on_a_worker_finishes_its_chunks_and_exits_cleanly(tmp_path, env, fake_api, store):
+    job_id, worker = one_worker_on_a_submitted_job(tmp_path, env, fake_api, store)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=60) == 0
+    assert store.orphaned_chunks(job_id) == []  # every chunk it started, it finished
+    stopped_at = store.status(job_id).terminal
+    assert stopped_at % 64 == 0 and stopped_at < 3000  # whole chunks only
+    resume_and_check_every_row_paid_once(tmp_path, env, fake_api, job_id)
+
+
 def test_cancel_stops_the_workers_sending_and_resume_finishes_the_job(tmp_path, env, fake_api, store):
-    fake_api.configure(latency_ms=20)
-    data, pipeline = write_job(tmp_path, 3000)
-    submitted = promptmill("submit", str(data), "--pipeline", str(pipeline), "--out", str(tmp_path / "o"), env=env)
-    job_id = submitted.stdout.strip().splitlines()[-1]
-    worker = start_cli(env, "worker", "--queues", "api", quiet=True)
+    job_id, worker = one_worker_on_a_submitted_job(tmp_path, env, fake_api, store)
     try:
-        wait_until(lambda: store.status(job_id).terminal >= 300, 120, "300 rows")
         cancelled = promptmill("cancel", job_id, env=env)
         assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout
         time.sleep(3)  # the rows in flight finish; nothing new is sent
@@ -297,10 +301,7 @@ def test_cancel_stops_the_workers_sending_and_resume_finishes_the_job(tmp_path, 
     finally:
         worker.terminate()
         worker.wait(timeout=60)
-    resumed = promptmill("resume", job_id, env=env)
-    assert resumed.returncode == 0, resumed.stderr
-    assert [r["row"] for r in read_jsonl(tmp_path / "o" / "results.jsonl")] == list(range(3000))
-    assert max(successes_by_prompt(fake_api.log()).values()) == 1
+    resume_and_check_every_row_paid_once(tmp_path, env, fake_api, job_id)
 
 
 @pytest.mark.chaos
