@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from pathlib import Path
 
@@ -25,15 +25,20 @@ class UnknownModelError(KeyError):
         return str(self.args[0])
 
 
+LONG = "@long"  # the ledger's suffix for a model's requests billed at its long-context rates
+
+
 @dataclass(frozen=True)
 class ModelPrice:
-    """USD per million tokens of each kind."""
+    """USD per million tokens of each kind; `long` the rates of a request over `above_prompt_tokens`."""
 
     input: Decimal
     output: Decimal
     cache_write_5m: Decimal
     cache_write_1h: Decimal
     cache_read: Decimal
+    above_prompt_tokens: int | None = None
+    long: "ModelPrice | None" = None
 
     def cost_usd(
         self,
@@ -41,52 +46,90 @@ class ModelPrice:
         output_tokens: int = 0,
         cache_creation_input_tokens: int = 0,
         cache_read_input_tokens: int = 0,
+        cache_creation_1h_input_tokens: int = 0,
     ) -> Decimal:
-        # Anthropic's default cache lifetime is 5 minutes; 1-hour writes are priced by issue #6's ledger.
+        """Cache writes are 5-minute ones but for `cache_creation_1h_input_tokens` of them."""
         total = (
             self.input * input_tokens
             + self.output * output_tokens
-            + self.cache_write_5m * cache_creation_input_tokens
+            + self.cache_write_5m * (cache_creation_input_tokens - cache_creation_1h_input_tokens)
+            + self.cache_write_1h * cache_creation_1h_input_tokens
             + self.cache_read * cache_read_input_tokens
         )
         return total / _MILLION
 
 
-def _parse_table(path: Path) -> dict[str, ModelPrice]:
+
+def _rates(path: Path, name: str, row: dict) -> ModelPrice:
+    try:
+        return ModelPrice(
+            input=Decimal(str(row["input"])),
+            output=Decimal(str(row["output"])),
+            cache_write_5m=Decimal(str(row.get("cache_write_5m", row["input"]))),
+            cache_write_1h=Decimal(str(row.get("cache_write_1h", row["input"]))),
+            cache_read=Decimal(str(row.get("cache_read", row["input"]))),
+        )
+    except KeyError as missing:
+        raise ValueError(f"{path}: model {name!r} has no {missing.args[0]!r} price") from None
+
+
+def _parse_table(path: Path) -> tuple[dict[str, ModelPrice], Decimal | None]:
     with path.open("rb") as handle:
         raw = tomllib.load(handle)
     table: dict[str, ModelPrice] = {}
     for name, row in raw.get("models", {}).items():
-        try:
-            price = ModelPrice(
-                input=Decimal(str(row["input"])),
-                output=Decimal(str(row["output"])),
-                cache_write_5m=Decimal(str(row.get("cache_write_5m", row["input"]))),
-                cache_write_1h=Decimal(str(row.get("cache_write_1h", row["input"]))),
-                cache_read=Decimal(str(row.get("cache_read", row["input"]))),
-            )
-        except KeyError as missing:
-            raise ValueError(f"{path}: model {name!r} has no {missing.args[0]!r} price") from None
+        price = _rates(path, name, row)
+        if "long_context" in row:
+            band = row["long_context"]
+            if "above_prompt_tokens" not in band:
+                raise ValueError(f"{path}: model {name!r}: long_context needs above_prompt_tokens")
+            long = _rates(path, name + LONG, band)
+            price = replace(price, above_prompt_tokens=int(band["above_prompt_tokens"]), long=long)
         for alias in [name, *row.get("aliases", [])]:
             table[alias] = price
-    return table
+    discount = raw.get("batch_discount")
+    return table, None if discount is None else Decimal(str(discount))
 
 
 class PriceTable:
-    def __init__(self, prices: dict[str, ModelPrice]):
+    def __init__(
+        self,
+        prices: dict[str, ModelPrice],
+        engine_hour_usd: Decimal = Decimal(0),
+        comparison_model: str | None = None,
+        batch_discount: Decimal | None = None,
+    ):
         self._prices = prices
+        self.engine_hour_usd = engine_hour_usd  # one device-hour of the local engine
+        self.comparison_model = comparison_model  # the API model a local job is compared with
+        self.batch_discount = batch_discount  # the Message Batches API's share of the price
 
     @classmethod
     def load(cls, settings: Settings) -> "PriceTable":
-        prices = _parse_table(SHIPPED_TABLE)
+        prices, discount = _parse_table(SHIPPED_TABLE)
         if settings.prices_file is not None:
-            prices.update(_parse_table(settings.prices_file))
-        return cls(prices)
+            overrides, their_discount = _parse_table(settings.prices_file)
+            prices.update(overrides)
+            discount = their_discount if their_discount is not None else discount
+        return cls(prices, Decimal(str(settings.gpu_hour_usd)), settings.api_model_for_comparison, discount)
+
+    def ledger_model(self, model: str, prompt_tokens: int) -> str:
+        """The name a request's usage is kept under: `model`, or `model@long` over its band."""
+        price = self.price_for(model)
+        if price.above_prompt_tokens is not None and prompt_tokens > price.above_prompt_tokens:
+            return model + LONG
+        return model
+
+    def engine_cost_usd(self, engine_us: int) -> Decimal:
+        return self.engine_hour_usd * engine_us / Decimal(3_600_000_000)
 
     def price_for(self, model: str) -> ModelPrice:
-        for candidate in (model, _DATE_SUFFIX.sub("", model)):
+        """A model's rates; `model@long` (a ledger name) its long-context rates."""
+        base, long = (model[: -len(LONG)], True) if model.endswith(LONG) else (model, False)
+        for candidate in (base, _DATE_SUFFIX.sub("", base)):
             if candidate in self._prices:
-                return self._prices[candidate]
+                price = self._prices[candidate]
+                return price.long if long and price.long is not None else price
         raise UnknownModelError(
             f"model {model!r} has no price in the price table ({SHIPPED_TABLE}); "
             "add it there or in the file named by PROMPTMILL_PRICES_FILE"

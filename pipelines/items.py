@@ -28,6 +28,19 @@ class Usage(BaseModel):
     output_tokens: int = 0
     cache_creation_input_tokens: int = 0
     cache_read_input_tokens: int = 0
+    cache_creation_1h_input_tokens: int = 0  # of cache_creation_input_tokens, those written for 1 hour
+    # The local engine's busy time charged to this request, in device-microseconds: each moment of it
+    # is shared evenly among the requests in the engine then, so a job's shares add up to its time.
+    engine_us: int = 0
+
+    @property
+    def prompt_tokens(self) -> int:
+        """The whole prompt, however billed: what a long-context price band is judged by."""
+        return self.input_tokens + self.cache_creation_input_tokens + self.cache_read_input_tokens
+
+    def token_counts(self) -> dict[str, int]:
+        """The four kinds of tokens a provider bills, as keyword arguments for a price."""
+        return self.model_dump(exclude={"engine_us"})
 
     def __add__(self, other: "Usage") -> "Usage":
         return Usage(**{name: getattr(self, name) + getattr(other, name) for name in Usage.model_fields})

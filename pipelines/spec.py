@@ -59,6 +59,19 @@ class RateLimits(BaseModel):
         return RateLimits(**{name: getattr(self, name) or getattr(base, name) for name in RateLimits.model_fields})
 
 
+class EngineOptions(BaseModel):
+    """The local engine's settings for this pipeline; each one unset here comes from Settings."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dtype: str | None = None
+    max_model_len: int | None = Field(default=None, ge=16)
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
+    tensor_parallel_size: int | None = Field(default=None, ge=1)
+    max_num_seqs: int | None = Field(default=None, ge=1)
+    enforce_eager: bool | None = None
+
+
 class Pipeline(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -73,8 +86,19 @@ class Pipeline(BaseModel):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     stop: list[str] | None = None
     seed: int | None = None
+    # Prompt caching (API): the system prompt is sent with `cache_control`, written to the provider's
+    # cache by the first request and read by the rest at a tenth of the price, for cache_ttl.
+    cache_system: bool = False
+    cache_ttl: Literal["5m", "1h"] = "5m"
     output: OutputSpec = Field(default_factory=OutputSpec)
     limits: RateLimits = Field(default_factory=RateLimits)
+    engine: EngineOptions = Field(default_factory=EngineOptions)
+
+    @model_validator(mode="after")
+    def _cache_has_a_system(self) -> "Pipeline":
+        if self.cache_system and not self.system:
+            raise ValueError("cache_system needs a system prompt to cache")
+        return self
 
     @model_validator(mode="after")
     def _prompt_parses(self) -> "Pipeline":

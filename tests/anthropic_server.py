@@ -2,13 +2,14 @@
 
     python tests/anthropic_server.py --port 0 --key test-key     (prints "listening on URL")
 
-POST /v1/messages answers like the API: a message with `usage` (cache fields included), the
+POST /v1/messages/count_tokens counts as the API bills. POST /v1/messages answers like the API: a message with `usage` (cache fields included), the
 `anthropic-ratelimit-*` headers and `request-id`; 400/401/429/500/529 bodies in the API's error shape,
 with `retry-after` on 429 and 529. Replies are deterministic: `[[reply:TEXT]]` in the user turn makes
 the answer TEXT, `[[status:400]]` fails that request with 400 (any status), `[[spend_limit]]` with
 the 429 of an exhausted spend limit; otherwise the answer is "ok".
-Usage: input_tokens = words of the user turn; the system prompt is a cache write the first time the
-server sees it and a cache read after; output_tokens = words of the answer.
+Usage: input_tokens = words of the user turn (and of the system prompt, unless it is cached);
+a system prompt sent with `cache_control` is a cache write the first time (5m or 1h, by its ttl)
+and a cache read until it expires; output_tokens = words of the answer.
 
 Rate limits, when configured, are enforced as the API does: one token bucket per budget (requests,
 input tokens = uncached input + cache writes, output tokens charged at `max_tokens` on arrival and
@@ -132,7 +133,7 @@ class FakeAnthropic:
         self.key = key
         self.config = dict(_DEFAULTS)
         self.log: list[dict] = []
-        self.seen_systems: set[str] = set()
+        self.seen_systems: dict[str, float] = {}  # cached system prompt -> when it expires
         self.buckets: dict[str, Bucket] = {}
 
     def _authorised(self, request: web.Request) -> bool:
@@ -177,24 +178,41 @@ class FakeAnthropic:
         forced = _STATUS.search(prompt)
         return int(forced.group(1)) if forced else None
 
-    def _usage(self, body: dict, prompt: str, reply: str, commit_cache: bool) -> dict[str, int]:
+    def _usage(self, body: dict, prompt: str, reply: str, commit_cache: bool) -> dict:
         system = body.get("system")
         system_text = _text(system) if system else ""
         system_words = len(system_text.split())
-        cache_write = cache_read = 0
-        if system_words:
-            if system_text in self.seen_systems:
-                cache_read = system_words
-            else:
-                if commit_cache:
-                    self.seen_systems.add(system_text)
-                cache_write = system_words
+        # Only a system prompt sent with cache_control is cached, for its ttl (5m unless "1h").
+        marked = [block["cache_control"] for block in system or [] if isinstance(block, dict) and block.get("cache_control")]
+        cache_write = cache_read = plain = 0
+        ttl = marked[0].get("ttl", "5m") if marked else None
+        if not marked:
+            plain = system_words
+        elif self.seen_systems.get(system_text, 0) > time.monotonic():
+            cache_read = system_words
+        else:
+            if commit_cache:
+                self.seen_systems[system_text] = time.monotonic() + (3600 if ttl == "1h" else 300)
+            cache_write = system_words
         return {
-            "input_tokens": len(prompt.split()),
+            "input_tokens": plain + len(prompt.split()),
             "output_tokens": max(1, len(reply.split())),
             "cache_creation_input_tokens": cache_write,
             "cache_read_input_tokens": cache_read,
+            "cache_creation": {
+                "ephemeral_5m_input_tokens": cache_write if ttl != "1h" else 0,
+                "ephemeral_1h_input_tokens": cache_write if ttl == "1h" else 0,
+            },
         }
+
+    async def count_tokens(self, request: web.Request) -> web.Response:
+        """The API's token counter: the words of the system prompt and the user turn, as billed."""
+        if not self._authorised(request):
+            return _error(401, "authentication_error", "invalid x-api-key")
+        body = await request.json()
+        system = _text(body["system"]) if body.get("system") else ""
+        prompt = _text(body["messages"][-1]["content"])
+        return web.json_response({"input_tokens": len(system.split()) + len(prompt.split())})
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
         arrived = time.monotonic()
@@ -320,6 +338,7 @@ class FakeAnthropic:
     def app(self) -> web.Application:
         application = web.Application(client_max_size=64 * 1024 * 1024)
         application.router.add_post("/v1/messages", self.messages)
+        application.router.add_post("/v1/messages/count_tokens", self.count_tokens)
         application.router.add_post("/_config", self.set_config)
         application.router.add_get("/_log", self.get_log)
         application.router.add_post("/_reset", self.reset)

@@ -169,12 +169,15 @@ def test_20000_rows_while_workers_are_killed_at_random_end_exact_and_pay_only_fo
     )
     rng = random.Random(3)
     kill_times: list[float] = []
-    while run.poll() is None:
-        time.sleep(rng.uniform(3, 6))
-        workers = [child for child in psutil.Process(run.pid).children() if _is_live_worker(child)]
-        if run.poll() is None and workers:
-            rng.choice(workers).send_signal(signal.SIGKILL)
-            kill_times.append(time.monotonic())
+    try:
+        while run.poll() is None:
+            time.sleep(rng.uniform(3, 6))
+            workers = [child for child in psutil.Process(run.pid).children() if _is_live_worker(child)]
+            if run.poll() is None and workers:
+                rng.choice(workers).send_signal(signal.SIGKILL)
+                kill_times.append(time.monotonic())
+    finally:
+        kill_tree(run)  # a run that outlived the test must not take the next tests' jobs
     stdout, stderr = run.communicate()
     assert run.returncode == 0, stderr
     assert len(kill_times) >= 3, "the job ended before the harness could kill anything"
@@ -216,6 +219,15 @@ def test_20000_rows_while_workers_are_killed_at_random_end_exact_and_pay_only_fo
     print(f"chaos: {len(kill_times)} workers killed; {len(paid_twice)} of 20,000 rows answered twice")  # -s shows it
 
 
+def kill_tree(process: subprocess.Popen) -> None:
+    """Kill a command that is still running, and the workers it started."""
+    if process.poll() is not None:
+        return
+    for child in psutil.Process(process.pid).children(recursive=True):
+        child.kill()
+    process.kill()
+
+
 def _is_live_worker(process: psutil.Process) -> bool:
     try:
         return process.status() != psutil.STATUS_ZOMBIE and "worker" in " ".join(process.cmdline())
@@ -255,8 +267,7 @@ def test_redis_killed_and_restarted_mid_job_loses_no_committed_result(tmp_path, 
         for prompt in twice:
             assert any(e["done"] >= killed_at - 0.25 for e in answered if e["prompt"] == prompt), prompt
     finally:
-        if run.poll() is None:
-            run.kill()
+        kill_tree(run)
         JobStore.from_url(env["PROMPTMILL_REDIS_URL"]).redis.shutdown(nosave=True)
 
 

@@ -44,7 +44,7 @@ def test_a_resumed_row_keeps_its_failed_attempts(tmp_path, env, fake_api):
     store = JobStore.from_url(env["PROMPTMILL_REDIS_URL"])
     chunk_id = store.chunk_ids(job_id)[0]
     for _ in range(3):  # as if a worker had failed row 0 three times, then died
-        store.add_failed_attempt(job_id, chunk_id, 0)
+        store.add_failed_attempt(job_id, chunk_id, 0, "claude-haiku-4-5")
 
     resumed = promptmill("resume", job_id, env=env)
     assert resumed.returncode == 0, resumed.stderr

@@ -15,10 +15,12 @@ import threading
 from dataclasses import dataclass, field
 from typing import Awaitable, TypeVar
 
+from config.prices import PriceTable
 from config.settings import Settings, get_settings
 from jobs.shards import shards_reachable
 from jobs.spec import JobSpec
 from jobs.store import JobStore
+from pipelines.items import Usage
 
 T = TypeVar("T")
 
@@ -31,6 +33,7 @@ class WorkerRuntime:
     settings: Settings
     specs: dict[str, JobSpec]
     reachable: dict[str, bool] = field(default_factory=dict)  # job id -> sees the job's shard folder
+    prices: PriceTable | None = None
 
     def spec(self, job_id: str) -> JobSpec:
         if job_id not in self.specs:
@@ -41,6 +44,14 @@ class WorkerRuntime:
         if job.job_id not in self.reachable:
             self.reachable[job.job_id] = shards_reachable(job)
         return self.reachable[job.job_id]
+
+    def ledger_model(self, job: JobSpec, usage: Usage) -> str:
+        """The ledger's name for a request: its model, or `model@long` at the long-context rates."""
+        if job.backend != "anthropic":
+            return job.model
+        if self.prices is None:
+            self.prices = PriceTable.load(self.settings)
+        return self.prices.ledger_model(job.model, usage.prompt_tokens)
 
     def run(self, work: Awaitable[T]) -> T:
         """Run a coroutine on the process's loop and wait for it from this (task) thread."""

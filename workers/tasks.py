@@ -7,6 +7,7 @@ chunk whose worker died too many times fails its remaining rows instead of loopi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -15,6 +16,7 @@ import time
 import uuid
 
 import redis
+from celery.signals import worker_shutdown
 
 from config.celery_config import TASK_RUN_CHUNK
 from jobs.shards import flush_chunk
@@ -23,7 +25,7 @@ from jobs.store import JobStore
 from pipelines.items import ErrorKind, ItemError, ItemOutcome, RenderedRequest
 from pipelines.parse import OutputParseError, parse_output
 from workers.app import app
-from workers.backends.base import FatalJobError, RawOutcome, get_backend
+from workers.backends.base import EngineDied, FatalJobError, RawOutcome, get_backend, shutdown_backends
 from workers.runtime import WorkerRuntime, runtime
 
 log = logging.getLogger(__name__)
@@ -67,32 +69,33 @@ def to_outcome(job: JobSpec, raw: RawOutcome) -> ItemOutcome:
 class ChunkAttempts:
     """The chunk's failed attempts per row, read once when the chunk starts and counted in Redis."""
 
-    def __init__(self, store: JobStore, job_id: str, chunk_id: str):
-        self.store, self.job_id, self.chunk_id = store, job_id, chunk_id
-        self.counts = store.failed_attempts(job_id, chunk_id)
+    def __init__(self, store: JobStore, job: JobSpec, chunk_id: str):
+        self.store, self.job_id, self.chunk_id, self.model = store, job.job_id, chunk_id, job.model
+        self.counts = store.failed_attempts(job.job_id, chunk_id)
 
     def prior(self, row: int) -> int:
         return self.counts.get(row, 0)
 
     def failed(self, row: int) -> None:
-        self.counts[row] = self.store.add_failed_attempt(self.job_id, self.chunk_id, row)
+        self.counts[row] = self.store.add_failed_attempt(self.job_id, self.chunk_id, row, self.model)
 
 
 async def _run_requests(
     rt: WorkerRuntime, job: JobSpec, chunk_id: str, pending: list[RenderedRequest], lease_lost: threading.Event
 ) -> int:
     backend = get_backend(job, rt.settings, rt.store)
-    attempts = ChunkAttempts(rt.store, job.job_id, chunk_id)
+    attempts = ChunkAttempts(rt.store, job, chunk_id)
     committed = 0
     checked_at = time.monotonic()
-    async for raw in backend.run(job, pending, attempts):
-        committed += rt.store.commit(job.job_id, chunk_id, job.model, to_outcome(job, raw))
-        if lease_lost.is_set():
-            break  # sending on would pay twice for rows the new holder sends too
-        if time.monotonic() - checked_at > _RUNNABLE_CHECK_S:
-            checked_at = time.monotonic()
-            if not rt.store.is_runnable(job.job_id):
-                break  # cancelled or failed elsewhere: the rest stays pending for a resume
+    async with contextlib.aclosing(backend.run(job, pending, attempts)) as outcomes:
+        async for raw in outcomes:
+            committed += rt.store.commit(job.job_id, chunk_id, rt.ledger_model(job, raw.usage), to_outcome(job, raw))
+            if lease_lost.is_set():
+                break  # sending on would pay twice for rows the new holder sends too
+            if time.monotonic() - checked_at > _RUNNABLE_CHECK_S:
+                checked_at = time.monotonic()
+                if not rt.store.is_runnable(job.job_id):
+                    break  # cancelled or failed elsewhere: the rest stays pending for a resume
     return committed
 
 
@@ -113,6 +116,11 @@ def run_chunk(self, job_id: str, chunk_id: str, errors: int = 0) -> str:
     except _LeasedElsewhere as leased:
         # Another worker holds the chunk (or held it and died): look again when its lease runs out.
         raise self.retry(countdown=leased.wait_s, max_retries=None)
+    except EngineDied as died:
+        # Counted as its worker dying (the chunk's run count stays), so a row that kills engines is
+        # found and failed as poison; the next run starts a new engine.
+        log.error("chunk %s of job %s: %s", chunk_id, job_id, died)
+        raise self.retry(countdown=1, max_retries=None)
     except Exception as error:  # noqa: BLE001 - a chunk must end terminal, never silently dropped
         if errors < MAX_TASK_ERRORS:
             log.exception("chunk %s of job %s failed; retrying", chunk_id, job_id)
@@ -182,6 +190,7 @@ def _run_chunk(job_id: str, chunk_id: str) -> str:
         runs = store.count_chunk_run(job_id, chunk_id)
         done = store.done_rows(job_id, chunk_id)
         pending = [request for request in store.chunk(job_id, chunk_id).requests if request.row not in done]
+        engine_died = False
         try:
             if runs > 1:
                 committed = _run_carefully(rt, job, chunk_id, pending, runs, heartbeat.lost)
@@ -191,8 +200,12 @@ def _run_chunk(job_id: str, chunk_id: str) -> str:
             log.error("job %s stopped: %s", job_id, fatal)
             store.fail_job(job_id, str(fatal))
             return "job failed"
+        except EngineDied:
+            engine_died = True  # as its worker's death: the run stays counted
+            raise
         finally:
-            store.forget_chunk_runs(job_id, chunk_id)  # the run ended on its own, not by its worker dying
+            if not engine_died:
+                store.forget_chunk_runs(job_id, chunk_id)  # the run ended on its own, not by a death
         _flush_if_complete(rt, job, chunk_id)
         return f"{committed} committed"
     finally:
@@ -208,3 +221,8 @@ def _flush_if_complete(rt: WorkerRuntime, job: JobSpec, chunk_id: str) -> None:
         flush_chunk(rt.store, job, chunk_id)
     except OSError as error:
         log.warning("could not flush chunk %s of job %s (%s); its outcomes stay in Redis", chunk_id, job.job_id, error)
+
+
+@worker_shutdown.connect
+def _stop_engine(**_: object) -> None:
+    shutdown_backends()

@@ -3,17 +3,20 @@
 One `AsyncAnthropic` client per worker process, on the process's persistent event loop, with the
 SDK's own retries off (`max_retries=0`) so every attempt is counted by our retry policy. Every
 request waits for a grant from the fleet's limiter (workers/rate_limit.py), and every response's
-rate-limit headers, 429s and failures go back to it.
+rate-limit headers, 429s and failures go back to it. A job with a budget holds each request's
+most possible cost before sending it (jobs/store.py), so it pauses before it could pass its cap.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from typing import Any, AsyncIterator
 
 import anthropic
 
+from config.prices import PriceTable
 from config.settings import Settings
 from jobs.spec import JobSpec
 from jobs.store import JobStore
@@ -43,6 +46,20 @@ class AnthropicBackend:
         self.input_estimate = InputTokenEstimate()
         self._limiters: dict[tuple[str, RateLimits], FleetLimiter] = {}
         self._scoped_jobs: set[str] = set()
+        self.prices = PriceTable.load(settings)
+
+    def _hold_budget(self, job: JobSpec, chars: int) -> int | None:
+        """Hold the request's most possible cost (micro-USD) against the job's budget; None: over it.
+
+        The input is estimated from characters (with a quarter's margin) at the dearer of the input
+        and cache-write prices, the output at `max_tokens`.
+        """
+        input_tokens = math.ceil(self.input_estimate.estimate(chars) * 1.25)
+        price = self.prices.price_for(self.prices.ledger_model(job.model, input_tokens))
+        worst = max(price.input, price.cache_write_5m, price.cache_write_1h) * input_tokens
+        worst += price.output * job.pipeline.max_tokens
+        micro = math.ceil(worst)  # USD per million tokens x tokens = micro-USD
+        return micro if self.store.hold_budget(job.job_id, micro) else None
 
     def _limiter(self, job: JobSpec) -> FleetLimiter:
         scope = account_scope(str(self.client.base_url), self.api_key, job.model)
@@ -61,7 +78,10 @@ class AnthropicBackend:
             "max_tokens": pipeline.max_tokens,
             "messages": [{"role": "user", "content": request.prompt}],
         }
-        if pipeline.system:
+        if pipeline.cache_system:
+            cache_control = {"type": "ephemeral", "ttl": pipeline.cache_ttl}
+            params["system"] = [{"type": "text", "text": pipeline.system, "cache_control": cache_control}]
+        elif pipeline.system:
             params["system"] = pipeline.system
         # The SDK no longer names sampling parameters; models that take them read them from the body.
         sampling = {name: getattr(pipeline, name) for name in ("temperature", "top_p")}
@@ -73,30 +93,51 @@ class AnthropicBackend:
         return params
 
     async def _attempt(
+        self, job: JobSpec, params: dict[str, Any], chars: int, limiter: FleetLimiter, budgeted: bool
+    ) -> RawOutcome | Verdict | None:
+        """One request in one of the worker's slots; None: not sent, as the job's budget could not hold
+        it (the job is paused)."""
+        async with self.concurrency:
+            # Held inside a slot: what is held is then the requests in flight, not every row waiting.
+            held = self._hold_budget(job, chars) if budgeted else 0
+            if held is None:
+                return None
+            spent = 0
+            try:
+                result = await self._send(job, params, chars, limiter)
+                if budgeted and isinstance(result, RawOutcome):
+                    usage = result.usage
+                    price = self.prices.price_for(self.prices.ledger_model(job.model, usage.prompt_tokens))
+                    spent = round(price.cost_usd(**usage.token_counts()) * 1_000_000)
+                return result
+            finally:
+                if budgeted:
+                    self.store.settle_budget(job.job_id, held, spent)
+
+    async def _send(
         self, job: JobSpec, params: dict[str, Any], chars: int, limiter: FleetLimiter
     ) -> RawOutcome | Verdict:
         """One request under a grant; every answer, good or bad, is reported to the limiter."""
-        async with self.concurrency:
-            grant = await limiter.acquire(self.input_estimate.estimate(chars), job.pipeline.max_tokens)
-            started = time.monotonic()
-            try:
-                raw = await self.client.messages.with_raw_response.create(**params)
-                message = await raw.parse()
-            except anthropic.APIError as error:
-                verdict = classify(error)
-                response = getattr(error, "response", None)
-                if response is not None:
-                    limiter.observe(response.headers, time.monotonic() - started)
-                if verdict.kind is ErrorKind.timeout:
-                    limiter.settle(grant, grant.input_tokens, grant.output_tokens)  # it may have been served
-                else:
-                    limiter.settle(grant, None, None)
-                if verdict.kind is ErrorKind.rate_limited:
-                    limiter.rate_limited(verdict.retry_after_s)
-                else:
-                    limiter.record(server_failure=verdict.server_failure)
-                return verdict
-            latency = time.monotonic() - started
+        grant = await limiter.acquire(self.input_estimate.estimate(chars), job.pipeline.max_tokens)
+        started = time.monotonic()
+        try:
+            raw = await self.client.messages.with_raw_response.create(**params)
+            message = await raw.parse()
+        except anthropic.APIError as error:
+            verdict = classify(error)
+            response = getattr(error, "response", None)
+            if response is not None:
+                limiter.observe(response.headers, time.monotonic() - started)
+            if verdict.kind is ErrorKind.timeout:
+                limiter.settle(grant, grant.input_tokens, grant.output_tokens)  # it may have been served
+            else:
+                limiter.settle(grant, None, None)
+            if verdict.kind is ErrorKind.rate_limited:
+                limiter.rate_limited(verdict.retry_after_s)
+            else:
+                limiter.record(server_failure=verdict.server_failure)
+            return verdict
+        latency = time.monotonic() - started
         limiter.observe(raw.headers, latency)
         usage = message.usage
         charged_input = (usage.input_tokens or 0) + (usage.cache_creation_input_tokens or 0)
@@ -112,19 +153,27 @@ class AnthropicBackend:
                 output_tokens=usage.output_tokens or 0,
                 cache_creation_input_tokens=usage.cache_creation_input_tokens or 0,
                 cache_read_input_tokens=usage.cache_read_input_tokens or 0,
+                cache_creation_1h_input_tokens=getattr(usage.cache_creation, "ephemeral_1h_input_tokens", 0) or 0,
             ),
             finish_reason=message.stop_reason,
         )
 
     async def _one(
-        self, job: JobSpec, request: RenderedRequest, limiter: FleetLimiter, attempts: AttemptLog
-    ) -> RawOutcome:
+        self,
+        job: JobSpec,
+        request: RenderedRequest,
+        limiter: FleetLimiter,
+        attempts: AttemptLog,
+        budgeted: bool,
+    ) -> RawOutcome | None:
         params = self._params(job, request)
         chars = len(request.prompt) + len(job.pipeline.system or "")
         attempt = attempts.prior(request.row)
         while True:
             attempt += 1
-            result = await self._attempt(job, params, chars, limiter)
+            result = await self._attempt(job, params, chars, limiter, budgeted)
+            if result is None:
+                return None  # the row stays pending: a resume with a higher budget sends it
             if isinstance(result, RawOutcome):
                 result.row, result.attempts = request.row, attempt
                 return result
@@ -142,11 +191,17 @@ class AnthropicBackend:
         self, job: JobSpec, requests: list[RenderedRequest], attempts: AttemptLog
     ) -> AsyncIterator[RawOutcome]:
         limiter = self._limiter(job)
-        tasks = [asyncio.ensure_future(self._one(job, request, limiter, attempts)) for request in requests]
+        # Read once per chunk: a job without a cap pays no Redis round trips for one (a cap set by
+        # `resume --budget` reaches the chunks started after it).
+        budgeted = self.store.has_budget(job.job_id)
+        tasks = [asyncio.ensure_future(self._one(job, request, limiter, attempts, budgeted)) for request in requests]
         try:
             for finished in asyncio.as_completed(tasks):
-                yield await finished
+                outcome = await finished
+                if outcome is not None:
+                    yield outcome
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
