@@ -6,8 +6,8 @@ Against the local Anthropic-protocol server (it counts tokens as words, bills as
 caches a system prompt sent with `cache_control`), with `promptmill estimate`, `run` and `cost`:
 1. the example reviews cycled to 2,000 rows with `examples/sentiment.toml`: the estimate (the API's
    counter on 100 sampled rows) beside the ledger's actual tokens and dollars;
-2. the same rows with a 1,500-token system prompt, sent plain and then with `cache_system = true`:
-   the two jobs' costs and what `cost` says caching saved.
+2. the same rows with a 1,500-token system prompt on Sonnet 4.5, sent plain and then with
+   `cache_system = true`: the two jobs' costs and what `cost` says caching saved.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ from jobs.embedded import EmbeddedRedis  # noqa: E402
 from tests.anthropic_server import ServerControl  # noqa: E402
 
 API_KEY = "bench-key"
+# Caching needs a prefix of at least the model's minimum: 1,024 tokens on Sonnet 4.5, 4,096 on Haiku 4.5
+# (which would bill a 1,500-token system prompt as plain input, cache_control or not).
+CACHING_MODEL = "claude-sonnet-4-5"
 
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
@@ -36,8 +39,8 @@ def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     return done
 
 
-def run_and_cost(env: dict[str, str], data: Path, pipeline: Path, out: Path) -> dict:
-    ran = cli(env, "run", str(data), "--pipeline", str(pipeline), "--out", str(out))
+def run_and_cost(env: dict[str, str], data: Path, pipeline: Path, out: Path, *options: str) -> dict:
+    ran = cli(env, "run", str(data), "--pipeline", str(pipeline), "--out", str(out), *options)
     job_id = ran.stdout.split()[1]
     return json.loads(cli(env, "cost", job_id, "--json").stdout)
 
@@ -77,9 +80,9 @@ def main() -> None:
             pipeline = folder / f"cached-{cached}.toml"
             text = sentiment.read_text().replace('system = "', f'system = "{system} ', 1)
             pipeline.write_text(text.replace("max_tokens = 8\n", "max_tokens = 8\ncache_system = true\n" if cached else "max_tokens = 8\n"))
-            costs[cached] = run_and_cost(env, data, pipeline, folder / f"out-cached-{cached}")
+            costs[cached] = run_and_cost(env, data, pipeline, folder / f"out-cached-{cached}", "--model", CACHING_MODEL)
         plain, cached_cost = costs[False]["cost_usd"], costs[True]["cost_usd"]
-        print(f"1,500-token system prompt, {options.rows:,} rows: plain ${plain:.6f}, cached ${cached_cost:.6f} "
+        print(f"1,500-token system prompt, {options.rows:,} rows, {CACHING_MODEL}: plain ${plain:.6f}, cached ${cached_cost:.6f} "
               f"(saved ${plain - cached_cost:.6f} = {(plain - cached_cost) / plain:.1%}); "
               f"`cost` says caching saved ${costs[True]['caching_saved_usd']:.6f}")
     finally:

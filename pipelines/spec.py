@@ -86,18 +86,22 @@ class Pipeline(BaseModel):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     stop: list[str] | None = None
     seed: int | None = None
-    # Prompt caching (API): the system prompt is sent with `cache_control`, written to the provider's
+    # Prompt caching (API): the system prompt, and with cache_prefix the prompt's text before its first
+    # {column} too (the same for every row), is sent with `cache_control`: written to the provider's
     # cache by the first request and read by the rest at a tenth of the price, for cache_ttl.
     cache_system: bool = False
+    cache_prefix: bool = False
     cache_ttl: Literal["5m", "1h"] = "5m"
     output: OutputSpec = Field(default_factory=OutputSpec)
     limits: RateLimits = Field(default_factory=RateLimits)
     engine: EngineOptions = Field(default_factory=EngineOptions)
 
     @model_validator(mode="after")
-    def _cache_has_a_system(self) -> "Pipeline":
+    def _cache_has_something(self) -> "Pipeline":
         if self.cache_system and not self.system:
             raise ValueError("cache_system needs a system prompt to cache")
+        if self.cache_prefix and not self.shared_prefix:
+            raise ValueError("cache_prefix needs text before the prompt's first {column} to cache")
         return self
 
     @model_validator(mode="after")
@@ -109,6 +113,16 @@ class Pipeline(BaseModel):
         if any(not column for column in columns):
             raise ValueError("prompt has an empty {} placeholder; name a column, or write {{ }} for a brace")
         return self
+
+    @property
+    def shared_prefix(self) -> str:
+        """The prompt's text before its first {column}: the same at the start of every row's prompt."""
+        literal = []
+        for text, field, _, _ in Formatter().parse(self.prompt):
+            literal.append(text)
+            if field is not None:
+                break
+        return "".join(literal)
 
     @property
     def columns(self) -> list[str]:

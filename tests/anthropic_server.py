@@ -7,9 +7,10 @@ POST /v1/messages/count_tokens counts as the API bills. POST /v1/messages answer
 with `retry-after` on 429 and 529. Replies are deterministic: `[[reply:TEXT]]` in the user turn makes
 the answer TEXT, `[[status:400]]` fails that request with 400 (any status), `[[spend_limit]]` with
 the 429 of an exhausted spend limit; otherwise the answer is "ok".
-Usage: input_tokens = words of the user turn (and of the system prompt, unless it is cached);
-a system prompt sent with `cache_control` is a cache write the first time (5m or 1h, by its ttl)
-and a cache read until it expires; output_tokens = words of the answer.
+Usage: tokens are words, counted block by block. Text up to a block sent with `cache_control` (a
+breakpoint: the system prompt, or a prefix of the user turn) is a cache write the first time (5m or
+1h, by its ttl) and a cache read until it expires; the rest is input_tokens; output_tokens = words
+of the answer.
 
 Rate limits, when configured, are enforced as the API does: one token bucket per budget (requests,
 input tokens = uncached input + cache writes, output tokens charged at `max_tokens` on arrival and
@@ -71,9 +72,26 @@ def _error(status: int, kind: str, message: str, headers: dict[str, str] | None 
 
 
 def _text(content) -> str:
+    """A turn's text: its text blocks one after another, as the model reads them."""
     if isinstance(content, str):
         return content
-    return " ".join(block.get("text", "") for block in content if isinstance(block, dict))
+    return "".join(block.get("text", "") for block in content if isinstance(block, dict))
+
+
+def _blocks(body: dict) -> list[tuple[str, dict | None]]:
+    """The request's text in order (system, then the user turn), block by block, with each block's
+    cache_control: a cache breakpoint caches everything up to and including its block."""
+    blocks: list[tuple[str, dict | None]] = []
+    for content in (body.get("system"), body["messages"][-1]["content"]):
+        if isinstance(content, str):
+            blocks.append((content, None))
+        elif content:
+            blocks += [(b.get("text", ""), b.get("cache_control")) for b in content if isinstance(b, dict)]
+    return blocks
+
+
+def _prefix(blocks: list[tuple[str, dict | None]], last: int) -> str:
+    return "\x00".join(text for text, _ in blocks[: last + 1])
 
 
 class Bucket:
@@ -133,7 +151,7 @@ class FakeAnthropic:
         self.key = key
         self.config = dict(_DEFAULTS)
         self.log: list[dict] = []
-        self.seen_systems: dict[str, float] = {}  # cached system prompt -> when it expires
+        self.seen_prefixes: dict[str, float] = {}  # cached prefix (blocks up to a breakpoint) -> when it expires
         self.buckets: dict[str, Bucket] = {}
 
     def _authorised(self, request: web.Request) -> bool:
@@ -178,24 +196,28 @@ class FakeAnthropic:
         forced = _STATUS.search(prompt)
         return int(forced.group(1)) if forced else None
 
-    def _usage(self, body: dict, prompt: str, reply: str, commit_cache: bool) -> dict:
-        system = body.get("system")
-        system_text = _text(system) if system else ""
-        system_words = len(system_text.split())
-        # Only a system prompt sent with cache_control is cached, for its ttl (5m unless "1h").
-        marked = [block["cache_control"] for block in system or [] if isinstance(block, dict) and block.get("cache_control")]
-        cache_write = cache_read = plain = 0
-        ttl = marked[0].get("ttl", "5m") if marked else None
-        if not marked:
-            plain = system_words
-        elif self.seen_systems.get(system_text, 0) > time.monotonic():
-            cache_read = system_words
-        else:
+    def _usage(self, body: dict, reply: str, commit_cache: bool) -> dict:
+        """Input tokens as the API splits them: up to the last cache breakpoint, a cache read of the
+        longest prefix cached at one of the breakpoints and a write of the rest (for the ttl of the last
+        breakpoint, 5m unless "1h"); after it, plain input. Without a breakpoint, all plain input."""
+        blocks = _blocks(body)
+        words = [len(text.split()) for text, _ in blocks]
+        breakpoints = [i for i, (_, cache_control) in enumerate(blocks) if cache_control]
+        now = time.monotonic()
+        cache_read = cache_write = 0
+        ttl = None
+        if breakpoints:
+            last = breakpoints[-1]
+            ttl = blocks[last][1].get("ttl", "5m")
+            hit = next((i for i in reversed(breakpoints) if self.seen_prefixes.get(_prefix(blocks, i), 0) > now), None)
+            cache_read = 0 if hit is None else sum(words[: hit + 1])
+            cache_write = sum(words[: last + 1]) - cache_read
             if commit_cache:
-                self.seen_systems[system_text] = time.monotonic() + (3600 if ttl == "1h" else 300)
-            cache_write = system_words
+                for i in breakpoints:  # each breakpoint's prefix is cached, or its life renewed, on use
+                    self.seen_prefixes[_prefix(blocks, i)] = now + (3600 if blocks[i][1].get("ttl") == "1h" else 300)
+        plain = sum(words) - cache_read - cache_write
         return {
-            "input_tokens": plain + len(prompt.split()),
+            "input_tokens": plain,
             "output_tokens": max(1, len(reply.split())),
             "cache_creation_input_tokens": cache_write,
             "cache_read_input_tokens": cache_read,
@@ -210,9 +232,7 @@ class FakeAnthropic:
         if not self._authorised(request):
             return _error(401, "authentication_error", "invalid x-api-key")
         body = await request.json()
-        system = _text(body["system"]) if body.get("system") else ""
-        prompt = _text(body["messages"][-1]["content"])
-        return web.json_response({"input_tokens": len(system.split()) + len(prompt.split())})
+        return web.json_response({"input_tokens": sum(len(text.split()) for text, _ in _blocks(body))})
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
         arrived = time.monotonic()
@@ -226,7 +246,7 @@ class FakeAnthropic:
         prompt = _text(body["messages"][-1]["content"])
         reply_match = _REPLY.search(prompt)
         reply = reply_match.group(1) if reply_match else "ok"
-        usage = self._usage(body, prompt, reply, commit_cache=False)
+        usage = self._usage(body, reply, commit_cache=False)
         entry = {"t": arrived, "prompt": prompt, "status": 200, "usage": None}
         self.log.append(entry)
 
@@ -278,7 +298,7 @@ class FakeAnthropic:
                 return web.json_response(body, status=429, headers={"retry-after": "60"})
             return _error(fault, "api_error", "Internal server error", self._limit_headers())
 
-        usage = self._usage(body, prompt, reply, commit_cache=True)
+        usage = self._usage(body, reply, commit_cache=True)
         self._refund_output(int(body["max_tokens"]) - usage["output_tokens"])
         entry["usage"] = usage
         entry["done"] = time.monotonic()
@@ -330,7 +350,7 @@ class FakeAnthropic:
 
     async def reset(self, request: web.Request) -> web.Response:
         self.log.clear()
-        self.seen_systems.clear()
+        self.seen_prefixes.clear()
         self.config = dict(_DEFAULTS)
         self.buckets = {}
         return web.json_response({"ok": True})

@@ -147,3 +147,44 @@ def test_a_cached_system_prompt_is_billed_as_writes_then_reads_and_cost_shows_th
     assert Decimal(str(cost["caching_saved_usd"])) == (Decimal(cached) - billed_cache) / 1_000_000
     table = promptmill("cost", job_id_of(ran), env=env).stdout
     assert "prompt caching saved $" in table
+
+
+def test_a_cached_shared_prefix_of_the_prompt_is_read_from_the_cache_with_the_system_prompt(tmp_path, env, fake_api):
+    """cache_prefix: the prompt's text before its first {column} goes as its own block with a
+    breakpoint, so the system prompt and that text are cached together and each row pays plain input
+    only for its own part."""
+    fake_api.configure(latency_ms=20)
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"id": n, "text": f"row {n} says hello"}) + "\n" for n in range(200)))
+    instructions = " ".join(f"rule{n}" for n in range(1000))
+    pipeline = tmp_path / "p.toml"
+    pipeline.write_text(
+        'name = "p"\nmodel = "claude-haiku-4-5"\nsystem = "You label items."\ncache_prefix = true\n'
+        f'prompt = "{instructions}\\nItem {{id}}: {{text}} [[reply:fine]]"\nmax_tokens = 4\n'
+    )
+    ran = promptmill("run", str(data), "--pipeline", str(pipeline), "--out", str(tmp_path / "o"), env=env)
+    assert ran.returncode == 0, ran.stderr
+    answered = [entry for entry in fake_api.log() if entry["status"] == 200]
+    assert sorted(entry["prompt"] for entry in answered) == sorted(
+        f"{instructions}\nItem {n}: row {n} says hello [[reply:fine]]" for n in range(200)
+    )  # the row's prompt, whole, in two blocks
+    shared = 3 + 1000  # the system prompt's words and the instructions'
+    served = [entry["usage"] for entry in answered]
+    writes = [usage for usage in served if usage["cache_creation_input_tokens"]]
+    assert 1 <= len(writes) < 200 and all(usage["cache_creation_input_tokens"] == shared for usage in writes)
+    assert all(usage["cache_read_input_tokens"] in (0, shared) for usage in served)
+    assert sum(usage["cache_read_input_tokens"] for usage in served) == shared * (200 - len(writes))
+    assert all(usage["input_tokens"] == 7 for usage in served)  # "Item N: row N says hello [[reply:fine]]"
+
+    cost = json.loads(promptmill("cost", job_id_of(ran), "--json", env=env).stdout)
+    assert Decimal(str(cost["cost_usd"])) == billed_usd(fake_api.log())
+    assert Decimal(str(cost["caching_saved_usd"])) > 0
+
+
+def test_cache_prefix_needs_text_before_the_first_column(tmp_path, env):
+    pipeline = tmp_path / "p.toml"
+    pipeline.write_text('name = "p"\nmodel = "claude-haiku-4-5"\ncache_prefix = true\nprompt = "{text}"\nmax_tokens = 4\n')
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"text": "x"}) + "\n")
+    refused = promptmill("submit", str(data), "--pipeline", str(pipeline), env=env)
+    assert refused.returncode == 2 and "cache_prefix" in refused.stderr

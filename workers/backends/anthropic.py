@@ -73,13 +73,20 @@ class AnthropicBackend:
 
     def _params(self, job: JobSpec, request: RenderedRequest) -> dict[str, Any]:
         pipeline = job.pipeline
+        cache_control = {"type": "ephemeral", "ttl": pipeline.cache_ttl}
+        content: str | list[dict[str, Any]] = request.prompt
+        prefix = pipeline.shared_prefix
+        if pipeline.cache_prefix and request.prompt.startswith(prefix):
+            # A breakpoint after the shared prefix caches everything before it: system and prefix.
+            content = [{"type": "text", "text": prefix, "cache_control": cache_control}]
+            if rest := request.prompt[len(prefix) :]:
+                content.append({"type": "text", "text": rest})
         params: dict[str, Any] = {
             "model": pipeline.model,
             "max_tokens": pipeline.max_tokens,
-            "messages": [{"role": "user", "content": request.prompt}],
+            "messages": [{"role": "user", "content": content}],
         }
         if pipeline.cache_system:
-            cache_control = {"type": "ephemeral", "ttl": pipeline.cache_ttl}
             params["system"] = [{"type": "text", "text": pipeline.system, "cache_control": cache_control}]
         elif pipeline.system:
             params["system"] = pipeline.system
