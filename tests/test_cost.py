@@ -168,13 +168,13 @@ def test_a_cached_shared_prefix_of_the_prompt_is_read_from_the_cache_with_the_sy
     assert sorted(entry["prompt"] for entry in answered) == sorted(
         f"{instructions}\nItem {n}: row {n} says hello [[reply:fine]]" for n in range(200)
     )  # the row's prompt, whole, in two blocks
-    shared = 3 + 1000  # the system prompt's words and the instructions'
+    shared = 3 + 1001  # the system prompt's words, the instructions' and "Item" (the text before {id})
     served = [entry["usage"] for entry in answered]
     writes = [usage for usage in served if usage["cache_creation_input_tokens"]]
     assert 1 <= len(writes) < 200 and all(usage["cache_creation_input_tokens"] == shared for usage in writes)
     assert all(usage["cache_read_input_tokens"] in (0, shared) for usage in served)
     assert sum(usage["cache_read_input_tokens"] for usage in served) == shared * (200 - len(writes))
-    assert all(usage["input_tokens"] == 7 for usage in served)  # "Item N: row N says hello [[reply:fine]]"
+    assert all(usage["input_tokens"] == 6 for usage in served)  # "N: row N says hello [[reply:fine]]"
 
     cost = json.loads(promptmill("cost", job_id_of(ran), "--json", env=env).stdout)
     assert Decimal(str(cost["cost_usd"])) == billed_usd(fake_api.log())
