@@ -120,7 +120,7 @@ def test_choice_outputs_always_parse_an_over_long_prompt_fails_alone_and_tokens_
     for row, record in zip(rows[:7] + rows[8:17], others[:16]):
         usage = record["usage"]
         assert usage["input_tokens"] + usage["cache_read_input_tokens"] == prompt_token_count(pipeline, row, gpu_env)
-        assert 1 <= usage["output_tokens"] <= 8 and usage["engine_us"] > 0
+        assert 0 < usage["output_tokens"] <= 8 and usage["engine_us"] > 0
     assert sum(record["usage"]["cache_read_input_tokens"] for record in others) > 0
     status = json.loads(promptmill("status", job_id, "--json", env=gpu_env).stdout)
     assert status["tokens"]["input"] == sum(record["usage"]["input_tokens"] for record in records)
@@ -149,7 +149,7 @@ def test_json_outputs_always_parse_against_their_schema(tmp_path: Path, gpu_env,
     assert all(record["status"] == "ok" for record in records), [r for r in records if r["status"] != "ok"]
     for record in records:
         assert set(record["output"]) == {"product", "stars", "price_usd", "would_recommend"}
-        assert 1 <= record["output"]["stars"] <= 5 and isinstance(record["output"]["would_recommend"], bool)
+        assert record["output"]["stars"] in (1, 2, 3, 4, 5) and isinstance(record["output"]["would_recommend"], bool)
 
 
 def engine_processes(worker: psutil.Process) -> list[psutil.Process]:
