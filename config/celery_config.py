@@ -5,7 +5,7 @@ the queue when their worker process dies (`task_reject_on_worker_lost`); promptm
 make a second run of a chunk skip its finished rows, and its row-start counts fail a row that kills
 its worker every time. A worker reserves no more messages than it runs (prefetch 1 per slot) so a
 slow chunk does not hold others hostage. Results travel through the job store, not Celery's result
-backend. A chunk whose worker was killed does not wait for the visibility timeout: the workers'
+backend (there is none). A chunk whose worker was killed does not wait for the visibility timeout: the workers'
 sweeper (workers/sweeper.py) sends it again within seconds.
 """
 
@@ -17,17 +17,25 @@ TASK_RUN_CHUNK = "promptmill.run_chunk"
 QUEUES = ("api", "gpu")
 # kombu re-delivers a message still unacknowledged this long after delivery: a last resort, long
 # enough that a slow chunk is never delivered twice while it runs (its lease would hold the second
-# one off anyway). It has to be given to both the broker and the result backend.
+# one off anyway).
 VISIBILITY_TIMEOUT_S = 3600
+# Every Redis connection, ours and kombu's: no command we send blocks for long, so a connection silent
+# this long is dead (a dropped network, a frozen server) and fails instead of hanging a worker or `run`.
+REDIS_SOCKET_TIMEOUT_S = 30.0
+REDIS_CONNECTION_OPTIONS: dict[str, Any] = {
+    "socket_timeout": REDIS_SOCKET_TIMEOUT_S,
+    "socket_connect_timeout": 10.0,
+    "socket_keepalive": True,
+    "health_check_interval": 15,
+}
 
 
 def celery_config(redis_url: str) -> dict[str, Any]:
-    transport = {"visibility_timeout": VISIBILITY_TIMEOUT_S}
+    # No result backend: outcomes travel through the job store, and a Redis result backend would open
+    # a pubsub subscription per task sent.
     return {
         "broker_url": redis_url,
-        "result_backend": redis_url,
-        "broker_transport_options": transport,
-        "result_backend_transport_options": transport,
+        "broker_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT_S, **REDIS_CONNECTION_OPTIONS},
         "task_ignore_result": True,
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,

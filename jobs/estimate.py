@@ -74,7 +74,7 @@ def estimate_job(
     rows = unusable = total_chars = 0
     sample: list[str] = []  # reservoir sample of user turns: even over a file streamed once
     chooser = random.Random(seed)
-    for number, row in iter_rows(Path(spec.input_path), spec.input_format):
+    for number, _, row in iter_rows(Path(spec.input_path), spec.input_format, max_row_bytes=spec.max_row_bytes):
         rows += 1
         if isinstance(row, InvalidRow):
             unusable += 1

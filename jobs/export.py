@@ -1,18 +1,20 @@
 """Export: one record per input row, in input order, plus the failures on their own.
 
-Files are written beside their final name and renamed into place, so a reader never sees half a file.
+Files are written beside their final name, synced and renamed into place (jobs/files.py), so a reader
+never sees half a file; `manifest.json` beside them says what produced them.
 """
 
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
 import orjson
 
-from jobs.shards import flush_complete_chunks, iter_outcomes
+from jobs.files import atomic_write
+from jobs.manifest import write_manifest
+from jobs.shards import flush_complete_chunks, iter_outcomes, shards_reachable
 from jobs.spec import JobSpec
 from jobs.store import JobStore
 from pipelines.items import ItemOutcome
@@ -21,16 +23,7 @@ ExportFormat = Literal["jsonl", "csv", "parquet"]
 
 
 def _record(outcome: ItemOutcome) -> dict[str, Any]:
-    return {
-        "row": outcome.row,
-        "status": outcome.status,
-        "output": outcome.output,
-        "text": outcome.text,
-        "error": outcome.error.model_dump(mode="json") if outcome.error else None,
-        "usage": outcome.usage.model_dump(),
-        "finish_reason": outcome.finish_reason,
-        "attempts": outcome.attempts,
-    }
+    return outcome.model_dump(mode="json")
 
 
 def _flat(record: dict[str, Any]) -> dict[str, Any]:
@@ -46,23 +39,28 @@ def _flat(record: dict[str, Any]) -> dict[str, Any]:
         **record["usage"],
         "finish_reason": record["finish_reason"],
         "attempts": record["attempts"],
+        **{name: record[name] for name in ("model", "request_id", "started_at", "finished_at", "latency_ms")},
+        "errors": orjson.dumps(record["errors"]).decode(),
+        "line": record["line"],
     }
 
 
 def export_job(store: JobStore, spec: JobSpec, out_dir: Path, fmt: ExportFormat = "jsonl") -> dict[str, Any]:
     """Write results and failures from the job's shards and Redis; returns the paths and counts written.
 
-    Complete chunks that workers could not flush (no shared folder) are flushed here first.
+    Where the job's own folder is here, complete chunks that workers could not flush (no shared
+    folder) are flushed into it first; elsewhere (another host, `--out` anywhere) nothing is written
+    there, and outcomes are read from Redis and whatever shards this host sees.
     """
-    flush_complete_chunks(store, spec)
+    if shards_reachable(spec):
+        flush_complete_chunks(store, spec)
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / f"results.{fmt}"
     failures_path = out_dir / "failures.jsonl"
-    partial_results = results_path.with_name(results_path.name + ".partial")
-    partial_failures = failures_path.with_name(failures_path.name + ".partial")
     records: Iterator[dict[str, Any]] = (_record(o) for o in iter_outcomes(store, spec))
     written = failed = 0
-    with partial_failures.open("wb") as failures:
+    with atomic_write(failures_path) as failures, atomic_write(results_path, **_OPEN[fmt]) as handle:
+
         def counted() -> Iterator[dict[str, Any]]:
             nonlocal written, failed
             for record in records:
@@ -73,18 +71,16 @@ def export_job(store: JobStore, spec: JobSpec, out_dir: Path, fmt: ExportFormat 
                 yield record
 
         if fmt == "jsonl":
-            with partial_results.open("wb") as handle:
-                for record in counted():
-                    handle.write(orjson.dumps(record) + b"\n")
+            for record in counted():
+                handle.write(orjson.dumps(record) + b"\n")
         elif fmt == "csv":
-            with partial_results.open("w", newline="", encoding="utf-8") as handle:
-                writer: csv.DictWriter | None = None
-                for record in counted():
-                    flat = _flat(record)
-                    if writer is None:
-                        writer = csv.DictWriter(handle, fieldnames=list(flat))
-                        writer.writeheader()
-                    writer.writerow(flat)
+            writer: csv.DictWriter | None = None
+            for record in counted():
+                flat = _flat(record)
+                if writer is None:
+                    writer = csv.DictWriter(handle, fieldnames=list(flat))
+                    writer.writeheader()
+                writer.writerow(flat)
         else:
             import pyarrow as pa
             import pyarrow.parquet as pq
@@ -94,17 +90,22 @@ def export_job(store: JobStore, spec: JobSpec, out_dir: Path, fmt: ExportFormat 
             for record in counted():
                 batch.append(_flat(record))
                 if len(batch) == 4096:
-                    writer_pq = _write_batch(pq, pa, partial_results, writer_pq, batch)
+                    writer_pq = _write_batch(pq, pa, handle, writer_pq, batch)
                     batch = []
             if batch or writer_pq is None:
-                writer_pq = _write_batch(pq, pa, partial_results, writer_pq, batch)
+                writer_pq = _write_batch(pq, pa, handle, writer_pq, batch)
             writer_pq.close()
-    os.replace(partial_results, results_path)
-    os.replace(partial_failures, failures_path)
-    return {"results": str(results_path), "failures": str(failures_path), "records": written, "failed": failed}
+    manifest = write_manifest(store, spec, out_dir)
+    return {
+        "results": str(results_path), "failures": str(failures_path), "manifest": str(manifest),
+        "records": written, "failed": failed,
+    }  # fmt: skip
 
 
-def _write_batch(pq: Any, pa: Any, path: Path, writer: Any, batch: list[dict[str, Any]]) -> Any:
+_OPEN: dict[str, dict[str, Any]] = {"jsonl": {}, "parquet": {}, "csv": {"mode": "w", "newline": "", "encoding": "utf-8"}}
+
+
+def _write_batch(pq: Any, pa: Any, sink: Any, writer: Any, batch: list[dict[str, Any]]) -> Any:
     schema = pa.schema(
         [
             ("row", pa.int64()),
@@ -121,9 +122,38 @@ def _write_batch(pq: Any, pa: Any, path: Path, writer: Any, batch: list[dict[str
             ("engine_us", pa.int64()),
             ("finish_reason", pa.string()),
             ("attempts", pa.int64()),
+            ("model", pa.string()),
+            ("request_id", pa.string()),
+            ("started_at", pa.string()),
+            ("finished_at", pa.string()),
+            ("latency_ms", pa.float64()),
+            ("errors", pa.string()),
+            ("line", pa.int64()),
         ]
     )
     if writer is None:
-        writer = pq.ParquetWriter(path, schema)
+        writer = pq.ParquetWriter(sink, schema)
     writer.write_table(pa.Table.from_pylist(batch, schema=schema))
     return writer
+
+
+def remove_job_files(spec: JobSpec) -> list[Path]:
+    """Remove what the job wrote in its folder (nothing else there), and the folder if that empties it."""
+    import shutil
+
+    folder = Path(spec.out_dir)
+    written = [folder / "shards", folder / "logs", folder / "manifest.json", folder / "failures.jsonl"]
+    written += [folder / f"results.{fmt}" for fmt in ("jsonl", "csv", "parquet")]
+    removed = []
+    for path in written:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        removed.append(path)
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+        removed.append(folder)
+    return removed

@@ -5,7 +5,7 @@ Every figure is computed from committed state only, so it is the same after a cr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 
 from config.prices import PriceTable
@@ -31,6 +31,10 @@ class CostReport:
     backend: str
     models: list[ModelCost]
     comparison_model: str | None = None
+    # Answers for rows already done (a chunk run twice at once): paid, never committed. The bill is
+    # cost_usd + paid_twice_usd.
+    paid_twice: dict[str, dict[str, int]] = field(default_factory=dict)
+    paid_twice_usd: Decimal = Decimal(0)
 
     @property
     def cost_usd(self) -> Decimal:
@@ -52,6 +56,7 @@ class CostReport:
             "backend": self.backend,
             "cost_usd": float(self.cost_usd),
             "caching_saved_usd": float(self.caching_saved_usd),
+            "paid_twice": {"models": self.paid_twice, "cost_usd": float(self.paid_twice_usd)},
             "models": [
                 {"model": m.model, "requests": m.requests, "failed_attempts": m.failed_attempts, **m.usage.model_dump(),
                  "cost_usd": float(m.cost_usd)}
@@ -86,4 +91,14 @@ def cost_report(spec: JobSpec, status: JobStatus, prices: PriceTable) -> CostRep
         as_sent = Usage(input_tokens=usage.input_tokens + usage.cache_read_input_tokens, output_tokens=usage.output_tokens)
         api_cost = prices.price_for(prices.comparison_model).cost_usd(**as_sent.token_counts()) if prices.comparison_model else None
         models.append(ModelCost(model, requests, usage, prices.engine_cost_usd(usage.engine_us), api_cost, failed))
-    return CostReport(spec.job_id, spec.backend, models, prices.comparison_model if local else None)
+    twice = status.paid_twice
+    twice_usd = sum(
+        (
+            prices.engine_cost_usd(usage.engine_us) if local else prices.price_for(model).cost_usd(**usage.token_counts())
+            for model, usage in twice.usage_by_model.items()
+        ),
+        Decimal(0),
+    )
+    return CostReport(
+        spec.job_id, spec.backend, models, prices.comparison_model if local else None, twice.as_dict(), twice_usd
+    )

@@ -6,9 +6,13 @@ twice. A row that cannot be read or rendered is committed at once as a failed it
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
+
+import redis
 
 from jobs.readers import InvalidRow, iter_rows
 from jobs.shards import flush_chunk, shards_reachable
@@ -21,22 +25,23 @@ OnChunk = Callable[[ChunkPayload, bool], None]
 _ROOM_POLL_S = 0.2
 
 
-def _chunks(spec: JobSpec, start_row: int) -> Iterator[tuple[ChunkPayload, list[ItemOutcome]]]:
+def _chunks(spec: JobSpec, start_row: int, digest: Any) -> Iterator[tuple[ChunkPayload, list[ItemOutcome]]]:
     requests: list[RenderedRequest] = []
     failures: list[ItemOutcome] = []
     first_row = start_row
     row_count = 0
-    for row_number, row in iter_rows(Path(spec.input_path), spec.input_format, skip=start_row):
+    rows = iter_rows(Path(spec.input_path), spec.input_format, start_row, spec.max_row_bytes, digest)
+    for row_number, line, row in rows:
         if row_count == 0:
             first_row = row_number
         row_count += 1
         if isinstance(row, InvalidRow):
-            failures.append(ItemOutcome.failure(row_number, ErrorKind.invalid_row, row.reason))
+            failures.append(ItemOutcome.failure(row_number, ErrorKind.invalid_row, row.reason, line=line))
         else:
             try:
-                requests.append(render_request(spec.pipeline, row_number, row))
+                requests.append(render_request(spec.pipeline, row_number, row, line))
             except RenderError as bad:
-                failures.append(ItemOutcome.failure(row_number, ErrorKind.render_error, str(bad)))
+                failures.append(ItemOutcome.failure(row_number, ErrorKind.render_error, str(bad), line=line))
         if row_count == spec.chunk_size:
             yield ChunkPayload(chunk_id=chunk_id_for(first_row), first_row=first_row, row_count=row_count, requests=requests), failures
             requests, failures, row_count = [], [], 0
@@ -55,6 +60,10 @@ def _wait_for_room(spec: JobSpec, store: JobStore, max_pending_rows: int, on_wai
         time.sleep(_ROOM_POLL_S)
 
 
+class ProducerFailed(RuntimeError):
+    """The input could not be read on (a corrupt file, a lost disk): the job is failed, resumable."""
+
+
 def produce(
     spec: JobSpec,
     store: JobStore,
@@ -68,9 +77,26 @@ def produce(
     without parsing the rows before it: that chunk is produced again (adding nothing twice) in case
     its unreadable rows were not yet committed as failed when the producer died.
     """
+    try:
+        return _produce(spec, store, on_chunk, max_pending_rows, on_wait)
+    except Exception as error:  # noqa: BLE001 - whatever stops the producer must not leave the job producing forever
+        message = f"the producer stopped: {type(error).__name__}: {error}"
+        with contextlib.suppress(redis.RedisError):  # Redis itself gone: the job stays producing, resumable
+            store.fail_job(spec.job_id, message)
+        raise ProducerFailed(message) from error
+
+
+def _produce(
+    spec: JobSpec,
+    store: JobStore,
+    on_chunk: OnChunk | None,
+    max_pending_rows: int | None,
+    on_wait: Callable[[], None] | None,
+) -> int:
     start_row = store.last_chunk_first_row(spec.job_id) or 0
     rows = start_row
-    for chunk, failures in _chunks(spec, start_row):
+    digest = hashlib.sha256()  # the input's, for the manifest: every byte streams past, skipped rows too
+    for chunk, failures in _chunks(spec, start_row, digest):
         if max_pending_rows is not None:
             _wait_for_room(spec, store, max_pending_rows, on_wait)
         if not store.is_runnable(spec.job_id):
@@ -84,5 +110,5 @@ def produce(
         if on_chunk is not None:
             on_chunk(chunk, added)
     else:
-        store.finish_producing(spec.job_id)
+        store.finish_producing(spec.job_id, digest.hexdigest())
     return rows

@@ -1,27 +1,35 @@
-"""Streams a dataset's rows one at a time, never loading the file: JSONL, CSV and Parquet.
+"""Streams a dataset's rows one at a time, never loading the file: JSONL, JSON arrays, CSV and Parquet.
 
-Each row comes out numbered from 0 in file order, as a dict or as an `InvalidRow` carrying the reason
-it cannot be read, so one bad line fails one item and the rest of the job goes on.
+Each row comes out numbered from 0 in file order, with the line it starts on (for Parquet and JSON
+arrays: its position, from 1), as a dict or as an `InvalidRow` carrying the reason it cannot be read,
+so one bad line fails one item and the rest of the job goes on.
 """
 
 from __future__ import annotations
 
 import csv
+import io
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import IO, Any, Iterator, Literal
 
 import orjson
 
-InputFormat = Literal["jsonl", "csv", "parquet"]
+InputFormat = Literal["jsonl", "json", "csv", "parquet"]
+INPUT_FORMATS: tuple[InputFormat, ...] = ("jsonl", "json", "csv", "parquet")
 _SUFFIXES: dict[str, InputFormat] = {
     ".jsonl": "jsonl",
     ".ndjson": "jsonl",
-    ".json": "jsonl",
+    ".json": "json",
     ".csv": "csv",
     ".parquet": "parquet",
     ".pq": "parquet",
 }
+_BOM = b"\xef\xbb\xbf"
+
+# The csv module refuses fields over 128 KiB by default; a row's size is bounded by max_row_bytes.
+csv.field_size_limit(sys.maxsize)
 
 
 @dataclass(frozen=True)
@@ -37,62 +45,143 @@ def detect_format(path: Path) -> InputFormat:
     for suffix in reversed(suffixes):
         if suffix in _SUFFIXES:
             return _SUFFIXES[suffix]
-    raise ValueError(f"cannot tell the format of {path} from its name; pass --format jsonl|csv|parquet")
+    raise ValueError(f"cannot tell the format of {path} from its name; pass --format {'|'.join(INPUT_FORMATS)}")
 
 
-def iter_rows(path: Path, input_format: InputFormat, skip: int = 0) -> Iterator[tuple[int, Row]]:
-    """Rows numbered from 0; the first `skip` rows are passed over without being parsed."""
-    readers = {"jsonl": _jsonl_rows, "csv": _csv_rows, "parquet": _parquet_rows}
-    yield from enumerate(readers[input_format](path, skip), start=skip)
+class _Hashing(io.RawIOBase):
+    """The file's bytes, hashed as they stream past: every byte is read once, in order, skipped rows too."""
+
+    def __init__(self, raw: IO[bytes], digest: Any):
+        self.raw, self.digest = raw, digest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        count = self.raw.readinto(buffer)
+        self.digest.update(memoryview(buffer)[:count])
+        return count
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
 
 
-def _jsonl_rows(path: Path, skip: int) -> Iterator[Row]:
-    with path.open("rb") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue  # blank lines are not rows
-            if skip:
-                skip -= 1
-                continue
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError as bad:
-                yield InvalidRow(f"line {line_number}: not valid UTF-8 ({bad.reason} at byte {bad.start})")
-                continue
-            try:
-                value = orjson.loads(line)
-            except orjson.JSONDecodeError as bad:
-                yield InvalidRow(f"line {line_number}: not valid JSON ({bad})")
-                continue
-            if not isinstance(value, dict):
-                yield InvalidRow(f"line {line_number}: a JSON {type(value).__name__}, not an object")
-                continue
-            yield value
+def _open(path: Path, digest: Any = None) -> io.BufferedReader:
+    raw = path.open("rb", buffering=0)
+    return io.BufferedReader(_Hashing(raw, digest) if digest is not None else raw)  # type: ignore[arg-type]
 
 
-def _csv_rows(path: Path, skip: int) -> Iterator[Row]:
+def iter_rows(
+    path: Path, input_format: InputFormat, skip: int = 0, max_row_bytes: int | None = None, digest: Any = None
+) -> Iterator[tuple[int, int, Row]]:
+    """(row number from 0, line, row); the first `skip` rows are passed over without being parsed.
+
+    A row bigger than `max_row_bytes` (as read, or as JSON for Parquet) is an `InvalidRow`. A
+    `hashlib` digest given is fed the whole file's bytes as the rows stream (once they all have).
+    """
+    readers = {"jsonl": _jsonl_rows, "json": _json_rows, "csv": _csv_rows, "parquet": _parquet_rows}
+    limit = max_row_bytes or sys.maxsize
+    rows = readers[input_format](path, skip, digest)
+    for row_number, (line, row, size) in enumerate(rows, start=skip):
+        if size > limit and not isinstance(row, InvalidRow):
+            row = InvalidRow(f"line {line}: the row is {size:,} bytes, over PROMPTMILL_MAX_ROW_BYTES ({limit:,})")
+        yield row_number, line, row
+
+
+_Read = Iterator[tuple[int, Row, int]]  # (line, row, its size in bytes)
+
+
+def _jsonl_rows(path: Path, skip: int, digest: Any = None) -> _Read:
+    with _open(path, digest) as handle:
+        yield from _jsonl_lines(handle, skip)
+
+
+def _jsonl_lines(handle: IO[bytes], skip: int) -> _Read:
+    for line_number, line in enumerate(handle, start=1):
+        if line_number == 1 and line.startswith(_BOM):
+            line = line[len(_BOM) :]
+        if not line.strip():
+            continue  # blank lines are not rows
+        if skip:
+            skip -= 1
+            continue
+        yield line_number, _json_object(line, line_number), len(line)
+
+
+def _json_object(raw: bytes, line: int) -> Row:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        return InvalidRow(f"line {line}: not valid UTF-8 ({bad.reason} at byte {bad.start})")
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as bad:
+        return InvalidRow(f"line {line}: not valid JSON ({bad})")
+    if not isinstance(value, dict):
+        return InvalidRow(f"line {line}: a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def _json_rows(path: Path, skip: int, digest: Any = None) -> _Read:
+    """A `.json` file: an array of objects, streamed item by item; anything else is read as JSONL."""
+    with _open(path, digest) as handle:
+        if _first_char(handle) != b"[":
+            yield from _jsonl_lines(handle, skip)
+            return
+        import ijson
+
+        items = ijson.items(handle, "item", use_float=True)
+        position = 0
+        try:
+            for position, value in enumerate(items, start=1):
+                if position <= skip:
+                    continue
+                if not isinstance(value, dict):
+                    yield position, InvalidRow(f"item {position}: a JSON {type(value).__name__}, not an object"), 0
+                    continue
+                yield position, value, len(orjson.dumps(value, default=str))
+        except ijson.JSONError as bad:
+            # The array is cut or broken from here on: one failed item says where, nothing after it.
+            yield position + 1, InvalidRow(f"item {position + 1}: the JSON array is not valid from here ({bad})"), 0
+
+
+def _first_char(handle: io.BufferedReader) -> bytes:
+    start = handle.peek(4096)  # read nothing: the reader after this sees the whole file
+    if start.startswith(_BOM):
+        start = start[len(_BOM) :]
+    return start.lstrip()[:1]
+
+
+def _csv_rows(path: Path, skip: int, digest: Any = None) -> _Read:
     # surrogateescape keeps undecodable bytes as lone surrogates, so one bad row is caught below
     # instead of the decoder stopping the whole file.
-    with path.open("r", encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
+    binary = _open(path, digest)
+    with io.TextIOWrapper(binary, encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
         reader = csv.reader(handle)
         try:
             header = next(reader)
         except StopIteration:
             return
-        for record in reader:
+        while True:
+            line = reader.line_num + 1  # where the next record starts
+            try:
+                record = next(reader)
+            except StopIteration:
+                return
             if not record:
                 continue
             if skip:
                 skip -= 1
                 continue
-            where = f"line {reader.line_num}"
+            where = f"line {line}"
             if len(record) != len(header):
-                yield InvalidRow(f"{where}: {len(record)} fields where the header has {len(header)}")
+                yield line, InvalidRow(f"{where}: {len(record)} fields where the header has {len(header)}"), 0
                 continue
             if any(_has_surrogates(value) for value in record):
-                yield InvalidRow(f"{where}: not valid UTF-8")
+                yield line, InvalidRow(f"{where}: not valid UTF-8"), 0
                 continue
-            yield dict(zip(header, record))
+            yield line, dict(zip(header, record)), sum(len(value.encode()) for value in record)
 
 
 def _has_surrogates(text: str) -> bool:
@@ -103,16 +192,25 @@ def _has_surrogates(text: str) -> bool:
     return False
 
 
-def _parquet_rows(path: Path, skip: int) -> Iterator[Row]:
+def _parquet_rows(path: Path, skip: int, digest: Any = None) -> _Read:
     import pyarrow.parquet as pq
 
+    if digest is not None:  # pyarrow reads by offsets, not in order: hash the file as a stream of its own
+        with _open(path, digest) as handle:
+            while handle.read(1 << 20):
+                pass
     parquet = pq.ParquetFile(path)
+    position = 0
     for batch in parquet.iter_batches(batch_size=1024):
         if skip >= batch.num_rows:
             skip -= batch.num_rows
+            position += batch.num_rows
             continue
-        yield from batch.slice(skip).to_pylist()
+        position += skip
+        for row in batch.slice(skip).to_pylist():
+            position += 1
+            yield position, row, len(orjson.dumps(row, default=str))
         skip = 0
 
 
-__all__ = ["InvalidRow", "InputFormat", "Row", "detect_format", "iter_rows"]
+__all__ = ["INPUT_FORMATS", "InvalidRow", "InputFormat", "Row", "detect_format", "iter_rows"]

@@ -13,12 +13,12 @@ submitter's folder (another machine, no shared filesystem) leaves its outcomes i
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Iterator
 
 import orjson
 
+from jobs.files import atomic_write
 from jobs.spec import JobSpec
 from jobs.store import JobStore
 from pipelines.items import ItemOutcome
@@ -54,14 +54,11 @@ def _shard_path(spec: JobSpec, chunk_id: str) -> Path:
     return shard_dir(spec) / f"{chunk_id}.jsonl"
 
 
-def _write_atomically(path: Path, outcomes: list[ItemOutcome]) -> None:
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    with partial.open("wb") as handle:
+def _write_shard(path: Path, outcomes: list[ItemOutcome]) -> None:
+    # The shard and its folder entry are on disk before Redis lets go of its copy.
+    with atomic_write(path) as handle:
         for outcome in outcomes:
             handle.write(orjson.dumps(outcome.model_dump(mode="json")) + b"\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
 
 
 def flush_chunk(store: JobStore, spec: JobSpec, chunk_id: str) -> bool:
@@ -71,7 +68,7 @@ def flush_chunk(store: JobStore, spec: JobSpec, chunk_id: str) -> bool:
     (outcomes,) = store.chunk_outcomes(spec.job_id, [chunk_id])
     if len(outcomes) < store.chunk_row_count(spec.job_id, chunk_id):
         return False
-    _write_atomically(_shard_path(spec, chunk_id), outcomes)
+    _write_shard(_shard_path(spec, chunk_id), outcomes)
     store.mark_flushed(spec.job_id, chunk_id)
     return True
 
@@ -95,8 +92,8 @@ def _read_shard(spec: JobSpec, chunk_id: str) -> list[ItemOutcome]:
         ) from None
 
 
-def iter_outcomes(store: JobStore, spec: JobSpec) -> Iterator[ItemOutcome]:
-    """Every committed outcome of the job in input order, from its shards and from Redis."""
+def outcomes_by_chunk(store: JobStore, spec: JobSpec) -> Iterator[tuple[str, list[ItemOutcome]]]:
+    """Each chunk's committed outcomes in input order, from its shard or from Redis."""
     chunk_ids = store.chunk_ids(spec.job_id)
     flushed = store.flushed_chunks(spec.job_id)
     for start in range(0, len(chunk_ids), _PAGE):
@@ -106,4 +103,10 @@ def iter_outcomes(store: JobStore, spec: JobSpec) -> Iterator[ItemOutcome]:
         if unflushed:
             flushed = store.flushed_chunks(spec.job_id)  # a worker may have flushed one as we read it
         for chunk_id in page:
-            yield from _read_shard(spec, chunk_id) if chunk_id in flushed else in_redis[chunk_id]
+            yield chunk_id, _read_shard(spec, chunk_id) if chunk_id in flushed else in_redis[chunk_id]
+
+
+def iter_outcomes(store: JobStore, spec: JobSpec) -> Iterator[ItemOutcome]:
+    """Every committed outcome of the job in input order, from its shards and from Redis."""
+    for _, outcomes in outcomes_by_chunk(store, spec):
+        yield from outcomes

@@ -8,6 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from config.settings import MAX_CHUNK_SIZE
+from jobs.readers import InputFormat
 from pipelines.spec import Pipeline, RateLimits
 
 Backend = Literal["anthropic", "vllm"]
@@ -24,12 +26,15 @@ class JobSpec(BaseModel):
     pipeline: Pipeline
     backend: Backend
     input_path: str
-    input_format: Literal["jsonl", "csv", "parquet"]
+    input_format: InputFormat
     out_dir: str
-    chunk_size: int = Field(ge=1)
+    chunk_size: int = Field(ge=1, le=MAX_CHUNK_SIZE)
     limits: RateLimits = Field(default_factory=RateLimits, description="The account's limits, fleet-wide.")
     max_in_flight: int = Field(ge=1, description="The most requests in flight per worker process.")
     max_attempts: int = Field(ge=1)
+    max_row_bytes: int = Field(default=4 * 1024 * 1024, ge=1, description="A bigger row fails alone.")
+    pipeline_path: str | None = None
+    pipeline_text: str | None = Field(default=None, description="The pipeline file as submitted, for the manifest.")
     created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
 
     @property

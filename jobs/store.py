@@ -22,9 +22,14 @@ Cluster slot and the Lua scripts below may touch them together.
                                 worker's (poison-row guard; only written in that careful mode)
     pm:{JOB}:flushed            set of chunk ids whose outcomes are in result shards on disk, their
                                 results, payload and bookkeeping gone from Redis
-    pm:{JOB}:sweep              a short lock: one worker at a time looks for orphaned chunks
+    pm:{JOB}:paid_twice         hash, as the ledger: answers that came for rows already done (a chunk
+                                run twice at once), paid for but not committed: ledger + this = bill
+    pm:{JOB}:retried            hash, as the ledger: the usage of failed outcomes that `resume
+                                --retry-failed` replaced (paid for, so the ledger keeps it; verify adds it)
+    pm:{JOB}:hosts              set of the hosts whose workers ran the job's chunks (the manifest)
+    pm:{JOB}:sweep              a short lock: one worker at a time looks for lost chunks
     pm:{JOB}:resent             hash: chunk id -> its run count when the sweeper last sent it again
-    pm:{JOB}:stranded           hash: chunk id -> when the sweeper last sent it for want of a message
+    pm:{JOB}:sent_at            hash: chunk id -> when the sweeper last sent it
     pm:limit:{SCOPE}            hash: the fleet's rate-limit buckets for one account and model, with
                                 the limits learned from the provider's headers (workers/rate_limit.py)
 """
@@ -34,16 +39,24 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Iterator
 
 import orjson
 import redis
 from pydantic import BaseModel
 
+from config.celery_config import REDIS_CONNECTION_OPTIONS
 from jobs.spec import JobSpec
 from pipelines.items import ItemOutcome, RenderedRequest, Usage
 
 _USAGE_FIELDS = tuple(Usage.model_fields)
 JOBS_INDEX = "pm:jobs"
+
+
+def connect(url: str, **options: object) -> redis.Redis:
+    """A client with socket timeouts, keepalive and health checks: a silent network drop fails its
+    command instead of hanging it. `redis://:PASSWORD@host:port/db` and `rediss://` URLs work."""
+    return redis.Redis.from_url(url, **{**REDIS_CONNECTION_OPTIONS, **options})
 
 
 def _key(job_id: str, *parts: str) -> str:
@@ -83,6 +96,42 @@ class Budget:
 
 
 @dataclass
+class LedgerPart:
+    """Requests, failed attempts and tokens by model, as one ledger hash holds them."""
+
+    usage_by_model: dict[str, Usage] = field(default_factory=dict)
+    requests_by_model: dict[str, int] = field(default_factory=dict)
+    failed_attempts_by_model: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, raw: dict[bytes, bytes]) -> "LedgerPart":
+        part = cls()
+        usage_fields: dict[str, dict[str, int]] = {}
+        for raw_name, raw_value in raw.items():
+            model, _, name = raw_name.decode().rpartition("|")
+            if name == "requests":
+                part.requests_by_model[model] = int(raw_value)
+            elif name == "failed_attempts":
+                part.failed_attempts_by_model[model] = int(raw_value)
+            else:
+                usage_fields.setdefault(model, {})[name] = int(raw_value)
+        part.usage_by_model = {model: Usage(**fields) for model, fields in usage_fields.items()}
+        return part
+
+    @property
+    def usage(self) -> Usage:
+        return sum(self.usage_by_model.values(), Usage())
+
+    def as_dict(self) -> dict[str, dict[str, int]]:
+        """By model: requests and each kind of token."""
+        models = sorted(set(self.usage_by_model) | set(self.requests_by_model))
+        return {
+            model: {"requests": self.requests_by_model.get(model, 0), **self.usage_by_model.get(model, Usage()).model_dump()}
+            for model in models
+        }
+
+
+@dataclass
 class JobStatus:
     job_id: str
     state: JobState
@@ -95,6 +144,10 @@ class JobStatus:
     requests_by_model: dict[str, int] = field(default_factory=dict)
     failed_attempts_by_model: dict[str, int] = field(default_factory=dict)
     limit_scope: str | None = None
+    paid_twice: LedgerPart = field(default_factory=LedgerPart)
+    created_at: float | None = None
+    finished_at: float | None = None
+    input_sha256: str | None = None  # once the producer has read the whole input
 
     @property
     def total(self) -> int:
@@ -110,10 +163,7 @@ class JobStatus:
 
     @property
     def usage(self) -> Usage:
-        total = Usage()
-        for usage in self.usage_by_model.values():
-            total = total + usage
-        return total
+        return sum(self.usage_by_model.values(), Usage())
 
 
 def chunk_id_for(first_row: int) -> str:
@@ -122,15 +172,22 @@ def chunk_id_for(first_row: int) -> str:
 
 # Commit one outcome: result, done mark and usage in one step, and only once per row.
 # A chunk already flushed to its shard is complete: nothing more is written for it.
+# An answer for a row already done (its chunk ran twice at once) was paid for all the same: its usage
+# goes to the paid_twice ledger, so the ledger and paid_twice add up to the provider's bill.
 _COMMIT = """
-if redis.call('SISMEMBER', KEYS[4], ARGV[6]) == 1 then return 0 end
-if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
-redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
 local model = ARGV[4]
-if tonumber(ARGV[5]) > 0 then redis.call('HINCRBY', KEYS[3], model .. '|requests', ARGV[5]) end
-for i = 7, #ARGV, 2 do
-  if tonumber(ARGV[i + 1]) ~= 0 then redis.call('HINCRBY', KEYS[3], model .. '|' .. ARGV[i], ARGV[i + 1]) end
+local function account(ledger)
+  if tonumber(ARGV[5]) > 0 then redis.call('HINCRBY', ledger, model .. '|requests', ARGV[5]) end
+  for i = 7, #ARGV, 2 do
+    if tonumber(ARGV[i + 1]) ~= 0 then redis.call('HINCRBY', ledger, model .. '|' .. ARGV[i], ARGV[i + 1]) end
+  end
 end
+if redis.call('SISMEMBER', KEYS[4], ARGV[6]) == 1 or redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then
+  account(KEYS[5])
+  return 0
+end
+redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
+account(KEYS[3])
 return 1
 """
 
@@ -165,7 +222,88 @@ redis.call('SADD', KEYS[1], ARGV[1])
 redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
 redis.call('HDEL', KEYS[6], ARGV[1])
 redis.call('HDEL', KEYS[7], ARGV[1])
+redis.call('HDEL', KEYS[8], ARGV[1])
 return 1
+"""
+
+# The producer is done: running, unless the job was cancelled, failed or paused meanwhile.
+_FINISH_PRODUCING = """
+redis.call('HSET', KEYS[1], 'produced', 1)
+if ARGV[1] ~= '' then redis.call('HSET', KEYS[1], 'input_sha256', ARGV[1]) end
+if redis.call('HGET', KEYS[1], 'state') == 'producing' then redis.call('HSET', KEYS[1], 'state', 'running') end
+return 1
+"""
+
+# A new cap. What is held for requests in flight is let go only on a stopped job (whose holders died
+# or are settling): zeroing it under running workers would let them pass the cap.
+_SET_BUDGET = """
+if ARGV[1] == '' then redis.call('HDEL', KEYS[1], 'budget_micro') else redis.call('HSET', KEYS[1], 'budget_micro', ARGV[1]) end
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'producing' and state ~= 'running' then redis.call('HSET', KEYS[2], 'held', 0) end
+local spent = tonumber(redis.call('HGET', KEYS[2], 'spent') or '0')
+if tonumber(ARGV[2]) > spent then redis.call('HSET', KEYS[2], 'spent', ARGV[2]) end
+return 1
+"""
+
+# Settle a request: what it held goes (never below zero: a resume may have let it go already), what
+# it cost is spent.
+_SETTLE_BUDGET = """
+local held = tonumber(redis.call('HGET', KEYS[1], 'held') or '0') - tonumber(ARGV[1])
+redis.call('HSET', KEYS[1], 'held', math.max(held, 0))
+redis.call('HINCRBY', KEYS[1], 'spent', ARGV[2])
+return 1
+"""
+
+# Find the job's lost chunks in one step. A chunk is lost when it is incomplete, unflushed and
+# unleased, and either (orphaned) a worker started it and died (its run count moved past the count
+# it was last sent again at), or (stranded, only when the queue is empty) no message for it exists:
+# it died in a dead worker's reserved or delayed messages, a resent copy among them. The guard is
+# the loss itself (a run count, a time), never the chunk: a chunk lost twice is sent twice.
+# ARGV: now (s), how long a chunk sent must wait before it counts as stranded (s), queue empty (0/1),
+# the job's key prefix.
+_SWEEP = """
+local now, wait, queue_empty, prefix = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3] == '1', ARGV[4]
+local lost = {}
+for _, chunk in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+  if redis.call('SISMEMBER', KEYS[3], chunk) == 0 and redis.call('EXISTS', prefix .. 'lease:' .. chunk) == 0 then
+    local rows = tonumber(redis.call('HGET', KEYS[2], chunk) or '0')
+    if redis.call('HLEN', prefix .. 'results:' .. chunk) < rows then
+      local runs = redis.call('HGET', KEYS[4], chunk)
+      local sent_at = tonumber(redis.call('HGET', KEYS[6], chunk) or '0')
+      if runs and runs ~= redis.call('HGET', KEYS[5], chunk) then
+        redis.call('HSET', KEYS[5], chunk, runs)
+        redis.call('HSET', KEYS[6], chunk, now)
+        table.insert(lost, chunk)
+      elseif queue_empty and now - sent_at >= wait then
+        redis.call('HSET', KEYS[6], chunk, now)
+        table.insert(lost, chunk)
+      end
+    end
+  end
+end
+return lost
+"""
+
+# `resume --retry-failed`: put a chunk's failed rows back to pending. ARGV[1] is JSON: the chunk id,
+# its payload (the requests to send), the outcomes to keep (a flushed chunk's come back from its
+# shard) and the rows to retry with their attempts so far and the usage their failed answers cost,
+# which stays paid (the `retried` ledger) while the rows' new outcomes are committed.
+_REQUEUE_FAILED = """
+local a = cjson.decode(ARGV[1])
+if redis.call('SREM', KEYS[3], a.chunk) == 1 then
+  for row, outcome in pairs(a.keep) do redis.call('HSET', KEYS[1], row, outcome) end
+end
+for _, r in ipairs(a.retry) do
+  redis.call('HDEL', KEYS[1], r.row)
+  redis.call('HSET', KEYS[5], r.row, r.attempts)
+  if r.answered then redis.call('HINCRBY', KEYS[6], r.model .. '|requests', 1) end
+  for name, value in pairs(r.usage) do
+    if value ~= 0 then redis.call('HINCRBY', KEYS[6], r.model .. '|' .. name, value) end
+  end
+end
+redis.call('HINCRBY', KEYS[2], 'failed', -#a.retry)
+redis.call('SET', KEYS[4], a.payload)
+return #a.retry
 """
 
 # Release a lease only if we still hold it.
@@ -188,10 +326,15 @@ class JobStore:
         self._renew = client.register_script(_RENEW)
         self._mark_flushed = client.register_script(_MARK_FLUSHED)
         self._hold_budget = client.register_script(_HOLD_BUDGET)
+        self._set_budget = client.register_script(_SET_BUDGET)
+        self._settle_budget = client.register_script(_SETTLE_BUDGET)
+        self._finish_producing = client.register_script(_FINISH_PRODUCING)
+        self._sweep = client.register_script(_SWEEP)
+        self._requeue_failed = client.register_script(_REQUEUE_FAILED)
 
     @classmethod
-    def from_url(cls, url: str) -> "JobStore":
-        return cls(redis.Redis.from_url(url, health_check_interval=30))
+    def from_url(cls, url: str, **options: object) -> "JobStore":
+        return cls(connect(url, **options))
 
     # -- the job -----------------------------------------------------------------------------
 
@@ -199,9 +342,11 @@ class JobStore:
         created = self.redis.set(_key(spec.job_id, "spec"), spec.model_dump_json(), nx=True)
         if not created:
             raise ValueError(f"job {spec.job_id} already exists")
+        now = time.time()
         with self.redis.pipeline() as pipe:
-            pipe.hset(_key(spec.job_id, "meta"), mapping={"state": JobState.producing, "rows_produced": 0})
-            pipe.zadd(JOBS_INDEX, {spec.job_id: time.time()})
+            meta = {"state": JobState.producing, "rows_produced": 0, "created_at": now}
+            pipe.hset(_key(spec.job_id, "meta"), mapping=meta)
+            pipe.zadd(JOBS_INDEX, {spec.job_id: now})
             pipe.execute()
 
     def exists(self, job_id: str) -> bool:
@@ -214,7 +359,96 @@ class JobStore:
         return JobSpec.model_validate_json(raw)
 
     def job_ids(self) -> list[str]:
-        return [raw.decode() for raw in self.redis.zrange(JOBS_INDEX, 0, -1)]
+        """The jobs in this Redis, oldest first; those whose keys expired or were deleted leave the index."""
+        ids = [raw.decode() for raw in self.redis.zrange(JOBS_INDEX, 0, -1)]
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.exists(_key(job_id, "spec"))
+            alive = pipe.execute()
+        gone = [job_id for job_id, present in zip(ids, alive) if not present]
+        if gone:
+            self.redis.zrem(JOBS_INDEX, *gone)
+        return [job_id for job_id, present in zip(ids, alive) if present]
+
+    def _job_keys(self, job_id: str) -> Iterator[bytes]:
+        # Braces are literal in a SCAN pattern; they hold every key of the job.
+        return self.redis.scan_iter(match=_key(job_id, "*"), count=1000)
+
+    def delete_job(self, job_id: str) -> int:
+        """Remove every Redis key of the job; returns how many there were."""
+        deleted = 0
+        batch: list[bytes] = []
+        for key in self._job_keys(job_id):
+            batch.append(key)
+            if len(batch) == 500:
+                deleted += self.redis.unlink(*batch)
+                batch = []
+        if batch:
+            deleted += self.redis.unlink(*batch)
+        self.redis.zrem(JOBS_INDEX, job_id)
+        return deleted
+
+    def expire_job(self, job_id: str, ttl_s: float | None) -> None:
+        """Give every key of the job an expiry (None: take it away, for a job that runs again)."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for key in self._job_keys(job_id):
+                if ttl_s is None:
+                    pipe.persist(key)
+                else:
+                    pipe.pexpire(key, int(ttl_s * 1000))
+            pipe.execute()
+
+    def mark_finished(self, job_id: str, ttl_s: float) -> bool:
+        """A complete job whose results are all on disk: record when it finished and let its keys
+        expire after `ttl_s`. False if already done (its meta has an expiry)."""
+        if self.redis.ttl(_key(job_id, "meta")) != -1:
+            return False
+        self.redis.hsetnx(_key(job_id, "meta"), "finished_at", time.time())
+        self.expire_job(job_id, ttl_s)
+        return True
+
+    def reopen(self, job_id: str) -> None:
+        """A finished job runs again (`resume --retry-failed`): its keys no longer expire."""
+        self.expire_job(job_id, None)
+        self.redis.hdel(_key(job_id, "meta"), "finished_at")
+
+    def requeue_failed(
+        self, job_id: str, chunk_id: str, payload: ChunkPayload, keep: list[ItemOutcome], retry: list[ItemOutcome]
+    ) -> int:
+        """Put these failed rows of a chunk back to pending with `payload` as the chunk's requests."""
+        argument = {
+            "chunk": chunk_id,
+            "payload": payload.model_dump_json(),
+            "keep": {str(o.row): o.model_dump_json() for o in keep},
+            "retry": [
+                {
+                    "row": o.row,
+                    "attempts": o.attempts,
+                    "model": o.model or "",
+                    "answered": bool(o.usage.input_tokens or o.usage.output_tokens),
+                    "usage": o.usage.model_dump(),
+                }
+                for o in retry
+            ],
+        }
+        keys = [
+            _key(job_id, "results", chunk_id),
+            _key(job_id, "counters"),
+            _key(job_id, "flushed"),
+            _key(job_id, "chunk", chunk_id),
+            _key(job_id, "attempts", chunk_id),
+            _key(job_id, "retried"),
+        ]
+        return int(self._requeue_failed(keys=keys, args=[orjson.dumps(argument).decode()]))
+
+    def retried_usage(self, job_id: str) -> LedgerPart:
+        return LedgerPart.parse(self.redis.hgetall(_key(job_id, "retried")))
+
+    def add_host(self, job_id: str, host: str) -> None:
+        self.redis.sadd(_key(job_id, "hosts"), host)
+
+    def hosts(self, job_id: str) -> list[str]:
+        return sorted(raw.decode() for raw in self.redis.smembers(_key(job_id, "hosts")))
 
     def stored_state(self, job_id: str) -> JobState:
         raw = self.redis.hget(_key(job_id, "meta"), "state")
@@ -237,34 +471,20 @@ class JobStore:
     def is_runnable(self, job_id: str) -> bool:
         return self.stored_state(job_id).runnable
 
-    def finish_producing(self, job_id: str) -> None:
-        meta = _key(job_id, "meta")
-        with self.redis.pipeline() as pipe:
-            pipe.hset(meta, "produced", 1)
-            pipe.execute()
-        if self.stored_state(job_id) is JobState.producing:
-            self.set_state(job_id, JobState.running)
+    def finish_producing(self, job_id: str, input_sha256: str | None = None) -> None:
+        self._finish_producing(keys=[_key(job_id, "meta")], args=[input_sha256 or ""])
 
     def status(self, job_id: str) -> JobStatus:
         with self.redis.pipeline() as pipe:
             pipe.hgetall(_key(job_id, "meta"))
             pipe.hgetall(_key(job_id, "counters"))
             pipe.hgetall(_key(job_id, "ledger"))
-            meta, counters, ledger = pipe.execute()
+            pipe.hgetall(_key(job_id, "paid_twice"))
+            meta, counters, ledger_raw, paid_twice = pipe.execute()
         if not meta:
             raise KeyError(f"no job {job_id!r} in this Redis")
         meta = {k.decode(): v.decode() for k, v in meta.items()}
-        usage_fields: dict[str, dict[str, int]] = {}
-        requests: dict[str, int] = {}
-        failed_attempts: dict[str, int] = {}
-        for raw_name, raw_value in ledger.items():
-            model, _, name = raw_name.decode().rpartition("|")
-            if name == "requests":
-                requests[model] = int(raw_value)
-            elif name == "failed_attempts":
-                failed_attempts[model] = int(raw_value)
-            else:
-                usage_fields.setdefault(model, {})[name] = int(raw_value)
+        ledger = LedgerPart.parse(ledger_raw)
         status = JobStatus(
             job_id=job_id,
             state=JobState(meta.get("state", JobState.failed)),
@@ -273,10 +493,14 @@ class JobStore:
             rows_produced=int(meta.get("rows_produced", 0)),
             ok=int(counters.get(b"ok", 0)),
             failed=int(counters.get(b"failed", 0)),
-            usage_by_model={model: Usage(**fields) for model, fields in usage_fields.items()},
-            requests_by_model=requests,
-            failed_attempts_by_model=failed_attempts,
+            usage_by_model=ledger.usage_by_model,
+            requests_by_model=ledger.requests_by_model,
+            failed_attempts_by_model=ledger.failed_attempts_by_model,
             limit_scope=meta.get("limit_scope"),
+            paid_twice=LedgerPart.parse(paid_twice),
+            created_at=float(meta["created_at"]) if "created_at" in meta else None,
+            finished_at=float(meta["finished_at"]) if "finished_at" in meta else None,
+            input_sha256=meta.get("input_sha256"),
         )
         if status.state is JobState.running and status.produced and status.pending <= 0:
             status.state = JobState.complete
@@ -332,35 +556,17 @@ class JobStore:
             if chunk_id not in flushed and done < int(row_counts[chunk_id.encode()])
         ]
 
-    def orphaned_chunks(self, job_id: str) -> list[str]:
-        """Chunks a worker started and neither finished nor still holds (their worker died), and that
-        were not sent again since that run: a chunk waiting in the queue is not sent once more."""
-        runs = {raw.decode(): int(count) for raw, count in self.redis.hgetall(_key(job_id, "chunk_runs")).items()}
-        resent = {raw.decode(): int(count) for raw, count in self.redis.hgetall(_key(job_id, "resent")).items()}
-        not_resent = [chunk_id for chunk_id, count in runs.items() if resent.get(chunk_id) != count]
-        orphans = self._unleased(job_id, not_resent)
-        if orphans:
-            self.redis.hset(_key(job_id, "resent"), mapping={chunk_id: runs[chunk_id] for chunk_id in orphans})
-        return orphans
+    def lost_chunks(self, job_id: str, queue_empty: bool, stranded_after_s: float) -> list[str]:
+        """The job's lost chunks, each marked as sent again now (see `_SWEEP`): the caller sends them."""
+        keys = ["chunks", "chunk_rows", "flushed", "chunk_runs", "resent", "sent_at"]
+        lost = self._sweep(
+            keys=[_key(job_id, name) for name in keys],
+            args=[time.time(), stranded_after_s, int(queue_empty), _key(job_id, "")],
+        )
+        return [raw.decode() for raw in lost]
 
-    def stranded_chunks(self, job_id: str, not_before_s: float) -> list[str]:
-        """Incomplete chunks that nobody runs or leases, each at most once per `not_before_s`."""
-        started = set(self.redis.hkeys(_key(job_id, "chunk_runs")))
-        idle = self._unleased(job_id, [c for c in self.incomplete_chunks(job_id) if c.encode() not in started])
-        last_sent = self.redis.hgetall(_key(job_id, "stranded"))
-        now = time.time()
-        stranded = [c for c in idle if now - float(last_sent.get(c.encode(), 0)) >= not_before_s]
-        if stranded:
-            self.redis.hset(_key(job_id, "stranded"), mapping={chunk_id: now for chunk_id in stranded})
-        return stranded
-
-    def _unleased(self, job_id: str, chunk_ids: list[str]) -> list[str]:
-        """Those of these chunks that no worker holds a lease on."""
-        with self.redis.pipeline(transaction=False) as pipe:
-            for chunk_id in chunk_ids:
-                pipe.exists(_key(job_id, "lease", chunk_id))
-            held = pipe.execute()
-        return [chunk_id for chunk_id, leased in zip(chunk_ids, held) if not leased]
+    def is_leased(self, job_id: str, chunk_id: str) -> bool:
+        return bool(self.redis.exists(_key(job_id, "lease", chunk_id)))
 
     def take_sweep_turn(self, job_id: str, every_s: float) -> bool:
         """True for one caller per `every_s` across the fleet."""
@@ -385,6 +591,14 @@ class JobStore:
         counts = self.redis.hmget(_key(job_id, "chunk_rows"), flushed) if flushed else []
         return produced - sum(int(count) for count in counts if count)
 
+    def all_flushed(self, job_id: str) -> bool:
+        """Is every chunk's outcome in its shard on disk (nothing of the job's results only in Redis)?"""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.scard(_key(job_id, "flushed"))
+            pipe.llen(_key(job_id, "chunks"))
+            flushed, chunks = pipe.execute()
+        return flushed == chunks
+
     def is_flushed(self, job_id: str, chunk_id: str) -> bool:
         return bool(self.redis.sismember(_key(job_id, "flushed"), chunk_id))
 
@@ -399,6 +613,7 @@ class JobStore:
                 _key(job_id, "row_starts", chunk_id),
                 _key(job_id, "chunk_runs"),
                 _key(job_id, "resent"),
+                _key(job_id, "sent_at"),
             ],
             args=[chunk_id],
         )
@@ -418,22 +633,14 @@ class JobStore:
     # -- budget ----------------------------------------------------------------------------------
 
     def set_budget(self, job_id: str, usd: float | None, spent_at_least_usd: float = 0.0) -> None:
-        """A new cap (None: none); what is held for requests in flight is counted afresh from here.
+        """A new cap (None: none); on a stopped job, what dead workers held is let go.
 
         Spending is counted only while a cap is set: a job given one late passes in the ledger's cost
         so far as `spent_at_least_usd`.
         """
+        cap = "" if usd is None else round(usd * 1_000_000)
         floor = round(spent_at_least_usd * 1_000_000)
-        spent = int(self.redis.hget(_key(job_id, "budget"), "spent") or 0)
-        with self.redis.pipeline() as pipe:
-            if usd is None:
-                pipe.hdel(_key(job_id, "meta"), "budget_micro")
-            else:
-                pipe.hset(_key(job_id, "meta"), "budget_micro", round(usd * 1_000_000))
-            pipe.hset(_key(job_id, "budget"), "held", 0)
-            if floor > spent:
-                pipe.hincrby(_key(job_id, "budget"), "spent", floor - spent)
-            pipe.execute()
+        self._set_budget(keys=[_key(job_id, "meta"), _key(job_id, "budget")], args=[cap, floor])
 
     def has_budget(self, job_id: str) -> bool:
         return bool(self.redis.hexists(_key(job_id, "meta"), "budget_micro"))
@@ -454,10 +661,7 @@ class JobStore:
         return bool(self._hold_budget(keys=[_key(job_id, "meta"), _key(job_id, "budget")], args=[micro_usd]))
 
     def settle_budget(self, job_id: str, held_micro_usd: int, spent_micro_usd: int) -> None:
-        with self.redis.pipeline() as pipe:
-            pipe.hincrby(_key(job_id, "budget"), "held", -held_micro_usd)
-            pipe.hincrby(_key(job_id, "budget"), "spent", spent_micro_usd)
-            pipe.execute()
+        self._settle_budget(keys=[_key(job_id, "budget")], args=[held_micro_usd, spent_micro_usd])
 
     def add_failed_attempt(self, job_id: str, chunk_id: str, row: int, model: str) -> int:
         """Count a failed attempt before retrying, so a resumed row does not start afresh; the ledger
@@ -507,6 +711,7 @@ class JobStore:
                 _key(job_id, "counters"),
                 _key(job_id, "ledger"),
                 _key(job_id, "flushed"),
+                _key(job_id, "paid_twice"),
             ],
             args=args,
         )

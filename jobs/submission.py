@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from config.prices import PriceTable, UnknownModelError
-from config.settings import Settings
+from config.settings import MAX_CHUNK_SIZE, Settings
 from jobs.readers import InputFormat, detect_format
 from jobs.spec import Backend, JobSpec, new_job_id
 from pipelines.spec import PipelineError, RateLimits, load_pipeline
@@ -48,8 +48,8 @@ def build_spec(
             raise SubmitError(
                 "anthropic_api_key: no API key; set ANTHROPIC_API_KEY (or PROMPTMILL_ANTHROPIC_API_KEY)"
             )
-    if chunk_size is not None and chunk_size < 1:
-        raise SubmitError("--chunk-size must be at least 1")
+    if chunk_size is not None and not 1 <= chunk_size <= MAX_CHUNK_SIZE:
+        raise SubmitError(f"--chunk-size must be from 1 to {MAX_CHUNK_SIZE:,}, not {chunk_size:,}")
     from_settings = RateLimits(rpm=settings.rpm, input_tpm=settings.input_tpm, output_tpm=settings.output_tpm)
     job_limits = (limits or RateLimits()).over(pipeline.limits.over(from_settings))
     job_id = new_job_id()
@@ -64,4 +64,7 @@ def build_spec(
         limits=job_limits,
         max_in_flight=settings.max_in_flight,
         max_attempts=settings.max_attempts,
+        max_row_bytes=settings.max_row_bytes,
+        pipeline_path=str(pipeline_path.resolve()),
+        pipeline_text=pipeline_path.read_text(encoding="utf-8"),
     )

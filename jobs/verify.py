@@ -44,6 +44,10 @@ def verify_job(store: JobStore, spec: JobSpec) -> Verification:
             f"counters say {status.ok:,} ok and {status.failed:,} failed; the outcomes, {ok:,} and {failed:,}"
         )
     names = {spec.model, spec.model + LONG}  # the model at its standard and its long-context rates
+    # Failed outcomes replaced by `resume --retry-failed` were paid for: the ledger keeps them.
+    retried = store.retried_usage(spec.job_id)
+    usage = usage + retried.usage
+    answered += sum(retried.requests_by_model.values())
     ledger = sum((status.usage_by_model.get(name, Usage()) for name in names), Usage())
     if ledger != usage:
         result.problems.append(f"the ledger says {ledger.model_dump()}; the outcomes add up to {usage.model_dump()}")

@@ -51,15 +51,23 @@ class ItemError(BaseModel):
     message: str
 
 
+class AttemptError(BaseModel):
+    """One failed attempt of a row, for its audit record."""
+
+    status: int | str  #: the HTTP status, or timeout, dropped or engine_error
+    message: str
+
+
 class RenderedRequest(BaseModel):
     """One row turned into the user turn of a chat; the system prompt is the pipeline's."""
 
     row: int
     prompt: str
+    line: int = 0  #: where the row starts in the input file (its position, for Parquet and JSON arrays)
 
 
 class ItemOutcome(BaseModel):
-    """The terminal state of one row: what the results file holds for it."""
+    """The terminal state of one row: what the results file holds for it, with its audit fields."""
 
     row: int
     status: Literal["ok", "failed"]
@@ -69,6 +77,13 @@ class ItemOutcome(BaseModel):
     usage: Usage = Field(default_factory=Usage)
     finish_reason: str | None = None
     attempts: int = 0
+    model: str | None = None  #: who answered (None: no model saw the row)
+    request_id: str | None = None  #: the provider's id of the answering request
+    started_at: str | None = None  #: ISO 8601 UTC: the row's first attempt of its last run
+    finished_at: str | None = None  #: ISO 8601 UTC: when its outcome was known
+    latency_ms: float | None = None  #: the answering (or last) request, start to end
+    errors: list[AttemptError] = Field(default_factory=list)  #: every failed attempt, in order
+    line: int = 0  #: where the row starts in the input file (its position, for Parquet and JSON arrays)
 
     @classmethod
     def failure(cls, row: int, kind: ErrorKind, message: str, **extra: Any) -> "ItemOutcome":

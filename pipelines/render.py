@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from string import Formatter
+
+import orjson
 from typing import Any, Mapping
 
 from pipelines.items import RenderedRequest
@@ -13,7 +15,7 @@ class RenderError(ValueError):
     pass
 
 
-def render_request(pipeline: Pipeline, row_number: int, row: Mapping[str, Any]) -> RenderedRequest:
+def render_request(pipeline: Pipeline, row_number: int, row: Mapping[str, Any], line: int = 0) -> RenderedRequest:
     # Each placeholder is looked up as a whole column name, never as an attribute or index path, so
     # a template cannot reach into Python objects.
     parts: list[str] = []
@@ -28,8 +30,12 @@ def render_request(pipeline: Pipeline, row_number: int, row: Mapping[str, Any]) 
             raise RenderError(f"column {field!r} is empty (null)")
         if conversion == "r":
             value = repr(value)
+        elif isinstance(value, (dict, list, tuple)):
+            # Nested values (Parquet structs and lists, JSON objects) go in as JSON, which models read,
+            # not as Python's repr.
+            value = orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
         try:
             parts.append(format(value, spec or ""))
         except (TypeError, ValueError) as bad:
             raise RenderError(f"column {field!r}: cannot format {value!r} with {spec!r}: {bad}") from None
-    return RenderedRequest(row=row_number, prompt="".join(parts))
+    return RenderedRequest(row=row_number, line=line, prompt="".join(parts))

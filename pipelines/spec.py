@@ -5,10 +5,16 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 from string import Formatter
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import jsonschema
+from referencing import Registry, Resource
+from referencing.exceptions import Unresolvable
+from referencing.jsonschema import DRAFT202012
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+_SCHEMA_URI = "urn:promptmill:output-schema"
 
 
 class PipelineError(ValueError):
@@ -39,9 +45,39 @@ class OutputSpec(BaseModel):
                 jsonschema.Draft202012Validator.check_schema(self.json_schema)
             except jsonschema.SchemaError as bad:
                 raise ValueError(f"output.schema is not a valid JSON schema: {bad.message}") from None
+            _check_refs(self.json_schema)
         elif self.json_schema is not None:
             raise ValueError(f"output.schema is only for type = 'json', not {self.type!r}")
         return self
+
+
+def _refs(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("$ref", "$dynamicRef") and isinstance(value, str):
+                yield value
+            else:
+                yield from _refs(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _refs(value)
+
+
+def _check_refs(schema: dict[str, Any]) -> None:
+    """Every `$ref` must point inside the schema: `check_schema` passes a dangling one, and parsing
+    would then fail only after each answer was paid for. Remote refs would fetch at parse time."""
+    resource = Resource.from_contents(schema, default_specification=DRAFT202012)
+    resolver = Registry().with_resource(_SCHEMA_URI, resource).resolver(_SCHEMA_URI)
+    for ref in _refs(schema):
+        if not ref.startswith("#"):
+            raise ValueError(
+                f"output.schema: $ref {ref!r} points outside the schema (remote refs are refused); "
+                "put what it names under $defs and refer to it as '#/$defs/...'"
+            )
+        try:
+            resolver.lookup(ref)
+        except Unresolvable:
+            raise ValueError(f"output.schema: $ref {ref!r} does not resolve within the schema") from None
 
 
 class RateLimits(BaseModel):
@@ -93,6 +129,8 @@ class Pipeline(BaseModel):
     cache_prefix: bool = False
     cache_ttl: Literal["5m", "1h"] = "5m"
     output: OutputSpec = Field(default_factory=OutputSpec)
+    # false: results keep only the parsed `output`, not the model's text (which may quote the input).
+    store_text: bool = True
     limits: RateLimits = Field(default_factory=RateLimits)
     engine: EngineOptions = Field(default_factory=EngineOptions)
 
@@ -143,6 +181,10 @@ def load_pipeline(path: str | Path) -> Pipeline:
         raise PipelineError(f"pipeline file {path} does not exist") from None
     except tomllib.TOMLDecodeError as bad:
         raise PipelineError(f"pipeline file {path} is not valid TOML: {bad}") from None
+    except UnicodeDecodeError as bad:
+        raise PipelineError(
+            f"pipeline file {path} is not UTF-8 text (byte {bad.start}: {bad.reason}); save it as UTF-8"
+        ) from None
     try:
         return Pipeline.model_validate(raw)
     except ValidationError as bad:

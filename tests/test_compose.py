@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -23,10 +24,15 @@ def test_every_compose_service_runs_a_real_promptmill_subcommand() -> None:
         used = re.findall(r"promptmill ([a-z-]+)", command)
         assert used, f"service {name} runs no promptmill command"
         assert set(used) <= known, f"service {name} runs unknown subcommands {set(used) - known}"
-    assert "--appendonly" in services["redis"]["command"]
+    redis_command = " ".join(services["redis"]["command"])
+    assert "--appendonly yes" in redis_command and "--requirepass" in redis_command
+    assert "${REDIS_PASSWORD" in COMPOSE.read_text()  # from the environment, never written in the file
 
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose is not installed here")
 def test_compose_file_validates() -> None:
-    result = subprocess.run(["docker-compose", "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True)
+    env = {**os.environ, "REDIS_PASSWORD": "compose-check"}
+    result = subprocess.run(
+        ["docker-compose", "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True, env=env
+    )
     assert result.returncode == 0, result.stderr

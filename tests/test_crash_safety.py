@@ -293,7 +293,7 @@ def test_sigterm_on_a_worker_finishes_its_chunks_and_exits_cleanly(tmp_path, env
     job_id, worker = one_worker_on_a_submitted_job(tmp_path, env, fake_api, store)
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=60) == 0
-    assert store.orphaned_chunks(job_id) == []  # every chunk it started, it finished
+    assert store.lost_chunks(job_id, queue_empty=False, stranded_after_s=0) == []  # every chunk it started, it finished
     stopped_at = store.status(job_id).terminal
     assert stopped_at % 64 == 0 and stopped_at < 3000  # whole chunks only
     resume_and_check_every_row_paid_once(tmp_path, env, fake_api, job_id)
@@ -317,6 +317,8 @@ def test_cancel_stops_the_workers_sending_and_resume_finishes_the_job(tmp_path, 
 
 @pytest.mark.chaos
 def test_an_embedded_redis_killed_under_a_run_is_brought_back_and_the_run_completes(tmp_path, env, fake_api):
+    from jobs.embedded import EmbeddedRedis
+
     fake_api.configure(latency_ms=10)
     embedded_env = {k: v for k, v in env.items() if k != "PROMPTMILL_REDIS_URL"}  # as on a laptop
     data, pipeline = write_job(tmp_path, 3000)
@@ -325,7 +327,7 @@ def test_an_embedded_redis_killed_under_a_run_is_brought_back_and_the_run_comple
     state_file = tmp_path / "data" / "redis" / "server.json"
     wait_until(state_file.exists, 60, "the embedded Redis")
     server = json.loads(state_file.read_text())
-    store = JobStore.from_url(server["url"])
+    store = JobStore.from_url(EmbeddedRedis(state_file.parent).start())  # joins the run's server
     wait_until(lambda: store.job_ids() and store.status(store.job_ids()[0]).terminal >= 1000, 120, "1000 rows")
     os.kill(server["pid"], signal.SIGKILL)
     _, stderr = run.communicate(timeout=240)

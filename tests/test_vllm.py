@@ -34,7 +34,6 @@ def gpu_env(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[st
         **base,
         "PROMPTMILL_REDIS_URL": redis_url,
         "PROMPTMILL_DATA_DIR": str(tmp_path_factory.mktemp("data")),
-        "PROMPTMILL_MODELS_DIR": os.environ.get("PROMPTMILL_MODELS_DIR", str(ROOT / ".cache" / "models")),
         "PROMPTMILL_LEASE_TTL_S": "3",
         "PROMPTMILL_SWEEP_EVERY_S": "1",
     }
@@ -86,7 +85,7 @@ def prompt_token_count(pipeline_path: Path, row: dict, env: dict[str, str]) -> i
     from transformers import AutoTokenizer
 
     pipeline = load_pipeline(pipeline_path)
-    tokenizer = AutoTokenizer.from_pretrained(Path(env["PROMPTMILL_MODELS_DIR"]) / "SmolLM2-135M-Instruct")
+    tokenizer = AutoTokenizer.from_pretrained(Settings().models_dir / "SmolLM2-135M-Instruct")
     messages = [
         {"role": "system", "content": pipeline.system},
         {"role": "user", "content": render_request(pipeline, 0, row).prompt},

@@ -7,7 +7,7 @@ from celery import Celery
 from config.celery_config import QUEUES, celery_config
 from config.settings import get_settings
 
-app = Celery("promptmill", include=["workers.tasks", "workers.sweeper"])
+app = Celery("promptmill", include=["workers.tasks", "workers.sweeper", "workers.redis_health"])
 
 
 def configure(redis_url: str) -> Celery:

@@ -26,7 +26,7 @@ class ModelNotBuiltError(RuntimeError):
 
 
 def model_folder(settings: Settings) -> Path:
-    return settings.model_folder / FOLDER_NAME
+    return settings.models_dir / FOLDER_NAME
 
 
 def resolve_model(name: str, settings: Settings) -> str:

@@ -23,6 +23,7 @@ class Verdict:
     retryable: bool
     fatal_for_job: bool = False
     retry_after_s: float | None = None
+    status: int | str = "engine_error"  # the HTTP status, or timeout, dropped or engine_error
 
     @property
     def server_failure(self) -> bool:
@@ -54,23 +55,27 @@ def _retry_after(error: anthropic.APIStatusError) -> float | None:
 
 def classify(error: BaseException) -> Verdict:
     if isinstance(error, anthropic.APITimeoutError):
-        return Verdict(ErrorKind.timeout, f"timed out: {error}", retryable=True)
+        return Verdict(ErrorKind.timeout, f"timed out: {error}", retryable=True, status="timeout")
     if isinstance(error, anthropic.APIConnectionError):
-        return Verdict(ErrorKind.connection_error, f"connection failed: {error}", retryable=True)
+        return Verdict(ErrorKind.connection_error, f"connection failed: {error}", retryable=True, status="dropped")
     if isinstance(error, anthropic.APIStatusError):
         status = error.status_code
         message = _provider_message(error)
         if status in (401, 403):
-            return Verdict(ErrorKind.auth_error, message, retryable=False, fatal_for_job=True)
+            return Verdict(ErrorKind.auth_error, message, retryable=False, fatal_for_job=True, status=status)
         if status == 429:
             body = error.body if isinstance(error.body, dict) else {}
             inner = body.get("error") if isinstance(body.get("error"), dict) else {}
             if "spend_limit" in str(inner.get("error_code", "")) or "spend_limit" in str(inner.get("type", "")):
-                return Verdict(ErrorKind.rate_limited, message, retryable=False, fatal_for_job=True)
-            return Verdict(ErrorKind.rate_limited, message, retryable=True, retry_after_s=_retry_after(error))
+                return Verdict(ErrorKind.rate_limited, message, retryable=False, fatal_for_job=True, status=status)
+            return Verdict(
+                ErrorKind.rate_limited, message, retryable=True, retry_after_s=_retry_after(error), status=status
+            )
         if status in (408, 409) or status >= 500:  # 500, 502, 503, 504 and 529 (overloaded) among them
-            return Verdict(ErrorKind.server_error, message, retryable=True, retry_after_s=_retry_after(error))
-        return Verdict(ErrorKind.invalid_request, message, retryable=False)
+            return Verdict(
+                ErrorKind.server_error, message, retryable=True, retry_after_s=_retry_after(error), status=status
+            )
+        return Verdict(ErrorKind.invalid_request, message, retryable=False, status=status)
     return Verdict(ErrorKind.engine_error, f"{type(error).__name__}: {error}", retryable=False)
 
 

@@ -16,7 +16,7 @@ from amqp.exceptions import ChannelError
 from celery.signals import worker_ready
 
 from config.celery_config import TASK_RUN_CHUNK
-from jobs.store import JobStore
+from jobs.store import JobState, JobStore
 from workers.app import app
 from workers.runtime import runtime
 
@@ -30,45 +30,51 @@ def _queue_is_empty(queue: str) -> bool:
             return True  # kombu's Redis transport: no list under the queue's name means no message
 
 
-def sweep_once(store: JobStore, every_s: float) -> int:
+def sweep_once(store: JobStore, every_s: float, ttl_s: float) -> int:
     """Send the lost chunks of every runnable job once more; returns how many were sent.
 
-    Lost: a chunk whose worker died while running it (it has a run count and no lease), or, once the
-    queue is empty, a chunk neither done nor running: its message died with a worker that had
-    reserved it or was holding it for a delayed retry.
+    Lost: a chunk whose worker died while running it, or, once every chunk is enqueued and the
+    queue is empty, a chunk neither done nor running that was not sent for a while: its message died
+    with a worker that had reserved it or was holding it for a delayed retry (`JobStore.lost_chunks`).
     """
     sent = 0
     for job_id in store.job_ids():
-        status = store.status(job_id)
+        try:
+            status = store.status(job_id)
+            spec = store.spec(job_id)
+        except KeyError as gone:  # deleted or expired under us: the other jobs still get their sweep
+            log.warning("sweeper: skipping job %s: %s", job_id, gone)
+            continue
+        if status.state is JobState.complete and store.all_flushed(job_id):
+            store.mark_finished(job_id, ttl_s)  # its results are on disk: its keys may expire
+            continue
         if not status.state.runnable or not store.take_sweep_turn(job_id, every_s):
             continue
-        spec = store.spec(job_id)
-        lost = store.orphaned_chunks(job_id)
-        if status.produced and _queue_is_empty(spec.queue):
-            lost += store.stranded_chunks(job_id, not_before_s=3 * every_s)
+        queue_empty = status.produced and _queue_is_empty(spec.queue)
+        lost = store.lost_chunks(job_id, queue_empty, stranded_after_s=3 * every_s)
         for chunk_id in lost:
             app.send_task(TASK_RUN_CHUNK, args=(job_id, chunk_id), queue=spec.queue)
         if lost:
-            log.warning("job %s: %d chunks lost their worker; sent again", job_id, len(lost))
+            log.warning("job %s: %d chunks lost their worker or their message; sent again", job_id, len(lost))
         sent += len(lost)
     return sent
 
 
 class OrphanSweeper(threading.Thread):
-    def __init__(self, store: JobStore, every_s: float):
+    def __init__(self, store: JobStore, every_s: float, ttl_s: float):
         super().__init__(daemon=True, name="promptmill-sweeper")
-        self.store, self.every_s = store, every_s
+        self.store, self.every_s, self.ttl_s = store, every_s, ttl_s
         self.stopped = threading.Event()
 
     def run(self) -> None:
         while not self.stopped.wait(self.every_s):
             try:
-                sweep_once(self.store, self.every_s)
+                sweep_once(self.store, self.every_s, self.ttl_s)
             except Exception:  # noqa: BLE001 - the sweeper must outlive a Redis hiccup
-                log.exception("sweeping for orphaned chunks failed; trying again")
+                log.exception("sweeping for lost chunks failed; trying again")
 
 
 @worker_ready.connect
 def _start_sweeper(**_: object) -> None:
     rt = runtime()
-    OrphanSweeper(rt.store, rt.settings.sweep_every_s).start()
+    OrphanSweeper(rt.store, rt.settings.sweep_every_s, rt.settings.job_ttl_days * 86_400).start()

@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 import uuid
+from datetime import datetime, timezone
 
 import redis
 from celery.signals import worker_shutdown
@@ -54,8 +55,24 @@ class _LeaseHeartbeat(threading.Thread):
                 continue  # Redis restarting: the next beat tries again
 
 
-def to_outcome(job: JobSpec, raw: RawOutcome) -> ItemOutcome:
-    common = {"usage": raw.usage, "text": raw.text, "finish_reason": raw.finish_reason, "attempts": raw.attempts}
+def _iso(epoch_s: float | None) -> str | None:
+    return None if epoch_s is None else datetime.fromtimestamp(epoch_s, timezone.utc).isoformat(timespec="milliseconds")
+
+
+def to_outcome(job: JobSpec, raw: RawOutcome, line: int = 0) -> ItemOutcome:
+    common = {
+        "usage": raw.usage,
+        "text": raw.text if job.pipeline.store_text else None,
+        "finish_reason": raw.finish_reason,
+        "attempts": raw.attempts,
+        "model": job.model if raw.attempts else None,  # a row refused before sending reached no model
+        "request_id": raw.request_id,
+        "started_at": _iso(raw.started_at),
+        "finished_at": _iso(raw.finished_at),
+        "latency_ms": raw.latency_ms,
+        "errors": raw.errors,
+        "line": line,
+    }
     if raw.error is not None:
         return ItemOutcome(row=raw.row, status="failed", error=raw.error, **common)
     try:
@@ -85,11 +102,13 @@ async def _run_requests(
 ) -> int:
     backend = get_backend(job, rt.settings, rt.store)
     attempts = ChunkAttempts(rt.store, job, chunk_id)
+    lines = {request.row: request.line for request in pending}
     committed = 0
     checked_at = time.monotonic()
     async with contextlib.aclosing(backend.run(job, pending, attempts)) as outcomes:
         async for raw in outcomes:
-            committed += rt.store.commit(job.job_id, chunk_id, rt.ledger_model(job, raw.usage), to_outcome(job, raw))
+            outcome = to_outcome(job, raw, lines.get(raw.row, 0))
+            committed += rt.store.commit(job.job_id, chunk_id, rt.ledger_model(job, raw.usage), outcome)
             if lease_lost.is_set():
                 break  # sending on would pay twice for rows the new holder sends too
             if time.monotonic() - checked_at > _RUNNABLE_CHECK_S:
@@ -105,12 +124,12 @@ class _LeasedElsewhere(Exception):
         self.wait_s = wait_s
 
 
-MAX_TASK_ERRORS = 3  # an unexpected error in our own code is retried, then fails the chunk's rows
+MAX_REDIS_ERRORS = 3  # a Redis error (a restart, a failover) is retried; anything else stops the job
 
 
 @app.task(bind=True, name=TASK_RUN_CHUNK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def run_chunk(self, job_id: str, chunk_id: str, errors: int = 0) -> str:
-    # `errors` counts our own failures on this chunk; waiting for another worker's lease is no error.
+    # `errors` counts Redis failures on this chunk; waiting for another worker's lease is no error.
     try:
         return _run_chunk(job_id, chunk_id)
     except _LeasedElsewhere as leased:
@@ -121,24 +140,18 @@ def run_chunk(self, job_id: str, chunk_id: str, errors: int = 0) -> str:
         # found and failed as poison; the next run starts a new engine.
         log.error("chunk %s of job %s: %s", chunk_id, job_id, died)
         raise self.retry(countdown=1, max_retries=None)
-    except Exception as error:  # noqa: BLE001 - a chunk must end terminal, never silently dropped
-        if errors < MAX_TASK_ERRORS:
-            log.exception("chunk %s of job %s failed; retrying", chunk_id, job_id)
-            raise self.retry(kwargs={"errors": errors + 1}, countdown=2**errors, max_retries=None)
-        rt = runtime()
-        message = f"the worker failed on this chunk {errors + 1} times: {type(error).__name__}: {error}"
-        _fail_pending(rt.store, rt.spec(job_id), chunk_id, ErrorKind.engine_error, message)
-        return "failed after errors"
-
-
-def _fail_pending(store: JobStore, job: JobSpec, chunk_id: str, kind: ErrorKind, message: str) -> None:
-    """Commit every row of the chunk that is not done yet as failed."""
-    if store.is_flushed(job.job_id, chunk_id):
-        return
-    done = store.done_rows(job.job_id, chunk_id)
-    for request in store.chunk(job.job_id, chunk_id).requests:
-        if request.row not in done:
-            store.commit(job.job_id, chunk_id, job.model, ItemOutcome.failure(request.row, kind, message))
+    except redis.RedisError:
+        if errors >= MAX_REDIS_ERRORS:
+            raise  # Redis is gone for now: the chunk is stranded, and the sweeper sends it again later
+        log.exception("chunk %s of job %s: Redis failed; retrying", chunk_id, job_id)
+        raise self.retry(kwargs={"errors": errors + 1}, countdown=2**errors, max_retries=None)
+    except Exception as error:  # noqa: BLE001 - not the rows' fault: stop the job, fail no row
+        # A missing key, a bug, a spec from another version: every row would fail the same way and
+        # be lost for good. The job stops with the reason; `resume` goes on once it is fixed.
+        log.exception("chunk %s of job %s: unexpected error; stopping the job", chunk_id, job_id)
+        message = f"a worker failed on chunk {chunk_id}: {type(error).__name__}: {error}"
+        runtime().store.fail_job(job_id, message)
+        return "job failed"
 
 
 def _run_carefully(
@@ -188,6 +201,7 @@ def _run_chunk(job_id: str, chunk_id: str) -> str:
         if store.is_flushed(job_id, chunk_id):
             return "already complete"  # a redelivery of a chunk that is done and gone to its shard
         runs = store.count_chunk_run(job_id, chunk_id)
+        store.add_host(job_id, socket.gethostname())
         done = store.done_rows(job_id, chunk_id)
         pending = [request for request in store.chunk(job_id, chunk_id).requests if request.row not in done]
         engine_died = False

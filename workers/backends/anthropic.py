@@ -20,7 +20,7 @@ from config.prices import PriceTable
 from config.settings import Settings
 from jobs.spec import JobSpec
 from jobs.store import JobStore
-from pipelines.items import ErrorKind, ItemError, RenderedRequest, Usage
+from pipelines.items import AttemptError, ErrorKind, ItemError, RenderedRequest, Usage
 from pipelines.spec import RateLimits
 from workers.backends.base import AttemptLog, FatalJobError, RawOutcome
 from workers.concurrency import AdaptiveConcurrency
@@ -33,6 +33,8 @@ class AnthropicBackend:
         self.settings = settings
         self.store = store
         self.api_key = settings.api_key()
+        if not self.api_key:
+            raise FatalJobError("no API key in this worker: set ANTHROPIC_API_KEY (or PROMPTMILL_ANTHROPIC_API_KEY)")
         self.client = anthropic.AsyncAnthropic(
             api_key=self.api_key,
             base_url=settings.anthropic_base_url,  # None: the SDK reads ANTHROPIC_BASE_URL
@@ -127,6 +129,7 @@ class AnthropicBackend:
         """One request under a grant; every answer, good or bad, is reported to the limiter."""
         grant = await limiter.acquire(self.input_estimate.estimate(chars), job.pipeline.max_tokens)
         started = time.monotonic()
+        started_at = time.time()
         try:
             raw = await self.client.messages.with_raw_response.create(**params)
             message = await raw.parse()
@@ -154,6 +157,9 @@ class AnthropicBackend:
         self.input_estimate.learn(chars, charged_input)
         return RawOutcome(
             row=-1,
+            request_id=raw.headers.get("request-id") or message.id,
+            started_at=started_at,
+            latency_ms=round(latency * 1000, 1),
             text="".join(block.text for block in message.content if block.type == "text"),
             usage=Usage(
                 input_tokens=usage.input_tokens or 0,
@@ -176,21 +182,28 @@ class AnthropicBackend:
         params = self._params(job, request)
         chars = len(request.prompt) + len(job.pipeline.system or "")
         attempt = attempts.prior(request.row)
+        started_at = time.time()
+        errors: list[AttemptError] = []
         while True:
             attempt += 1
             result = await self._attempt(job, params, chars, limiter, budgeted)
             if result is None:
                 return None  # the row stays pending: a resume with a higher budget sends it
             if isinstance(result, RawOutcome):
-                result.row, result.attempts = request.row, attempt
+                result.row, result.attempts, result.errors = request.row, attempt, errors
+                result.started_at, result.finished_at = started_at, time.time()
                 return result
             verdict = result
             if verdict.fatal_for_job:
                 raise FatalJobError(f"the Anthropic API refused the job: {verdict.message}")
             attempts.failed(request.row)
+            errors.append(AttemptError(status=verdict.status, message=verdict.message))
             if not verdict.retryable or attempt >= job.max_attempts:
                 error = ItemError(kind=verdict.kind, message=verdict.final_message(attempt))
-                return RawOutcome(row=request.row, error=error, attempts=attempt)
+                return RawOutcome(
+                    row=request.row, error=error, attempts=attempt, errors=errors,
+                    started_at=started_at, finished_at=time.time(),
+                )  # fmt: skip
             wait = backoff_s(attempt, self.settings.backoff_base_s, self.settings.backoff_cap_s, verdict.retry_after_s)
             await asyncio.sleep(wait)
 

@@ -13,7 +13,7 @@ from typing import AsyncIterator, Protocol
 from config.settings import Settings
 from jobs.spec import JobSpec
 from jobs.store import JobStore
-from pipelines.items import ItemError, RenderedRequest, Usage
+from pipelines.items import AttemptError, ItemError, RenderedRequest, Usage
 
 
 class FatalJobError(RuntimeError):
@@ -32,6 +32,11 @@ class RawOutcome:
     finish_reason: str | None = None
     error: ItemError | None = None
     attempts: int = 1
+    request_id: str | None = None
+    started_at: float | None = None  # epoch seconds
+    finished_at: float | None = None
+    latency_ms: float | None = None
+    errors: list[AttemptError] = field(default_factory=list)
 
 
 class AttemptLog(Protocol):

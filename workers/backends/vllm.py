@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from typing import Any, AsyncIterator
 
 from config.settings import Settings
 from jobs.spec import JobSpec
-from pipelines.items import ErrorKind, ItemError, RenderedRequest, Usage
+from pipelines.items import AttemptError, ErrorKind, ItemError, RenderedRequest, Usage
 from pipelines.spec import EngineOptions
 from workers.backends.base import AttemptLog, EngineDied, RawOutcome
 from workers.engine_clock import EngineClock
@@ -141,22 +142,26 @@ class VLLMBackend:
         from vllm.v1.engine.exceptions import EngineDeadError
 
         mark = self.clock.start()
+        started_at = time.time()
+        request_id = f"{job.job_id}-{row}-{uuid.uuid4().hex[:8]}"
         final = None
         outcome: RawOutcome | None = None
         try:
-            async for output in engine.generate(
-                {"prompt_token_ids": ids}, sampling, request_id=f"{job.job_id}-{row}-{uuid.uuid4().hex[:8]}"
-            ):
+            async for output in engine.generate({"prompt_token_ids": ids}, sampling, request_id=request_id):
                 final = output
         except EngineDeadError:
             outcome = None  # the consumer raises EngineDied: nothing of this row is committed
         except Exception as error:  # noqa: BLE001 - one request's failure fails that item only
             message = f"{type(error).__name__}: {error}"
-            outcome = RawOutcome(row=row, error=ItemError(kind=ErrorKind.engine_error, message=message))
+            failure = AttemptError(status="engine_error", message=message)
+            outcome = RawOutcome(row=row, error=ItemError(kind=ErrorKind.engine_error, message=message), errors=[failure])
         finally:
             engine_us = self.clock.finish(mark)
         if final is not None:
             outcome = self._outcome(row, final, engine_us)
+        if outcome is not None:
+            outcome.request_id, outcome.started_at, outcome.finished_at = request_id, started_at, time.time()
+            outcome.latency_ms = round((outcome.finished_at - started_at) * 1000, 1)
         done.put_nowait(outcome)
 
     @staticmethod

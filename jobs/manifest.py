@@ -1,0 +1,54 @@
+"""`OUT/manifest.json`: what produced a job's results, for an audit: the tool's version, the backend
+and models, the pipeline's text and hash, the input's path and hash, limits, times and worker hosts."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import orjson
+
+from jobs.files import atomic_write
+from jobs.spec import JobSpec
+from jobs.store import JobStore
+
+
+def _version() -> str:
+    try:
+        return version("promptmill")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _iso(epoch_s: float | None) -> str | None:
+    return None if epoch_s is None else datetime.fromtimestamp(epoch_s, timezone.utc).isoformat()
+
+
+def write_manifest(store: JobStore, spec: JobSpec, out_dir: Path) -> Path:
+    status = store.status(spec.job_id)
+    pipeline_text = spec.pipeline_text or ""
+    manifest = {
+        "promptmill_version": _version(),
+        "job_id": spec.job_id,
+        "backend": spec.backend,
+        "models": sorted(set(status.requests_by_model) | {spec.model}),
+        "pipeline": {
+            "path": spec.pipeline_path,
+            "text": pipeline_text,
+            "sha256": hashlib.sha256(pipeline_text.encode()).hexdigest(),
+        },
+        "input": {"path": spec.input_path, "format": spec.input_format, "sha256": status.input_sha256},
+        "limits": spec.limits.model_dump(),
+        "chunk_size": spec.chunk_size,
+        "started_at": _iso(status.created_at),
+        "finished_at": _iso(status.finished_at),
+        "state": status.state.value,
+        "rows": {"total": status.total, "ok": status.ok, "failed": status.failed},
+        "worker_hosts": store.hosts(spec.job_id),
+    }
+    path = out_dir / "manifest.json"
+    with atomic_write(path) as handle:
+        handle.write(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+    return path
