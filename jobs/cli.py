@@ -23,7 +23,7 @@ from jobs.dispatch import ChunkDispatcher
 from jobs.embedded import EmbeddedRedis, LocalWorkers, redis_url_for
 from jobs.export import export_job, remove_job_files
 from jobs.ledger import cost_report
-from jobs.producer import produce
+from jobs.producer import ProducerFailed, produce
 from jobs.readers import INPUT_FORMATS
 from jobs.retry_failed import requeue_failed
 from jobs.progress import JobProgress, WorkersExited, wait_for_job
@@ -175,6 +175,8 @@ def _run_to_end(
         raise typer.Exit(130)
     except WorkersExited as died:
         _fail(f"{died}; see the logs in {Path(spec.out_dir) / 'logs'}", code=1)
+    except ProducerFailed as stopped:
+        _fail(f"job {spec.job_id}: {stopped}\nfix the input, then: promptmill resume {spec.job_id}", code=1)
     finally:
         local.stop()
         dispatcher.close()
@@ -314,6 +316,8 @@ def submit(
             max_pending_rows=settings.max_pending_rows,
             on_wait=waiting,
         )
+    except ProducerFailed as stopped:
+        _fail(f"job {spec.job_id}: {stopped}\nfix the input, then: promptmill resume {spec.job_id}", code=1)
     finally:
         dispatcher.close()
     err.print(f"queued {rows:,} rows on queue {spec.queue!r}")

@@ -312,7 +312,8 @@ class FakeAnthropic:
             "stop_sequence": None,
             "usage": usage,
         }
-        headers = {"request-id": f"req_{uuid.uuid4().hex[:12]}", **self._limit_headers()}
+        entry["request_id"] = f"req_{uuid.uuid4().hex[:12]}"
+        headers = {"request-id": entry["request_id"], **self._limit_headers()}
         if not self.buckets and not self.config["hide_limits"]:
             headers.update(
                 {

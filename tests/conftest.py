@@ -58,11 +58,13 @@ def env(redis_url: str, api_server: ServerControl, tmp_path: Path) -> dict[str, 
     }
 
 
-def promptmill(*args: str, env: dict[str, str], timeout: float = 240, **kwargs) -> subprocess.CompletedProcess:
+def promptmill(
+    *args: str, env: dict[str, str], timeout: float = 240, cwd: Path = ROOT, **kwargs
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "jobs.cli", *args],
         env=env,
-        cwd=ROOT,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,
