@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import redis
 
@@ -37,6 +38,10 @@ def _free_port() -> int:
 
 
 def _port_free(port: int) -> bool:
+    with socket.socket() as listening:  # something answers there: not ours to take
+        listening.settimeout(0.5)
+        if listening.connect_ex(("127.0.0.1", port)) == 0:
+            return False
     with socket.socket() as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Redis binds: TIME_WAIT is no obstacle
         try:
@@ -47,9 +52,21 @@ def _port_free(port: int) -> bool:
 
 
 def _answers(url: str) -> bool:
-    """Does a Redis at `url` take its password? (Another server on the port does not.)"""
+    """Is the Redis at `url` ours: does it refuse a client without the password and take ours?
+
+    (redis-py sends AUTH to a server without a password and goes on regardless, so taking the
+    password alone proves nothing.)"""
+    options = {"socket_connect_timeout": 0.5, "socket_timeout": 2}
+    parts = urlsplit(url)
     try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=2).ping())
+        redis.Redis(host=parts.hostname, port=parts.port, **options).ping()
+        return False  # it takes anyone: not the server we started
+    except redis.AuthenticationError:
+        pass
+    except redis.RedisError:
+        return False
+    try:
+        return bool(redis.Redis.from_url(url, **options).ping())
     except redis.RedisError:
         return False
 
