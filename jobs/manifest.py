@@ -4,6 +4,7 @@ and models, the pipeline's text and hash, the input's path and hash, limits, tim
 from __future__ import annotations
 
 import hashlib
+import time
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -12,7 +13,7 @@ import orjson
 
 from jobs.files import atomic_write
 from jobs.spec import JobSpec
-from jobs.store import JobStore
+from jobs.store import JobState, JobStore
 
 
 def _version() -> str:
@@ -43,7 +44,8 @@ def write_manifest(store: JobStore, spec: JobSpec, out_dir: Path) -> Path:
         "limits": spec.limits.model_dump(),
         "chunk_size": spec.chunk_size,
         "started_at": _iso(status.created_at),
-        "finished_at": _iso(status.finished_at),
+        # A job that completes as it is exported has its end recorded right after: it ended by now.
+        "finished_at": _iso(status.finished_at or (time.time() if status.state is JobState.complete else None)),
         "state": status.state.value,
         "rows": {"total": status.total, "ok": status.ok, "failed": status.failed},
         "worker_hosts": store.hosts(spec.job_id),
