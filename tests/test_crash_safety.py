@@ -333,3 +333,43 @@ def test_an_embedded_redis_killed_under_a_run_is_brought_back_and_the_run_comple
     _, stderr = run.communicate(timeout=240)
     assert run.returncode == 0, stderr
     assert [r["row"] for r in read_jsonl(out / "results.jsonl")] == list(range(3000))
+
+
+@pytest.mark.chaos
+@pytest.mark.timeout(300)
+def test_killing_the_worker_that_holds_a_resent_chunk_still_ends_the_job_within_the_recovery_bound(
+    tmp_path, env, fake_api, store, new_job
+):
+    """A chunk lost twice (its worker died, then the worker of its resent copy) is sent again: the
+    job ends within a bound set by the lease and sweep periods, not Celery's hour."""
+    fake_api.configure(latency_ms=1000)
+    data, pipeline = write_job(tmp_path, 8000)
+    out = tmp_path / "o"
+    run = start_cli(fast_recovery(env), "run", str(data), "--pipeline", str(pipeline), "--out", str(out), "--workers", "3")
+    try:
+        job_id = new_job()
+        wait_until(lambda: store.status(job_id).terminal >= 500, 120, "500 rows")
+        workers = [child for child in psutil.Process(run.pid).children() if _is_live_worker(child)]
+        workers[0].send_signal(signal.SIGKILL)
+        resent_key, holders_killed = f"pm:{{{job_id}}}:resent", 0
+        deadline = time.monotonic() + 120
+        while holders_killed < 2 and time.monotonic() < deadline and run.poll() is None:
+            for chunk in store.redis.hkeys(resent_key):
+                token = store.redis.get(f"pm:{{{job_id}}}:lease:{chunk.decode()}")
+                if token is not None:  # a worker runs the resent copy now: kill it
+                    os.kill(int(token.decode().split(":")[1]), signal.SIGKILL)
+                    holders_killed += 1
+                    break
+            time.sleep(0.02)
+        last_kill = time.monotonic()
+        assert holders_killed == 2, "no worker was caught holding a resent chunk"
+        _, stderr = run.communicate(timeout=200)
+        ended_after_s = time.monotonic() - last_kill
+    finally:
+        kill_tree(run)
+    assert run.returncode == 0, stderr
+    # Lease 2 s, sweep 1 s (three sweeps for a stranded chunk), the rest of the job at ~1 s a chunk.
+    assert ended_after_s < 60, ended_after_s
+    records = read_jsonl(out / "results.jsonl")
+    assert [r["row"] for r in records] == list(range(8000)) and all(r["status"] == "ok" for r in records)
+    assert promptmill("verify", job_id, env=env).returncode == 0
