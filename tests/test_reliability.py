@@ -45,6 +45,16 @@ def new_job(tmp_path: Path, env: dict[str, str], store: JobStore, rows: int = 4,
     return spec
 
 
+def one_worker_until(env: dict[str, str], condition, timeout: float, what: str) -> None:
+    """An api worker on the shared Redis until `condition` holds, then stopped."""
+    worker = start_cli(env, "worker", "--queues", "api", quiet=True)
+    try:
+        wait_until(condition, timeout, what)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=60)
+
+
 # -- 2. errors that are not the row's fault ---------------------------------------------------------
 
 
@@ -62,12 +72,7 @@ def test_an_unexpected_worker_error_stops_the_job_resumable_and_fails_no_row(tmp
     good_spec = store.redis.get(spec_key)
     # A spec this worker cannot read (another version wrote it): every chunk would raise.
     store.redis.set(spec_key, json.dumps({**json.loads(good_spec), "backend": "from-the-future"}))
-    worker = start_cli(env, "worker", "--queues", "api", quiet=True)
-    try:
-        wait_until(lambda: store.status(job_id).state is JobState.failed, 60, "the job to stop")
-    finally:
-        worker.terminate()
-        worker.wait(timeout=60)
+    one_worker_until(env, lambda: store.status(job_id).state is JobState.failed, 60, "the job to stop")
     status = store.status(job_id)
     assert "ValidationError" in status.error and (status.ok, status.failed) == (0, 0)
     store.redis.set(spec_key, good_spec)
@@ -318,12 +323,7 @@ def test_export_elsewhere_writes_nothing_into_the_job_s_folder(tmp_path, env, fa
     submitted = promptmill("submit", str(data), "--pipeline", str(pipeline), "--out", str(job_folder), env=env)
     job_id = submitted.stdout.strip().splitlines()[-1]
     (job_folder / "shards" / ".job").unlink()  # workers on another host: they cannot see this folder
-    worker = start_cli(env, "worker", "--queues", "api", quiet=True)
-    try:
-        wait_until(lambda: store.status(job_id).state is JobState.complete, 120, "the job to complete")
-    finally:
-        worker.terminate()
-        worker.wait(timeout=60)
+    one_worker_until(env, lambda: store.status(job_id).state is JobState.complete, 120, "the job to complete")
     elsewhere = tmp_path / "another-host"
     exported = promptmill("export", job_id, "--out", str(elsewhere), env=env)
     assert exported.returncode == 0, exported.stderr
