@@ -642,6 +642,9 @@ def gc(
             ended = status.finished_at or status.created_at or time.time()
             if status.state is not JobState.complete or ended > cutoff:
                 continue
+            if not store.all_flushed(job_id):  # some results are only in Redis: export them first
+                err.print(f"kept job {job_id}: its results are not all on disk; `promptmill export {job_id}` first")
+                continue
             out.print(f"would delete job {job_id}" if dry_run else _delete(store, job_id, files), highlight=False)
             deleted += 1
     err.print(f"{deleted:,} complete jobs older than {older_than}" + (" (dry run)" if dry_run else " deleted"))

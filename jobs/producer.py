@@ -6,7 +6,6 @@ twice. A row that cannot be read or rendered is committed at once as a failed it
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import time
 from pathlib import Path
@@ -79,10 +78,11 @@ def produce(
     """
     try:
         return _produce(spec, store, on_chunk, max_pending_rows, on_wait)
+    except redis.RedisError:
+        raise  # Redis itself went away: the job stays as it was, for `resume` once it is back
     except Exception as error:  # noqa: BLE001 - whatever stops the producer must not leave the job producing forever
         message = f"the producer stopped: {type(error).__name__}: {error}"
-        with contextlib.suppress(redis.RedisError):  # Redis itself gone: the job stays producing, resumable
-            store.fail_job(spec.job_id, message)
+        store.fail_job(spec.job_id, message)
         raise ProducerFailed(message) from error
 
 
