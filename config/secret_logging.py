@@ -17,7 +17,7 @@ _secrets: set[str] = set()
 _installed = False
 
 # DEBUG logs of the HTTP stacks carry request bodies: prompts stay out of logs.
-_CHATTY = ("anthropic", "openai", "httpx", "httpcore", "aiohttp")
+_CHATTY = ("anthropic", "openai", "httpx", "httpx2", "httpcore", "aiohttp")
 
 
 def redis_password(url: str | None) -> str | None:

@@ -85,6 +85,7 @@ def test_a_worker_log_holds_neither_the_api_key_nor_the_redis_password_nor_a_pro
     password = redis.connection.parse_url(env["PROMPTMILL_REDIS_URL"])["password"]
     logs = "".join(path.read_text() for path in (out / "logs").iterdir())
     assert logs and API_KEY not in logs and password not in logs and "row number 7" not in logs
+    assert "HTTP Request" not in logs  # the HTTP stacks' per-request lines are held back too
 
 
 def test_a_finished_job_s_keys_expire_and_delete_and_gc_remove_jobs(tmp_path, env, fake_api):
