@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import orjson
 from jobs.files import atomic_write
 from jobs.spec import JobSpec
 from jobs.store import JobState, JobStore
+from pipelines.items import iso_utc
 
 
 def _version() -> str:
@@ -21,10 +21,6 @@ def _version() -> str:
         return version("promptmill")
     except PackageNotFoundError:
         return "unknown"
-
-
-def _iso(epoch_s: float | None) -> str | None:
-    return None if epoch_s is None else datetime.fromtimestamp(epoch_s, timezone.utc).isoformat()
 
 
 def write_manifest(store: JobStore, spec: JobSpec, out_dir: Path) -> Path:
@@ -43,9 +39,9 @@ def write_manifest(store: JobStore, spec: JobSpec, out_dir: Path) -> Path:
         "input": {"path": spec.input_path, "format": spec.input_format, "sha256": status.input_sha256},
         "limits": spec.limits.model_dump(),
         "chunk_size": spec.chunk_size,
-        "started_at": _iso(status.created_at),
+        "started_at": iso_utc(status.created_at),
         # A job that completes as it is exported has its end recorded right after: it ended by now.
-        "finished_at": _iso(status.finished_at or (time.time() if status.state is JobState.complete else None)),
+        "finished_at": iso_utc(status.finished_at or (time.time() if status.state is JobState.complete else None)),
         "state": status.state.value,
         "rows": {"total": status.total, "ok": status.ok, "failed": status.failed},
         "worker_hosts": store.hosts(spec.job_id),

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
+
+
+def iso_utc(epoch_s: float | None) -> str | None:
+    """An audit time: ISO 8601 in UTC, to the millisecond."""
+    return None if epoch_s is None else datetime.fromtimestamp(epoch_s, timezone.utc).isoformat(timespec="milliseconds")
 
 
 class ErrorKind(StrEnum):

@@ -14,7 +14,6 @@ import socket
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
 
 import redis
 from celery.signals import worker_shutdown
@@ -23,7 +22,7 @@ from config.celery_config import TASK_RUN_CHUNK
 from jobs.shards import flush_chunk
 from jobs.spec import JobSpec
 from jobs.store import JobStore
-from pipelines.items import ErrorKind, ItemError, ItemOutcome, RenderedRequest
+from pipelines.items import ErrorKind, ItemError, ItemOutcome, RenderedRequest, iso_utc
 from pipelines.parse import OutputParseError, parse_output
 from workers.app import app
 from workers.backends.base import EngineDied, FatalJobError, RawOutcome, get_backend, shutdown_backends
@@ -55,10 +54,6 @@ class _LeaseHeartbeat(threading.Thread):
                 continue  # Redis restarting: the next beat tries again
 
 
-def _iso(epoch_s: float | None) -> str | None:
-    return None if epoch_s is None else datetime.fromtimestamp(epoch_s, timezone.utc).isoformat(timespec="milliseconds")
-
-
 def to_outcome(job: JobSpec, raw: RawOutcome, line: int = 0) -> ItemOutcome:
     common = {
         "usage": raw.usage,
@@ -67,8 +62,8 @@ def to_outcome(job: JobSpec, raw: RawOutcome, line: int = 0) -> ItemOutcome:
         "attempts": raw.attempts,
         "model": job.model if raw.attempts else None,  # a row refused before sending reached no model
         "request_id": raw.request_id,
-        "started_at": _iso(raw.started_at),
-        "finished_at": _iso(raw.finished_at),
+        "started_at": iso_utc(raw.started_at),
+        "finished_at": iso_utc(raw.finished_at),
         "latency_ms": raw.latency_ms,
         "errors": raw.errors,
         "line": line,
