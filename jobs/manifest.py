@@ -10,6 +10,7 @@ from pathlib import Path
 
 import orjson
 
+from config.prices import LONG
 from jobs.files import atomic_write
 from jobs.spec import JobSpec
 from jobs.store import JobState, JobStore
@@ -30,7 +31,8 @@ def write_manifest(store: JobStore, spec: JobSpec, out_dir: Path) -> Path:
         "promptmill_version": _version(),
         "job_id": spec.job_id,
         "backend": spec.backend,
-        "models": sorted(set(status.requests_by_model) | {spec.model}),
+        # The ledger names a model's requests at long-context rates MODEL@long: one model all the same.
+        "models": sorted({name.removesuffix(LONG) for name in status.requests_by_model} | {spec.model}),
         "pipeline": {
             "path": spec.pipeline_path,
             "text": pipeline_text,

@@ -425,7 +425,7 @@ class JobStore:
                     "row": o.row,
                     "attempts": o.attempts,
                     "model": o.model or "",
-                    "answered": bool(o.usage.input_tokens or o.usage.output_tokens),
+                    "answered": o.usage.answered,
                     "usage": o.usage.model_dump(),
                 }
                 for o in retry
@@ -701,7 +701,7 @@ class JobStore:
     def commit(self, job_id: str, chunk_id: str, model: str, outcome: ItemOutcome) -> bool:
         """Commit an outcome with its done mark and usage, atomically; False if the row was done."""
         usage = outcome.usage
-        answered = 1 if (usage.input_tokens or usage.output_tokens) else 0
+        answered = int(usage.answered)
         args: list[object] = [outcome.row, outcome.model_dump_json(), outcome.status, model, answered, chunk_id]
         for name in _USAGE_FIELDS:
             args.extend((name, getattr(usage, name)))

@@ -37,7 +37,7 @@ def verify_job(store: JobStore, spec: JobSpec) -> Verification:
             result.problems.append(f"row {outcome.row} is outside the {status.rows_produced:,} rows produced")
         ok += outcome.status == "ok"
         failed += outcome.status == "failed"
-        answered += bool(outcome.usage.input_tokens or outcome.usage.output_tokens)
+        answered += outcome.usage.answered
         usage = usage + outcome.usage
     if (status.ok, status.failed) != (ok, failed):
         result.problems.append(

@@ -40,6 +40,11 @@ class Usage(BaseModel):
     engine_us: int = 0
 
     @property
+    def answered(self) -> bool:
+        """Did a provider answer (and bill) the request? The ledger counts it as a request then."""
+        return bool(self.input_tokens or self.output_tokens)
+
+    @property
     def prompt_tokens(self) -> int:
         """The whole prompt, however billed: what a long-context price band is judged by."""
         return self.input_tokens + self.cache_creation_input_tokens + self.cache_read_input_tokens

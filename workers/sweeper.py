@@ -45,8 +45,9 @@ def sweep_once(store: JobStore, every_s: float, ttl_s: float) -> int:
         except KeyError as gone:  # deleted or expired under us: the other jobs still get their sweep
             log.warning("sweeper: skipping job %s: %s", job_id, gone)
             continue
-        if status.state is JobState.complete and store.all_flushed(job_id):
-            store.mark_finished(job_id, ttl_s)  # its results are on disk: its keys may expire
+        if status.state is JobState.complete:
+            if status.finished_at is None and store.all_flushed(job_id):
+                store.mark_finished(job_id, ttl_s)  # its results are on disk: its keys may expire
             continue
         if not status.state.runnable or not store.take_sweep_turn(job_id, every_s):
             continue

@@ -129,7 +129,6 @@ class AnthropicBackend:
         """One request under a grant; every answer, good or bad, is reported to the limiter."""
         grant = await limiter.acquire(self.input_estimate.estimate(chars), job.pipeline.max_tokens)
         started = time.monotonic()
-        started_at = time.time()
         try:
             raw = await self.client.messages.with_raw_response.create(**params)
             message = await raw.parse()
@@ -158,7 +157,6 @@ class AnthropicBackend:
         return RawOutcome(
             row=-1,
             request_id=raw.headers.get("request-id") or message.id,
-            started_at=started_at,
             latency_ms=round(latency * 1000, 1),
             text="".join(block.text for block in message.content if block.type == "text"),
             usage=Usage(
