@@ -23,8 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from jobs.embedded import EmbeddedRedis  # noqa: E402
+from promptmill.jobs.embedded import EmbeddedRedis  # noqa: E402
 from tests.anthropic_server import ServerControl  # noqa: E402
+from tests.support import PROMPTMILL, write_dataset  # noqa: E402
 
 API_KEY = "bench-key"
 # Caching needs a prefix of at least the model's minimum: 1,024 tokens on Sonnet 4.5, 4,096 on Haiku 4.5
@@ -33,7 +34,7 @@ CACHING_MODEL = "claude-sonnet-4-5"
 
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "jobs.cli", *args], env=env, cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run([PROMPTMILL, *args], env=env, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"promptmill {' '.join(args)} failed:\n{done.stderr[-3000:]}")
     return done
@@ -51,8 +52,7 @@ def main() -> None:
     options = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="pm-cost-bench-"))
     reviews = (ROOT / "examples" / "reviews.jsonl").read_text().splitlines()
-    data = folder / "reviews.jsonl"
-    data.write_text("".join(reviews[n % len(reviews)] + "\n" for n in range(options.rows)))
+    data, _ = write_dataset(folder, (json.loads(reviews[n % len(reviews)]) for n in range(options.rows)), name="reviews.jsonl")
     redis_server = EmbeddedRedis(folder / "redis")
     server = ServerControl.start(API_KEY)
     base = {k: v for k, v in os.environ.items() if not k.startswith(("PROMPTMILL_", "ANTHROPIC_"))}

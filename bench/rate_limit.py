@@ -32,8 +32,9 @@ sys.path.insert(0, str(ROOT))
 
 import redis  # noqa: E402
 
-from jobs.embedded import EmbeddedRedis  # noqa: E402
+from promptmill.jobs.embedded import EmbeddedRedis  # noqa: E402
 from tests.anthropic_server import ServerControl  # noqa: E402
+from tests.support import PROMPTMILL, write_dataset  # noqa: E402
 
 API_KEY = "bench-key"
 RPM, OUTPUT_TPM = 1200, 100_000
@@ -46,21 +47,15 @@ max_tokens = 128
 """
 
 
-def write_dataset(folder: Path, rows: int) -> tuple[Path, Path]:
+def write_inputs(folder: Path, rows: int) -> tuple[Path, Path]:
     rng = random.Random(7)
-    data = folder / "rows.jsonl"
-    with data.open("w") as handle:
-        for i in range(rows):
-            answer = " ".join(f"w{rng.randrange(1000)}" for _ in range(rng.randint(10, 90)))
-            handle.write(json.dumps({"id": i, "text": f"text of row {i}", "answer": answer}) + "\n")
-    pipeline = folder / "bench.toml"
-    pipeline.write_text(PIPELINE)
-    return data, pipeline
+    answers = (" ".join(f"w{rng.randrange(1000)}" for _ in range(rng.randint(10, 90))) for _ in range(rows))
+    return write_dataset(folder, ({"id": i, "text": f"text of row {i}", "answer": a} for i, a in enumerate(answers)), PIPELINE)
 
 
 def run_job(env: dict[str, str], data: Path, pipeline: Path, out: Path, workers: int, extra: list[str]) -> dict:
     started = time.monotonic()
-    command = [sys.executable, "-m", "jobs.cli", "run", str(data), "--pipeline", str(pipeline), "--out", str(out)]
+    command = [PROMPTMILL, "run", str(data), "--pipeline", str(pipeline), "--out", str(out)]
     command += ["--workers", str(workers), *extra]
     finished = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
     if finished.returncode != 0:
@@ -114,7 +109,7 @@ def main() -> None:
         "ANTHROPIC_BASE_URL": server.url,
         "ANTHROPIC_API_KEY": API_KEY,
     }
-    data, pipeline = write_dataset(folder, options.rows)
+    data, pipeline = write_inputs(folder, options.rows)
     print(
         f"limit {RPM} requests and {OUTPUT_TPM:,} output tokens per minute; answers 10-90 words, "
         f"latency {LATENCY_MS} ms + {LATENCY_PER_TOKEN_MS} ms per output token; {options.rows:,} rows\n",
@@ -171,7 +166,7 @@ def report(scenario: str, workers: int, figures: dict) -> None:
 
 def ceiling(server: ServerControl, env: dict[str, str], folder: Path, rows: int) -> None:
     (folder / "ceiling").mkdir()
-    data, pipeline = write_dataset(folder / "ceiling", rows)
+    data, pipeline = write_inputs(folder / "ceiling", rows)
     server.reset()
     job = run_job(env, data, pipeline, folder / "out-ceiling", 2, ["--chunk-size", "256"])
     figures = measure(server.log(), job["records"])

@@ -12,7 +12,6 @@ flushed to a shard) and the bytes each costs, and what Redis holds once the job 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -26,9 +25,10 @@ sys.path.insert(0, str(ROOT))
 
 import redis  # noqa: E402
 
-from jobs.embedded import EmbeddedRedis  # noqa: E402
-from jobs.store import JobStore  # noqa: E402
+from promptmill.jobs.embedded import EmbeddedRedis  # noqa: E402
+from promptmill.jobs.store import JobStore  # noqa: E402
 from tests.anthropic_server import ServerControl  # noqa: E402
+from tests.support import PROMPTMILL, write_dataset  # noqa: E402
 
 API_KEY = "bench-key"
 PIPELINE = """
@@ -40,16 +40,10 @@ max_tokens = 16
 """
 
 
-def write_dataset(folder: Path, rows: int) -> tuple[Path, Path]:
-    data = folder / "rows.jsonl"
+def write_inputs(folder: Path, rows: int) -> tuple[Path, Path]:
     filler = "the delivery was quick and the product matches the description " * 3
-    with data.open("w") as handle:
-        for i in range(rows):
-            answer = "positive" if i % 2 else "negative"
-            handle.write(json.dumps({"id": i, "text": f"{filler} (review {i})", "answer": answer}) + "\n")
-    pipeline = folder / "memory.toml"
-    pipeline.write_text(PIPELINE)
-    return data, pipeline
+    rows_ = ({"id": i, "text": f"{filler} (review {i})", "answer": "positive" if i % 2 else "negative"} for i in range(rows))
+    return write_dataset(folder, rows_, PIPELINE)
 
 
 def main() -> None:
@@ -64,7 +58,7 @@ def main() -> None:
     client = redis.Redis.from_url(url)
     store = JobStore.from_url(url)
     server = ServerControl.start(API_KEY)
-    data, pipeline = write_dataset(folder, options.rows)
+    data, pipeline = write_inputs(folder, options.rows)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PROMPTMILL_", "ANTHROPIC_"))}
     env.update(
         PROMPTMILL_REDIS_URL=url,
@@ -89,7 +83,7 @@ def main() -> None:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     started = time.monotonic()
-    command = [sys.executable, "-m", "jobs.cli", "run", str(data), "--pipeline", str(pipeline), "--out", str(folder / "out")]
+    command = [PROMPTMILL, "run", str(data), "--pipeline", str(pipeline), "--out", str(folder / "out")]
     finished = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
     wall = time.monotonic() - started
     done.set()
@@ -111,7 +105,7 @@ def main() -> None:
 
 def rows_held(store: JobStore) -> int:
     """Rows enqueued and not yet flushed to a shard, over every job in this Redis."""
-    return sum(store.rows_in_redis(job_id) for job_id in store.job_ids())
+    return sum(store.chunks.rows_in_redis(job_id) for job_id in store.job_ids())
 
 
 if __name__ == "__main__":

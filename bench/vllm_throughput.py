@@ -32,11 +32,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("PROMPTMILL_MODELS_DIR", str(ROOT / ".cache" / "models"))  # where `make model` builds it
 
-from config.settings import Settings  # noqa: E402
-from jobs.embedded import EmbeddedRedis  # noqa: E402
-from jobs.store import JobStore  # noqa: E402
-from pipelines import load_pipeline, render_request  # noqa: E402
-from pipelines.spec import EngineOptions  # noqa: E402
+from promptmill.config.settings import Settings  # noqa: E402
+from promptmill.jobs.embedded import EmbeddedRedis  # noqa: E402
+from promptmill.jobs.store import JobStore  # noqa: E402
+from promptmill.pipelines import load_pipeline, render_request  # noqa: E402
+from promptmill.pipelines.spec import EngineOptions  # noqa: E402
+from tests.support import PROMPTMILL, write_dataset  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 MAX_TOKENS = 48
@@ -51,14 +52,8 @@ TASKS = ["Is this review positive or negative? Answer with one word.", "Summaris
 
 def write_inputs(folder: Path, rows: int) -> tuple[Path, Path]:
     reviews = [json.loads(line)["text"] for line in (ROOT / "examples" / "reviews.jsonl").open()]
-    data = folder / "prompts.jsonl"
-    with data.open("w") as handle:
-        for n in range(rows):
-            text = f"{reviews[n % len(reviews)]} (ticket {n})"
-            handle.write(json.dumps({"task": TASKS[n % 2], "text": text}) + "\n")
-    pipeline = folder / "mixed.toml"
-    pipeline.write_text(PIPELINE)
-    return data, pipeline
+    prompts = ({"task": TASKS[n % 2], "text": f"{reviews[n % len(reviews)]} (ticket {n})"} for n in range(rows))
+    return write_dataset(folder, prompts, PIPELINE, name="prompts.jsonl")
 
 
 def messages(data: Path, pipeline_path: Path) -> list[list[dict[str, str]]]:
@@ -71,7 +66,7 @@ def raw(data: Path, pipeline: Path) -> dict:
     """In its own process: vLLM's engine starts worker processes and must be freed after."""
     from vllm import LLM, SamplingParams
 
-    from workers.backends.vllm import engine_args
+    from promptmill.workers.backends.vllm import engine_args
 
     llm = LLM(**engine_args(MODEL, EngineOptions(), Settings()))
     ready = time.monotonic()
@@ -81,14 +76,13 @@ def raw(data: Path, pipeline: Path) -> dict:
 
 
 def run_batch(data: Path, pipeline: Path, folder: Path) -> dict:
-    from workers.backends.vllm import engine_args
+    from promptmill.workers.backends.vllm import engine_args
 
     args = engine_args(MODEL, EngineOptions(), Settings())
-    requests = folder / "batch.jsonl"
-    with requests.open("w") as handle:
-        for n, chat in enumerate(messages(data, pipeline)):
-            body = {"model": args["model"], "messages": chat, "max_tokens": MAX_TOKENS, "temperature": 0.0}
-            handle.write(json.dumps({"custom_id": str(n), "method": "POST", "url": "/v1/chat/completions", "body": body}) + "\n")
+    bodies = ({"model": args["model"], "messages": chat, "max_tokens": MAX_TOKENS, "temperature": 0.0}
+              for chat in messages(data, pipeline))  # fmt: skip
+    batch = ({"custom_id": str(n), "method": "POST", "url": "/v1/chat/completions", "body": body} for n, body in enumerate(bodies))
+    requests, _ = write_dataset(folder, batch, name="batch.jsonl")
     results = folder / "batch-out.jsonl"
     command = [
         sys.executable, "-m", "vllm.entrypoints.openai.run_batch", "-i", str(requests), "-o", str(results),
@@ -114,7 +108,7 @@ def engine_env() -> dict[str, str]:
 def promptmill(data: Path, pipeline: Path, folder: Path, redis_url: str, kill_at: float | None) -> dict:
     env = {**engine_env(), "PROMPTMILL_REDIS_URL": redis_url, "PROMPTMILL_DATA_DIR": str(folder / "data")}
     out = folder / ("out-killed" if kill_at else "out")
-    command = [sys.executable, "-m", "jobs.cli", "run", str(data), "--pipeline", str(pipeline), "--backend", "vllm",
+    command = [PROMPTMILL, "run", str(data), "--pipeline", str(pipeline), "--backend", "vllm",
                "--workers", "1", "--out", str(out)]  # fmt: skip
     store = JobStore.from_url(redis_url)
     before = set(store.job_ids())
@@ -135,7 +129,7 @@ def promptmill(data: Path, pipeline: Path, folder: Path, redis_url: str, kill_at
         run.wait()
         figures["done_at_kill"] = store.status(job_id).terminal
         figures["killed_after_s"] = time.monotonic() - started
-        resumed = subprocess.run([sys.executable, "-m", "jobs.cli", "resume", job_id], env=env, cwd=ROOT,
+        resumed = subprocess.run([PROMPTMILL, "resume", job_id], env=env, cwd=ROOT,
                                  capture_output=True, text=True)  # fmt: skip
         assert resumed.returncode == 0, resumed.stderr[-2000:]
         figures["resume_said"] = next(line for line in resumed.stderr.splitlines() if line.startswith("resuming"))

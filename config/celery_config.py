@@ -14,7 +14,10 @@ from __future__ import annotations
 from typing import Any
 
 TASK_RUN_CHUNK = "promptmill.run_chunk"
-QUEUES = ("api", "gpu")
+# Which queue each backend's chunks go to: api workers run many requests on one event loop, a gpu
+# worker holds one engine. The one map of backends to queues.
+QUEUE_FOR_BACKEND: dict[str, str] = {"anthropic": "api", "vllm": "gpu"}
+QUEUES: tuple[str, ...] = tuple(dict.fromkeys(QUEUE_FOR_BACKEND.values()))
 # kombu re-delivers a message still unacknowledged this long after delivery: a last resort, long
 # enough that a slow chunk is never delivered twice while it runs (its lease would hold the second
 # one off anyway).
@@ -40,7 +43,7 @@ def celery_config(redis_url: str) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        "task_default_queue": "api",
+        "task_default_queue": QUEUES[0],
         "task_serializer": "json",
         "accept_content": ["json"],
         "broker_connection_retry_on_startup": True,

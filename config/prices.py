@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from decimal import Decimal
 from pathlib import Path
 
-from config.settings import Settings
+from promptmill.config.settings import Settings
 
 SHIPPED_TABLE = Path(__file__).with_name("prices.toml")
 _DATE_SUFFIX = re.compile(r"-\d{8}$")

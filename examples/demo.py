@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from promptmill.jobs.embedded import promptmill_command
+
 HERE = Path(__file__).resolve().parent
 OUT = HERE.parent / "demo-out"
 
@@ -19,12 +21,12 @@ OUT = HERE.parent / "demo-out"
 def main() -> int:
     started = time.monotonic()
     command = [
-        sys.executable, "-m", "jobs.cli", "run", str(HERE / "reviews.jsonl"),
+        *promptmill_command(), "run", str(HERE / "reviews.jsonl"),
         "--pipeline", str(HERE / "sentiment.toml"),
         "--backend", "vllm", "--model", "smollm2-135m-instruct",
         "--out", str(OUT),
     ]  # fmt: skip
-    print("$ promptmill " + " ".join(command[3:]), flush=True)
+    print("$ promptmill " + " ".join(command[command.index("run"):]), flush=True)
     finished = subprocess.run(command)
     if finished.returncode != 0:
         return finished.returncode

@@ -13,10 +13,12 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +26,7 @@ from urllib.parse import urlsplit
 
 import redis
 
-from config.settings import Settings
+from promptmill.config.settings import Settings
 
 
 class EmbeddedRedisError(RuntimeError):
@@ -167,6 +169,18 @@ def redis_url_for(settings: Settings) -> tuple[str, EmbeddedRedis | None]:
     return embedded.start(), embedded
 
 
+def promptmill_command() -> list[str]:
+    """The installed `promptmill` entry point, as a user runs it: never `python -m` from the current
+    folder, whose own packages would then stand first on the worker's import path."""
+    script = Path(sysconfig.get_path("scripts")) / "promptmill"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("promptmill")
+    if found is not None:
+        return [found]
+    return [sys.executable, "-P", "-m", "promptmill"]  # -P: the current folder stays off sys.path
+
+
 EARLY_DEATH_S = 5.0  # a worker that dies sooner than this after starting did not really start
 MAX_EARLY_DEATHS = 5  # that many in a row is a crash loop: the run stops instead of spinning
 
@@ -193,7 +207,7 @@ class LocalWorkers:
         env = dict(os.environ, PROMPTMILL_REDIS_URL=self.redis_url)
         log = (self.log_dir / f"worker-{self.queue}-{index}.log").open("ab")
         return subprocess.Popen(
-            [sys.executable, "-m", "jobs.cli", "worker", "--queues", self.queue],
+            [*promptmill_command(), "worker", "--queues", self.queue],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=log,

@@ -17,10 +17,10 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Callable
 
-from config.prices import ModelPrice
-from jobs.readers import InvalidRow, iter_rows
-from jobs.spec import JobSpec
-from pipelines.render import RenderError, render_request
+from promptmill.config.prices import ModelPrice
+from promptmill.jobs.readers import InvalidRow, iter_rows
+from promptmill.jobs.spec import JobSpec
+from promptmill.pipelines.render import RenderError, render_request
 
 TokenCounter = Callable[[str | None, str], int]  # (system, user turn) -> input tokens
 

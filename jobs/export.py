@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator, Literal, get_args
 
 import orjson
 
-from jobs.files import atomic_write
-from jobs.manifest import write_manifest
-from jobs.shards import flush_complete_chunks, iter_outcomes, shards_reachable
-from jobs.spec import JobSpec
-from jobs.store import JobStore
-from pipelines.items import ItemOutcome
+from promptmill.jobs.files import atomic_write
+from promptmill.jobs.manifest import write_manifest
+from promptmill.jobs.shards import flush_complete_chunks, iter_outcomes, shards_reachable
+from promptmill.jobs.spec import JobSpec
+from promptmill.jobs.store import JobStore
+from promptmill.pipelines.items import ItemOutcome
 
 ExportFormat = Literal["jsonl", "csv", "parquet"]
+EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
 
 
 def _record(outcome: ItemOutcome) -> dict[str, Any]:
@@ -143,7 +144,7 @@ def remove_job_files(spec: JobSpec) -> list[Path]:
 
     folder = Path(spec.out_dir)
     written = [folder / "shards", folder / "logs", folder / "manifest.json", folder / "failures.jsonl"]
-    written += [folder / f"results.{fmt}" for fmt in ("jsonl", "csv", "parquet")]
+    written += [folder / f"results.{fmt}" for fmt in EXPORT_FORMATS]
     removed = []
     for path in written:
         if path.is_dir():

@@ -8,10 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from config.prices import PriceTable
-from jobs.spec import JobSpec
-from jobs.store import JobStatus
-from pipelines.items import Usage
+from promptmill.config.prices import PriceTable
+from promptmill.jobs.spec import JobSpec
+from promptmill.jobs.status import JobStatus
+from promptmill.pipelines.items import Usage
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import orjson
 
-from config.prices import LONG
-from jobs.files import atomic_write
-from jobs.spec import JobSpec
-from jobs.store import JobState, JobStore
-from pipelines.items import iso_utc
+from promptmill.config.prices import LONG
+from promptmill.jobs.files import atomic_write
+from promptmill.jobs.spec import JobSpec
+from promptmill.jobs.status import JobState
+from promptmill.jobs.store import JobStore
+from promptmill.pipelines.items import iso_utc
 
 
 def _version() -> str:

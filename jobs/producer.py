@@ -13,12 +13,13 @@ from typing import Any, Callable, Iterator
 
 import redis
 
-from jobs.readers import InvalidRow, iter_rows
-from jobs.shards import flush_chunk, shards_reachable
-from jobs.spec import JobSpec
-from jobs.store import ChunkPayload, JobStore, chunk_id_for
-from pipelines.items import ErrorKind, ItemOutcome, RenderedRequest
-from pipelines.render import RenderError, render_request
+from promptmill.jobs.chunk_store import ChunkPayload, chunk_id_for
+from promptmill.jobs.readers import InvalidRow, iter_rows
+from promptmill.jobs.shards import flush_chunk, shards_reachable
+from promptmill.jobs.spec import JobSpec
+from promptmill.jobs.store import JobStore
+from promptmill.pipelines.items import ErrorKind, ItemOutcome, RenderedRequest
+from promptmill.pipelines.render import RenderError, render_request
 
 OnChunk = Callable[[ChunkPayload, bool], None]
 _ROOM_POLL_S = 0.2
@@ -93,7 +94,7 @@ def _produce(
     max_pending_rows: int | None,
     on_wait: Callable[[], None] | None,
 ) -> int:
-    start_row = store.last_chunk_first_row(spec.job_id) or 0
+    start_row = store.chunks.last_chunk_first_row(spec.job_id) or 0
     rows = start_row
     digest = hashlib.sha256()  # the input's, for the manifest: every byte streams past, skipped rows too
     for chunk, failures in _chunks(spec, start_row, digest):
@@ -101,9 +102,9 @@ def _produce(
             _wait_for_room(spec, store, max_pending_rows, on_wait)
         if not store.is_runnable(spec.job_id):
             break  # cancelled or failed while producing
-        added = store.add_chunk(spec.job_id, chunk)
+        added = store.chunks.add(spec.job_id, chunk)
         for failure in failures:
-            store.commit(spec.job_id, chunk.chunk_id, spec.model, failure)
+            store.chunks.commit(spec.job_id, chunk.chunk_id, spec.model, failure)
         if not chunk.requests and shards_reachable(spec):
             flush_chunk(store, spec, chunk.chunk_id)  # every row failed to read: complete already
         rows += chunk.row_count

@@ -10,10 +10,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
-from config.prices import PriceTable
-from jobs.ledger import cost_report
-from jobs.spec import JobSpec
-from jobs.store import JobState, JobStatus, JobStore
+from promptmill.config.prices import PriceTable
+from promptmill.jobs.ledger import cost_report
+from promptmill.jobs.spec import JobSpec
+from promptmill.jobs.status import JobState, JobStatus
+from promptmill.jobs.store import JobStore
 
 
 class _RateColumn(ProgressColumn):

@@ -11,12 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from jobs.readers import InvalidRow, iter_rows
-from jobs.shards import outcomes_by_chunk
-from jobs.spec import JobSpec
-from jobs.store import ChunkPayload, JobStore
-from pipelines.items import ErrorKind, ItemOutcome, RenderedRequest
-from pipelines.render import RenderError, render_request
+from promptmill.jobs.chunk_store import ChunkPayload
+from promptmill.jobs.readers import InvalidRow, iter_rows
+from promptmill.jobs.shards import outcomes_by_chunk
+from promptmill.jobs.spec import JobSpec
+from promptmill.jobs.store import JobStore
+from promptmill.pipelines.items import ErrorKind, ItemOutcome, RenderedRequest
+from promptmill.pipelines.render import RenderError, render_request
 
 INPUT_FAULTS = frozenset({ErrorKind.invalid_row, ErrorKind.render_error, ErrorKind.prompt_too_long})
 
@@ -67,8 +68,8 @@ def requeue_failed(store: JobStore, spec: JobSpec) -> Requeued:
         payload = ChunkPayload(
             chunk_id=chunk_id,
             first_row=int(chunk_id),
-            row_count=store.chunk_row_count(spec.job_id, chunk_id),
+            row_count=store.chunks.row_count(spec.job_id, chunk_id),
             requests=[requests[o.row] for o in retry],
         )
-        retried += store.requeue_failed(spec.job_id, chunk_id, payload, keep, retry)
+        retried += store.chunks.requeue_failed(spec.job_id, chunk_id, payload, keep, retry)
     return Requeued(retried, kept_failed)

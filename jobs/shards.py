@@ -18,10 +18,10 @@ from typing import Iterator
 
 import orjson
 
-from jobs.files import atomic_write
-from jobs.spec import JobSpec
-from jobs.store import JobStore
-from pipelines.items import ItemOutcome
+from promptmill.jobs.files import atomic_write
+from promptmill.jobs.spec import JobSpec
+from promptmill.jobs.store import JobStore
+from promptmill.pipelines.items import ItemOutcome
 
 _MARKER = ".job"
 _PAGE = 64  # chunks read from Redis per round trip when merging
@@ -63,20 +63,20 @@ def _write_shard(path: Path, outcomes: list[ItemOutcome]) -> None:
 
 def flush_chunk(store: JobStore, spec: JobSpec, chunk_id: str) -> bool:
     """Move a complete chunk's outcomes to its shard; False if it is incomplete or already flushed."""
-    if store.is_flushed(spec.job_id, chunk_id):
+    if store.chunks.is_flushed(spec.job_id, chunk_id):
         return False
-    (outcomes,) = store.chunk_outcomes(spec.job_id, [chunk_id])
-    if len(outcomes) < store.chunk_row_count(spec.job_id, chunk_id):
+    (outcomes,) = store.chunks.outcomes(spec.job_id, [chunk_id])
+    if len(outcomes) < store.chunks.row_count(spec.job_id, chunk_id):
         return False
     _write_shard(_shard_path(spec, chunk_id), outcomes)
-    store.mark_flushed(spec.job_id, chunk_id)
+    store.chunks.mark_flushed(spec.job_id, chunk_id)
     return True
 
 
 def flush_complete_chunks(store: JobStore, spec: JobSpec) -> int:
     """Flush every complete chunk still in Redis (export does this for workers that could not)."""
-    flushed = store.flushed_chunks(spec.job_id)
-    pending = [chunk_id for chunk_id in store.chunk_ids(spec.job_id) if chunk_id not in flushed]
+    flushed = store.chunks.flushed(spec.job_id)
+    pending = [chunk_id for chunk_id in store.chunks.ids(spec.job_id) if chunk_id not in flushed]
     return sum(flush_chunk(store, spec, chunk_id) for chunk_id in pending)
 
 
@@ -94,14 +94,14 @@ def _read_shard(spec: JobSpec, chunk_id: str) -> list[ItemOutcome]:
 
 def outcomes_by_chunk(store: JobStore, spec: JobSpec) -> Iterator[tuple[str, list[ItemOutcome]]]:
     """Each chunk's committed outcomes in input order, from its shard or from Redis."""
-    chunk_ids = store.chunk_ids(spec.job_id)
-    flushed = store.flushed_chunks(spec.job_id)
+    chunk_ids = store.chunks.ids(spec.job_id)
+    flushed = store.chunks.flushed(spec.job_id)
     for start in range(0, len(chunk_ids), _PAGE):
         page = chunk_ids[start : start + _PAGE]
         unflushed = [chunk_id for chunk_id in page if chunk_id not in flushed]
-        in_redis = dict(zip(unflushed, store.chunk_outcomes(spec.job_id, unflushed)))
+        in_redis = dict(zip(unflushed, store.chunks.outcomes(spec.job_id, unflushed)))
         if unflushed:
-            flushed = store.flushed_chunks(spec.job_id)  # a worker may have flushed one as we read it
+            flushed = store.chunks.flushed(spec.job_id)  # a worker may have flushed one as we read it
         for chunk_id in page:
             yield chunk_id, _read_shard(spec, chunk_id) if chunk_id in flushed else in_redis[chunk_id]
 

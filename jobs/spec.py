@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import secrets
 from datetime import datetime, timezone
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, Field
 
-from config.settings import MAX_CHUNK_SIZE
-from jobs.readers import InputFormat
-from pipelines.spec import Pipeline, RateLimits
+from promptmill.config.celery_config import QUEUE_FOR_BACKEND
+from promptmill.config.settings import MAX_CHUNK_SIZE
+from promptmill.jobs.readers import InputFormat
+from promptmill.pipelines.spec import Pipeline, RateLimits
 
 Backend = Literal["anthropic", "vllm"]
-QUEUE_FOR_BACKEND: dict[str, str] = {"anthropic": "api", "vllm": "gpu"}
+BACKENDS: tuple[str, ...] = get_args(Backend)
 
 
 def new_job_id() -> str:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from config.prices import PriceTable, UnknownModelError
-from config.settings import MAX_CHUNK_SIZE, Settings
-from jobs.readers import InputFormat, detect_format
-from jobs.spec import Backend, JobSpec, new_job_id
-from pipelines.spec import PipelineError, RateLimits, load_pipeline
+from promptmill.config.prices import PriceTable, UnknownModelError
+from promptmill.config.settings import MAX_CHUNK_SIZE, Settings
+from promptmill.jobs.readers import InputFormat, detect_format
+from promptmill.jobs.spec import Backend, JobSpec, new_job_id
+from promptmill.pipelines.spec import PipelineError, RateLimits, load_pipeline
 
 
 class SubmitError(ValueError):

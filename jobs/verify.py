@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from config.prices import LONG
-from jobs.shards import iter_outcomes
-from jobs.spec import JobSpec
-from jobs.store import JobStore
-from pipelines.items import Usage
+from promptmill.config.prices import LONG
+from promptmill.jobs.shards import iter_outcomes
+from promptmill.jobs.spec import JobSpec
+from promptmill.jobs.store import JobStore
+from promptmill.pipelines.items import Usage
 
 
 @dataclass
@@ -45,7 +45,7 @@ def verify_job(store: JobStore, spec: JobSpec) -> Verification:
         )
     names = {spec.model, spec.model + LONG}  # the model at its standard and its long-context rates
     # Failed outcomes replaced by `resume --retry-failed` were paid for: the ledger keeps them.
-    retried = store.retried_usage(spec.job_id)
+    retried = store.chunks.retried_usage(spec.job_id)
     usage = usage + retried.usage
     answered += sum(retried.requests_by_model.values())
     ledger = sum((status.usage_by_model.get(name, Usage()) for name in names), Usage())

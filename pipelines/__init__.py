@@ -3,10 +3,10 @@
 Knows no Redis, no Celery and no provider.
 """
 
-from pipelines.items import ErrorKind, ItemError, ItemOutcome, RenderedRequest, Usage
-from pipelines.parse import OutputParseError, parse_output
-from pipelines.render import RenderError, render_request
-from pipelines.spec import OutputSpec, Pipeline, PipelineError, load_pipeline
+from promptmill.pipelines.items import ErrorKind, ItemError, ItemOutcome, RenderedRequest, Usage
+from promptmill.pipelines.parse import OutputParseError, parse_output
+from promptmill.pipelines.render import RenderError, render_request
+from promptmill.pipelines.spec import OutputSpec, Pipeline, PipelineError, load_pipeline
 
 __all__ = [
     "ErrorKind",

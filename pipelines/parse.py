@@ -8,7 +8,7 @@ from typing import Any
 import jsonschema
 import orjson
 
-from pipelines.spec import OutputSpec
+from promptmill.pipelines.spec import OutputSpec
 
 # A "short sentence" that may name a choice: longer answers are not read for a label.
 _MAX_WORDS_FOR_CHOICE = 40

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from string import Formatter
-
-import orjson
 from typing import Any, Mapping
 
-from pipelines.items import RenderedRequest
-from pipelines.spec import Pipeline
+import orjson
+
+from promptmill.pipelines.items import RenderedRequest
+from promptmill.pipelines.spec import Pipeline
 
 
 class RenderError(ValueError):

@@ -8,11 +8,10 @@ from string import Formatter
 from typing import Any, Iterator, Literal
 
 import jsonschema
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from referencing import Registry, Resource
 from referencing.exceptions import Unresolvable
 from referencing.jsonschema import DRAFT202012
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
 
 _SCHEMA_URI = "urn:promptmill:output-schema"
 

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import redis
 
-from jobs.embedded import EmbeddedRedis
+from promptmill.jobs.embedded import EmbeddedRedis
 from tests.anthropic_server import ServerControl
+from tests.support import ROOT, promptmill, read_jsonl  # noqa: F401 - shared with the test modules
 
-ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "test-key"
 
 
@@ -56,21 +53,3 @@ def env(redis_url: str, api_server: ServerControl, tmp_path: Path) -> dict[str, 
         "ANTHROPIC_BASE_URL": api_server.url,
         "ANTHROPIC_API_KEY": API_KEY,
     }
-
-
-def promptmill(
-    *args: str, env: dict[str, str], timeout: float = 240, cwd: Path = ROOT, **kwargs
-) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "jobs.cli", *args],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        **kwargs,
-    )
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -7,16 +7,16 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from decimal import Decimal
 from pathlib import Path
 
-from config.prices import PriceTable
-from config.settings import Settings
-from jobs.store import JobStore
+from promptmill.config.prices import PriceTable
+from promptmill.config.settings import Settings
+from promptmill.jobs.store import JobStore
 from tests.conftest import ROOT, promptmill, read_jsonl
+from tests.support import PROMPTMILL, write_dataset
 
 LABELS = ("positive", "negative")
 PIPELINE = """
@@ -33,14 +33,8 @@ choices = ["positive", "negative"]
 
 
 def write_job(tmp_path: Path, rows: int) -> tuple[Path, Path]:
-    data = tmp_path / "rows.jsonl"
-    with data.open("w") as handle:
-        for i in range(rows):
-            answer = f"The item is {LABELS[i % 2]}."
-            handle.write(json.dumps({"id": i, "text": f"row number {i}", "answer": answer}) + "\n")
-    pipeline = tmp_path / "label.toml"
-    pipeline.write_text(PIPELINE)
-    return data, pipeline
+    answers = ({"id": i, "text": f"row number {i}", "answer": f"The item is {LABELS[i % 2]}."} for i in range(rows))
+    return write_dataset(tmp_path, answers, PIPELINE)
 
 
 def job_id_of(result: subprocess.CompletedProcess) -> str:
@@ -192,7 +186,7 @@ def test_worker_killed_mid_job_then_resume_completes_without_paying_twice(tmp_pa
     job_id = submitted.stdout.strip().splitlines()[-1]
     workers = [
         subprocess.Popen(
-            [sys.executable, "-m", "jobs.cli", "worker", "--queues", "api", "--chunks", "2"],
+            [PROMPTMILL, "worker", "--queues", "api", "--chunks", "2"],
             env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
         for _ in range(2)
@@ -214,7 +208,7 @@ def test_worker_killed_mid_job_then_resume_completes_without_paying_twice(tmp_pa
     assert [r["row"] for r in records] == list(range(1500))
     assert all(r["status"] == "ok" for r in records)
     twice = sum(count - 1 for count in successes_by_prompt(fake_api.log()).values() if count > 1)
-    # Only answers on the wire when the workers died may be paid twice: 2 processes x 2 chunks x 64 rows.
-    assert twice <= 2 * 2 * 64
+    # Only answers on the wire when the workers died may be paid twice: 2 processes x 2 chunks a process.
+    assert twice <= 2 * 2 * Settings().chunk_size
     status = json.loads(promptmill("status", job_id, "--json", env=env).stdout)
     assert status["done"] == 1500

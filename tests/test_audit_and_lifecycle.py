@@ -11,8 +11,9 @@ from datetime import datetime
 
 import redis
 
-from config.secret_logging import MASK, mask_secrets_in_logs
-from jobs.store import JobStore
+from promptmill.config.secret_logging import MASK, mask_secrets_in_logs
+from promptmill.config.settings import Settings
+from promptmill.jobs.store import JobStore
 from tests.conftest import API_KEY, promptmill, read_jsonl
 from tests.test_api_jobs import PIPELINE, job_id_of, write_job
 
@@ -41,7 +42,7 @@ def test_each_record_carries_its_audit_fields_and_the_job_writes_a_manifest(tmp_
 
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["job_id"] == job_id_of(result) and manifest["backend"] == "anthropic"
-    assert manifest["models"] == ["claude-haiku-4-5"] and manifest["chunk_size"] == 64
+    assert manifest["models"] == ["claude-haiku-4-5"] and manifest["chunk_size"] == Settings().chunk_size
     assert manifest["pipeline"]["text"] == pipeline.read_text()
     assert manifest["pipeline"]["sha256"] == hashlib.sha256(pipeline.read_bytes()).hexdigest()
     assert manifest["input"]["sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()

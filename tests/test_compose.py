@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import yaml
 
-from jobs.cli import app
+from promptmill.cli import app
 from tests.conftest import ROOT
 
 COMPOSE = ROOT / "docker-compose.yml"

@@ -6,9 +6,10 @@ import json
 from decimal import Decimal
 from pathlib import Path
 
-from config.prices import PriceTable
-from config.settings import Settings
+from promptmill.config.prices import PriceTable
+from promptmill.config.settings import Settings
 from tests.conftest import ROOT, promptmill, read_jsonl
+from tests.support import write_dataset
 from tests.test_api_jobs import job_id_of
 
 
@@ -75,19 +76,17 @@ def test_a_budget_pauses_the_job_within_one_in_flight_window_and_the_ledger_matc
     """The ledger equals the server's billing log exactly, for a job with retries (500s), failed rows
     (400s), a pause at its budget and a resume with a higher one."""
     fake_api.configure(latency_ms=20, p500=0.05)
-    data = tmp_path / "rows.jsonl"
     rows = 1200
-    with data.open("w") as handle:
-        for n in range(rows):
-            fault = " [[status:400]]" if n % 100 == 7 else ""
-            handle.write(json.dumps({"id": n, "text": f"row number {n}{fault}", "answer": "yes it is positive"}) + "\n")
+    faults = {n: " [[status:400]]" if n % 100 == 7 else "" for n in range(rows)}
+    data, _ = write_dataset(tmp_path, ({"id": n, "text": f"row number {n}{faults[n]}", "answer": "yes it is positive"} for n in range(rows)))
     pipeline = tmp_path / "p.toml"
     pipeline.write_text(
         'name = "p"\nmodel = "claude-haiku-4-5"\nsystem = "You label items."\n'
         'prompt = "Item {id}: {text} [[reply:{answer}]]"\nmax_tokens = 8\n'
     )
     budget = 0.02  # about 700 of the 1,200 rows
-    env = {**env, "PROMPTMILL_MAX_IN_FLIGHT": "32"}
+    in_flight = 32
+    env = {**env, "PROMPTMILL_MAX_IN_FLIGHT": str(in_flight)}
     ran = promptmill("run", str(data), "--pipeline", str(pipeline), "--out", str(tmp_path / "o"), "--budget", str(budget),
                      "--workers", "1", env=env)  # fmt: skip
     assert ran.returncode == 3, ran.stderr
@@ -96,12 +95,14 @@ def test_a_budget_pauses_the_job_within_one_in_flight_window_and_the_ledger_matc
     status = json.loads(promptmill("status", job_id, "--json", env=env).stdout)
     assert status["state"] == "paused_budget" and 0 < status["done"] + status["failed"] < rows
 
-    # Never over the cap, and short of it by no more than the 32 requests the worker keeps in flight,
-    # each held at its most possible cost: under 40 input tokens (and a quarter's margin) at the 1-hour
-    # cache-write price, $2/MTok, and 8 output tokens at $5/MTok.
+    # Never over the cap, and short of it by no more than the requests the worker keeps in flight,
+    # each held at its most possible cost: under 40 input tokens (and a quarter's margin) at the
+    # dearest input price (the 1-hour cache write), and max_tokens output tokens.
     spent = billed_usd(fake_api.log())
     assert spent <= Decimal(str(budget))
-    in_flight_window = 32 * (Decimal("1.25") * 40 * 2 + 5 * 8) / 1_000_000
+    price = PriceTable.load(Settings()).price_for("claude-haiku-4-5")
+    held = Decimal("1.25") * 40 * max(price.input, price.cache_write_5m, price.cache_write_1h) + price.output * 8
+    in_flight_window = in_flight * held / 1_000_000
     assert spent >= Decimal(str(budget)) - in_flight_window, (spent, in_flight_window)
 
     resumed = promptmill("resume", job_id, "--budget", "1.00", env=env)
@@ -122,8 +123,7 @@ def test_a_budget_pauses_the_job_within_one_in_flight_window_and_the_ledger_matc
 
 def test_a_cached_system_prompt_is_billed_as_writes_then_reads_and_cost_shows_the_saving(tmp_path, env, fake_api):
     fake_api.configure(latency_ms=20)
-    data = tmp_path / "rows.jsonl"
-    data.write_text("".join(json.dumps({"id": n}) + "\n" for n in range(300)))
+    data, _ = write_dataset(tmp_path, ({"id": n} for n in range(300)))
     system = " ".join(f"guideline{n}" for n in range(1500))  # 1,500 tokens on the local server
     pipeline = tmp_path / "p.toml"
     pipeline.write_text(
@@ -141,10 +141,11 @@ def test_a_cached_system_prompt_is_billed_as_writes_then_reads_and_cost_shows_th
     [model] = cost["models"]
     assert model["cache_creation_1h_input_tokens"] == model["cache_creation_input_tokens"] == 1500 * len(writes)
     assert Decimal(str(cost["cost_usd"])) == billed_usd(fake_api.log())
-    # Saved: every cached token as plain input ($1/M), less 1-hour writes ($2/M) and reads ($0.10/M).
-    cached = 1500 * 300
-    billed_cache = Decimal(2) * 1500 * len(writes) + Decimal("0.1") * 1500 * (300 - len(writes))
-    assert Decimal(str(cost["caching_saved_usd"])) == (Decimal(cached) - billed_cache) / 1_000_000
+    # Saved: every cached token as plain input, less what the 1-hour writes and the reads cost.
+    price = PriceTable.load(Settings()).price_for("claude-haiku-4-5")
+    as_input = price.input * 1500 * 300
+    billed_cache = price.cache_write_1h * 1500 * len(writes) + price.cache_read * 1500 * (300 - len(writes))
+    assert Decimal(str(cost["caching_saved_usd"])) == (as_input - billed_cache) / 1_000_000
     table = promptmill("cost", job_id_of(ran), env=env).stdout
     assert "prompt caching saved $" in table
 
@@ -154,8 +155,7 @@ def test_a_cached_shared_prefix_of_the_prompt_is_read_from_the_cache_with_the_sy
     breakpoint, so the system prompt and that text are cached together and each row pays plain input
     only for its own part."""
     fake_api.configure(latency_ms=20)
-    data = tmp_path / "rows.jsonl"
-    data.write_text("".join(json.dumps({"id": n, "text": f"row {n} says hello"}) + "\n" for n in range(200)))
+    data, _ = write_dataset(tmp_path, ({"id": n, "text": f"row {n} says hello"} for n in range(200)))
     instructions = " ".join(f"rule{n}" for n in range(1000))
     pipeline = tmp_path / "p.toml"
     pipeline.write_text(

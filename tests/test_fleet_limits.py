@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-from jobs.store import JobStore
+from promptmill.jobs.store import JobStore
 from tests.conftest import promptmill, read_jsonl
 from tests.test_api_jobs import job_id_of, write_job
 
@@ -42,9 +42,9 @@ def test_a_resumed_row_keeps_its_failed_attempts(tmp_path, env, fake_api):
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip().splitlines()[-1]
     store = JobStore.from_url(env["PROMPTMILL_REDIS_URL"])
-    chunk_id = store.chunk_ids(job_id)[0]
+    chunk_id = store.chunks.ids(job_id)[0]
     for _ in range(3):  # as if a worker had failed row 0 three times, then died
-        store.add_failed_attempt(job_id, chunk_id, 0, "claude-haiku-4-5")
+        store.chunks.add_failed_attempt(job_id, chunk_id, 0, "claude-haiku-4-5")
 
     resumed = promptmill("resume", job_id, env=env)
     assert resumed.returncode == 0, resumed.stderr

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.cli import app
-from jobs.readers import InvalidRow, iter_rows
-from jobs.store import JobStore
-from pipelines import load_pipeline, render_request
+from promptmill.cli import app
+from promptmill.jobs.readers import InvalidRow, iter_rows
+from promptmill.jobs.store import JobStore
+from promptmill.pipelines import load_pipeline, render_request
 from tests.conftest import promptmill, read_jsonl
 from tests.test_api_jobs import PIPELINE, job_id_of, write_job
 

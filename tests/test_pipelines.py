@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import OutputParseError, OutputSpec, PipelineError, RenderError, load_pipeline, parse_output, render_request
+from promptmill.pipelines import (
+    OutputParseError,
+    OutputSpec,
+    PipelineError,
+    RenderError,
+    load_pipeline,
+    parse_output,
+    render_request,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 CHOICE = OutputSpec(type="choice", choices=["positive", "negative", "very positive"])

@@ -6,23 +6,27 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import redis
-from config.celery_config import celery_config
-from config.prices import PriceTable
-from config.settings import Settings
-from jobs.dispatch import ChunkDispatcher
-from jobs.embedded import EmbeddedRedis
-from jobs.files import atomic_write
-from jobs.store import ChunkPayload, JobState, JobStore
-from jobs.submission import build_spec
-from pipelines.items import ItemOutcome, RenderedRequest, Usage
+
+from promptmill.config.celery_config import celery_config
+from promptmill.config.prices import PriceTable
+from promptmill.config.settings import Settings
+from promptmill.jobs.chunk_store import ChunkPayload
+from promptmill.jobs.dispatch import ChunkSender
+from promptmill.jobs.embedded import EmbeddedRedis
+from promptmill.jobs.files import atomic_write
+from promptmill.jobs.lease import ChunkLease
+from promptmill.jobs.status import JobState
+from promptmill.jobs.store import JobStore
+from promptmill.jobs.submission import build_spec
+from promptmill.pipelines.items import ItemOutcome, RenderedRequest, Usage
 from tests.conftest import promptmill, read_jsonl
+from tests.support import PROMPTMILL
 from tests.test_api_jobs import job_id_of, successes_by_prompt, write_job
 from tests.test_crash_safety import start_cli, wait_until
 
@@ -41,7 +45,7 @@ def new_job(tmp_path: Path, env: dict[str, str], store: JobStore, rows: int = 4,
     store.create_job(spec)
     for first in range(0, rows, chunk_size):
         requests = [RenderedRequest(row=row, prompt=f"p{row}") for row in range(first, first + chunk_size)]
-        store.add_chunk(spec.job_id, ChunkPayload(chunk_id=f"{first:010d}", first_row=first, row_count=chunk_size, requests=requests))
+        store.chunks.add(spec.job_id, ChunkPayload(chunk_id=f"{first:010d}", first_row=first, row_count=chunk_size, requests=requests))
     return spec
 
 
@@ -115,14 +119,14 @@ def test_finishing_production_does_not_undo_a_cancel(tmp_path, env, store):
 def test_a_new_budget_keeps_what_running_requests_hold_and_settling_never_goes_below_zero(tmp_path, env, store):
     spec = new_job(tmp_path, env, store)
     store.set_state(spec.job_id, JobState.running)
-    store.set_budget(spec.job_id, 1.0)
-    assert store.hold_budget(spec.job_id, 300_000)
-    store.set_budget(spec.job_id, 2.0)  # resume --budget while a request is in flight
-    assert store.budget(spec.job_id).held_usd == pytest.approx(0.3)
+    store.budgets.set(spec.job_id, 1.0)
+    assert store.budgets.hold(spec.job_id, 300_000)
+    store.budgets.set(spec.job_id, 2.0)  # resume --budget while a request is in flight
+    assert store.budgets.get(spec.job_id).held_usd == pytest.approx(0.3)
     store.set_state(spec.job_id, JobState.paused_budget)
-    store.set_budget(spec.job_id, 3.0)  # a stopped job: what its dead workers held is let go
-    store.settle_budget(spec.job_id, 300_000, 250_000)  # the last holder settles after that
-    budget = store.budget(spec.job_id)
+    store.budgets.set(spec.job_id, 3.0)  # a stopped job: what its dead workers held is let go
+    store.budgets.settle(spec.job_id, 300_000, 250_000)  # the last holder settles after that
+    budget = store.budgets.get(spec.job_id)
     assert budget.held_usd == 0 and budget.spent_usd == pytest.approx(0.25)
 
 
@@ -130,28 +134,28 @@ def test_a_chunk_lost_twice_is_sent_again_both_times(tmp_path, env, store):
     spec = new_job(tmp_path, env, store)
     store.finish_producing(spec.job_id)
     chunk = "0000000000"
-    store.count_chunk_run(spec.job_id, chunk)  # a worker starts it and dies (no lease left)
-    assert store.lost_chunks(spec.job_id, queue_empty=False, stranded_after_s=30) == [chunk]
-    assert store.lost_chunks(spec.job_id, queue_empty=False, stranded_after_s=30) == []  # sent: in the queue
-    store.count_chunk_run(spec.job_id, chunk)  # the resent copy's worker dies too
-    assert store.lost_chunks(spec.job_id, queue_empty=False, stranded_after_s=30) == [chunk]
+    ChunkLease(store.redis, spec.job_id, chunk, 1).count_run()  # a worker starts it and dies (no lease left)
+    assert store.chunks.lost(spec.job_id, queue_empty=False, stranded_after_s=30) == [chunk]
+    assert store.chunks.lost(spec.job_id, queue_empty=False, stranded_after_s=30) == []  # sent: in the queue
+    ChunkLease(store.redis, spec.job_id, chunk, 1).count_run()  # the resent copy's worker dies too
+    assert store.chunks.lost(spec.job_id, queue_empty=False, stranded_after_s=30) == [chunk]
     # The next copy dies in a worker's reserved messages, never started: the queue runs dry.
-    assert chunk not in store.lost_chunks(spec.job_id, queue_empty=True, stranded_after_s=30)  # sent < 30 s ago
-    assert chunk in store.lost_chunks(spec.job_id, queue_empty=True, stranded_after_s=0)
+    assert chunk not in store.chunks.lost(spec.job_id, queue_empty=True, stranded_after_s=30)  # sent < 30 s ago
+    assert chunk in store.chunks.lost(spec.job_id, queue_empty=True, stranded_after_s=0)
 
 
 def test_the_sweeper_skips_a_job_whose_keys_are_gone_and_sweeps_the_others(tmp_path, env, store):
-    from workers.app import configure
-    from workers.sweeper import sweep_once
+    from promptmill.workers.sweeper import sweep_once
 
-    configure(env["PROMPTMILL_REDIS_URL"])
     broken = new_job(tmp_path / "a", env, store)
     store.redis.delete(f"pm:{{{broken.job_id}}}:spec")
     healthy = new_job(tmp_path / "b", env, store)
     store.finish_producing(healthy.job_id)
-    store.count_chunk_run(healthy.job_id, "0000000002")  # its worker died
+    ChunkLease(store.redis, healthy.job_id, "0000000002", 1).count_run()  # its worker died
     store.redis.delete("api")
-    assert sweep_once(store, every_s=0.5, ttl_s=60) >= 1
+    sender = ChunkSender.for_url(env["PROMPTMILL_REDIS_URL"])
+    assert sweep_once(store, sender, every_s=0.5, ttl_s=60) >= 1
+    sender.close()
     sent = [json.loads(raw)["headers"]["argsrepr"] for raw in store.redis.lrange("api", 0, -1)]
     store.redis.delete("api")
     assert f"('{healthy.job_id}', '0000000002')" in sent
@@ -164,8 +168,8 @@ def test_an_answer_for_a_row_already_done_is_counted_as_paid_twice_in_status_and
     spec = new_job(tmp_path, env, store)
     usage = Usage(input_tokens=100, output_tokens=10)
     answer = ItemOutcome(row=0, status="ok", output="positive", usage=usage)
-    assert store.commit(spec.job_id, "0000000000", spec.model, answer)
-    assert not store.commit(spec.job_id, "0000000000", spec.model, answer)  # the second worker's answer
+    assert store.chunks.commit(spec.job_id, "0000000000", spec.model, answer)
+    assert not store.chunks.commit(spec.job_id, "0000000000", spec.model, answer)  # the second worker's answer
     status = store.status(spec.job_id)
     assert status.usage == usage and status.requests_by_model == {spec.model: 1}
     assert status.paid_twice.as_dict() == {spec.model: {"requests": 1, **usage.model_dump()}}
@@ -266,7 +270,7 @@ def test_a_silent_network_drop_fails_a_redis_command_instead_of_hanging_it(redis
 
 def test_sending_chunks_uses_no_result_backend_and_opens_no_subscription(redis_url, store):
     assert "result_backend" not in celery_config(redis_url)
-    dispatcher = ChunkDispatcher(redis_url)
+    dispatcher = ChunkSender.for_url(redis_url)
     before = store.redis.pubsub_numpat(), store.redis.pubsub_channels()
     for chunk in range(20):
         dispatcher.send("no-such-job", f"{chunk:010d}", "pubsub-check")
@@ -289,7 +293,7 @@ def test_a_worker_warns_when_redis_has_no_persistence_or_may_evict(tmp_path, env
         wait_until(lambda: ping(url), 20, "a volatile Redis")
         with log.open("w") as sink:
             worker = subprocess.Popen(
-                [sys.executable, "-m", "jobs.cli", "worker", "--queues", "api"],
+                [PROMPTMILL, "worker", "--queues", "api"],
                 env={**env, "PROMPTMILL_REDIS_URL": url}, stdout=sink, stderr=subprocess.STDOUT,
             )  # fmt: skip
             try:

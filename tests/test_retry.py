@@ -6,9 +6,9 @@ from __future__ import annotations
 import anthropic
 import pytest
 
-from pipelines.items import ErrorKind
+from promptmill.pipelines.items import ErrorKind
+from promptmill.workers.retry import backoff_s, classify
 from tests.conftest import API_KEY
-from workers.retry import backoff_s, classify
 
 
 def failure(api_server, prompt: str, key: str = API_KEY, timeout: float = 10.0) -> anthropic.APIError:

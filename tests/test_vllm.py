@@ -15,11 +15,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from config.prices import PriceTable
-from config.settings import Settings
-from jobs.store import JobStore
-from pipelines import load_pipeline, render_request
+from promptmill.config.prices import PriceTable
+from promptmill.config.settings import Settings
+from promptmill.jobs.store import JobStore
+from promptmill.pipelines import load_pipeline, render_request
 from tests.conftest import ROOT, promptmill, read_jsonl
+from tests.support import write_dataset
 from tests.test_crash_safety import start_cli, wait_until
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
@@ -48,9 +49,7 @@ def gpu_worker(gpu_env: dict[str, str]) -> subprocess.Popen:
 
 
 def write_rows(tmp_path: Path, rows: list[dict]) -> Path:
-    data = tmp_path / "rows.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return data
+    return write_dataset(tmp_path, rows)[0]
 
 
 def submit(env: dict[str, str], data: Path, pipeline: Path, out: Path, *extra: str) -> str:

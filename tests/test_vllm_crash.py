@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.store import JobStore
+from promptmill.jobs.store import JobStore
 from tests.test_crash_safety import start_cli, wait_until
 from tests.test_vllm import REVIEWS, finish, submit, summary_pipeline, write_rows
 

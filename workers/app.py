@@ -1,23 +1,24 @@
-"""The Celery app. Its broker is the job store's Redis, set by `configure` before a worker starts."""
+"""The Celery app. `configure` points it at the job store's Redis and hands the worker its settings."""
 
 from __future__ import annotations
 
 from celery import Celery
 
-from config.celery_config import QUEUES, celery_config
-from config.settings import get_settings
+from promptmill.config.celery_config import celery_config
+from promptmill.config.settings import Settings
+from promptmill.workers import runtime
 
-app = Celery("promptmill", include=["workers.tasks", "workers.sweeper", "workers.redis_health"])
+app = Celery(
+    "promptmill",
+    include=["promptmill.workers.tasks", "promptmill.workers.sweeper", "promptmill.workers.redis_health"],
+)
 
 
-def configure(redis_url: str) -> Celery:
-    app.conf.update(celery_config(redis_url))
+def configure(settings: Settings) -> Celery:
+    """Make this process a worker of `settings.redis_url` with these settings (the CLI's `worker`)."""
+    if not settings.redis_url:
+        raise ValueError("a worker needs a Redis URL")
+    app.conf.update(celery_config(settings.redis_url))
     app.conf.task_queues = None  # kombu builds one queue per name given to the worker
+    runtime.configure(settings)
     return app
-
-
-_url = get_settings().redis_url
-if _url:
-    configure(_url)
-
-__all__ = ["QUEUES", "app", "configure"]

@@ -9,17 +9,19 @@ had work, and a job's device time is the sum of its requests' shares.
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 
 class EngineClock:
-    def __init__(self, devices: int = 1):
+    def __init__(self, devices: int = 1, clock: Callable[[], float] = time.monotonic):
         self.devices = devices
+        self._clock = clock
         self._virtual = 0.0  # seconds of busy time each request in the engine has been charged so far
-        self._at = time.monotonic()
+        self._at = clock()
         self._running = 0
 
     def _advance(self) -> None:
-        now = time.monotonic()
+        now = self._clock()
         if self._running:
             self._virtual += (now - self._at) / self._running
         self._at = now

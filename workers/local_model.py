@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from config.settings import Settings
+from promptmill.config.settings import Settings
 
 ALIAS = "smollm2-135m-instruct"
 FOLDER_NAME = "SmolLM2-135M-Instruct"

@@ -17,17 +17,17 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable
 
 import redis
 from aiolimiter import AsyncLimiter
 
-from jobs.store import limiter_key
-from pipelines.spec import RateLimits
+from promptmill.jobs.keys import limiter_key
+from promptmill.pipelines.spec import RateLimits
+from promptmill.workers.limit_signals import LimitHeaders
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +46,15 @@ _REPORT_DELAY_S = 0.02  # refunds with no one waiting are sent this late, to bat
 #  13    observed (1 when 14-20 hold a response's headers)
 #  14-16 the limits a response named (0 = not named); 17-19 what remained (-1 = not named)
 #  20    the observation's age in ms (how long its request took)
-#  21    how many grants are asked; then per grant its input and output cost
+#  21    now in ms (0: Redis's own clock; a test passes its own)
+#  22    how many grants are asked; then per grant its input and output cost
 # Returns {granted, wait ms, effective limits r, i, o (-1 = unlimited)}.
 _LIMIT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = tonumber(ARGV[21])
+if now == 0 then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 local h = KEYS[1]
 local names = {'r', 'i', 'o'}
 local raw = redis.call('HMGET', h, 'ts', 'lvl_r', 'lvl_i', 'lvl_o', 'lim_r', 'lim_i', 'lim_o',
@@ -118,12 +122,12 @@ if n429 > 0 then redis.call('HINCRBY', h, 'rate_limited', n429) end
 if tonumber(ARGV[12]) > 0 then pause = math.max(pause, now + tonumber(ARGV[12])) end
 
 local granted, wait = 0, 0
-local asked = tonumber(ARGV[21])
+local asked = tonumber(ARGV[22])
 if now < pause then
   wait = pause - now
 else
   for g = 0, asked - 1 do
-    local cost = {1, tonumber(ARGV[22 + 2 * g]), tonumber(ARGV[23 + 2 * g])}
+    local cost = {1, tonumber(ARGV[23 + 2 * g]), tonumber(ARGV[24 + 2 * g])}
     local fits = true
     for b = 1, 3 do
       if limit[b] > 0 then
@@ -155,39 +159,6 @@ return {granted, tostring(math.ceil(wait)), eff(1), eff(2), eff(3)}
 """
 
 
-def account_scope(base_url: str | None, api_key: str | None, model: str) -> str:
-    """Which buckets a request draws on: its account and model, never the key itself."""
-    fingerprint = hashlib.sha256(f"{base_url or 'default'}\n{api_key or ''}".encode()).hexdigest()[:16]
-    return f"anthropic:{fingerprint}:{model}"
-
-
-@dataclass(frozen=True)
-class LimitHeaders:
-    """What one response said about the account's limits."""
-
-    limits: tuple[int, int, int] = (0, 0, 0)  # requests, input, output per minute; 0 = not said
-    remaining: tuple[int, int, int] = (-1, -1, -1)  # -1 = not said
-
-    _NAMES = ("requests", "input-tokens", "output-tokens")
-
-    @classmethod
-    def parse(cls, headers: Mapping[str, str]) -> "LimitHeaders | None":
-        limits, remaining = [], []
-        for name in cls._NAMES:
-            limits.append(_int(headers.get(f"anthropic-ratelimit-{name}-limit"), 0))
-            remaining.append(_int(headers.get(f"anthropic-ratelimit-{name}-remaining"), -1))
-        if not any(limits) and all(r < 0 for r in remaining):
-            return None
-        return cls(tuple(limits), tuple(remaining))  # type: ignore[arg-type]
-
-
-def _int(raw: str | None, default: int) -> int:
-    try:
-        return int(float(raw)) if raw is not None else default
-    except ValueError:
-        return default
-
-
 @dataclass
 class _Report:
     """What happened since the last script call, sent with the next one."""
@@ -215,8 +186,16 @@ class Grant:
 class FleetLimiter:
     """This process's door to the fleet's buckets for one account, model and set of job limits."""
 
-    def __init__(self, client: redis.Redis, scope: str, limits: RateLimits, burst_s: float = BURST_S):
+    def __init__(
+        self,
+        client: redis.Redis,
+        scope: str,
+        limits: RateLimits,
+        burst_s: float = BURST_S,
+        clock: Callable[[], float] | None = None,
+    ):
         self._script = client.register_script(_LIMIT)
+        self._clock = clock  # seconds; None: Redis's clock, the one every machine of the fleet shares
         self.scope = scope
         self._key = limiter_key(scope)
         self.limits = limits
@@ -265,14 +244,16 @@ class FleetLimiter:
         self._report.pause_ms = max(self._report.pause_ms, pause_ms)
         self._wake.set()
 
-    def observe(self, headers: Mapping[str, str], age_s: float) -> None:
-        parsed = LimitHeaders.parse(headers)
-        if parsed is None:
+    def observe(self, said: LimitHeaders | None, age_s: float) -> None:
+        """What a response said of the limits (None: no response came), `age_s` after it was sent."""
+        if said is None:
+            return
+        if not said.said_anything:
             if self._report.headers is None:
                 # A response without limit headers still tells us the account answers: stop probing.
                 self._report.headers = LimitHeaders()
             return
-        self._report.headers = parsed
+        self._report.headers = said
         self._report.headers_age_ms = int(age_s * 1000)
         self._wake.set()
 
@@ -318,14 +299,16 @@ class FleetLimiter:
 
     async def _call_or_wait(self, costs: list[tuple[int, int]]) -> tuple[int, int] | None:
         try:
-            return self._call(costs)
+            return self.try_grant(costs)
         except redis.RedisError as error:
             log.warning("the fleet's rate limiter is unreachable (%s); trying again", error)
             await asyncio.sleep(_MAX_SLEEP_S)
             self._wake.set()
             return None
 
-    def _call(self, costs: list[tuple[int, int]]) -> tuple[int, int]:
+    def try_grant(self, costs: list[tuple[int, int]]) -> tuple[int, int]:
+        """One script call: report what happened since the last, and grant what fits now, in order.
+        Returns (granted, ms to wait before the first one not granted could be)."""
         report, self._report = self._report, _Report()
         cfg = [self.limits.rpm or 0, self.limits.input_tpm or 0, self.limits.output_tpm or 0]
         headers = report.headers
@@ -342,6 +325,7 @@ class FleetLimiter:
             *(headers.limits if headers else (0, 0, 0)),
             *(headers.remaining if headers else (-1, -1, -1)),
             report.headers_age_ms,
+            0 if self._clock is None else int(self._clock() * 1000),
             len(costs),
         ]
         for cost_in, cost_out in costs:
@@ -377,21 +361,3 @@ class FleetLimiter:
     def request_rate_per_s(self) -> float | None:
         rpm = self.effective[0]
         return None if rpm is None else rpm / 60
-
-
-class InputTokenEstimate:
-    """Input tokens of a request before it is sent, from its characters, calibrated by the answers.
-
-    Starts at 1 token per 3.5 characters (English prose for Claude's tokenizer) and follows the
-    provider's own counts; the limiter corrects each estimate once the real count is known.
-    """
-
-    def __init__(self, tokens_per_char: float = 1 / 3.5):
-        self.tokens_per_char = tokens_per_char
-
-    def estimate(self, chars: int) -> int:
-        return max(1, math.ceil(chars * self.tokens_per_char))
-
-    def learn(self, chars: int, tokens: int) -> None:
-        if chars > 0:
-            self.tokens_per_char += 0.05 * (tokens / chars - self.tokens_per_char)

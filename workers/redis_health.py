@@ -12,7 +12,7 @@ import logging
 import redis
 from celery.signals import worker_ready
 
-from workers.runtime import runtime
+from promptmill.workers.runtime import runtime
 
 log = logging.getLogger(__name__)
 

@@ -9,11 +9,12 @@ that says the account's spend limit is reached.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import anthropic
 
-from pipelines.items import ErrorKind
+from promptmill.pipelines.items import ErrorKind
+from promptmill.workers.limit_signals import LimitHeaders
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class Verdict:
     fatal_for_job: bool = False
     retry_after_s: float | None = None
     status: int | str = "engine_error"  # the HTTP status, or timeout, dropped or engine_error
+    limits: LimitHeaders | None = field(default=None, compare=False)  # what the response said of the limits
 
     @property
     def server_failure(self) -> bool:

@@ -1,10 +1,12 @@
-"""What one worker process keeps between chunks: its event loop, its job store and settings.
+"""What one worker process keeps between chunks: its event loop, settings, job store and backends.
 
 Clients such as `AsyncAnthropic` and the fleet limiter are bound to the loop they were made on, so
 each process runs one persistent loop in a thread of its own, and every task thread hands its chunk's
 coroutine to it. Several chunks then share one loop, one client, one limiter and one in-flight
 budget: requests keep flowing while one chunk drains and the next starts.
-Everything is keyed by process id: a prefork child builds its own after the fork.
+
+The runtime holds the backend registry: one instance of each backend per process (clients and
+engines outlive a chunk), and the per-process state its request path needs.
 """
 
 from __future__ import annotations
@@ -13,16 +15,44 @@ import asyncio
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Awaitable, TypeVar
+from typing import Awaitable, Hashable, TypeVar
 
-from config.prices import PriceTable
-from config.settings import Settings, get_settings
-from jobs.shards import shards_reachable
-from jobs.spec import JobSpec
-from jobs.store import JobStore
-from pipelines.items import Usage
+from promptmill.config.prices import PriceTable
+from promptmill.config.settings import Settings
+from promptmill.jobs.shards import shards_reachable
+from promptmill.jobs.spec import JobSpec
+from promptmill.jobs.store import JobStore
+from promptmill.pipelines.spec import RateLimits
+from promptmill.workers.backends.anthropic import AnthropicBackend
+from promptmill.workers.backends.base import Backend, BackendFactory
+from promptmill.workers.backends.vllm import VLLMBackend
+from promptmill.workers.concurrency import AdaptiveConcurrency
+from promptmill.workers.limit_signals import InputTokenEstimate
+from promptmill.workers.rate_limit import FleetLimiter
+from promptmill.workers.request_path import (
+    AttemptLog,
+    Audit,
+    Budget,
+    Concurrency,
+    Ledger,
+    Limit,
+    Retry,
+    Send,
+    compose,
+)
 
 T = TypeVar("T")
+
+# The backend registry: JobSpec.backend -> how to build one.
+BACKENDS: dict[str, BackendFactory] = {"anthropic": AnthropicBackend, "vllm": VLLMBackend}
+
+
+@dataclass
+class _Served:
+    backend: Backend
+    identity: Hashable
+    slots: AdaptiveConcurrency | None
+    estimate: InputTokenEstimate = field(default_factory=InputTokenEstimate)
 
 
 @dataclass
@@ -31,9 +61,19 @@ class WorkerRuntime:
     loop: asyncio.AbstractEventLoop
     store: JobStore
     settings: Settings
-    specs: dict[str, JobSpec]
+    specs: dict[str, JobSpec] = field(default_factory=dict)
     reachable: dict[str, bool] = field(default_factory=dict)  # job id -> sees the job's shard folder
-    prices: PriceTable | None = None
+    served: dict[str, _Served] = field(default_factory=dict)  # backend name -> its instance and state
+    limiters: dict[tuple[str, RateLimits], FleetLimiter] = field(default_factory=dict)
+    scoped_jobs: set[str] = field(default_factory=set)
+    careful: threading.Lock = field(default_factory=threading.Lock)  # one chunk at a time hunts for poison
+    _prices: PriceTable | None = None
+
+    @property
+    def prices(self) -> PriceTable:
+        if self._prices is None:
+            self._prices = PriceTable.load(self.settings)
+        return self._prices
 
     def spec(self, job_id: str) -> JobSpec:
         if job_id not in self.specs:
@@ -45,21 +85,72 @@ class WorkerRuntime:
             self.reachable[job.job_id] = shards_reachable(job)
         return self.reachable[job.job_id]
 
-    def ledger_model(self, job: JobSpec, usage: Usage) -> str:
-        """The ledger's name for a request: its model, or `model@long` at the long-context rates."""
-        if job.backend != "anthropic":
-            return job.model
-        if self.prices is None:
-            self.prices = PriceTable.load(self.settings)
-        return self.prices.ledger_model(job.model, usage.prompt_tokens)
-
     def run(self, work: Awaitable[T]) -> T:
         """Run a coroutine on the process's loop and wait for it from this (task) thread."""
         return asyncio.run_coroutine_threadsafe(work, self.loop).result()
 
+    # -- backends and their request path ----------------------------------------------------------
+
+    async def _served(self, job: JobSpec) -> _Served:
+        """The process's backend for the job; one that cannot serve it (an engine with other
+        arguments: one engine per process, since it holds the device) is closed and replaced."""
+        factory = BACKENDS[job.backend]
+        identity = factory.identity(job, self.settings)
+        served = self.served.get(job.backend)
+        if served is None or served.identity != identity:
+            if served is not None:
+                self.served.pop(job.backend)
+                await served.backend.close()
+            backend = factory(job, self.settings)
+            ceiling = backend.max_in_flight
+            slots = None if ceiling is None else AdaptiveConcurrency(ceiling=ceiling)
+            served = self.served[job.backend] = _Served(backend, identity, slots)
+        return served
+
+    def _limiter(self, backend: Backend, job: JobSpec) -> FleetLimiter | None:
+        scope = backend.limit_scope(job)
+        if scope is None:
+            return None
+        if job.job_id not in self.scoped_jobs:
+            self.store.limits.set_scope(job.job_id, scope)
+            self.scoped_jobs.add(job.job_id)
+        key = (scope, job.limits)
+        if key not in self.limiters:
+            self.limiters[key] = FleetLimiter(self.store.redis, scope, job.limits)
+        return self.limiters[key]
+
+    async def request_path(self, job: JobSpec, attempts: AttemptLog) -> Send:
+        """The layers every request of this chunk goes through, in order (workers/request_path.py)."""
+        served = await self._served(job)
+        backend = served.backend
+        limiter = self._limiter(backend, job)
+        capped = backend.billed_per_token and self.store.budgets.has_cap(job.job_id)
+        layers = [
+            Audit(),
+            Retry(attempts, self.settings, backend.label),
+            Concurrency(served.slots, limiter),
+            Budget(self.store.budgets, self.prices, served.estimate, capped),
+            Ledger(self.prices, backend.billed_per_token),
+            Limit(limiter, served.estimate),
+        ]
+        return compose(layers, backend)
+
+    def close_backends(self) -> None:
+        """Let go of every client and engine (a worker stopping): an engine's processes must not outlive it."""
+        while self.served:
+            _, served = self.served.popitem()
+            self.run(served.backend.close())
+
 
 _runtime: WorkerRuntime | None = None
+_settings: Settings | None = None
 _lock = threading.Lock()
+
+
+def configure(settings: Settings) -> None:
+    """The settings this process's workers run with (the `worker` command passes them)."""
+    global _settings
+    _settings = settings
 
 
 def _start_loop() -> asyncio.AbstractEventLoop:
@@ -72,14 +163,13 @@ def runtime() -> WorkerRuntime:
     global _runtime
     with _lock:
         if _runtime is None or _runtime.pid != os.getpid():
-            settings = get_settings()
-            if not settings.redis_url:
-                raise RuntimeError("a worker needs PROMPTMILL_REDIS_URL (the `promptmill worker` command sets it)")
+            if _settings is None or not _settings.redis_url:
+                raise RuntimeError("this process was not configured as a worker (run `promptmill worker`)")
             _runtime = WorkerRuntime(
-                pid=os.getpid(),
-                loop=_start_loop(),
-                store=JobStore.from_url(settings.redis_url),
-                settings=settings,
-                specs={},
+                pid=os.getpid(), loop=_start_loop(), store=JobStore.from_url(_settings.redis_url), settings=_settings
             )
         return _runtime
+
+
+def current_runtime() -> WorkerRuntime | None:
+    return _runtime

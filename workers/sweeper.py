@@ -15,10 +15,11 @@ import threading
 from amqp.exceptions import ChannelError
 from celery.signals import worker_ready
 
-from config.celery_config import TASK_RUN_CHUNK
-from jobs.store import JobState, JobStore
-from workers.app import app
-from workers.runtime import runtime
+from promptmill.jobs.dispatch import ChunkSender
+from promptmill.jobs.status import JobState
+from promptmill.jobs.store import JobStore
+from promptmill.workers.app import app
+from promptmill.workers.runtime import runtime
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ def _queue_is_empty(queue: str) -> bool:
             return True  # kombu's Redis transport: no list under the queue's name means no message
 
 
-def sweep_once(store: JobStore, every_s: float, ttl_s: float) -> int:
+def sweep_once(store: JobStore, sender: ChunkSender, every_s: float, ttl_s: float) -> int:
     """Send the lost chunks of every runnable job once more; returns how many were sent.
 
     Lost: a chunk whose worker died while running it, or, once every chunk is enqueued and the
@@ -46,15 +47,15 @@ def sweep_once(store: JobStore, every_s: float, ttl_s: float) -> int:
             log.warning("sweeper: skipping job %s: %s", job_id, gone)
             continue
         if status.state is JobState.complete:
-            if status.finished_at is None and store.all_flushed(job_id):
+            if status.finished_at is None and store.chunks.all_flushed(job_id):
                 store.mark_finished(job_id, ttl_s)  # its results are on disk: its keys may expire
             continue
         if not status.state.runnable or not store.take_sweep_turn(job_id, every_s):
             continue
         queue_empty = status.produced and _queue_is_empty(spec.queue)
-        lost = store.lost_chunks(job_id, queue_empty, stranded_after_s=3 * every_s)
+        lost = store.chunks.lost(job_id, queue_empty, stranded_after_s=3 * every_s)
         for chunk_id in lost:
-            app.send_task(TASK_RUN_CHUNK, args=(job_id, chunk_id), queue=spec.queue)
+            sender.send(job_id, chunk_id, spec.queue)
         if lost:
             log.warning("job %s: %d chunks lost their worker or their message; sent again", job_id, len(lost))
         sent += len(lost)
@@ -70,7 +71,7 @@ class OrphanSweeper(threading.Thread):
     def run(self) -> None:
         while not self.stopped.wait(self.every_s):
             try:
-                sweep_once(self.store, self.every_s, self.ttl_s)
+                sweep_once(self.store, ChunkSender(app), self.every_s, self.ttl_s)
             except Exception:  # noqa: BLE001 - the sweeper must outlive a Redis hiccup
                 log.exception("sweeping for lost chunks failed; trying again")
 

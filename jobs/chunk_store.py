@@ -1,0 +1,308 @@
+"""A job's chunks in Redis: their requests, their rows' outcomes and done marks, and their flushing.
+
+A row's outcome is committed with its done mark and its usage in one atomic step, once; a chunk whose
+outcomes are safe in its shard on disk is flushed: marked, and everything it held in Redis freed.
+"""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+import redis
+from pydantic import BaseModel
+
+from promptmill.jobs.keys import META_ROWS_PRODUCED, JobKeys
+from promptmill.jobs.status import LedgerPart
+from promptmill.pipelines.items import ItemOutcome, RenderedRequest, Usage
+
+_USAGE_FIELDS = tuple(Usage.model_fields)
+
+
+class ChunkPayload(BaseModel):
+    chunk_id: str
+    first_row: int
+    row_count: int
+    requests: list[RenderedRequest]
+
+
+def chunk_id_for(first_row: int) -> str:
+    return f"{first_row:010d}"
+
+
+# Commit one outcome: result, done mark and usage in one step, and only once per row.
+# A chunk already flushed to its shard is complete: nothing more is written for it.
+# An answer for a row already done (its chunk ran twice at once) was paid for all the same: its usage
+# goes to the paid_twice ledger, so the ledger and paid_twice add up to the provider's bill.
+_COMMIT = """
+local model = ARGV[4]
+local function account(ledger)
+  if tonumber(ARGV[5]) > 0 then redis.call('HINCRBY', ledger, model .. '|requests', ARGV[5]) end
+  for i = 7, #ARGV, 2 do
+    if tonumber(ARGV[i + 1]) ~= 0 then redis.call('HINCRBY', ledger, model .. '|' .. ARGV[i], ARGV[i + 1]) end
+  end
+end
+if redis.call('SISMEMBER', KEYS[4], ARGV[6]) == 1 or redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then
+  account(KEYS[5])
+  return 0
+end
+redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
+account(KEYS[3])
+return 1
+"""
+
+# Add a chunk once: a producer that runs again over the same rows adds nothing twice.
+_ADD_CHUNK = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX') == false then return 0 end
+redis.call('RPUSH', KEYS[2], ARGV[2])
+redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
+redis.call('HINCRBY', KEYS[4], ARGV[4], ARGV[3])
+return 1
+"""
+
+# A chunk's outcomes are safe in its shard: mark it flushed and free everything it held.
+_MARK_FLUSHED = """
+redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+redis.call('HDEL', KEYS[6], ARGV[1])
+redis.call('HDEL', KEYS[7], ARGV[1])
+redis.call('HDEL', KEYS[8], ARGV[1])
+return 1
+"""
+
+# Find the job's lost chunks in one step. A chunk is lost when it is incomplete, unflushed and
+# unleased, and either (orphaned) a worker started it and died (its run count moved past the count
+# it was last sent again at), or (stranded, only when the queue is empty) no message for it exists:
+# it died in a dead worker's reserved or delayed messages, a resent copy among them. The guard is
+# the loss itself (a run count, a time), never the chunk: a chunk lost twice is sent twice.
+# ARGV: now (s), how long a chunk sent must wait before it counts as stranded (s), queue empty (0/1),
+# the job's key prefix.
+_SWEEP = """
+local now, wait, queue_empty, prefix = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3] == '1', ARGV[4]
+local lost = {}
+for _, chunk in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+  if redis.call('SISMEMBER', KEYS[3], chunk) == 0 and redis.call('EXISTS', prefix .. 'lease:' .. chunk) == 0 then
+    local rows = tonumber(redis.call('HGET', KEYS[2], chunk) or '0')
+    if redis.call('HLEN', prefix .. 'results:' .. chunk) < rows then
+      local runs = redis.call('HGET', KEYS[4], chunk)
+      local sent_at = tonumber(redis.call('HGET', KEYS[6], chunk) or '0')
+      if runs and runs ~= redis.call('HGET', KEYS[5], chunk) then
+        redis.call('HSET', KEYS[5], chunk, runs)
+        redis.call('HSET', KEYS[6], chunk, now)
+        table.insert(lost, chunk)
+      elseif queue_empty and now - sent_at >= wait then
+        redis.call('HSET', KEYS[6], chunk, now)
+        table.insert(lost, chunk)
+      end
+    end
+  end
+end
+return lost
+"""
+
+# `resume --retry-failed`: put a chunk's failed rows back to pending. ARGV[1] is JSON: the chunk id,
+# its payload (the requests to send), the outcomes to keep (a flushed chunk's come back from its
+# shard) and the rows to retry with their attempts so far and the usage their failed answers cost,
+# which stays paid (the `retried` ledger) while the rows' new outcomes are committed.
+_REQUEUE_FAILED = """
+local a = cjson.decode(ARGV[1])
+if redis.call('SREM', KEYS[3], a.chunk) == 1 then
+  for row, outcome in pairs(a.keep) do redis.call('HSET', KEYS[1], row, outcome) end
+end
+for _, r in ipairs(a.retry) do
+  redis.call('HDEL', KEYS[1], r.row)
+  redis.call('HSET', KEYS[5], r.row, r.attempts)
+  if r.answered then redis.call('HINCRBY', KEYS[6], r.model .. '|requests', 1) end
+  for name, value in pairs(r.usage) do
+    if value ~= 0 then redis.call('HINCRBY', KEYS[6], r.model .. '|' .. name, value) end
+  end
+end
+redis.call('HINCRBY', KEYS[2], 'failed', -#a.retry)
+redis.call('SET', KEYS[4], a.payload)
+return #a.retry
+"""
+
+
+class ChunkStore:
+    def __init__(self, client: redis.Redis):
+        self.redis = client
+        scripts = (_COMMIT, _ADD_CHUNK, _MARK_FLUSHED, _SWEEP, _REQUEUE_FAILED)
+        self._commit, self._add_chunk, self._mark_flushed, self._sweep, self._requeue_failed = (
+            client.register_script(lua) for lua in scripts
+        )
+
+    def add(self, job_id: str, chunk: ChunkPayload) -> bool:
+        """Store a chunk once; returns False when it was already there (a producer re-run)."""
+        added = self._add_chunk(
+            keys=[
+                JobKeys(job_id).chunk(chunk.chunk_id),
+                JobKeys(job_id).chunks,
+                JobKeys(job_id).chunk_rows,
+                JobKeys(job_id).meta,
+            ],
+            args=[chunk.model_dump_json(), chunk.chunk_id, chunk.row_count, META_ROWS_PRODUCED],
+        )
+        return bool(added)
+
+    def get(self, job_id: str, chunk_id: str) -> ChunkPayload:
+        raw = self.redis.get(JobKeys(job_id).chunk(chunk_id))
+        if raw is None:
+            raise KeyError(f"job {job_id} has no chunk {chunk_id}")
+        return ChunkPayload.model_validate_json(raw)
+
+    def last_chunk_first_row(self, job_id: str) -> int | None:
+        """Where the producer stopped: the first row of the last chunk it stored."""
+        raw = self.redis.lindex(JobKeys(job_id).chunks, -1)
+        return None if raw is None else int(raw)
+
+    def ids(self, job_id: str) -> list[str]:
+        return [raw.decode() for raw in self.redis.lrange(JobKeys(job_id).chunks, 0, -1)]
+
+    def done_rows(self, job_id: str, chunk_id: str) -> set[int]:
+        """Rows of an unflushed chunk that have their outcome (a flushed chunk has all of them)."""
+        return {int(raw) for raw in self.redis.hkeys(JobKeys(job_id).results(chunk_id))}
+
+    def row_count(self, job_id: str, chunk_id: str) -> int:
+        return int(self.redis.hget(JobKeys(job_id).chunk_rows, chunk_id) or 0)
+
+    def incomplete(self, job_id: str) -> list[str]:
+        chunk_ids = self.ids(job_id)
+        row_counts = self.redis.hgetall(JobKeys(job_id).chunk_rows)
+        flushed = self.flushed(job_id)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for chunk_id in chunk_ids:
+                pipe.hlen(JobKeys(job_id).results(chunk_id))
+            done_counts = pipe.execute()
+        return [
+            chunk_id
+            for chunk_id, done in zip(chunk_ids, done_counts)
+            if chunk_id not in flushed and done < int(row_counts[chunk_id.encode()])
+        ]
+
+    def lost(self, job_id: str, queue_empty: bool, stranded_after_s: float) -> list[str]:
+        """The job's lost chunks, each marked as sent again now (see `_SWEEP`): the caller sends them."""
+        keys = ["chunks", "chunk_rows", "flushed", "chunk_runs", "resent", "sent_at"]
+        lost = self._sweep(
+            keys=[getattr(JobKeys(job_id), name) for name in keys],
+            args=[time.time(), stranded_after_s, int(queue_empty), JobKeys(job_id).prefix],
+        )
+        return [raw.decode() for raw in lost]
+
+    def count_row_starts(self, job_id: str, chunk_id: str, rows: list[int]) -> dict[int, int]:
+        """Count these rows as sent once more; returns each one's count, this start included."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for row in rows:
+                pipe.hincrby(JobKeys(job_id).row_starts(chunk_id), row, 1)
+            return dict(zip(rows, map(int, pipe.execute())))
+
+    def flushed(self, job_id: str) -> set[str]:
+        return {raw.decode() for raw in self.redis.smembers(JobKeys(job_id).flushed)}
+
+    def rows_in_redis(self, job_id: str) -> int:
+        """Rows enqueued whose chunk is not yet flushed: what the job holds in Redis now."""
+        produced = int(self.redis.hget(JobKeys(job_id).meta, META_ROWS_PRODUCED) or 0)
+        flushed = list(self.flushed(job_id))
+        counts = self.redis.hmget(JobKeys(job_id).chunk_rows, flushed) if flushed else []
+        return produced - sum(int(count) for count in counts if count)
+
+    def all_flushed(self, job_id: str) -> bool:
+        """Is every chunk's outcome in its shard on disk (nothing of the job's results only in Redis)?"""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.scard(JobKeys(job_id).flushed)
+            pipe.llen(JobKeys(job_id).chunks)
+            flushed, chunks = pipe.execute()
+        return flushed == chunks
+
+    def is_flushed(self, job_id: str, chunk_id: str) -> bool:
+        return bool(self.redis.sismember(JobKeys(job_id).flushed, chunk_id))
+
+    def mark_flushed(self, job_id: str, chunk_id: str) -> None:
+        """Call only once the chunk's outcomes are safely in its shard."""
+        self._mark_flushed(
+            keys=[
+                JobKeys(job_id).flushed,
+                JobKeys(job_id).results(chunk_id),
+                JobKeys(job_id).chunk(chunk_id),
+                JobKeys(job_id).attempts(chunk_id),
+                JobKeys(job_id).row_starts(chunk_id),
+                JobKeys(job_id).chunk_runs,
+                JobKeys(job_id).resent,
+                JobKeys(job_id).sent_at,
+            ],
+            args=[chunk_id],
+        )
+
+    def failed_attempts(self, job_id: str, chunk_id: str) -> dict[int, int]:
+        raw = self.redis.hgetall(JobKeys(job_id).attempts(chunk_id))
+        return {int(row): int(count) for row, count in raw.items()}
+
+    def add_failed_attempt(self, job_id: str, chunk_id: str, row: int, model: str) -> int:
+        """Count a failed attempt before retrying, so a resumed row does not start afresh; the ledger
+        counts it too (no failure the API answers with an error is billed, so it has no tokens)."""
+        with self.redis.pipeline() as pipe:
+            pipe.hincrby(JobKeys(job_id).attempts(chunk_id), row, 1)
+            pipe.hincrby(JobKeys(job_id).ledger, f"{model}|failed_attempts", 1)
+            count, _ = pipe.execute()
+        return int(count)
+
+    def commit(self, job_id: str, chunk_id: str, model: str, outcome: ItemOutcome) -> bool:
+        """Commit an outcome with its done mark and usage, atomically; False if the row was done."""
+        usage = outcome.usage
+        answered = int(usage.answered)
+        args: list[object] = [outcome.row, outcome.model_dump_json(), outcome.status, model, answered, chunk_id]
+        for name in _USAGE_FIELDS:
+            args.extend((name, getattr(usage, name)))
+        committed = self._commit(
+            keys=[
+                JobKeys(job_id).results(chunk_id),
+                JobKeys(job_id).counters,
+                JobKeys(job_id).ledger,
+                JobKeys(job_id).flushed,
+                JobKeys(job_id).paid_twice,
+            ],
+            args=args,
+        )
+        return bool(committed)
+
+    def outcomes(self, job_id: str, chunk_ids: list[str]) -> list[list[ItemOutcome]]:
+        """The outcomes held in Redis for each of these chunks, each list in row order."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for chunk_id in chunk_ids:
+                pipe.hvals(JobKeys(job_id).results(chunk_id))
+            pages = pipe.execute()
+        return [
+            sorted((ItemOutcome.model_validate(orjson.loads(raw)) for raw in values), key=lambda o: o.row)
+            for values in pages
+        ]
+
+    def requeue_failed(
+        self, job_id: str, chunk_id: str, payload: ChunkPayload, keep: list[ItemOutcome], retry: list[ItemOutcome]
+    ) -> int:
+        """Put these failed rows of a chunk back to pending with `payload` as the chunk's requests."""
+        argument = {
+            "chunk": chunk_id,
+            "payload": payload.model_dump_json(),
+            "keep": {str(o.row): o.model_dump_json() for o in keep},
+            "retry": [
+                {
+                    "row": o.row,
+                    "attempts": o.attempts,
+                    "model": o.model or "",
+                    "answered": o.usage.answered,
+                    "usage": o.usage.model_dump(),
+                }
+                for o in retry
+            ],
+        }
+        keys = [
+            JobKeys(job_id).results(chunk_id),
+            JobKeys(job_id).counters,
+            JobKeys(job_id).flushed,
+            JobKeys(job_id).chunk(chunk_id),
+            JobKeys(job_id).attempts(chunk_id),
+            JobKeys(job_id).retried,
+        ]
+        return int(self._requeue_failed(keys=keys, args=[orjson.dumps(argument).decode()]))
+
+    def retried_usage(self, job_id: str) -> LedgerPart:
+        return LedgerPart.parse(self.redis.hgetall(JobKeys(job_id).retried))

@@ -1,0 +1,120 @@
+"""Every Redis key and field promptmill writes, named in one place (as arq's `constants.py` does).
+
+Every key of a job carries the job id in braces (`pm:{JOB}:...`), so one job's keys share a Redis
+Cluster slot and one Lua script may touch them together.
+
+    pm:jobs                     sorted set of job ids by creation time
+    pm:{JOB}:spec               the JobSpec as JSON (no secrets)
+    pm:{JOB}:meta               hash: the META_* fields below
+    pm:{JOB}:chunks             list of chunk ids in input order
+    pm:{JOB}:chunk_rows         hash: chunk id -> rows in the chunk (to tell a complete chunk)
+    pm:{JOB}:chunk:{CHUNK}      the chunk's rendered requests as JSON
+    pm:{JOB}:results:{CHUNK}    hash: row -> outcome JSON; a row's field is its done mark
+    pm:{JOB}:counters           hash: ok, failed
+    pm:{JOB}:ledger             hash: "MODEL|requests", "MODEL|failed_attempts", "MODEL|input_tokens", ...
+                                token usage by model ("MODEL@long": requests at long-context rates)
+    pm:{JOB}:budget             hash: spent, held: micro-USD paid so far, and held for requests in flight
+    pm:{JOB}:chunk_runs         hash: chunk id -> times a worker started it, while it runs: a chunk
+                                here whose lease is gone lost its worker
+    pm:{JOB}:lease:{CHUNK}      the token of the worker running the chunk, with an expiry
+    pm:{JOB}:attempts:{CHUNK}   hash: row -> failed attempts so far (a resumed row keeps its count)
+    pm:{JOB}:row_starts:{CHUNK} hash: row -> times it was sent by a chunk run that follows a dead
+                                worker's (poison-row guard; only written in that careful mode)
+    pm:{JOB}:flushed            set of chunk ids whose outcomes are in result shards on disk, their
+                                results, payload and bookkeeping gone from Redis
+    pm:{JOB}:paid_twice         hash, as the ledger: answers that came for rows already done (a chunk
+                                run twice at once), paid for but not committed: ledger + this = bill
+    pm:{JOB}:retried            hash, as the ledger: the usage of failed outcomes that `resume
+                                --retry-failed` replaced (paid for, so the ledger keeps it; verify adds it)
+    pm:{JOB}:hosts              set of the hosts whose workers ran the job's chunks (the manifest)
+    pm:{JOB}:sweep              a short lock: one worker at a time looks for lost chunks
+    pm:{JOB}:resent             hash: chunk id -> its run count when the sweeper last sent it again
+    pm:{JOB}:sent_at            hash: chunk id -> when the sweeper last sent it
+    pm:limit:{SCOPE}            hash: the fleet's rate-limit buckets for one account and model, with
+                                the limits learned from the provider's headers (the LIMIT_* fields)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+JOBS_INDEX = "pm:jobs"
+
+# Fields of pm:{JOB}:meta.
+META_STATE = "state"
+META_ERROR = "error"
+META_ROWS_PRODUCED = "rows_produced"
+META_PRODUCED = "produced"
+META_CREATED_AT = "created_at"
+META_FINISHED_AT = "finished_at"
+META_INPUT_SHA256 = "input_sha256"
+META_BUDGET_MICRO = "budget_micro"
+META_LIMIT_SCOPE = "limit_scope"
+
+# Fields of pm:limit:{SCOPE}, written by the limiter's Lua script (workers/rate_limit.py). The budgets
+# are r (requests), i (input tokens) and o (output tokens) per minute.
+LIMIT_BUDGETS = ("r", "i", "o")
+LIMIT_EFFECTIVE = "eff_"  # + budget: the limit in force (0 = none)
+LIMIT_LEARNED = "lim_"  # + budget: the limit the provider's headers named (0 = not named)
+LIMIT_LEVEL = "lvl_"  # + budget: what the bucket holds now
+LIMIT_TS = "ts"
+LIMIT_SEEN = "seen"  # 1 once any response was seen: stop probing at the unknown pace
+LIMIT_PAUSE = "pause"  # epoch ms until which the whole fleet waits (a 429, an open breaker)
+LIMIT_OK_WEIGHT, LIMIT_FAIL_WEIGHT, LIMIT_COOL = "okw", "failw", "cool"  # the circuit breaker
+LIMIT_GRANTED = "granted"
+LIMIT_RATE_LIMITED = "rate_limited"
+LIMIT_BREAKER_TRIPS = "breaker_trips"
+
+
+def limiter_key(scope: str) -> str:
+    return "pm:limit:{" + scope + "}"
+
+
+@dataclass(frozen=True)
+class JobKeys:
+    """The keys of one job."""
+
+    job_id: str
+
+    @property
+    def prefix(self) -> str:
+        """Every key of the job starts with this (a Lua script builds per-chunk keys from it)."""
+        return "pm:{" + self.job_id + "}:"
+
+    def _key(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    @property
+    def pattern(self) -> str:
+        return self.prefix + "*"  # braces are literal in a SCAN pattern
+
+    spec = property(lambda self: self._key("spec"))
+    meta = property(lambda self: self._key("meta"))
+    chunks = property(lambda self: self._key("chunks"))
+    chunk_rows = property(lambda self: self._key("chunk_rows"))
+    counters = property(lambda self: self._key("counters"))
+    ledger = property(lambda self: self._key("ledger"))
+    budget = property(lambda self: self._key("budget"))
+    chunk_runs = property(lambda self: self._key("chunk_runs"))
+    flushed = property(lambda self: self._key("flushed"))
+    paid_twice = property(lambda self: self._key("paid_twice"))
+    retried = property(lambda self: self._key("retried"))
+    hosts = property(lambda self: self._key("hosts"))
+    sweep = property(lambda self: self._key("sweep"))
+    resent = property(lambda self: self._key("resent"))
+    sent_at = property(lambda self: self._key("sent_at"))
+
+    def chunk(self, chunk_id: str) -> str:
+        return self._key("chunk", chunk_id)
+
+    def results(self, chunk_id: str) -> str:
+        return self._key("results", chunk_id)
+
+    def lease(self, chunk_id: str) -> str:
+        return self._key("lease", chunk_id)
+
+    def attempts(self, chunk_id: str) -> str:
+        return self._key("attempts", chunk_id)
+
+    def row_starts(self, chunk_id: str) -> str:
+        return self._key("row_starts", chunk_id)

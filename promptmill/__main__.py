@@ -1,0 +1,3 @@
+from promptmill.cli import main
+
+main()

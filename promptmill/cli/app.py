@@ -1,0 +1,85 @@
+"""What every command shares: the Typer app, the consoles, one-line errors, and the job store."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Annotated, Iterator, NamedTuple, NoReturn
+
+import typer
+from rich.console import Console
+
+from promptmill.config.settings import MAX_CHUNK_SIZE, Settings, get_settings
+from promptmill.jobs.embedded import redis_url_for
+from promptmill.jobs.readers import INPUT_FORMATS
+from promptmill.jobs.spec import BACKENDS, JobSpec
+from promptmill.jobs.status import JobState
+from promptmill.jobs.store import JobStore
+
+app = typer.Typer(
+    no_args_is_help=True,
+    # Locals in a traceback would print the Redis password and the API key held in our variables.
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+    help="Run one LLM call per row of a dataset, through Redis and Celery workers, resumably, with cost per job.",
+)
+out = Console()
+err = Console(stderr=True)
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def open_store(settings: Settings) -> Iterator[tuple[JobStore, str]]:
+    """The job store on the configured Redis, or on an embedded one started (and stopped) for the command."""
+    url, embedded = redis_url_for(settings)
+    try:
+        yield JobStore.from_url(url), url
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+def spec_or_fail(store: JobStore, job_id: str) -> JobSpec:
+    try:
+        return store.spec(job_id)
+    except KeyError as missing:
+        fail(f"{missing.args[0]}")
+
+
+class OpenJob(NamedTuple):
+    settings: Settings
+    store: JobStore
+    url: str
+    spec: JobSpec
+
+
+@contextmanager
+def open_job(job_id: str) -> Iterator[OpenJob]:
+    """A command's job: its settings, the store it is in, and its spec; one line and exit 2 if unknown."""
+    settings = get_settings()
+    with open_store(settings) as (store, url):
+        yield OpenJob(settings, store, url, spec_or_fail(store, job_id))
+
+
+def expire_if_finished(store: JobStore, job_id: str, settings: Settings) -> None:
+    """A complete job whose results are all on disk keeps its Redis keys for JOB_TTL_DAYS only."""
+    if store.status(job_id).state is JobState.complete and store.chunks.all_flushed(job_id):
+        store.mark_finished(job_id, settings.job_ttl_days * 86_400)
+
+
+JobArg = Annotated[str, typer.Argument(metavar="JOB", help="A job id (`promptmill jobs` lists them).")]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for machines.")]
+BackendOption = typer.Option(
+    "anthropic", "--backend", "-b", help=f"{' or '.join(BACKENDS)}: the API, or a local engine."
+)
+RpmOption = typer.Option(None, "--rpm", min=1, help="The account's requests per minute (default: from its headers).")
+InputTpmOption = typer.Option(None, "--input-tpm", min=1, help="The account's input tokens per minute.")
+OutputTpmOption = typer.Option(None, "--output-tpm", min=1, help="The account's output tokens per minute.")
+FormatOption = typer.Option(None, "--format", help=f"{', '.join(INPUT_FORMATS)} (default: from the name).")
+ChunkSizeOption = typer.Option(None, min=1, max=MAX_CHUNK_SIZE, help="Rows per chunk (task).")
+BudgetOption = typer.Option(
+    None, "--budget", min=0.0, help="USD the job may spend at most: it pauses (paused_budget) before passing it."
+)

@@ -1,0 +1,238 @@
+"""Commands that read a job: `status`, `cost`, `verify`, `jobs`, and `estimate` before one runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from promptmill.cli.app import (
+    FormatOption,
+    InputTpmOption,
+    JobArg,
+    JsonFlag,
+    OutputTpmOption,
+    RpmOption,
+    app,
+    err,
+    fail,
+    open_job,
+    open_store,
+    out,
+    spec_or_fail,
+)
+from promptmill.cli.new_job import JobRequest
+from promptmill.config.prices import PriceTable
+from promptmill.config.settings import get_settings
+from promptmill.jobs.ledger import cost_report
+from promptmill.jobs.spec import JobSpec
+from promptmill.jobs.status import JobStatus
+from promptmill.jobs.store import JobStore
+from promptmill.jobs.verify import verify_job
+
+
+def _status_dict(spec: JobSpec, status: JobStatus, prices: PriceTable, store: JobStore) -> dict:
+    usage = status.usage
+    report = cost_report(spec, status, prices)
+    return {
+        "job_id": spec.job_id,
+        "state": status.state.value,
+        "error": status.error,
+        "backend": spec.backend,
+        "model": spec.model,
+        "produced": status.produced,
+        "total": status.total,
+        "done": status.ok,
+        "failed": status.failed,
+        "pending": status.pending,
+        "tokens": {
+            "input": usage.input_tokens,
+            "output": usage.output_tokens,
+            "cache_read": usage.cache_read_input_tokens,
+            "cache_creation": usage.cache_creation_input_tokens,
+        },
+        "cost_usd": float(report.cost_usd),
+        "paid_twice": {"models": report.paid_twice, "cost_usd": float(report.paid_twice_usd)},
+        "budget": vars(store.budgets.get(spec.job_id)),
+        "limits": None if status.limit_scope is None else store.limits.summary(status.limit_scope, spec.limits),
+        "out_dir": spec.out_dir,
+    }
+
+
+@app.command()
+def status(job_id: JobArg, as_json: JsonFlag = False) -> None:
+    """Where a job stands: state, rows done, failed and pending, tokens and cost."""
+    with open_job(job_id) as (settings, store, _, spec):
+        info = _status_dict(spec, store.status(job_id), PriceTable.load(settings), store)
+    if as_json:
+        out.print_json(json.dumps(info))
+        return
+    table = Table(show_header=False, box=None)
+    for key, value in info.items():
+        if key == "tokens":
+            value = ", ".join(f"{name} {count:,}" for name, count in value.items())
+        elif key == "cost_usd":
+            value = f"${value:.6f}"
+        elif key == "paid_twice":
+            requests = sum(model["requests"] for model in value["models"].values())
+            value = f"{requests:,} answers for rows already done, ${value['cost_usd']:.6f}"
+        elif key == "limits" and value is not None:
+            value = _limits_line(value)
+        elif key == "budget":
+            if value["cap_usd"] is None:
+                value = "none"
+            else:
+                value = f"${value['spent_usd']:.6f} spent of ${value['cap_usd']:.6f}, ${value['held_usd']:.6f} held in flight"
+        table.add_row(key, "" if value is None else str(value))
+    out.print(table)
+
+
+def _limits_line(limits: dict) -> str:
+    def show(name: str) -> str:
+        value, learned = limits[name], limits["learned"][name]
+        if value is None:
+            return "none"
+        return f"{value:,}" + (" (learned)" if learned == value else "")
+
+    line = (
+        f"{show('requests_per_minute')} rpm, {show('input_tokens_per_minute')} input tpm, "
+        f"{show('output_tokens_per_minute')} output tpm; {limits['rate_limited']:,} 429s, "
+        f"{limits['breaker_trips']:,} breaker trips"
+    )
+    return line + (f"; paused {limits['paused_s']}s" if limits["paused_s"] else "")
+
+
+@app.command()
+def verify(job_id: JobArg) -> None:
+    """Recompute counters and the cost ledger from the committed outcomes; exit 1 if they disagree."""
+    with open_job(job_id) as (settings, store, _, spec):
+        result = verify_job(store, spec)
+    if not result.ok:
+        for problem in result.problems:
+            err.print(f"[bold red]mismatch:[/] {problem}", highlight=False)
+        raise typer.Exit(1)
+    out.print(f"ok: {result.rows:,} committed rows; counters and ledger match them exactly", highlight=False)
+
+
+@app.command()
+def estimate(
+    input_path: Path = typer.Argument(..., metavar="INPUT", help="A JSONL, JSON, CSV or Parquet file."),
+    pipeline: Path = typer.Option(..., "--pipeline", "-p", help="The pipeline TOML file."),
+    model: Optional[str] = typer.Option(None, help="Overrides the pipeline's model."),
+    rpm: Optional[int] = RpmOption,
+    input_tpm: Optional[int] = InputTpmOption,
+    output_tpm: Optional[int] = OutputTpmOption,
+    input_format: Optional[str] = FormatOption,
+    sample: int = typer.Option(100, min=1, help="Rows whose input tokens the API counts; the rest are scaled."),
+    job_id: Optional[str] = typer.Option(
+        None, "--job", help="A running or finished job of this pipeline: project output from its answers."
+    ),
+    as_json: JsonFlag = False,
+) -> None:
+    """What a job would cost before it runs: input tokens counted by the API, low and high dollars, time."""
+    import anthropic
+
+    from promptmill.jobs.estimate import estimate_job
+
+    settings = get_settings()
+    asked = JobRequest(input_path, pipeline, "anthropic", model, None, None, rpm, input_tpm, output_tpm, input_format, None)
+    spec = asked.spec(settings)
+    client = anthropic.Anthropic(api_key=settings.api_key(), base_url=settings.anthropic_base_url)
+
+    def count_tokens(system: str | None, prompt: str) -> int:
+        extra = {"system": system} if system else {}
+        messages = [{"role": "user", "content": prompt}]
+        return client.messages.count_tokens(model=spec.model, messages=messages, **extra).input_tokens
+
+    output_per_row = None
+    if job_id is not None:
+        with open_store(settings) as (store, _):
+            spec_or_fail(store, job_id)
+            observed = store.status(job_id)
+        answered = observed.requests_by_model.get(spec.model, 0)
+        if not answered:
+            fail(f"--job: job {job_id} has no answers from {spec.model} yet")
+        output_per_row = observed.usage.output_tokens / answered
+    try:
+        prices = PriceTable.load(settings)
+        price = prices.price_for(spec.model)
+        figures = estimate_job(spec, price, count_tokens, sample, output_per_row, prices.batch_discount)
+    except anthropic.APIError as error:
+        fail(f"the API could not count tokens: {error}")
+    if as_json:
+        out.print_json(json.dumps(figures.as_dict()))
+        return
+    expected = (
+        f"; expected ${figures.cost_usd_expected:,.4f} at {output_per_row:.1f} output tokens a row (job {job_id})"
+        if figures.cost_usd_expected is not None
+        else ""
+    )
+    exact = "exact" if figures.input_tokens_error_pct == 0 else f"±{figures.input_tokens_error_pct}%"
+    limits_note = (
+        f"\ntime at the rate limits: {figures.minutes_at_limits_low:,.1f} to {figures.minutes_at_limits_high:,.1f} min"
+        if figures.minutes_at_limits_high is not None
+        else "\ntime: give --rpm/--input-tpm/--output-tpm for the time the limits imply"
+    )
+    out.print(
+        f"{figures.rows:,} rows ({figures.unusable_rows:,} unusable) for {spec.model}\n"
+        f"input: {figures.input_tokens:,} tokens ({exact}; the API counted {figures.rows_counted:,} rows)\n"
+        f"output: {figures.output_tokens_low:,} to {figures.output_tokens_max:,} tokens (max_tokens {spec.pipeline.max_tokens})\n"
+        f"cost: ${figures.cost_usd_low:,.4f} to ${figures.cost_usd_high:,.4f}{expected}"
+        + (f" (x{figures.batch_discount} through the Message Batches API)" if figures.batch_discount else "")
+        + limits_note,
+        highlight=False,
+    )
+
+
+@app.command()
+def cost(job_id: JobArg, as_json: JsonFlag = False) -> None:
+    """What the job has spent, by model: requests, tokens of each kind, US dollars."""
+    with open_job(job_id) as (settings, store, _, spec):
+        prices = PriceTable.load(settings)
+        report = cost_report(spec, store.status(job_id), prices)
+    if as_json:
+        out.print_json(json.dumps(report.as_dict()))
+        return
+    local = report.comparison_model is not None
+    table = Table(title=f"cost of job {job_id} ({spec.backend})")
+    columns = ["model", "requests", "failed attempts", "input", "output", "cache write", "cache read"]
+    for column in columns + (["engine s"] if local else []) + ["USD"]:
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for model in report.models:
+        u = model.usage
+        cells = [model.model, f"{model.requests:,}", f"{model.failed_attempts:,}", f"{u.input_tokens:,}", f"{u.output_tokens:,}",
+                 f"{u.cache_creation_input_tokens:,}", f"{u.cache_read_input_tokens:,}"]  # fmt: skip
+        table.add_row(*cells, *([f"{u.engine_us / 1e6:,.1f}"] if local else []), f"${model.cost_usd:.6f}")
+    table.add_row("total", *[""] * (len(table.columns) - 2), f"${report.cost_usd:.6f}", style="bold")
+    out.print(table)
+    if report.caching_saved_usd:
+        out.print(f"prompt caching saved ${report.caching_saved_usd:.6f}", highlight=False)
+    if report.paid_twice:
+        requests = sum(model["requests"] for model in report.paid_twice.values())
+        out.print(
+            f"paid twice: {requests:,} answers came for rows already done (a chunk run twice at once), "
+            f"${report.paid_twice_usd:.6f}; the bill is ${report.cost_usd + report.paid_twice_usd:.6f}",
+            highlight=False,
+        )
+    if local:
+        out.print(
+            f"engine time at ${prices.engine_hour_usd}/device-hour (PROMPTMILL_GPU_HOUR_USD); the same tokens "
+            f"on the API ({report.comparison_model}, no caching): ${report.api_equivalent_usd:.6f}",
+            highlight=False,
+        )
+
+
+@app.command()
+def jobs() -> None:
+    """List the jobs in this Redis with their state (jobs whose keys expired or were deleted are gone)."""
+    settings = get_settings()
+    with open_store(settings) as (store, _):
+        for job_id in store.job_ids():
+            try:
+                status = store.status(job_id)
+            except KeyError:
+                continue  # expired as we listed it
+            out.print(f"{job_id}  {status.state.value:<13} {status.terminal:,}/{status.total:,}", highlight=False)

@@ -1,0 +1,98 @@
+"""Commands that change a job's life: `cancel`, `export`, `delete`, `gc`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from promptmill.cli.app import JobArg, app, err, expire_if_finished, fail, open_job, open_store, out
+from promptmill.config.settings import get_settings
+from promptmill.jobs.export import EXPORT_FORMATS, export_job, remove_job_files
+from promptmill.jobs.shards import ShardError
+from promptmill.jobs.status import JobState
+from promptmill.jobs.store import JobStore
+
+
+@app.command()
+def cancel(job_id: JobArg) -> None:
+    """Stop a job: workers finish the rows in flight and leave the rest; `resume` restarts it."""
+    with open_job(job_id) as (settings, store, _, spec):
+        if store.status(job_id).state is JobState.complete:
+            fail(f"job {job_id} is already complete")
+        store.set_state(job_id, JobState.cancelled)
+    out.print(f"job {job_id} cancelled")
+
+
+@app.command()
+def export(
+    job_id: JobArg,
+    fmt: str = typer.Option("jsonl", "--format", help=", ".join(EXPORT_FORMATS) + "."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: the job's)."),
+) -> None:
+    """Write the job's results (one record per input row, in input order) and failures."""
+    if fmt not in EXPORT_FORMATS:
+        fail(f"--format must be {', '.join(EXPORT_FORMATS)}, not {fmt!r}")
+    with open_job(job_id) as (settings, store, _, spec):
+        try:
+            written = export_job(store, spec, out_dir or Path(spec.out_dir), fmt)  # type: ignore[arg-type]
+            expire_if_finished(store, job_id, settings)
+        except ShardError as missing:
+            fail(str(missing), code=1)
+    out.print(f"{written['records']:,} records ({written['failed']:,} failed) to {written['results']}")
+
+
+def _delete(store: JobStore, job_id: str, files: bool) -> str:
+    spec = store.spec(job_id)
+    store.set_state(job_id, JobState.cancelled)  # workers on it stop sending before its keys go
+    keys = store.delete_job(job_id)
+    removed = remove_job_files(spec) if files else []
+    return f"deleted job {job_id}: {keys:,} Redis keys" + (f", {len(removed):,} files and folders" if files else "")
+
+
+@app.command()
+def delete(
+    job_id: JobArg,
+    files: bool = typer.Option(False, "--files", help="Also remove its shards, results, failures, manifest and logs."),
+) -> None:
+    """Remove every Redis key of a job (and with --files what it wrote); workers still on it stop."""
+    with open_job(job_id) as (settings, store, _, spec):
+        out.print(_delete(store, job_id, files), highlight=False)
+
+
+def _duration_s(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
+    try:
+        return float(text[:-1]) * units[text[-1]]
+    except (KeyError, ValueError, IndexError):
+        fail(f"--older-than: {text!r} is not a duration such as 7d, 12h, 30m")
+
+
+@app.command()
+def gc(
+    older_than: str = typer.Option("7d", "--older-than", help="Age since the job finished (s, m, h, d, w)."),
+    files: bool = typer.Option(False, "--files", help="Also remove what each job wrote."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would be deleted."),
+) -> None:
+    """Delete the complete jobs that finished longer ago than --older-than."""
+    age_s = _duration_s(older_than)
+    settings = get_settings()
+    cutoff = time.time() - age_s
+    deleted = 0
+    with open_store(settings) as (store, _):
+        for job_id in store.job_ids():
+            try:
+                status = store.status(job_id)
+            except KeyError:
+                continue
+            ended = status.finished_at or status.created_at or time.time()
+            if status.state is not JobState.complete or ended > cutoff:
+                continue
+            if not store.chunks.all_flushed(job_id):  # some results are only in Redis: export them first
+                err.print(f"kept job {job_id}: its results are not all on disk; `promptmill export {job_id}` first")
+                continue
+            out.print(f"would delete job {job_id}" if dry_run else _delete(store, job_id, files), highlight=False)
+            deleted += 1
+    err.print(f"{deleted:,} complete jobs older than {older_than}" + (" (dry run)" if dry_run else " deleted"))

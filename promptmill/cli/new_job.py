@@ -1,0 +1,100 @@
+"""What a new job is asked for with: the options `run` and `submit` share, defined once, and the job
+they make (a checked spec, its budget, its shard folder)."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+from promptmill.cli.app import (
+    BackendOption,
+    BudgetOption,
+    ChunkSizeOption,
+    FormatOption,
+    InputTpmOption,
+    OutputTpmOption,
+    RpmOption,
+    app,
+    fail,
+)
+from promptmill.config.settings import Settings
+from promptmill.jobs.readers import INPUT_FORMATS
+from promptmill.jobs.shards import prepare_shards
+from promptmill.jobs.spec import Backend, JobSpec
+from promptmill.jobs.store import JobStore
+from promptmill.jobs.submission import SubmitError, build_spec
+from promptmill.pipelines.spec import RateLimits
+
+# (name, type, typer default), in the order `--help` lists them.
+_OPTIONS: list[tuple[str, Any, Any]] = [
+    ("input_path", Path, typer.Argument(..., metavar="INPUT", help="A JSONL, JSON, CSV or Parquet file.")),
+    ("pipeline", Path, typer.Option(..., "--pipeline", "-p", help="The pipeline TOML file.")),
+    ("backend", Backend, BackendOption),
+    ("model", Optional[str], typer.Option(None, help="Overrides the pipeline's model.")),
+    ("out_dir", Optional[Path], typer.Option(None, "--out", help="Output folder (default: promptmill-out/JOB).")),
+    ("chunk_size", Optional[int], ChunkSizeOption),
+    ("rpm", Optional[int], RpmOption),
+    ("input_tpm", Optional[int], InputTpmOption),
+    ("output_tpm", Optional[int], OutputTpmOption),
+    ("input_format", Optional[str], FormatOption),
+    ("budget", Optional[float], BudgetOption),
+]
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    input_path: Path
+    pipeline: Path
+    backend: Backend
+    model: str | None
+    out_dir: Path | None
+    chunk_size: int | None
+    rpm: int | None
+    input_tpm: int | None
+    output_tpm: int | None
+    input_format: str | None
+    budget: float | None
+
+    def spec(self, settings: Settings) -> JobSpec:
+        """The checked spec; a bad option or pipeline fails here in one line naming the field."""
+        if self.input_format not in (None, *INPUT_FORMATS):
+            fail(f"--format must be one of {', '.join(INPUT_FORMATS)}, not {self.input_format!r}")
+        limits = RateLimits(rpm=self.rpm, input_tpm=self.input_tpm, output_tpm=self.output_tpm)
+        try:
+            return build_spec(
+                settings, self.input_path, self.pipeline, self.backend, self.model, self.out_dir,
+                self.chunk_size, limits, self.input_format,  # type: ignore[arg-type]
+            )  # fmt: skip
+        except SubmitError as bad:
+            fail(str(bad))
+
+    def create(self, store: JobStore, spec: JobSpec) -> None:
+        store.create_job(spec)
+        store.budgets.set(spec.job_id, self.budget)
+        prepare_shards(spec)
+
+
+def job_command(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Register `func(request: JobRequest, **its_own_options)` as the command `name`, taking the
+    shared options first and then its own."""
+
+    def register(func: Callable[..., None]) -> Callable[..., None]:
+        own = [p for p in inspect.signature(func, eval_str=True).parameters.values() if p.name != "request"]
+        shared = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=t) for n, t, d in _OPTIONS]
+
+        @functools.wraps(func)
+        def command(**values: Any) -> None:
+            request = JobRequest(**{option: values.pop(option) for option, _, _ in _OPTIONS})
+            func(request, **values)
+
+        parameters = shared + [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
+        command.__signature__ = inspect.Signature(parameters, return_annotation=None)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in parameters}
+        return app.command(name)(command)
+
+    return register

@@ -1,0 +1,195 @@
+"""Commands that run a job: `run` and `resume` here to the end, `submit` for workers anywhere."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from promptmill.cli.app import JobArg, app, err, expire_if_finished, fail, open_job, open_store, out
+from promptmill.cli.new_job import JobRequest, job_command
+from promptmill.config.prices import PriceTable
+from promptmill.config.settings import Settings, get_settings
+from promptmill.jobs.dispatch import ChunkSender
+from promptmill.jobs.embedded import EmbeddedRedis, LocalWorkers
+from promptmill.jobs.enqueue import enqueue
+from promptmill.jobs.export import export_job
+from promptmill.jobs.ledger import cost_report
+from promptmill.jobs.producer import ProducerFailed
+from promptmill.jobs.progress import JobProgress, WorkersExited, wait_for_job
+from promptmill.jobs.retry_failed import requeue_failed
+from promptmill.jobs.shards import ShardError, prepare_shards
+from promptmill.jobs.spec import JobSpec
+from promptmill.jobs.status import JobState
+from promptmill.jobs.store import JobStore
+
+DEFAULT_WORKERS = {"anthropic": 2, "vllm": 1}
+
+
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM stops a run as Ctrl-C does: local workers are stopped, the job stays resumable."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def _run_to_end(
+    settings: Settings,
+    store: JobStore,
+    url: str,
+    spec: JobSpec,
+    workers: int,
+    resuming: bool,
+) -> None:
+    """Start local workers, feed them the job, show progress, export, stop what was started."""
+    _sigterm_as_interrupt()
+    prices = PriceTable.load(settings)
+    local = LocalWorkers(url, spec.queue, workers, Path(spec.out_dir) / "logs")
+    sender = ChunkSender.for_url(url)
+    started = time.monotonic()
+    try:
+        local.start()
+        with JobProgress(store, spec, prices, err) as progress:
+            enqueue(store, spec, sender, settings.max_pending_rows, resuming, progress.refresh, progress.refresh)
+            # An embedded Redis that died is ours to bring back (on its port, with its data).
+            embedded = None if settings.redis_url else EmbeddedRedis(settings.data_dir / "redis")
+            status = wait_for_job(progress, alive=local.keep_alive, on_redis_lost=embedded and embedded.start)
+    except KeyboardInterrupt:
+        err.print(f"\ninterrupted: stopping workers; resume with [bold]promptmill resume {spec.job_id}[/]", soft_wrap=True)
+        local.stop()
+        raise typer.Exit(130)
+    except WorkersExited as died:
+        fail(f"{died}; see the logs in {Path(spec.out_dir) / 'logs'}", code=1)
+    except ProducerFailed as stopped:
+        fail(f"job {spec.job_id}: {stopped}\nfix the input, then: promptmill resume {spec.job_id}", code=1)
+    finally:
+        local.stop()
+        sender.close()
+    elapsed = time.monotonic() - started
+    if status.state is JobState.failed:
+        fail(f"job {spec.job_id} stopped: {status.error}\nfix the cause, then: promptmill resume {spec.job_id}", code=1)
+    if status.state is JobState.cancelled:
+        fail(f"job {spec.job_id} was cancelled; promptmill resume {spec.job_id} picks it up again", code=1)
+    if status.state is JobState.paused_budget:
+        spent = store.budgets.get(spec.job_id)
+        fail(
+            f"job {spec.job_id} paused at its budget: ${spent.spent_usd:.6f} of ${spent.cap_usd:.6f} spent, "
+            f"{status.terminal:,} of {status.total:,} rows done; promptmill resume {spec.job_id} --budget USD goes on",
+            code=3,
+        )
+    written = export_job(store, spec, Path(spec.out_dir))
+    expire_if_finished(store, spec.job_id, settings)
+    report = cost_report(spec, status, prices)
+    usage = status.usage
+    err.print(
+        f"[bold green]done[/] {status.ok:,} ok, {status.failed:,} failed of {status.total:,} rows "
+        f"in {elapsed:.1f}s ({status.total / max(elapsed, 1e-9):,.1f} rows/s)\n"
+        f"tokens: {usage.input_tokens:,} input, {usage.output_tokens:,} output, "
+        f"{usage.cache_read_input_tokens:,} cache read, {usage.cache_creation_input_tokens:,} cache write; "
+        f"cost ${report.cost_usd:.6f}\n"
+        f"results: {written['results']}\nfailures: {written['failures']}",
+        highlight=False,
+    )
+
+
+@job_command("run")
+def run(
+    request: JobRequest,
+    workers: Optional[int] = typer.Option(None, min=1, help="Local worker processes (default: 2 API, 1 vLLM)."),
+) -> None:
+    """Run a job here to the end: embedded Redis (unless PROMPTMILL_REDIS_URL), local workers, progress, export."""
+    settings = get_settings()
+    spec = request.spec(settings)
+    if spec.backend == "vllm":
+        # The CLI sits above the workers: it may ask their model registry whether the model is built.
+        from promptmill.workers.local_model import ModelNotBuiltError, resolve_model
+
+        try:
+            resolve_model(spec.model, settings)
+        except ModelNotBuiltError as missing:
+            fail(f"model: {missing}")
+    out.print(f"job {spec.job_id}", highlight=False)
+    with open_store(settings) as (store, url):
+        request.create(store, spec)
+        _run_to_end(settings, store, url, spec, workers or DEFAULT_WORKERS[spec.backend], resuming=False)
+
+
+@job_command("submit")
+def submit(request: JobRequest) -> None:
+    """Enqueue a job on the shared Redis (PROMPTMILL_REDIS_URL) for workers anywhere; prints the job id last."""
+    settings = get_settings()
+    if not settings.redis_url:
+        fail("submit needs PROMPTMILL_REDIS_URL, the Redis your workers use; `promptmill run` runs a job here")
+    spec = request.spec(settings)
+    store = JobStore.from_url(settings.redis_url)
+    request.create(store, spec)
+    sender = ChunkSender.for_url(settings.redis_url)
+    err.print(f"job {spec.job_id}", highlight=False)
+    said_waiting = False
+
+    def waiting() -> None:
+        nonlocal said_waiting
+        if not said_waiting:
+            err.print(
+                f"{settings.max_pending_rows:,} rows wait for workers; enqueuing the rest as they finish "
+                "(PROMPTMILL_MAX_PENDING_ROWS bounds what Redis holds)"
+            )
+            said_waiting = True
+
+    try:
+        rows = enqueue(store, spec, sender, settings.max_pending_rows, on_wait=waiting)
+    except ProducerFailed as stopped:
+        fail(f"job {spec.job_id}: {stopped}\nfix the input, then: promptmill resume {spec.job_id}", code=1)
+    finally:
+        sender.close()
+    err.print(f"queued {rows:,} rows on queue {spec.queue!r}")
+    out.print(spec.job_id, highlight=False)
+
+
+@app.command()
+def resume(
+    job_id: JobArg,
+    workers: Optional[int] = typer.Option(None, min=1, help="Local worker processes."),
+    budget: Optional[float] = typer.Option(
+        None, "--budget", min=0.0, help="A new cap in USD for the whole job (what it spent so far counts)."
+    ),
+    retry_failed: bool = typer.Option(
+        False, "--retry-failed", help="Send the failed rows again (their attempts keep counting); rows whose input is at fault stay failed."
+    ),
+) -> None:
+    """Pick a stopped, failed, cancelled or paused job up where it stopped, here, to the end."""
+    with open_job(job_id) as (settings, store, url, spec):
+        if retry_failed:
+            try:
+                requeued = requeue_failed(store, spec)
+            except ShardError as missing:
+                fail(str(missing), code=1)
+            if requeued.rows:
+                store.reopen(job_id)
+            err.print(
+                f"retrying {requeued.rows:,} failed rows"
+                + (f"; {requeued.kept_failed:,} failed for their input and stay failed" if requeued.kept_failed else ""),
+                highlight=False,
+            )
+        status = store.status(job_id)
+        cap = store.budgets.get(job_id).cap_usd if budget is None else budget
+        ledger_usd = float(cost_report(spec, status, PriceTable.load(settings)).cost_usd)
+        store.budgets.set(job_id, cap, ledger_usd)  # whatever was held by workers that died is let go
+        if status.state is JobState.complete:
+            out.print(f"job {job_id} is already complete; exporting")
+        else:
+            store.set_state(job_id, JobState.running if status.produced else JobState.producing)
+        prepare_shards(spec)
+        out.print(f"job {job_id}", highlight=False)
+        total = f"{status.total:,}" if status.produced else f"{status.total:,} enqueued"
+        err.print(
+            f"resuming: {status.terminal:,} of {total} rows already done ({status.ok:,} ok, {status.failed:,} failed)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        _run_to_end(settings, store, url, spec, workers or DEFAULT_WORKERS[spec.backend], resuming=True)

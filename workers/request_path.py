@@ -1,0 +1,231 @@
+"""The request path: every layer a request passes through on its way to a backend, composed once.
+
+Read from the outside in, as a request travels (dramatiq's middleware is the model):
+
+    Audit        the row's start and end times, its model, the attempts it took
+    Retry        attempt after attempt: backoff, the attempts log, a job-fatal refusal stops the job
+    Concurrency  a slot among the process's requests in flight, adapted to the provider's latency
+    Budget       the request's most possible cost held against the job's cap, then settled
+    Ledger       the name the answer is priced under (a long-context rate has its own)
+    Limit        a grant from the fleet's rate limiter; the answer's headers and usage go back to it
+    backend      the transport: one attempt, one reply
+
+Every backend gets every layer; a layer that does not apply to a backend (no fleet limit for a local
+engine) passes the request through. `fan_out` sends a chunk's requests down the path at once and
+hands back each outcome as it finishes: the one fan-out loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator, Awaitable, Callable, Protocol
+
+from promptmill.config.prices import PriceTable
+from promptmill.config.settings import Settings
+from promptmill.jobs.budget import BudgetStore
+from promptmill.jobs.spec import JobSpec
+from promptmill.pipelines.items import AttemptError, ErrorKind, ItemError, RenderedRequest
+from promptmill.workers.backends.base import Backend, Call, FatalJobError, RawOutcome, Reply
+from promptmill.workers.concurrency import AdaptiveConcurrency
+from promptmill.workers.limit_signals import InputTokenEstimate
+from promptmill.workers.rate_limit import FleetLimiter
+from promptmill.workers.retry import Verdict, backoff_s
+
+# What a layer hands the request to; None: not sent (the job's budget could not hold it).
+Send = Callable[[Call], Awaitable[Reply | None]]
+
+
+class Layer(Protocol):
+    async def __call__(self, call: Call, send: Send) -> Reply | None: ...
+
+
+class AttemptLog(Protocol):
+    """Failed attempts per row, kept outside the process so a resumed row does not start afresh."""
+
+    def prior(self, row: int) -> int: ...
+
+    def failed(self, row: int) -> None: ...
+
+
+@dataclass
+class Audit:
+    async def __call__(self, call: Call, send: Send) -> Reply | None:
+        started_at = time.time()
+        reply = await send(call)
+        if isinstance(reply, RawOutcome):
+            reply.row = call.request.row
+            reply.started_at = reply.started_at or started_at
+            reply.finished_at = time.time()
+        return reply
+
+
+@dataclass
+class Retry:
+    attempts: AttemptLog
+    settings: Settings
+    label: str
+
+    async def __call__(self, call: Call, send: Send) -> Reply | None:
+        call.attempt = self.attempts.prior(call.request.row)
+        errors: list[AttemptError] = []
+        while True:
+            call.attempt += 1
+            reply = await send(call)
+            if reply is None:
+                return None  # the row stays pending: a resume with a higher budget sends it
+            if isinstance(reply, RawOutcome):
+                reply.attempts = call.attempt if reply.attempts is None else reply.attempts
+                reply.errors = errors + reply.errors
+                return reply
+            verdict = reply
+            if verdict.fatal_for_job:
+                raise FatalJobError(f"{self.label} refused the job: {verdict.message}")
+            self.attempts.failed(call.request.row)
+            errors.append(AttemptError(status=verdict.status, message=verdict.message))
+            if not verdict.retryable or call.attempt >= call.job.max_attempts:
+                error = ItemError(kind=verdict.kind, message=verdict.final_message(call.attempt))
+                return RawOutcome(row=call.request.row, error=error, attempts=call.attempt, errors=errors)
+            settings = self.settings
+            await asyncio.sleep(backoff_s(call.attempt, settings.backoff_base_s, settings.backoff_cap_s, verdict.retry_after_s))
+
+
+@dataclass
+class Concurrency:
+    slots: AdaptiveConcurrency | None  # None: the backend schedules its own
+    limiter: FleetLimiter | None
+
+    async def __call__(self, call: Call, send: Send) -> Reply | None:
+        if self.slots is None:
+            return await send(call)
+        # Held inside a slot, the budget holds what is in flight, not every row waiting.
+        async with self.slots:
+            reply = await send(call)
+        if isinstance(reply, RawOutcome) and reply.error is None and reply.latency_ms is not None:
+            rate = self.limiter.request_rate_per_s if self.limiter is not None else None
+            self.slots.observe(reply.latency_ms / 1000, rate)
+        return reply
+
+
+@dataclass
+class Budget:
+    budgets: BudgetStore
+    prices: PriceTable
+    estimate: InputTokenEstimate
+    capped: bool  # read once per chunk: a job without a cap pays no round trips for one
+
+    def _worst_case_micro_usd(self, call: Call) -> int:
+        """The input estimated from characters (with a quarter's margin) at the dearer of the input
+        and cache-write prices, the output at `max_tokens`."""
+        input_tokens = math.ceil(self.estimate.estimate(call.chars) * 1.25)
+        price = self.prices.price_for(self.prices.ledger_model(call.job.model, input_tokens))
+        worst = max(price.input, price.cache_write_5m, price.cache_write_1h) * input_tokens
+        worst += price.output * call.job.pipeline.max_tokens
+        return math.ceil(worst)  # USD per million tokens x tokens = micro-USD
+
+    async def __call__(self, call: Call, send: Send) -> Reply | None:
+        if not self.capped:
+            return await send(call)
+        job_id = call.job.job_id
+        held = self._worst_case_micro_usd(call)
+        if not self.budgets.hold(job_id, held):
+            return None
+        spent = 0
+        try:
+            reply = await send(call)
+            if isinstance(reply, RawOutcome) and reply.ledger_model is not None:
+                price = self.prices.price_for(reply.ledger_model)
+                spent = round(price.cost_usd(**reply.usage.token_counts()) * 1_000_000)
+            return reply
+        finally:
+            self.budgets.settle(job_id, held, spent)
+
+
+@dataclass
+class Ledger:
+    prices: PriceTable
+    per_token: bool
+
+    async def __call__(self, call: Call, send: Send) -> Reply | None:
+        reply = await send(call)
+        if isinstance(reply, RawOutcome):
+            model = call.job.model
+            reply.ledger_model = self.prices.ledger_model(model, reply.usage.prompt_tokens) if self.per_token else model
+        return reply
+
+
+@dataclass
+class Limit:
+    limiter: FleetLimiter | None
+    estimate: InputTokenEstimate
+
+    async def __call__(self, call: Call, send: Send) -> Reply | None:
+        limiter = self.limiter
+        if limiter is None:
+            return await send(call)
+        grant = await limiter.acquire(self.estimate.estimate(call.chars), call.job.pipeline.max_tokens)
+        started = time.monotonic()
+        reply = await send(call)
+        age_s = time.monotonic() - started
+        if isinstance(reply, Verdict):
+            limiter.observe(reply.limits, age_s)
+            if reply.kind is ErrorKind.timeout:
+                limiter.settle(grant, grant.input_tokens, grant.output_tokens)  # it may have been served
+            else:
+                limiter.settle(grant, None, None)
+            if reply.kind is ErrorKind.rate_limited:
+                limiter.rate_limited(reply.retry_after_s)
+            else:
+                limiter.record(server_failure=reply.server_failure)
+            return reply
+        if reply is None or reply.error is not None:
+            limiter.settle(grant, None, None)
+            return reply
+        limiter.observe(reply.limits, age_s)
+        usage = reply.usage
+        charged_input = usage.input_tokens + usage.cache_creation_input_tokens
+        limiter.settle(grant, charged_input, usage.output_tokens)
+        limiter.record(ok=True)
+        self.estimate.learn(call.chars, charged_input)
+        return reply
+
+
+def compose(layers: list[Layer], backend: Backend) -> Send:
+    """The layers, outermost first, around the backend's `send`."""
+    path: Send = backend.send
+    for layer in reversed(layers):
+        path = _wrap(layer, path)
+    return path
+
+
+def _wrap(layer: Layer, inner: Send) -> Send:
+    async def send(call: Call) -> Reply | None:
+        return await layer(call, inner)
+
+    return send
+
+
+async def fan_out(path: Send, job: JobSpec, requests: list[RenderedRequest]) -> AsyncIterator[RawOutcome]:
+    """Send every request down the path at once; yield each row's outcome as it finishes.
+
+    Stopping early (a lost lease, a cancelled job, a dead engine) cancels what is still in flight:
+    those rows stay pending for the next run.
+    """
+
+    async def one(request: RenderedRequest) -> RawOutcome | None:
+        reply = await path(Call(job, request))
+        assert not isinstance(reply, Verdict), "the retry layer turns every verdict into an outcome"
+        return reply
+
+    tasks = [asyncio.ensure_future(one(request)) for request in requests]
+    try:
+        for finished in asyncio.as_completed(tasks):
+            outcome = await finished
+            if outcome is not None:
+                yield outcome
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
