@@ -24,7 +24,7 @@ Control: POST /_config with any of
     rpm input_tpm output_tpm burst_s   enforced limits (0 = none); setting any refills the buckets
     hide_limits                        send no anthropic-ratelimit-* headers
 GET /_log (every request: t arrived and, when answered, done, on the monotonic clock; prompt,
-status, usage), POST /_reset. `[[kill_worker]]` in a prompt SIGKILLs the local process that sent it.
+status, usage, request_id, the sender's port), POST /_reset. `[[kill_worker]]` in a prompt SIGKILLs the local process that sent it.
 """
 
 from __future__ import annotations
@@ -132,16 +132,22 @@ class Bucket:
         }
 
 
+def _client_port(request: web.Request) -> int | None:
+    """The sender's local port: with the ports a process held, it tells which process sent a request."""
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    return peer[1] if peer else None
+
+
 def _kill_client(request: web.Request) -> None:
     """SIGKILL the local process that sent this request: a row that kills its worker (as an
     out-of-memory kill would), for the poison-row tests. Both ends must be on this machine."""
     import psutil
 
-    peer = request.transport.get_extra_info("peername") if request.transport else None
-    if peer is None:
+    port = _client_port(request)
+    if port is None:
         return
     for connection in psutil.net_connections(kind="tcp"):
-        if connection.laddr and connection.laddr.port == peer[1] and connection.pid:
+        if connection.laddr and connection.laddr.port == port and connection.pid:
             os.kill(connection.pid, signal.SIGKILL)
             return
 
@@ -247,7 +253,7 @@ class FakeAnthropic:
         reply_match = _REPLY.search(prompt)
         reply = reply_match.group(1) if reply_match else "ok"
         usage = self._usage(body, reply, commit_cache=False)
-        entry = {"t": arrived, "prompt": prompt, "status": 200, "usage": None}
+        entry = {"t": arrived, "prompt": prompt, "status": 200, "usage": None, "port": _client_port(request)}
         self.log.append(entry)
 
         input_cost = usage["input_tokens"] + usage["cache_creation_input_tokens"]

@@ -3,12 +3,12 @@ kills its worker, an interrupted run, and (marked `chaos`) workers killed at ran
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 
@@ -16,8 +16,10 @@ import psutil
 import pytest
 import redis
 
-from jobs.store import JobStore
+from promptmill.config.settings import Settings
+from promptmill.jobs.store import JobStore
 from tests.conftest import ROOT, promptmill, read_jsonl
+from tests.support import PROMPTMILL, write_dataset
 from tests.test_api_jobs import LABELS, job_id_of, successes_by_prompt, write_job
 
 
@@ -31,7 +33,7 @@ def start_cli(env: dict[str, str], *args: str, quiet: bool = False) -> subproces
     (a worker, whose log nobody reads) writes nowhere, so it can never block on a full pipe."""
     output = subprocess.DEVNULL if quiet else subprocess.PIPE
     return subprocess.Popen(
-        [sys.executable, "-m", "jobs.cli", *args],
+        [PROMPTMILL, *args],
         env=env, cwd=ROOT, stdout=output, stderr=output, text=True, start_new_session=quiet,
     )  # fmt: skip
 
@@ -53,8 +55,11 @@ def new_job(store):
     """The id of the job a test's subprocess creates, once it exists."""
     before = set(store.job_ids())
 
-    def find() -> str:
-        wait_until(lambda: set(store.job_ids()) - before, 60, "the job to be created")
+    def find(command: subprocess.Popen) -> str:
+        wait_until(lambda: set(store.job_ids()) - before or command.poll() is not None, 60, "the job to be created")
+        if not set(store.job_ids()) - before:
+            _, stderr = command.communicate()
+            raise AssertionError(f"the command exited {command.returncode} before creating its job:\n{stderr}")
         return (set(store.job_ids()) - before).pop()
 
     return find
@@ -70,7 +75,7 @@ def test_finished_chunks_leave_redis_for_shards_and_export_merges_them_in_order(
     result = promptmill("run", str(data), "--pipeline", str(pipeline), "--out", str(out), env=env)
     assert result.returncode == 0, result.stderr
     job_id = job_id_of(result)
-    assert sorted(path.name for path in (out / "shards").glob("*.jsonl")) == [f"{first:010d}.jsonl" for first in range(0, 1000, 64)]
+    assert sorted(path.name for path in (out / "shards").glob("*.jsonl")) == [f"{first:010d}.jsonl" for first in range(0, 1000, Settings().chunk_size)]
     assert job_keys(env["PROMPTMILL_REDIS_URL"], job_id, "results") == []
     assert job_keys(env["PROMPTMILL_REDIS_URL"], job_id, "chunk") == []
     exported = promptmill("export", job_id, "--out", str(tmp_path / "again"), env=env)
@@ -96,7 +101,7 @@ def test_a_producer_killed_halfway_resumes_without_enqueuing_or_skipping_rows(tm
     producer = start_cli(
         env, "submit", str(data), "--pipeline", str(pipeline), "--out", str(tmp_path / "o"), "--chunk-size", "4"
     )
-    job_id = new_job()
+    job_id = new_job(producer)
     wait_until(lambda: store.status(job_id).rows_produced >= 1000, 60, "a thousand rows enqueued")
     producer.send_signal(signal.SIGKILL)
     producer.wait()
@@ -105,7 +110,7 @@ def test_a_producer_killed_halfway_resumes_without_enqueuing_or_skipping_rows(tm
 
     resumed = promptmill("resume", job_id, env=env)
     assert resumed.returncode == 0, resumed.stderr
-    chunk_ids = store.chunk_ids(job_id)
+    chunk_ids = store.chunks.ids(job_id)
     assert chunk_ids == [f"{first:010d}" for first in range(0, 6000, 4)]  # each chunk once, in order
     records = read_jsonl(tmp_path / "o" / "results.jsonl")
     assert [r["row"] for r in records] == list(range(6000))
@@ -114,10 +119,9 @@ def test_a_producer_killed_halfway_resumes_without_enqueuing_or_skipping_rows(tm
 
 def test_a_row_that_kills_its_worker_every_time_fails_as_poison_and_the_rest_complete(tmp_path, env, fake_api):
     _, pipeline = write_job(tmp_path, 0)
-    data = tmp_path / "poisoned.jsonl"
     rows = [{"id": i, "text": f"row {i}", "answer": LABELS[i % 2]} for i in range(40)]
     rows[13]["text"] = "this row kills whoever sends it [[kill_worker]]"
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    data, _ = write_dataset(tmp_path, rows, name="poisoned.jsonl")
     out = tmp_path / "out"
     result = promptmill(
         "run", str(data), "--pipeline", str(pipeline), "--out", str(out), "--chunk-size", "10",
@@ -137,7 +141,7 @@ def test_an_interrupted_run_resumes_with_its_counts_and_completes_exactly(tmp_pa
     data, pipeline = write_job(tmp_path, 3000)
     out = tmp_path / "o"
     run = start_cli(env, "run", str(data), "--pipeline", str(pipeline), "--out", str(out))
-    job_id = new_job()
+    job_id = new_job(run)
     wait_until(lambda: store.status(job_id).terminal >= 500, 120, "500 rows")
     run.send_signal(signal.SIGINT)
     _, stderr = run.communicate(timeout=60)
@@ -168,19 +172,23 @@ def test_20000_rows_while_workers_are_killed_at_random_end_exact_and_pay_only_fo
         fast_recovery(env), "run", str(data), "--pipeline", str(pipeline), "--out", str(out), "--workers", "3"
     )
     rng = random.Random(3)
-    kill_times: list[float] = []
+    kills: list[tuple[float, set[int]]] = []  # when each victim died, and the ports it was talking on
     try:
         while run.poll() is None:
             time.sleep(rng.uniform(3, 6))
             workers = [child for child in psutil.Process(run.pid).children() if _is_live_worker(child)]
             if run.poll() is None and workers:
-                rng.choice(workers).send_signal(signal.SIGKILL)
-                kill_times.append(time.monotonic())
+                victim = rng.choice(workers)
+                with contextlib.suppress(psutil.Error):
+                    victim.send_signal(signal.SIGSTOP)  # frozen, it opens no connection between the two looks
+                    ports = {connection.laddr.port for connection in victim.net_connections(kind="tcp")}
+                    victim.send_signal(signal.SIGKILL)
+                    kills.append((time.monotonic(), ports))
     finally:
         kill_tree(run)  # a run that outlived the test must not take the next tests' jobs
     stdout, stderr = run.communicate()
     assert run.returncode == 0, stderr
-    assert len(kill_times) >= 3, "the job ended before the harness could kill anything"
+    assert len(kills) >= 3, "the job ended before the harness could kill anything"
 
     records = read_jsonl(out / "results.jsonl")
     assert [r["row"] for r in records] == list(range(20_000))
@@ -188,17 +196,18 @@ def test_20000_rows_while_workers_are_killed_at_random_end_exact_and_pay_only_fo
     answered = [entry for entry in fake_api.log() if entry["status"] == 200]
     by_prompt = Counter(entry["prompt"] for entry in answered)
     paid_twice = {prompt for prompt, count in by_prompt.items() if count > 1}
-    # A row is answered twice only if one of its answers was in flight when a worker died: sent (the
-    # server's clock starts a moment after the client's send) and not yet committed (a busy worker
-    # reads an answer from its socket and commits it some hundreds of milliseconds after it left).
-    sent_before, committed_within = 0.25, 1.0
-    for prompt in paid_twice:
-        spans = [(e["t"], e["done"]) for e in answered if e["prompt"] == prompt]
-        in_flight = [
-            start - sent_before <= kill <= done + committed_within for start, done in spans for kill in kill_times
-        ]
-        assert any(in_flight), (prompt, spans, kill_times)
-    assert len(paid_twice) <= len(kill_times) * 4 * 64  # kills x (chunks x rows) in flight per worker
+    # A row is answered twice only if one of its answers was in flight when a worker died. The
+    # server's log tells which: an answer that is not the row's committed one must have gone to a
+    # connection of a worker that was killed (so it was sent before the kill: the server's clock
+    # lags a loaded machine by seconds), and the kill came before that worker could commit it.
+    committed_request = {r["request_id"] for r in records}
+    committed_within = 2.0  # a busy worker commits what it read within this
+    for entry in answered:
+        if entry["prompt"] in paid_twice and entry["request_id"] not in committed_request:
+            holders = [when for when, ports in kills if entry["port"] in ports]
+            assert any(when <= entry["done"] + committed_within for when in holders), (entry, kills)
+    settings = Settings()
+    assert len(paid_twice) <= len(kills) * settings.api_chunks_per_worker * settings.chunk_size  # kills x rows in flight
     # The job's tokens are the server's billed usage less exactly the lost answers.
     lost = Counter()
     for entry in answered:
@@ -216,7 +225,7 @@ def test_20000_rows_while_workers_are_killed_at_random_end_exact_and_pay_only_fo
     assert status["tokens"]["input"] == billed_input - lost["input"]
     assert status["tokens"]["output"] == billed_output - lost["output"]
     assert promptmill("verify", job_id, env=env).returncode == 0
-    print(f"chaos: {len(kill_times)} workers killed; {len(paid_twice)} of 20,000 rows answered twice")  # -s shows it
+    print(f"chaos: {len(kills)} workers killed; {len(paid_twice)} of 20,000 rows answered twice")  # -s shows it
 
 
 def kill_tree(process: subprocess.Popen) -> None:
@@ -238,7 +247,7 @@ def _is_live_worker(process: psutil.Process) -> bool:
 @pytest.mark.chaos
 @pytest.mark.timeout(600)
 def test_redis_killed_and_restarted_mid_job_loses_no_committed_result(tmp_path, env, fake_api):
-    from jobs.embedded import EmbeddedRedis
+    from promptmill.jobs.embedded import EmbeddedRedis
 
     own_redis = EmbeddedRedis(tmp_path / "redis")
     env = fast_recovery({**env, "PROMPTMILL_REDIS_URL": own_redis.start()})
@@ -293,9 +302,9 @@ def test_sigterm_on_a_worker_finishes_its_chunks_and_exits_cleanly(tmp_path, env
     job_id, worker = one_worker_on_a_submitted_job(tmp_path, env, fake_api, store)
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=60) == 0
-    assert store.lost_chunks(job_id, queue_empty=False, stranded_after_s=0) == []  # every chunk it started, it finished
+    assert store.chunks.lost(job_id, queue_empty=False, stranded_after_s=0) == []  # every chunk it started, it finished
     stopped_at = store.status(job_id).terminal
-    assert stopped_at % 64 == 0 and stopped_at < 3000  # whole chunks only
+    assert stopped_at % Settings().chunk_size == 0 and stopped_at < 3000  # whole chunks only
     resume_and_check_every_row_paid_once(tmp_path, env, fake_api, job_id)
 
 
@@ -304,10 +313,14 @@ def test_cancel_stops_the_workers_sending_and_resume_finishes_the_job(tmp_path, 
     try:
         cancelled = promptmill("cancel", job_id, env=env)
         assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout
-        time.sleep(3)  # the rows in flight finish; nothing new is sent
+        # Stopped: no worker holds a chunk of the job any more, so no request of it is in flight, and
+        # a chunk run that starts later checks the state before it sends anything.
+        leases = f"pm:{{{job_id}}}:lease:*"
+        wait_until(lambda: not list(store.redis.scan_iter(leases)), 60, "the workers to let go of the job's chunks")
         sent = len(fake_api.log())
-        time.sleep(2)
-        assert len(fake_api.log()) == sent
+        worker.terminate()
+        assert worker.wait(timeout=60) == 0
+        assert len(fake_api.log()) == sent  # nothing more was sent up to the worker's exit
         assert store.status(job_id).state.value == "cancelled" and store.status(job_id).terminal < 3000
     finally:
         worker.terminate()
@@ -317,7 +330,7 @@ def test_cancel_stops_the_workers_sending_and_resume_finishes_the_job(tmp_path, 
 
 @pytest.mark.chaos
 def test_an_embedded_redis_killed_under_a_run_is_brought_back_and_the_run_completes(tmp_path, env, fake_api):
-    from jobs.embedded import EmbeddedRedis
+    from promptmill.jobs.embedded import EmbeddedRedis
 
     fake_api.configure(latency_ms=10)
     embedded_env = {k: v for k, v in env.items() if k != "PROMPTMILL_REDIS_URL"}  # as on a laptop
@@ -347,7 +360,7 @@ def test_killing_the_worker_that_holds_a_resent_chunk_never_stalls_the_job_past_
     out = tmp_path / "o"
     run = start_cli(fast_recovery(env), "run", str(data), "--pipeline", str(pipeline), "--out", str(out), "--workers", "3")
     try:
-        job_id = new_job()
+        job_id = new_job(run)
         wait_until(lambda: store.status(job_id).terminal >= 500, 120, "500 rows")
         workers = [child for child in psutil.Process(run.pid).children() if _is_live_worker(child)]
         workers[0].send_signal(signal.SIGKILL)
