@@ -113,6 +113,11 @@ class PriceTable:
             discount = their_discount if their_discount is not None else discount
         return cls(prices, Decimal(str(settings.gpu_hour_usd)), settings.api_model_for_comparison, discount)
 
+    def with_model(self, model: str, price: ModelPrice) -> "PriceTable":
+        """This table with `model` priced at `price` (a pipeline's own `[price]`)."""
+        prices = {**self._prices, model: price}
+        return PriceTable(prices, self.engine_hour_usd, self.comparison_model, self.batch_discount)
+
     def ledger_model(self, model: str, prompt_tokens: int) -> str:
         """The name a request's usage is kept under: `model`, or `model@long` over its band."""
         price = self.price_for(model)
@@ -132,7 +137,7 @@ class PriceTable:
                 return price.long if long and price.long is not None else price
         raise UnknownModelError(
             f"model {model!r} has no price in the price table ({SHIPPED_TABLE}); "
-            "add it there or in the file named by PROMPTMILL_PRICES_FILE"
+            "add it there, in the file named by PROMPTMILL_PRICES_FILE, or as a [price] table in the pipeline"
         )
 
     def models(self) -> list[str]:

@@ -81,6 +81,12 @@ class Settings(BaseSettings):
     anthropic_api_key: SecretStr | None = None
     anthropic_base_url: str | None = None
 
+    # OpenAI-compatible servers (OpenAI, vLLM serve, Ollama, gateways): PROMPTMILL_OPENAI_API_KEY and
+    # PROMPTMILL_OPENAI_BASE_URL, else the SDK's own OPENAI_API_KEY and OPENAI_BASE_URL (with /v1);
+    # a pipeline's `base_url` wins over both.
+    openai_api_key: SecretStr | None = None
+    openai_base_url: str | None = None
+
     # The local vLLM engine.
     vllm_dtype: str | None = Field(
         default=None,
@@ -121,6 +127,28 @@ class Settings(BaseSettings):
         if self.anthropic_api_key is not None:
             return self.anthropic_api_key.get_secret_value()
         return os.environ.get("ANTHROPIC_API_KEY") or os.environ.get("ANTHROPIC_AUTH_TOKEN")
+
+
+    def openai_url(self, pipeline_base_url: str | None = None) -> str | None:
+        """The OpenAI-compatible server's URL; None: OpenAI's own."""
+        return pipeline_base_url or self.openai_base_url or os.environ.get("OPENAI_BASE_URL") or None
+
+    def openai_key(self, base_url: str | None = None) -> str | None:
+        """The key for an OpenAI-compatible server. A self-hosted one (any `base_url` not OpenAI's)
+        usually checks none, but the SDK insists on one: it gets a placeholder."""
+        if self.openai_api_key is not None:
+            return self.openai_api_key.get_secret_value()
+        key = os.environ.get("OPENAI_API_KEY")
+        if key:
+            return key
+        return SELF_HOSTED_KEY if base_url and not is_openai_url(base_url) else None
+
+
+SELF_HOSTED_KEY = "no-key"
+
+
+def is_openai_url(base_url: str | None) -> bool:
+    return base_url is None or "api.openai.com" in base_url
 
 
 @lru_cache(maxsize=1)

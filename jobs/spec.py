@@ -13,7 +13,7 @@ from promptmill.config.settings import MAX_CHUNK_SIZE
 from promptmill.jobs.readers import InputFormat
 from promptmill.pipelines.spec import Pipeline, RateLimits
 
-Backend = Literal["anthropic", "vllm"]
+Backend = Literal["anthropic", "openai", "vllm"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
 
 

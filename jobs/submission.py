@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from promptmill.config.prices import PriceTable, UnknownModelError
+from promptmill.config.prices import UnknownModelError
 from promptmill.config.settings import MAX_CHUNK_SIZE, Settings
 from promptmill.jobs.readers import InputFormat, detect_format
 from promptmill.jobs.spec import Backend, JobSpec, new_job_id
@@ -39,15 +39,18 @@ def build_spec(
         raise SubmitError(str(bad)) from None
     if model:
         pipeline = pipeline.model_copy(update={"model": model})
-    if backend == "anthropic":
+    if backend != "vllm":  # billed per token: a model without a price is refused, never costed at $0
         try:
-            PriceTable.load(settings).price_for(pipeline.model)
+            pipeline.price_table(settings).price_for(pipeline.model)
         except UnknownModelError as unknown:
             raise SubmitError(f"model: {unknown}") from None
-        if not settings.api_key():
-            raise SubmitError(
-                "anthropic_api_key: no API key; set ANTHROPIC_API_KEY (or PROMPTMILL_ANTHROPIC_API_KEY)"
-            )
+    if backend == "anthropic" and not settings.api_key():
+        raise SubmitError("anthropic_api_key: no API key; set ANTHROPIC_API_KEY (or PROMPTMILL_ANTHROPIC_API_KEY)")
+    if backend == "openai" and not settings.openai_key(settings.openai_url(pipeline.base_url)):
+        raise SubmitError(
+            "openai_api_key: no API key for OpenAI; set OPENAI_API_KEY (or PROMPTMILL_OPENAI_API_KEY), "
+            "or point OPENAI_BASE_URL or the pipeline's base_url at a self-hosted server"
+        )
     if chunk_size is not None and not 1 <= chunk_size <= MAX_CHUNK_SIZE:
         raise SubmitError(f"--chunk-size must be from 1 to {MAX_CHUNK_SIZE:,}, not {chunk_size:,}")
     from_settings = RateLimits(rpm=settings.rpm, input_tpm=settings.input_tpm, output_tpm=settings.output_tpm)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tomllib
+from decimal import Decimal
 from pathlib import Path
 from string import Formatter
 from typing import Any, Iterator, Literal
@@ -12,6 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from referencing import Registry, Resource
 from referencing.exceptions import Unresolvable
 from referencing.jsonschema import DRAFT202012
+
+from promptmill.config.prices import ModelPrice, PriceTable
+from promptmill.config.settings import Settings
 
 _SCHEMA_URI = "urn:promptmill:output-schema"
 
@@ -107,6 +111,28 @@ class EngineOptions(BaseModel):
     enforce_eager: bool | None = None
 
 
+class PipelinePrice(BaseModel):
+    """The pipeline's own prices, USD per million tokens; they win over the price table. A
+    self-hosted model states 0 explicitly."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input_per_mtok: Decimal = Field(ge=0)
+    output_per_mtok: Decimal = Field(ge=0)
+    cache_read_per_mtok: Decimal | None = Field(default=None, ge=0, description="default: the input price")
+    cache_write_per_mtok: Decimal | None = Field(default=None, ge=0, description="default: the input price")
+
+    def model_price(self) -> ModelPrice:
+        cache_write = self.input_per_mtok if self.cache_write_per_mtok is None else self.cache_write_per_mtok
+        return ModelPrice(
+            input=self.input_per_mtok,
+            output=self.output_per_mtok,
+            cache_write_5m=cache_write,
+            cache_write_1h=cache_write,
+            cache_read=self.input_per_mtok if self.cache_read_per_mtok is None else self.cache_read_per_mtok,
+        )
+
+
 class Pipeline(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -132,6 +158,18 @@ class Pipeline(BaseModel):
     store_text: bool = True
     limits: RateLimits = Field(default_factory=RateLimits)
     engine: EngineOptions = Field(default_factory=EngineOptions)
+    # OpenAI-compatible servers: the server's URL (with /v1), over PROMPTMILL_OPENAI_BASE_URL and
+    # OPENAI_BASE_URL; and whether `choice` and `json` outputs ask for a JSON schema through
+    # `response_format` (OpenAI and vLLM honour it; turn it off for a server that refuses it).
+    base_url: str | None = None
+    structured_output: bool = True
+    price: PipelinePrice | None = None
+
+    def price_table(self, settings: Settings) -> PriceTable:
+        """The price table this pipeline's jobs are costed by: the shipped and user tables, with the
+        pipeline's own `[price]` for its model over both."""
+        table = PriceTable.load(settings)
+        return table if self.price is None else table.with_model(self.model, self.price.model_price())
 
     @model_validator(mode="after")
     def _cache_has_something(self) -> "Pipeline":

@@ -1,4 +1,5 @@
-"""A local HTTP server that speaks the Anthropic Messages wire protocol, for real-SDK tests and benches.
+"""A local HTTP server that speaks the Anthropic Messages and OpenAI chat completions wire protocols,
+for real-SDK tests and benches.
 
     python tests/anthropic_server.py --port 0 --key test-key     (prints "listening on URL")
 
@@ -16,6 +17,12 @@ Rate limits, when configured, are enforced as the API does: one token bucket per
 input tokens = uncached input + cache writes, output tokens charged at `max_tokens` on arrival and
 corrected when the answer is known), refilled continuously, holding `burst_s` seconds of the limit.
 A request that does not fit is answered 429 with `retry-after` in whole seconds, as the API does.
+
+POST /v1/chat/completions answers as OpenAI does, from the same replies, faults, log and buckets:
+`usage` with `prompt_tokens_details.cached_tokens` (a system message seen in the last 5 minutes is
+cached), `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` headers (the token budget is
+`input_tpm`, charged the prompt plus `max_tokens`), 429s with `retry-after` and `retry-after-ms`,
+`[[insufficient_quota]]` for an account out of credit, and `{"answer": ...}` for a choice schema.
 
 Control: POST /_config with any of
     p429 p500 p529 p_timeout p_drop    share of requests given each fault (random, not enforced)
@@ -71,6 +78,13 @@ def _error(status: int, kind: str, message: str, headers: dict[str, str] | None 
     return web.json_response(body, status=status, headers={"x-should-retry": "false", **(headers or {})})
 
 
+def _openai_error(
+    status: int, kind: str, message: str, code: str | None = None, headers: dict[str, str] | None = None
+) -> web.Response:
+    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    return web.json_response(body, status=status, headers={"x-request-id": f"req_{uuid.uuid4().hex[:12]}", **(headers or {})})
+
+
 def _text(content) -> str:
     """A turn's text: its text blocks one after another, as the model reads them."""
     if isinstance(content, str):
@@ -121,6 +135,15 @@ class Bucket:
         self._refill()
         self.level = min(self.capacity, self.level + amount)
 
+    def openai_headers(self, name: str) -> dict[str, str]:
+        self._refill()
+        full_in = max(0.0, (self.capacity - self.level) * 60 / self.per_minute)
+        return {
+            f"x-ratelimit-limit-{name}": str(int(self.per_minute)),
+            f"x-ratelimit-remaining-{name}": str(max(0, int(self.level))),
+            f"x-ratelimit-reset-{name}": _duration(full_in),
+        }
+
     def headers(self, name: str) -> dict[str, str]:
         self._refill()
         full_in = max(0.0, (self.capacity - self.level) * 60 / self.per_minute)
@@ -130,6 +153,14 @@ class Bucket:
             f"anthropic-ratelimit-{name}-remaining": str(max(0, int(self.level))),
             f"anthropic-ratelimit-{name}-reset": reset.isoformat(timespec="seconds").replace("+00:00", "Z"),
         }
+
+
+def _duration(seconds: float) -> str:
+    """OpenAI's reset format: `6m0s`, `1.5s`, `120ms`."""
+    if seconds < 1:
+        return f"{round(seconds * 1000)}ms"
+    minutes, rest = divmod(seconds, 60)
+    return f"{int(minutes)}m{rest:.3g}s" if minutes else f"{rest:.3g}s"
 
 
 def _client_port(request: web.Request) -> int | None:
@@ -329,6 +360,108 @@ class FakeAnthropic:
             )
         return web.json_response(message, headers=headers)
 
+    # -- OpenAI's chat completions ---------------------------------------------------------------
+
+    def _openai_limit_headers(self) -> dict[str, str]:
+        if self.config["hide_limits"]:
+            return {}
+        headers: dict[str, str] = {}
+        for budget, name in (("rpm", "requests"), ("input_tpm", "tokens")):
+            bucket = self.buckets.get(budget)
+            if bucket is not None:
+                headers.update(bucket.openai_headers(name))
+        return headers
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        """OpenAI's chat completions: the same replies, faults and log as /v1/messages, in OpenAI's
+        shapes. A system message seen before (within 5 minutes) is a cached prompt; limits are one
+        request bucket and one token bucket charged the prompt plus `max_tokens` (never refunded)."""
+        arrived = time.monotonic()
+        if not self._authorised(request):
+            self.log.append({"t": arrived, "prompt": None, "status": 401, "usage": None})
+            return _openai_error(401, "invalid_request_error", "Incorrect API key provided", "invalid_api_key")
+        body = await request.json()
+        missing = [name for name in ("model", "messages") if name not in body]
+        if missing:
+            return _openai_error(400, "invalid_request_error", f"Missing required parameter: '{missing[0]}'.")
+        system = " ".join(_text(m["content"]) for m in body["messages"] if m.get("role") in ("system", "developer"))
+        prompt = _text(body["messages"][-1]["content"])
+        reply_match = _REPLY.search(prompt)
+        reply = reply_match.group(1) if reply_match else "ok"
+        params = {key: value for key, value in body.items() if key != "messages"}
+        entry = {"t": arrived, "prompt": prompt, "status": 200, "usage": None, "port": _client_port(request),
+                 "route": "chat", "params": params, "system": system or None}  # fmt: skip
+        self.log.append(entry)
+        max_tokens = int(body.get("max_completion_tokens") or body.get("max_tokens") or 16)
+        prompt_tokens = len(system.split()) + len(prompt.split())
+
+        costs = {"rpm": 1, "input_tpm": prompt_tokens + max_tokens, "output_tpm": 0}
+        wait = max((self.buckets[b].wait_s(costs[b]) for b in self.buckets), default=0.0)
+        if wait > 0:
+            entry["status"] = 429
+            headers = {"retry-after": str(math.ceil(wait)), "retry-after-ms": str(math.ceil(wait * 1000))}
+            return _openai_error(429, "requests", "Rate limit reached", "rate_limit_exceeded",
+                                 {**headers, **self._openai_limit_headers()})  # fmt: skip
+        for budget, bucket in self.buckets.items():
+            bucket.take(costs[budget])
+
+        fault = "insufficient_quota" if "[[insufficient_quota]]" in prompt else self._roll_fault(prompt)
+        if fault == "timeout":
+            entry["status"] = "timeout"
+            await asyncio.sleep(_TIMEOUT_HANG_S)
+            return web.Response(status=504)
+        if fault == "drop":
+            entry["status"] = "dropped"
+            request.transport.abort()
+            return web.Response(status=500)
+        latency = (self.config["latency_ms"] + self.config["latency_per_token_ms"] * len(reply.split())) / 1000
+        if latency:
+            await asyncio.sleep(latency)
+        if fault is not None:
+            entry["status"] = fault
+            retry = {"retry-after": str(self.config["retry_after"]), **self._openai_limit_headers()}
+            if fault == "insufficient_quota":
+                message = "You exceeded your current quota, please check your plan and billing details."
+                return _openai_error(429, "insufficient_quota", message, "insufficient_quota")
+            if fault == 429:
+                return _openai_error(429, "requests", "Rate limit reached", "rate_limit_exceeded", retry)
+            if fault in (400, 404, 413):
+                return _openai_error(fault, "invalid_request_error", "prompt is poisoned for this test")
+            return _openai_error(int(fault) if isinstance(fault, int) else 500, "server_error", "The server had an error", None, retry)
+
+        now = time.monotonic()
+        cached = len(system.split()) if system and self.seen_prefixes.get("chat\x00" + system, 0) > now else 0
+        if system:
+            self.seen_prefixes["chat\x00" + system] = now + 300
+        completion_tokens = max(1, len(reply.split()))
+        text = reply
+        if isinstance(body.get("response_format"), dict) and body["response_format"].get("type") == "json_schema":
+            schema = body["response_format"]["json_schema"].get("schema", {})
+            choices = schema.get("properties", {}).get("answer", {}).get("enum")
+            if choices:  # a constrained choice: the reply as the schema's one field
+                text = json.dumps({"answer": reply})
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        }
+        entry["usage"] = usage
+        entry["done"] = time.monotonic()
+        entry["request_id"] = f"req_{uuid.uuid4().hex[:12]}"
+        completion = {
+            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body["model"],
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop", "logprobs": None}
+            ],
+            "usage": usage,
+        }
+        headers = {"x-request-id": entry["request_id"], **self._openai_limit_headers()}
+        return web.json_response(completion, headers=headers)
+
     def _refund_output(self, tokens: int) -> None:
         bucket = self.buckets.get("output_tpm")
         if bucket is not None and tokens > 0:
@@ -366,6 +499,7 @@ class FakeAnthropic:
         application = web.Application(client_max_size=64 * 1024 * 1024)
         application.router.add_post("/v1/messages", self.messages)
         application.router.add_post("/v1/messages/count_tokens", self.count_tokens)
+        application.router.add_post("/v1/chat/completions", self.chat_completions)
         application.router.add_post("/_config", self.set_config)
         application.router.add_get("/_log", self.get_log)
         application.router.add_post("/_reset", self.reset)

@@ -255,6 +255,8 @@ class FleetLimiter:
             return
         self._report.headers = said
         self._report.headers_age_ms = int(age_s * 1000)
+        if said.exhausted_for_s:  # the provider said a budget is spent until then: the fleet waits
+            self._report.pause_ms = max(self._report.pause_ms, int(said.exhausted_for_s * 1000))
         self._wake.set()
 
     def close(self) -> None:

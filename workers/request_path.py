@@ -160,12 +160,20 @@ class Ledger:
 class Limit:
     limiter: FleetLimiter | None
     estimate: InputTokenEstimate
+    backend: Backend
+
+    def _charge(self, input_tokens: int, output_tokens: int, max_tokens: int) -> tuple[int, int]:
+        if self.backend.one_token_budget:
+            return input_tokens + max_tokens, 0
+        return input_tokens, output_tokens
 
     async def __call__(self, call: Call, send: Send) -> Reply | None:
         limiter = self.limiter
         if limiter is None:
             return await send(call)
-        grant = await limiter.acquire(self.estimate.estimate(call.chars), call.job.pipeline.max_tokens)
+        max_tokens = call.job.pipeline.max_tokens
+        # Output is reserved at max_tokens, and given back once the answer says what it used.
+        grant = await limiter.acquire(*self._charge(self.estimate.estimate(call.chars), max_tokens, max_tokens))
         started = time.monotonic()
         reply = await send(call)
         age_s = time.monotonic() - started
@@ -185,8 +193,8 @@ class Limit:
             return reply
         limiter.observe(reply.limits, age_s)
         usage = reply.usage
-        charged_input = usage.input_tokens + usage.cache_creation_input_tokens
-        limiter.settle(grant, charged_input, usage.output_tokens)
+        charged_input = self.backend.limited_input(usage)
+        limiter.settle(grant, *self._charge(charged_input, usage.output_tokens, max_tokens))
         limiter.record(ok=True)
         self.estimate.learn(call.chars, charged_input)
         return reply

@@ -25,6 +25,7 @@ from promptmill.jobs.store import JobStore
 from promptmill.pipelines.spec import RateLimits
 from promptmill.workers.backends.anthropic import AnthropicBackend
 from promptmill.workers.backends.base import Backend, BackendFactory
+from promptmill.workers.backends.openai import OpenAIBackend
 from promptmill.workers.backends.vllm import VLLMBackend
 from promptmill.workers.concurrency import AdaptiveConcurrency
 from promptmill.workers.limit_signals import InputTokenEstimate
@@ -44,7 +45,7 @@ from promptmill.workers.request_path import (
 T = TypeVar("T")
 
 # The backend registry: JobSpec.backend -> how to build one.
-BACKENDS: dict[str, BackendFactory] = {"anthropic": AnthropicBackend, "vllm": VLLMBackend}
+BACKENDS: dict[str, BackendFactory] = {"anthropic": AnthropicBackend, "openai": OpenAIBackend, "vllm": VLLMBackend}
 
 
 @dataclass
@@ -67,13 +68,12 @@ class WorkerRuntime:
     limiters: dict[tuple[str, RateLimits], FleetLimiter] = field(default_factory=dict)
     scoped_jobs: set[str] = field(default_factory=set)
     careful: threading.Lock = field(default_factory=threading.Lock)  # one chunk at a time hunts for poison
-    _prices: PriceTable | None = None
+    prices: dict[str, PriceTable] = field(default_factory=dict)  # job id -> its price table
 
-    @property
-    def prices(self) -> PriceTable:
-        if self._prices is None:
-            self._prices = PriceTable.load(self.settings)
-        return self._prices
+    def prices_for(self, job: JobSpec) -> PriceTable:
+        if job.job_id not in self.prices:
+            self.prices[job.job_id] = job.pipeline.price_table(self.settings)
+        return self.prices[job.job_id]
 
     def spec(self, job_id: str) -> JobSpec:
         if job_id not in self.specs:
@@ -129,9 +129,9 @@ class WorkerRuntime:
             Audit(),
             Retry(attempts, self.settings, backend.label),
             Concurrency(served.slots, limiter),
-            Budget(self.store.budgets, self.prices, served.estimate, capped),
-            Ledger(self.prices, backend.billed_per_token),
-            Limit(limiter, served.estimate),
+            Budget(self.store.budgets, self.prices_for(job), served.estimate, capped),
+            Ledger(self.prices_for(job), backend.billed_per_token),
+            Limit(limiter, served.estimate, backend),
         ]
         return compose(layers, backend)
 

@@ -7,6 +7,7 @@ from typing import Annotated, Iterator, NamedTuple, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from promptmill.config.settings import MAX_CHUNK_SIZE, Settings, get_settings
 from promptmill.jobs.embedded import redis_url_for
@@ -27,7 +28,7 @@ err = Console(stderr=True)
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # a message is no markup
     raise typer.Exit(code)
 
 
@@ -73,10 +74,15 @@ def expire_if_finished(store: JobStore, job_id: str, settings: Settings) -> None
 JobArg = Annotated[str, typer.Argument(metavar="JOB", help="A job id (`promptmill jobs` lists them).")]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for machines.")]
 BackendOption = typer.Option(
-    "anthropic", "--backend", "-b", help=f"{' or '.join(BACKENDS)}: the API, or a local engine."
+    "anthropic",
+    "--backend",
+    "-b",
+    help=f"{', '.join(BACKENDS)}: Anthropic's API, an OpenAI-compatible server, or the local engine.",
 )
 RpmOption = typer.Option(None, "--rpm", min=1, help="The account's requests per minute (default: from its headers).")
-InputTpmOption = typer.Option(None, "--input-tpm", min=1, help="The account's input tokens per minute.")
+InputTpmOption = typer.Option(
+    None, "--input-tpm", min=1, help="The account's input tokens per minute (openai: its one token budget)."
+)
 OutputTpmOption = typer.Option(None, "--output-tpm", min=1, help="The account's output tokens per minute.")
 FormatOption = typer.Option(None, "--format", help=f"{', '.join(INPUT_FORMATS)} (default: from the name).")
 ChunkSizeOption = typer.Option(None, min=1, max=MAX_CHUNK_SIZE, help="Rows per chunk (task).")

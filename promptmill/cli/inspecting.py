@@ -66,7 +66,7 @@ def _status_dict(spec: JobSpec, status: JobStatus, prices: PriceTable, store: Jo
 def status(job_id: JobArg, as_json: JsonFlag = False) -> None:
     """Where a job stands: state, rows done, failed and pending, tokens and cost."""
     with open_job(job_id) as (settings, store, _, spec):
-        info = _status_dict(spec, store.status(job_id), PriceTable.load(settings), store)
+        info = _status_dict(spec, store.status(job_id), spec.pipeline.price_table(settings), store)
     if as_json:
         out.print_json(json.dumps(info))
         return
@@ -157,7 +157,7 @@ def estimate(
             fail(f"--job: job {job_id} has no answers from {spec.model} yet")
         output_per_row = observed.usage.output_tokens / answered
     try:
-        prices = PriceTable.load(settings)
+        prices = spec.pipeline.price_table(settings)
         price = prices.price_for(spec.model)
         figures = estimate_job(spec, price, count_tokens, sample, output_per_row, prices.batch_discount)
     except anthropic.APIError as error:
@@ -191,7 +191,7 @@ def estimate(
 def cost(job_id: JobArg, as_json: JsonFlag = False) -> None:
     """What the job has spent, by model: requests, tokens of each kind, US dollars."""
     with open_job(job_id) as (settings, store, _, spec):
-        prices = PriceTable.load(settings)
+        prices = spec.pipeline.price_table(settings)
         report = cost_report(spec, store.status(job_id), prices)
     if as_json:
         out.print_json(json.dumps(report.as_dict()))

@@ -11,7 +11,6 @@ import typer
 
 from promptmill.cli.app import JobArg, app, err, expire_if_finished, fail, open_job, open_store, out
 from promptmill.cli.new_job import JobRequest, job_command
-from promptmill.config.prices import PriceTable
 from promptmill.config.settings import Settings, get_settings
 from promptmill.jobs.dispatch import ChunkSender
 from promptmill.jobs.embedded import EmbeddedRedis, LocalWorkers
@@ -26,7 +25,7 @@ from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.status import JobState
 from promptmill.jobs.store import JobStore
 
-DEFAULT_WORKERS = {"anthropic": 2, "vllm": 1}
+DEFAULT_WORKERS = {"anthropic": 2, "openai": 2, "vllm": 1}
 
 
 def _sigterm_as_interrupt() -> None:
@@ -48,7 +47,7 @@ def _run_to_end(
 ) -> None:
     """Start local workers, feed them the job, show progress, export, stop what was started."""
     _sigterm_as_interrupt()
-    prices = PriceTable.load(settings)
+    prices = spec.pipeline.price_table(settings)
     local = LocalWorkers(url, spec.queue, workers, Path(spec.out_dir) / "logs")
     sender = ChunkSender.for_url(url)
     started = time.monotonic()
@@ -178,7 +177,7 @@ def resume(
             )
         status = store.status(job_id)
         cap = store.budgets.get(job_id).cap_usd if budget is None else budget
-        ledger_usd = float(cost_report(spec, status, PriceTable.load(settings)).cost_usd)
+        ledger_usd = float(cost_report(spec, status, spec.pipeline.price_table(settings)).cost_usd)
         store.budgets.set(job_id, cap, ledger_usd)  # whatever was held by workers that died is let go
         if status.state is JobState.complete:
             out.print(f"job {job_id} is already complete; exporting")

@@ -38,11 +38,15 @@ def worker(
     if unknown or not names:
         fail(f"--queues: unknown queue {', '.join(unknown) or '(none)'}; use {', '.join(QUEUES)}")
     settings = get_settings()
-    if "api" in names and not settings.api_key():
+    openai_key = settings.openai_key(settings.openai_url())
+    if "api" in names and not (settings.api_key() or openai_key):
         # Without a key every request would fail: refuse to start rather than take the fleet's chunks.
-        fail("an api worker needs an API key: set ANTHROPIC_API_KEY (or PROMPTMILL_ANTHROPIC_API_KEY)")
+        fail(
+            "an api worker needs an API key: set ANTHROPIC_API_KEY (or PROMPTMILL_ANTHROPIC_API_KEY), "
+            "OPENAI_API_KEY (or PROMPTMILL_OPENAI_API_KEY), or OPENAI_BASE_URL for a self-hosted server"
+        )
     url, embedded = redis_url_for(settings)
-    mask_secrets_in_logs([settings.api_key(), redis_password(url)])
+    mask_secrets_in_logs([settings.api_key(), openai_key, redis_password(url)])
     # Both kinds run a threads pool: its task threads hand their chunks to one event loop per process.
     # A gpu worker must: vLLM's engine starts processes of its own, which a prefork child (daemonic)
     # may not, and a solo pool would run one chunk at a time and let the engine drain between chunks.

@@ -49,6 +49,12 @@ class AnthropicBackend:
     def limit_scope(self, job: JobSpec) -> str:
         return account_scope(str(self.client.base_url), self.api_key, job.model)
 
+    one_token_budget = False
+
+    @staticmethod
+    def limited_input(usage: Usage) -> int:
+        return usage.input_tokens + usage.cache_creation_input_tokens  # cache reads do not count
+
     def _params(self, job: JobSpec, request: RenderedRequest) -> dict[str, Any]:
         pipeline = job.pipeline
         cache_control = {"type": "ephemeral", "ttl": pipeline.cache_ttl}

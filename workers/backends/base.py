@@ -70,9 +70,16 @@ class Backend(Protocol):
     # schedules its own (an engine's batch), so every request goes in at once.
     max_in_flight: int | None
     billed_per_token: bool  # False: priced by engine time, so no per-request budget hold
+    # True: the provider counts the prompt plus `max_tokens` against one token budget (OpenAI), kept
+    # in the limiter's input bucket; False: input and generated output are budgets of their own.
+    one_token_budget: bool
 
     def limit_scope(self, job: JobSpec) -> str | None:
         """The fleet limiter's buckets a request draws on (account and model), or None: unlimited."""
+        ...
+
+    def limited_input(self, usage: Usage) -> int:
+        """The input tokens of an answer that the provider's rate limit counts."""
         ...
 
     async def send(self, call: Call) -> Reply: ...

@@ -107,6 +107,12 @@ class VLLMBackend:
     def limit_scope(self, job: JobSpec) -> None:
         return None  # the engine is ours: no provider's limit
 
+    one_token_budget = False  # never asked: no limiter
+
+    @staticmethod
+    def limited_input(usage: Usage) -> int:
+        return usage.prompt_tokens
+
     async def close(self) -> None:
         self.shutdown()
 

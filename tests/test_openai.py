@@ -1,0 +1,179 @@
+"""Jobs through `--backend openai`: the real CLI and Celery workers, the real openai SDK against the
+local server's chat completions, and a real Redis."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from pathlib import Path
+
+import redis
+
+from promptmill.config.prices import PriceTable
+from promptmill.config.settings import Settings
+from promptmill.workers.limit_signals import LimitHeaders, parse_duration_s
+from tests.conftest import API_KEY, promptmill, read_jsonl
+from tests.support import write_dataset
+from tests.test_api_jobs import LABELS, job_id_of
+
+PIPELINE = """
+name = "label"
+model = "gpt-4.1-mini"
+system = "You label items with one word."
+prompt = "Item {id}: {text} [[reply:{answer}]]"
+max_tokens = 8
+temperature = 0.0
+seed = 7
+stop = ["END"]
+
+[output]
+type = "choice"
+choices = ["positive", "negative"]
+"""
+
+
+def openai_env(env: dict[str, str], **extra: str) -> dict[str, str]:
+    """A user of an OpenAI-compatible server: the SDK's own variables, the server's URL with /v1."""
+    base = {k: v for k, v in env.items() if not k.startswith(("OPENAI_", "ANTHROPIC_"))}
+    return {**base, "OPENAI_BASE_URL": env["ANTHROPIC_BASE_URL"] + "/v1", "OPENAI_API_KEY": API_KEY, **extra}
+
+
+def write_job(tmp_path: Path, rows: int, pipeline: str = PIPELINE, answer=None) -> tuple[Path, Path]:
+    answer = answer or (lambda i: LABELS[i % 2])
+    items = ({"id": i, "text": f"row number {i}", "answer": answer(i)} for i in range(rows))
+    return write_dataset(tmp_path, items, pipeline)
+
+
+def run_job(tmp_path: Path, env: dict[str, str], rows: int, *extra: str, pipeline: str = PIPELINE, answer=None):
+    data, pipeline_path = write_job(tmp_path, rows, pipeline, answer)
+    out = tmp_path / "out"
+    result = promptmill(
+        "run", str(data), "--pipeline", str(pipeline_path), "--backend", "openai", "--out", str(out), *extra, env=env
+    )
+    return result, out
+
+
+def test_a_job_through_chat_completions_is_complete_with_usage_and_cost_equal_to_the_servers_bill(
+    tmp_path, env, fake_api
+):
+    result, out = run_job(tmp_path, openai_env(env), 300, "--workers", "2")
+    assert result.returncode == 0, result.stderr
+    job_id = job_id_of(result)
+    records = read_jsonl(out / "results.jsonl")
+    assert [r["output"] for r in records] == [LABELS[i % 2] for i in range(300)]
+    assert all(r["model"] == "gpt-4.1-mini" and r["request_id"].startswith("req_") for r in records)
+
+    served = [e for e in fake_api.log() if e["status"] == 200]
+    assert len(served) == 300 and all(e["route"] == "chat" for e in served)
+    # The request: a system message, OpenAI's max_completion_tokens (OPENAI_BASE_URL is not OpenAI's,
+    # so max_tokens), sampling, stop, and a JSON schema for the choice.
+    params = served[0]["params"]
+    assert served[0]["system"] == "You label items with one word."
+    assert params["max_tokens"] == 8 and "max_completion_tokens" not in params
+    assert (params["temperature"], params["seed"], params["stop"]) == (0.0, 7, ["END"])
+    schema = params["response_format"]["json_schema"]["schema"]
+    assert schema["properties"]["answer"]["enum"] == ["positive", "negative"]
+
+    # Usage in every backend's fields: cached prompt tokens apart from the rest.
+    usage = [e["usage"] for e in served]
+    cached = sum(u["prompt_tokens_details"]["cached_tokens"] for u in usage)
+    expected = {
+        "input": sum(u["prompt_tokens"] for u in usage) - cached,
+        "output": sum(u["completion_tokens"] for u in usage),
+        "cache_read": cached,
+        "cache_creation": 0,
+    }
+    assert cached > 0  # the system message is cached after its first request
+    status = json.loads(promptmill("status", job_id, "--json", env=openai_env(env)).stdout)
+    assert status["tokens"] == expected
+    price = PriceTable.load(Settings()).price_for("gpt-4.1-mini")
+    assert (price.input, price.output, price.cache_read) == (Decimal("0.40"), Decimal("1.60"), Decimal("0.10"))
+    bill = price.cost_usd(expected["input"], expected["output"], 0, expected["cache_read"])
+    report = json.loads(promptmill("cost", job_id, "--json", env=openai_env(env)).stdout)
+    assert abs(Decimal(str(report["cost_usd"])) - bill) < Decimal("1e-9")
+
+
+def test_the_key_reaches_neither_redis_nor_the_results(tmp_path, env, fake_api, redis_url):
+    result, out = run_job(tmp_path, openai_env(env), 20)
+    assert result.returncode == 0, result.stderr
+    client = redis.Redis.from_url(redis_url)
+    for key in client.scan_iter(count=1000):
+        kind = client.type(key).decode()
+        values = {"string": lambda: [client.get(key)], "hash": lambda: client.hgetall(key).values()}.get(kind)
+        for value in values() if values else []:
+            assert API_KEY.encode() not in value, key
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert API_KEY not in path.read_text(errors="replace"), path
+
+
+def test_the_pipelines_own_price_wins_and_an_unpriced_model_is_refused_at_submit(tmp_path, env, fake_api):
+    unpriced = PIPELINE.replace('model = "gpt-4.1-mini"', 'model = "my-finetune"')
+    refused, _ = run_job(tmp_path / "a", openai_env(env), 5, pipeline=unpriced)
+    assert refused.returncode != 0 and "my-finetune" in refused.stderr and "[price]" in refused.stderr
+
+    priced = unpriced + "\n[price]\ninput_per_mtok = 3.0\noutput_per_mtok = 12.0\ncache_read_per_mtok = 0.3\n"
+    result, _ = run_job(tmp_path / "b", openai_env(env), 40, pipeline=priced)
+    assert result.returncode == 0, result.stderr
+    usage = [e["usage"] for e in fake_api.log() if e["status"] == 200]
+    cached = sum(u["prompt_tokens_details"]["cached_tokens"] for u in usage)
+    uncached = sum(u["prompt_tokens"] for u in usage) - cached
+    output = sum(u["completion_tokens"] for u in usage)
+    bill = (Decimal("3.0") * uncached + Decimal("12.0") * output + Decimal("0.3") * cached) / 1_000_000
+    report = json.loads(promptmill("cost", job_id_of(result), "--json", env=openai_env(env)).stdout)
+    assert abs(Decimal(str(report["cost_usd"])) - bill) < Decimal("1e-9")
+
+
+def test_a_self_hosted_server_needs_no_key_but_openai_does(tmp_path, env, fake_api):
+    # The local server checks the key, so a keyless run is refused by it: the placeholder key was sent.
+    keyless = {k: v for k, v in openai_env(env).items() if k != "OPENAI_API_KEY"}
+    result, _ = run_job(tmp_path / "a", keyless, 5)
+    assert "no OpenAI API key" not in result.stderr
+    assert [e["status"] for e in fake_api.log()][:1] == [401]
+    assert result.returncode != 0 and "401" in result.stderr
+
+    to_openai = {k: v for k, v in keyless.items() if k != "OPENAI_BASE_URL"}
+    refused, _ = run_job(tmp_path / "b", to_openai, 5)
+    assert refused.returncode != 0 and "openai_api_key" in refused.stderr
+
+
+def test_429s_wait_what_retry_after_ms_says_and_insufficient_quota_stops_the_job(tmp_path, env, fake_api):
+    fake_api.configure(p429=0.3, retry_after=0.05)
+    result, out = run_job(tmp_path / "a", openai_env(env), 60)
+    assert result.returncode == 0, result.stderr
+    assert all(r["status"] == "ok" for r in read_jsonl(out / "results.jsonl"))
+    assert any(e["status"] == 429 for e in fake_api.log())
+
+    fake_api.reset()
+    quota = lambda i: "[[insufficient_quota]]" if i == 3 else LABELS[i % 2]  # noqa: E731
+    stopped, _ = run_job(tmp_path / "b", openai_env(env), 40, "--workers", "1", answer=quota)
+    assert stopped.returncode != 0
+    assert "insufficient_quota" in stopped.stderr or "quota" in stopped.stderr
+    assert sum(1 for e in fake_api.log() if e["status"] == "insufficient_quota") == 1  # never retried
+
+
+def test_the_fleet_limiter_learns_openais_limits_from_its_headers(tmp_path, env, fake_api):
+    fake_api.configure(rpm=600, input_tpm=60_000, burst_s=1)
+    result, _ = run_job(tmp_path, openai_env(env), 100, "--workers", "2")
+    assert result.returncode == 0, result.stderr
+    log = fake_api.log()
+    assert sum(1 for e in log if e["status"] == 429) <= 2  # paced by the headers, not by refusals
+    status = json.loads(promptmill("status", job_id_of(result), "--json", env=openai_env(env)).stdout)
+    assert status["limits"]["learned"]["requests_per_minute"] == 600
+    assert status["limits"]["learned"]["input_tokens_per_minute"] == 60_000
+
+
+def test_openai_headers_are_read_as_the_limiter_needs_them():
+    said = LimitHeaders.from_openai(
+        {
+            "x-ratelimit-limit-requests": "1200",
+            "x-ratelimit-remaining-requests": "0",
+            "x-ratelimit-reset-requests": "6m0s",
+            "x-ratelimit-limit-tokens": "150000",
+            "x-ratelimit-remaining-tokens": "149000",
+            "x-ratelimit-reset-tokens": "400ms",
+        }
+    )
+    assert said.limits == (1200, 150000, 0) and said.remaining == (0, 149000, -1)
+    assert said.exhausted_for_s == 360.0  # the spent budget's reset: the fleet pauses that long
+    assert [parse_duration_s(raw) for raw in ("1s", "120ms", "1h2m3.5s", "soon", "")] == [1.0, 0.12, 3723.5, None, None]

@@ -1,0 +1,140 @@
+"""OpenAI-compatible chat completions (OpenAI, vLLM serve, SGLang, Ollama, llama.cpp, gateways): the
+transport alone, one attempt per `send`.
+
+One `AsyncOpenAI` client per worker process and server, with the SDK's own retries off so every
+attempt is counted by the retry layer. `choice` and `json` outputs ask for a JSON schema through
+`response_format` unless the pipeline turns `structured_output` off; the answer is read by the same
+tolerant parsers either way. Usage is kept in the fields every backend fills: uncached prompt tokens
+as `input_tokens`, `prompt_tokens_details.cached_tokens` as `cache_read_input_tokens`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Any, Hashable
+
+import openai
+
+from promptmill.config.settings import Settings, is_openai_url
+from promptmill.jobs.spec import JobSpec
+from promptmill.pipelines.items import Usage
+from promptmill.pipelines.spec import OutputSpec, Pipeline
+from promptmill.workers.backends.base import Call, FatalJobError, RawOutcome, Reply
+from promptmill.workers.limit_signals import LimitHeaders, account_scope
+from promptmill.workers.retry import classify
+
+_CHOICE_FIELD = "answer"
+
+
+def response_format(output: OutputSpec) -> dict[str, Any] | None:
+    """The JSON schema a `choice` or `json` answer must follow; None for free text."""
+    if output.type == "choice":
+        schema = {
+            "type": "object",
+            "properties": {_CHOICE_FIELD: {"type": "string", "enum": output.choices}},
+            "required": [_CHOICE_FIELD],
+            "additionalProperties": False,
+        }
+        return {"type": "json_schema", "json_schema": {"name": "choice", "schema": schema, "strict": True}}
+    if output.type == "json":
+        return {"type": "json_schema", "json_schema": {"name": "output", "schema": output.json_schema}}
+    return None
+
+
+def chosen_label(text: str) -> str:
+    """A structured `choice` answer is `{"answer": LABEL}`: the label, or the text as it came."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value[_CHOICE_FIELD] if isinstance(value, dict) and isinstance(value.get(_CHOICE_FIELD), str) else text
+
+
+class OpenAIBackend:
+    name = "openai"
+    label = "the OpenAI-compatible server"
+    billed_per_token = True
+    one_token_budget = True  # OpenAI counts the prompt plus max_tokens against one budget
+
+    def __init__(self, job: JobSpec, settings: Settings):
+        self.base_url = settings.openai_url(job.pipeline.base_url)
+        self.api_key = settings.openai_key(self.base_url)
+        if not self.api_key:
+            raise FatalJobError("no OpenAI API key in this worker: set OPENAI_API_KEY (or PROMPTMILL_OPENAI_API_KEY)")
+        self.label = "the OpenAI API" if is_openai_url(self.base_url) else f"the server at {self.base_url}"
+        self.max_in_flight: int | None = settings.max_in_flight
+        self.client = openai.AsyncOpenAI(
+            api_key=self.api_key,
+            base_url=self.base_url,  # None: the SDK's default, OpenAI's own
+            max_retries=0,
+            timeout=settings.request_timeout_s,
+            http_client=openai.DefaultAioHttpClient(timeout=settings.request_timeout_s),
+        )
+
+    @staticmethod
+    def identity(job: JobSpec, settings: Settings) -> Hashable:
+        return settings.openai_url(job.pipeline.base_url)  # one client per server
+
+    def limit_scope(self, job: JobSpec) -> str:
+        return account_scope(str(self.client.base_url), self.api_key, job.model, provider="openai")
+
+    @staticmethod
+    def limited_input(usage: Usage) -> int:
+        return usage.prompt_tokens  # cached prompt tokens count against the limit too
+
+    def _params(self, pipeline: Pipeline, prompt: str) -> dict[str, Any]:
+        messages = [{"role": "user", "content": prompt}]
+        if pipeline.system:
+            messages.insert(0, {"role": "system", "content": pipeline.system})
+        params: dict[str, Any] = {"model": pipeline.model, "messages": messages}
+        # OpenAI's own models take max_completion_tokens (its reasoning models refuse max_tokens);
+        # other servers know max_tokens best.
+        params["max_completion_tokens" if is_openai_url(self.base_url) else "max_tokens"] = pipeline.max_tokens
+        for name in ("temperature", "top_p", "seed"):
+            if getattr(pipeline, name) is not None:
+                params[name] = getattr(pipeline, name)
+        if pipeline.stop:
+            params["stop"] = pipeline.stop
+        if pipeline.structured_output and (schema := response_format(pipeline.output)) is not None:
+            params["response_format"] = schema
+        return params
+
+    async def send(self, call: Call) -> Reply:
+        pipeline = call.job.pipeline
+        started = time.monotonic()
+        try:
+            raw = await self.client.chat.completions.with_raw_response.create(
+                **self._params(pipeline, call.request.prompt)
+            )
+            completion = raw.parse()
+        except openai.APIError as error:
+            response = getattr(error, "response", None)
+            limits = LimitHeaders.from_openai(response.headers) if response is not None else None
+            return dataclasses.replace(classify(error), limits=limits)
+        latency = time.monotonic() - started
+        choice = completion.choices[0] if completion.choices else None
+        text = (choice.message.content or "") if choice is not None else ""
+        if pipeline.structured_output and pipeline.output.type == "choice":
+            text = chosen_label(text)
+        usage = completion.usage
+        prompt_tokens = usage.prompt_tokens if usage else 0
+        details = getattr(usage, "prompt_tokens_details", None)
+        cached = (getattr(details, "cached_tokens", None) or 0) if details is not None else 0
+        return RawOutcome(
+            row=call.request.row,
+            request_id=raw.headers.get("x-request-id") or completion.id,
+            latency_ms=round(latency * 1000, 1),
+            text=text,
+            usage=Usage(
+                input_tokens=prompt_tokens - cached,
+                output_tokens=usage.completion_tokens if usage else 0,
+                cache_read_input_tokens=cached,
+            ),
+            finish_reason=choice.finish_reason if choice is not None else None,
+            limits=LimitHeaders.from_openai(raw.headers),
+        )
+
+    async def close(self) -> None:
+        await self.client.close()
