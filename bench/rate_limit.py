@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/rate_limit.py                 # every scenario, 4,000 rows each (about 35 min)
     .venv/bin/python bench/rate_limit.py --rows 1000 --scenarios exact --workers 4
+    .venv/bin/python bench/rate_limit.py --backend openai   # the same through chat completions
 
 Everything is real: `promptmill run` with its Celery workers and embedded Redis, the anthropic SDK,
 and the local Anthropic-protocol server enforcing the limits as the API does (token buckets, true
@@ -12,6 +13,10 @@ the last answer, as a share of the enforced limit; 429s are the share of all req
 Scenarios: `exact` (--rpm given right), `high` (--rpm 10% too high), `none` (no limit given: the
 headers must teach it), `faults` (exact, plus 10% of answers 500/529 and 2% timing out), `ceiling`
 (no limit, an instant server: the runner's own requests per second through Redis, Celery, commits).
+
+`--backend openai` runs them through the openai SDK and the server's chat completions, which enforce
+the requests limit and one token budget (prompt plus `max_tokens`, set high enough not to bind) and
+send OpenAI's `x-ratelimit-*` headers and `retry-after-ms`.
 """
 
 from __future__ import annotations
@@ -39,23 +44,27 @@ from tests.support import PROMPTMILL, write_dataset  # noqa: E402
 API_KEY = "bench-key"
 RPM, OUTPUT_TPM = 1200, 100_000
 LATENCY_MS, LATENCY_PER_TOKEN_MS = 100, 4  # answers average 50 words: about 300 ms each
+OPENAI_TPM = 1_000_000  # the token budget of the openai runs: above what 1,200 requests of ~150 tokens use
+MODEL = {"anthropic": "claude-haiku-4-5", "openai": "gpt-4.1-mini"}
 PIPELINE = """
 name = "bench"
-model = "claude-haiku-4-5"
-prompt = "Row {id}: {text} [[reply:{answer}]]"
+model = "{model}"
+prompt = "Row {{id}}: {{text}} [[reply:{{answer}}]]"
 max_tokens = 128
 """
 
 
-def write_inputs(folder: Path, rows: int) -> tuple[Path, Path]:
+def write_inputs(folder: Path, rows: int, backend: str) -> tuple[Path, Path]:
     rng = random.Random(7)
     answers = (" ".join(f"w{rng.randrange(1000)}" for _ in range(rng.randint(10, 90))) for _ in range(rows))
-    return write_dataset(folder, ({"id": i, "text": f"text of row {i}", "answer": a} for i, a in enumerate(answers)), PIPELINE)
+    items = ({"id": i, "text": f"text of row {i}", "answer": a} for i, a in enumerate(answers))
+    return write_dataset(folder, items, PIPELINE.format(model=MODEL[backend]))
 
 
 def run_job(env: dict[str, str], data: Path, pipeline: Path, out: Path, workers: int, extra: list[str]) -> dict:
     started = time.monotonic()
     command = [PROMPTMILL, "run", str(data), "--pipeline", str(pipeline), "--out", str(out)]
+    command += ["--backend", env["BENCH_BACKEND"]]
     command += ["--workers", str(workers), *extra]
     finished = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
     if finished.returncode != 0:
@@ -71,7 +80,7 @@ def measure(log: list[dict], records: list[dict]) -> dict:
     first = min(entry["t"] for entry in log)
     last = max(entry["t"] for entry in served)
     span_min = max(last - first, 1e-9) / 60
-    output_tokens = sum(entry["usage"]["output_tokens"] for entry in served)
+    output_tokens = sum(entry["usage"].get("output_tokens", entry["usage"].get("completion_tokens", 0)) for entry in served)
     answered = Counter(entry["prompt"] for entry in served)
     return {
         "requests": len(log),
@@ -95,6 +104,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--scenarios", nargs="+", default=["exact", "high", "none", "faults", "ceiling"])
     parser.add_argument("--ceiling-rows", type=int, default=20000)
+    parser.add_argument("--backend", choices=sorted(MODEL), default="anthropic")
     options = parser.parse_args()
 
     folder = Path(tempfile.mkdtemp(prefix="promptmill-bench-"))
@@ -108,10 +118,15 @@ def main() -> None:
         "PROMPTMILL_DATA_DIR": str(folder / "data"),
         "ANTHROPIC_BASE_URL": server.url,
         "ANTHROPIC_API_KEY": API_KEY,
+        "OPENAI_BASE_URL": server.url + "/v1",
+        "OPENAI_API_KEY": API_KEY,
+        "BENCH_BACKEND": options.backend,
     }
-    data, pipeline = write_inputs(folder, options.rows)
+    data, pipeline = write_inputs(folder, options.rows, options.backend)
     print(
-        f"limit {RPM} requests and {OUTPUT_TPM:,} output tokens per minute; answers 10-90 words, "
+        f"{options.backend}: limit {RPM} requests and "
+        + (f"{OPENAI_TPM:,} tokens (prompt + max_tokens)" if options.backend == "openai" else f"{OUTPUT_TPM:,} output tokens")
+        + " per minute; answers 10-90 words, "
         f"latency {LATENCY_MS} ms + {LATENCY_PER_TOKEN_MS} ms per output token; {options.rows:,} rows\n",
         flush=True,
     )
@@ -120,13 +135,14 @@ def main() -> None:
             # The limiter's memory of earlier runs goes: each scenario learns from scratch.
             flush_redis(redis_url)
             if scenario == "ceiling":
-                ceiling(server, env, folder, options.ceiling_rows)
+                ceiling(server, env, folder, options.ceiling_rows, options.backend)
                 continue
             for workers in options.workers:
                 server.reset()
+                token_limits = {"input_tpm": OPENAI_TPM} if options.backend == "openai" else {"output_tpm": OUTPUT_TPM}
                 server.configure(
-                    rpm=RPM, output_tpm=OUTPUT_TPM, burst_s=2, latency_ms=LATENCY_MS,
-                    latency_per_token_ms=LATENCY_PER_TOKEN_MS,
+                    rpm=RPM, burst_s=2, latency_ms=LATENCY_MS, latency_per_token_ms=LATENCY_PER_TOKEN_MS,
+                    **token_limits,
                 )  # fmt: skip
                 extra = {"exact": ["--rpm", str(RPM)], "high": ["--rpm", str(int(RPM * 1.1))], "none": []}.get(
                     scenario, ["--rpm", str(RPM)]
@@ -164,9 +180,9 @@ def report(scenario: str, workers: int, figures: dict) -> None:
     print(line, flush=True)
 
 
-def ceiling(server: ServerControl, env: dict[str, str], folder: Path, rows: int) -> None:
+def ceiling(server: ServerControl, env: dict[str, str], folder: Path, rows: int, backend: str) -> None:
     (folder / "ceiling").mkdir()
-    data, pipeline = write_inputs(folder / "ceiling", rows)
+    data, pipeline = write_inputs(folder / "ceiling", rows, backend)
     server.reset()
     job = run_job(env, data, pipeline, folder / "out-ceiling", 2, ["--chunk-size", "256"])
     figures = measure(server.log(), job["records"])

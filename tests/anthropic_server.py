@@ -22,7 +22,7 @@ POST /v1/chat/completions answers as OpenAI does, from the same replies, faults,
 `usage` with `prompt_tokens_details.cached_tokens` (a system message seen in the last 5 minutes is
 cached), `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` headers (the token budget is
 `input_tpm`, charged the prompt plus `max_tokens`), 429s with `retry-after` and `retry-after-ms`,
-`[[insufficient_quota]]` for an account out of credit, and `{"answer": ...}` for a choice schema.
+`[[insufficient_quota]]` for an account out of credit, and a choice schema's reply as JSON.
 
 Control: POST /_config with any of
     p429 p500 p529 p_timeout p_drop    share of requests given each fault (random, not enforced)
@@ -437,8 +437,9 @@ class FakeAnthropic:
         text = reply
         if isinstance(body.get("response_format"), dict) and body["response_format"].get("type") == "json_schema":
             schema = body["response_format"]["json_schema"].get("schema", {})
-            choices = schema.get("properties", {}).get("answer", {}).get("enum")
-            if choices:  # a constrained choice: the reply as the schema's one field
+            if schema.get("enum"):  # a constrained choice: the reply as a JSON string
+                text = json.dumps(reply)
+            elif schema.get("properties", {}).get("answer", {}).get("enum"):  # OpenAI's strict form
                 text = json.dumps({"answer": reply})
         usage = {
             "prompt_tokens": prompt_tokens,

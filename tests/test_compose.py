@@ -18,7 +18,8 @@ COMPOSE = ROOT / "docker-compose.yml"
 
 def test_every_compose_service_runs_a_real_promptmill_subcommand() -> None:
     services = yaml.safe_load(COMPOSE.read_text())["services"]
-    commands = {name: " ".join(service["command"]) for name, service in services.items() if name != "redis"}
+    servers = {"redis", "vllm-server"}  # images of their own, not promptmill
+    commands = {name: " ".join(service["command"]) for name, service in services.items() if name not in servers}
     known = {command.name or command.callback.__name__ for command in app.registered_commands}
     for name, command in commands.items():
         used = re.findall(r"promptmill ([a-z-]+)", command)
@@ -27,6 +28,10 @@ def test_every_compose_service_runs_a_real_promptmill_subcommand() -> None:
     redis_command = " ".join(services["redis"]["command"])
     assert "--appendonly yes" in redis_command and "--requirepass" in redis_command
     assert "${REDIS_PASSWORD" in COMPOSE.read_text()  # from the environment, never written in the file
+    # The vLLM server serves the model the promptmill services build, where their OPENAI_BASE_URL points.
+    server = services["vllm-server"]
+    assert "--served-model-name" in server["command"] and "/models" in " ".join(server["volumes"])
+    assert "vllm-server:8000/v1" in str(services["api-worker"]["environment"]["OPENAI_BASE_URL"])
 
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose is not installed here")

@@ -11,6 +11,8 @@ import redis
 
 from promptmill.config.prices import PriceTable
 from promptmill.config.settings import Settings
+from promptmill.pipelines.spec import OutputSpec
+from promptmill.workers.backends.openai import chosen_label, response_format
 from promptmill.workers.limit_signals import LimitHeaders, parse_duration_s
 from tests.conftest import API_KEY, promptmill, read_jsonl
 from tests.support import write_dataset
@@ -72,7 +74,7 @@ def test_a_job_through_chat_completions_is_complete_with_usage_and_cost_equal_to
     assert params["max_tokens"] == 8 and "max_completion_tokens" not in params
     assert (params["temperature"], params["seed"], params["stop"]) == (0.0, 7, ["END"])
     schema = params["response_format"]["json_schema"]["schema"]
-    assert schema["properties"]["answer"]["enum"] == ["positive", "negative"]
+    assert schema == {"type": "string", "enum": ["positive", "negative"]}  # not OpenAI's: no strict object
 
     # Usage in every backend's fields: cached prompt tokens apart from the rest.
     usage = [e["usage"] for e in served]
@@ -177,3 +179,14 @@ def test_openai_headers_are_read_as_the_limiter_needs_them():
     assert said.limits == (1200, 150000, 0) and said.remaining == (0, 149000, -1)
     assert said.exhausted_for_s == 360.0  # the spent budget's reset: the fleet pauses that long
     assert [parse_duration_s(raw) for raw in ("1s", "120ms", "1h2m3.5s", "soon", "")] == [1.0, 0.12, 3723.5, None, None]
+
+
+def test_a_choice_is_a_bare_json_string_but_an_object_for_openais_strict_mode():
+    output = OutputSpec(type="choice", choices=["yes", "no"])
+    bare = response_format(output, openai_strict=False)["json_schema"]
+    strict = response_format(output, openai_strict=True)["json_schema"]
+    assert bare["schema"] == {"type": "string", "enum": ["yes", "no"]}
+    assert strict["strict"] is True and strict["schema"]["properties"]["answer"]["enum"] == ["yes", "no"]
+    answers = ['"yes"', '{"answer": "no"}', '{"answer":"no', "yes."]  # a cut or free answer stays as it came
+    assert [chosen_label(text) for text in answers] == ["yes", "no", '{"answer":"no', "yes."]
+    assert response_format(OutputSpec(type="text"), openai_strict=True) is None

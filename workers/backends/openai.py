@@ -28,12 +28,20 @@ from promptmill.workers.retry import classify
 _CHOICE_FIELD = "answer"
 
 
-def response_format(output: OutputSpec) -> dict[str, Any] | None:
-    """The JSON schema a `choice` or `json` answer must follow; None for free text."""
+def response_format(output: OutputSpec, openai_strict: bool) -> dict[str, Any] | None:
+    """The JSON schema a `choice` or `json` answer must follow; None for free text.
+
+    A choice is the label as a JSON string: a few tokens. OpenAI's strict mode wants an object at
+    the root, so there it is `{"answer": LABEL}`; a small model on vLLM pads that object with
+    whitespace until `max_tokens` cuts it (seen with SmolLM2), while the bare string stays compact.
+    """
     if output.type == "choice":
+        label = {"type": "string", "enum": output.choices}
+        if not openai_strict:
+            return {"type": "json_schema", "json_schema": {"name": "choice", "schema": label}}
         schema = {
             "type": "object",
-            "properties": {_CHOICE_FIELD: {"type": "string", "enum": output.choices}},
+            "properties": {_CHOICE_FIELD: label},
             "required": [_CHOICE_FIELD],
             "additionalProperties": False,
         }
@@ -44,12 +52,14 @@ def response_format(output: OutputSpec) -> dict[str, Any] | None:
 
 
 def chosen_label(text: str) -> str:
-    """A structured `choice` answer is `{"answer": LABEL}`: the label, or the text as it came."""
+    """A structured `choice` answer (`"LABEL"` or `{"answer": LABEL}`): the label, else the text as it came."""
     try:
         value = json.loads(text)
     except ValueError:
         return text
-    return value[_CHOICE_FIELD] if isinstance(value, dict) and isinstance(value.get(_CHOICE_FIELD), str) else text
+    if isinstance(value, dict):
+        value = value.get(_CHOICE_FIELD)
+    return value if isinstance(value, str) else text
 
 
 class OpenAIBackend:
@@ -97,7 +107,8 @@ class OpenAIBackend:
                 params[name] = getattr(pipeline, name)
         if pipeline.stop:
             params["stop"] = pipeline.stop
-        if pipeline.structured_output and (schema := response_format(pipeline.output)) is not None:
+        schema = response_format(pipeline.output, openai_strict=is_openai_url(self.base_url))
+        if pipeline.structured_output and schema is not None:
             params["response_format"] = schema
         return params
 
