@@ -30,7 +30,6 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("PROMPTMILL_MODELS_DIR", str(ROOT / ".cache" / "models"))  # where `make model` builds it
 
 from promptmill.config.settings import Settings  # noqa: E402
 from promptmill.jobs.embedded import EmbeddedRedis  # noqa: E402

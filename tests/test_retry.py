@@ -4,6 +4,7 @@ and how long the backoff waits."""
 from __future__ import annotations
 
 import anthropic
+import openai
 import pytest
 
 from promptmill.pipelines.items import ErrorKind
@@ -64,3 +65,42 @@ def test_backoff_is_full_jitter_capped_and_never_shorter_than_retry_after():
     assert max(backoff_s(20, base_s=0.5, cap_s=30) for _ in range(2000)) <= 30
     assert all(5.0 <= backoff_s(1, 0.5, 30, retry_after_s=5.0) <= 5.05 for _ in range(200))
     assert all(backoff_s(1, 0.5, 10, retry_after_s=60.0) >= 60.0 for _ in range(200))  # above the cap too
+
+
+def openai_failure(api_server, prompt: str, key: str = API_KEY) -> openai.APIError:
+    client = openai.OpenAI(api_key=key, base_url=api_server.url + "/v1", max_retries=0, timeout=10.0)
+    with pytest.raises(openai.APIError) as caught:
+        client.chat.completions.create(
+            model="gpt-4.1-mini", max_tokens=8, messages=[{"role": "user", "content": prompt}]
+        )
+    return caught.value
+
+
+@pytest.mark.parametrize(
+    "prompt, kind, retryable, fatal",
+    [
+        ("[[status:500]]", ErrorKind.server_error, True, False),
+        ("[[status:529]]", ErrorKind.server_error, True, False),
+        ("[[status:400]]", ErrorKind.invalid_request, False, False),
+        ("[[status:404]]", ErrorKind.invalid_request, False, False),
+        ("[[insufficient_quota]]", ErrorKind.rate_limited, False, True),
+    ],
+)
+def test_openais_errors_are_classified_as_anthropics_are(fake_api, prompt, kind, retryable, fatal):
+    verdict = classify(openai_failure(fake_api, prompt))
+    assert (verdict.kind, verdict.retryable, verdict.fatal_for_job) == (kind, retryable, fatal)
+
+
+def test_openais_429_waits_its_retry_after_ms_and_a_wrong_key_stops_the_job(fake_api):
+    fake_api.configure(rpm=1, burst_s=1)
+    openai.OpenAI(api_key=API_KEY, base_url=fake_api.url + "/v1", max_retries=0).chat.completions.create(
+        model="gpt-4.1-mini", max_tokens=8, messages=[{"role": "user", "content": "first"}]
+    )
+    error = openai_failure(fake_api, "second")  # the bucket is empty for about a minute
+    verdict = classify(error)
+    assert verdict.kind is ErrorKind.rate_limited and verdict.retryable
+    headers = error.response.headers  # retry-after in whole seconds, retry-after-ms the finer one
+    assert verdict.retry_after_s == int(headers["retry-after-ms"]) / 1000 <= int(headers["retry-after"])
+    assert 30 < verdict.retry_after_s <= 60
+    refused = classify(openai_failure(fake_api, "hello", key="wrong"))
+    assert refused.kind is ErrorKind.auth_error and refused.fatal_for_job

@@ -10,14 +10,16 @@ Read from the outside in, as a request travels (dramatiq's middleware is the mod
     Limit        a grant from the fleet's rate limiter; the answer's headers and usage go back to it
     backend      the transport: one attempt, one reply
 
-Every backend gets every layer; a layer that does not apply to a backend (no fleet limit for a local
-engine) passes the request through. `fan_out` sends a chunk's requests down the path at once and
-hands back each outcome as it finishes: the one fan-out loop.
+Every backend gets every layer that applies to it; one that does not (no fleet limit for a local
+engine, no budget hold for a job without a cap) is left out of its path, so no request pays for it.
+`fan_out` sends a chunk's requests down the path at once and hands back each outcome as it
+finishes: the one fan-out loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -94,12 +96,10 @@ class Retry:
 
 @dataclass
 class Concurrency:
-    slots: AdaptiveConcurrency | None  # None: the backend schedules its own
+    slots: AdaptiveConcurrency
     limiter: FleetLimiter | None
 
     async def __call__(self, call: Call, send: Send) -> Reply | None:
-        if self.slots is None:
-            return await send(call)
         # Held inside a slot, the budget holds what is in flight, not every row waiting.
         async with self.slots:
             reply = await send(call)
@@ -114,7 +114,6 @@ class Budget:
     budgets: BudgetStore
     prices: PriceTable
     estimate: InputTokenEstimate
-    capped: bool  # read once per chunk: a job without a cap pays no round trips for one
 
     def _worst_case_micro_usd(self, call: Call) -> int:
         """The input estimated from characters (with a quarter's margin) at the dearer of the input
@@ -126,8 +125,6 @@ class Budget:
         return math.ceil(worst)  # USD per million tokens x tokens = micro-USD
 
     async def __call__(self, call: Call, send: Send) -> Reply | None:
-        if not self.capped:
-            return await send(call)
         job_id = call.job.job_id
         held = self._worst_case_micro_usd(call)
         if not self.budgets.hold(job_id, held):
@@ -158,7 +155,7 @@ class Ledger:
 
 @dataclass
 class Limit:
-    limiter: FleetLimiter | None
+    limiter: FleetLimiter
     estimate: InputTokenEstimate
     backend: Backend
 
@@ -169,8 +166,6 @@ class Limit:
 
     async def __call__(self, call: Call, send: Send) -> Reply | None:
         limiter = self.limiter
-        if limiter is None:
-            return await send(call)
         max_tokens = call.job.pipeline.max_tokens
         # Output is reserved at max_tokens, and given back once the answer says what it used.
         grant = await limiter.acquire(*self._charge(self.estimate.estimate(call.chars), max_tokens, max_tokens))
@@ -201,18 +196,12 @@ class Limit:
 
 
 def compose(layers: list[Layer], backend: Backend) -> Send:
-    """The layers, outermost first, around the backend's `send`."""
+    """The layers, outermost first, around the backend's `send`. A layer is bound to the next by
+    `partial` (no frame of its own): every frame is paid on each of a request's awaits."""
     path: Send = backend.send
     for layer in reversed(layers):
-        path = _wrap(layer, path)
+        path = functools.partial(layer, send=path)
     return path
-
-
-def _wrap(layer: Layer, inner: Send) -> Send:
-    async def send(call: Call) -> Reply | None:
-        return await layer(call, inner)
-
-    return send
 
 
 async def fan_out(path: Send, job: JobSpec, requests: list[RenderedRequest]) -> AsyncIterator[RawOutcome]:

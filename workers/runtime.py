@@ -35,6 +35,7 @@ from promptmill.workers.request_path import (
     Audit,
     Budget,
     Concurrency,
+    Layer,
     Ledger,
     Limit,
     Retry,
@@ -124,15 +125,17 @@ class WorkerRuntime:
         served = await self._served(job)
         backend = served.backend
         limiter = self._limiter(backend, job)
-        capped = backend.billed_per_token and self.store.budgets.has_cap(job.job_id)
-        layers = [
-            Audit(),
-            Retry(attempts, self.settings, backend.label),
-            Concurrency(served.slots, limiter),
-            Budget(self.store.budgets, self.prices_for(job), served.estimate, capped),
-            Ledger(self.prices_for(job), backend.billed_per_token),
-            Limit(limiter, served.estimate, backend),
-        ]
+        prices = self.prices_for(job)
+        # A layer that does not apply is left out: an engine schedules its own batch and has no
+        # provider's limit; a job without a cap (read once per chunk) holds no budget.
+        layers: list[Layer] = [Audit(), Retry(attempts, self.settings, backend.label)]
+        if served.slots is not None:
+            layers.append(Concurrency(served.slots, limiter))
+        if backend.billed_per_token and self.store.budgets.has_cap(job.job_id):
+            layers.append(Budget(self.store.budgets, prices, served.estimate))
+        layers.append(Ledger(prices, backend.billed_per_token))
+        if limiter is not None:
+            layers.append(Limit(limiter, served.estimate, backend))
         return compose(layers, backend)
 
     def close_backends(self) -> None:

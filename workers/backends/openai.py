@@ -16,6 +16,7 @@ import time
 from typing import Any, Hashable
 
 import openai
+from openai.types.chat import ChatCompletion
 
 from promptmill.config.settings import Settings, is_openai_url
 from promptmill.jobs.spec import JobSpec
@@ -26,6 +27,7 @@ from promptmill.workers.limit_signals import LimitHeaders, account_scope
 from promptmill.workers.retry import classify
 
 _CHOICE_FIELD = "answer"
+_RAW_RESPONSE = "X-Stainless-Raw-Response"  # the header `with_raw_response` sets: headers and body back
 
 
 def response_format(output: OutputSpec, openai_strict: bool) -> dict[str, Any] | None:
@@ -116,8 +118,14 @@ class OpenAIBackend:
         pipeline = call.job.pipeline
         started = time.monotonic()
         try:
-            raw = await self.client.chat.completions.with_raw_response.create(
-                **self._params(pipeline, call.request.prompt)
+            # The client's own `post` (its way to any endpoint), asking for the raw response as
+            # `with_raw_response` does: `chat.completions.create` first transforms its ~40 typed
+            # parameters, which took a fifth of a worker's CPU at the ceiling; ours are plain JSON.
+            raw = await self.client.post(
+                "/chat/completions",
+                body=self._params(pipeline, call.request.prompt),
+                cast_to=ChatCompletion,
+                options={"headers": {_RAW_RESPONSE: "true"}},
             )
             completion = raw.parse()
         except openai.APIError as error:
