@@ -7,7 +7,9 @@ caches a system prompt sent with `cache_control`), with `promptmill estimate`, `
 1. the example reviews cycled to 2,000 rows with `examples/sentiment.toml`: the estimate (the API's
    counter on 100 sampled rows) beside the ledger's actual tokens and dollars;
 2. the same rows with a 1,500-token system prompt on Sonnet 4.5, sent plain and then with
-   `cache_system = true`: the two jobs' costs and what `cost` says caching saved.
+   `cache_system = true`: the two jobs' costs and what `cost` says caching saved;
+3. the cached job again through `--backend anthropic-batch` (batches that end after 5 s): its cost
+   beside the real-time one, the batches it took, and the server's bill at the batch discount.
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from promptmill.config.prices import PriceTable  # noqa: E402
+from promptmill.config.settings import Settings  # noqa: E402
 from promptmill.jobs.embedded import EmbeddedRedis  # noqa: E402
 from tests.anthropic_server import ServerControl  # noqa: E402
 from tests.support import PROMPTMILL, write_dataset  # noqa: E402
@@ -44,6 +49,15 @@ def run_and_cost(env: dict[str, str], data: Path, pipeline: Path, out: Path, *op
     ran = cli(env, "run", str(data), "--pipeline", str(pipeline), "--out", str(out), *options)
     job_id = ran.stdout.split()[1]
     return json.loads(cli(env, "cost", job_id, "--json").stdout)
+
+
+def billed_at_batch_prices(log: list[dict], model: str) -> float:
+    price = PriceTable.load(Settings()).price_for(model + "@batch")
+    total = 0
+    for usage in (entry["usage"] for entry in log if entry["status"] == 200):
+        tokens = {name: value for name, value in usage.items() if name != "cache_creation"}
+        total += price.cost_usd(**tokens, cache_creation_1h_input_tokens=usage["cache_creation"]["ephemeral_1h_input_tokens"])
+    return float(total)
 
 
 def main() -> None:
@@ -85,6 +99,17 @@ def main() -> None:
         print(f"1,500-token system prompt, {options.rows:,} rows, {CACHING_MODEL}: plain ${plain:.6f}, cached ${cached_cost:.6f} "
               f"(saved ${plain - cached_cost:.6f} = {(plain - cached_cost) / plain:.1%}); "
               f"`cost` says caching saved ${costs[True]['caching_saved_usd']:.6f}")
+
+        server.reset()
+        server.configure(batch_delay_s=5)
+        started = time.monotonic()
+        batch = run_and_cost(env, data, folder / "cached-True.toml", folder / "out-batch", "--model", CACHING_MODEL,
+                             "--backend", "anthropic-batch")  # fmt: skip
+        took = time.monotonic() - started
+        billed = billed_at_batch_prices(server.log(), CACHING_MODEL)
+        print(f"the cached job through Message Batches: ${batch['cost_usd']:.6f} "
+              f"({batch['cost_usd'] / cached_cost:.3f} of real time; the server billed ${billed:.6f}) "
+              f"in {len(server.batches())} batches, {took:.1f}s with 5s batches; ledger model {batch['models'][0]['model']}")
     finally:
         server.stop()
         redis_server.stop()

@@ -26,6 +26,7 @@ class UnknownModelError(KeyError):
 
 
 LONG = "@long"  # the ledger's suffix for a model's requests billed at its long-context rates
+BATCH = "@batch"  # the ledger's suffix for requests sent through the Message Batches API (after any @long)
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,12 @@ class ModelPrice:
         )
         return total / _MILLION
 
+    def discounted(self, share: Decimal | None) -> "ModelPrice":
+        """Every rate times `share` (the Message Batches API's); a table without one has no batch price."""
+        if share is None:
+            raise UnknownModelError("the price table has no batch_discount: it cannot price Message Batches")
+        rates = ("input", "output", "cache_write_5m", "cache_write_1h", "cache_read")
+        return replace(self, long=None, **{name: getattr(self, name) * share for name in rates})
 
 
 def _rates(path: Path, name: str, row: dict) -> ModelPrice:
@@ -129,12 +136,15 @@ class PriceTable:
         return self.engine_hour_usd * engine_us / Decimal(3_600_000_000)
 
     def price_for(self, model: str) -> ModelPrice:
-        """A model's rates; `model@long` (a ledger name) its long-context rates."""
-        base, long = (model[: -len(LONG)], True) if model.endswith(LONG) else (model, False)
+        """A model's rates; `model@long` (a ledger name) its long-context rates, `...@batch` those
+        rates at the Message Batches API's discount (cache writes and reads included)."""
+        base, batch = (model[: -len(BATCH)], True) if model.endswith(BATCH) else (model, False)
+        base, long = (base[: -len(LONG)], True) if base.endswith(LONG) else (base, False)
         for candidate in (base, _DATE_SUFFIX.sub("", base)):
             if candidate in self._prices:
                 price = self._prices[candidate]
-                return price.long if long and price.long is not None else price
+                price = price.long if long and price.long is not None else price
+                return price.discounted(self.batch_discount) if batch else price
         raise UnknownModelError(
             f"model {model!r} has no price in the price table ({SHIPPED_TABLE}); "
             "add it there, in the file named by PROMPTMILL_PRICES_FILE, or as a [price] table in the pipeline"

@@ -87,6 +87,25 @@ class Settings(BaseSettings):
     openai_api_key: SecretStr | None = None
     openai_base_url: str | None = None
 
+    # Anthropic's Message Batches (`--backend anthropic-batch`).
+    batch_chunk_size: int = Field(
+        default=1_000, ge=1, le=MAX_CHUNK_SIZE, description="A batch job's rows per chunk, unless --chunk-size says."
+    )
+    batch_chunks_per_worker: int = Field(
+        default=64, ge=1, le=256,
+        description="Chunks one batch worker process waits on at once; their rows go out together as one batch.",
+    )
+    batch_gather_s: float = Field(
+        default=2.0, gt=0, le=60, description="How long a batch worker gathers rows before it creates a batch."
+    )
+    batch_poll_min_s: float = Field(default=10.0, gt=0, description="The first wait between polls of a batch.")
+    batch_poll_max_s: float = Field(default=60.0, gt=0, description="The longest wait between polls of a batch.")
+    batch_hold_s: float = Field(
+        default=300.0, gt=0, le=3000,
+        description="How long a chunk task waits on its batches before it gives its worker back and is sent again "
+        "(well inside the broker's visibility timeout).",
+    )
+
     # The local vLLM engine.
     vllm_dtype: str | None = Field(
         default=None,

@@ -63,7 +63,7 @@ return 1
 # A chunk's outcomes are safe in its shard: mark it flushed and free everything it held.
 _MARK_FLUSHED = """
 redis.call('SADD', KEYS[1], ARGV[1])
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[9])
 redis.call('HDEL', KEYS[6], ARGV[1])
 redis.call('HDEL', KEYS[7], ARGV[1])
 redis.call('HDEL', KEYS[8], ARGV[1])
@@ -111,6 +111,7 @@ if redis.call('SREM', KEYS[3], a.chunk) == 1 then
 end
 for _, r in ipairs(a.retry) do
   redis.call('HDEL', KEYS[1], r.row)
+  redis.call('HDEL', KEYS[7], r.row)  -- its next attempt goes in a new batch, whatever its count
   redis.call('HSET', KEYS[5], r.row, r.attempts)
   if r.answered then redis.call('HINCRBY', KEYS[6], r.model .. '|requests', 1) end
   for name, value in pairs(r.usage) do
@@ -228,9 +229,14 @@ class ChunkStore:
                 JobKeys(job_id).chunk_runs,
                 JobKeys(job_id).resent,
                 JobKeys(job_id).sent_at,
+                JobKeys(job_id).batch_rows(chunk_id),
             ],
             args=[chunk_id],
         )
+
+    def sent_later(self, job_id: str, chunk_id: str, at: float) -> None:
+        """The chunk's message waits until `at` (a delayed retry): the sweeper must not count it stranded before."""
+        self.redis.hset(JobKeys(job_id).sent_at, chunk_id, at)
 
     def failed_attempts(self, job_id: str, chunk_id: str) -> dict[int, int]:
         raw = self.redis.hgetall(JobKeys(job_id).attempts(chunk_id))
@@ -301,6 +307,7 @@ class ChunkStore:
             JobKeys(job_id).chunk(chunk_id),
             JobKeys(job_id).attempts(chunk_id),
             JobKeys(job_id).retried,
+            JobKeys(job_id).batch_rows(chunk_id),
         ]
         return int(self._requeue_failed(keys=keys, args=[orjson.dumps(argument).decode()]))
 

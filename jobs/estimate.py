@@ -42,8 +42,18 @@ class Estimate:
     minutes_at_limits_low: float | None
     minutes_at_limits_high: float | None
 
+    @property
+    def batch_cost_usd(self) -> tuple[float, float] | None:
+        """The low and high cost through the Message Batches API (`--backend anthropic-batch`)."""
+        if self.batch_discount is None:
+            return None
+        return round(self.cost_usd_low * self.batch_discount, 6), round(self.cost_usd_high * self.batch_discount, 6)
+
     def as_dict(self) -> dict:
-        return asdict(self)
+        figures = asdict(self)
+        batch = self.batch_cost_usd
+        figures["batch_cost_usd_low"], figures["batch_cost_usd_high"] = batch if batch else (None, None)
+        return figures
 
 
 def _cost(price: ModelPrice, input_tokens: int, output_tokens: int) -> float:

@@ -30,6 +30,10 @@ Cluster slot and one Lua script may touch them together.
     pm:{JOB}:sweep              a short lock: one worker at a time looks for lost chunks
     pm:{JOB}:resent             hash: chunk id -> its run count when the sweeper last sent it again
     pm:{JOB}:sent_at            hash: chunk id -> when the sweeper last sent it
+    pm:{JOB}:batches            hash: Message Batch id -> JSON of what it holds and its last known state
+                                (written the moment the provider names it; `status` and `cancel` read it)
+    pm:{JOB}:batch_rows:{CHUNK} hash: row -> "BATCH_ID|ATTEMPT": the batch that holds the row's attempt,
+                                so a run after a kill polls that batch instead of sending the row again
     pm:limit:{SCOPE}            hash: the fleet's rate-limit buckets for one account and model, with
                                 the limits learned from the provider's headers (the LIMIT_* fields)
 """
@@ -103,6 +107,7 @@ class JobKeys:
     sweep = property(lambda self: self._key("sweep"))
     resent = property(lambda self: self._key("resent"))
     sent_at = property(lambda self: self._key("sent_at"))
+    batches = property(lambda self: self._key("batches"))
 
     def chunk(self, chunk_id: str) -> str:
         return self._key("chunk", chunk_id)
@@ -118,3 +123,6 @@ class JobKeys:
 
     def row_starts(self, chunk_id: str) -> str:
         return self._key("row_starts", chunk_id)
+
+    def batch_rows(self, chunk_id: str) -> str:
+        return self._key("batch_rows", chunk_id)

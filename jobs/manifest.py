@@ -10,7 +10,7 @@ from pathlib import Path
 
 import orjson
 
-from promptmill.config.prices import LONG
+from promptmill.config.prices import BATCH, LONG
 from promptmill.jobs.files import atomic_write
 from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.status import JobState
@@ -33,7 +33,7 @@ def write_manifest(store: JobStore, spec: JobSpec, out_dir: Path) -> Path:
         "job_id": spec.job_id,
         "backend": spec.backend,
         # The ledger names a model's requests at long-context rates MODEL@long: one model all the same.
-        "models": sorted({name.removesuffix(LONG) for name in status.requests_by_model} | {spec.model}),
+        "models": sorted({name.removesuffix(BATCH).removesuffix(LONG) for name in status.requests_by_model} | {spec.model}),
         "pipeline": {
             "path": spec.pipeline_path,
             "text": pipeline_text,

@@ -13,7 +13,7 @@ from promptmill.config.settings import MAX_CHUNK_SIZE
 from promptmill.jobs.readers import InputFormat
 from promptmill.pipelines.spec import Pipeline, RateLimits
 
-Backend = Literal["anthropic", "openai", "vllm"]
+Backend = Literal["anthropic", "anthropic-batch", "openai", "vllm"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
 
 

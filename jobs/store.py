@@ -13,6 +13,7 @@ from typing import Iterator
 import redis
 
 from promptmill.config.celery_config import REDIS_CONNECTION_OPTIONS
+from promptmill.jobs.batches import BatchStore
 from promptmill.jobs.budget import BudgetStore
 from promptmill.jobs.chunk_store import ChunkStore
 from promptmill.jobs.keys import (
@@ -53,6 +54,7 @@ class JobStore:
         self.chunks = ChunkStore(client)
         self.budgets = BudgetStore(client)
         self.limits = LimitStore(client)
+        self.batches = BatchStore(client)
         self._finish_producing = client.register_script(_FINISH_PRODUCING)
 
     @classmethod

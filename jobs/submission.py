@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from promptmill.config.prices import UnknownModelError
+from promptmill.config.prices import BATCH, UnknownModelError
 from promptmill.config.settings import MAX_CHUNK_SIZE, Settings
 from promptmill.jobs.readers import InputFormat, detect_format
 from promptmill.jobs.spec import Backend, JobSpec, new_job_id
@@ -41,10 +41,11 @@ def build_spec(
         pipeline = pipeline.model_copy(update={"model": model})
     if backend != "vllm":  # billed per token: a model without a price is refused, never costed at $0
         try:
-            pipeline.price_table(settings).price_for(pipeline.model)
+            prices = pipeline.price_table(settings)
+            prices.price_for(pipeline.model + (BATCH if backend == "anthropic-batch" else ""))
         except UnknownModelError as unknown:
             raise SubmitError(f"model: {unknown}") from None
-    if backend == "anthropic" and not settings.api_key():
+    if backend in ("anthropic", "anthropic-batch") and not settings.api_key():
         raise SubmitError("anthropic_api_key: no API key; set ANTHROPIC_API_KEY (or PROMPTMILL_ANTHROPIC_API_KEY)")
     if backend == "openai" and not settings.openai_key(settings.openai_url(pipeline.base_url)):
         raise SubmitError(
@@ -63,7 +64,7 @@ def build_spec(
         input_path=str(input_path.resolve()),
         input_format=fmt,
         out_dir=str((out_dir or Path("promptmill-out") / job_id).resolve()),
-        chunk_size=chunk_size or settings.chunk_size,
+        chunk_size=chunk_size or (settings.batch_chunk_size if backend == "anthropic-batch" else settings.chunk_size),
         limits=job_limits,
         max_in_flight=settings.max_in_flight,
         max_attempts=settings.max_attempts,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from promptmill.config.prices import LONG
+from promptmill.config.prices import BATCH, LONG
 from promptmill.jobs.shards import iter_outcomes
 from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.store import JobStore
@@ -43,7 +43,8 @@ def verify_job(store: JobStore, spec: JobSpec) -> Verification:
         result.problems.append(
             f"counters say {status.ok:,} ok and {status.failed:,} failed; the outcomes, {ok:,} and {failed:,}"
         )
-    names = {spec.model, spec.model + LONG}  # the model at its standard and its long-context rates
+    # The model at its standard and long-context rates, each through the Message Batches API too.
+    names = {spec.model + band + batch for band in ("", LONG) for batch in ("", BATCH)}
     # Failed outcomes replaced by `resume --retry-failed` were paid for: the ledger keeps them.
     retried = store.chunks.retried_usage(spec.job_id)
     usage = usage + retried.usage

@@ -22,6 +22,7 @@ class ErrorKind(StrEnum):
     rate_limited = "rate_limited"  #: 429 after every allowed attempt
     server_error = "server_error"  #: 5xx / 529 after every allowed attempt
     timeout = "timeout"  #: no answer in time after every allowed attempt
+    expired = "expired"  #: a batch request the provider left unprocessed for 24 h, after every allowed attempt
     connection_error = "connection_error"  #: connection failures after every allowed attempt
     auth_error = "auth_error"  #: 401 / 403: fatal for the whole job
     prompt_too_long = "prompt_too_long"  #: the prompt does not fit the model's context

@@ -24,12 +24,23 @@ cached), `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` headers (the to
 `input_tpm`, charged the prompt plus `max_tokens`), 429s with `retry-after` and `retry-after-ms`,
 `[[insufficient_quota]]` for an account out of credit, and a choice schema's reply as JSON.
 
+Message Batches: POST /v1/messages/batches (custom_id unique, 1 to 64 characters; over 100,000
+requests: 413), GET .../{id}, POST .../{id}/cancel, GET .../{id}/results (JSONL in random order).
+A batch ends `batch_delay_s` after it was created (or at the first look after a cancel: its
+requests not yet processed are canceled). Each request is answered as POST /v1/messages would
+(usage, caching, `[[reply:]]`), except `[[batch_error:TYPE]]` (errored every time),
+`[[batch_error_once:TYPE]]` and `[[batch_expire_once]]` (errored or expired the first time the prompt
+comes in a batch, answered after). Every batch request is in the log (`route` batch, its `batch_id`
+and `custom_id`; `status` queued, then 200, errored, expired or canceled); GET /_batches lists the
+batches with how often each was retrieved.
+
 Control: POST /_config with any of
     p429 p500 p529 p_timeout p_drop    share of requests given each fault (random, not enforced)
     latency_ms, latency_per_token_ms   answer latency = latency_ms + per token x output tokens
     retry_after                        seconds sent with injected 429/529
     rpm input_tpm output_tpm burst_s   enforced limits (0 = none); setting any refills the buckets
     hide_limits                        send no anthropic-ratelimit-* headers
+    batch_delay_s                      seconds from a batch's creation to its end
 GET /_log (every request: t arrived and, when answered, done, on the monotonic clock; prompt,
 status, usage, request_id, the sender's port), POST /_reset. `[[kill_worker]]` in a prompt SIGKILLs the local process that sent it.
 """
@@ -69,6 +80,7 @@ _DEFAULTS = {
     "output_tpm": 0,
     "burst_s": 60.0,
     "hide_limits": False,
+    "batch_delay_s": 0.0,
 }
 _TIMEOUT_HANG_S = 600.0  # a "timed out" request is never answered; the client's timeout ends it
 
@@ -190,6 +202,8 @@ class FakeAnthropic:
         self.log: list[dict] = []
         self.seen_prefixes: dict[str, float] = {}  # cached prefix (blocks up to a breakpoint) -> when it expires
         self.buckets: dict[str, Bucket] = {}
+        self.batches: dict[str, dict] = {}
+        self.failed_once: set[str] = set()  # prompts whose one batch failure (_once markers) happened
 
     def _authorised(self, request: web.Request) -> bool:
         bearer = request.headers.get("authorization", "")
@@ -463,6 +477,141 @@ class FakeAnthropic:
         headers = {"x-request-id": entry["request_id"], **self._openai_limit_headers()}
         return web.json_response(completion, headers=headers)
 
+    # -- Message Batches -------------------------------------------------------------------------
+
+    def _batch_view(self, batch: dict, request: web.Request) -> dict:
+        counts = {name: 0 for name in ("processing", "succeeded", "errored", "canceled", "expired")}
+        for entry in batch["entries"]:
+            counts["processing" if entry["status"] == "queued" else
+                   "succeeded" if entry["status"] == 200 else entry["status"]] += 1  # fmt: skip
+        ended = batch["status"] == "ended"
+        origin = f"{request.scheme}://{request.host}"
+        return {
+            "id": batch["id"],
+            "type": "message_batch",
+            "processing_status": batch["status"],
+            "request_counts": counts,
+            "created_at": batch["created_at"],
+            "expires_at": batch["expires_at"],
+            "ended_at": batch.get("ended_at"),
+            "cancel_initiated_at": batch.get("cancel_initiated_at"),
+            "archived_at": None,
+            "results_url": f"{origin}/v1/messages/batches/{batch['id']}/results" if ended else None,
+        }
+
+    def _answer_in_batch(self, entry: dict, params: dict) -> dict:
+        prompt = entry["prompt"]
+        error = re.search(r"\[\[batch_error(_once)?:(\w+)\]\]", prompt)
+        expire = "[[batch_expire_once]]" in prompt
+        if (error and (not error.group(1) or prompt not in self.failed_once)) or (expire and prompt not in self.failed_once):
+            self.failed_once.add(prompt)
+            if expire:
+                entry["status"] = "expired"
+                return {"type": "expired"}
+            entry["status"] = "errored"
+            kind = error.group(2)
+            return {"type": "errored", "error": {"type": "error", "error": {"type": kind, "message": f"{kind} for this test"}}}
+        reply_match = _REPLY.search(prompt)
+        reply = reply_match.group(1) if reply_match else "ok"
+        usage = self._usage(params, reply, commit_cache=True)
+        entry.update(status=200, usage=usage, done=time.monotonic(), request_id=f"msg_{uuid.uuid4().hex[:24]}")
+        message = {
+            "id": entry["request_id"],
+            "type": "message",
+            "role": "assistant",
+            "model": params["model"],
+            "content": [{"type": "text", "text": reply}],
+            "stop_reason": "end_turn",
+            "stop_sequence": None,
+            "usage": usage,
+        }
+        return {"type": "succeeded", "message": message}
+
+    def _advance(self, batch: dict) -> None:
+        """A batch past its delay ends with every request answered; a cancelled one with the rest canceled."""
+        now = time.monotonic()
+        if batch["status"] == "in_progress" and now - batch["t"] >= self.config["batch_delay_s"]:
+            batch["results"] = [
+                {"custom_id": entry["custom_id"], "result": self._answer_in_batch(entry, params)}
+                for entry, params in zip(batch["entries"], batch["params"])
+            ]
+        elif batch["status"] == "canceling":
+            for entry in batch["entries"]:
+                entry["status"] = "canceled"
+            batch["results"] = [{"custom_id": e["custom_id"], "result": {"type": "canceled"}} for e in batch["entries"]]
+        else:
+            return
+        batch["status"] = "ended"
+        batch["ended_at"] = datetime.now(timezone.utc).isoformat()
+
+    def _batch(self, request: web.Request) -> dict | None:
+        return self.batches.get(request.match_info["batch_id"])
+
+    async def create_batch(self, request: web.Request) -> web.Response:
+        if not self._authorised(request):
+            return _error(401, "authentication_error", "invalid x-api-key")
+        body = await request.json()
+        requests = body.get("requests") or []
+        if not requests:
+            return _error(400, "invalid_request_error", "requests: at least one request is required")
+        if len(requests) > 100_000:
+            return _error(413, "request_too_large", "a batch holds at most 100,000 requests")
+        ids = [item.get("custom_id", "") for item in requests]
+        if len(set(ids)) != len(ids) or not all(1 <= len(str(i)) <= 64 for i in ids):
+            return _error(400, "invalid_request_error", "custom_id must be unique within a batch, 1 to 64 characters")
+        now = datetime.now(timezone.utc)
+        batch_id = f"msgbatch_{uuid.uuid4().hex[:24]}"
+        entries = []
+        for item in requests:
+            params = item["params"]
+            entry = {"t": time.monotonic(), "route": "batch", "batch_id": batch_id, "custom_id": item["custom_id"],
+                     "prompt": _text(params["messages"][-1]["content"]), "status": "queued", "usage": None}  # fmt: skip
+            entries.append(entry)
+            self.log.append(entry)
+        self.batches[batch_id] = {
+            "id": batch_id, "t": time.monotonic(), "status": "in_progress", "entries": entries,
+            "params": [item["params"] for item in requests], "created_at": now.isoformat(),
+            "expires_at": (now + timedelta(hours=24)).isoformat(), "retrieved": 0,
+        }  # fmt: skip
+        return web.json_response(self._batch_view(self.batches[batch_id], request))
+
+    async def retrieve_batch(self, request: web.Request) -> web.Response:
+        if not self._authorised(request):
+            return _error(401, "authentication_error", "invalid x-api-key")
+        batch = self._batch(request)
+        if batch is None:
+            return _error(404, "not_found_error", "no such batch")
+        batch["retrieved"] += 1
+        self._advance(batch)
+        return web.json_response(self._batch_view(batch, request))
+
+    async def cancel_batch(self, request: web.Request) -> web.Response:
+        if not self._authorised(request):
+            return _error(401, "authentication_error", "invalid x-api-key")
+        batch = self._batch(request)
+        if batch is None:
+            return _error(404, "not_found_error", "no such batch")
+        if batch["status"] == "in_progress":
+            batch["status"] = "canceling"
+            batch["cancel_initiated_at"] = datetime.now(timezone.utc).isoformat()
+        return web.json_response(self._batch_view(batch, request))
+
+    async def batch_results(self, request: web.Request) -> web.Response:
+        if not self._authorised(request):
+            return _error(401, "authentication_error", "invalid x-api-key")
+        batch = self._batch(request)
+        if batch is None or batch["status"] != "ended":
+            return _error(404, "not_found_error", "no results for this batch (yet)")
+        lines = [json.dumps(result) for result in batch["results"]]
+        random.shuffle(lines)  # the API promises no order
+        return web.Response(body=("\n".join(lines) + "\n").encode(), content_type="application/binary")
+
+    async def list_batches(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            [{"id": b["id"], "status": b["status"], "requests": len(b["entries"]), "retrieved": b["retrieved"]}
+             for b in self.batches.values()]  # fmt: skip
+        )
+
     def _refund_output(self, tokens: int) -> None:
         bucket = self.buckets.get("output_tpm")
         if bucket is not None and tokens > 0:
@@ -494,6 +643,8 @@ class FakeAnthropic:
         self.seen_prefixes.clear()
         self.config = dict(_DEFAULTS)
         self.buckets = {}
+        self.batches.clear()
+        self.failed_once.clear()
         return web.json_response({"ok": True})
 
     def app(self) -> web.Application:
@@ -501,6 +652,11 @@ class FakeAnthropic:
         application.router.add_post("/v1/messages", self.messages)
         application.router.add_post("/v1/messages/count_tokens", self.count_tokens)
         application.router.add_post("/v1/chat/completions", self.chat_completions)
+        application.router.add_post("/v1/messages/batches", self.create_batch)
+        application.router.add_get("/v1/messages/batches/{batch_id}", self.retrieve_batch)
+        application.router.add_post("/v1/messages/batches/{batch_id}/cancel", self.cancel_batch)
+        application.router.add_get("/v1/messages/batches/{batch_id}/results", self.batch_results)
+        application.router.add_get("/_batches", self.list_batches)
         application.router.add_post("/_config", self.set_config)
         application.router.add_get("/_log", self.get_log)
         application.router.add_post("/_reset", self.reset)
@@ -545,6 +701,9 @@ class ServerControl:
 
     def reset(self) -> None:
         self._call("/_reset", {})
+
+    def batches(self) -> list[dict]:
+        return self._call("/_batches")
 
 
 async def _serve(port: int, key: str) -> None:

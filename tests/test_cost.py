@@ -58,6 +58,10 @@ def test_estimate_counts_every_row_when_the_sample_covers_them_and_prices_the_ex
     price = PriceTable.load(Settings()).price_for("claude-haiku-4-5")
     high = price.cost_usd(input_tokens=figures["input_tokens"], output_tokens=30 * 50)
     assert figures["cost_usd_high"] == float(high.quantize(Decimal("0.000001")))
+    batch_high = PriceTable.load(Settings()).price_for("claude-haiku-4-5@batch").cost_usd(
+        input_tokens=figures["input_tokens"], output_tokens=30 * 50
+    )
+    assert batch_high == high / 2 and abs(figures["batch_cost_usd_high"] - float(batch_high)) < 1e-6
 
 
 def billed_usd(log: list[dict]) -> Decimal:

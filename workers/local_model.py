@@ -8,6 +8,7 @@ nothing in git. Run `promptmill prepare-model` (or `make model`) once.
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -70,10 +71,17 @@ def build_model(settings: Settings) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model = model.to(torch.bfloat16)
-    partial = folder.with_name(folder.name + ".partial")
+    # A folder of this process's own: two builds at once (`make test` in two checkouts) must not
+    # write into one another's, and the first to finish wins.
+    partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    partial.rename(folder)
+    try:
+        partial.rename(folder)
+    except OSError:
+        if not (folder / "config.json").exists():
+            raise
+        shutil.rmtree(partial, ignore_errors=True)  # another build finished first
     return folder

@@ -6,7 +6,7 @@ Read from the outside in, as a request travels (dramatiq's middleware is the mod
     Retry        attempt after attempt: backoff, the attempts log, a job-fatal refusal stops the job
     Concurrency  a slot among the process's requests in flight, adapted to the provider's latency
     Budget       the request's most possible cost held against the job's cap, then settled
-    Ledger       the name the answer is priced under (a long-context rate has its own)
+    Ledger       the name the answer is priced under (a long-context rate, a batch's discount)
     Limit        a grant from the fleet's rate limiter; the answer's headers and usage go back to it
     backend      the transport: one attempt, one reply
 
@@ -114,12 +114,13 @@ class Budget:
     budgets: BudgetStore
     prices: PriceTable
     estimate: InputTokenEstimate
+    suffix: str = ""  # the backend's ledger suffix: a batch's worst case is at batch prices
 
     def _worst_case_micro_usd(self, call: Call) -> int:
         """The input estimated from characters (with a quarter's margin) at the dearer of the input
         and cache-write prices, the output at `max_tokens`."""
         input_tokens = math.ceil(self.estimate.estimate(call.chars) * 1.25)
-        price = self.prices.price_for(self.prices.ledger_model(call.job.model, input_tokens))
+        price = self.prices.price_for(self.prices.ledger_model(call.job.model, input_tokens) + self.suffix)
         worst = max(price.input, price.cache_write_5m, price.cache_write_1h) * input_tokens
         worst += price.output * call.job.pipeline.max_tokens
         return math.ceil(worst)  # USD per million tokens x tokens = micro-USD
@@ -144,12 +145,15 @@ class Budget:
 class Ledger:
     prices: PriceTable
     per_token: bool
+    suffix: str = ""  # "@batch": billed at the batch discount, and shown apart
 
     async def __call__(self, call: Call, send: Send) -> Reply | None:
         reply = await send(call)
         if isinstance(reply, RawOutcome):
             model = call.job.model
-            reply.ledger_model = self.prices.ledger_model(model, reply.usage.prompt_tokens) if self.per_token else model
+            if self.per_token:
+                model = self.prices.ledger_model(model, reply.usage.prompt_tokens)
+            reply.ledger_model = model + self.suffix
         return reply
 
 
@@ -204,7 +208,9 @@ def compose(layers: list[Layer], backend: Backend) -> Send:
     return path
 
 
-async def fan_out(path: Send, job: JobSpec, requests: list[RenderedRequest]) -> AsyncIterator[RawOutcome]:
+async def fan_out(
+    path: Send, job: JobSpec, chunk_id: str, requests: list[RenderedRequest]
+) -> AsyncIterator[RawOutcome]:
     """Send every request down the path at once; yield each row's outcome as it finishes.
 
     Stopping early (a lost lease, a cancelled job, a dead engine) cancels what is still in flight:
@@ -212,7 +218,7 @@ async def fan_out(path: Send, job: JobSpec, requests: list[RenderedRequest]) -> 
     """
 
     async def one(request: RenderedRequest) -> RawOutcome | None:
-        reply = await path(Call(job, request))
+        reply = await path(Call(job, request, chunk_id))
         assert not isinstance(reply, Verdict), "the retry layer turns every verdict into an outcome"
         return reply
 

@@ -80,24 +80,24 @@ def classify(error: BaseException) -> Verdict:
     if isinstance(error, _CONNECTION):
         return Verdict(ErrorKind.connection_error, f"connection failed: {error}", retryable=True, status="dropped")
     if isinstance(error, _STATUS):
-        status = error.status_code
-        message = _provider_message(error)
-        if status in (401, 403):
-            return Verdict(ErrorKind.auth_error, message, retryable=False, fatal_for_job=True, status=status)
-        if status == 429:
-            fields = _error_fields(error)
-            said = f"{fields.get('error_code', '')} {fields.get('code', '')} {fields.get('type', '')}"
-            if any(reason in said for reason in _ACCOUNT_EXHAUSTED):
-                return Verdict(ErrorKind.rate_limited, message, retryable=False, fatal_for_job=True, status=status)
-            return Verdict(
-                ErrorKind.rate_limited, message, retryable=True, retry_after_s=_retry_after(error), status=status
-            )
-        if status in (408, 409) or status >= 500:  # 500, 502, 503, 504 and 529 (overloaded) among them
-            return Verdict(
-                ErrorKind.server_error, message, retryable=True, retry_after_s=_retry_after(error), status=status
-            )
-        return Verdict(ErrorKind.invalid_request, message, retryable=False, status=status)
+        fields = _error_fields(error)
+        said = f"{fields.get('error_code', '')} {fields.get('code', '')} {fields.get('type', '')}"
+        return status_verdict(error.status_code, _provider_message(error), said, _retry_after(error))
     return Verdict(ErrorKind.engine_error, f"{type(error).__name__}: {error}", retryable=False)
+
+
+def status_verdict(status: int, message: str, said: str = "", retry_after_s: float | None = None) -> Verdict:
+    """The verdict on an error the provider answered with HTTP `status`; `said` is its error's type and
+    codes (a batch request's error comes with its type alone)."""
+    if status in (401, 403):
+        return Verdict(ErrorKind.auth_error, message, retryable=False, fatal_for_job=True, status=status)
+    if status == 429:
+        if any(reason in said for reason in _ACCOUNT_EXHAUSTED):
+            return Verdict(ErrorKind.rate_limited, message, retryable=False, fatal_for_job=True, status=status)
+        return Verdict(ErrorKind.rate_limited, message, retryable=True, retry_after_s=retry_after_s, status=status)
+    if status in (408, 409) or status >= 500:  # 500, 502, 503, 504 and 529 (overloaded) among them
+        return Verdict(ErrorKind.server_error, message, retryable=True, retry_after_s=retry_after_s, status=status)
+    return Verdict(ErrorKind.invalid_request, message, retryable=False, status=status)
 
 
 def backoff_s(attempt: int, base_s: float, cap_s: float, retry_after_s: float | None = None) -> float:

@@ -24,6 +24,7 @@ from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.store import JobStore
 from promptmill.pipelines.spec import RateLimits
 from promptmill.workers.backends.anthropic import AnthropicBackend
+from promptmill.workers.backends.anthropic_batch import AnthropicBatchBackend
 from promptmill.workers.backends.base import Backend, BackendFactory
 from promptmill.workers.backends.openai import OpenAIBackend
 from promptmill.workers.backends.vllm import VLLMBackend
@@ -46,7 +47,12 @@ from promptmill.workers.request_path import (
 T = TypeVar("T")
 
 # The backend registry: JobSpec.backend -> how to build one.
-BACKENDS: dict[str, BackendFactory] = {"anthropic": AnthropicBackend, "openai": OpenAIBackend, "vllm": VLLMBackend}
+BACKENDS: dict[str, BackendFactory] = {
+    "anthropic": AnthropicBackend,
+    "anthropic-batch": AnthropicBatchBackend,
+    "openai": OpenAIBackend,
+    "vllm": VLLMBackend,
+}
 
 
 @dataclass
@@ -120,6 +126,9 @@ class WorkerRuntime:
             self.limiters[key] = FleetLimiter(self.store.redis, scope, job.limits)
         return self.limiters[key]
 
+    async def backend(self, job: JobSpec) -> Backend:
+        return (await self._served(job)).backend
+
     async def request_path(self, job: JobSpec, attempts: AttemptLog) -> Send:
         """The layers every request of this chunk goes through, in order (workers/request_path.py)."""
         served = await self._served(job)
@@ -132,8 +141,8 @@ class WorkerRuntime:
         if served.slots is not None:
             layers.append(Concurrency(served.slots, limiter))
         if backend.billed_per_token and self.store.budgets.has_cap(job.job_id):
-            layers.append(Budget(self.store.budgets, prices, served.estimate))
-        layers.append(Ledger(prices, backend.billed_per_token))
+            layers.append(Budget(self.store.budgets, prices, served.estimate, backend.ledger_suffix))
+        layers.append(Ledger(prices, backend.billed_per_token, backend.ledger_suffix))
         if limiter is not None:
             layers.append(Limit(limiter, served.estimate, backend))
         return compose(layers, backend)

@@ -7,6 +7,7 @@ chunk whose worker died too many times fails its remaining rows instead of loopi
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import socket
@@ -72,23 +73,35 @@ class ChunkAttempts:
         self.counts[row] = self.store.chunks.add_failed_attempt(self.job_id, self.chunk_id, row, self.model)
 
 
+class _StillWaiting(Exception):
+    """The chunk's rows wait on the provider (a batch) past the backend's hold: the chunk is sent again
+    later, and its rows are found where they wait."""
+
+
 async def _run_requests(
     rt: WorkerRuntime, job: JobSpec, chunk_id: str, pending: list[RenderedRequest], lease_lost: threading.Event
 ) -> int:
     path = await rt.request_path(job, ChunkAttempts(rt.store, job, chunk_id))
+    hold_s = (await rt.backend(job)).hold_s
     lines = {request.row: request.line for request in pending}
     committed = 0
     checked_at = time.monotonic()
-    async with contextlib.aclosing(fan_out(path, job, pending)) as outcomes:
-        async for raw in outcomes:
-            outcome = to_outcome(job, raw, lines.get(raw.row, 0))
-            committed += rt.store.chunks.commit(job.job_id, chunk_id, raw.ledger_model or job.model, outcome)
-            if lease_lost.is_set():
-                break  # sending on would pay twice for rows the new holder sends too
-            if time.monotonic() - checked_at > _RUNNABLE_CHECK_S:
-                checked_at = time.monotonic()
-                if not rt.store.is_runnable(job.job_id):
-                    break  # cancelled or failed elsewhere: the rest stays pending for a resume
+    async with contextlib.aclosing(fan_out(path, job, chunk_id, pending)) as outcomes:
+        try:
+            async with asyncio.timeout(hold_s):
+                async for raw in outcomes:
+                    outcome = to_outcome(job, raw, lines.get(raw.row, 0))
+                    committed += rt.store.chunks.commit(job.job_id, chunk_id, raw.ledger_model or job.model, outcome)
+                    if lease_lost.is_set():
+                        break  # sending on would pay twice for rows the new holder sends too
+                    if time.monotonic() - checked_at > _RUNNABLE_CHECK_S:
+                        checked_at = time.monotonic()
+                        if not rt.store.is_runnable(job.job_id):
+                            break  # cancelled or failed elsewhere: the rest stays pending for a resume
+        except TimeoutError:
+            raise _StillWaiting() from None
+    if hold_s is not None and committed < len(pending) and not lease_lost.is_set() and rt.store.is_runnable(job.job_id):
+        raise _StillWaiting()  # rows whose batch was canceled under a running job: a new batch takes them
     return committed
 
 
@@ -109,6 +122,12 @@ def run_chunk(self, job_id: str, chunk_id: str, errors: int = 0) -> str:
     except _LeasedElsewhere as leased:
         # Another worker holds the chunk (or held it and died): look again when its lease runs out.
         raise self.retry(countdown=leased.wait_s, max_retries=None)
+    except _StillWaiting:
+        # Its rows wait on the provider's batch: give the worker's slot back and look again soon. The
+        # sweeper must not take the delayed message for a lost one meanwhile.
+        countdown = runtime().settings.batch_poll_min_s
+        runtime().store.chunks.sent_later(job_id, chunk_id, time.time() + countdown)
+        raise self.retry(countdown=countdown, max_retries=None)
     except EngineDied as died:
         # Counted as its worker dying (the chunk's run count stays), so a row that kills engines is
         # found and failed as poison; the next run starts a new engine.
@@ -186,7 +205,9 @@ def _run_chunk(job_id: str, chunk_id: str) -> str:
         pending = [request for request in store.chunks.get(job_id, chunk_id).requests if request.row not in done]
         engine_died = False
         try:
-            if runs > 1:
+            # A batch's rows never run in the worker: a death there is no row's fault, and one row at a
+            # time would send a batch per row.
+            if runs > 1 and rt.run(rt.backend(job)).hold_s is None:
                 committed = _run_carefully(rt, job, chunk_id, pending, runs, lease.lost)
             else:
                 committed = rt.run(_run_requests(rt, job, chunk_id, pending, lease.lost))

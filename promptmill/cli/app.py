@@ -77,7 +77,8 @@ BackendOption = typer.Option(
     "anthropic",
     "--backend",
     "-b",
-    help=f"{', '.join(BACKENDS)}: Anthropic's API, an OpenAI-compatible server, or the local engine.",
+    help=f"{', '.join(BACKENDS)}: Anthropic's API, its Message Batches at half price (results within 24 h), "
+    "an OpenAI-compatible server, or the local engine.",
 )
 RpmOption = typer.Option(None, "--rpm", min=1, help="The account's requests per minute (default: from its headers).")
 InputTpmOption = typer.Option(

@@ -58,8 +58,17 @@ def _status_dict(spec: JobSpec, status: JobStatus, prices: PriceTable, store: Jo
         "paid_twice": {"models": report.paid_twice, "cost_usd": float(report.paid_twice_usd)},
         "budget": vars(store.budgets.get(spec.job_id)),
         "limits": None if status.limit_scope is None else store.limits.summary(status.limit_scope, spec.limits),
+        **({"batches": _batches(store, spec.job_id)} if spec.backend == "anthropic-batch" else {}),
         "out_dir": spec.out_dir,
     }
+
+
+def _batches(store: JobStore, job_id: str) -> list[dict]:
+    """Each Message Batch of the job, as its workers last saw it."""
+    return [
+        {"id": record.batch_id, "status": record.processing_status, "requests": record.requests, **record.counts.model_dump()}
+        for record in store.batches.all(job_id)
+    ]
 
 
 @app.command()
@@ -81,6 +90,8 @@ def status(job_id: JobArg, as_json: JsonFlag = False) -> None:
             value = f"{requests:,} answers for rows already done, ${value['cost_usd']:.6f}"
         elif key == "limits" and value is not None:
             value = _limits_line(value)
+        elif key == "batches":
+            value = "\n".join(_batch_line(batch) for batch in value) or "none yet"
         elif key == "budget":
             if value["cap_usd"] is None:
                 value = "none"
@@ -88,6 +99,11 @@ def status(job_id: JobArg, as_json: JsonFlag = False) -> None:
                 value = f"${value['spent_usd']:.6f} spent of ${value['cap_usd']:.6f}, ${value['held_usd']:.6f} held in flight"
         table.add_row(key, "" if value is None else str(value))
     out.print(table)
+
+
+def _batch_line(batch: dict) -> str:
+    counts = ", ".join(f"{batch[name]:,} {name}" for name in ("processing", "succeeded", "errored", "canceled", "expired"))
+    return f"{batch['id']} {batch['status']}: {batch['requests']:,} requests ({counts})"
 
 
 def _limits_line(limits: dict) -> str:
@@ -181,7 +197,12 @@ def estimate(
         f"input: {figures.input_tokens:,} tokens ({exact}; the API counted {figures.rows_counted:,} rows)\n"
         f"output: {figures.output_tokens_low:,} to {figures.output_tokens_max:,} tokens (max_tokens {spec.pipeline.max_tokens})\n"
         f"cost: ${figures.cost_usd_low:,.4f} to ${figures.cost_usd_high:,.4f}{expected}"
-        + (f" (x{figures.batch_discount} through the Message Batches API)" if figures.batch_discount else "")
+        + (
+            f"; through Message Batches (--backend anthropic-batch, x{figures.batch_discount}): "
+            f"${figures.batch_cost_usd[0]:,.4f} to ${figures.batch_cost_usd[1]:,.4f}"
+            if figures.batch_cost_usd
+            else ""
+        )
         + limits_note,
         highlight=False,
     )

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from promptmill.cli.app import JobArg, app, err, expire_if_finished, fail, open_job, open_store, out
-from promptmill.config.settings import get_settings
+from promptmill.config.settings import Settings, get_settings
 from promptmill.jobs.export import EXPORT_FORMATS, export_job, remove_job_files
 from promptmill.jobs.shards import ShardError
 from promptmill.jobs.status import JobState
@@ -23,7 +23,29 @@ def cancel(job_id: JobArg) -> None:
         if store.status(job_id).state is JobState.complete:
             fail(f"job {job_id} is already complete")
         store.set_state(job_id, JobState.cancelled)
+        if spec.backend == "anthropic-batch":
+            _cancel_batches(settings, store, job_id)
     out.print(f"job {job_id} cancelled")
+
+
+def _cancel_batches(settings: Settings, store: JobStore, job_id: str) -> None:
+    """Cancel the provider's batches now (the workers waiting on them would too, at their next poll);
+    what they answered before the cancel is kept, the rest stays pending for a resume."""
+    open_batches = [record.batch_id for record in store.batches.all(job_id) if record.open]
+    if not open_batches:
+        return
+    if not settings.api_key():
+        err.print(f"no API key here: the job's workers cancel its {len(open_batches):,} open batches at their next poll")
+        return
+    import anthropic
+
+    with anthropic.Anthropic(api_key=settings.api_key(), base_url=settings.anthropic_base_url) as client:
+        for batch_id in open_batches:
+            try:
+                client.messages.batches.cancel(batch_id)
+                out.print(f"batch {batch_id} cancelled at the provider")
+            except anthropic.APIError as error:
+                err.print(f"could not cancel batch {batch_id}: {error}")
 
 
 @app.command()

@@ -25,7 +25,7 @@ from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.status import JobState
 from promptmill.jobs.store import JobStore
 
-DEFAULT_WORKERS = {"anthropic": 2, "openai": 2, "vllm": 1}
+DEFAULT_WORKERS = {"anthropic": 2, "anthropic-batch": 1, "openai": 2, "vllm": 1}
 
 
 def _sigterm_as_interrupt() -> None:

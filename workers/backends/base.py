@@ -7,7 +7,8 @@ surrounds an attempt (the fleet's limiter, the budget, concurrency, retries, the
 fields) is a layer of workers/request_path.py, composed once for every backend.
 
 A backend raises `FatalJobError` when nothing more of the job can succeed (a refused API key), and
-`EngineDied` when the local engine died under a request.
+`EngineDied` when the local engine died under a request. A `send` may also return None: the row was
+not answered and stays pending (its batch was canceled).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class Call:
 
     job: JobSpec
     request: RenderedRequest
+    chunk_id: str = ""
     attempt: int = 0  # the attempt under way, from 1 (the retry layer counts)
 
     @property
@@ -73,6 +75,11 @@ class Backend(Protocol):
     # True: the provider counts the prompt plus `max_tokens` against one token budget (OpenAI), kept
     # in the limiter's input bucket; False: input and generated output are budgets of their own.
     one_token_budget: bool
+    # Appended to the ledger's model name: "@batch" for requests billed at the batch discount.
+    ledger_suffix: str
+    # None: a chunk runs until its rows are answered. Seconds: a chunk that waits on the provider
+    # (a batch) gives its worker back after this long and is sent again (its rows stay where they are).
+    hold_s: float | None
 
     def limit_scope(self, job: JobSpec) -> str | None:
         """The fleet limiter's buckets a request draws on (account and model), or None: unlimited."""

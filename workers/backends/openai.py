@@ -68,6 +68,8 @@ class OpenAIBackend:
     name = "openai"
     label = "the OpenAI-compatible server"
     billed_per_token = True
+    ledger_suffix = ""
+    hold_s = None
     one_token_budget = True  # OpenAI counts the prompt plus max_tokens against one budget
 
     def __init__(self, job: JobSpec, settings: Settings):

@@ -72,6 +72,8 @@ class VLLMBackend:
     label = "the local vLLM engine"
     max_in_flight = None
     billed_per_token = False  # priced by the engine's device time
+    ledger_suffix = ""
+    hold_s = None
 
     def __init__(self, job: JobSpec, settings: Settings):
         args = engine_args(job.model, job.pipeline.engine, settings)

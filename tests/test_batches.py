@@ -1,0 +1,220 @@
+"""Whole jobs through Anthropic's Message Batches (`--backend anthropic-batch`): the real CLI, real
+Celery workers and Redis, the real anthropic SDK against the local server's batches endpoints."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from decimal import Decimal
+
+import pytest
+
+from promptmill.config.prices import PriceTable
+from promptmill.config.settings import Settings
+from tests.conftest import promptmill, read_jsonl
+from tests.support import write_dataset
+from tests.test_api_jobs import LABELS, job_id_of
+from tests.test_crash_safety import kill_tree, start_cli, wait_until
+
+PIPELINE = """
+name = "label"
+model = "claude-haiku-4-5"
+system = "You label items with one word, after reading these instructions with care."
+cache_system = true
+prompt = "Item {id}: {text} [[reply:{answer}]]"
+max_tokens = 8
+
+[output]
+type = "choice"
+choices = ["positive", "negative"]
+"""
+
+
+@pytest.fixture
+def batch_env(env):
+    """Batches gathered, polled and held on a test's clock instead of minutes."""
+    return {
+        **env,
+        "PROMPTMILL_BATCH_GATHER_S": "0.5",
+        "PROMPTMILL_BATCH_POLL_MIN_S": "0.3",
+        "PROMPTMILL_BATCH_POLL_MAX_S": "0.6",
+        "PROMPTMILL_BATCH_HOLD_S": "3",
+    }
+
+
+def write_rows(tmp_path, rows: int, marker=lambda i: ""):
+    answers = (
+        {"id": i, "text": f"row number {i}{marker(i)}", "answer": f"The item is {LABELS[i % 2]}."} for i in range(rows)
+    )
+    return write_dataset(tmp_path, answers, PIPELINE)
+
+
+def batch_entries(log: list[dict]) -> list[dict]:
+    assert all(entry.get("route") == "batch" for entry in log), "a batch job sent a real-time request"
+    return log
+
+
+def test_a_batch_job_answers_every_row_through_batches_at_half_price_equal_to_the_servers_billing(
+    tmp_path, batch_env, fake_api
+):
+    fake_api.configure(batch_delay_s=1.0)
+    data, pipeline = write_rows(tmp_path, 1500)
+    out = tmp_path / "out"
+    result = promptmill(
+        "run", str(data), "--pipeline", str(pipeline), "--backend", "anthropic-batch", "--chunk-size", "100",
+        "--out", str(out), env=batch_env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    job_id = job_id_of(result)
+
+    records = read_jsonl(out / "results.jsonl")
+    assert [record["row"] for record in records] == list(range(1500))
+    assert [record["output"] for record in records] == [LABELS[i % 2] for i in range(1500)]
+    assert all(record["attempts"] == 1 and record["request_id"].startswith("msg_") for record in records)
+
+    log = batch_entries(fake_api.log())
+    assert sorted(int(entry["custom_id"]) for entry in log) == list(range(1500))  # each row sent once, by its row
+    batches = fake_api.batches()
+    assert 1 <= len(batches) <= 15 and sum(batch["requests"] for batch in batches) == 1500
+    status = json.loads(promptmill("status", job_id, "--json", env=batch_env).stdout)
+    assert {b["id"]: (b["status"], b["requests"], b["succeeded"]) for b in status["batches"]} == {
+        b["id"]: ("ended", b["requests"], b["requests"]) for b in batches
+    }
+
+    # The server bills every token at the batch discount; the ledger says so, apart from list prices.
+    served = [entry["usage"] for entry in log]
+    tokens = {
+        "input_tokens": sum(u["input_tokens"] for u in served),
+        "output_tokens": sum(u["output_tokens"] for u in served),
+        "cache_creation_input_tokens": sum(u["cache_creation_input_tokens"] for u in served),
+        "cache_read_input_tokens": sum(u["cache_read_input_tokens"] for u in served),
+    }
+    assert tokens["cache_read_input_tokens"] > 0  # caching is priced at the discount too
+    prices = PriceTable.load(Settings())
+    billed = prices.price_for("claude-haiku-4-5").cost_usd(**tokens) * prices.batch_discount
+    report = json.loads(promptmill("cost", job_id, "--json", env=batch_env).stdout)
+    assert [model["model"] for model in report["models"]] == ["claude-haiku-4-5@batch"]
+    assert report["models"][0]["requests"] == 1500
+    assert billed > 0 and abs(Decimal(str(report["cost_usd"])) - billed) < Decimal("1e-9")
+    assert promptmill("verify", job_id, env=batch_env).returncode == 0
+
+
+def test_errored_and_expired_rows_go_in_a_later_batch_with_their_attempts_counted(tmp_path, batch_env, fake_api):
+    markers = {3: " [[batch_error_once:overloaded_error]]", 5: " [[batch_expire_once]]",
+               8: " [[batch_error:invalid_request_error]]", 13: " [[batch_error_once:api_error]]"}  # fmt: skip
+    data, pipeline = write_rows(tmp_path, 40, lambda i: markers.get(i, ""))
+    out = tmp_path / "out"
+    result = promptmill(
+        "run", str(data), "--pipeline", str(pipeline), "--backend", "anthropic-batch", "--out", str(out), env=batch_env
+    )
+    assert result.returncode == 0, result.stderr
+    records = {record["row"]: record for record in read_jsonl(out / "results.jsonl")}
+
+    for row in (3, 5, 13):  # answered by their second batch, the first attempt counted
+        assert records[row]["status"] == "ok" and records[row]["attempts"] == 2, records[row]
+        assert len(records[row]["errors"]) == 1
+    assert records[5]["errors"][0]["status"] == "expired"
+    assert records[3]["errors"][0]["status"] == 529
+    failed = records[8]  # a request the API refuses is the row's fault: no second batch
+    assert failed["status"] == "failed" and failed["error"]["kind"] == "invalid_request" and failed["attempts"] == 1
+    others = [record for row, record in records.items() if row not in markers]
+    assert all(record["status"] == "ok" and record["attempts"] == 1 for record in others)
+
+    log = batch_entries(fake_api.log())
+    sent = Counter(int(entry["custom_id"]) for entry in log)
+    assert {row: count for row, count in sent.items() if count > 1} == {3: 2, 5: 2, 13: 2}
+    batch_of = {}
+    for entry in log:
+        batch_of.setdefault(int(entry["custom_id"]), []).append(entry["batch_id"])
+    assert all(first != second for first, second in (batch_of[row] for row in (3, 5, 13)))
+
+
+@pytest.mark.timeout(300)
+def test_a_batch_job_killed_after_its_batch_exists_resumes_by_polling_it_and_sends_nothing_twice(
+    tmp_path, batch_env, fake_api
+):
+    fake_api.configure(batch_delay_s=3600)  # the batch stays in progress until the test lets it end
+    data, pipeline = write_rows(tmp_path, 600)
+    out = tmp_path / "out"
+    run = start_cli(
+        batch_env, "run", str(data), "--pipeline", str(pipeline), "--backend", "anthropic-batch",
+        "--chunk-size", "50", "--out", str(out),
+    )  # fmt: skip
+    try:
+        wait_until(lambda: sum(b["requests"] for b in fake_api.batches()) == 600, 120, "every row in a batch")
+        time.sleep(1.0)  # past any hold: the chunks were sent again and found their rows in the batches
+    finally:
+        kill_tree(run)
+    stdout, _ = run.communicate()
+    job_id = stdout.splitlines()[0].split()[1]
+    created = {batch["id"] for batch in fake_api.batches()}
+    status = json.loads(promptmill("status", job_id, "--json", env=batch_env).stdout)
+    assert {batch["id"] for batch in status["batches"]} == created  # recorded the moment they existed
+
+    fake_api.configure(batch_delay_s=0)
+    resumed = promptmill("resume", job_id, env=batch_env, timeout=200)
+    assert resumed.returncode == 0, resumed.stderr
+    assert {batch["id"] for batch in fake_api.batches()} == created  # no batch sent again
+    log = batch_entries(fake_api.log())
+    assert sorted(int(entry["custom_id"]) for entry in log) == list(range(600))
+    records = read_jsonl(out / "results.jsonl")
+    assert [record["row"] for record in records] == list(range(600))
+    assert all(record["status"] == "ok" and record["attempts"] == 1 for record in records)
+    report = json.loads(promptmill("cost", job_id, "--json", env=batch_env).stdout)
+    assert report["models"][0]["requests"] == 600 and report["paid_twice"]["cost_usd"] == 0
+
+
+@pytest.mark.timeout(300)
+def test_cancel_cancels_the_providers_batches_and_a_resume_sends_their_rows_in_a_new_one(
+    tmp_path, batch_env, fake_api
+):
+    fake_api.configure(batch_delay_s=3600)
+    data, pipeline = write_rows(tmp_path, 200)
+    out = tmp_path / "out"
+    run = start_cli(
+        batch_env, "run", str(data), "--pipeline", str(pipeline), "--backend", "anthropic-batch", "--out", str(out)
+    )
+    try:
+        job_id = run.stdout.readline().split()[1]  # "job JOB ..."
+        wait_until(lambda: sum(b["requests"] for b in fake_api.batches()) == 200, 120, "every row in a batch")
+        cancelled = promptmill("cancel", job_id, env=batch_env)
+        assert cancelled.returncode == 0, cancelled.stderr
+        first = {batch["id"] for batch in fake_api.batches()}
+        assert all(f"batch {batch_id} cancelled" in cancelled.stdout for batch_id in first)
+        run.wait(timeout=60)  # the run sees its job cancelled and stops
+    finally:
+        kill_tree(run)
+    status = json.loads(promptmill("status", job_id, "--json", env=batch_env).stdout)
+    assert status["state"] == "cancelled" and status["done"] == 0
+
+    fake_api.configure(batch_delay_s=0)
+    resumed = promptmill("resume", job_id, env=batch_env, timeout=200)
+    assert resumed.returncode == 0, resumed.stderr
+    second = {batch["id"] for batch in fake_api.batches()} - first
+    assert second, "the canceled rows were never sent again"
+    answered = [entry for entry in fake_api.log() if entry["status"] == 200]
+    assert sorted(int(entry["custom_id"]) for entry in answered) == list(range(200))
+    assert all(entry["batch_id"] in second for entry in answered)
+    assert [record["status"] for record in read_jsonl(out / "results.jsonl")] == ["ok"] * 200
+
+
+def test_batch_prices_are_the_list_prices_at_the_tables_discount_cache_and_long_context_included():
+    prices = PriceTable.load(Settings())
+    assert prices.batch_discount == Decimal("0.50")
+    for model in ("claude-haiku-4-5", "claude-sonnet-4-5@long"):
+        listed, batch = prices.price_for(model), prices.price_for(model + "@batch")
+        for rate in ("input", "output", "cache_write_5m", "cache_write_1h", "cache_read"):
+            assert getattr(batch, rate) == getattr(listed, rate) / 2, (model, rate)
+    assert prices.price_for("claude-sonnet-4-5@long").input > prices.price_for("claude-sonnet-4-5").input
+
+
+def test_rows_are_packed_into_batches_of_at_most_100000_requests_and_256_mb():
+    from promptmill.workers.backends.anthropic_batch import MAX_BATCH_BYTES, _Arrival, _packed
+
+    small = [_Arrival(call=None, waiter=None, params=b"x" * 10) for _ in range(250_001)]  # type: ignore[arg-type]
+    assert [len(group) for group in _packed(small)] == [100_000, 100_000, 50_001]
+    big = [_Arrival(call=None, waiter=None, params=b"x" * (MAX_BATCH_BYTES // 3 + 1)) for _ in range(7)]  # type: ignore[arg-type]
+    groups = _packed(big)
+    assert [len(group) for group in groups] == [2, 2, 2, 1]
+    assert all(sum(len(a.params) for a in group) <= MAX_BATCH_BYTES < 256 * 1024 * 1024 for group in groups)

@@ -1,0 +1,307 @@
+"""Anthropic's Message Batches API: the same requests at half price, answered within 24 hours.
+
+A transport like any other to the request path: `send(call)` returns one row's reply, so retries,
+budget, ledger and audit apply unchanged. Behind it, the rows that arrive within `batch_gather_s` (the
+chunks this process runs at once) go out together as one batch per job, up to 100,000 requests and
+256 MB, with the row number as `custom_id`. The batch and its rows are recorded in Redis the moment the
+provider names it (jobs/batches.py): a run after a kill or a dead worker finds its rows there and polls
+that batch instead of sending them again. A poller per batch waits, backing off from
+`batch_poll_min_s` to `batch_poll_max_s` with the batch's age (polling draws nothing from the fleet's
+rate limit), then streams the results (JSONL, in any order) to the rows that wait on them.
+
+An errored or expired request is a retryable verdict like any other: the retry layer counts the
+attempt and sends the row again, into a later batch, never to the real-time endpoint. A canceled
+request (the job was cancelled: its poller cancels the batch) leaves its row pending for a resume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Hashable
+
+import anthropic
+import orjson
+
+from promptmill.config.prices import BATCH
+from promptmill.config.settings import Settings
+from promptmill.jobs.batches import ENDED, BatchCounts
+from promptmill.jobs.spec import JobSpec
+from promptmill.jobs.store import JobStore
+from promptmill.pipelines.items import ErrorKind, Usage
+from promptmill.workers.backends.anthropic import AnthropicBackend, message_params
+from promptmill.workers.backends.base import Call, FatalJobError, RawOutcome, Reply
+from promptmill.workers.retry import Verdict, classify, status_verdict
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH_REQUESTS = 100_000
+MAX_BATCH_BYTES = 250 * 1024 * 1024  # the API's 256 MB, less room for the envelope
+# A batch request's error comes with its type alone: the status the real-time endpoint answers it with.
+_STATUS_OF_ERROR = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "billing_error": 402,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+    "api_error": 500,
+    "timeout_error": 504,
+    "overloaded_error": 529,
+}
+_EXPIRED = Verdict(
+    ErrorKind.expired, "expired: the batch ended before this request was processed", retryable=True, status="expired"
+)
+
+Waiter = asyncio.Future  # resolved with the row's Reply, or None (canceled: the row stays pending)
+
+
+@dataclass
+class _Arrival:
+    call: Call
+    waiter: Waiter
+    params: bytes  # the batch request as JSON: its size counts against the batch's 256 MB
+
+
+@dataclass
+class _Batch:
+    """A provider batch this process waits on, and the rows waiting."""
+
+    batch_id: str
+    job: JobSpec
+    created_at: float  # epoch seconds
+    waiters: dict[int, Waiter] = field(default_factory=dict)  # row -> its waiting task's future
+    chunk_of: dict[int, str] = field(default_factory=dict)
+    cancel_sent: bool = False
+
+    def waiting(self) -> bool:
+        return any(not waiter.done() for waiter in self.waiters.values())
+
+
+class AnthropicBatchBackend:
+    name = "anthropic-batch"
+    label = "the Anthropic Message Batches API"
+    max_in_flight = None  # every row of a chunk goes in at once: the provider schedules the batch
+    billed_per_token = True
+    one_token_budget = False
+    ledger_suffix = BATCH
+
+    def __init__(self, job: JobSpec, settings: Settings):
+        api_key = settings.api_key()
+        if not api_key:
+            raise FatalJobError("no API key in this worker: set ANTHROPIC_API_KEY (or PROMPTMILL_ANTHROPIC_API_KEY)")
+        if not settings.redis_url:
+            raise RuntimeError("a batch worker needs its Redis URL in its settings")
+        self.settings = settings
+        self.hold_s: float | None = settings.batch_hold_s
+        # Creating, polling and reading a batch are not a row's attempts: the SDK's own retries
+        # (with backoff) are the right ones for them.
+        self.client = anthropic.AsyncAnthropic(
+            api_key=api_key, base_url=settings.anthropic_base_url, max_retries=4, timeout=settings.request_timeout_s
+        )
+        self.store = JobStore.from_url(settings.redis_url)
+        self._arriving: dict[str, list[_Arrival]] = {}  # job id -> rows gathered for its next batch
+        self._gatherers: dict[str, asyncio.Task] = {}
+        self._batches: dict[str, _Batch] = {}  # batch id -> the rows this process waits on in it
+        self._pollers: set[asyncio.Task] = set()
+
+    @staticmethod
+    def identity(job: JobSpec, settings: Settings) -> Hashable:
+        return "anthropic-batch"
+
+    def limit_scope(self, job: JobSpec) -> None:
+        return None  # a batch is not paced by the real-time limits; the API queues what it takes
+
+    limited_input = staticmethod(AnthropicBackend.limited_input)
+
+    # -- a row's way in ----------------------------------------------------------------------------
+
+    async def send(self, call: Call) -> Reply | None:
+        params = message_params(call.job, call.request)
+        params.update(params.pop("extra_body", {}))  # a batch request's params are the plain body
+        body = orjson.dumps({"custom_id": str(call.request.row), "params": params})
+        waiter: Waiter = asyncio.get_running_loop().create_future()
+        job_id = call.job.job_id
+        self._arriving.setdefault(job_id, []).append(_Arrival(call, waiter, body))
+        if job_id not in self._gatherers:
+            self._gatherers[job_id] = asyncio.ensure_future(self._gather(call.job))
+        return await waiter  # cancelled with the row's task (a lost lease, a chunk's hold ending)
+
+    async def _gather(self, job: JobSpec) -> None:
+        """After the gathering window: rows a recorded batch already holds wait on it, the rest go out."""
+        await asyncio.sleep(self.settings.batch_gather_s)
+        self._gatherers.pop(job.job_id, None)
+        arrivals = [a for a in self._arriving.pop(job.job_id, []) if not a.waiter.done()]
+        if not arrivals:
+            return
+        try:
+            held = self.store.batches.holding(job.job_id, [(a.call.chunk_id, a.call.request.row) for a in arrivals])
+        except Exception as error:  # noqa: BLE001 - Redis is away: the chunk retries as on any Redis error
+            for arrival in arrivals:
+                arrival.waiter.set_exception(error)
+            return
+        fresh = []
+        for arrival in arrivals:
+            holder = held.get((arrival.call.chunk_id, arrival.call.request.row))
+            if holder is not None and holder[1] == arrival.call.attempt:
+                self._wait_on(job, holder[0], None, arrival)  # sent before a kill: wait on it again
+            else:
+                fresh.append(arrival)  # a first attempt, or the next after one that errored or expired
+        for group in _packed(fresh):
+            await self._create(job, group)
+
+    async def _create(self, job: JobSpec, group: list[_Arrival]) -> None:
+        requests = [orjson.loads(arrival.params) for arrival in group]
+        try:
+            batch = await self.client.messages.batches.create(requests=requests)
+        except anthropic.APIError as error:
+            verdict = classify(error)  # each row's attempt failed: the retry layer decides on each
+            for arrival in group:
+                if not arrival.waiter.done():
+                    arrival.waiter.set_result(verdict)
+            return
+        attempts: dict[str, dict[int, int]] = {}
+        for arrival in group:
+            attempts.setdefault(arrival.call.chunk_id, {})[arrival.call.request.row] = arrival.call.attempt
+        created_at = batch.created_at.timestamp()
+        try:
+            self.store.batches.record(job.job_id, batch.id, created_at, attempts)
+        except Exception:  # noqa: BLE001 - the batch is paid for: wait on it all the same
+            log.exception("job %s: could not record batch %s; a run after a kill would send its rows again", job.job_id, batch.id)
+        log.info("job %s: batch %s created with %d requests", job.job_id, batch.id, len(group))
+        for arrival in group:
+            self._wait_on(job, batch.id, created_at, arrival, fresh=True)
+
+    def _wait_on(
+        self, job: JobSpec, batch_id: str, created_at: float | None, arrival: _Arrival, fresh: bool = False
+    ) -> None:
+        batch = self._batches.get(batch_id)
+        if batch is None:
+            batch = self._batches[batch_id] = _Batch(batch_id, job, created_at or time.time())
+            poller = asyncio.ensure_future(self._poll(batch, first_wait=fresh))
+            self._pollers.add(poller)
+            poller.add_done_callback(self._pollers.discard)
+        row = arrival.call.request.row
+        batch.waiters[row] = arrival.waiter
+        batch.chunk_of[row] = arrival.call.chunk_id
+
+    # -- a batch's way back ------------------------------------------------------------------------
+
+    def _interval_s(self, batch: _Batch) -> float:
+        """From the shortest wait to the longest as the batch ages: most end within the hour."""
+        age_s = max(0.0, time.time() - batch.created_at)
+        return min(self.settings.batch_poll_max_s, max(self.settings.batch_poll_min_s, age_s / 6))
+
+    async def _poll(self, batch: _Batch, first_wait: bool) -> None:
+        job_id = batch.job.job_id
+        try:
+            wait = first_wait
+            while batch.waiting():
+                if wait:
+                    await asyncio.sleep(self._interval_s(batch))
+                wait = True
+                try:
+                    state = await self.client.messages.batches.retrieve(batch.batch_id)
+                except anthropic.NotFoundError:
+                    gone = Verdict(ErrorKind.server_error, f"batch {batch.batch_id} is gone", retryable=True, status=404)
+                    self._resolve_rest(batch, gone)
+                    return
+                except anthropic.APIError as error:
+                    log.warning("job %s: polling batch %s failed (%s); polling on", job_id, batch.batch_id, error)
+                    continue
+                batch.created_at = state.created_at.timestamp()
+                counts = BatchCounts.model_validate(state.request_counts.model_dump())
+                self.store.batches.update(job_id, batch.batch_id, state.processing_status, counts)
+                if state.processing_status == ENDED:
+                    try:
+                        await self._read_results(batch)
+                    except anthropic.APIError as error:  # rows read so far are answered; the rest on the next try
+                        log.warning("job %s: reading batch %s failed (%s); trying again", job_id, batch.batch_id, error)
+                        continue
+                    return
+                if state.processing_status == "in_progress" and not batch.cancel_sent and not self.store.is_runnable(job_id):
+                    batch.cancel_sent = True  # the job was cancelled: so is its batch (answers so far are kept)
+                    await self._cancel(batch.batch_id)
+        except Exception as error:  # noqa: BLE001 - the rows' tasks must not wait forever on a dead poller
+            # Sending the rows again could pay for them twice: the job stops, and `resume` polls again.
+            log.exception("job %s: batch %s: polling stopped", job_id, batch.batch_id)
+            stop = FatalJobError(f"polling batch {batch.batch_id} failed: {type(error).__name__}: {error}")
+            for waiter in batch.waiters.values():
+                if not waiter.done():
+                    waiter.set_exception(stop)
+        finally:
+            self._batches.pop(batch.batch_id, None)
+
+    async def _cancel(self, batch_id: str) -> None:
+        try:
+            await self.client.messages.batches.cancel(batch_id)
+        except anthropic.APIError as error:
+            log.warning("cancelling batch %s failed: %s", batch_id, error)
+
+    async def _read_results(self, batch: _Batch) -> None:
+        job = batch.job
+        results = await self.client.messages.batches.results(batch.batch_id)
+        async for entry in results:
+            waiter = batch.waiters.get(int(entry.custom_id))
+            if waiter is None or waiter.done():
+                continue  # a row another process waits on, or one already done
+            result = entry.result
+            if result.type == "succeeded":
+                waiter.set_result(self._answer(batch, int(entry.custom_id), result.message))
+            elif result.type == "errored":
+                error = result.error.error
+                status = _STATUS_OF_ERROR.get(error.type, 500)
+                waiter.set_result(status_verdict(status, f"{status} {error.type}: {error.message}", error.type))
+            elif result.type == "expired":
+                waiter.set_result(_EXPIRED)
+            else:  # canceled: never processed, never billed; a resume sends the row in a new batch
+                row = int(entry.custom_id)
+                self.store.batches.forget_row(job.job_id, batch.chunk_of[row], row)
+                waiter.set_result(None)
+        missing = Verdict(ErrorKind.server_error, f"batch {batch.batch_id} returned no result", retryable=True, status=500)
+        self._resolve_rest(batch, missing)
+
+    def _answer(self, batch: _Batch, row: int, message: Any) -> RawOutcome:
+        usage = message.usage
+        return RawOutcome(
+            row=row,
+            request_id=message.id,
+            started_at=batch.created_at,
+            text="".join(block.text for block in message.content if block.type == "text"),
+            usage=Usage(
+                input_tokens=usage.input_tokens or 0,
+                output_tokens=usage.output_tokens or 0,
+                cache_creation_input_tokens=usage.cache_creation_input_tokens or 0,
+                cache_read_input_tokens=usage.cache_read_input_tokens or 0,
+                cache_creation_1h_input_tokens=getattr(usage.cache_creation, "ephemeral_1h_input_tokens", 0) or 0,
+            ),
+            finish_reason=message.stop_reason,
+        )
+
+    @staticmethod
+    def _resolve_rest(batch: _Batch, reply: Reply) -> None:
+        for waiter in batch.waiters.values():
+            if not waiter.done():
+                waiter.set_result(reply)
+
+    async def close(self) -> None:
+        for task in [*self._gatherers.values(), *self._pollers]:
+            task.cancel()
+        await self.client.close()
+        self.store.redis.close()
+
+
+def _packed(arrivals: list[_Arrival]) -> list[list[_Arrival]]:
+    """The rows in batches the API takes: at most 100,000 requests and 256 MB each."""
+    groups: list[list[_Arrival]] = []
+    size = 0
+    for arrival in arrivals:
+        if not groups or len(groups[-1]) >= MAX_BATCH_REQUESTS or size + len(arrival.params) > MAX_BATCH_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(arrival)
+        size += len(arrival.params)
+    return groups
