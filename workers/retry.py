@@ -63,12 +63,12 @@ def _provider_message(error: anthropic.APIStatusError | openai.APIStatusError) -
 def _retry_after(error: anthropic.APIStatusError | openai.APIStatusError) -> float | None:
     """Seconds to wait from `retry-after-ms` (OpenAI) or `retry-after` (seconds, or an HTTP date we ignore)."""
     headers = error.response.headers if error.response is not None else {}
-    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+    for name, per_second in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
         raw = headers.get(name)
         if raw is None:
             continue
         try:
-            return max(0.0, float(raw) * scale)
+            return max(0.0, float(raw) / per_second)  # divided: 59925 ms is 59.925 s, not 59.925000000000004
         except ValueError:
             continue
     return None
