@@ -8,6 +8,7 @@ Read from the outside in, as a request travels (dramatiq's middleware is the mod
     Budget       the request's most possible cost held against the job's cap, then settled
     Ledger       the name the answer is priced under (a long-context rate, a batch's discount)
     Limit        a grant from the fleet's rate limiter; the answer's headers and usage go back to it
+    Gate         shut when the chunk stops: nothing more is sent, what was sent finishes
     backend      the transport: one attempt, one reply
 
 Every backend gets every layer that applies to it; one that does not (no fleet limit for a local
@@ -199,6 +200,20 @@ class Limit:
         return reply
 
 
+@dataclass
+class Gate:
+    """The innermost layer: closed when the chunk must stop (its job cancelled, its lease lost). A
+    request not yet sent is not sent (its row stays pending); one already sent finishes and its
+    answer is committed, since it is paid for."""
+
+    closed: bool = False
+
+    async def __call__(self, call: Call, send: Send) -> Reply | None:
+        if self.closed:
+            return None
+        return await send(call)
+
+
 def compose(layers: list[Layer], backend: Backend) -> Send:
     """The layers, outermost first, around the backend's `send`. A layer is bound to the next by
     `partial` (no frame of its own): every frame is paid on each of a request's awaits."""
@@ -213,8 +228,8 @@ async def fan_out(
 ) -> AsyncIterator[RawOutcome]:
     """Send every request down the path at once; yield each row's outcome as it finishes.
 
-    Stopping early (a lost lease, a cancelled job, a dead engine) cancels what is still in flight:
-    those rows stay pending for the next run.
+    Closing the aiter early (a dead engine, a chunk's hold ending) cancels what is still in flight:
+    those rows stay pending for the next run. A chunk that stops sending closes its Gate instead.
     """
 
     async def one(request: RenderedRequest) -> RawOutcome | None:

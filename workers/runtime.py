@@ -36,6 +36,7 @@ from promptmill.workers.request_path import (
     Audit,
     Budget,
     Concurrency,
+    Gate,
     Layer,
     Ledger,
     Limit,
@@ -129,7 +130,7 @@ class WorkerRuntime:
     async def backend(self, job: JobSpec) -> Backend:
         return (await self._served(job)).backend
 
-    async def request_path(self, job: JobSpec, attempts: AttemptLog) -> Send:
+    async def request_path(self, job: JobSpec, attempts: AttemptLog, gate: Gate) -> Send:
         """The layers every request of this chunk goes through, in order (workers/request_path.py)."""
         served = await self._served(job)
         backend = served.backend
@@ -145,6 +146,7 @@ class WorkerRuntime:
         layers.append(Ledger(prices, backend.billed_per_token, backend.ledger_suffix))
         if limiter is not None:
             layers.append(Limit(limiter, served.estimate, backend))
+        layers.append(gate)
         return compose(layers, backend)
 
     def close_backends(self) -> None:

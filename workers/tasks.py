@@ -26,7 +26,7 @@ from promptmill.pipelines.items import ErrorKind, ItemError, ItemOutcome, Render
 from promptmill.pipelines.parse import OutputParseError, parse_output
 from promptmill.workers.app import app
 from promptmill.workers.backends.base import EngineDied, FatalJobError, RawOutcome
-from promptmill.workers.request_path import fan_out
+from promptmill.workers.request_path import Gate, fan_out
 from promptmill.workers.runtime import WorkerRuntime, current_runtime, runtime
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,8 @@ class _StillWaiting(Exception):
 async def _run_requests(
     rt: WorkerRuntime, job: JobSpec, chunk_id: str, pending: list[RenderedRequest], lease_lost: threading.Event
 ) -> int:
-    path = await rt.request_path(job, ChunkAttempts(rt.store, job, chunk_id))
+    gate = Gate()
+    path = await rt.request_path(job, ChunkAttempts(rt.store, job, chunk_id), gate)
     hold_s = (await rt.backend(job)).hold_s
     lines = {request.row: request.line for request in pending}
     committed = 0
@@ -92,12 +93,14 @@ async def _run_requests(
                 async for raw in outcomes:
                     outcome = to_outcome(job, raw, lines.get(raw.row, 0))
                     committed += rt.store.chunks.commit(job.job_id, chunk_id, raw.ledger_model or job.model, outcome)
+                    if gate.closed:
+                        continue  # draining: the answers in flight are paid for, so they are committed
                     if lease_lost.is_set():
-                        break  # sending on would pay twice for rows the new holder sends too
-                    if time.monotonic() - checked_at > _RUNNABLE_CHECK_S:
+                        gate.closed = True  # sending on would pay twice for rows the new holder sends too
+                    elif time.monotonic() - checked_at > _RUNNABLE_CHECK_S:
                         checked_at = time.monotonic()
-                        if not rt.store.is_runnable(job.job_id):
-                            break  # cancelled or failed elsewhere: the rest stays pending for a resume
+                        # Cancelled or failed elsewhere: send nothing more; the rest stays pending for a resume.
+                        gate.closed = not rt.store.is_runnable(job.job_id)
         except TimeoutError:
             raise _StillWaiting() from None
     if hold_s is not None and committed < len(pending) and not lease_lost.is_set() and rt.store.is_runnable(job.job_id):
