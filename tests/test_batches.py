@@ -50,6 +50,23 @@ def write_rows(tmp_path, rows: int, marker=lambda i: ""):
     return write_dataset(tmp_path, answers, PIPELINE)
 
 
+def batch_run(data, pipeline, out, *extra: str) -> list[str]:
+    """The arguments of `run` for a batch job."""
+    return ["run", str(data), "--pipeline", str(pipeline), "--backend", "anthropic-batch", "--out", str(out), *extra]
+
+
+def start_batch_run_until_every_row_is_in_a_batch(env, fake_api, data, pipeline, out, rows: int, *extra: str):
+    """A batch job's `run` left running (its batches never end) once every row waits in a batch; and its job id."""
+    run = start_cli(env, *batch_run(data, pipeline, out, *extra))
+    try:
+        job_id = run.stdout.readline().split()[1]  # "job JOB ..."
+        wait_until(lambda: sum(b["requests"] for b in fake_api.batches()) == rows, 120, "every row in a batch")
+    except BaseException:
+        kill_tree(run)
+        raise
+    return run, job_id
+
+
 def batch_entries(log: list[dict]) -> list[dict]:
     assert all(entry.get("route") == "batch" for entry in log), "a batch job sent a real-time request"
     return log
@@ -61,10 +78,7 @@ def test_a_batch_job_answers_every_row_through_batches_at_half_price_equal_to_th
     fake_api.configure(batch_delay_s=1.0)
     data, pipeline = write_rows(tmp_path, 1500)
     out = tmp_path / "out"
-    result = promptmill(
-        "run", str(data), "--pipeline", str(pipeline), "--backend", "anthropic-batch", "--chunk-size", "100",
-        "--out", str(out), env=batch_env,
-    )  # fmt: skip
+    result = promptmill(*batch_run(data, pipeline, out, "--chunk-size", "100"), env=batch_env)
     assert result.returncode == 0, result.stderr
     job_id = job_id_of(result)
 
@@ -105,9 +119,7 @@ def test_errored_and_expired_rows_go_in_a_later_batch_with_their_attempts_counte
                8: " [[batch_error:invalid_request_error]]", 13: " [[batch_error_once:api_error]]"}  # fmt: skip
     data, pipeline = write_rows(tmp_path, 40, lambda i: markers.get(i, ""))
     out = tmp_path / "out"
-    result = promptmill(
-        "run", str(data), "--pipeline", str(pipeline), "--backend", "anthropic-batch", "--out", str(out), env=batch_env
-    )
+    result = promptmill(*batch_run(data, pipeline, out), env=batch_env)
     assert result.returncode == 0, result.stderr
     records = {record["row"]: record for record in read_jsonl(out / "results.jsonl")}
 
@@ -137,17 +149,14 @@ def test_a_batch_job_killed_after_its_batch_exists_resumes_by_polling_it_and_sen
     fake_api.configure(batch_delay_s=3600)  # the batch stays in progress until the test lets it end
     data, pipeline = write_rows(tmp_path, 600)
     out = tmp_path / "out"
-    run = start_cli(
-        batch_env, "run", str(data), "--pipeline", str(pipeline), "--backend", "anthropic-batch",
-        "--chunk-size", "50", "--out", str(out),
-    )  # fmt: skip
+    run, job_id = start_batch_run_until_every_row_is_in_a_batch(
+        batch_env, fake_api, data, pipeline, out, 600, "--chunk-size", "50"
+    )
     try:
-        wait_until(lambda: sum(b["requests"] for b in fake_api.batches()) == 600, 120, "every row in a batch")
         time.sleep(1.0)  # past any hold: the chunks were sent again and found their rows in the batches
     finally:
         kill_tree(run)
-    stdout, _ = run.communicate()
-    job_id = stdout.splitlines()[0].split()[1]
+        run.communicate()
     created = {batch["id"] for batch in fake_api.batches()}
     status = json.loads(promptmill("status", job_id, "--json", env=batch_env).stdout)
     assert {batch["id"] for batch in status["batches"]} == created  # recorded the moment they existed
@@ -172,12 +181,8 @@ def test_cancel_cancels_the_providers_batches_and_a_resume_sends_their_rows_in_a
     fake_api.configure(batch_delay_s=3600)
     data, pipeline = write_rows(tmp_path, 200)
     out = tmp_path / "out"
-    run = start_cli(
-        batch_env, "run", str(data), "--pipeline", str(pipeline), "--backend", "anthropic-batch", "--out", str(out)
-    )
+    run, job_id = start_batch_run_until_every_row_is_in_a_batch(batch_env, fake_api, data, pipeline, out, 200)
     try:
-        job_id = run.stdout.readline().split()[1]  # "job JOB ..."
-        wait_until(lambda: sum(b["requests"] for b in fake_api.batches()) == 200, 120, "every row in a batch")
         cancelled = promptmill("cancel", job_id, env=batch_env)
         assert cancelled.returncode == 0, cancelled.stderr
         first = {batch["id"] for batch in fake_api.batches()}
@@ -212,9 +217,9 @@ def test_batch_prices_are_the_list_prices_at_the_tables_discount_cache_and_long_
 def test_rows_are_packed_into_batches_of_at_most_100000_requests_and_256_mb():
     from promptmill.workers.backends.anthropic_batch import MAX_BATCH_BYTES, _Arrival, _packed
 
-    small = [_Arrival(call=None, waiter=None, params=b"x" * 10) for _ in range(250_001)]  # type: ignore[arg-type]
+    small = [_Arrival(call=None, waiter=None, request={}, size=10) for _ in range(250_001)]  # type: ignore[arg-type]
     assert [len(group) for group in _packed(small)] == [100_000, 100_000, 50_001]
-    big = [_Arrival(call=None, waiter=None, params=b"x" * (MAX_BATCH_BYTES // 3 + 1)) for _ in range(7)]  # type: ignore[arg-type]
+    big = [_Arrival(call=None, waiter=None, request={}, size=MAX_BATCH_BYTES // 3 + 1) for _ in range(7)]  # type: ignore[arg-type]
     groups = _packed(big)
     assert [len(group) for group in groups] == [2, 2, 2, 1]
-    assert all(sum(len(a.params) for a in group) <= MAX_BATCH_BYTES < 256 * 1024 * 1024 for group in groups)
+    assert all(sum(a.size for a in group) <= MAX_BATCH_BYTES < 256 * 1024 * 1024 for group in groups)

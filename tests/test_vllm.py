@@ -151,6 +151,15 @@ def test_json_outputs_always_parse_against_their_schema(tmp_path: Path, gpu_env,
         assert record["output"]["stars"] in (1, 2, 3, 4, 5) and isinstance(record["output"]["would_recommend"], bool)
 
 
+def summary_job_under_way(tmp_path: Path, env: dict[str, str], rows: int, done: int) -> tuple[str, JobStore]:
+    """A summary job of `rows` reviews in chunks of 8, submitted, once `done` of them are done."""
+    data, pipeline = write_rows(tmp_path, REVIEWS[:rows]), summary_pipeline(tmp_path)
+    job_id = submit(env, data, pipeline, tmp_path / "out", "--chunk-size", "8")
+    store = JobStore.from_url(env["PROMPTMILL_REDIS_URL"])
+    wait_until(lambda: store.status(job_id).terminal >= done, 300, f"{done} rows")
+    return job_id, store
+
+
 def engine_processes(worker: psutil.Process) -> list[psutil.Process]:
     return [child for child in worker.children(recursive=True) if "EngineCore" in " ".join(child.cmdline() + [child.name()])]
 
@@ -158,10 +167,7 @@ def engine_processes(worker: psutil.Process) -> list[psutil.Process]:
 def test_an_engine_that_dies_mid_job_is_restarted_and_the_job_completes_once_per_row(
     tmp_path: Path, gpu_env, gpu_worker
 ) -> None:
-    pipeline = summary_pipeline(tmp_path)
-    job_id = submit(gpu_env, write_rows(tmp_path, REVIEWS[:48]), pipeline, tmp_path / "out", "--chunk-size", "8")
-    store = JobStore.from_url(gpu_env["PROMPTMILL_REDIS_URL"])
-    wait_until(lambda: store.status(job_id).terminal >= 12, 300, "12 rows")
+    job_id, store = summary_job_under_way(tmp_path, gpu_env, rows=48, done=12)
     worker = psutil.Process(gpu_worker.pid)
     engines = engine_processes(worker)
     assert engines, [child.cmdline() for child in worker.children(recursive=True)]
@@ -178,11 +184,8 @@ def test_a_killed_gpu_worker_s_chunks_complete_after_restart_with_no_duplicates(
     tmp_path: Path, gpu_env, gpu_worker
 ) -> None:
     """The module's last test: it kills the module's worker (with its engine's processes) mid-job."""
-    pipeline = summary_pipeline(tmp_path)
-    job_id = submit(gpu_env, write_rows(tmp_path, REVIEWS[:64]), pipeline, tmp_path / "out", "--chunk-size", "8")
-    store = JobStore.from_url(gpu_env["PROMPTMILL_REDIS_URL"])
     try:
-        wait_until(lambda: store.status(job_id).terminal >= 16, 300, "16 rows")
+        job_id, store = summary_job_under_way(tmp_path, gpu_env, rows=64, done=16)
     finally:
         os.killpg(gpu_worker.pid, signal.SIGKILL)  # the worker and its engine's processes, with no warning
         gpu_worker.wait(timeout=30)

@@ -52,6 +52,24 @@ def message_params(job: JobSpec, request: RenderedRequest) -> dict[str, Any]:
     return params
 
 
+def message_outcome(row: int, message: Any, **fields: Any) -> RawOutcome:
+    """A Messages API answer as the row's outcome: its text, usage and stop reason (a batch's too)."""
+    usage = message.usage
+    return RawOutcome(
+        row=row,
+        text="".join(block.text for block in message.content if block.type == "text"),
+        usage=Usage(
+            input_tokens=usage.input_tokens or 0,
+            output_tokens=usage.output_tokens or 0,
+            cache_creation_input_tokens=usage.cache_creation_input_tokens or 0,
+            cache_read_input_tokens=usage.cache_read_input_tokens or 0,
+            cache_creation_1h_input_tokens=getattr(usage.cache_creation, "ephemeral_1h_input_tokens", 0) or 0,
+        ),
+        finish_reason=message.stop_reason,
+        **{"request_id": message.id, **fields},
+    )
+
+
 class AnthropicBackend:
     name = "anthropic"
     label = "the Anthropic API"
@@ -97,21 +115,11 @@ class AnthropicBackend:
             response = getattr(error, "response", None)
             limits = LimitHeaders.from_anthropic(response.headers) if response is not None else None
             return dataclasses.replace(classify(error), limits=limits)
-        latency = time.monotonic() - started
-        usage = message.usage
-        return RawOutcome(
-            row=call.request.row,
+        return message_outcome(
+            call.request.row,
+            message,
             request_id=raw.headers.get("request-id") or message.id,
-            latency_ms=round(latency * 1000, 1),
-            text="".join(block.text for block in message.content if block.type == "text"),
-            usage=Usage(
-                input_tokens=usage.input_tokens or 0,
-                output_tokens=usage.output_tokens or 0,
-                cache_creation_input_tokens=usage.cache_creation_input_tokens or 0,
-                cache_read_input_tokens=usage.cache_read_input_tokens or 0,
-                cache_creation_1h_input_tokens=getattr(usage.cache_creation, "ephemeral_1h_input_tokens", 0) or 0,
-            ),
-            finish_reason=message.stop_reason,
+            latency_ms=round((time.monotonic() - started) * 1000, 1),
             limits=LimitHeaders.from_anthropic(raw.headers),
         )
 

@@ -30,9 +30,9 @@ from promptmill.config.settings import Settings
 from promptmill.jobs.batches import ENDED, BatchCounts
 from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.store import JobStore
-from promptmill.pipelines.items import ErrorKind, Usage
-from promptmill.workers.backends.anthropic import AnthropicBackend, message_params
-from promptmill.workers.backends.base import Call, FatalJobError, RawOutcome, Reply
+from promptmill.pipelines.items import ErrorKind
+from promptmill.workers.backends.anthropic import AnthropicBackend, message_outcome, message_params
+from promptmill.workers.backends.base import Call, FatalJobError, Reply
 from promptmill.workers.retry import Verdict, classify, status_verdict
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,8 @@ Waiter = asyncio.Future  # resolved with the row's Reply, or None (canceled: the
 class _Arrival:
     call: Call
     waiter: Waiter
-    params: bytes  # the batch request as JSON: its size counts against the batch's 256 MB
+    request: dict[str, Any]  # {"custom_id", "params"}, as the SDK takes it
+    size: int  # bytes of the request as JSON: they count against the batch's 256 MB
 
 
 @dataclass
@@ -122,10 +123,10 @@ class AnthropicBatchBackend:
     async def send(self, call: Call) -> Reply | None:
         params = message_params(call.job, call.request)
         params.update(params.pop("extra_body", {}))  # a batch request's params are the plain body
-        body = orjson.dumps({"custom_id": str(call.request.row), "params": params})
+        request = {"custom_id": str(call.request.row), "params": params}
         waiter: Waiter = asyncio.get_running_loop().create_future()
         job_id = call.job.job_id
-        self._arriving.setdefault(job_id, []).append(_Arrival(call, waiter, body))
+        self._arriving.setdefault(job_id, []).append(_Arrival(call, waiter, request, len(orjson.dumps(request))))
         if job_id not in self._gatherers:
             self._gatherers[job_id] = asyncio.ensure_future(self._gather(call.job))
         return await waiter  # cancelled with the row's task (a lost lease, a chunk's hold ending)
@@ -154,9 +155,8 @@ class AnthropicBatchBackend:
             await self._create(job, group)
 
     async def _create(self, job: JobSpec, group: list[_Arrival]) -> None:
-        requests = [orjson.loads(arrival.params) for arrival in group]
         try:
-            batch = await self.client.messages.batches.create(requests=requests)
+            batch = await self.client.messages.batches.create(requests=[arrival.request for arrival in group])
         except anthropic.APIError as error:
             verdict = classify(error)  # each row's attempt failed: the retry layer decides on each
             for arrival in group:
@@ -250,7 +250,7 @@ class AnthropicBatchBackend:
                 continue  # a row another process waits on, or one already done
             result = entry.result
             if result.type == "succeeded":
-                waiter.set_result(self._answer(batch, int(entry.custom_id), result.message))
+                waiter.set_result(message_outcome(int(entry.custom_id), result.message, started_at=batch.created_at))
             elif result.type == "errored":
                 error = result.error.error
                 status = _STATUS_OF_ERROR.get(error.type, 500)
@@ -263,23 +263,6 @@ class AnthropicBatchBackend:
                 waiter.set_result(None)
         missing = Verdict(ErrorKind.server_error, f"batch {batch.batch_id} returned no result", retryable=True, status=500)
         self._resolve_rest(batch, missing)
-
-    def _answer(self, batch: _Batch, row: int, message: Any) -> RawOutcome:
-        usage = message.usage
-        return RawOutcome(
-            row=row,
-            request_id=message.id,
-            started_at=batch.created_at,
-            text="".join(block.text for block in message.content if block.type == "text"),
-            usage=Usage(
-                input_tokens=usage.input_tokens or 0,
-                output_tokens=usage.output_tokens or 0,
-                cache_creation_input_tokens=usage.cache_creation_input_tokens or 0,
-                cache_read_input_tokens=usage.cache_read_input_tokens or 0,
-                cache_creation_1h_input_tokens=getattr(usage.cache_creation, "ephemeral_1h_input_tokens", 0) or 0,
-            ),
-            finish_reason=message.stop_reason,
-        )
 
     @staticmethod
     def _resolve_rest(batch: _Batch, reply: Reply) -> None:
@@ -299,9 +282,9 @@ def _packed(arrivals: list[_Arrival]) -> list[list[_Arrival]]:
     groups: list[list[_Arrival]] = []
     size = 0
     for arrival in arrivals:
-        if not groups or len(groups[-1]) >= MAX_BATCH_REQUESTS or size + len(arrival.params) > MAX_BATCH_BYTES:
+        if not groups or len(groups[-1]) >= MAX_BATCH_REQUESTS or size + arrival.size > MAX_BATCH_BYTES:
             groups.append([])
             size = 0
         groups[-1].append(arrival)
-        size += len(arrival.params)
+        size += arrival.size
     return groups
