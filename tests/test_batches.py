@@ -217,9 +217,32 @@ def test_batch_prices_are_the_list_prices_at_the_tables_discount_cache_and_long_
 def test_rows_are_packed_into_batches_of_at_most_100000_requests_and_256_mb():
     from promptmill.workers.backends.anthropic_batch import MAX_BATCH_BYTES, _Arrival, _packed
 
-    small = [_Arrival(call=None, waiter=None, request={}, size=10) for _ in range(250_001)]  # type: ignore[arg-type]
+    small = [_Arrival(None, None, {}, size=10) for _ in range(250_001)]  # type: ignore[arg-type]
     assert [len(group) for group in _packed(small)] == [100_000, 100_000, 50_001]
-    big = [_Arrival(call=None, waiter=None, request={}, size=MAX_BATCH_BYTES // 3 + 1) for _ in range(7)]  # type: ignore[arg-type]
+    big = [_Arrival(None, None, {}, size=MAX_BATCH_BYTES // 3 + 1) for _ in range(7)]  # type: ignore[arg-type]
     groups = _packed(big)
     assert [len(group) for group in groups] == [2, 2, 2, 1]
     assert all(sum(a.size for a in group) <= MAX_BATCH_BYTES < 256 * 1024 * 1024 for group in groups)
+
+
+def test_polls_back_off_from_the_shortest_wait_to_the_longest_as_a_batch_ages():
+    from promptmill.workers.backends.anthropic_batch import AnthropicBatchBackend, _Batch
+
+    settings = Settings(
+        anthropic_api_key="k", redis_url="redis://127.0.0.1:1/0", batch_poll_min_s=10, batch_poll_max_s=60
+    )
+    backend = AnthropicBatchBackend(None, settings)  # type: ignore[arg-type]  # nothing connects until used
+    ages = (0, 60, 120, 300, 3600, 86_400)
+    waits = [backend._interval_s(_Batch("b", None, time.time() - age)) for age in ages]  # type: ignore[arg-type]
+    assert waits[0] == 10 and waits[-1] == 60
+    assert waits == sorted(waits) and 10 < waits[2] < 60
+
+
+def test_a_batch_job_draws_nothing_from_the_fleets_rate_limit(tmp_path, batch_env, fake_api):
+    data, pipeline = write_rows(tmp_path, 30)
+    # At 1 request a minute, 30 real-time rows would take half an hour: past the command's timeout.
+    result = promptmill(*batch_run(data, pipeline, tmp_path / "out", "--rpm", "1"), env=batch_env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert [r["status"] for r in read_jsonl(tmp_path / "out" / "results.jsonl")] == ["ok"] * 30
+    status = json.loads(promptmill("status", job_id_of(result), "--json", env=batch_env).stdout)
+    assert status["limits"] is None  # no worker drew on (or even named) a fleet limit for the job
