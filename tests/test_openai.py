@@ -190,3 +190,18 @@ def test_a_choice_is_a_bare_json_string_but_an_object_for_openais_strict_mode():
     answers = ['"yes"', '{"answer": "no"}', '{"answer":"no', "yes."]  # a cut or free answer stays as it came
     assert [chosen_label(text) for text in answers] == ["yes", "no", '{"answer":"no', "yes."]
     assert response_format(OutputSpec(type="text"), openai_strict=True) is None
+
+
+def test_promptmills_own_variables_and_a_pipelines_base_url_reach_the_server(tmp_path, env, fake_api):
+    url = env["ANTHROPIC_BASE_URL"] + "/v1"
+    sdk_free = {k: v for k, v in openai_env(env).items() if k not in ("OPENAI_BASE_URL", "OPENAI_API_KEY")}
+    own = {**sdk_free, "PROMPTMILL_OPENAI_BASE_URL": url, "PROMPTMILL_OPENAI_API_KEY": API_KEY}
+    result, out = run_job(tmp_path / "a", own, 5)
+    assert result.returncode == 0, result.stderr
+    # A pipeline's base_url wins over the variables: here they point nowhere.
+    nowhere = {**own, "PROMPTMILL_OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}
+    pinned = PIPELINE.replace('model = "gpt-4.1-mini"', f'model = "gpt-4.1-mini"\nbase_url = "{url}"')
+    result, out = run_job(tmp_path / "b", nowhere, 5, pipeline=pinned)
+    assert result.returncode == 0, result.stderr
+    assert [r["status"] for r in read_jsonl(out / "results.jsonl")] == ["ok"] * 5
+    assert len([e for e in fake_api.log() if e["status"] == 200]) == 10
