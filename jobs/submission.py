@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
 
 from promptmill.config.prices import BATCH, UnknownModelError
 from promptmill.config.settings import MAX_CHUNK_SIZE, Settings
 from promptmill.jobs.readers import InputFormat, detect_format
 from promptmill.jobs.spec import Backend, JobSpec, new_job_id
-from promptmill.pipelines.spec import PipelineError, RateLimits, load_pipeline
+from promptmill.pipelines.spec import Pipeline, PipelineError, RateLimits, load_pipeline
 
 
 class SubmitError(ValueError):
@@ -25,8 +28,10 @@ def build_spec(
     chunk_size: int | None = None,
     limits: RateLimits | None = None,
     input_format: InputFormat | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> JobSpec:
-    """Limits come from the CLI, else the pipeline, else Settings."""
+    """Limits come from the CLI, else the pipeline, else Settings. `overrides` set pipeline fields
+    (a compare's contender: its temperature) over the file's."""
     if not input_path.exists():
         raise SubmitError(f"INPUT: {input_path} does not exist")
     try:
@@ -37,8 +42,13 @@ def build_spec(
         pipeline = load_pipeline(pipeline_path)
     except PipelineError as bad:
         raise SubmitError(str(bad)) from None
-    if model:
-        pipeline = pipeline.model_copy(update={"model": model})
+    if model or overrides:
+        try:
+            changed = {**({"model": model} if model else {}), **(overrides or {})}
+            pipeline = Pipeline.model_validate({**pipeline.model_dump(), **changed})
+        except ValidationError as bad:
+            error = bad.errors()[0]
+            raise SubmitError(f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}") from None
     if backend != "vllm":  # billed per token: a model without a price is refused, never costed at $0
         try:
             prices = pipeline.price_table(settings)

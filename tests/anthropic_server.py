@@ -6,7 +6,7 @@ for real-SDK tests and benches.
 POST /v1/messages/count_tokens counts as the API bills. POST /v1/messages answers like the API: a message with `usage` (cache fields included), the
 `anthropic-ratelimit-*` headers and `request-id`; 400/401/429/500/529 bodies in the API's error shape,
 with `retry-after` on 429 and 529. Replies are deterministic: `[[reply:TEXT]]` in the user turn makes
-the answer TEXT, `[[status:400]]` fails that request with 400 (any status), `[[spend_limit]]` with
+the answer TEXT (`[[reply@MODEL:TEXT]]` for that model only, over it), `[[status:400]]` fails that request with 400 (any status), `[[spend_limit]]` with
 the 429 of an exhausted spend limit; otherwise the answer is "ok".
 Usage: tokens are words, counted block by block. Text up to a block sent with `cache_control` (a
 breakpoint: the system prompt, or a prefix of the user turn) is a cache write the first time (5m or
@@ -64,7 +64,7 @@ from datetime import datetime, timedelta, timezone
 
 from aiohttp import web
 
-_REPLY = re.compile(r"\[\[reply:(.*?)\]\]", re.DOTALL)
+_REPLY = re.compile(r"\[\[reply(?:@([^:\]]+))?:(.*?)\]\]", re.DOTALL)
 _STATUS = re.compile(r"\[\[status:(\d{3})\]\]")
 _DEFAULTS = {
     "p429": 0.0,
@@ -95,6 +95,13 @@ def _openai_error(
 ) -> web.Response:
     body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
     return web.json_response(body, status=status, headers={"x-request-id": f"req_{uuid.uuid4().hex[:12]}", **(headers or {})})
+
+
+def _reply(prompt: str, model: str) -> str:
+    """The answer the prompt asks for: its `[[reply@MODEL:TEXT]]` for this model, else its
+    `[[reply:TEXT]]`, else "ok"."""
+    replies = {for_model: text for for_model, text in _REPLY.findall(prompt)}
+    return replies.get(model, replies.get("", "ok"))
 
 
 def _text(content) -> str:
@@ -295,10 +302,10 @@ class FakeAnthropic:
         if missing:
             return _error(400, "invalid_request_error", f"{missing[0]}: Field required")
         prompt = _text(body["messages"][-1]["content"])
-        reply_match = _REPLY.search(prompt)
-        reply = reply_match.group(1) if reply_match else "ok"
+        reply = _reply(prompt, body["model"])
         usage = self._usage(body, reply, commit_cache=False)
-        entry = {"t": arrived, "prompt": prompt, "status": 200, "usage": None, "port": _client_port(request)}
+        entry = {"t": arrived, "prompt": prompt, "status": 200, "usage": None, "port": _client_port(request),
+                 "model": body["model"]}  # fmt: skip
         self.log.append(entry)
 
         input_cost = usage["input_tokens"] + usage["cache_creation_input_tokens"]
@@ -400,11 +407,10 @@ class FakeAnthropic:
             return _openai_error(400, "invalid_request_error", f"Missing required parameter: '{missing[0]}'.")
         system = " ".join(_text(m["content"]) for m in body["messages"] if m.get("role") in ("system", "developer"))
         prompt = _text(body["messages"][-1]["content"])
-        reply_match = _REPLY.search(prompt)
-        reply = reply_match.group(1) if reply_match else "ok"
+        reply = _reply(prompt, body["model"])
         params = {key: value for key, value in body.items() if key != "messages"}
         entry = {"t": arrived, "prompt": prompt, "status": 200, "usage": None, "port": _client_port(request),
-                 "route": "chat", "params": params, "system": system or None}  # fmt: skip
+                 "route": "chat", "model": body["model"], "params": params, "system": system or None}  # fmt: skip
         self.log.append(entry)
         max_tokens = int(body.get("max_completion_tokens") or body.get("max_tokens") or 16)
         prompt_tokens = len(system.split()) + len(prompt.split())
@@ -511,8 +517,7 @@ class FakeAnthropic:
             entry["status"] = "errored"
             kind = error.group(2)
             return {"type": "errored", "error": {"type": "error", "error": {"type": kind, "message": f"{kind} for this test"}}}
-        reply_match = _REPLY.search(prompt)
-        reply = reply_match.group(1) if reply_match else "ok"
+        reply = _reply(prompt, params["model"])
         usage = self._usage(params, reply, commit_cache=True)
         entry.update(status=200, usage=usage, done=time.monotonic(), request_id=f"msg_{uuid.uuid4().hex[:24]}")
         message = {

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from promptmill.cli import inspecting, managing, running, worker  # noqa: F401 - each registers its commands
+from promptmill.cli import comparing, inspecting, managing, running, worker  # noqa: F401 - each registers its commands
 from promptmill.cli.app import app
 
 

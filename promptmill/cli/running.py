@@ -22,7 +22,7 @@ from promptmill.jobs.progress import JobProgress, WorkersExited, wait_for_job
 from promptmill.jobs.retry_failed import requeue_failed
 from promptmill.jobs.shards import ShardError, prepare_shards
 from promptmill.jobs.spec import JobSpec
-from promptmill.jobs.status import JobState
+from promptmill.jobs.status import JobState, JobStatus
 from promptmill.jobs.store import JobStore
 
 DEFAULT_WORKERS = {"anthropic": 2, "anthropic-batch": 1, "openai": 2, "vllm": 1}
@@ -37,20 +37,15 @@ def _sigterm_as_interrupt() -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
-def _run_to_end(
-    settings: Settings,
-    store: JobStore,
-    url: str,
-    spec: JobSpec,
-    workers: int,
-    resuming: bool,
-) -> None:
-    """Start local workers, feed them the job, show progress, export, stop what was started."""
+def drive(
+    settings: Settings, store: JobStore, url: str, spec: JobSpec, workers: int, resuming: bool, go_on: str
+) -> JobStatus:
+    """Start local workers, feed them the job, show progress until it stops, stop what was started.
+    `go_on` is the command that picks the job up again after a Ctrl-C."""
     _sigterm_as_interrupt()
     prices = spec.pipeline.price_table(settings)
     local = LocalWorkers(url, spec.queue, workers, Path(spec.out_dir) / "logs")
     sender = ChunkSender.for_url(url)
-    started = time.monotonic()
     try:
         local.start()
         with JobProgress(store, spec, prices, err) as progress:
@@ -59,7 +54,7 @@ def _run_to_end(
             embedded = None if settings.redis_url else EmbeddedRedis(settings.data_dir / "redis")
             status = wait_for_job(progress, alive=local.keep_alive, on_redis_lost=embedded and embedded.start)
     except KeyboardInterrupt:
-        err.print(f"\ninterrupted: stopping workers; resume with [bold]promptmill resume {spec.job_id}[/]", soft_wrap=True)
+        err.print(f"\ninterrupted: stopping workers; go on with [bold]{go_on}[/]", soft_wrap=True)
         local.stop()
         raise typer.Exit(130)
     except WorkersExited as died:
@@ -69,6 +64,15 @@ def _run_to_end(
     finally:
         local.stop()
         sender.close()
+    return status
+
+
+def _run_to_end(
+    settings: Settings, store: JobStore, url: str, spec: JobSpec, workers: int, resuming: bool
+) -> None:
+    """Drive the job to its end here, then export it and print its totals."""
+    started = time.monotonic()
+    status = drive(settings, store, url, spec, workers, resuming, go_on=f"promptmill resume {spec.job_id}")
     elapsed = time.monotonic() - started
     if status.state is JobState.failed:
         fail(f"job {spec.job_id} stopped: {status.error}\nfix the cause, then: promptmill resume {spec.job_id}", code=1)
@@ -83,7 +87,7 @@ def _run_to_end(
         )
     written = export_job(store, spec, Path(spec.out_dir))
     expire_if_finished(store, spec.job_id, settings)
-    report = cost_report(spec, status, prices)
+    report = cost_report(spec, status, spec.pipeline.price_table(settings))
     usage = status.usage
     err.print(
         f"[bold green]done[/] {status.ok:,} ok, {status.failed:,} failed of {status.total:,} rows "
@@ -96,14 +100,8 @@ def _run_to_end(
     )
 
 
-@job_command("run")
-def run(
-    request: JobRequest,
-    workers: Optional[int] = typer.Option(None, min=1, help="Local worker processes (default: 2 API, 1 vLLM)."),
-) -> None:
-    """Run a job here to the end: embedded Redis (unless PROMPTMILL_REDIS_URL), local workers, progress, export."""
-    settings = get_settings()
-    spec = request.spec(settings)
+def check_model_built(spec: JobSpec, settings: Settings) -> None:
+    """A local job's model must be built here before workers start on it."""
     if spec.backend == "vllm":
         # The CLI sits above the workers: it may ask their model registry whether the model is built.
         from promptmill.workers.local_model import ModelNotBuiltError, resolve_model
@@ -112,6 +110,17 @@ def run(
             resolve_model(spec.model, settings)
         except ModelNotBuiltError as missing:
             fail(f"model: {missing}")
+
+
+@job_command("run")
+def run(
+    request: JobRequest,
+    workers: Optional[int] = typer.Option(None, min=1, help="Local worker processes (default: 2 API, 1 vLLM)."),
+) -> None:
+    """Run a job here to the end: embedded Redis (unless PROMPTMILL_REDIS_URL), local workers, progress, export."""
+    settings = get_settings()
+    spec = request.spec(settings)
+    check_model_built(spec, settings)
     out.print(f"job {spec.job_id}", highlight=False)
     with open_store(settings) as (store, url):
         request.create(store, spec)
@@ -150,6 +159,19 @@ def submit(request: JobRequest) -> None:
     out.print(spec.job_id, highlight=False)
 
 
+def reopen(settings: Settings, store: JobStore, spec: JobSpec, budget: float | None = None) -> JobStatus:
+    """Make a stopped job runnable again: its budget (a new cap, or the old one) counts what its ledger
+    spent and lets go of what dead workers held; its state says where it goes on from."""
+    status = store.status(spec.job_id)
+    cap = store.budgets.get(spec.job_id).cap_usd if budget is None else budget
+    ledger_usd = float(cost_report(spec, status, spec.pipeline.price_table(settings)).cost_usd)
+    store.budgets.set(spec.job_id, cap, ledger_usd)
+    if status.state is not JobState.complete:
+        store.set_state(spec.job_id, JobState.running if status.produced else JobState.producing)
+    prepare_shards(spec)
+    return status
+
+
 @app.command()
 def resume(
     job_id: JobArg,
@@ -175,15 +197,9 @@ def resume(
                 + (f"; {requeued.kept_failed:,} failed for their input and stay failed" if requeued.kept_failed else ""),
                 highlight=False,
             )
-        status = store.status(job_id)
-        cap = store.budgets.get(job_id).cap_usd if budget is None else budget
-        ledger_usd = float(cost_report(spec, status, spec.pipeline.price_table(settings)).cost_usd)
-        store.budgets.set(job_id, cap, ledger_usd)  # whatever was held by workers that died is let go
+        status = reopen(settings, store, spec, budget)
         if status.state is JobState.complete:
             out.print(f"job {job_id} is already complete; exporting")
-        else:
-            store.set_state(job_id, JobState.running if status.produced else JobState.producing)
-        prepare_shards(spec)
         out.print(f"job {job_id}", highlight=False)
         total = f"{status.total:,}" if status.produced else f"{status.total:,} enqueued"
         err.print(

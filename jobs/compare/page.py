@@ -1,0 +1,119 @@
+"""`compare.html`: the contenders' table and plots in one file that opens offline (plotly's script is
+written into it once)."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+import plotly.graph_objects as go
+
+from promptmill.jobs.compare.score import Score
+from promptmill.jobs.files import atomic_write
+
+_COLUMNS = [
+    ("contender", "name"),
+    ("rows", "rows"),
+    ("ok", "ok"),
+    ("failed", "failed"),
+    ("failures", "failures"),
+    ("latency p50 ms", "latency_ms_p50"),
+    ("latency p95 ms", "latency_ms_p95"),
+    ("output tokens/s", "output_tokens_per_s"),
+    ("cost USD", "cost_usd"),
+    ("USD / 1,000 rows", "cost_per_1000_rows_usd"),
+    ("accuracy", "accuracy"),
+    ("agreement", "agreement"),
+]
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, dict):
+        return ", ".join(f"{kind} {count}" for kind, count in value.items()) or "–"
+    if isinstance(value, float):
+        return f"{value:,.4g}" if abs(value) < 1 else f"{value:,.1f}"
+    return html.escape(str(value))
+
+
+def _table(scores: list[Score]) -> str:
+    head = "".join(f"<th>{title}</th>" for title, _ in _COLUMNS)
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{_cell(score.as_dict()[key])}</td>" for _, key in _COLUMNS) + "</tr>" for score in scores
+    )
+    return f"<table><tr>{head}</tr>{rows}</table>"
+
+
+def _confusions(scores: list[Score]) -> str:
+    parts = []
+    for score in scores[1:]:
+        if not score.confusion:
+            continue
+        answers = sorted({answer for counts in score.confusion.values() for answer in counts})
+        head = "".join(f"<th>{html.escape(answer)}</th>" for answer in answers)
+        body = "".join(
+            f"<tr><th>{html.escape(first)}</th>"
+            + "".join(f"<td>{counts.get(answer, 0)}</td>" for answer in answers)
+            + "</tr>"
+            for first, counts in score.confusion.items()
+        )
+        parts.append(
+            f"<h3>{html.escape(scores[0].name)} (rows) against {html.escape(score.name)} (columns)</h3>"
+            f"<table><tr><th></th>{head}</tr>{body}</table>"
+        )
+    return "".join(parts)
+
+
+def _cost_against_quality(scores: list[Score]) -> go.Figure:
+    by_accuracy = any(score.accuracy is not None for score in scores)
+    quality = "accuracy" if by_accuracy else "agreement"
+    figure = go.Figure(
+        go.Scatter(
+            x=[score.cost_per_1000_rows_usd for score in scores],
+            y=[getattr(score, quality) for score in scores],
+            text=[score.name for score in scores],
+            mode="markers+text",
+            textposition="top center",
+            marker={"size": 12},
+        )
+    )
+    figure.update_layout(
+        title=f"Cost against {quality}" + ("" if by_accuracy else " with the first contender (no --label)"),
+        xaxis_title="USD per 1,000 rows",
+        yaxis_title=quality,
+        yaxis_range=[0, 1.05],
+    )
+    return figure
+
+
+def _latencies(scores: list[Score]) -> go.Figure:
+    figure = go.Figure([go.Box(y=score.latencies_ms, name=score.name, boxpoints="outliers") for score in scores])
+    figure.update_layout(title="Latency of answered rows", yaxis_title="ms", showlegend=False)
+    return figure
+
+
+def write_page(path: Path, title: str, scores: list[Score], notes: list[str]) -> None:
+    plots = [
+        figure.to_html(full_html=False, include_plotlyjs=(i == 0), default_width="100%", default_height="460px")
+        for i, figure in enumerate([_cost_against_quality(scores), _latencies(scores)])
+    ]
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; }}
+th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
+th {{ background: #f4f4f4; }}
+td:first-child {{ text-align: left; }}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+{_table(scores)}
+{"".join(f"<p>{html.escape(note)}</p>" for note in notes)}
+{"".join(plots)}
+{_confusions(scores)}
+</body></html>
+"""
+    with atomic_write(path, "w", encoding="utf-8") as handle:
+        handle.write(page)
