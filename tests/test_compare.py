@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 from collections import Counter
 from decimal import Decimal
 from pathlib import Path
@@ -180,25 +179,23 @@ def test_a_compare_stopped_in_its_second_contender_resumes_and_pays_for_no_row_t
 
 @pytest.mark.vllm
 def test_a_server_model_against_the_local_engine_on_the_examples(tmp_path, env, fake_api):
-    """The examples' reviews, each with its label as the server model's answer: the server is right on
-    every row, and the engine's accuracy, agreement and confusion follow from its answers."""
-    reviews = read_jsonl(ROOT / "examples" / "reviews.jsonl")[:60]
-    rows = [{**r, "text": f"{r['text']} [[reply:{r['label']}]]"} for r in reviews]
-    data, _ = write_dataset(tmp_path, rows)
-    started = time.monotonic()
+    """The examples' pipeline on a sample of their reviews: a server model that calls every review
+    positive against the demo's local model, which must be right on at least 80% of them."""
+    fake_api.configure(reply="positive")
     result = promptmill(
-        "compare", str(data), "--pipeline", str(ROOT / "examples" / "sentiment.toml"), "--sample", "24",
-        "--against", "anthropic:claude-haiku-4-5", "--against", "vllm:smollm2-135m-instruct",
+        "compare", str(ROOT / "examples" / "reviews.jsonl"), "--pipeline", str(ROOT / "examples" / "sentiment.toml"),
+        "--sample", "40", "--against", "anthropic:claude-haiku-4-5", "--against", "vllm:gemma3-270m",
         "--label", "label", "--out", str(tmp_path / "cmp"), "--json", env=env, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     server, engine = json.loads(result.stdout)["contenders"]
-    assert (server["ok"], server["accuracy"], server["rows"], engine["rows"]) == (24, 1.0, 24, 24)
     side_by_side = read_jsonl(tmp_path / "cmp" / "rows.jsonl")
-    engine_answers = [line["answers"]["vllm:smollm2-135m-instruct"] for line in side_by_side]
-    right = sum(1 for line, answer in zip(side_by_side, engine_answers) if answer == line["label"])
-    assert engine["accuracy"] == engine["agreement"] == round(right / 24, 4)
-    assert sum(sum(counts.values()) for counts in engine["confusion"].values()) == 24
-    assert engine["ok"] + engine["failed"] == 24 and engine["output_tokens_per_s"] > 0
+    labels = [line["label"] for line in side_by_side]
+    engine_answers = [line["answers"]["vllm:gemma3-270m"] for line in side_by_side]
+    assert (server["ok"], server["accuracy"]) == (40, round(labels.count("positive") / 40, 4))
+    right = sum(1 for label, answer in zip(labels, engine_answers) if answer == label)
+    assert engine["accuracy"] == round(right / 40, 4) >= 0.8
+    assert engine["agreement"] == round(engine_answers.count("positive") / 40, 4)
+    assert engine["confusion"] == {"positive": dict(sorted(Counter(engine_answers).items()))}
+    assert engine["output_tokens_per_s"] > 0 and engine["latency_ms_p50"] > 0
     assert engine["cost_usd"] > 0 and server["cost_usd"] > 0  # the engine's device time, the server's bill
-    assert time.monotonic() - started < 600

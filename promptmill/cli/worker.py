@@ -77,11 +77,16 @@ def worker(
 
 
 @app.command("prepare-model")
-def prepare_model() -> None:
-    """Build the local SmolLM2-135M-Instruct folder (model name `smollm2-135m-instruct`) once."""
-    from promptmill.workers.local_model import build_model
+def prepare_model(
+    models: Optional[list[str]] = typer.Argument(None, metavar="[MODEL]...", help="Local model aliases (default: all)."),
+) -> None:
+    """Build the local models' folders once (gemma3-270m, the demo's; smollm2-135m-instruct, the smallest)."""
+    from promptmill.workers.local_model import MODELS, build_model
 
     settings = get_settings()
-    started = time.monotonic()
-    folder = build_model(settings)
-    out.print(f"smollm2-135m-instruct ready at {folder} ({time.monotonic() - started:.1f}s)")
+    for alias in models or list(MODELS):
+        if alias not in MODELS:
+            fail(f"MODEL: {alias!r} is not a local model; they are {', '.join(MODELS)}")
+        started = time.monotonic()
+        folder = build_model(settings, alias)
+        out.print(f"{alias} ready at {folder} ({time.monotonic() - started:.1f}s)")
