@@ -41,6 +41,7 @@ def _flat(record: dict[str, Any]) -> dict[str, Any]:
         "finish_reason": record["finish_reason"],
         "attempts": record["attempts"],
         **{name: record[name] for name in ("model", "request_id", "started_at", "finished_at", "latency_ms")},
+        "models_tried": None if record["models_tried"] is None else orjson.dumps(record["models_tried"]).decode(),
         "errors": orjson.dumps(record["errors"]).decode(),
         "line": record["line"],
     }
@@ -128,6 +129,7 @@ def _write_batch(pq: Any, pa: Any, sink: Any, writer: Any, batch: list[dict[str,
             ("started_at", pa.string()),
             ("finished_at", pa.string()),
             ("latency_ms", pa.float64()),
+            ("models_tried", pa.string()),
             ("errors", pa.string()),
             ("line", pa.int64()),
         ]

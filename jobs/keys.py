@@ -34,6 +34,9 @@ Cluster slot and one Lua script may touch them together.
                                 (written the moment the provider names it; `status` and `cancel` read it)
     pm:{JOB}:batch_rows:{CHUNK} hash: row -> "BATCH_ID|ATTEMPT": the batch that holds the row's attempt,
                                 so a run after a kill polls that batch instead of sending the row again
+    pm:{JOB}:fallback           hash: "failing_since:LINK" -> when a model of the job's fallback chain
+                                (0: its own) last began failing with no success since (epoch seconds)
+    pm:{JOB}:probe:{LINK}       a fleet-wide turn, with an expiry, to try a model the fleet passed over
     pm:limit:{SCOPE}            hash: the fleet's rate-limit buckets for one account and model, with
                                 the limits learned from the provider's headers (the LIMIT_* fields)
 """
@@ -108,6 +111,10 @@ class JobKeys:
     resent = property(lambda self: self._key("resent"))
     sent_at = property(lambda self: self._key("sent_at"))
     batches = property(lambda self: self._key("batches"))
+    fallback = property(lambda self: self._key("fallback"))
+
+    def probe(self, link: int) -> str:
+        return self._key("probe", str(link))
 
     def chunk(self, chunk_id: str) -> str:
         return self._key("chunk", chunk_id)

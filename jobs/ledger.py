@@ -75,7 +75,9 @@ _CACHE_FIELDS = ("cache_creation_input_tokens", "cache_creation_1h_input_tokens"
 def cost_report(spec: JobSpec, status: JobStatus, prices: PriceTable) -> CostReport:
     models = []
     local = spec.backend == "vllm"
-    for model, usage in sorted(status.usage_by_model.items()):
+    # A model that only failed (a fallback chain's model that was down) is shown too: its failed attempts.
+    for model in sorted(set(status.usage_by_model) | set(status.failed_attempts_by_model)):
+        usage = status.usage_by_model.get(model, Usage())
         requests = status.requests_by_model.get(model, 0)
         failed = status.failed_attempts_by_model.get(model, 0)
         if not local:

@@ -45,3 +45,20 @@ class JobSpec(BaseModel):
     @property
     def model(self) -> str:
         return self.pipeline.model
+
+    def links(self) -> list["JobSpec"]:
+        """The job's fallback chain: the job itself, then the job as each fallback model would run it
+        ("MODEL" on the job's backend, "BACKEND:MODEL" on another), each model once."""
+        chain = [self]
+        seen = {(self.backend, self.model)}
+        for entry in self.pipeline.fallback:
+            backend, colon, model = entry.partition(":")
+            if not colon or backend not in BACKENDS:
+                backend, model = self.backend, entry  # a bare model (an Ollama "llama3:8b" too)
+            if (backend, model) in seen:
+                continue
+            seen.add((backend, model))
+            # The pipeline's own [price] is its model's: a fallback model is priced by the table.
+            pipeline = self.pipeline.model_copy(update={"model": model, "fallback": [], "price": None})
+            chain.append(self.model_copy(update={"backend": backend, "pipeline": pipeline}))
+        return chain

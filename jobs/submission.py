@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from promptmill.config.prices import BATCH, UnknownModelError
+from promptmill.config.prices import BATCH, PriceTable, UnknownModelError
 from promptmill.config.settings import MAX_CHUNK_SIZE, Settings
 from promptmill.jobs.readers import InputFormat, detect_format
 from promptmill.jobs.spec import Backend, JobSpec, new_job_id
@@ -49,25 +49,13 @@ def build_spec(
         except ValidationError as bad:
             error = bad.errors()[0]
             raise SubmitError(f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}") from None
-    if backend != "vllm":  # billed per token: a model without a price is refused, never costed at $0
-        try:
-            prices = pipeline.price_table(settings)
-            prices.price_for(pipeline.model + (BATCH if backend == "anthropic-batch" else ""))
-        except UnknownModelError as unknown:
-            raise SubmitError(f"model: {unknown}") from None
-    if backend in ("anthropic", "anthropic-batch") and not settings.api_key():
-        raise SubmitError("anthropic_api_key: no API key; set ANTHROPIC_API_KEY (or PROMPTMILL_ANTHROPIC_API_KEY)")
-    if backend == "openai" and not settings.openai_key(settings.openai_url(pipeline.base_url)):
-        raise SubmitError(
-            "openai_api_key: no API key for OpenAI; set OPENAI_API_KEY (or PROMPTMILL_OPENAI_API_KEY), "
-            "or point OPENAI_BASE_URL or the pipeline's base_url at a self-hosted server"
-        )
+    _check_model(settings, backend, pipeline, pipeline.price_table(settings), "model")
     if chunk_size is not None and not 1 <= chunk_size <= MAX_CHUNK_SIZE:
         raise SubmitError(f"--chunk-size must be from 1 to {MAX_CHUNK_SIZE:,}, not {chunk_size:,}")
     from_settings = RateLimits(rpm=settings.rpm, input_tpm=settings.input_tpm, output_tpm=settings.output_tpm)
     job_limits = (limits or RateLimits()).over(pipeline.limits.over(from_settings))
     job_id = new_job_id()
-    return JobSpec(
+    spec = JobSpec(
         job_id=job_id,
         pipeline=pipeline,
         backend=backend,
@@ -82,3 +70,29 @@ def build_spec(
         pipeline_path=str(pipeline_path.resolve()),
         pipeline_text=pipeline_path.read_text(encoding="utf-8"),
     )
+    prices = pipeline.price_table(settings)
+    for link in spec.links()[1:]:
+        name = f"fallback: {link.backend}:{link.model}"
+        if link.queue != spec.queue:
+            raise SubmitError(
+                f"{name} runs on the {link.queue!r} queue and the job on {spec.queue!r}: a chain's models "
+                "share one queue (anthropic and openai models: api)"
+            )
+        _check_model(settings, link.backend, link.pipeline, prices, name)
+    return spec
+
+
+def _check_model(settings: Settings, backend: Backend, pipeline: Pipeline, prices: PriceTable, field: str) -> None:
+    """A model billed per token has a price (never costed at $0), and its backend a key."""
+    if backend != "vllm":
+        try:
+            prices.price_for(pipeline.model + (BATCH if backend == "anthropic-batch" else ""))
+        except UnknownModelError as unknown:
+            raise SubmitError(f"{field}: {unknown}") from None
+    if backend in ("anthropic", "anthropic-batch") and not settings.api_key():
+        raise SubmitError("anthropic_api_key: no API key; set ANTHROPIC_API_KEY (or PROMPTMILL_ANTHROPIC_API_KEY)")
+    if backend == "openai" and not settings.openai_key(settings.openai_url(pipeline.base_url)):
+        raise SubmitError(
+            "openai_api_key: no API key for OpenAI; set OPENAI_API_KEY (or PROMPTMILL_OPENAI_API_KEY), "
+            "or point OPENAI_BASE_URL or the pipeline's base_url at a self-hosted server"
+        )

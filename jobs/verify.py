@@ -43,8 +43,9 @@ def verify_job(store: JobStore, spec: JobSpec) -> Verification:
         result.problems.append(
             f"counters say {status.ok:,} ok and {status.failed:,} failed; the outcomes, {ok:,} and {failed:,}"
         )
-    # The model at its standard and long-context rates, each through the Message Batches API too.
-    names = {spec.model + band + batch for band in ("", LONG) for batch in ("", BATCH)}
+    # The job's models (its own and its fallback chain's) at their standard and long-context rates,
+    # each through the Message Batches API too.
+    names = {link.model + band + batch for link in spec.links() for band in ("", LONG) for batch in ("", BATCH)}
     # Failed outcomes replaced by `resume --retry-failed` were paid for: the ledger keeps them.
     retried = store.chunks.retried_usage(spec.job_id)
     usage = usage + retried.usage

@@ -24,6 +24,7 @@ class ErrorKind(StrEnum):
     timeout = "timeout"  #: no answer in time after every allowed attempt
     expired = "expired"  #: a batch request the provider left unprocessed for 24 h, after every allowed attempt
     connection_error = "connection_error"  #: connection failures after every allowed attempt
+    model_not_found = "model_not_found"  #: 404: the model is retired or never was (a fallback takes the row)
     auth_error = "auth_error"  #: 401 / 403: fatal for the whole job
     prompt_too_long = "prompt_too_long"  #: the prompt does not fit the model's context
     engine_error = "engine_error"  #: the local engine failed on this request
@@ -90,6 +91,7 @@ class ItemOutcome(BaseModel):
     finish_reason: str | None = None
     attempts: int = 0
     model: str | None = None  #: who answered (None: no model saw the row)
+    models_tried: list[str] | None = None  #: with a fallback chain: every model the row went to, in order
     request_id: str | None = None  #: the provider's id of the answering request
     started_at: str | None = None  #: ISO 8601 UTC: the row's first attempt of its last run
     finished_at: str | None = None  #: ISO 8601 UTC: when its outcome was known

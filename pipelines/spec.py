@@ -164,6 +164,11 @@ class Pipeline(BaseModel):
     base_url: str | None = None
     structured_output: bool = True
     price: PipelinePrice | None = None
+    # Models to fall back on, in order, after `model`: "MODEL" on the job's backend, or "BACKEND:MODEL".
+    # A row moves on when its attempts on a model are spent on retryable errors or the model is gone
+    # (404); the whole fleet moves on once a model has failed with no success for fallback_after_s.
+    fallback: list[str] = Field(default_factory=list)
+    fallback_after_s: float = Field(default=60.0, gt=0)
 
     def price_table(self, settings: Settings) -> PriceTable:
         """The price table this pipeline's jobs are costed by: the shipped and user tables, with the

@@ -7,7 +7,8 @@ POST /v1/messages/count_tokens counts as the API bills. POST /v1/messages answer
 `anthropic-ratelimit-*` headers and `request-id`; 400/401/429/500/529 bodies in the API's error shape,
 with `retry-after` on 429 and 529. Replies are deterministic: `[[reply:TEXT]]` in the user turn makes
 the answer TEXT (`[[reply@MODEL:TEXT]]` for that model only, over it; without either, the configured
-`reply`), `[[status:400]]` fails that request with 400 (any status), `[[spend_limit]]` with
+`reply`), `[[status:400]]` fails that request with 400 (any status; `[[status@MODEL:404]]` for that
+model only), `[[spend_limit]]` with
 the 429 of an exhausted spend limit; otherwise the answer is "ok".
 Usage: tokens are words, counted block by block. Text up to a block sent with `cache_control` (a
 breakpoint: the system prompt, or a prefix of the user turn) is a cache write the first time (5m or
@@ -43,6 +44,7 @@ Control: POST /_config with any of
     hide_limits                        send no anthropic-ratelimit-* headers
     batch_delay_s                      seconds from a batch's creation to its end
     reply                              the answer to a prompt that names none ("ok")
+    down                               {model: status}: every request for the model fails so (529, 404)
 GET /_log (every request: t arrived and, when answered, done, on the monotonic clock; prompt,
 status, usage, request_id, the sender's port), POST /_reset. `[[kill_worker]]` in a prompt SIGKILLs the local process that sent it.
 """
@@ -67,7 +69,7 @@ from datetime import datetime, timedelta, timezone
 from aiohttp import web
 
 _REPLY = re.compile(r"\[\[reply(?:@([^:\]]+))?:(.*?)\]\]", re.DOTALL)
-_STATUS = re.compile(r"\[\[status:(\d{3})\]\]")
+_STATUS = re.compile(r"\[\[status(?:@([^:\]]+))?:(\d{3})\]\]")
 _DEFAULTS = {
     "p429": 0.0,
     "p500": 0.0,
@@ -84,6 +86,7 @@ _DEFAULTS = {
     "hide_limits": False,
     "batch_delay_s": 0.0,
     "reply": "ok",
+    "down": {},
 }
 _TIMEOUT_HANG_S = 600.0  # a "timed out" request is never answered; the client's timeout ends it
 
@@ -238,7 +241,9 @@ class FakeAnthropic:
                 bucket.take(costs[budget])
         return wait
 
-    def _roll_fault(self, prompt: str) -> int | str | None:
+    def _roll_fault(self, prompt: str, model: str) -> int | str | None:
+        if model in self.config["down"]:
+            return int(self.config["down"][model])
         roll = random.random()
         for fault, share in (
             (429, "p429"),
@@ -254,8 +259,8 @@ class FakeAnthropic:
             return "spend_limit"
         if "[[kill_worker]]" in prompt:
             return "kill_worker"
-        forced = _STATUS.search(prompt)
-        return int(forced.group(1)) if forced else None
+        forced = {for_model: int(status) for for_model, status in _STATUS.findall(prompt)}
+        return forced.get(model, forced.get(""))
 
     def _usage(self, body: dict, reply: str, commit_cache: bool) -> dict:
         """Input tokens as the API splits them: up to the last cache breakpoint, a cache read of the
@@ -318,7 +323,7 @@ class FakeAnthropic:
             headers = {"retry-after": str(max(1, math.ceil(wait))), **self._limit_headers()}
             return _error(429, "rate_limit_error", "This request would exceed your rate limit", headers)
 
-        fault = self._roll_fault(prompt)
+        fault = self._roll_fault(prompt, body["model"])
         if fault == "timeout":
             entry["status"] = "timeout"
             await asyncio.sleep(_TIMEOUT_HANG_S)
@@ -345,6 +350,8 @@ class FakeAnthropic:
                 return _error(529, "overloaded_error", "Overloaded", retry)
             if fault == 400:
                 return _error(400, "invalid_request_error", "prompt is poisoned for this test")
+            if fault == 404:
+                return _error(404, "not_found_error", f"model: {body['model']}")
             if fault == 413:
                 return _error(413, "request_too_large", "Request exceeds the maximum allowed number of bytes")
             if fault == "spend_limit":
@@ -428,7 +435,7 @@ class FakeAnthropic:
         for budget, bucket in self.buckets.items():
             bucket.take(costs[budget])
 
-        fault = "insufficient_quota" if "[[insufficient_quota]]" in prompt else self._roll_fault(prompt)
+        fault = "insufficient_quota" if "[[insufficient_quota]]" in prompt else self._roll_fault(prompt, body["model"])
         if fault == "timeout":
             entry["status"] = "timeout"
             await asyncio.sleep(_TIMEOUT_HANG_S)
@@ -448,7 +455,10 @@ class FakeAnthropic:
                 return _openai_error(429, "insufficient_quota", message, "insufficient_quota")
             if fault == 429:
                 return _openai_error(429, "requests", "Rate limit reached", "rate_limit_exceeded", retry)
-            if fault in (400, 404, 413):
+            if fault == 404:
+                message = f"The model `{body['model']}` does not exist or you do not have access to it."
+                return _openai_error(404, "invalid_request_error", message, "model_not_found")
+            if fault in (400, 413):
                 return _openai_error(fault, "invalid_request_error", "prompt is poisoned for this test")
             return _openai_error(int(fault) if isinstance(fault, int) else 500, "server_error", "The server had an error", None, retry)
 

@@ -82,7 +82,7 @@ def openai_failure(api_server, prompt: str, key: str = API_KEY) -> openai.APIErr
         ("[[status:500]]", ErrorKind.server_error, True, False),
         ("[[status:529]]", ErrorKind.server_error, True, False),
         ("[[status:400]]", ErrorKind.invalid_request, False, False),
-        ("[[status:404]]", ErrorKind.invalid_request, False, False),
+        ("[[status:404]]", ErrorKind.model_not_found, False, False),
         ("[[insufficient_quota]]", ErrorKind.rate_limited, False, True),
     ],
 )

@@ -53,6 +53,13 @@ class AttemptLog(Protocol):
     def failed(self, row: int) -> None: ...
 
 
+class ChunkAttemptLog(AttemptLog, Protocol):
+    def for_model(self, model: str, first: bool) -> AttemptLog:
+        """The log of a fallback chain's model: its own count of a row's attempts (the first model's
+        goes on from the row's), its failed attempts in the ledger under its name."""
+        ...
+
+
 @dataclass
 class Audit:
     async def __call__(self, call: Call, send: Send) -> Reply | None:
@@ -88,7 +95,7 @@ class Retry:
                 raise FatalJobError(f"{self.label} refused the job: {verdict.message}")
             self.attempts.failed(call.request.row)
             errors.append(AttemptError(status=verdict.status, message=verdict.message))
-            if not verdict.retryable or call.attempt >= call.job.max_attempts:
+            if not verdict.retryable or call.attempt >= (1 if call.probe else call.job.max_attempts):
                 error = ItemError(kind=verdict.kind, message=verdict.final_message(call.attempt))
                 return RawOutcome(row=call.request.row, error=error, attempts=call.attempt, errors=errors)
             settings = self.settings

@@ -2,7 +2,8 @@
 
 Retryable: 429, 408, 409, 5xx and 529 (overloaded), timeouts and connection errors, waiting what the
 provider's `retry-after` says or else an exponential backoff with full jitter, capped. Fatal for the
-item: 400, 404, 413, 422 (the provider's message is kept). Fatal for the job: 401 and 403, and a 429
+item: 400, 404 (the model is not found: a fallback chain moves the row on), 413, 422 (the provider's
+message is kept). Fatal for the job: 401 and 403, and a 429
 that says the account's spend limit is reached (Anthropic) or its quota is spent (OpenAI). Both SDKs'
 errors are read the same way.
 """
@@ -97,6 +98,8 @@ def status_verdict(status: int, message: str, said: str = "", retry_after_s: flo
         return Verdict(ErrorKind.rate_limited, message, retryable=True, retry_after_s=retry_after_s, status=status)
     if status in (408, 409) or status >= 500:  # 500, 502, 503, 504 and 529 (overloaded) among them
         return Verdict(ErrorKind.server_error, message, retryable=True, retry_after_s=retry_after_s, status=status)
+    if status == 404:  # the model: retired, misspelt, or not on this account
+        return Verdict(ErrorKind.model_not_found, message, retryable=False, status=status)
     return Verdict(ErrorKind.invalid_request, message, retryable=False, status=status)
 
 

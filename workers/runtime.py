@@ -19,6 +19,7 @@ from typing import Awaitable, Hashable, TypeVar
 
 from promptmill.config.prices import PriceTable
 from promptmill.config.settings import Settings
+from promptmill.jobs.fallback import FallbackState
 from promptmill.jobs.shards import shards_reachable
 from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.store import JobStore
@@ -29,12 +30,14 @@ from promptmill.workers.backends.base import Backend, BackendFactory
 from promptmill.workers.backends.openai import OpenAIBackend
 from promptmill.workers.backends.vllm import VLLMBackend
 from promptmill.workers.concurrency import AdaptiveConcurrency
+from promptmill.workers.fallback import Fallback, Health, OnWire
 from promptmill.workers.limit_signals import InputTokenEstimate
 from promptmill.workers.rate_limit import FleetLimiter
 from promptmill.workers.request_path import (
     AttemptLog,
     Audit,
     Budget,
+    ChunkAttemptLog,
     Concurrency,
     Gate,
     Layer,
@@ -77,6 +80,7 @@ class WorkerRuntime:
     scoped_jobs: set[str] = field(default_factory=set)
     careful: threading.Lock = field(default_factory=threading.Lock)  # one chunk at a time hunts for poison
     prices: dict[str, PriceTable] = field(default_factory=dict)  # job id -> its price table
+    fallbacks: dict[str, FallbackState] = field(default_factory=dict)  # job id -> its chain's fleet state
 
     def prices_for(self, job: JobSpec) -> PriceTable:
         if job.job_id not in self.prices:
@@ -130,8 +134,24 @@ class WorkerRuntime:
     async def backend(self, job: JobSpec) -> Backend:
         return (await self._served(job)).backend
 
-    async def request_path(self, job: JobSpec, attempts: AttemptLog, gate: Gate) -> Send:
-        """The layers every request of this chunk goes through, in order (workers/request_path.py)."""
+    async def request_path(self, job: JobSpec, attempts: ChunkAttemptLog, gate: Gate) -> Send:
+        """The layers every request of this chunk goes through, in order (workers/request_path.py);
+        with a fallback chain, one path per model under the chain (workers/fallback.py)."""
+        links = job.links()
+        if len(links) == 1:
+            return await self._path(job, attempts, gate)
+        if job.job_id not in self.fallbacks:
+            self.fallbacks[job.job_id] = FallbackState(self.store.redis, job)
+        state = self.fallbacks[job.job_id]
+        paths = [
+            await self._path(link, attempts.for_model(link.model, first=i == 0), gate, Health(state, i), OnWire())
+            for i, link in enumerate(links)
+        ]
+        return Fallback(list(zip(links, paths)), state)
+
+    async def _path(
+        self, job: JobSpec, attempts: AttemptLog, gate: Gate, health: Layer | None = None, on_wire: Layer | None = None
+    ) -> Send:
         served = await self._served(job)
         backend = served.backend
         limiter = self._limiter(backend, job)
@@ -139,6 +159,8 @@ class WorkerRuntime:
         # A layer that does not apply is left out: an engine schedules its own batch and has no
         # provider's limit; a job without a cap (read once per chunk) holds no budget.
         layers: list[Layer] = [Audit(), Retry(attempts, self.settings, backend.label)]
+        if health is not None:  # a chain's model: each attempt told to the fleet (workers/fallback.py)
+            layers.append(health)
         if served.slots is not None:
             layers.append(Concurrency(served.slots, limiter))
         if backend.billed_per_token and self.store.budgets.has_cap(job.job_id):
@@ -146,6 +168,8 @@ class WorkerRuntime:
         layers.append(Ledger(prices, backend.billed_per_token, backend.ledger_suffix))
         if limiter is not None:
             layers.append(Limit(limiter, served.estimate, backend))
+        if on_wire is not None:
+            layers.append(on_wire)
         layers.append(gate)
         return compose(layers, backend)
 

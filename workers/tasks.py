@@ -13,6 +13,7 @@ import logging
 import socket
 import threading
 import time
+from dataclasses import dataclass, field
 
 import redis
 from celery.signals import worker_shutdown
@@ -41,7 +42,8 @@ def to_outcome(job: JobSpec, raw: RawOutcome, line: int = 0) -> ItemOutcome:
         "text": raw.text if job.pipeline.store_text else None,
         "finish_reason": raw.finish_reason,
         "attempts": raw.attempts,
-        "model": job.model if raw.attempts else None,  # a row refused before sending reached no model
+        "model": (raw.model or job.model) if raw.attempts else None,  # a row refused before sending reached no model
+        "models_tried": raw.models_tried,
         "request_id": raw.request_id,
         "started_at": iso_utc(raw.started_at),
         "finished_at": iso_utc(raw.finished_at),
@@ -71,6 +73,24 @@ class ChunkAttempts:
 
     def failed(self, row: int) -> None:
         self.counts[row] = self.store.chunks.add_failed_attempt(self.job_id, self.chunk_id, row, self.model)
+
+    def for_model(self, model: str, first: bool) -> "ModelAttempts":
+        return ModelAttempts(self, model, first)
+
+
+@dataclass
+class ModelAttempts:
+    chunk: ChunkAttempts
+    model: str
+    first: bool
+    counts: dict[int, int] = field(default_factory=dict)
+
+    def prior(self, row: int) -> int:
+        return self.chunk.prior(row) if self.first else self.counts.get(row, 0)
+
+    def failed(self, row: int) -> None:
+        self.counts[row] = self.counts.get(row, 0) + 1
+        self.chunk.store.chunks.add_failed_attempt(self.chunk.job_id, self.chunk.chunk_id, row, self.model)
 
 
 class _StillWaiting(Exception):

@@ -27,6 +27,7 @@ from promptmill.cli.app import (
 from promptmill.cli.new_job import JobRequest
 from promptmill.config.prices import PriceTable
 from promptmill.config.settings import get_settings
+from promptmill.jobs.fallback import fallback_status
 from promptmill.jobs.ledger import cost_report
 from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.status import JobStatus
@@ -59,6 +60,7 @@ def _status_dict(spec: JobSpec, status: JobStatus, prices: PriceTable, store: Jo
         "budget": vars(store.budgets.get(spec.job_id)),
         "limits": None if status.limit_scope is None else store.limits.summary(status.limit_scope, spec.limits),
         **({"batches": _batches(store, spec.job_id)} if spec.backend == "anthropic-batch" else {}),
+        **({"fallback": chain} if (chain := fallback_status(store.redis, spec)) is not None else {}),
         "out_dir": spec.out_dir,
     }
 
@@ -90,6 +92,8 @@ def status(job_id: JobArg, as_json: JsonFlag = False) -> None:
             value = f"{requests:,} answers for rows already done, ${value['cost_usd']:.6f}"
         elif key == "limits" and value is not None:
             value = _limits_line(value)
+        elif key == "fallback":
+            value = f"on {value['on']} of {' -> '.join(value['chain'])}" + (f": {value['reason']}" if value["reason"] else "")
         elif key == "batches":
             value = "\n".join(_batch_line(batch) for batch in value) or "none yet"
         elif key == "budget":

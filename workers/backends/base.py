@@ -39,6 +39,10 @@ class Call:
     request: RenderedRequest
     chunk_id: str = ""
     attempt: int = 0  # the attempt under way, from 1 (the retry layer counts)
+    probe: bool = False  # a fallback chain's probe of a model the fleet passed over: one attempt
+    on_wire: bool = False  # an attempt is on its way to the provider (a chain must not take it back)
+    wire_attempts: int = 0  # a chain's model: attempts sent so far, and their errors
+    wire_errors: list[AttemptError] = field(default_factory=list)
 
     @property
     def chars(self) -> int:
@@ -60,6 +64,9 @@ class RawOutcome:
     errors: list[AttemptError] = field(default_factory=list)
     limits: LimitHeaders | None = None  # what the response said of the account's limits
     ledger_model: str | None = None  # the name the ledger prices it under (the ledger layer sets it)
+    model: str | None = None  # with a fallback chain: the model that answered (or failed it last)
+    models_tried: list[str] | None = None  # with a fallback chain: where the row went, in order
+    passed_over: bool = False  # not sent: the fleet moved past its model while it waited (a chain goes on)
 
 
 Reply = RawOutcome | Verdict

@@ -1,0 +1,146 @@
+"""Fallback chains through the real CLI and workers: a pipeline's model on the local server's Messages
+API falling back on a model of its chat completions API, with faults the server is told to make."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import redis
+
+from promptmill.jobs.fallback import fallback_status
+from promptmill.jobs.store import JobStore
+from tests.conftest import promptmill, read_jsonl
+from tests.support import write_dataset
+from tests.test_api_jobs import job_id_of
+from tests.test_compare import bill, both_apis
+from tests.test_crash_safety import start_cli, wait_until
+
+HAIKU, MINI = "claude-haiku-4-5", "gpt-4.1-mini"
+AFTER_S = 2.0
+
+
+def pipeline(after_s: float = AFTER_S, fallback: str = f'["openai:{MINI}"]') -> str:
+    return f"""
+name = "fallback"
+model = "{HAIKU}"
+prompt = "Item {{id}}: {{text}}"
+max_tokens = 8
+fallback = {fallback}
+fallback_after_s = {after_s}
+"""
+
+
+def chain_env(env: dict[str, str]) -> dict[str, str]:
+    """Both APIs, three attempts a model, four requests in flight per worker (so a job takes seconds)."""
+    return {**both_apis(env), "PROMPTMILL_MAX_ATTEMPTS": "3", "PROMPTMILL_MAX_IN_FLIGHT": "4"}
+
+
+def epoch(stamp: str) -> float:
+    return datetime.fromisoformat(stamp).timestamp()
+
+
+def test_a_model_that_always_answers_529_sends_every_row_to_the_next_within_fallback_after_s(tmp_path, env, fake_api):
+    fake_api.configure(down={HAIKU: 529}, latency_ms=50)
+    data, pipeline_path = write_dataset(tmp_path, ({"id": i, "text": f"row {i}"} for i in range(400)), pipeline())
+    result = promptmill("run", str(data), "-p", str(pipeline_path), "--out", str(tmp_path / "out"),
+                        "--workers", "1", env=chain_env(env))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    job_id = job_id_of(result)
+    records = read_jsonl(tmp_path / "out" / "results.jsonl")
+    assert all(r["status"] == "ok" and r["model"] == MINI and r["models_tried"][-1] == MINI for r in records)
+
+    # Before the fleet moves, a row spends its three attempts on Haiku, then goes on; after, it goes
+    # straight to the next model, but for one probe of Haiku (one attempt) per fallback_after_s.
+    log = fake_api.log()
+    to_haiku = sorted(e["t"] for e in log if e["model"] == HAIKU)
+    moved_by = to_haiku[0] + AFTER_S + 3.0  # the retries of the rows under way, and a second's read
+    late = [t for t in to_haiku if t > moved_by]
+    assert len(late) <= math.ceil((to_haiku[-1] - to_haiku[0]) / AFTER_S) + 1, (len(to_haiku), len(late))
+    straight = [r for r in records if r["models_tried"] == [MINI]]
+    assert len(straight) >= 300
+    assert all(r["attempts"] == 1 for r in straight)
+    spent = [r for r in records if r["models_tried"] == [HAIKU, MINI]]
+    assert all(r["attempts"] in (2, 4) for r in spent)  # a probe's one attempt, or all three, on Haiku
+    assert [e["status"] for e in spent[0]["errors"]] == [529] * (spent[0]["attempts"] - 1)
+
+    # Costs by model: the answers at the next model's price; Haiku's 529s are failed attempts, unbilled.
+    report = json.loads(promptmill("cost", job_id, "--json", env=env).stdout)
+    by_model = {m["model"]: m for m in report["models"]}
+    assert by_model[MINI]["requests"] == 400
+    assert abs(Decimal(str(by_model[MINI]["cost_usd"])) - bill(log, MINI)) < Decimal("1e-9")
+    assert by_model[HAIKU]["failed_attempts"] == len(to_haiku) and by_model[HAIKU]["cost_usd"] == 0
+    status = json.loads(promptmill("status", job_id, "--json", env=env).stdout)
+    assert status["fallback"]["chain"] == [f"anthropic:{HAIKU}", f"openai:{MINI}"]
+    assert status["fallback"]["on"] == f"openai:{MINI}" and f"anthropic:{HAIKU} failing for" in status["fallback"]["reason"]
+    assert promptmill("verify", job_id, env=env).returncode == 0
+
+
+def test_a_model_that_recovers_gets_its_rows_back(tmp_path, env, fake_api, redis_url):
+    fake_api.configure(down={HAIKU: 529}, latency_ms=20)
+    data, pipeline_path = write_dataset(tmp_path, ({"id": i, "text": f"row {i}"} for i in range(2000)), pipeline())
+    store = JobStore.from_url(redis_url)
+    before = set(store.job_ids())
+    run = start_cli(chain_env(env), "run", str(data), "-p", str(pipeline_path), "--out", str(tmp_path / "out"),
+                    "--workers", "1")  # fmt: skip
+    try:
+        wait_until(lambda: set(store.job_ids()) - before, 60, "the job")
+        (job_id,) = set(store.job_ids()) - before
+        spec = store.spec(job_id)
+        client = redis.Redis.from_url(redis_url)
+        wait_until(lambda: fallback_status(client, spec)["on"] == f"openai:{MINI}", 60, "the fleet to move on")
+        assert store.status(job_id).terminal < 1500, "the job must still be running for the model to recover"
+        fake_api.configure(down={})
+        recovered = time.time()
+        _, stderr = run.communicate(timeout=180)
+        assert run.returncode == 0, stderr
+    finally:
+        if run.poll() is None:
+            run.send_signal(signal.SIGTERM)
+            run.wait(timeout=60)
+    records = read_jsonl(tmp_path / "out" / "results.jsonl")
+    assert all(r["status"] == "ok" for r in records)
+    back = [r for r in records if r["model"] == HAIKU and epoch(r["started_at"]) > recovered]
+    assert len(back) >= 100, len(back)  # rows went back to Haiku once it answered a probe
+    assert fallback_status(client, spec) == {"chain": [f"anthropic:{HAIKU}", f"openai:{MINI}"],
+                                             "on": f"anthropic:{HAIKU}", "reason": None}  # fmt: skip
+
+
+def test_a_404_falls_back_at_once_and_a_400_does_not(tmp_path, env, fake_api):
+    def text(i: int) -> str:
+        return f"row {i}" + (f" [[status@{HAIKU}:404]]" if i % 4 == 0 else "") + (" [[status:400]]" if i == 5 else "")
+
+    rows = ({"id": i, "text": text(i)} for i in range(40))
+    data, pipeline_path = write_dataset(tmp_path, rows, pipeline(after_s=600))
+    result = promptmill("run", str(data), "-p", str(pipeline_path), "--out", str(tmp_path / "out"), env=chain_env(env))
+    assert result.returncode == 0, result.stderr
+    records = read_jsonl(tmp_path / "out" / "results.jsonl")
+    for i, record in enumerate(records):
+        if i % 4 == 0:  # retired on Haiku: one 404, then the next model
+            assert (record["status"], record["model"], record["models_tried"]) == ("ok", MINI, [HAIKU, MINI])
+            assert record["attempts"] == 2 and [e["status"] for e in record["errors"]] == [404]
+        elif i == 5:  # the row's own fault: no other model sees it
+            assert (record["status"], record["error"]["kind"], record["models_tried"]) == ("failed", "invalid_request", [HAIKU])
+        else:
+            assert (record["status"], record["model"], record["models_tried"]) == ("ok", HAIKU, [HAIKU])
+    to_mini = [e["prompt"] for e in fake_api.log() if e["model"] == MINI]
+    assert sorted(to_mini) == sorted(f"Item {i}: {text(i)}" for i in range(0, 40, 4))
+
+
+@pytest.mark.parametrize(
+    "fallback, message",
+    [
+        ('["vllm:gemma3-270m"]', "fallback: vllm:gemma3-270m runs on the 'gpu' queue and the job on 'api'"),
+        ('["openai:no-such-model"]', "fallback: openai:no-such-model: "),
+    ],
+)
+def test_a_chain_that_cannot_run_fails_at_submit_naming_it(tmp_path: Path, env, fallback, message):
+    data, pipeline_path = write_dataset(tmp_path, [{"id": 1, "text": "x"}], pipeline(fallback=fallback))
+    result = promptmill("run", str(data), "-p", str(pipeline_path), env=both_apis(env))
+    assert result.returncode == 2 and message in result.stderr, result.stderr

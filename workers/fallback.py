@@ -1,0 +1,159 @@
+"""A fallback chain on the request path: each model of the chain has its own path (its limits,
+retries, budget and prices), and a row goes down them in turn.
+
+A row moves to the next model when its attempts on one are spent on errors a provider's trouble
+causes (5xx, 529, timeouts, dropped connections, 429s after their retries) or when the model is not
+found (404: retired). It never moves for its own fault (400, an answer that does not parse) or for the
+job's budget. The fleet-wide position (jobs/fallback.py) decides where a new row starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from promptmill.jobs.fallback import FallbackState
+from promptmill.jobs.spec import JobSpec
+from promptmill.pipelines.items import AttemptError, ErrorKind, ItemError
+from promptmill.workers.backends.base import Call, RawOutcome, Reply
+from promptmill.workers.request_path import Send
+from promptmill.workers.retry import Verdict
+
+FALLS_BACK = frozenset(
+    {ErrorKind.server_error, ErrorKind.timeout, ErrorKind.connection_error, ErrorKind.rate_limited,
+     ErrorKind.model_not_found}
+)  # fmt: skip
+
+
+@dataclass
+class Health:
+    """A layer right inside Retry on each model's path: every attempt's outcome, told to the fleet."""
+
+    state: FallbackState
+    link: int
+
+    async def __call__(self, call: Call, send: Send) -> Reply | None:
+        reply = await send(call)
+        if isinstance(reply, Verdict):
+            if reply.server_failure or reply.kind is ErrorKind.model_not_found:
+                self.state.failed(self.link)
+        elif isinstance(reply, RawOutcome) and reply.error is None:
+            self.state.succeeded(self.link)
+        return reply
+
+
+@dataclass
+class OnWire:
+    """The innermost layer but the Gate on a chain's model: marks the call while an attempt is on
+    the wire, the one time a row may not be taken off a model the fleet has left (it is paid for),
+    and counts what was sent, for the record of a row taken off between attempts."""
+
+    async def __call__(self, call: Call, send: Send) -> Reply | None:
+        call.on_wire = True
+        call.wire_attempts += 1
+        try:
+            reply = await send(call)
+        finally:
+            call.on_wire = False
+        if isinstance(reply, Verdict):
+            call.wire_errors.append(AttemptError(status=reply.status, message=reply.message))
+        return reply
+
+
+class Departures:
+    """An event per model of the chain, set while the fleet is past it; one watcher per process
+    reads the fleet's position every half second while any row waits on a model."""
+
+    def __init__(self, state: FallbackState):
+        self.state = state
+        self.events: dict[int, asyncio.Event] = {}
+        self.waiting = 0
+        self._watcher: asyncio.Task | None = None
+
+    @contextlib.asynccontextmanager
+    async def watching(self, link: int) -> AsyncIterator[asyncio.Event]:
+        self.waiting += 1
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.ensure_future(self._watch())
+        try:
+            yield self.events.setdefault(link, asyncio.Event())
+        finally:
+            self.waiting -= 1
+
+    async def _watch(self) -> None:
+        while self.waiting:
+            at = self.state.position().link
+            for link, event in self.events.items():
+                if at > link:
+                    event.set()
+                else:
+                    event.clear()
+            await asyncio.sleep(0.5)
+
+
+@dataclass
+class Fallback:
+    """A Send over the chain's paths: the row's outcome from the first model that settles it, with
+    every model it went to, all its attempts and their errors. A row waiting on a model (for a slot,
+    a grant through a circuit breaker's pause, a backoff) when the fleet leaves that model goes on to
+    the next at once, unless an attempt of it is on the wire."""
+
+    links: list[tuple[JobSpec, Send]]
+    state: FallbackState
+    departures: Departures = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.departures = Departures(self.state)
+
+    async def _on(self, link: int, call: Call, last: bool) -> Reply | None:
+        path = self.links[link][1]
+        if last or call.probe:
+            return await path(call)
+        attempt = asyncio.ensure_future(path(call))
+        async with self.departures.watching(link) as left:
+            departed = asyncio.ensure_future(left.wait())
+            try:
+                while not attempt.done():
+                    # Once the fleet has left, look every 50 ms for the attempt to be off the wire.
+                    await asyncio.wait(
+                        {attempt, departed}, timeout=0.05 if departed.done() else None,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )  # fmt: skip
+                    if departed.done() and not attempt.done() and not call.on_wire:
+                        attempt.cancel()
+                        await asyncio.gather(attempt, return_exceptions=True)
+                        passed = ItemError(kind=ErrorKind.server_error, message="passed over: the fleet moved on")
+                        return RawOutcome(row=call.request.row, error=passed, attempts=call.wire_attempts,
+                                          errors=list(call.wire_errors), passed_over=True)  # fmt: skip
+            finally:
+                departed.cancel()
+                if not attempt.done():
+                    attempt.cancel()  # the row itself was cancelled (its chunk stopped): so is its attempt
+        return attempt.result()
+
+    async def __call__(self, call: Call) -> Reply | None:
+        route, probing = self.state.route()
+        started_at = time.time()
+        tried: list[str] = []
+        errors: list[AttemptError] = []
+        attempts = 0
+        reply: Reply | None = None
+        for step, link in enumerate(route):
+            job = self.links[link][0]
+            # A probe has one attempt: it must not hold its row up for long.
+            link_call = Call(job, call.request, call.chunk_id, probe=probing and step == 0)
+            reply = await self._on(link, link_call, last=step == len(route) - 1)
+            if not isinstance(reply, RawOutcome):
+                return reply  # not sent (the job's budget): the row stays pending
+            if reply.attempts or not reply.passed_over:  # a model the row was sent to (and paid nothing)
+                tried.append(job.model)
+            attempts += reply.attempts or 0
+            errors += reply.errors
+            reply.model, reply.models_tried, reply.started_at = job.model, list(tried), started_at
+            reply.attempts, reply.errors = attempts, list(errors)
+            if reply.error is None or reply.error.kind not in FALLS_BACK:
+                return reply
+        return reply
