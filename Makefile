@@ -30,8 +30,9 @@ demo: setup model
 compare: setup model
 	bash examples/compare.sh
 
+# Two test processes, a module each at a time: much of the suite waits on servers, workers and engines.
 test: setup model
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) .pytest_cache demo-out compare-out

@@ -140,8 +140,10 @@ def test_a_self_hosted_server_needs_no_key_but_openai_does(tmp_path, env, fake_a
 
 
 def test_429s_wait_what_retry_after_ms_says_and_insufficient_quota_stops_the_job(tmp_path, env, fake_api):
+    # Three in ten answers 429: a row fails only if all six of its attempts draw one (60 x 0.3^6 = 4% of
+    # runs failed so); ten attempts make that 60 x 0.3^10 = 0.04%.
     fake_api.configure(p429=0.3, retry_after=0.05)
-    result, out = run_job(tmp_path / "a", openai_env(env), 60)
+    result, out = run_job(tmp_path / "a", openai_env(env, PROMPTMILL_MAX_ATTEMPTS="10"), 60)
     assert result.returncode == 0, result.stderr
     assert all(r["status"] == "ok" for r in read_jsonl(out / "results.jsonl"))
     assert any(e["status"] == 429 for e in fake_api.log())
