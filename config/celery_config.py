@@ -49,6 +49,7 @@ def celery_config(redis_url: str) -> dict[str, Any]:
         "accept_content": ["json"],
         "broker_connection_retry_on_startup": True,
         "worker_hijack_root_logger": False,
-        "worker_send_task_events": False,
-        "task_send_sent_event": False,
+        # Task events for Flower (and `celery events`): a few Redis publishes per chunk of rows.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
     }

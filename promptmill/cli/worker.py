@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
+import subprocess
+import sys
 import time
 from typing import Optional
 
@@ -69,8 +72,32 @@ def worker(
     try:
         celery_app.worker_main(
             ["worker", "--queues", ",".join(names), "--pool", pool, "--concurrency", str(concurrency),
-             "--loglevel", loglevel, "--without-gossip", "--without-mingle", "--without-heartbeat"]
+             "--loglevel", loglevel, "--without-gossip", "--without-mingle"]
         )  # fmt: skip
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+@app.command()
+def flower(
+    port: int = typer.Option(5555, help="Flower's web port."),
+    address: str = typer.Option("127.0.0.1", help="The address Flower listens on (0.0.0.0: every interface)."),
+) -> None:
+    """Start Flower (Celery's monitor) on PROMPTMILL_REDIS_URL or the embedded Redis: workers, tasks
+    (`promptmill.run_chunk`, named by job and chunk), their times and failures. Needs `pip install flower`."""
+    if importlib.util.find_spec("flower") is None:
+        fail("Flower is not installed: pip install flower (or the project's [monitor] extra)")
+    settings = get_settings()
+    url, embedded = redis_url_for(settings)
+    # The broker's URL holds the Redis password: it goes through the environment, never argv (`ps`).
+    # -P: the current folder stays off the import path, as for our workers.
+    command = [sys.executable, "-P", "-m", "celery", "flower", f"--port={port}", f"--address={address}"]
+    out.print(f"Flower on http://{address}:{port} (Ctrl-C stops it)", highlight=False)
+    try:
+        subprocess.run(command, env={**os.environ, "CELERY_BROKER_URL": url}, check=False)
+    except KeyboardInterrupt:
+        pass
     finally:
         if embedded is not None:
             embedded.stop()
