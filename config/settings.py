@@ -60,6 +60,10 @@ class Settings(BaseSettings):
         default=4, ge=1, le=64, description="Chunks one API worker process runs at once, to keep requests flowing."
     )
     max_attempts: int = Field(default=6, ge=1, le=100, description="Tries per item before it fails.")
+    metrics_port: int | None = Field(
+        default=None, ge=1, le=65535,
+        description="Serve Prometheus metrics on this port: a worker's own, or `run`'s local workers' together.",
+    )  # fmt: skip
     max_row_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1, description="An input row bigger than this fails alone, with its reason."
     )

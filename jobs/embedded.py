@@ -193,6 +193,7 @@ class LocalWorkers:
     queue: str
     processes: int
     log_dir: Path
+    metrics_dir: Path | None = None  # where they write their Prometheus metrics for `run` to serve
     children: list[subprocess.Popen] = field(default_factory=list)
     started_at: list[float] = field(default_factory=list)
     early_deaths: int = 0
@@ -205,6 +206,8 @@ class LocalWorkers:
     def _spawn(self, index: int) -> subprocess.Popen:
         self.started_at[index] = time.monotonic()
         env = dict(os.environ, PROMPTMILL_REDIS_URL=self.redis_url)
+        if self.metrics_dir is not None:
+            env["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir)  # `run` serves them all on its port
         log = (self.log_dir / f"worker-{self.queue}-{index}.log").open("ab")
         return subprocess.Popen(
             [*promptmill_command(), "worker", "--queues", self.queue],

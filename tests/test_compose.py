@@ -18,7 +18,7 @@ COMPOSE = ROOT / "docker-compose.yml"
 
 def test_every_compose_service_runs_a_real_promptmill_subcommand() -> None:
     services = yaml.safe_load(COMPOSE.read_text())["services"]
-    servers = {"redis", "vllm-server"}  # images of their own, not promptmill
+    servers = {"redis", "vllm-server", "prometheus"}  # images of their own, not promptmill
     commands = {name: " ".join(service["command"]) for name, service in services.items() if name not in servers}
     known = {command.name or command.callback.__name__ for command in app.registered_commands}
     for name, command in commands.items():
@@ -32,6 +32,11 @@ def test_every_compose_service_runs_a_real_promptmill_subcommand() -> None:
     server = services["vllm-server"]
     assert "--served-model-name" in server["command"] and "/models" in " ".join(server["volumes"])
     assert "vllm-server:8000/v1" in str(services["api-worker"]["environment"]["OPENAI_BASE_URL"])
+    # Prometheus scrapes each worker service on the port its workers serve their metrics on.
+    scraped = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    targets = scraped["scrape_configs"][0]["dns_sd_configs"][0]
+    for name in targets["names"]:
+        assert f"--metrics-port {targets['port']}" in " ".join(services[name]["command"])
 
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose is not installed here")

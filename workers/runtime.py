@@ -32,6 +32,7 @@ from promptmill.workers.backends.vllm import VLLMBackend
 from promptmill.workers.concurrency import AdaptiveConcurrency
 from promptmill.workers.fallback import Fallback, Health, OnWire
 from promptmill.workers.limit_signals import InputTokenEstimate
+from promptmill.workers.metrics import Measure, metrics_on
 from promptmill.workers.rate_limit import FleetLimiter
 from promptmill.workers.request_path import (
     AttemptLog,
@@ -81,6 +82,10 @@ class WorkerRuntime:
     careful: threading.Lock = field(default_factory=threading.Lock)  # one chunk at a time hunts for poison
     prices: dict[str, PriceTable] = field(default_factory=dict)  # job id -> its price table
     fallbacks: dict[str, FallbackState] = field(default_factory=dict)  # job id -> its chain's fleet state
+
+    @property
+    def metrics(self) -> bool:
+        return metrics_on(self.settings.metrics_port)
 
     def prices_for(self, job: JobSpec) -> PriceTable:
         if job.job_id not in self.prices:
@@ -170,6 +175,10 @@ class WorkerRuntime:
             layers.append(Limit(limiter, served.estimate, backend))
         if on_wire is not None:
             layers.append(on_wire)
+        if self.metrics:
+            layers.append(
+                Measure(job.job_id, job.model, backend.name, prices, backend.billed_per_token, backend.ledger_suffix)
+            )
         layers.append(gate)
         return compose(layers, backend)
 

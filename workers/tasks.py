@@ -27,6 +27,7 @@ from promptmill.pipelines.items import ErrorKind, ItemError, ItemOutcome, Render
 from promptmill.pipelines.parse import OutputParseError, parse_output
 from promptmill.workers.app import app
 from promptmill.workers.backends.base import EngineDied, FatalJobError, RawOutcome
+from promptmill.workers.metrics import count_row
 from promptmill.workers.request_path import Gate, fan_out
 from promptmill.workers.runtime import WorkerRuntime, current_runtime, runtime
 
@@ -105,6 +106,7 @@ async def _run_requests(
     path = await rt.request_path(job, ChunkAttempts(rt.store, job, chunk_id), gate)
     hold_s = (await rt.backend(job)).hold_s
     lines = {request.row: request.line for request in pending}
+    measured = rt.metrics
     committed = 0
     checked_at = time.monotonic()
     async with contextlib.aclosing(fan_out(path, job, chunk_id, pending)) as outcomes:
@@ -112,7 +114,10 @@ async def _run_requests(
             async with asyncio.timeout(hold_s):
                 async for raw in outcomes:
                     outcome = to_outcome(job, raw, lines.get(raw.row, 0))
-                    committed += rt.store.chunks.commit(job.job_id, chunk_id, raw.ledger_model or job.model, outcome)
+                    new = rt.store.chunks.commit(job.job_id, chunk_id, raw.ledger_model or job.model, outcome)
+                    committed += new
+                    if new and measured:
+                        count_row(job.job_id, outcome.status)
                     if gate.closed:
                         continue  # draining: the answers in flight are paid for, so they are committed
                     if lease_lost.is_set():
@@ -199,7 +204,10 @@ def _run_counted_groups(
             if starts[request.row] > MAX_ROW_STARTS:
                 message = f"its worker died {starts[request.row] - 1} times while this row was in flight"
                 outcome = ItemOutcome.failure(request.row, ErrorKind.worker_lost, message)
-                committed += rt.store.chunks.commit(job.job_id, chunk_id, job.model, outcome)
+                new = rt.store.chunks.commit(job.job_id, chunk_id, job.model, outcome)
+                committed += new
+                if new and rt.metrics:
+                    count_row(job.job_id, outcome.status)
             else:
                 runnable.append(request)
         if runnable:

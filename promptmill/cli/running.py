@@ -11,6 +11,7 @@ import typer
 
 from promptmill.cli.app import JobArg, app, err, expire_if_finished, fail, open_job, open_store, out
 from promptmill.cli.new_job import JobRequest, job_command
+from promptmill.config.prices import PriceTable
 from promptmill.config.settings import Settings, get_settings
 from promptmill.jobs.dispatch import ChunkSender
 from promptmill.jobs.embedded import EmbeddedRedis, LocalWorkers
@@ -24,6 +25,7 @@ from promptmill.jobs.shards import ShardError, prepare_shards
 from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.status import JobState, JobStatus
 from promptmill.jobs.store import JobStore
+from promptmill.workers.metrics_server import serving
 
 DEFAULT_WORKERS = {"anthropic": 2, "anthropic-batch": 1, "openai": 2, "vllm": 1}
 
@@ -44,7 +46,15 @@ def drive(
     `go_on` is the command that picks the job up again after a Ctrl-C."""
     _sigterm_as_interrupt()
     prices = spec.pipeline.price_table(settings)
-    local = LocalWorkers(url, spec.queue, workers, Path(spec.out_dir) / "logs")
+    with serving(settings.metrics_port) as metrics_dir:
+        local = LocalWorkers(url, spec.queue, workers, Path(spec.out_dir) / "logs", metrics_dir)
+        return _drive(settings, store, spec, local, url, prices, resuming, go_on)
+
+
+def _drive(
+    settings: Settings, store: JobStore, spec: JobSpec, local: LocalWorkers, url: str, prices: PriceTable,
+    resuming: bool, go_on: str,
+) -> JobStatus:  # fmt: skip
     sender = ChunkSender.for_url(url)
     try:
         local.start()

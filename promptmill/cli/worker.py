@@ -29,6 +29,10 @@ def worker(
         "PROMPTMILL_GPU_CHUNKS_PER_WORKER or PROMPTMILL_BATCH_CHUNKS_PER_WORKER: 4, 8 and 64).",
     ),
     loglevel: str = typer.Option("INFO", help="Celery log level."),
+    metrics_port: Optional[int] = typer.Option(
+        None, "--metrics-port", min=1, max=65535, help="Serve this process's Prometheus metrics on this port "
+        "(default: PROMPTMILL_METRICS_PORT).",
+    ),  # fmt: skip
 ) -> None:
     """Run one Celery worker process against PROMPTMILL_REDIS_URL (or the embedded Redis).
 
@@ -41,6 +45,8 @@ def worker(
     if unknown or not names:
         fail(f"--queues: unknown queue {', '.join(unknown) or '(none)'}; use {', '.join(QUEUES)}")
     settings = get_settings()
+    if metrics_port is not None:
+        settings = settings.model_copy(update={"metrics_port": metrics_port})
     openai_key = settings.openai_key(settings.openai_url())
     if "batch" in names and not settings.api_key():
         fail("a batch worker needs an Anthropic API key: set ANTHROPIC_API_KEY (or PROMPTMILL_ANTHROPIC_API_KEY)")
@@ -69,6 +75,10 @@ def worker(
 
     # The worker's settings travel as an argument, the embedded Redis's URL in them: never through os.environ.
     celery_app = configure(settings.model_copy(update={"redis_url": url}))
+    if settings.metrics_port is not None and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.metrics_port)  # a `run`'s local worker writes for `run` to serve instead
     try:
         celery_app.worker_main(
             ["worker", "--queues", ",".join(names), "--pool", pool, "--concurrency", str(concurrency),

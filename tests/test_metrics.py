@@ -1,0 +1,107 @@
+"""Prometheus metrics scraped over HTTP from real worker processes, against the local server's own log."""
+
+from __future__ import annotations
+
+import os
+import signal
+import urllib.request
+from collections import Counter
+from decimal import Decimal
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from promptmill.jobs.store import JobStore
+from tests.conftest import promptmill
+from tests.support import write_dataset
+from tests.test_compare import bill
+from tests.test_crash_safety import start_cli, wait_until
+from tests.test_monitoring import free_port
+
+PIPELINE = """
+name = "metrics"
+model = "claude-haiku-4-5"
+prompt = "Item {id}: {text}"
+max_tokens = 8
+"""
+HAIKU = "claude-haiku-4-5"
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    """Every sample the endpoint serves: (name, sorted labels) -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def total(samples: list[dict], name: str, **labels: str) -> float:
+    """A metric's samples summed over processes and over the labels not given."""
+    return sum(
+        value
+        for scraped in samples
+        for (sample, sample_labels), value in scraped.items()
+        if sample == name and all(dict(sample_labels).get(k) == v for k, v in labels.items())
+    )
+
+
+def test_two_workers_metrics_add_up_to_the_servers_own_counts(tmp_path, env, fake_api, redis_url):
+    fake_api.configure(p500=0.1, latency_ms=5)
+    ports = [free_port(), free_port()]
+    workers = [start_cli(env, "worker", "--queues", "api", "--metrics-port", str(p), quiet=True) for p in ports]
+    try:
+        data, pipeline = write_dataset(tmp_path, ({"id": i, "text": f"row {i}"} for i in range(300)), PIPELINE)
+        submitted = promptmill("submit", str(data), "-p", str(pipeline), "--chunk-size", "20", env=env)
+        assert submitted.returncode == 0, submitted.stderr
+        job_id = submitted.stdout.split()[-1]
+        store = JobStore.from_url(redis_url)
+        wait_until(lambda: store.status(job_id).terminal == 300, 120, "the job to finish")
+        samples = [scrape(port) for port in ports]
+    finally:
+        for worker in workers:
+            os.killpg(worker.pid, signal.SIGTERM)
+            worker.wait(timeout=60)
+
+    log = [e for e in fake_api.log() if e["prompt"] is not None]
+    statuses = Counter(str(e["status"]) for e in log)
+    assert statuses["500"] > 0 and set(statuses) == {"200", "500"}
+    for status, count in statuses.items():
+        assert total(samples, "promptmill_requests_total", job=job_id, model=HAIKU, status=status) == count
+    assert all(total([s], "promptmill_requests_total", job=job_id) > 0 for s in samples)  # both processes worked
+    answered = [e["usage"] for e in log if e["status"] == 200]
+    for kind, field in (("input", "input_tokens"), ("output", "output_tokens")):
+        assert total(samples, "promptmill_tokens_total", job=job_id, kind=kind) == sum(u[field] for u in answered)
+    cost = Decimal(str(total(samples, "promptmill_cost_usd_total", job=job_id)))
+    assert abs(cost - bill(fake_api.log(), HAIKU)) < Decimal("1e-9")
+    assert total(samples, "promptmill_rows_total", job=job_id, status="ok") == 300
+    assert total(samples, "promptmill_request_duration_seconds_count", model=HAIKU) == statuses["200"]
+    assert total(samples, "promptmill_in_flight", model=HAIKU) == 0
+
+
+def test_run_serves_its_local_workers_metrics_on_one_port_while_it_runs(tmp_path, env, fake_api):
+    fake_api.configure(latency_ms=100)
+    port = free_port()
+    data, pipeline = write_dataset(tmp_path, ({"id": i, "text": f"row {i}"} for i in range(400)), PIPELINE)
+    run = start_cli({**env, "PROMPTMILL_METRICS_PORT": str(port), "PROMPTMILL_MAX_IN_FLIGHT": "8"}, "run", str(data),
+                    "-p", str(pipeline), "--workers", "2", "--chunk-size", "10")  # fmt: skip
+    try:
+
+        def sent() -> float:
+            try:
+                return total([scrape(port)], "promptmill_requests_total", status="200")
+            except OSError:
+                return 0
+
+        wait_until(lambda: sent() >= 100 or run.poll() is not None, 120, "metrics from the run's workers")
+        scraped = sent()
+        answered_after = sum(1 for e in fake_api.log() if e["status"] == 200)
+        assert 100 <= scraped <= answered_after
+        _, stderr = run.communicate(timeout=120)
+        assert run.returncode == 0, stderr
+    finally:
+        if run.poll() is None:
+            run.send_signal(signal.SIGTERM)
+            run.wait(timeout=60)
+    assert sum(1 for e in fake_api.log() if e["status"] == 200) == 400
