@@ -3,6 +3,7 @@
     .venv/bin/python bench/rate_limit.py                 # every scenario, 4,000 rows each (about 35 min)
     .venv/bin/python bench/rate_limit.py --rows 1000 --scenarios exact --workers 4
     .venv/bin/python bench/rate_limit.py --backend openai   # the same through chat completions
+    .venv/bin/python bench/rate_limit.py --scenarios ceiling --metrics-port 9477   # metrics on: their cost
 
 Everything is real: `promptmill run` with its Celery workers and embedded Redis, the anthropic SDK,
 and the local Anthropic-protocol server enforcing the limits as the API does (token buckets, true
@@ -105,6 +106,7 @@ def main() -> None:
     parser.add_argument("--scenarios", nargs="+", default=["exact", "high", "none", "faults", "ceiling"])
     parser.add_argument("--ceiling-rows", type=int, default=20000)
     parser.add_argument("--backend", choices=sorted(MODEL), default="anthropic")
+    parser.add_argument("--metrics-port", type=int, help="Serve the run's Prometheus metrics: their cost, measured.")
     options = parser.parse_args()
 
     folder = Path(tempfile.mkdtemp(prefix="promptmill-bench-"))
@@ -121,6 +123,7 @@ def main() -> None:
         "OPENAI_BASE_URL": server.url + "/v1",
         "OPENAI_API_KEY": API_KEY,
         "BENCH_BACKEND": options.backend,
+        **({"PROMPTMILL_METRICS_PORT": str(options.metrics_port)} if options.metrics_port else {}),
     }
     data, pipeline = write_inputs(folder, options.rows, options.backend)
     print(

@@ -11,12 +11,16 @@ timeout, dropped, engine_error), with its tokens and its cost at the ledger's pr
 
 from __future__ import annotations
 
+import collections
 import os
+import threading
+import time
 from dataclasses import dataclass, field
 
 from prometheus_client import Counter, Gauge, Histogram
 
 from promptmill.config.prices import PriceTable
+from promptmill.pipelines.items import Usage
 from promptmill.workers.backends.base import Call, Reply
 from promptmill.workers.request_path import Send
 from promptmill.workers.retry import Verdict
@@ -56,8 +60,12 @@ def metrics_on(port: int | None) -> bool:
 
 @dataclass
 class Measure:
-    """The innermost layer but the Gate: each request sent, counted when its reply comes. Its labels
-    are the path's (one job and model), so a request looks up only its status's counter."""
+    """The innermost layer but the Gate: each request sent, counted when its reply comes.
+
+    Counts gather in the process and go to prometheus-client at most twice a second (and when a chunk
+    ends, `flush`): in multiprocess mode each value written is a locked write to a shared file, and a
+    request writes a dozen. Cost is priced from the gathered tokens (prices are linear: the same sum).
+    """
 
     job_id: str
     model: str
@@ -65,47 +73,90 @@ class Measure:
     prices: PriceTable
     per_token: bool
     suffix: str = ""
-    _by_status: dict[str, Counter] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self._in_flight = IN_FLIGHT.labels(self.model)
-        self._tokens = {kind: TOKENS.labels(self.job_id, self.model, kind) for kind in _TOKEN_KINDS}
-        self._cost = COST.labels(self.job_id, self.model)
-        self._duration = REQUEST_DURATION.labels(self.model, self.backend)
-
-    def _requests(self, status: str) -> Counter:
-        if status not in self._by_status:
-            self._by_status[status] = REQUESTS.labels(self.job_id, self.model, self.backend, status)
-        return self._by_status[status]
+    statuses: collections.Counter = field(default_factory=collections.Counter)
+    usage: dict[str, list[int]] = field(default_factory=dict)  # ledger model -> _USAGE_FIELDS not yet written
+    durations: list[float] = field(default_factory=list)
+    in_flight: int = 0
 
     async def __call__(self, call: Call, send: Send) -> Reply | None:
-        self._in_flight.inc()
+        self.in_flight += 1
         try:
             reply = await send(call)
         finally:
-            self._in_flight.dec()
+            self.in_flight -= 1
         if reply is None:
             return None  # not sent (the gate closed)
         if isinstance(reply, Verdict):
-            self._requests(str(reply.status)).inc()
-            return reply
-        if reply.error is not None:  # refused by the engine, or a batch request's error
-            self._requests(str(reply.errors[-1].status) if reply.errors else "engine_error").inc()
-            return reply
-        self._requests("200").inc()
-        usage = reply.usage
-        for kind, name in _TOKEN_KINDS.items():
-            self._tokens[kind].inc(getattr(usage, name))
-        if self.per_token:
-            price = self.prices.price_for(self.prices.ledger_model(self.model, usage.prompt_tokens) + self.suffix)
-            self._cost.inc(float(price.cost_usd(**usage.token_counts())))
+            self.statuses[str(reply.status)] += 1
+        elif reply.error is not None:  # refused by the engine, or a batch request's error
+            self.statuses[str(reply.errors[-1].status) if reply.errors else "engine_error"] += 1
         else:
-            self._cost.inc(float(self.prices.engine_cost_usd(usage.engine_us)))
-        if reply.latency_ms is not None:
-            self._duration.observe(reply.latency_ms / 1000)
+            self.statuses["200"] += 1
+            usage = reply.usage
+            priced = self.prices.ledger_model(self.model, usage.prompt_tokens) + self.suffix if self.per_token else ""
+            sums = self.usage.get(priced)
+            if sums is None:
+                sums = self.usage[priced] = [0] * len(_USAGE_FIELDS)
+            for i, name in enumerate(_USAGE_FIELDS):
+                sums[i] += getattr(usage, name)
+            if reply.latency_ms is not None:
+                self.durations.append(reply.latency_ms / 1000)
+        if time.monotonic() - _flushed[0] > _FLUSH_EVERY_S:
+            flush()
         return reply
+
+    def write(self) -> None:
+        for status, count in self.statuses.items():
+            REQUESTS.labels(self.job_id, self.model, self.backend, status).inc(count)
+        self.statuses.clear()
+        for priced, sums in self.usage.items():
+            usage = Usage(**dict(zip(_USAGE_FIELDS, sums)))
+            for kind, name in _TOKEN_KINDS.items():
+                if tokens := getattr(usage, name):
+                    TOKENS.labels(self.job_id, self.model, kind).inc(tokens)
+            price = self.prices.price_for(priced).cost_usd(**usage.token_counts()) if self.per_token else (
+                self.prices.engine_cost_usd(usage.engine_us)
+            )  # fmt: skip
+            COST.labels(self.job_id, self.model).inc(float(price))
+        self.usage.clear()
+        histogram = REQUEST_DURATION.labels(self.model, self.backend)
+        for seconds in self.durations:
+            histogram.observe(seconds)
+        self.durations.clear()
+
+
+_FLUSH_EVERY_S = 0.5
+_USAGE_FIELDS = tuple(Usage.model_fields)
+_flushed = [0.0]
+_measures: dict[tuple[str, str, str], Measure] = {}
+_rows: collections.Counter = collections.Counter()
+_rows_lock = threading.Lock()
+
+
+def measure_for(job_id: str, model: str, backend: str, prices: PriceTable, per_token: bool, suffix: str) -> Measure:
+    """The process's one Measure for a job's model on a backend: every chunk's path shares it."""
+    key = (job_id, model, backend)
+    if key not in _measures:
+        _measures[key] = Measure(job_id, model, backend, prices, per_token, suffix)
+    return _measures[key]
 
 
 def count_row(job_id: str, status: str) -> None:
-    ROWS.labels(job_id, status).inc()
+    with _rows_lock:
+        _rows[(job_id, status)] += 1
 
+
+def flush() -> None:
+    """Write what the process gathered (a chunk ends, or half a second passed)."""
+    _flushed[0] = time.monotonic()
+    in_flight: collections.Counter = collections.Counter()
+    for measure in list(_measures.values()):
+        measure.write()
+        in_flight[measure.model] += measure.in_flight
+    for model, count in in_flight.items():
+        IN_FLIGHT.labels(model).set(count)
+    with _rows_lock:
+        rows = dict(_rows)
+        _rows.clear()
+    for (job_id, status), count in rows.items():
+        ROWS.labels(job_id, status).inc(count)

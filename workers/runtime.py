@@ -32,7 +32,7 @@ from promptmill.workers.backends.vllm import VLLMBackend
 from promptmill.workers.concurrency import AdaptiveConcurrency
 from promptmill.workers.fallback import Fallback, Health, OnWire
 from promptmill.workers.limit_signals import InputTokenEstimate
-from promptmill.workers.metrics import Measure, metrics_on
+from promptmill.workers.metrics import measure_for, metrics_on
 from promptmill.workers.rate_limit import FleetLimiter
 from promptmill.workers.request_path import (
     AttemptLog,
@@ -177,7 +177,7 @@ class WorkerRuntime:
             layers.append(on_wire)
         if self.metrics:
             layers.append(
-                Measure(job.job_id, job.model, backend.name, prices, backend.billed_per_token, backend.ledger_suffix)
+                measure_for(job.job_id, job.model, backend.name, prices, backend.billed_per_token, backend.ledger_suffix)
             )
         layers.append(gate)
         return compose(layers, backend)

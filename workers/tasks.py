@@ -28,6 +28,7 @@ from promptmill.pipelines.parse import OutputParseError, parse_output
 from promptmill.workers.app import app
 from promptmill.workers.backends.base import EngineDied, FatalJobError, RawOutcome
 from promptmill.workers.metrics import count_row
+from promptmill.workers.metrics import flush as flush_metrics
 from promptmill.workers.request_path import Gate, fan_out
 from promptmill.workers.runtime import WorkerRuntime, current_runtime, runtime
 
@@ -128,6 +129,9 @@ async def _run_requests(
                         gate.closed = not rt.store.is_runnable(job.job_id)
         except TimeoutError:
             raise _StillWaiting() from None
+        finally:
+            if measured:
+                flush_metrics()  # what this chunk sent is counted by the time it ends
     if hold_s is not None and committed < len(pending) and not lease_lost.is_set() and rt.store.is_runnable(job.job_id):
         raise _StillWaiting()  # rows whose batch was canceled under a running job: a new batch takes them
     return committed
