@@ -37,6 +37,10 @@ Cluster slot and one Lua script may touch them together.
     pm:{JOB}:fallback           hash: "failing_since:LINK" -> when a model of the job's fallback chain
                                 (0: its own) last began failing with no success since (epoch seconds)
     pm:{JOB}:probe:{LINK}       a fleet-wide turn, with an expiry, to try a model the fleet passed over
+    pm:{JOB}:latency            hash: latency bucket (jobs/pace.py EDGES_MS) -> answered rows in it
+    pm:{JOB}:pace               hash: "SLOT|rows", "SLOT|output_tokens" -> rows committed and their
+                                output tokens in each 10-second slot (SLOT: epoch seconds // 10);
+                                first, last: the job's first row's start and last row's end
     pm:limit:{SCOPE}            hash: the fleet's rate-limit buckets for one account and model, with
                                 the limits learned from the provider's headers (the LIMIT_* fields)
 """
@@ -112,6 +116,8 @@ class JobKeys:
     sent_at = property(lambda self: self._key("sent_at"))
     batches = property(lambda self: self._key("batches"))
     fallback = property(lambda self: self._key("fallback"))
+    latency = property(lambda self: self._key("latency"))
+    pace = property(lambda self: self._key("pace"))
 
     def probe(self, link: int) -> str:
         return self._key("probe", str(link))

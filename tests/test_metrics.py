@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import urllib.request
 from collections import Counter
 from decimal import Decimal
 
+import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from promptmill.jobs.keys import JobKeys
+from promptmill.jobs.pace import bucket_of, percentile_ms
 from promptmill.jobs.store import JobStore
-from tests.conftest import promptmill
+from tests.conftest import promptmill, read_jsonl
 from tests.support import write_dataset
 from tests.test_compare import bill
 from tests.test_crash_safety import start_cli, wait_until
@@ -105,3 +109,33 @@ def test_run_serves_its_local_workers_metrics_on_one_port_while_it_runs(tmp_path
             run.send_signal(signal.SIGTERM)
             run.wait(timeout=60)
     assert sum(1 for e in fake_api.log() if e["status"] == 200) == 400
+
+
+def test_latency_histograms_from_two_workers_merge_to_the_rows_own_latencies(tmp_path, env, fake_api, redis_url):
+    fake_api.configure(latency_ms=20, latency_per_token_ms=15)  # answers of 1 to 12 words: 35 to 200 ms
+    rows = ({"id": i, "text": "[[reply:" + " ".join(["word"] * (1 + i % 12)) + "]]"} for i in range(300))
+    data, pipeline = write_dataset(tmp_path, rows, PIPELINE)
+    workers = [start_cli(env, "worker", "--queues", "api", quiet=True) for _ in range(2)]
+    try:
+        submitted = promptmill("submit", str(data), "-p", str(pipeline), "--chunk-size", "20",
+                               "--out", str(tmp_path / "out"), env=env)  # fmt: skip
+        assert submitted.returncode == 0, submitted.stderr
+        job_id = submitted.stdout.split()[-1]
+        store = JobStore.from_url(redis_url)
+        wait_until(lambda: store.status(job_id).terminal == 300, 120, "the job to finish")
+    finally:
+        for worker in workers:
+            os.killpg(worker.pid, signal.SIGTERM)
+            worker.wait(timeout=60)
+    assert promptmill("export", job_id, env=env).returncode == 0
+    latencies = [r["latency_ms"] for r in read_jsonl(tmp_path / "out" / "results.jsonl")]
+    expected = Counter(bucket_of(ms) for ms in latencies)
+    stored = {int(b): int(n) for b, n in redis.Redis.from_url(redis_url).hgetall(JobKeys(job_id).latency).items()}
+    assert stored == dict(expected) and sum(stored.values()) == 300
+
+    status = json.loads(promptmill("status", job_id, "--json", env=env).stdout)
+    assert status["latency_ms"] == {f"p{q}": percentile_ms(dict(expected), q / 100) for q in (50, 95, 99)}
+    true_median = sorted(latencies)[150]
+    assert abs(status["latency_ms"]["p50"] - true_median) <= 0.25 * true_median  # buckets are 25% apart
+    assert status["rows_per_s"]["job"] > 0 and status["output_tokens_per_s"]["job"] > 0
+    assert status["eta_s"] == 0 and status["ttft_ms"] is None

@@ -20,6 +20,7 @@ from typing import Awaitable, Hashable, TypeVar
 from promptmill.config.prices import PriceTable
 from promptmill.config.settings import Settings
 from promptmill.jobs.fallback import FallbackState
+from promptmill.jobs.pace import PaceRecorder
 from promptmill.jobs.shards import shards_reachable
 from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.store import JobStore
@@ -82,6 +83,10 @@ class WorkerRuntime:
     careful: threading.Lock = field(default_factory=threading.Lock)  # one chunk at a time hunts for poison
     prices: dict[str, PriceTable] = field(default_factory=dict)  # job id -> its price table
     fallbacks: dict[str, FallbackState] = field(default_factory=dict)  # job id -> its chain's fleet state
+    pace: PaceRecorder | None = None  # the process's rows, latency and output tokens, for `status`
+
+    def __post_init__(self) -> None:
+        self.pace = PaceRecorder(self.store.redis)
 
     @property
     def metrics(self) -> bool:

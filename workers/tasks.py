@@ -107,7 +107,8 @@ async def _run_requests(
     path = await rt.request_path(job, ChunkAttempts(rt.store, job, chunk_id), gate)
     hold_s = (await rt.backend(job)).hold_s
     lines = {request.row: request.line for request in pending}
-    measured = rt.metrics
+    measured, pace = rt.metrics, rt.pace
+    assert pace is not None
     committed = 0
     checked_at = time.monotonic()
     async with contextlib.aclosing(fan_out(path, job, chunk_id, pending)) as outcomes:
@@ -117,8 +118,11 @@ async def _run_requests(
                     outcome = to_outcome(job, raw, lines.get(raw.row, 0))
                     new = rt.store.chunks.commit(job.job_id, chunk_id, raw.ledger_model or job.model, outcome)
                     committed += new
-                    if new and measured:
-                        count_row(job.job_id, outcome.status)
+                    if new:
+                        pace.add(job.job_id, raw.latency_ms, raw.usage.output_tokens, outcome.status == "ok",
+                                 raw.started_at, raw.finished_at)  # fmt: skip
+                        if measured:
+                            count_row(job.job_id, outcome.status)
                     if gate.closed:
                         continue  # draining: the answers in flight are paid for, so they are committed
                     if lease_lost.is_set():
@@ -130,8 +134,9 @@ async def _run_requests(
         except TimeoutError:
             raise _StillWaiting() from None
         finally:
+            pace.write()  # what this chunk did is in `status` by the time it ends
             if measured:
-                flush_metrics()  # what this chunk sent is counted by the time it ends
+                flush_metrics()
     if hold_s is not None and committed < len(pending) and not lease_lost.is_set() and rt.store.is_runnable(job.job_id):
         raise _StillWaiting()  # rows whose batch was canceled under a running job: a new batch takes them
     return committed

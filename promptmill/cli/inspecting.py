@@ -29,6 +29,7 @@ from promptmill.config.prices import PriceTable
 from promptmill.config.settings import get_settings
 from promptmill.jobs.fallback import fallback_status
 from promptmill.jobs.ledger import cost_report
+from promptmill.jobs.pace import job_pace
 from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.status import JobStatus
 from promptmill.jobs.store import JobStore
@@ -61,6 +62,7 @@ def _status_dict(spec: JobSpec, status: JobStatus, prices: PriceTable, store: Jo
         "limits": None if status.limit_scope is None else store.limits.summary(status.limit_scope, spec.limits),
         **({"batches": _batches(store, spec.job_id)} if spec.backend == "anthropic-batch" else {}),
         **({"fallback": chain} if (chain := fallback_status(store.redis, spec)) is not None else {}),
+        **job_pace(store.redis, spec.job_id, status.pending if status.produced else max(status.pending, 1)).as_dict(),
         "out_dir": spec.out_dir,
     }
 
@@ -92,6 +94,12 @@ def status(job_id: JobArg, as_json: JsonFlag = False) -> None:
             value = f"{requests:,} answers for rows already done, ${value['cost_usd']:.6f}"
         elif key == "limits" and value is not None:
             value = _limits_line(value)
+        elif key in ("latency_ms", "ttft_ms") and value is not None:
+            value = ", ".join(f"{q} {ms:,.0f} ms" for q, ms in value.items() if ms is not None) or "none yet"
+        elif key in ("rows_per_s", "output_tokens_per_s"):
+            value = f"{value['last_minute'] or 0:,.1f} over the last minute, {value['job'] or 0:,.1f} over the job"
+        elif key == "eta_s" and value is not None:
+            value = f"{value:,.0f}s"
         elif key == "fallback":
             value = f"on {value['on']} of {' -> '.join(value['chain'])}" + (f": {value['reason']}" if value["reason"] else "")
         elif key == "batches":

@@ -1,0 +1,173 @@
+"""A job's pace, kept in Redis so any machine reads it: latency as a mergeable histogram (fixed
+buckets, 25% apart, so every worker's counts simply add), and rows and output tokens per 10-second slot
+(the last minute's rate, the whole job's, and the curve of rows done over time).
+
+Workers gather their rows in the process and write them in one pipeline at most twice a second and
+when a chunk ends (`PaceRecorder`); `status` reads them (`job_pace`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import math
+import threading
+import time
+from dataclasses import dataclass
+
+import redis
+
+from promptmill.jobs.keys import JobKeys
+
+# Bucket i holds latencies up to EDGES_MS[i] (the last, anything longer): 1 ms to 10 minutes.
+EDGES_MS: tuple[float, ...] = tuple(1.25**i for i in range(61))
+SLOT_S = 10
+_WRITE_EVERY_S = 0.5
+
+
+def bucket_of(latency_ms: float) -> int:
+    return bisect.bisect_left(EDGES_MS, latency_ms)
+
+
+def percentile_ms(counts: dict[int, int], q: float) -> float | None:
+    """The q-quantile of a bucketed histogram, placed linearly within its bucket."""
+    n = sum(counts.values())
+    if n == 0:
+        return None
+    rank, seen = q * n, 0
+    for bucket in sorted(counts):
+        if seen + counts[bucket] >= rank:
+            low = EDGES_MS[bucket - 1] if bucket > 0 else 0.0
+            high = EDGES_MS[min(bucket, len(EDGES_MS) - 1)]
+            return round(low + (high - low) * max(0.0, rank - seen) / counts[bucket], 1)
+        seen += counts[bucket]
+    return round(EDGES_MS[-1], 1)
+
+
+# The job's first row's start and last row's end, kept as the earliest and latest any worker saw.
+_SPAN = """
+local first, last = redis.call('HGET', KEYS[1], 'first'), redis.call('HGET', KEYS[1], 'last')
+if not first or tonumber(ARGV[1]) < tonumber(first) then redis.call('HSET', KEYS[1], 'first', ARGV[1]) end
+if not last or tonumber(ARGV[2]) > tonumber(last) then redis.call('HSET', KEYS[1], 'last', ARGV[2]) end
+"""
+
+
+class PaceRecorder:
+    """One per worker process: rows committed, gathered by job, written together."""
+
+    def __init__(self, client: redis.Redis):
+        self.client = client
+        self._span_script = client.register_script(_SPAN)
+        self._lock = threading.Lock()
+        self._written_at = 0.0
+        self._latency, self._slots, self._span = self._gathered()
+
+    @staticmethod
+    def _gathered() -> tuple[dict[str, collections.Counter], dict[str, collections.Counter], dict[str, list[float]]]:
+        """Empty: by job, latency bucket counts; slot counts; the [earliest start, latest end] seen."""
+        return collections.defaultdict(collections.Counter), collections.defaultdict(collections.Counter), {}
+
+    def add(self, job_id: str, latency_ms: float | None, output_tokens: int, ok: bool,
+            started_at: float | None, finished_at: float | None) -> None:  # fmt: skip
+        slot = int(time.time()) // SLOT_S
+        with self._lock:
+            if ok and latency_ms is not None:
+                self._latency[job_id][bucket_of(latency_ms)] += 1
+            slots = self._slots[job_id]
+            slots[f"{slot}|rows"] += 1
+            if output_tokens:
+                slots[f"{slot}|output_tokens"] += output_tokens
+            if started_at is not None and finished_at is not None:
+                span = self._span.setdefault(job_id, [started_at, finished_at])
+                span[0], span[1] = min(span[0], started_at), max(span[1], finished_at)
+        if time.monotonic() - self._written_at > _WRITE_EVERY_S:
+            self.write()
+
+    def write(self) -> None:
+        with self._lock:
+            latency, slots, spans = self._latency, self._slots, self._span
+            self._latency, self._slots, self._span = self._gathered()
+            self._written_at = time.monotonic()
+        if not latency and not slots:
+            return
+        with self.client.pipeline(transaction=False) as pipe:
+            for job_id, counts in latency.items():
+                for bucket, count in counts.items():
+                    pipe.hincrby(JobKeys(job_id).latency, str(bucket), count)
+            for job_id, counts in slots.items():
+                for field, count in counts.items():
+                    pipe.hincrby(JobKeys(job_id).pace, field, count)
+            for job_id, (first, last) in spans.items():
+                self._span_script(keys=[JobKeys(job_id).pace], args=[first, last], client=pipe)
+            pipe.execute()
+
+
+@dataclass(frozen=True)
+class JobPace:
+    latency_ms: dict[str, float | None]  # p50, p95, p99 of answered rows
+    rows_per_s: dict[str, float | None]  # last_minute, job
+    output_tokens_per_s: dict[str, float | None]
+    eta_s: float | None
+    rows_over_time: list[tuple[int, int]]  # (slot start, epoch seconds; rows done by its end)
+
+    def as_dict(self) -> dict:
+        return {
+            "latency_ms": self.latency_ms,
+            "ttft_ms": None,  # needs streaming answers, which no backend asks for yet
+            "rows_per_s": self.rows_per_s,
+            "output_tokens_per_s": self.output_tokens_per_s,
+            "eta_s": self.eta_s,
+        }
+
+
+def job_pace(client: redis.Redis, job_id: str, pending: int, now: float | None = None) -> JobPace:
+    keys = JobKeys(job_id)
+    with client.pipeline(transaction=False) as pipe:
+        pipe.hgetall(keys.latency)
+        pipe.hgetall(keys.pace)
+        raw_latency, raw_pace = pipe.execute()
+    counts = {int(bucket): int(count) for bucket, count in raw_latency.items()}
+    slots: dict[int, dict[str, int]] = collections.defaultdict(dict)
+    span: dict[str, float] = {}
+    for field, value in raw_pace.items():
+        slot, _, name = field.decode().partition("|")
+        if name:
+            slots[int(slot)][name] = int(value)
+        else:
+            span[slot] = float(value)  # first, last
+    now = time.time() if now is None else now
+    current = int(now) // SLOT_S
+
+    # A finished job's pace ends with its last row, not now.
+    end = now if pending or not slots else span.get("last", min(now, (max(slots) + 1) * SLOT_S))
+
+    def rate(name: str, since: int) -> float | None:
+        """Per second over the slots from `since`: from the later of their start and the job's first
+        row, to now (or the job's last row, once it is done)."""
+        chosen = [s for s in slots if s >= since]
+        if not chosen:
+            return 0.0 if slots else None
+        start = max(min(chosen) * SLOT_S, span.get("first", 0.0))
+        return round(sum(slots[s].get(name, 0) for s in chosen) / max(end - start, 1e-3), 2)
+
+    last_minute = current - 60 // SLOT_S + 1
+    rows_recent = rate("rows", last_minute)
+    # Over the whole job: from its first row's start to its last row's end (or now, while it runs).
+    job_s = end - span["first"] if "first" in span else None
+    total_rows = sum(slot.get("rows", 0) for slot in slots.values())
+    total_output = sum(slot.get("output_tokens", 0) for slot in slots.values())
+
+    def over_job(count: int) -> float | None:
+        return round(count / max(job_s, 1e-3), 2) if job_s is not None else None
+
+    done, over_time = 0, []
+    for slot in sorted(slots):
+        done += slots[slot].get("rows", 0)
+        over_time.append((slot * SLOT_S, done))
+    return JobPace(
+        latency_ms={f"p{q}": percentile_ms(counts, q / 100) for q in (50, 95, 99)},
+        rows_per_s={"last_minute": rows_recent, "job": over_job(total_rows)},
+        output_tokens_per_s={"last_minute": rate("output_tokens", last_minute), "job": over_job(total_output)},
+        eta_s=math.ceil(pending / rows_recent) if pending and rows_recent else (0 if not pending else None),
+        rows_over_time=over_time,
+    )
