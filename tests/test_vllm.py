@@ -150,6 +150,12 @@ def test_json_outputs_always_parse_against_their_schema(tmp_path: Path, gpu_env,
         assert set(record["output"]) == {"product", "stars", "price_usd", "would_recommend"}
         assert record["output"]["stars"] in (1, 2, 3, 4, 5) and isinstance(record["output"]["would_recommend"], bool)
 
+    # The local engine's job reports as an API job does: its pace, its device time's cost, verify's verdict.
+    reported = promptmill("report", job_id, "--out", str(tmp_path / "report"), env=gpu_env)
+    assert reported.returncode == 0, reported.stderr
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert page.count("Plotly.newPlot") == 4 and "<td>vllm</td>" in page and "<td>ok</td></tr></table>" in page
+
 
 def summary_job_under_way(tmp_path: Path, env: dict[str, str], rows: int, done: int) -> tuple[str, JobStore]:
     """A summary job of `rows` reviews in chunks of 8, submitted, once `done` of them are done."""

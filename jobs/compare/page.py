@@ -1,16 +1,15 @@
-"""`compare.html`: the contenders' table and plots in one file that opens offline (plotly's script is
-written into it once)."""
+"""`compare.html`: the contenders' table, cost against quality, latencies and confusion tables, in one
+file that opens offline (jobs/html_page.py)."""
 
 from __future__ import annotations
 
 import html
 from pathlib import Path
-from typing import Any
 
 import plotly.graph_objects as go
 
 from promptmill.jobs.compare.score import Score
-from promptmill.jobs.files import atomic_write
+from promptmill.jobs.html_page import table, write_page
 
 _COLUMNS = [
     ("contender", "name"),
@@ -28,22 +27,8 @@ _COLUMNS = [
 ]
 
 
-def _cell(value: Any) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, dict):
-        return ", ".join(f"{kind} {count}" for kind, count in value.items()) or "–"
-    if isinstance(value, float):
-        return f"{value:,.4g}" if abs(value) < 1 else f"{value:,.1f}"
-    return html.escape(str(value))
-
-
 def _table(scores: list[Score]) -> str:
-    head = "".join(f"<th>{title}</th>" for title, _ in _COLUMNS)
-    rows = "".join(
-        "<tr>" + "".join(f"<td>{_cell(score.as_dict()[key])}</td>" for _, key in _COLUMNS) + "</tr>" for score in scores
-    )
-    return f"<table><tr>{head}</tr>{rows}</table>"
+    return table([title for title, _ in _COLUMNS], [[score.as_dict()[key] for _, key in _COLUMNS] for score in scores])
 
 
 def _confusions(scores: list[Score]) -> str:
@@ -94,26 +79,9 @@ def _latencies(scores: list[Score]) -> go.Figure:
     return figure
 
 
-def write_page(path: Path, title: str, scores: list[Score], notes: list[str]) -> None:
-    plots = [
-        figure.to_html(full_html=False, include_plotlyjs=(i == 0), default_width="100%", default_height="460px")
-        for i, figure in enumerate([_cost_against_quality(scores), _latencies(scores)])
-    ]
-    page = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
-table {{ border-collapse: collapse; margin: 1em 0; }}
-th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
-th {{ background: #f4f4f4; }}
-td:first-child {{ text-align: left; }}
-</style></head><body>
-<h1>{html.escape(title)}</h1>
-{_table(scores)}
-{"".join(f"<p>{html.escape(note)}</p>" for note in notes)}
-{"".join(plots)}
-{_confusions(scores)}
-</body></html>
-"""
-    with atomic_write(path, "w", encoding="utf-8") as handle:
-        handle.write(page)
+def write_compare_page(path: Path, title: str, scores: list[Score], notes: list[str]) -> None:
+    write_page(
+        path, title,
+        [_table(scores), *(f"<p>{html.escape(note)}</p>" for note in notes), _cost_against_quality(scores),
+         _latencies(scores), _confusions(scores)],
+    )  # fmt: skip

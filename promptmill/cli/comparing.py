@@ -17,7 +17,7 @@ from rich.table import Table
 from promptmill.cli.app import FormatOption, JsonFlag, app, err, expire_if_finished, fail, open_store, out
 from promptmill.cli.running import DEFAULT_WORKERS, check_model_built, drive, reopen
 from promptmill.config.settings import Settings, get_settings
-from promptmill.jobs.compare.page import write_page
+from promptmill.jobs.compare.page import write_compare_page
 from promptmill.jobs.compare.plan import (
     SAMPLE_FILE,
     CompareError,
@@ -262,7 +262,7 @@ def compare(
         fail(f"scoring: {bad}", code=1)
     notes = _projection_lines(plan, compared, len(rows))
     title = f"{Path(plan.input_path).name}: {len(rows):,} rows through {len(compared)} contenders"
-    write_page(folder / "compare.html", title, compared, notes)
+    write_compare_page(folder / "compare.html", title, compared, notes)
     if as_json:
         figures = {"contenders": [score.as_dict() for score in compared], "sample": len(rows),
                    "input_rows": plan.input_rows, "out": str(folder)}  # fmt: skip

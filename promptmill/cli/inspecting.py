@@ -30,6 +30,7 @@ from promptmill.config.settings import get_settings
 from promptmill.jobs.fallback import fallback_status
 from promptmill.jobs.ledger import cost_report
 from promptmill.jobs.pace import job_pace
+from promptmill.jobs.report import write_report
 from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.status import JobStatus
 from promptmill.jobs.store import JobStore
@@ -131,6 +132,19 @@ def _limits_line(limits: dict) -> str:
         f"{limits['breaker_trips']:,} breaker trips"
     )
     return line + (f"; paused {limits['paused_s']}s" if limits["paused_s"] else "")
+
+
+@app.command()
+def report(
+    job_id: JobArg,
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Where report.html goes (default: the job's folder)."),
+) -> None:
+    """One self-contained report.html of the job's story in plots, from Redis and its shards (any machine)."""
+    with open_job(job_id) as (settings, store, _, spec):
+        folder = out_dir or Path(spec.out_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        shown = write_report(store, spec, spec.pipeline.price_table(settings), folder / "report.html")
+    out.print(shown["report"], highlight=False)
 
 
 @app.command()

@@ -1,0 +1,34 @@
+"""`promptmill report` for an API job, through the real CLI, workers and the local server."""
+
+from __future__ import annotations
+
+from tests.conftest import API_KEY, promptmill
+from tests.support import write_dataset
+from tests.test_api_jobs import job_id_of
+
+PIPELINE = """
+name = "report"
+model = "claude-haiku-4-5"
+prompt = "Item {id}: {text}"
+max_tokens = 8
+"""
+
+
+def test_a_report_tells_an_api_jobs_story_offline(tmp_path, env, fake_api):
+    fake_api.configure(latency_ms=20, p429=0.05, retry_after=0.05)
+    rows = ({"id": i, "text": f"row {i}" + (" [[status:400]]" if i % 50 == 7 else "")} for i in range(300))
+    data, pipeline = write_dataset(tmp_path, rows, PIPELINE)
+    result = promptmill("run", str(data), "-p", str(pipeline), "--out", str(tmp_path / "out"), env=env)
+    assert result.returncode == 0, result.stderr
+    job_id = job_id_of(result)
+
+    reported = promptmill("report", job_id, env=env)
+    assert reported.returncode == 0, reported.stderr
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert reported.stdout.strip() == str(tmp_path / "out" / "report.html")
+    # Rows over time, pace against the limit, latency, tokens and cost by model, failures by kind.
+    assert page.count("Plotly.newPlot") == 5 and "<script src=" not in page  # one file, opens offline
+    assert f"<td>{job_id}</td>" in page and "<td>300</td><td>294</td><td>6</td>" in page
+    assert "<td>invalid_request</td><td>7</td><td>400 invalid_request_error: prompt is poisoned" in page
+    assert "answers were 429" in page and "<td>ok</td></tr></table>" in page  # verify's verdict
+    assert API_KEY not in page
