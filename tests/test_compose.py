@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -9,8 +10,10 @@ import subprocess
 
 import pytest
 import yaml
+from prometheus_client.metrics import MetricWrapperBase
 
 from promptmill.cli import app
+from promptmill.workers import metrics
 from tests.conftest import ROOT
 
 COMPOSE = ROOT / "docker-compose.yml"
@@ -18,7 +21,7 @@ COMPOSE = ROOT / "docker-compose.yml"
 
 def test_every_compose_service_runs_a_real_promptmill_subcommand() -> None:
     services = yaml.safe_load(COMPOSE.read_text())["services"]
-    servers = {"redis", "vllm-server", "prometheus"}  # images of their own, not promptmill
+    servers = {"redis", "vllm-server", "prometheus", "grafana"}  # images of their own, not promptmill
     commands = {name: " ".join(service["command"]) for name, service in services.items() if name not in servers}
     known = {command.name or command.callback.__name__ for command in app.registered_commands}
     for name, command in commands.items():
@@ -37,6 +40,19 @@ def test_every_compose_service_runs_a_real_promptmill_subcommand() -> None:
     targets = scraped["scrape_configs"][0]["dns_sd_configs"][0]
     for name in targets["names"]:
         assert f"--metrics-port {targets['port']}" in " ".join(services[name]["command"])
+
+
+def test_the_grafana_dashboard_graphs_only_metrics_the_workers_serve() -> None:
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "dashboards" / "promptmill.json").read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    served = {metric._name for metric in vars(metrics).values() if isinstance(metric, MetricWrapperBase)}
+    used = {re.sub(r"_(total|bucket|count|sum)$", "", name) for expr in exprs for name in re.findall(r"promptmill_\w+", expr)}
+    assert used and used <= served, used - served
+    assert {"promptmill_requests", "promptmill_rows", "promptmill_request_duration_seconds"} <= used
+    # The data source it names is the one Grafana is given, pointing at the compose file's Prometheus.
+    source = yaml.safe_load((ROOT / "deploy" / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text())
+    assert source["datasources"][0]["uid"] == dashboard["panels"][0]["datasource"]["uid"]
+    assert source["datasources"][0]["url"] == "http://prometheus:9090"
 
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose is not installed here")
