@@ -271,4 +271,6 @@ def compare(
         _print_table(compared)
         for note in notes:
             out.print(note, highlight=False, soft_wrap=True)
-        out.print(f"report: {folder / 'compare.html'}\nrows side by side: {folder / 'rows.jsonl'}", highlight=False)
+        out.print(
+            f"report: {folder / 'compare.html'}\nrows side by side: {folder / 'rows.jsonl'}", highlight=False, soft_wrap=True
+        )
