@@ -57,7 +57,8 @@ def test_two_workers_metrics_add_up_to_the_servers_own_counts(tmp_path, env, fak
     workers = [start_cli(env, "worker", "--queues", "api", "--metrics-port", str(p), quiet=True) for p in ports]
     try:
         data, pipeline = write_dataset(tmp_path, ({"id": i, "text": f"row {i}"} for i in range(300)), PIPELINE)
-        submitted = promptmill("submit", str(data), "-p", str(pipeline), "--chunk-size", "20", env=env)
+        submitted = promptmill("submit", str(data), "-p", str(pipeline), "--chunk-size", "20",
+                               "--out", str(tmp_path / "out"), env=env)  # fmt: skip
         assert submitted.returncode == 0, submitted.stderr
         job_id = submitted.stdout.split()[-1]
         store = JobStore.from_url(redis_url)
@@ -89,7 +90,7 @@ def test_run_serves_its_local_workers_metrics_on_one_port_while_it_runs(tmp_path
     port = free_port()
     data, pipeline = write_dataset(tmp_path, ({"id": i, "text": f"row {i}"} for i in range(400)), PIPELINE)
     run = start_cli({**env, "PROMPTMILL_METRICS_PORT": str(port), "PROMPTMILL_MAX_IN_FLIGHT": "8"}, "run", str(data),
-                    "-p", str(pipeline), "--workers", "2", "--chunk-size", "10")  # fmt: skip
+                    "-p", str(pipeline), "--workers", "2", "--chunk-size", "10", "--out", str(tmp_path / "out"))  # fmt: skip
     try:
 
         def sent() -> float:

@@ -47,7 +47,8 @@ def test_workers_send_task_events_naming_each_chunk_by_job_and_chunk(tmp_path, e
     thread.start()
     assert listening.wait(10)
     data, pipeline = write_dataset(tmp_path, ({"id": i, "text": f"row {i}"} for i in range(50)), PIPELINE)
-    result = promptmill("run", str(data), "-p", str(pipeline), "--chunk-size", "10", env=env)
+    out = str(tmp_path / "out")
+    result = promptmill("run", str(data), "-p", str(pipeline), "--chunk-size", "10", "--out", out, env=env)
     assert result.returncode == 0, result.stderr
     job_id = job_id_of(result)
     stop.set()
@@ -77,7 +78,8 @@ def test_promptmill_flower_shows_the_jobs_tasks_and_keeps_the_redis_password_off
     try:
         wait_until(lambda: _get(f"http://127.0.0.1:{port}/api/workers") is not None, 60, "Flower to listen")
         data, pipeline = write_dataset(tmp_path, ({"id": i, "text": f"row {i}"} for i in range(30)), PIPELINE)
-        result = promptmill("run", str(data), "-p", str(pipeline), "--chunk-size", "10", env=env)
+        out = str(tmp_path / "out")
+        result = promptmill("run", str(data), "-p", str(pipeline), "--chunk-size", "10", "--out", out, env=env)
         assert result.returncode == 0, result.stderr
         job_id = job_id_of(result)
 
