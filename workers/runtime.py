@@ -83,14 +83,12 @@ class WorkerRuntime:
     careful: threading.Lock = field(default_factory=threading.Lock)  # one chunk at a time hunts for poison
     prices: dict[str, PriceTable] = field(default_factory=dict)  # job id -> its price table
     fallbacks: dict[str, FallbackState] = field(default_factory=dict)  # job id -> its chain's fleet state
-    pace: PaceRecorder | None = None  # the process's rows, latency and output tokens, for `status`
+    pace: PaceRecorder = field(init=False)  # the process's rows, latency and output tokens, for `status`
+    metrics: bool = field(init=False)  # Prometheus metrics measured (a port, or `run`'s folder for them)
 
     def __post_init__(self) -> None:
         self.pace = PaceRecorder(self.store.redis)
-
-    @property
-    def metrics(self) -> bool:
-        return metrics_on(self.settings.metrics_port)
+        self.metrics = metrics_on(self.settings.metrics_port)
 
     def prices_for(self, job: JobSpec) -> PriceTable:
         if job.job_id not in self.prices:

@@ -73,8 +73,9 @@ class ChunkAttempts:
     def prior(self, row: int) -> int:
         return self.counts.get(row, 0)
 
-    def failed(self, row: int) -> None:
-        self.counts[row] = self.store.chunks.add_failed_attempt(self.job_id, self.chunk_id, row, self.model)
+    def failed(self, row: int, model: str | None = None) -> None:
+        """Count a failed attempt of the row, in the ledger under `model` (default: the job's)."""
+        self.counts[row] = self.store.chunks.add_failed_attempt(self.job_id, self.chunk_id, row, model or self.model)
 
     def for_model(self, model: str, first: bool) -> "ModelAttempts":
         return ModelAttempts(self, model, first)
@@ -92,7 +93,7 @@ class ModelAttempts:
 
     def failed(self, row: int) -> None:
         self.counts[row] = self.counts.get(row, 0) + 1
-        self.chunk.store.chunks.add_failed_attempt(self.chunk.job_id, self.chunk.chunk_id, row, self.model)
+        self.chunk.failed(row, self.model)
 
 
 class _StillWaiting(Exception):
@@ -107,8 +108,6 @@ async def _run_requests(
     path = await rt.request_path(job, ChunkAttempts(rt.store, job, chunk_id), gate)
     hold_s = (await rt.backend(job)).hold_s
     lines = {request.row: request.line for request in pending}
-    measured, pace = rt.metrics, rt.pace
-    assert pace is not None
     committed = 0
     checked_at = time.monotonic()
     async with contextlib.aclosing(fan_out(path, job, chunk_id, pending)) as outcomes:
@@ -116,13 +115,7 @@ async def _run_requests(
             async with asyncio.timeout(hold_s):
                 async for raw in outcomes:
                     outcome = to_outcome(job, raw, lines.get(raw.row, 0))
-                    new = rt.store.chunks.commit(job.job_id, chunk_id, raw.ledger_model or job.model, outcome)
-                    committed += new
-                    if new:
-                        pace.add(job.job_id, raw.latency_ms, raw.usage.output_tokens, outcome.status == "ok",
-                                 raw.started_at, raw.finished_at)  # fmt: skip
-                        if measured:
-                            count_row(job.job_id, outcome.status)
+                    committed += _commit(rt, job, chunk_id, raw.ledger_model or job.model, outcome, raw)
                     if gate.closed:
                         continue  # draining: the answers in flight are paid for, so they are committed
                     if lease_lost.is_set():
@@ -134,12 +127,29 @@ async def _run_requests(
         except TimeoutError:
             raise _StillWaiting() from None
         finally:
-            pace.write()  # what this chunk did is in `status` by the time it ends
-            if measured:
+            rt.pace.write()  # what this chunk did is in `status` by the time it ends
+            if rt.metrics:
                 flush_metrics()
     if hold_s is not None and committed < len(pending) and not lease_lost.is_set() and rt.store.is_runnable(job.job_id):
         raise _StillWaiting()  # rows whose batch was canceled under a running job: a new batch takes them
     return committed
+
+
+def _commit(
+    rt: WorkerRuntime, job: JobSpec, chunk_id: str, model: str, outcome: ItemOutcome, raw: RawOutcome | None = None
+) -> bool:
+    """Commit a row's outcome (False: the row was done already) and count a new one in the job's
+    pace and the process's metrics."""
+    new = rt.store.chunks.commit(job.job_id, chunk_id, model, outcome)
+    if new:
+        if raw is None:  # failed before any request (a poison row): no latency, no tokens
+            rt.pace.add(job.job_id, None, 0, False, None, None)
+        else:
+            rt.pace.add(job.job_id, raw.latency_ms, raw.usage.output_tokens, outcome.status == "ok",
+                        raw.started_at, raw.finished_at)  # fmt: skip
+        if rt.metrics:
+            count_row(job.job_id, outcome.status)
+    return new
 
 
 class _LeasedElsewhere(Exception):
@@ -213,10 +223,7 @@ def _run_counted_groups(
             if starts[request.row] > MAX_ROW_STARTS:
                 message = f"its worker died {starts[request.row] - 1} times while this row was in flight"
                 outcome = ItemOutcome.failure(request.row, ErrorKind.worker_lost, message)
-                new = rt.store.chunks.commit(job.job_id, chunk_id, job.model, outcome)
-                committed += new
-                if new and rt.metrics:
-                    count_row(job.job_id, outcome.status)
+                committed += _commit(rt, job, chunk_id, job.model, outcome)
             else:
                 runnable.append(request)
         if runnable:
