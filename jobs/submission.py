@@ -49,7 +49,8 @@ def build_spec(
         except ValidationError as bad:
             error = bad.errors()[0]
             raise SubmitError(f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}") from None
-    _check_model(settings, backend, pipeline, pipeline.price_table(settings), "model")
+    prices = pipeline.price_table(settings)
+    _check_model(settings, backend, pipeline, prices, "model")
     if chunk_size is not None and not 1 <= chunk_size <= MAX_CHUNK_SIZE:
         raise SubmitError(f"--chunk-size must be from 1 to {MAX_CHUNK_SIZE:,}, not {chunk_size:,}")
     from_settings = RateLimits(rpm=settings.rpm, input_tpm=settings.input_tpm, output_tpm=settings.output_tpm)
@@ -70,7 +71,6 @@ def build_spec(
         pipeline_path=str(pipeline_path.resolve()),
         pipeline_text=pipeline_path.read_text(encoding="utf-8"),
     )
-    prices = pipeline.price_table(settings)
     for link in spec.links()[1:]:
         name = f"fallback: {link.backend}:{link.model}"
         if link.queue != spec.queue:

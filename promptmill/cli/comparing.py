@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from promptmill.cli.app import FormatOption, JsonFlag, app, err, expire_if_finished, fail, open_store, out
+from promptmill.cli.new_job import create_job
 from promptmill.cli.running import DEFAULT_WORKERS, check_model_built, drive, reopen
 from promptmill.config.settings import Settings, get_settings
 from promptmill.jobs.compare.page import write_compare_page
@@ -33,7 +34,6 @@ from promptmill.jobs.export import export_job
 from promptmill.jobs.files import atomic_write
 from promptmill.jobs.ledger import cost_report
 from promptmill.jobs.readers import INPUT_FORMATS, detect_format
-from promptmill.jobs.shards import prepare_shards
 from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.status import JobState
 from promptmill.jobs.store import JobStore
@@ -82,9 +82,7 @@ def _run_contender(
 ) -> None:
     """Run (or resume) the contender's job to its end here, export its records, note how it ended."""
     if contender.job_id != spec.job_id:
-        store.create_job(spec)
-        store.budgets.set(spec.job_id, None)
-        prepare_shards(spec)
+        create_job(store, spec, budget=None)
         contender.job_id = spec.job_id
         resuming = False
     else:

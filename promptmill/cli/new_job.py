@@ -74,9 +74,14 @@ class JobRequest:
             fail(str(bad))
 
     def create(self, store: JobStore, spec: JobSpec) -> None:
-        store.create_job(spec)
-        store.budgets.set(spec.job_id, self.budget)
-        prepare_shards(spec)
+        create_job(store, spec, self.budget)
+
+
+def create_job(store: JobStore, spec: JobSpec, budget: float | None) -> None:
+    """The job in Redis with its budget cap (None: none), and its shard folder."""
+    store.create_job(spec)
+    store.budgets.set(spec.job_id, budget)
+    prepare_shards(spec)
 
 
 def job_command(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:

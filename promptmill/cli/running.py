@@ -11,7 +11,6 @@ import typer
 
 from promptmill.cli.app import JobArg, app, err, expire_if_finished, fail, open_job, open_store, out
 from promptmill.cli.new_job import JobRequest, job_command
-from promptmill.config.prices import PriceTable
 from promptmill.config.settings import Settings, get_settings
 from promptmill.jobs.dispatch import ChunkSender
 from promptmill.jobs.embedded import EmbeddedRedis, LocalWorkers
@@ -48,33 +47,25 @@ def drive(
     prices = spec.pipeline.price_table(settings)
     with serving(settings.metrics_port) as metrics_dir:
         local = LocalWorkers(url, spec.queue, workers, Path(spec.out_dir) / "logs", metrics_dir)
-        return _drive(settings, store, spec, local, url, prices, resuming, go_on)
-
-
-def _drive(
-    settings: Settings, store: JobStore, spec: JobSpec, local: LocalWorkers, url: str, prices: PriceTable,
-    resuming: bool, go_on: str,
-) -> JobStatus:  # fmt: skip
-    sender = ChunkSender.for_url(url)
-    try:
-        local.start()
-        with JobProgress(store, spec, prices, err) as progress:
-            enqueue(store, spec, sender, settings.max_pending_rows, resuming, progress.refresh, progress.refresh)
-            # An embedded Redis that died is ours to bring back (on its port, with its data).
-            embedded = None if settings.redis_url else EmbeddedRedis(settings.data_dir / "redis")
-            status = wait_for_job(progress, alive=local.keep_alive, on_redis_lost=embedded and embedded.start)
-    except KeyboardInterrupt:
-        err.print(f"\ninterrupted: stopping workers; go on with [bold]{go_on}[/]", soft_wrap=True)
-        local.stop()
-        raise typer.Exit(130)
-    except WorkersExited as died:
-        fail(f"{died}; see the logs in {Path(spec.out_dir) / 'logs'}", code=1)
-    except ProducerFailed as stopped:
-        fail(f"job {spec.job_id}: {stopped}\nfix the input, then: promptmill resume {spec.job_id}", code=1)
-    finally:
-        local.stop()
-        sender.close()
-    return status
+        sender = ChunkSender.for_url(url)
+        try:
+            local.start()
+            with JobProgress(store, spec, prices, err) as progress:
+                enqueue(store, spec, sender, settings.max_pending_rows, resuming, progress.refresh, progress.refresh)
+                # An embedded Redis that died is ours to bring back (on its port, with its data).
+                embedded = None if settings.redis_url else EmbeddedRedis(settings.data_dir / "redis")
+                return wait_for_job(progress, alive=local.keep_alive, on_redis_lost=embedded and embedded.start)
+        except KeyboardInterrupt:
+            err.print(f"\ninterrupted: stopping workers; go on with [bold]{go_on}[/]", soft_wrap=True)
+            local.stop()
+            raise typer.Exit(130)
+        except WorkersExited as died:
+            fail(f"{died}; see the logs in {Path(spec.out_dir) / 'logs'}", code=1)
+        except ProducerFailed as stopped:
+            fail(f"job {spec.job_id}: {stopped}\nfix the input, then: promptmill resume {spec.job_id}", code=1)
+        finally:
+            local.stop()
+            sender.close()
 
 
 def _run_to_end(

@@ -120,10 +120,11 @@ def prepare_model(
     """Build the local models' folders once (gemma3-270m, the demo's; smollm2-135m-instruct, the smallest)."""
     from promptmill.workers.local_model import MODELS, build_model
 
+    unknown = [alias for alias in models or [] if alias not in MODELS]
+    if unknown:
+        fail(f"MODEL: {unknown[0]!r} is not a local model; they are {', '.join(MODELS)}")
     settings = get_settings()
     for alias in models or list(MODELS):
-        if alias not in MODELS:
-            fail(f"MODEL: {alias!r} is not a local model; they are {', '.join(MODELS)}")
         started = time.monotonic()
         folder = build_model(settings, alias)
         out.print(f"{alias} ready at {folder} ({time.monotonic() - started:.1f}s)")
