@@ -109,6 +109,7 @@ class JobPace:
     output_tokens_per_s: dict[str, float | None]
     eta_s: float | None
     rows_over_time: list[tuple[int, int]]  # (slot start, epoch seconds; rows done by its end)
+    latency_counts: dict[int, int]  # answered rows by latency bucket (EDGES_MS)
 
     def as_dict(self) -> dict:
         return {
@@ -170,4 +171,5 @@ def job_pace(client: redis.Redis, job_id: str, pending: int, now: float | None =
         output_tokens_per_s={"last_minute": rate("output_tokens", last_minute), "job": over_job(total_output)},
         eta_s=math.ceil(pending / rows_recent) if pending and rows_recent else (0 if not pending else None),
         rows_over_time=over_time,
+        latency_counts=counts,
     )

@@ -12,7 +12,6 @@ import plotly.graph_objects as go
 
 from promptmill.config.prices import PriceTable
 from promptmill.jobs.html_page import table, write_page
-from promptmill.jobs.keys import JobKeys
 from promptmill.jobs.ledger import cost_report
 from promptmill.jobs.pace import EDGES_MS, SLOT_S, job_pace
 from promptmill.jobs.shards import iter_outcomes
@@ -73,9 +72,7 @@ def write_report(store: JobStore, spec: JobSpec, prices: PriceTable, path: Path)
     """Write the report; returns what it shows in figures, for the command to print."""
     status = store.status(spec.job_id)
     report = cost_report(spec, status, prices)
-    client = store.redis
-    pace = job_pace(client, spec.job_id, status.pending)
-    counts = {int(b): int(n) for b, n in client.hgetall(JobKeys(spec.job_id).latency).items()}
+    pace = job_pace(store.redis, spec.job_id, status.pending)
     limits = None if status.limit_scope is None else store.limits.summary(status.limit_scope, spec.limits)
     failures: Counter = Counter()
     examples: dict[str, list[tuple[int, str]]] = {}
@@ -93,8 +90,8 @@ def write_report(store: JobStore, spec: JobSpec, prices: PriceTable, path: Path)
     ]  # fmt: skip
     if pace.rows_over_time:
         figures += [_rows_over_time(pace.rows_over_time, status.total), _pace_against_limit(pace.rows_over_time, limits)]
-    if counts:
-        figures.append(_latency(counts))
+    if pace.latency_counts:
+        figures.append(_latency(pace.latency_counts))
     if report.models:
         figures.append(_by_model(report.models))
     figures.append("<h2>Failures</h2>")
