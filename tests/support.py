@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -29,6 +31,18 @@ def promptmill(
 def promptmill_process(*args: str, env: dict[str, str], cwd: Path = ROOT, **kwargs) -> subprocess.Popen:
     """Start the `promptmill` command (a worker, a run to be killed) and leave it running."""
     return subprocess.Popen([PROMPTMILL, *args], env=env, cwd=cwd, **kwargs)
+
+
+def stop(*processes: subprocess.Popen, timeout: float = 60) -> None:
+    """SIGTERM each process still running (its whole group where it leads one: a worker's pool, Flower
+    under `promptmill flower`) and wait for it to end."""
+    for process in processes:
+        if process.poll() is None:
+            if os.getpgid(process.pid) == process.pid:
+                os.killpg(process.pid, signal.SIGTERM)
+            else:
+                process.send_signal(signal.SIGTERM)
+        process.wait(timeout=timeout)
 
 
 def write_dataset(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import time
 from datetime import datetime
 from decimal import Decimal
@@ -17,7 +16,7 @@ import redis
 from promptmill.jobs.fallback import fallback_status
 from promptmill.jobs.store import JobStore
 from tests.conftest import promptmill, read_jsonl
-from tests.support import write_dataset
+from tests.support import stop, write_dataset
 from tests.test_api_jobs import job_id_of
 from tests.test_compare import bill, both_apis
 from tests.test_crash_safety import start_cli, wait_until
@@ -101,9 +100,7 @@ def test_a_model_that_recovers_gets_its_rows_back(tmp_path, env, fake_api, redis
         _, stderr = run.communicate(timeout=180)
         assert run.returncode == 0, stderr
     finally:
-        if run.poll() is None:
-            run.send_signal(signal.SIGTERM)
-            run.wait(timeout=60)
+        stop(run)
     records = read_jsonl(tmp_path / "out" / "results.jsonl")
     assert all(r["status"] == "ok" for r in records)
     back = [r for r in records if r["model"] == HAIKU and epoch(r["started_at"]) > recovered]

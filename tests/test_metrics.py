@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import urllib.request
 from collections import Counter
 from decimal import Decimal
@@ -16,7 +14,7 @@ from promptmill.jobs.keys import JobKeys
 from promptmill.jobs.pace import bucket_of, percentile_ms
 from promptmill.jobs.store import JobStore
 from tests.conftest import promptmill, read_jsonl
-from tests.support import write_dataset
+from tests.support import stop, write_dataset
 from tests.test_compare import bill
 from tests.test_crash_safety import start_cli, wait_until
 from tests.test_monitoring import free_port
@@ -65,9 +63,7 @@ def test_two_workers_metrics_add_up_to_the_servers_own_counts(tmp_path, env, fak
         wait_until(lambda: store.status(job_id).terminal == 300, 120, "the job to finish")
         samples = [scrape(port) for port in ports]
     finally:
-        for worker in workers:
-            os.killpg(worker.pid, signal.SIGTERM)
-            worker.wait(timeout=60)
+        stop(*workers)
 
     log = [e for e in fake_api.log() if e["prompt"] is not None]
     statuses = Counter(str(e["status"]) for e in log)
@@ -106,9 +102,7 @@ def test_run_serves_its_local_workers_metrics_on_one_port_while_it_runs(tmp_path
         _, stderr = run.communicate(timeout=120)
         assert run.returncode == 0, stderr
     finally:
-        if run.poll() is None:
-            run.send_signal(signal.SIGTERM)
-            run.wait(timeout=60)
+        stop(run)
     assert sum(1 for e in fake_api.log() if e["status"] == 200) == 400
 
 
@@ -125,9 +119,7 @@ def test_latency_histograms_from_two_workers_merge_to_the_rows_own_latencies(tmp
         store = JobStore.from_url(redis_url)
         wait_until(lambda: store.status(job_id).terminal == 300, 120, "the job to finish")
     finally:
-        for worker in workers:
-            os.killpg(worker.pid, signal.SIGTERM)
-            worker.wait(timeout=60)
+        stop(*workers)
     assert promptmill("export", job_id, env=env).returncode == 0
     latencies = [r["latency_ms"] for r in read_jsonl(tmp_path / "out" / "results.jsonl")]
     expected = Counter(bucket_of(ms) for ms in latencies)

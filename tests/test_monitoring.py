@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import ast
 import json
-import os
-import signal
 import socket
 import subprocess
 import threading
@@ -17,7 +15,7 @@ import psutil
 from celery import Celery
 
 from tests.conftest import promptmill
-from tests.support import promptmill_process, write_dataset
+from tests.support import promptmill_process, stop, write_dataset
 from tests.test_api_jobs import job_id_of
 from tests.test_crash_safety import wait_until
 
@@ -94,8 +92,7 @@ def test_promptmill_flower_shows_the_jobs_tasks_and_keeps_the_redis_password_off
         command_lines = [" ".join(p.cmdline()) for p in psutil.Process(flower.pid).children(recursive=True)]
         assert command_lines and not any(password in line for line in command_lines)
     finally:
-        os.killpg(flower.pid, signal.SIGTERM)
-        flower.wait(timeout=30)
+        stop(flower, timeout=30)
 
 
 def _get(url: str) -> dict | None:
