@@ -14,7 +14,7 @@ from pydantic import BaseModel
 
 from promptmill.jobs.keys import META_ROWS_PRODUCED, JobKeys
 from promptmill.jobs.status import LedgerPart
-from promptmill.pipelines.items import ItemOutcome, RenderedRequest, Usage
+from promptmill.pipelines.items import AttemptError, ItemOutcome, RenderedRequest, Usage
 
 _USAGE_FIELDS = tuple(Usage.model_fields)
 
@@ -28,6 +28,27 @@ class ChunkPayload(BaseModel):
 
 def chunk_id_for(first_row: int) -> str:
     return f"{first_row:010d}"
+
+
+class HandOff(BaseModel):
+    """A row gone on to a model of its fallback chain that another queue serves (a vLLM engine on a
+    gpu worker for an api job): the model, and what the row went through before, for its record."""
+
+    link: int  # the model, as an index into JobSpec.links()
+    models_tried: list[str]
+    attempts: int
+    errors: list[AttemptError]
+    started_at: float | None
+
+
+def run_id(chunk_id: str, link: int) -> str:
+    """What a run of a chunk's rows is leased and counted under: the chunk, or its rows handed to `link`."""
+    return f"{chunk_id}@{link}" if link else chunk_id
+
+
+def parse_run_id(run: str) -> tuple[str, int]:
+    chunk_id, _, link = run.partition("@")
+    return chunk_id, int(link or 0)
 
 
 # Commit one outcome: result, done mark and usage in one step, and only once per row.
@@ -46,8 +67,16 @@ if redis.call('SISMEMBER', KEYS[4], ARGV[6]) == 1 or redis.call('HSETNX', KEYS[1
   account(KEYS[5])
   return 0
 end
+redis.call('HDEL', KEYS[6], ARGV[1])
 redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
 account(KEYS[3])
+return 1
+"""
+
+# Hand a row on to another queue's model, unless it is done (a second run of its chunk answered it).
+_HAND_OFF = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 return 1
 """
 
@@ -63,7 +92,7 @@ return 1
 # A chunk's outcomes are safe in its shard: mark it flushed and free everything it held.
 _MARK_FLUSHED = """
 redis.call('SADD', KEYS[1], ARGV[1])
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[9])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[9], KEYS[10])
 redis.call('HDEL', KEYS[6], ARGV[1])
 redis.call('HDEL', KEYS[7], ARGV[1])
 redis.call('HDEL', KEYS[8], ARGV[1])
@@ -75,26 +104,35 @@ return 1
 # it was last sent again at), or (stranded, only when the queue is empty) no message for it exists:
 # it died in a dead worker's reserved or delayed messages, a resent copy among them. The guard is
 # the loss itself (a run count, a time), never the chunk: a chunk lost twice is sent twice.
+# Rows handed to another queue's model are that run's ("CHUNK@LINK"), lost the same way on its queue.
 # ARGV: now (s), how long a chunk sent must wait before it counts as stranded (s), queue empty (0/1),
-# the job's key prefix.
+# the job's key prefix, the links of the chain whose queue is empty (JSON list).
 _SWEEP = """
 local now, wait, queue_empty, prefix = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3] == '1', ARGV[4]
+local empty_links = {}
+for _, link in ipairs(cjson.decode(ARGV[5])) do empty_links[link] = true end
 local lost = {}
+local function look(run, empty)
+  if redis.call('EXISTS', prefix .. 'lease:' .. run) == 1 then return end
+  local runs = redis.call('HGET', KEYS[4], run)
+  local sent_at = tonumber(redis.call('HGET', KEYS[6], run) or '0')
+  if runs and runs ~= redis.call('HGET', KEYS[5], run) then
+    redis.call('HSET', KEYS[5], run, runs)
+    redis.call('HSET', KEYS[6], run, now)
+    table.insert(lost, run)
+  elseif empty and now - sent_at >= wait then
+    redis.call('HSET', KEYS[6], run, now)
+    table.insert(lost, run)
+  end
+end
 for _, chunk in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
-  if redis.call('SISMEMBER', KEYS[3], chunk) == 0 and redis.call('EXISTS', prefix .. 'lease:' .. chunk) == 0 then
+  if redis.call('SISMEMBER', KEYS[3], chunk) == 0 then
     local rows = tonumber(redis.call('HGET', KEYS[2], chunk) or '0')
-    if redis.call('HLEN', prefix .. 'results:' .. chunk) < rows then
-      local runs = redis.call('HGET', KEYS[4], chunk)
-      local sent_at = tonumber(redis.call('HGET', KEYS[6], chunk) or '0')
-      if runs and runs ~= redis.call('HGET', KEYS[5], chunk) then
-        redis.call('HSET', KEYS[5], chunk, runs)
-        redis.call('HSET', KEYS[6], chunk, now)
-        table.insert(lost, chunk)
-      elseif queue_empty and now - sent_at >= wait then
-        redis.call('HSET', KEYS[6], chunk, now)
-        table.insert(lost, chunk)
-      end
-    end
+    local handed = redis.call('HVALS', prefix .. 'handed:' .. chunk)
+    if redis.call('HLEN', prefix .. 'results:' .. chunk) + #handed < rows then look(chunk, queue_empty) end
+    local links = {}
+    for _, raw in ipairs(handed) do links[cjson.decode(raw).link] = true end
+    for link, _ in pairs(links) do look(chunk .. '@' .. link, empty_links[link] == true) end
   end
 end
 return lost
@@ -127,8 +165,8 @@ return #a.retry
 class ChunkStore:
     def __init__(self, client: redis.Redis):
         self.redis = client
-        scripts = (_COMMIT, _ADD_CHUNK, _MARK_FLUSHED, _SWEEP, _REQUEUE_FAILED)
-        self._commit, self._add_chunk, self._mark_flushed, self._sweep, self._requeue_failed = (
+        scripts = (_COMMIT, _ADD_CHUNK, _MARK_FLUSHED, _SWEEP, _REQUEUE_FAILED, _HAND_OFF)
+        self._commit, self._add_chunk, self._mark_flushed, self._sweep, self._requeue_failed, self._hand_off = (
             client.register_script(lua) for lua in scripts
         )
 
@@ -180,14 +218,32 @@ class ChunkStore:
             if chunk_id not in flushed and done < int(row_counts[chunk_id.encode()])
         ]
 
-    def lost(self, job_id: str, queue_empty: bool, stranded_after_s: float) -> list[str]:
-        """The job's lost chunks, each marked as sent again now (see `_SWEEP`): the caller sends them."""
+    def lost(
+        self, job_id: str, queue_empty: bool, stranded_after_s: float, empty_links: list[int] = ()
+    ) -> list[str]:
+        """The job's lost runs (see `run_id`), each marked as sent again now (see `_SWEEP`): the
+        caller sends them. `empty_links`: the chain's models whose queue is empty."""
         keys = ["chunks", "chunk_rows", "flushed", "chunk_runs", "resent", "sent_at"]
         lost = self._sweep(
             keys=[getattr(JobKeys(job_id), name) for name in keys],
-            args=[time.time(), stranded_after_s, int(queue_empty), JobKeys(job_id).prefix],
-        )
+            args=[time.time(), stranded_after_s, int(queue_empty), JobKeys(job_id).prefix,
+                  orjson.dumps(list(empty_links)).decode()],
+        )  # fmt: skip
         return [raw.decode() for raw in lost]
+
+    def hand_off(self, job_id: str, chunk_id: str, row: int, handoff: HandOff) -> bool:
+        """Mark a row as gone on to another queue's model; False if it is done already."""
+        keys = [JobKeys(job_id).results(chunk_id), JobKeys(job_id).handed(chunk_id)]
+        return bool(self._hand_off(keys=keys, args=[row, handoff.model_dump_json()]))
+
+    def handed(self, job_id: str, chunk_id: str) -> dict[int, HandOff]:
+        """The chunk's rows waiting on another queue's model (a row's mark goes with its outcome)."""
+        raw = self.redis.hgetall(JobKeys(job_id).handed(chunk_id))
+        return {int(row): HandOff.model_validate_json(value) for row, value in raw.items()}
+
+    def sent_now(self, job_id: str, run: str) -> None:
+        """A run's message was just sent: the sweeper gives it its time before calling it stranded."""
+        self.redis.hset(JobKeys(job_id).sent_at, run, time.time())
 
     def count_row_starts(self, job_id: str, chunk_id: str, rows: list[int]) -> dict[int, int]:
         """Count these rows as sent once more; returns each one's count, this start included."""
@@ -230,6 +286,7 @@ class ChunkStore:
                 JobKeys(job_id).resent,
                 JobKeys(job_id).sent_at,
                 JobKeys(job_id).batch_rows(chunk_id),
+                JobKeys(job_id).handed(chunk_id),
             ],
             args=[chunk_id],
         )
@@ -265,6 +322,7 @@ class ChunkStore:
                 JobKeys(job_id).ledger,
                 JobKeys(job_id).flushed,
                 JobKeys(job_id).paid_twice,
+                JobKeys(job_id).handed(chunk_id),
             ],
             args=args,
         )

@@ -20,8 +20,11 @@ class ChunkSender:
         app.conf.update(celery_config(redis_url))
         return cls(app, owned=True)
 
-    def send(self, job_id: str, chunk_id: str, queue: str) -> None:
-        self.app.send_task(TASK_RUN_CHUNK, args=(job_id, chunk_id), queue=queue)
+    def send(self, job_id: str, chunk_id: str, queue: str, link: int = 0) -> None:
+        """Send a chunk to its queue's workers; with `link`, only its rows handed to that model of
+        its fallback chain (served on another queue)."""
+        kwargs = {"link": link} if link else {}
+        self.app.send_task(TASK_RUN_CHUNK, args=(job_id, chunk_id), kwargs=kwargs, queue=queue)
 
     def close(self) -> None:
         if self._owned:

@@ -190,8 +190,7 @@ class LocalWorkers:
     """Celery worker processes started by `promptmill run` / `resume` and stopped when it ends."""
 
     redis_url: str
-    queue: str
-    processes: int
+    queues: list[str]  # each process's queue
     log_dir: Path
     metrics_dir: Path | None = None  # where they write their Prometheus metrics for `run` to serve
     children: list[subprocess.Popen] = field(default_factory=list)
@@ -200,17 +199,18 @@ class LocalWorkers:
 
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.started_at = [0.0] * self.processes
-        self.children = [self._spawn(index) for index in range(self.processes)]
+        self.started_at = [0.0] * len(self.queues)
+        self.children = [self._spawn(index) for index in range(len(self.queues))]
 
     def _spawn(self, index: int) -> subprocess.Popen:
         self.started_at[index] = time.monotonic()
         env = dict(os.environ, PROMPTMILL_REDIS_URL=self.redis_url)
         if self.metrics_dir is not None:
             env["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir)  # `run` serves them all on its port
-        log = (self.log_dir / f"worker-{self.queue}-{index}.log").open("ab")
+        queue = self.queues[index]
+        log = (self.log_dir / f"worker-{queue}-{index}.log").open("ab")
         return subprocess.Popen(
-            [*promptmill_command(), "worker", "--queues", self.queue],
+            [*promptmill_command(), "worker", "--queues", queue],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=log,

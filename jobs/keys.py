@@ -15,9 +15,13 @@ Cluster slot and one Lua script may touch them together.
                                 token usage by model ("MODEL@long": requests at long-context rates)
     pm:{JOB}:budget             hash: spent, held: micro-USD paid so far, and held for requests in flight
     pm:{JOB}:chunk_runs         hash: chunk id -> times a worker started it, while it runs: a chunk
-                                here whose lease is gone lost its worker
+                                here whose lease is gone lost its worker ("CHUNK@LINK": the run of the
+                                chunk's rows handed to the chain's model LINK, as in lease, resent, sent_at)
     pm:{JOB}:lease:{CHUNK}      the token of the worker running the chunk, with an expiry
     pm:{JOB}:attempts:{CHUNK}   hash: row -> failed attempts so far (a resumed row keeps its count)
+    pm:{JOB}:handed:{CHUNK}     hash: row -> JSON of a HandOff: a row of the chunk gone on to a model of its
+                                fallback chain served on another queue (a gpu worker's engine), with
+                                what it went through so far; its field goes when its outcome is committed
     pm:{JOB}:row_starts:{CHUNK} hash: row -> times it was sent by a chunk run that follows a dead
                                 worker's (poison-row guard; only written in that careful mode)
     pm:{JOB}:flushed            set of chunk ids whose outcomes are in result shards on disk, their
@@ -38,6 +42,7 @@ Cluster slot and one Lua script may touch them together.
                                 (0: its own) last began failing with no success since (epoch seconds)
     pm:{JOB}:probe:{LINK}       a fleet-wide turn, with an expiry, to try a model the fleet passed over
     pm:{JOB}:latency            hash: latency bucket (jobs/pace.py EDGES_MS) -> answered rows in it
+    pm:{JOB}:ttft               hash: as latency, the time to first token of answered rows that measured one
     pm:{JOB}:pace               hash: "SLOT|rows", "SLOT|output_tokens" -> rows committed and their
                                 output tokens in each 10-second slot (SLOT: epoch seconds // 10);
                                 first, last: the job's first row's start and last row's end
@@ -117,6 +122,7 @@ class JobKeys:
     batches = property(lambda self: self._key("batches"))
     fallback = property(lambda self: self._key("fallback"))
     latency = property(lambda self: self._key("latency"))
+    ttft = property(lambda self: self._key("ttft"))
     pace = property(lambda self: self._key("pace"))
 
     def probe(self, link: int) -> str:
@@ -133,6 +139,9 @@ class JobKeys:
 
     def attempts(self, chunk_id: str) -> str:
         return self._key("attempts", chunk_id)
+
+    def handed(self, chunk_id: str) -> str:
+        return self._key("handed", chunk_id)
 
     def row_starts(self, chunk_id: str) -> str:
         return self._key("row_starts", chunk_id)

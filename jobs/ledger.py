@@ -74,13 +74,14 @@ _CACHE_FIELDS = ("cache_creation_input_tokens", "cache_creation_1h_input_tokens"
 
 def cost_report(spec: JobSpec, status: JobStatus, prices: PriceTable) -> CostReport:
     models = []
-    local = spec.backend == "vllm"
+    # A local engine's model costs its device time: the job's own, or one of its fallback chain.
+    engines = {link.model for link in spec.links() if link.backend == "vllm"}
     # A model that only failed (a fallback chain's model that was down) is shown too: its failed attempts.
     for model in sorted(set(status.usage_by_model) | set(status.failed_attempts_by_model)):
         usage = status.usage_by_model.get(model, Usage())
         requests = status.requests_by_model.get(model, 0)
         failed = status.failed_attempts_by_model.get(model, 0)
-        if not local:
+        if model not in engines:
             price = prices.price_for(model)
             cached = {name: getattr(usage, name) for name in _CACHE_FIELDS}
             as_plain_input = price.cost_usd(input_tokens=usage.cache_creation_input_tokens + usage.cache_read_input_tokens)
@@ -96,11 +97,13 @@ def cost_report(spec: JobSpec, status: JobStatus, prices: PriceTable) -> CostRep
     twice = status.paid_twice
     twice_usd = sum(
         (
-            prices.engine_cost_usd(usage.engine_us) if local else prices.price_for(model).cost_usd(**usage.token_counts())
+            prices.engine_cost_usd(usage.engine_us) if model in engines
+            else prices.price_for(model).cost_usd(**usage.token_counts())
             for model, usage in twice.usage_by_model.items()
         ),
         Decimal(0),
     )
     return CostReport(
-        spec.job_id, spec.backend, models, prices.comparison_model if local else None, twice.as_dict(), twice_usd
+        spec.job_id, spec.backend, models, prices.comparison_model if spec.backend == "vllm" else None, twice.as_dict(),
+        twice_usd,
     )

@@ -1,5 +1,5 @@
-"""A job's pace, kept in Redis so any machine reads it: latency as a mergeable histogram (fixed
-buckets, 25% apart, so every worker's counts simply add), and rows and output tokens per 10-second slot
+"""A job's pace, kept in Redis so any machine reads it: latency and time to first token as mergeable
+histograms (fixed buckets, 25% apart, so every worker's counts simply add), and rows and output tokens per 10-second slot
 (the last minute's rate, the whole job's, and the curve of rows done over time).
 
 Workers gather their rows in the process and write them in one pipeline at most twice a second and
@@ -60,19 +60,41 @@ class PaceRecorder:
         self._span_script = client.register_script(_SPAN)
         self._lock = threading.Lock()
         self._written_at = 0.0
-        self._latency, self._slots, self._span = self._gathered()
+        self._latency, self._ttft, self._slots, self._span = self._gathered()
+        self._limits: dict[str, dict[int, int]] = collections.defaultdict(dict)  # job -> slot -> rpm in force
 
     @staticmethod
-    def _gathered() -> tuple[dict[str, collections.Counter], dict[str, collections.Counter], dict[str, list[float]]]:
-        """Empty: by job, latency bucket counts; slot counts; the [earliest start, latest end] seen."""
-        return collections.defaultdict(collections.Counter), collections.defaultdict(collections.Counter), {}
+    def _gathered() -> tuple[dict[str, collections.Counter], dict[str, collections.Counter],
+                             dict[str, collections.Counter], dict[str, list[float]]]:  # fmt: skip
+        """Empty: by job, latency and ttft bucket counts; slot counts; the [earliest start, latest end] seen."""
+        counts = [collections.defaultdict(collections.Counter) for _ in range(3)]
+        return counts[0], counts[1], counts[2], {}
+
+    def request(self, job_id: str, status: int | str | None, held_s: float, rpm: float | None) -> None:
+        """A request sent under the fleet's limiter: counted in its slot, with a 429 or a server error
+        marked, a hold of a second or more by the limiter (its pace, a 429's pause, an open breaker)
+        counted, and the requests-per-minute limit in force."""
+        slot = int(time.time()) // SLOT_S
+        with self._lock:
+            slots = self._slots[job_id]
+            slots[f"{slot}|requests"] += 1
+            if status == 429:
+                slots[f"{slot}|r429"] += 1
+            elif status in (529, "timeout", "dropped") or (isinstance(status, int) and status >= 500):
+                slots[f"{slot}|r5xx"] += 1
+            if held_s >= 1.0:
+                slots[f"{slot}|held"] += 1
+            if rpm:
+                self._limits[job_id][slot] = round(rpm)
 
     def add(self, job_id: str, latency_ms: float | None, output_tokens: int, ok: bool,
-            started_at: float | None, finished_at: float | None) -> None:  # fmt: skip
+            started_at: float | None, finished_at: float | None, ttft_ms: float | None = None) -> None:  # fmt: skip
         slot = int(time.time()) // SLOT_S
         with self._lock:
             if ok and latency_ms is not None:
                 self._latency[job_id][bucket_of(latency_ms)] += 1
+            if ok and ttft_ms is not None:
+                self._ttft[job_id][bucket_of(ttft_ms)] += 1
             slots = self._slots[job_id]
             slots[f"{slot}|rows"] += 1
             if output_tokens:
@@ -85,18 +107,22 @@ class PaceRecorder:
 
     def write(self) -> None:
         with self._lock:
-            latency, slots, spans = self._latency, self._slots, self._span
-            self._latency, self._slots, self._span = self._gathered()
+            latency, ttft, slots, spans = self._latency, self._ttft, self._slots, self._span
+            self._latency, self._ttft, self._slots, self._span = self._gathered()
+            limits, self._limits = self._limits, collections.defaultdict(dict)
             self._written_at = time.monotonic()
         if not latency and not slots:
             return
         with self.client.pipeline(transaction=False) as pipe:
-            for job_id, counts in latency.items():
-                for bucket, count in counts.items():
-                    pipe.hincrby(JobKeys(job_id).latency, str(bucket), count)
+            for key, histograms in (("latency", latency), ("ttft", ttft)):
+                for job_id, counts in histograms.items():
+                    for bucket, count in counts.items():
+                        pipe.hincrby(getattr(JobKeys(job_id), key), str(bucket), count)
             for job_id, counts in slots.items():
                 for field, count in counts.items():
                     pipe.hincrby(JobKeys(job_id).pace, field, count)
+            for job_id, by_slot in limits.items():
+                pipe.hset(JobKeys(job_id).pace, mapping={f"{slot}|rpm": rpm for slot, rpm in by_slot.items()})
             for job_id, (first, last) in spans.items():
                 self._span_script(keys=[JobKeys(job_id).pace], args=[first, last], client=pipe)
             pipe.execute()
@@ -110,11 +136,20 @@ class JobPace:
     eta_s: float | None
     rows_over_time: list[tuple[int, int]]  # (slot start, epoch seconds; rows done by its end)
     latency_counts: dict[int, int]  # answered rows by latency bucket (EDGES_MS)
+    # Per slot with requests sent under a limiter: (slot start, requests, 429s, server errors,
+    # requests held a second or more by the limiter, requests-per-minute limit in force or None)
+    requests_over_time: list[tuple[int, int, int, int, int, int | None]]
+    ttft_ms: dict[str, float | None] | None  # p50, p95, p99; None: no row measured one
+    ttft_counts: dict[int, int]
 
     def as_dict(self) -> dict:
         return {
             "latency_ms": self.latency_ms,
-            "ttft_ms": None,  # needs streaming answers, which no backend asks for yet
+            "ttft_ms": self.ttft_ms,
+            # Which is which: latency runs from sending to the whole answer; the first token is only
+            # seen in a streamed answer (`stream = true`) or on the local engine.
+            "measured": {"latency_ms": "send to whole answer",
+                         "ttft_ms": "send to first token" if self.ttft_ms else "not measured (stream = false)"},
             "rows_per_s": self.rows_per_s,
             "output_tokens_per_s": self.output_tokens_per_s,
             "eta_s": self.eta_s,
@@ -126,8 +161,10 @@ def job_pace(client: redis.Redis, job_id: str, pending: int, now: float | None =
     with client.pipeline(transaction=False) as pipe:
         pipe.hgetall(keys.latency)
         pipe.hgetall(keys.pace)
-        raw_latency, raw_pace = pipe.execute()
+        pipe.hgetall(keys.ttft)
+        raw_latency, raw_pace, raw_ttft = pipe.execute()
     counts = {int(bucket): int(count) for bucket, count in raw_latency.items()}
+    ttft = {int(bucket): int(count) for bucket, count in raw_ttft.items()}
     slots: dict[int, dict[str, int]] = collections.defaultdict(dict)
     span: dict[str, float] = {}
     for field, value in raw_pace.items():
@@ -165,11 +202,19 @@ def job_pace(client: redis.Redis, job_id: str, pending: int, now: float | None =
     for slot in sorted(slots):
         done += slots[slot].get("rows", 0)
         over_time.append((slot * SLOT_S, done))
+    requests_over_time = [
+        (slot * SLOT_S, *(slots[slot].get(name, 0) for name in ("requests", "r429", "r5xx", "held")), slots[slot].get("rpm"))
+        for slot in sorted(slots)
+        if slots[slot].get("requests")
+    ]
     return JobPace(
+        requests_over_time=requests_over_time,
         latency_ms={f"p{q}": percentile_ms(counts, q / 100) for q in (50, 95, 99)},
         rows_per_s={"last_minute": rows_recent, "job": over_job(total_rows)},
         output_tokens_per_s={"last_minute": rate("output_tokens", last_minute), "job": over_job(total_output)},
         eta_s=math.ceil(pending / rows_recent) if pending and rows_recent else (0 if not pending else None),
         rows_over_time=over_time,
         latency_counts=counts,
+        ttft_ms={f"p{q}": percentile_ms(ttft, q / 100) for q in (50, 95, 99)} if ttft else None,
+        ttft_counts=ttft,
     )

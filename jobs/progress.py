@@ -1,4 +1,5 @@
-"""The live progress display: done, failed, rate, ETA, tokens and cost, read from committed state."""
+"""The live progress display: done, failed, the fleet's pace (rows per second over the last minute,
+latency and time to first token p50, ETA: `status`'s figures), tokens and cost, read from committed state."""
 
 from __future__ import annotations
 
@@ -7,20 +8,14 @@ from typing import Callable
 
 import redis
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
-from rich.text import Text
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from promptmill.config.prices import PriceTable
 from promptmill.jobs.ledger import cost_report
+from promptmill.jobs.pace import JobPace, job_pace
 from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.status import JobState, JobStatus
 from promptmill.jobs.store import JobStore
-
-
-class _RateColumn(ProgressColumn):
-    def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text(f"{speed:,.1f} rows/s" if speed else "- rows/s", style="cyan")
 
 
 class JobProgress:
@@ -33,14 +28,15 @@ class JobProgress:
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("[red]{task.fields[failed]} failed"),
-            _RateColumn(),
-            TimeRemainingColumn(),
+            TextColumn("[cyan]{task.fields[pace]}"),
             TextColumn("{task.fields[tokens]}"),
             TextColumn("[green]{task.fields[cost]}"),
             console=console,
         )
         self.task = None
         self.last_refresh = 0.0
+        self.pace_read_at = float("-inf")
+        self.pace = "- rows/s"
 
     def __enter__(self) -> "JobProgress":
         self.progress.start()
@@ -66,7 +62,11 @@ class JobProgress:
     def _fields(self, status: JobStatus) -> dict[str, str]:
         usage = status.usage
         cost = cost_report(self.spec, status, self.prices).cost_usd
+        if time.monotonic() - self.pace_read_at >= 1.0:  # the fleet's pace, as `status` shows it
+            self.pace_read_at = time.monotonic()
+            self.pace = _pace_line(job_pace(self.store.redis, self.spec.job_id, status.pending))
         return {
+            "pace": self.pace,
             "failed": f"{status.failed:,}",
             "tokens": f"{usage.input_tokens + usage.cache_read_input_tokens + usage.cache_creation_input_tokens:,} in / {usage.output_tokens:,} out",
             "cost": f"${cost:,.4f}",
@@ -87,6 +87,18 @@ class JobProgress:
             **self._fields(status),
         )
         return status
+
+
+def _pace_line(pace: JobPace) -> str:
+    rate = pace.rows_per_s["last_minute"]
+    parts = [f"{rate:,.1f} rows/s" if rate else "- rows/s"]
+    if pace.latency_ms["p50"] is not None:
+        parts.append(f"p50 {pace.latency_ms['p50']:,.0f} ms")
+    if pace.ttft_ms and pace.ttft_ms["p50"] is not None:
+        parts.append(f"ttft {pace.ttft_ms['p50']:,.0f} ms")
+    if pace.eta_s:
+        parts.append(f"eta {pace.eta_s // 3600}:{pace.eta_s % 3600 // 60:02d}:{pace.eta_s % 60:02d}")
+    return " · ".join(parts)
 
 
 REDIS_PATIENCE_S = 300.0  # how long a run waits for a Redis that went away before it gives up

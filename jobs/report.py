@@ -33,23 +33,40 @@ def _rows_over_time(over_time: list[tuple[int, int]], total: int) -> go.Figure:
     return figure
 
 
-def _pace_against_limit(over_time: list[tuple[int, int]], limits: dict | None) -> go.Figure:
+def _rows_per_second(over_time: list[tuple[int, int]]) -> go.Figure:
+    """The pace of a job with no limiter (the local engine): rows per second, by slot."""
     per_slot = [(t, done - (over_time[i - 1][1] if i else 0)) for i, (t, done) in enumerate(over_time)]
     figure = go.Figure(go.Bar(x=[_when(t) for t, _ in per_slot], y=[n / SLOT_S for _, n in per_slot], name="rows/s"))
-    title = "Rows per second, by 10-second slot"
-    if limits and limits.get("requests_per_minute"):
-        figure.add_hline(y=limits["requests_per_minute"] / 60, line_dash="dash", annotation_text="requests/s limit")
-    if limits:
-        title += f" ({limits['rate_limited']:,} answers were 429, {limits['breaker_trips']:,} breaker pauses)"
-    figure.update_layout(title=title, yaxis_title="rows/s", xaxis_title="UTC")
+    figure.update_layout(title="Rows per second, by 10-second slot", yaxis_title="rows/s", xaxis_title="UTC")
     return figure
 
 
-def _latency(counts: dict[int, int]) -> go.Figure:
+def _requests_against_limit(slots: list[tuple], limits: dict | None) -> go.Figure:
+    """Requests per second by slot, the limit in force as a line, and the slots with 429s, server
+    errors and requests the limiter held (its pace, a 429's pause, an open breaker) marked."""
+    when = [_when(slot[0]) for slot in slots]
+    rate = [slot[1] / SLOT_S for slot in slots]
+    figure = go.Figure(go.Bar(x=when, y=rate, name="requests/s"))
+    if any(slot[5] for slot in slots):
+        figure.add_trace(go.Scatter(x=when, y=[slot[5] / 60 if slot[5] else None for slot in slots], name="limit in force",
+                                    mode="lines", line={"dash": "dash", "shape": "hv"}))  # fmt: skip
+    for index, name, symbol in ((2, "429", "x"), (3, "server errors", "triangle-down"), (4, "held ≥1 s by the limiter", "circle-open")):
+        marked = [(w, r, slot[index]) for w, r, slot in zip(when, rate, slots) if slot[index]]
+        if marked:
+            figure.add_trace(go.Scatter(x=[m[0] for m in marked], y=[m[1] for m in marked], mode="markers", name=name,
+                                        marker={"symbol": symbol, "size": 11}, text=[f"{m[2]:,} {name}" for m in marked]))  # fmt: skip
+    title = "Requests per second against the limit in force, by 10-second slot"
+    if limits:
+        title += f" ({limits['rate_limited']:,} answers were 429, {limits['breaker_trips']:,} breaker pauses)"
+    figure.update_layout(title=title, yaxis_title="requests/s", xaxis_title="UTC")
+    return figure
+
+
+def _distribution(counts: dict[int, int], title: str) -> go.Figure:
     buckets = sorted(counts)
     figure = go.Figure(go.Bar(x=[f"≤{EDGES_MS[min(b, len(EDGES_MS) - 1)]:,.0f}" for b in buckets],
                               y=[counts[b] for b in buckets]))  # fmt: skip
-    figure.update_layout(title="Latency of answered rows (whole requests)", xaxis_title="ms", yaxis_title="rows")
+    figure.update_layout(title=title, xaxis_title="ms", yaxis_title="rows")
     return figure
 
 
@@ -89,9 +106,15 @@ def write_report(store: JobStore, spec: JobSpec, prices: PriceTable, path: Path)
                 float(report.cost_usd), "ok" if verdict.ok else "; ".join(verdict.problems)]]),
     ]  # fmt: skip
     if pace.rows_over_time:
-        figures += [_rows_over_time(pace.rows_over_time, status.total), _pace_against_limit(pace.rows_over_time, limits)]
+        figures.append(_rows_over_time(pace.rows_over_time, status.total))
+    if pace.requests_over_time:
+        figures.append(_requests_against_limit(pace.requests_over_time, limits))
+    elif pace.rows_over_time:
+        figures.append(_rows_per_second(pace.rows_over_time))
     if pace.latency_counts:
-        figures.append(_latency(pace.latency_counts))
+        figures.append(_distribution(pace.latency_counts, "Latency of answered rows (whole requests)"))
+    if pace.ttft_counts:
+        figures.append(_distribution(pace.ttft_counts, "Time to first token of answered rows"))
     if report.models:
         figures.append(_by_model(report.models))
     figures.append("<h2>Failures</h2>")
@@ -107,7 +130,8 @@ def write_report(store: JobStore, spec: JobSpec, prices: PriceTable, path: Path)
         ("created", spec.created_at), ("chunk size", spec.chunk_size), ("out", spec.out_dir),
         ("limits given", spec.limits.model_dump()), ("hosts", ", ".join(store.hosts(spec.job_id))),
     ]  # fmt: skip
-    shown_pace = [("latency ms", pace.latency_ms), ("rows/s", pace.rows_per_s), ("output tokens/s", pace.output_tokens_per_s)]
+    shown_pace = [("latency ms", pace.latency_ms), ("time to first token ms", pace.ttft_ms or "not measured"),
+                  ("rows/s", pace.rows_per_s), ("output tokens/s", pace.output_tokens_per_s)]  # fmt: skip
     figures += ["<h2>Manifest</h2>", table(["", ""], manifest), "<h2>Pace</h2>", table(["", ""], shown_pace)]
     write_page(path, f"promptmill job {spec.job_id}", figures)
     return {"report": str(path), "verify": "ok" if verdict.ok else "mismatch", "failures": dict(failures)}

@@ -71,12 +71,15 @@ def build_spec(
         pipeline_path=str(pipeline_path.resolve()),
         pipeline_text=pipeline_path.read_text(encoding="utf-8"),
     )
+    if pipeline.stream and backend == "anthropic-batch":
+        raise SubmitError("stream: a Message Batch is not streamed (its answers come as a file); drop `stream`")
     for link in spec.links()[1:]:
         name = f"fallback: {link.backend}:{link.model}"
-        if link.queue != spec.queue:
+        if link.queue != spec.queue and "anthropic-batch" in (spec.backend, link.backend):
+            # A row waits on a batch for up to a day: it cannot be handed between a batch and the rest.
             raise SubmitError(
-                f"{name} runs on the {link.queue!r} queue and the job on {spec.queue!r}: a chain's models "
-                "share one queue (anthropic and openai models: api)"
+                f"{name} runs on the {link.queue!r} queue and the job on {spec.queue!r}: a batch job's chain "
+                "stays in batches, and a batch is no fallback for the other backends"
             )
         _check_model(settings, link.backend, link.pipeline, prices, name)
     return spec

@@ -96,6 +96,7 @@ class ItemOutcome(BaseModel):
     started_at: str | None = None  #: ISO 8601 UTC: the row's first attempt of its last run
     finished_at: str | None = None  #: ISO 8601 UTC: when its outcome was known
     latency_ms: float | None = None  #: the answering (or last) request, start to end
+    ttft_ms: float | None = None  #: its first token (a streamed answer, or the local engine's)
     errors: list[AttemptError] = Field(default_factory=list)  #: every failed attempt, in order
     line: int = 0  #: where the row starts in the input file (its position, for Parquet and JSON arrays)
 

@@ -156,6 +156,10 @@ class Pipeline(BaseModel):
     output: OutputSpec = Field(default_factory=OutputSpec)
     # false: results keep only the parsed `output`, not the model's text (which may quote the input).
     store_text: bool = True
+    # API backends: stream each answer (the SDK's streaming helper assembles it), which measures its
+    # time to first token (`ttft_ms`); the usage and the answer are the same. The local engine's
+    # time to first token is always measured; a Message Batch is never streamed.
+    stream: bool = False
     limits: RateLimits = Field(default_factory=RateLimits)
     engine: EngineOptions = Field(default_factory=EngineOptions)
     # OpenAI-compatible servers: the server's URL (with /v1), over PROMPTMILL_OPENAI_BASE_URL and

@@ -38,7 +38,9 @@ batches with how often each was retrieved.
 
 Control: POST /_config with any of
     p429 p500 p529 p_timeout p_drop    share of requests given each fault (random, not enforced)
-    latency_ms, latency_per_token_ms   answer latency = latency_ms + per token x output tokens
+    latency_ms, latency_per_token_ms   answer latency = latency_ms + per token x output tokens; a streamed
+                                       answer (`"stream": true`, either API) sends its first token after
+                                       latency_ms and the rest per token after it (its log entry's `first`)
     retry_after                        seconds sent with injected 429/529
     rpm input_tpm output_tpm burst_s   enforced limits (0 = none); setting any refills the buckets
     hide_limits                        send no anthropic-ratelimit-* headers
@@ -338,8 +340,10 @@ class FakeAnthropic:
             request.transport.abort()
             return web.Response(status=500)  # never reaches the client: the connection is gone
         latency = (self.config["latency_ms"] + self.config["latency_per_token_ms"] * usage["output_tokens"]) / 1000
-        if latency:
-            await asyncio.sleep(latency)
+        streamed = bool(body.get("stream"))
+        to_first = self.config["latency_ms"] / 1000 if streamed else latency
+        if to_first:
+            await asyncio.sleep(to_first)
         if fault is not None:
             entry["status"] = fault
             self._refund_output(int(body["max_tokens"]))
@@ -389,7 +393,40 @@ class FakeAnthropic:
                     "anthropic-ratelimit-requests-remaining": "99999",
                 }
             )
+        if streamed:
+            return await self._stream_message(request, message, headers, entry, latency - to_first)
         return web.json_response(message, headers=headers)
+
+    @staticmethod
+    async def _stream_message(
+        request: web.Request, message: dict, headers: dict[str, str], entry: dict, rest_s: float
+    ) -> web.StreamResponse:
+        """The Messages API's server-sent events: the first word, then the rest after `rest_s`."""
+        response = web.StreamResponse(headers={**headers, "content-type": "text/event-stream"})
+        await response.prepare(request)
+
+        async def send(kind: str, data: dict) -> None:
+            await response.write(f"event: {kind}\ndata: {json.dumps({'type': kind, **data})}\n\n".encode())
+
+        text = message["content"][0]["text"]
+        words = text.split(" ")
+        usage = message["usage"]
+        await send("message_start", {"message": {**message, "content": [], "stop_reason": None,
+                                                 "usage": {**usage, "output_tokens": 1}}})  # fmt: skip
+        await send("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
+        await send("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": words[0]}})
+        entry["first"] = time.monotonic()
+        if rest_s > 0:
+            await asyncio.sleep(rest_s)
+        if len(words) > 1:
+            rest = " " + " ".join(words[1:])
+            await send("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": rest}})
+        await send("content_block_stop", {"index": 0})
+        await send("message_delta", {"delta": {"stop_reason": message["stop_reason"], "stop_sequence": None},
+                                     "usage": {"output_tokens": usage["output_tokens"]}})  # fmt: skip
+        await send("message_stop", {})
+        await response.write_eof()
+        return response
 
     # -- OpenAI's chat completions ---------------------------------------------------------------
 
@@ -445,8 +482,10 @@ class FakeAnthropic:
             request.transport.abort()
             return web.Response(status=500)
         latency = (self.config["latency_ms"] + self.config["latency_per_token_ms"] * len(reply.split())) / 1000
-        if latency:
-            await asyncio.sleep(latency)
+        streamed = bool(body.get("stream"))
+        to_first = self.config["latency_ms"] / 1000 if streamed else latency
+        if to_first:
+            await asyncio.sleep(to_first)
         if fault is not None:
             entry["status"] = fault
             retry = {"retry-after": str(self.config["retry_after"]), **self._openai_limit_headers()}
@@ -494,7 +533,41 @@ class FakeAnthropic:
             "usage": usage,
         }
         headers = {"x-request-id": entry["request_id"], **self._openai_limit_headers()}
+        if streamed:
+            with_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return await self._stream_completion(request, completion, headers, entry, latency - to_first, with_usage)
         return web.json_response(completion, headers=headers)
+
+    @staticmethod
+    async def _stream_completion(
+        request: web.Request, completion: dict, headers: dict[str, str], entry: dict, rest_s: float, with_usage: bool
+    ) -> web.StreamResponse:
+        """Chat completion chunks as server-sent events: the first word, the rest after `rest_s`, the
+        finish reason, the usage (when `stream_options.include_usage` asks), then [DONE]."""
+        response = web.StreamResponse(headers={**headers, "content-type": "text/event-stream"})
+        await response.prepare(request)
+        base = {key: completion[key] for key in ("id", "created", "model")} | {"object": "chat.completion.chunk"}
+
+        async def send(choices: list, **extra: object) -> None:
+            await response.write(f"data: {json.dumps({**base, 'choices': choices, **extra})}\n\n".encode())
+
+        def delta(content: dict, finish: str | None = None) -> list:
+            return [{"index": 0, "delta": content, "finish_reason": finish, "logprobs": None}]
+
+        text = completion["choices"][0]["message"]["content"]
+        head, space, tail = text.partition(" ")
+        await send(delta({"role": "assistant", "content": head}))
+        entry["first"] = time.monotonic()
+        if rest_s > 0:
+            await asyncio.sleep(rest_s)
+        if tail:
+            await send(delta({"content": space + tail}))
+        await send(delta({}, "stop"))
+        if with_usage:
+            await send([], usage=completion["usage"])
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
 
     # -- Message Batches -------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import tomllib
 
 import pytest
 import yaml
@@ -40,6 +41,25 @@ def test_every_compose_service_runs_a_real_promptmill_subcommand() -> None:
     targets = scraped["scrape_configs"][0]["dns_sd_configs"][0]
     for name in targets["names"]:
         assert f"--metrics-port {targets['port']}" in " ".join(services[name]["command"])
+
+
+def test_promptmill_services_run_images_built_from_the_repo_s_dockerfiles_with_nothing_installed_at_start() -> None:
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    built = {name: service for name, service in services.items() if "build" in service}
+    assert set(built) == {"api-worker", "batch-worker", "gpu-worker", "flower", "submit"}
+    assert all("pip install" not in " ".join(service.get("command", [])) for service in services.values())
+    assert built["gpu-worker"]["build"]["dockerfile"] == "Dockerfile.gpu"
+    assert {service["build"]["dockerfile"] for name, service in built.items() if name != "gpu-worker"} == {"Dockerfile"}
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    sources = {"promptmill", *pyproject["tool"]["setuptools"]["package-dir"].values()}
+    for dockerfile, base in (("Dockerfile", "python:3.11-slim"), ("Dockerfile.gpu", "vllm/vllm-openai")):
+        text = (ROOT / dockerfile).read_text()
+        stages = re.findall(r"^FROM (\S+) AS (\w+)", text, re.MULTILINE)
+        assert len(stages) == 2 and stages[-1][0].startswith(base), stages  # a build stage, then the image
+        copied = set(re.findall(r"^COPY (\w+) \1$", text, re.MULTILINE))
+        assert copied == sources, f"{dockerfile} builds the wheel from {copied}, the package is {sources}"
+        assert "COPY --from=build /wheels" in text
+    assert "RUN promptmill prepare-model" in (ROOT / "Dockerfile.gpu").read_text()
 
 
 def test_the_grafana_dashboard_graphs_only_metrics_the_workers_serve() -> None:

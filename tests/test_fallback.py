@@ -130,10 +130,49 @@ def test_a_404_falls_back_at_once_and_a_400_does_not(tmp_path, env, fake_api):
     assert sorted(to_mini) == sorted(f"Item {i}: {text(i)}" for i in range(0, 40, 4))
 
 
+def test_a_chain_crosses_queues_to_the_local_engine_when_the_api_model_is_down(tmp_path, env, fake_api):
+    """The issue's chain ends on a local model: an api worker hands its rows to a gpu worker's engine,
+    which commits them into their chunks with what they went through first."""
+    fake_api.configure(down={HAIKU: 529, MINI: 503}, latency_ms=20)
+    local = "smollm2-135m-instruct"
+    rows = ({"id": i, "text": f"row {i}"} for i in range(60))
+    data, pipeline_path = write_dataset(tmp_path, rows, pipeline(fallback=f'["openai:{MINI}", "vllm:{local}"]'))
+    result = promptmill("run", str(data), "-p", str(pipeline_path), "--out", str(tmp_path / "out"),
+                        "--workers", "1", "--chunk-size", "10", env=chain_env(env), timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    job_id = job_id_of(result)
+    records = read_jsonl(tmp_path / "out" / "results.jsonl")
+    assert [r["row"] for r in records] == list(range(60))
+    assert all(r["status"] == "ok" and r["model"] == local and r["models_tried"][-1] == local for r in records)
+    assert any(r["models_tried"] == [HAIKU, MINI, local] for r in records), "the first rows went down the chain"
+    # What a row went through on the API models travels with it to the engine: every failed attempt
+    # the server saw is in some row's record, and the engine's answer is its last attempt.
+    log = fake_api.log()
+    to_haiku, to_mini = ([e for e in log if e["model"] == model] for model in (HAIKU, MINI))
+    statuses = [e["status"] for r in records for e in r["errors"]]
+    assert (statuses.count(529), statuses.count(503), len(statuses)) == (len(to_haiku), len(to_mini), len(log))
+    assert all(r["attempts"] == len(r["errors"]) + 1 for r in records)
+
+    report = json.loads(promptmill("cost", job_id, "--json", env=env).stdout)
+    by_model = {m["model"]: m for m in report["models"]}
+    assert by_model[local]["requests"] == 60 and by_model[local]["output_tokens"] == sum(
+        r["usage"]["output_tokens"] for r in records
+    )
+    to_haiku = [e for e in fake_api.log() if e["model"] == HAIKU]
+    assert by_model[HAIKU]["failed_attempts"] == len(to_haiku) and by_model[HAIKU]["cost_usd"] == 0
+    status = json.loads(promptmill("status", job_id, "--json", env=env).stdout)
+    assert status["fallback"]["chain"] == [f"anthropic:{HAIKU}", f"openai:{MINI}", f"vllm:{local}"]
+    assert status["fallback"]["on"] == f"vllm:{local}"
+    assert status["done"] == 60 and status["failed"] == 0
+    assert promptmill("verify", job_id, env=env).returncode == 0
+    logs = {path.name for path in (tmp_path / "out" / "logs").iterdir()}
+    assert {"worker-api-0.log", "worker-gpu-1.log"} <= logs
+
+
 @pytest.mark.parametrize(
     "fallback, message",
     [
-        ('["vllm:gemma3-270m"]', "fallback: vllm:gemma3-270m runs on the 'gpu' queue and the job on 'api'"),
+        ('["anthropic-batch:claude-haiku-4-5"]', "fallback: anthropic-batch:claude-haiku-4-5 runs on the 'batch' queue"),
         ('["openai:no-such-model"]', "fallback: openai:no-such-model: "),
     ],
 )

@@ -132,3 +132,68 @@ def test_latency_histograms_from_two_workers_merge_to_the_rows_own_latencies(tmp
     assert abs(status["latency_ms"]["p50"] - true_median) <= 0.25 * true_median  # buckets are 25% apart
     assert status["rows_per_s"]["job"] > 0 and status["output_tokens_per_s"]["job"] > 0
     assert status["eta_s"] == 0 and status["ttft_ms"] is None
+
+
+def words(i: int) -> int:
+    return 1 + i % 12
+
+
+def test_streamed_answers_measure_time_to_first_token_and_keep_the_same_answer_and_usage(
+    tmp_path, env, fake_api, redis_url
+):
+    """`stream = true` on both API backends: the server sends the first word after latency_ms and the
+    rest per token after it, so each row's time to first token and its whole latency are known."""
+    fake_api.configure(latency_ms=60, latency_per_token_ms=10)
+    both = {**env, "OPENAI_BASE_URL": env["ANTHROPIC_BASE_URL"] + "/v1", "OPENAI_API_KEY": env["ANTHROPIC_API_KEY"],
+            "PROMPTMILL_RPM": "60000"}  # fmt: skip
+    port = free_port()
+    worker = start_cli(both, "worker", "--queues", "api", "--metrics-port", str(port), quiet=True)
+    replies = {i: " ".join(f"w{n}" for n in range(words(i))) for i in range(60)}
+    data, pipeline = write_dataset(tmp_path, ({"id": i, "text": f"[[reply:{replies[i]}]]"} for i in range(60)),
+                                   PIPELINE.replace("max_tokens = 8", "max_tokens = 16\nstream = true"))  # fmt: skip
+    jobs = {}
+    try:
+        for backend, model in (("anthropic", HAIKU), ("openai", "gpt-4.1-mini")):
+            submitted = promptmill("submit", str(data), "-p", str(pipeline), "--backend", backend, "--model", model,
+                                   "--out", str(tmp_path / backend), env=both)  # fmt: skip
+            assert submitted.returncode == 0, submitted.stderr
+            jobs[backend] = submitted.stdout.split()[-1]
+        store = JobStore.from_url(redis_url)
+        wait_until(lambda: all(store.status(j).terminal == 60 for j in jobs.values()), 120, "both jobs to finish")
+        scraped = [scrape(port)]
+    finally:
+        stop(worker)
+
+    log = {(e["model"], e["prompt"]): e for e in fake_api.log() if e["status"] == 200}
+    client = redis.Redis.from_url(redis_url)
+    for backend, job_id in jobs.items():
+        assert promptmill("export", job_id, env=env).returncode == 0
+        records = read_jsonl(tmp_path / backend / "results.jsonl")
+        model = store.spec(job_id).model
+        assert [r["status"] for r in records] == ["ok"] * 60
+        for i, record in enumerate(records):
+            served = log[(model, f"Item {i}: [[reply:{replies[i]}]]")]
+            assert "first" in served, "the server streamed this answer"
+            assert record["text"] == replies[i]
+            usage = served["usage"]
+            if backend == "anthropic":
+                assert (record["usage"]["input_tokens"], record["usage"]["output_tokens"]) == (
+                    usage["input_tokens"], usage["output_tokens"])  # fmt: skip
+            else:
+                assert (record["usage"]["input_tokens"], record["usage"]["output_tokens"]) == (
+                    usage["prompt_tokens"], usage["completion_tokens"])  # fmt: skip
+            # The server sent the first word 60 ms after the request came, the rest 10 ms a word later:
+            # the worker sent before it came and saw the word after it went (one machine, one clock).
+            served_first_ms = (served["first"] - served["t"]) * 1000
+            assert 59 <= served_first_ms <= record["ttft_ms"] < record["latency_ms"]  # asyncio may wake 1 ms early
+        ttfts = [r["ttft_ms"] for r in records]
+        stored = {int(b): int(n) for b, n in client.hgetall(JobKeys(job_id).ttft).items()}
+        assert stored == dict(Counter(bucket_of(ms) for ms in ttfts))
+        status = json.loads(promptmill("status", job_id, "--json", env=env).stdout)
+        assert status["ttft_ms"] == {f"p{q}": percentile_ms(stored, q / 100) for q in (50, 95, 99)}
+        assert status["measured"] == {"latency_ms": "send to whole answer", "ttft_ms": "send to first token"}
+        assert total(scraped, "promptmill_time_to_first_token_seconds_count", model=model) == 60
+        # Every request waited on the fleet's limiter, whose configured limit the gauges show.
+        assert total(scraped, "promptmill_rate_limit", model=model, budget="requests", source="configured") == 60000
+        assert total(scraped, "promptmill_breaker_open", model=model) == 0
+    assert total(scraped, "promptmill_limiter_wait_seconds_count") == 120

@@ -103,3 +103,29 @@ def test_a_job_through_a_real_vllm_server_answers_every_row_with_a_label_and_its
     job_id = result.stdout.splitlines()[0].split()[1]
     report = json.loads(promptmill("cost", job_id, "--json", env=user).stdout)
     assert report["cost_usd"] == 0 and report["models"][0]["requests"] == len(REVIEWS)
+
+
+def test_streamed_answers_from_a_real_vllm_server_are_the_same_with_their_time_to_first_token(
+    tmp_path: Path, env: dict[str, str], vllm_server: str
+):
+    """vLLM's server streams chat completions with `stream_options.include_usage`, as OpenAI does."""
+    base = {k: v for k, v in env.items() if not k.startswith(("OPENAI_", "ANTHROPIC_"))}
+    user = {**base, "OPENAI_BASE_URL": vllm_server}
+    records = {}
+    for stream in (False, True):
+        pipeline_text = PIPELINE.replace("max_tokens = 12", f"max_tokens = 12\nstream = {str(stream).lower()}")
+        data, pipeline = write_dataset(tmp_path / str(stream), REVIEWS, pipeline_text)
+        out = tmp_path / f"out-{stream}"
+        result = promptmill("run", str(data), "--pipeline", str(pipeline), "--backend", "openai", "--out", str(out),
+                            env=user)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        records[stream] = read_jsonl(out / "results.jsonl")
+    # Streamed or not, the same label from the same prompt tokens, and the usage the stream's last chunk
+    # carries; only a stream has a first token. (The output token counts may differ: on CPU a different
+    # batch can change how much whitespace the small model writes inside the JSON string.)
+    for plain, streamed in zip(records[False], records[True]):
+        assert (streamed["status"], streamed["output"]) == (plain["status"], plain["output"]) == ("ok", plain["output"])
+        assert streamed["usage"]["input_tokens"] + streamed["usage"]["cache_read_input_tokens"] == (
+            plain["usage"]["input_tokens"] + plain["usage"]["cache_read_input_tokens"])  # fmt: skip
+        assert 0 < streamed["usage"]["output_tokens"] <= 12
+        assert plain["ttft_ms"] is None and 0 < streamed["ttft_ms"] <= streamed["latency_ms"]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import redis
+
+from promptmill.jobs.pace import job_pace
 from tests.conftest import API_KEY, promptmill
 from tests.support import write_dataset
 from tests.test_api_jobs import job_id_of
@@ -32,3 +35,10 @@ def test_a_report_tells_an_api_jobs_story_offline(tmp_path, env, fake_api):
     assert "<td>invalid_request</td><td>7</td><td>400 invalid_request_error: prompt is poisoned" in page
     assert "answers were 429" in page and "<td>ok</td></tr></table>" in page  # verify's verdict
     assert API_KEY not in page
+    # The request pace it plots is the server's: every request sent, every 429 marked in its slot.
+    assert "Requests per second against the limit in force" in page
+    slots = job_pace(redis.Redis.from_url(env["PROMPTMILL_REDIS_URL"]), job_id, 0).requests_over_time
+    log = [e for e in fake_api.log() if e["prompt"] is not None]
+    assert sum(slot[1] for slot in slots) == len(log)
+    assert sum(slot[2] for slot in slots) == sum(1 for e in log if e["status"] == 429) > 0
+    assert all(slot[5] == 100_000 for slot in slots[1:])  # the limit the server's headers named

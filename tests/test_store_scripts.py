@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from promptmill.config.settings import Settings
-from promptmill.jobs.chunk_store import ChunkPayload, chunk_id_for
+from promptmill.jobs.chunk_store import ChunkPayload, HandOff, chunk_id_for, parse_run_id, run_id
 from promptmill.jobs.keys import JobKeys
 from promptmill.jobs.lease import ChunkLease
 from promptmill.jobs.spec import JobSpec, new_job_id
@@ -119,6 +119,33 @@ def test_the_sweep_finds_a_chunk_whose_worker_died_once_per_death(store, job):
     store.chunks.commit(job.job_id, chunk_id, "m", ok(0))
     store.chunks.commit(job.job_id, chunk_id, "m", ok(1))
     assert store.chunks.lost(job.job_id, queue_empty=True, stranded_after_s=0) == []  # complete
+
+
+def test_rows_handed_to_another_queue_are_that_run_s_and_the_sweep_finds_it_lost_on_its_queue(store, job):
+    store.chunks.add(job.job_id, chunk(0, 3))
+    chunk_id = chunk_id_for(0)
+    store.chunks.commit(job.job_id, chunk_id, "m", ok(0))
+    handoff = HandOff(link=2, models_tried=["m"], attempts=3, errors=[], started_at=1.0)
+    assert not store.chunks.hand_off(job.job_id, chunk_id, 0, handoff)  # done already: stays done
+    assert store.chunks.hand_off(job.job_id, chunk_id, 1, handoff)
+    assert store.chunks.hand_off(job.job_id, chunk_id, 2, handoff)
+    assert store.chunks.handed(job.job_id, chunk_id) == {1: handoff, 2: handoff}
+    # The chunk's own run has nothing left to send; the handoff run waits for its queue to empty.
+    assert store.chunks.lost(job.job_id, queue_empty=True, stranded_after_s=0, empty_links=[]) == []
+    run = run_id(chunk_id, 2)
+    assert store.chunks.lost(job.job_id, queue_empty=False, stranded_after_s=0, empty_links=[2]) == [run]
+    lease = ChunkLease(store.redis, job.job_id, run, ttl_s=30)
+    assert lease.acquire() and lease.count_run() == 1
+    assert store.chunks.lost(job.job_id, queue_empty=True, stranded_after_s=0, empty_links=[2]) == []  # running
+    lease.release()  # its worker died: the run count stays
+    assert store.chunks.lost(job.job_id, queue_empty=False, stranded_after_s=30, empty_links=[]) == [run]
+    assert parse_run_id(run) == (chunk_id, 2)
+    # A handed row's outcome clears its mark; the chunk is complete with the last one.
+    store.chunks.commit(job.job_id, chunk_id, "m", ok(1))
+    assert set(store.chunks.handed(job.job_id, chunk_id)) == {2}
+    store.chunks.commit(job.job_id, chunk_id, "m", ok(2))
+    assert store.chunks.handed(job.job_id, chunk_id) == {}
+    assert store.chunks.lost(job.job_id, queue_empty=True, stranded_after_s=0, empty_links=[2]) == []
 
 
 def test_a_lease_is_held_by_one_worker_and_only_its_holder_renews_or_releases_it(store, job):

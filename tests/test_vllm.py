@@ -11,6 +11,8 @@ import json
 import os
 import signal
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import psutil
@@ -23,6 +25,8 @@ from promptmill.pipelines import load_pipeline, render_request
 from tests.conftest import ROOT, promptmill, read_jsonl
 from tests.support import write_dataset
 from tests.test_crash_safety import start_cli, wait_until
+from tests.test_metrics import scrape, total
+from tests.test_monitoring import free_port
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
 REVIEWS = [json.loads(line) for line in (ROOT / "examples" / "reviews.jsonl").open()]
@@ -41,9 +45,12 @@ def gpu_env(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     }
 
 
+METRICS_PORT = free_port()
+
+
 @pytest.fixture(scope="module")
 def gpu_worker(gpu_env: dict[str, str]) -> subprocess.Popen:
-    worker = start_cli(gpu_env, "worker", "--queues", "gpu", quiet=True)
+    worker = start_cli(gpu_env, "worker", "--queues", "gpu", "--metrics-port", str(METRICS_PORT), quiet=True)
     yield worker
     worker.terminate()
     worker.wait(timeout=120)
@@ -60,6 +67,19 @@ def submit(env: dict[str, str], data: Path, pipeline: Path, out: Path, *extra: s
     )  # fmt: skip
     assert submitted.returncode == 0, submitted.stderr
     return submitted.stdout.strip().splitlines()[-1]
+
+
+def watch_engine(job_id: str, env: dict[str, str], seen: list[dict]) -> None:
+    """Scrape the gpu worker's engine gauges every 0.2 s until the job is complete."""
+    store = JobStore.from_url(env["PROMPTMILL_REDIS_URL"])
+    while store.status(job_id).state.value != "complete":
+        try:
+            scraped = [scrape(METRICS_PORT)]
+        except OSError:
+            continue
+        seen.append({"running": total(scraped, "promptmill_engine_running_requests"),
+                     "kv_cache": total(scraped, "promptmill_engine_kv_cache_usage")})  # fmt: skip
+        time.sleep(0.2)
 
 
 def finish(env: dict[str, str], job_id: str, timeout: float = 400) -> list[dict]:
@@ -105,7 +125,11 @@ def test_choice_outputs_always_parse_an_over_long_prompt_fails_alone_and_tokens_
     sentiment = (ROOT / "examples" / "sentiment.toml").read_text()
     pipeline.write_text(sentiment.replace('system = "', f'system = "{rules} ', 1))
     job_id = submit(gpu_env, write_rows(tmp_path, rows), pipeline, tmp_path / "out", "--chunk-size", "8")
+    engine_gauges: list[dict] = []
+    watcher = threading.Thread(target=watch_engine, args=(job_id, gpu_env, engine_gauges), daemon=True)
+    watcher.start()
     records = finish(gpu_env, job_id)
+    watcher.join(timeout=30)
 
     assert [record["row"] for record in records] == list(range(40))
     assert records[7]["status"] == "failed" and records[7]["error"]["kind"] == "prompt_too_long"
@@ -113,6 +137,11 @@ def test_choice_outputs_always_parse_an_over_long_prompt_fails_alone_and_tokens_
     others = records[:7] + records[8:]
     assert all(record["status"] == "ok" for record in others), [r for r in others if r["status"] != "ok"]
     assert {record["output"] for record in others} <= {"positive", "negative"}
+    # The engine's own request stats give each answer's time to first token; the gauges show its batch.
+    assert all(0 < record["ttft_ms"] <= record["latency_ms"] for record in others)
+    assert max(g["running"] for g in engine_gauges) > 1 and max(g["kv_cache"] for g in engine_gauges) > 0
+    scraped = [scrape(METRICS_PORT)]
+    assert total(scraped, "promptmill_time_to_first_token_seconds_count", model=MODEL, backend="vllm") >= 39
 
     # The prompt tokens are the engine's own: the chat template over the system and user turns, of
     # which the shared system prompt comes from vLLM's prefix cache once it has been seen.
@@ -122,6 +151,7 @@ def test_choice_outputs_always_parse_an_over_long_prompt_fails_alone_and_tokens_
         assert 0 < usage["output_tokens"] <= 8 and usage["engine_us"] > 0
     assert sum(record["usage"]["cache_read_input_tokens"] for record in others) > 0
     status = json.loads(promptmill("status", job_id, "--json", env=gpu_env).stdout)
+    assert status["ttft_ms"]["p50"] is not None and status["measured"]["ttft_ms"] == "send to first token"
     assert status["tokens"]["input"] == sum(record["usage"]["input_tokens"] for record in records)
     assert status["tokens"]["output"] == sum(record["usage"]["output_tokens"] for record in records)
     assert status["tokens"]["cache_read"] == sum(record["usage"]["cache_read_input_tokens"] for record in records)
@@ -154,7 +184,9 @@ def test_json_outputs_always_parse_against_their_schema(tmp_path: Path, gpu_env,
     reported = promptmill("report", job_id, "--out", str(tmp_path / "report"), env=gpu_env)
     assert reported.returncode == 0, reported.stderr
     page = (tmp_path / "report" / "report.html").read_text()
-    assert page.count("Plotly.newPlot") == 4 and "<td>vllm</td>" in page and "<td>ok</td></tr></table>" in page
+    # Rows over time, rows per second (no limiter), latency, time to first token, tokens and cost.
+    assert page.count("Plotly.newPlot") == 5 and "<td>vllm</td>" in page and "<td>ok</td></tr></table>" in page
+    assert "Time to first token of answered rows" in page
 
 
 def summary_job_under_way(tmp_path: Path, env: dict[str, str], rows: int, done: int) -> tuple[str, JobStore]:

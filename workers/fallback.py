@@ -5,6 +5,10 @@ A row moves to the next model when its attempts on one are spent on errors a pro
 causes (5xx, 529, timeouts, dropped connections, 429s after their retries) or when the model is not
 found (404: retired). It never moves for its own fault (400, an answer that does not parse) or for the
 job's budget. The fleet-wide position (jobs/fallback.py) decides where a new row starts.
+
+A chain may cross queues (an api job falling back on a vLLM engine): a model another queue serves
+has no path in this process, so a row reaching it is handed off (`RawOutcome.handed_to`) with what
+it went through, and its chunk's task sends it there (workers/tasks.py).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
+from promptmill.jobs.chunk_store import HandOff
 from promptmill.jobs.fallback import FallbackState
 from promptmill.jobs.spec import JobSpec
 from promptmill.pipelines.items import AttemptError, ErrorKind, ItemError
@@ -99,10 +104,15 @@ class Fallback:
     """A Send over the chain's paths: the row's outcome from the first model that settles it, with
     every model it went to, all its attempts and their errors. A row waiting on a model (for a slot,
     a grant through a circuit breaker's pause, a backoff) when the fleet leaves that model goes on to
-    the next at once, unless an attempt of it is on the wire."""
+    the next at once, unless an attempt of it is on the wire.
 
-    links: list[tuple[JobSpec, Send]]
+    A link without a path is served on another queue: a row reaching it is handed off. A run of rows
+    handed to link `start` (a handoff run) begins there, with what each row went through (`carried`)."""
+
+    links: list[tuple[JobSpec, Send | None]]
     state: FallbackState
+    start: int = 0
+    carried: dict[int, HandOff] = field(default_factory=dict)
     departures: Departures = field(init=False)
 
     def __post_init__(self) -> None:
@@ -134,15 +144,26 @@ class Fallback:
                     attempt.cancel()  # the row itself was cancelled (its chunk stopped): so is its attempt
         return attempt.result()
 
+    def _route(self) -> tuple[list[int], bool]:
+        if not self.start:
+            return self.state.route()
+        # A handoff run: its rows have been before this link; the fleet may be past it by now. No
+        # probe of an earlier model from here: that turn is the fleet's new rows'.
+        return list(range(max(self.start, self.state.position().link), len(self.links))), False
+
     async def __call__(self, call: Call) -> Reply | None:
-        route, probing = self.state.route()
-        started_at = time.time()
-        tried: list[str] = []
-        errors: list[AttemptError] = []
-        attempts = 0
+        route, probing = self._route()
+        before = self.carried.get(call.request.row)
+        started_at = before.started_at if before and before.started_at else time.time()
+        tried: list[str] = list(before.models_tried) if before else []
+        errors: list[AttemptError] = list(before.errors) if before else []
+        attempts = before.attempts if before else 0
         reply: Reply | None = None
         for step, link in enumerate(route):
-            job = self.links[link][0]
+            job, path = self.links[link]
+            if path is None:
+                return RawOutcome(row=call.request.row, attempts=attempts, errors=errors, models_tried=tried,
+                                  started_at=started_at, handed_to=link)  # fmt: skip
             # A probe has one attempt: it must not hold its row up for long.
             link_call = Call(job, call.request, call.chunk_id, probe=probing and step == 0)
             reply = await self._on(link, link_call, last=step == len(route) - 1)
@@ -157,3 +178,9 @@ class Fallback:
             if reply.error is None or reply.error.kind not in FALLS_BACK:
                 return reply
         return reply
+
+
+def handoff_of(reply: RawOutcome) -> HandOff:
+    """What a row handed to another queue's model carries there."""
+    return HandOff(link=reply.handed_to, models_tried=reply.models_tried or [], attempts=reply.attempts or 0,
+                   errors=reply.errors, started_at=reply.started_at)  # fmt: skip

@@ -17,11 +17,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import redis
 from prometheus_client import Counter, Gauge, Histogram
 
 from promptmill.config.prices import PriceTable
 from promptmill.pipelines.items import Usage
 from promptmill.workers.backends.base import Call, Reply
+from promptmill.workers.rate_limit import FleetLimiter
 from promptmill.workers.request_path import Send
 from promptmill.workers.retry import Verdict
 
@@ -45,6 +47,32 @@ REQUEST_DURATION = Histogram(
 )  # fmt: skip
 ROWS = Counter("promptmill_rows", "Rows committed, by status: ok or failed.", ["job", "status"])
 IN_FLIGHT = Gauge("promptmill_in_flight", "Requests on their way to a model.", ["model"], multiprocess_mode="livesum")
+TIME_TO_FIRST_TOKEN = Histogram(
+    "promptmill_time_to_first_token_seconds",
+    "Answered requests that measured it (streamed, or the local engine), from sending to the first token.",
+    ["model", "backend"], buckets=_LATENCY_BUCKETS,
+)  # fmt: skip
+LIMITER_WAIT = Histogram(
+    "promptmill_limiter_wait_seconds", "How long requests waited for the fleet's rate limiter to grant them.",
+    buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)  # fmt: skip
+RATE_LIMIT = Gauge(
+    "promptmill_rate_limit",
+    "The per-minute limit in force for a model, by budget (requests, input_tokens, output_tokens) and "
+    "source: configured (the pipeline or settings), learned (the provider's headers) or effective.",
+    ["model", "budget", "source"], multiprocess_mode="mostrecent",
+)  # fmt: skip
+BREAKER_OPEN = Gauge(
+    "promptmill_breaker_open", "1 while the fleet's circuit breaker (or a 429's pause) holds a model's requests.",
+    ["model"], multiprocess_mode="mostrecent",
+)  # fmt: skip
+ENGINE_RUNNING = Gauge(
+    "promptmill_engine_running_requests", "Requests the local vLLM engine is running.", multiprocess_mode="livesum"
+)
+ENGINE_KV_CACHE = Gauge(
+    "promptmill_engine_kv_cache_usage", "Share of the local vLLM engine's KV cache in use (0 to 1).",
+    multiprocess_mode="livemax",
+)  # fmt: skip
 
 _TOKEN_KINDS = {
     "input": "input_tokens",
@@ -76,6 +104,7 @@ class Measure:
     statuses: collections.Counter = field(default_factory=collections.Counter)
     usage: dict[str, list[int]] = field(default_factory=dict)  # ledger model -> _USAGE_FIELDS not yet written
     durations: list[float] = field(default_factory=list)
+    first_tokens: list[float] = field(default_factory=list)
     in_flight: int = 0
 
     async def __call__(self, call: Call, send: Send) -> Reply | None:
@@ -101,6 +130,8 @@ class Measure:
                 sums[i] += getattr(usage, name)
             if reply.latency_ms is not None:
                 self.durations.append(reply.latency_ms / 1000)
+            if reply.ttft_ms is not None:
+                self.first_tokens.append(reply.ttft_ms / 1000)
         if time.monotonic() - _flushed[0] > _FLUSH_EVERY_S:
             flush()
         return reply
@@ -123,6 +154,11 @@ class Measure:
         for seconds in self.durations:
             histogram.observe(seconds)
         self.durations.clear()
+        if self.first_tokens:
+            histogram = TIME_TO_FIRST_TOKEN.labels(self.model, self.backend)
+            for seconds in self.first_tokens:
+                histogram.observe(seconds)
+            self.first_tokens.clear()
 
 
 _FLUSH_EVERY_S = 0.5
@@ -131,6 +167,18 @@ _flushed = [0.0]
 _measures: dict[tuple[str, str, str], Measure] = {}
 _rows: collections.Counter = collections.Counter()
 _rows_lock = threading.Lock()
+_limiters: dict[tuple[str, str], FleetLimiter] = {}  # (model, scope) -> the process's limiter for it
+_limiter_waits: list[float] = []
+_BUDGETS = ("requests", "input_tokens", "output_tokens")
+
+
+def watch_limiter(model: str, limiter: FleetLimiter) -> None:
+    """Report this limiter's limits and pauses for the model with every flush."""
+    _limiters.setdefault((model, limiter.scope), limiter)
+
+
+def limiter_waited(seconds: float) -> None:
+    _limiter_waits.append(seconds)
 
 
 def measure_for(job_id: str, model: str, backend: str, prices: PriceTable, per_token: bool, suffix: str) -> Measure:
@@ -155,8 +203,40 @@ def flush() -> None:
         in_flight[measure.model] += measure.in_flight
     for model, count in in_flight.items():
         IN_FLIGHT.labels(model).set(count)
+    waits = _limiter_waits[:]
+    del _limiter_waits[: len(waits)]
+    for seconds in waits:
+        LIMITER_WAIT.observe(seconds)
+    for (model, _), limiter in list(_limiters.items()):
+        configured = (limiter.limits.rpm, limiter.limits.input_tpm, limiter.limits.output_tpm)
+        for source, values in (("configured", configured), ("learned", limiter.learned), ("effective", limiter.effective)):
+            for budget, value in zip(_BUDGETS, values):
+                RATE_LIMIT.labels(model, budget, source).set(value or 0)
+        try:
+            BREAKER_OPEN.labels(model).set(int(limiter.paused_for_s() > 0))
+        except redis.RedisError:
+            pass  # Redis restarting: the next flush reads it
     with _rows_lock:
         rows = dict(_rows)
         _rows.clear()
     for (job_id, status), count in rows.items():
         ROWS.labels(job_id, status).inc(count)
+
+
+def engine_stat_logger() -> type:
+    """A vLLM stat logger (vLLM calls it after each engine step) that keeps the engine's gauges."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class EngineGauges(StatLoggerBase):
+        def __init__(self, vllm_config: object, engine_index: int = 0):
+            pass
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
+            if scheduler_stats is not None:
+                ENGINE_RUNNING.set(scheduler_stats.num_running_reqs)
+                ENGINE_KV_CACHE.set(scheduler_stats.kv_cache_usage)
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return EngineGauges

@@ -19,13 +19,14 @@ import asyncio
 import collections
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import redis
 from aiolimiter import AsyncLimiter
 
-from promptmill.jobs.keys import limiter_key
+from promptmill.jobs.keys import LIMIT_PAUSE, limiter_key
 from promptmill.pipelines.spec import RateLimits
 from promptmill.workers.limit_signals import LimitHeaders
 
@@ -194,6 +195,7 @@ class FleetLimiter:
         burst_s: float = BURST_S,
         clock: Callable[[], float] | None = None,
     ):
+        self._client = client
         self._script = client.register_script(_LIMIT)
         self._clock = clock  # seconds; None: Redis's clock, the one every machine of the fleet shares
         self.scope = scope
@@ -206,6 +208,7 @@ class FleetLimiter:
         self._granter: asyncio.Task | None = None
         self._smoother: AsyncLimiter | None = None
         self.effective: tuple[float | None, float | None, float | None] = (UNKNOWN_RPM, None, None)
+        self.learned: tuple[int, int, int] = (0, 0, 0)  # what this process last read in the provider's headers
 
     # -- what requests call ---------------------------------------------------------------------
 
@@ -254,10 +257,17 @@ class FleetLimiter:
                 self._report.headers = LimitHeaders()
             return
         self._report.headers = said
+        self.learned = said.limits
         self._report.headers_age_ms = int(age_s * 1000)
         if said.exhausted_for_s:  # the provider said a budget is spent until then: the fleet waits
             self._report.pause_ms = max(self._report.pause_ms, int(said.exhausted_for_s * 1000))
         self._wake.set()
+
+    def paused_for_s(self) -> float:
+        """How long the whole fleet still holds this limit's requests (a 429's pause, an open breaker)."""
+        until_ms = float(self._client.hget(self._key, LIMIT_PAUSE) or 0)
+        now_ms = time.time() * 1000 if self._clock is None else self._clock() * 1000
+        return max(0.0, (until_ms - now_ms) / 1000)
 
     def close(self) -> None:
         if self._granter is not None:

@@ -170,6 +170,9 @@ class Limit:
     limiter: FleetLimiter
     estimate: InputTokenEstimate
     backend: Backend
+    # Told of each request sent: how long the limiter held it, its status (200, the HTTP status of
+    # an error, or None: no response) and the requests-per-minute limit in force (the job's pace).
+    seen: Callable[[float, int | str | None, float | None], None] | None = None
 
     def _charge(self, input_tokens: int, output_tokens: int, max_tokens: int) -> tuple[int, int]:
         if self.backend.one_token_budget:
@@ -180,10 +183,14 @@ class Limit:
         limiter = self.limiter
         max_tokens = call.job.pipeline.max_tokens
         # Output is reserved at max_tokens, and given back once the answer says what it used.
+        asked = time.monotonic()
         grant = await limiter.acquire(*self._charge(self.estimate.estimate(call.chars), max_tokens, max_tokens))
         started = time.monotonic()
         reply = await send(call)
         age_s = time.monotonic() - started
+        if self.seen is not None and reply is not None:
+            status = reply.status if isinstance(reply, Verdict) else 200 if reply.error is None else None
+            self.seen(started - asked, status, limiter.effective[0])
         if isinstance(reply, Verdict):
             limiter.observe(reply.limits, age_s)
             if reply.kind is ErrorKind.timeout:

@@ -15,10 +15,11 @@ import asyncio
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Awaitable, Hashable, TypeVar
+from typing import Awaitable, Callable, Hashable, TypeVar
 
 from promptmill.config.prices import PriceTable
 from promptmill.config.settings import Settings
+from promptmill.jobs.chunk_store import HandOff
 from promptmill.jobs.fallback import FallbackState
 from promptmill.jobs.pace import PaceRecorder
 from promptmill.jobs.shards import shards_reachable
@@ -33,7 +34,7 @@ from promptmill.workers.backends.vllm import VLLMBackend
 from promptmill.workers.concurrency import AdaptiveConcurrency
 from promptmill.workers.fallback import Fallback, Health, OnWire
 from promptmill.workers.limit_signals import InputTokenEstimate
-from promptmill.workers.metrics import measure_for, metrics_on
+from promptmill.workers.metrics import limiter_waited, measure_for, metrics_on, watch_limiter
 from promptmill.workers.rate_limit import FleetLimiter
 from promptmill.workers.request_path import (
     AttemptLog,
@@ -142,20 +143,25 @@ class WorkerRuntime:
     async def backend(self, job: JobSpec) -> Backend:
         return (await self._served(job)).backend
 
-    async def request_path(self, job: JobSpec, attempts: ChunkAttemptLog, gate: Gate) -> Send:
+    async def request_path(
+        self, job: JobSpec, attempts: ChunkAttemptLog, gate: Gate, start: int = 0, carried: dict[int, HandOff] | None = None
+    ) -> Send:
         """The layers every request of this chunk goes through, in order (workers/request_path.py);
-        with a fallback chain, one path per model under the chain (workers/fallback.py)."""
+        with a fallback chain, one path per model under the chain (workers/fallback.py), for the
+        models served on the queue of the one this run starts at (`start`, with what its rows carry)."""
         links = job.links()
         if len(links) == 1:
             return await self._path(job, attempts, gate)
         if job.job_id not in self.fallbacks:
             self.fallbacks[job.job_id] = FallbackState(self.store.redis, job)
         state = self.fallbacks[job.job_id]
-        paths = [
+        queue = links[start].queue
+        paths: list[Send | None] = [
             await self._path(link, attempts.for_model(link.model, first=i == 0), gate, Health(state, i), OnWire())
+            if i >= start and link.queue == queue else None
             for i, link in enumerate(links)
-        ]
-        return Fallback(list(zip(links, paths)), state)
+        ]  # fmt: skip
+        return Fallback(list(zip(links, paths)), state, start, carried or {})
 
     async def _path(
         self, job: JobSpec, attempts: AttemptLog, gate: Gate, health: Layer | None = None, on_wire: Layer | None = None
@@ -175,7 +181,9 @@ class WorkerRuntime:
             layers.append(Budget(self.store.budgets, prices, served.estimate, backend.ledger_suffix))
         layers.append(Ledger(prices, backend.billed_per_token, backend.ledger_suffix))
         if limiter is not None:
-            layers.append(Limit(limiter, served.estimate, backend))
+            if self.metrics:
+                watch_limiter(job.model, limiter)
+            layers.append(Limit(limiter, served.estimate, backend, self._request_seen(job.job_id)))
         if on_wire is not None:
             layers.append(on_wire)
         if self.metrics:
@@ -184,6 +192,17 @@ class WorkerRuntime:
             )
         layers.append(gate)
         return compose(layers, backend)
+
+    def _request_seen(self, job_id: str) -> Callable[[float, int | str | None, float | None], None]:
+        """What a request sent under a limiter tells: the job's request pace (`report`), and the
+        limiter's wait (metrics)."""
+
+        def seen(held_s: float, status: int | str | None, rpm: float | None) -> None:
+            self.pace.request(job_id, status, held_s, rpm)
+            if self.metrics:
+                limiter_waited(held_s)
+
+        return seen
 
     def close_backends(self) -> None:
         """Let go of every client and engine (a worker stopping): an engine's processes must not outlive it."""

@@ -15,6 +15,7 @@ import threading
 from amqp.exceptions import ChannelError
 from celery.signals import worker_ready
 
+from promptmill.jobs.chunk_store import parse_run_id
 from promptmill.jobs.dispatch import ChunkSender
 from promptmill.jobs.status import JobState
 from promptmill.jobs.store import JobStore
@@ -52,10 +53,13 @@ def sweep_once(store: JobStore, sender: ChunkSender, every_s: float, ttl_s: floa
             continue
         if not status.state.runnable or not store.take_sweep_turn(job_id, every_s):
             continue
-        queue_empty = status.produced and _queue_is_empty(spec.queue)
-        lost = store.chunks.lost(job_id, queue_empty, stranded_after_s=3 * every_s)
-        for chunk_id in lost:
-            sender.send(job_id, chunk_id, spec.queue)
+        links = spec.links()
+        empty = {queue: bool(status.produced) and _queue_is_empty(queue) for queue in {link.queue for link in links}}
+        empty_links = [i for i, link in enumerate(links) if i and empty[link.queue]]
+        lost = store.chunks.lost(job_id, empty[spec.queue], 3 * every_s, empty_links)
+        for run in lost:
+            chunk_id, link = parse_run_id(run)
+            sender.send(job_id, chunk_id, links[link].queue, link)
         if lost:
             log.warning("job %s: %d chunks lost their worker or their message; sent again", job_id, len(lost))
         sent += len(lost)

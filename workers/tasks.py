@@ -19,6 +19,8 @@ import redis
 from celery.signals import worker_shutdown
 
 from promptmill.config.celery_config import TASK_RUN_CHUNK
+from promptmill.jobs.chunk_store import run_id
+from promptmill.jobs.dispatch import ChunkSender
 from promptmill.jobs.lease import ChunkLease
 from promptmill.jobs.shards import flush_chunk
 from promptmill.jobs.spec import JobSpec
@@ -27,6 +29,7 @@ from promptmill.pipelines.items import ErrorKind, ItemError, ItemOutcome, Render
 from promptmill.pipelines.parse import OutputParseError, parse_output
 from promptmill.workers.app import app
 from promptmill.workers.backends.base import EngineDied, FatalJobError, RawOutcome
+from promptmill.workers.fallback import handoff_of
 from promptmill.workers.metrics import count_row
 from promptmill.workers.metrics import flush as flush_metrics
 from promptmill.workers.request_path import Gate, fan_out
@@ -50,6 +53,7 @@ def to_outcome(job: JobSpec, raw: RawOutcome, line: int = 0) -> ItemOutcome:
         "started_at": iso_utc(raw.started_at),
         "finished_at": iso_utc(raw.finished_at),
         "latency_ms": raw.latency_ms,
+        "ttft_ms": raw.ttft_ms,
         "errors": raw.errors,
         "line": line,
     }
@@ -102,11 +106,14 @@ class _StillWaiting(Exception):
 
 
 async def _run_requests(
-    rt: WorkerRuntime, job: JobSpec, chunk_id: str, pending: list[RenderedRequest], lease_lost: threading.Event
+    rt: WorkerRuntime, job: JobSpec, chunk_id: str, pending: list[RenderedRequest], lease_lost: threading.Event,
+    link: int = 0,
 ) -> int:
+    """Send the rows and commit their outcomes; `link`: the rows handed to that model of the chain."""
     gate = Gate()
-    path = await rt.request_path(job, ChunkAttempts(rt.store, job, chunk_id), gate)
-    hold_s = (await rt.backend(job)).hold_s
+    carried = rt.store.chunks.handed(job.job_id, chunk_id) if link else None
+    path = await rt.request_path(job, ChunkAttempts(rt.store, job, chunk_id), gate, link, carried)
+    hold_s = (await rt.backend(job.links()[link])).hold_s
     lines = {request.row: request.line for request in pending}
     committed = 0
     checked_at = time.monotonic()
@@ -114,8 +121,11 @@ async def _run_requests(
         try:
             async with asyncio.timeout(hold_s):
                 async for raw in outcomes:
-                    outcome = to_outcome(job, raw, lines.get(raw.row, 0))
-                    committed += _commit(rt, job, chunk_id, raw.ledger_model or job.model, outcome, raw)
+                    if raw.handed_to is not None:  # gone on to another queue's model: its run commits it
+                        rt.store.chunks.hand_off(job.job_id, chunk_id, raw.row, handoff_of(raw))
+                    else:
+                        outcome = to_outcome(job, raw, lines.get(raw.row, 0))
+                        committed += _commit(rt, job, chunk_id, raw.ledger_model or job.model, outcome, raw)
                     if gate.closed:
                         continue  # draining: the answers in flight are paid for, so they are committed
                     if lease_lost.is_set():
@@ -146,7 +156,7 @@ def _commit(
             rt.pace.add(job.job_id, None, 0, False, None, None)
         else:
             rt.pace.add(job.job_id, raw.latency_ms, raw.usage.output_tokens, outcome.status == "ok",
-                        raw.started_at, raw.finished_at)  # fmt: skip
+                        raw.started_at, raw.finished_at, raw.ttft_ms)  # fmt: skip
         if rt.metrics:
             count_row(job.job_id, outcome.status)
     return new
@@ -162,10 +172,11 @@ MAX_REDIS_ERRORS = 3  # a Redis error (a restart, a failover) is retried; anythi
 
 
 @app.task(bind=True, name=TASK_RUN_CHUNK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-def run_chunk(self, job_id: str, chunk_id: str, errors: int = 0) -> str:
+def run_chunk(self, job_id: str, chunk_id: str, errors: int = 0, link: int = 0) -> str:
     # `errors` counts Redis failures on this chunk; waiting for another worker's lease is no error.
+    # `link`: run only the chunk's rows handed to that model of the job's fallback chain.
     try:
-        return _run_chunk(job_id, chunk_id)
+        return _run_chunk(job_id, chunk_id, link)
     except _LeasedElsewhere as leased:
         # Another worker holds the chunk (or held it and died): look again when its lease runs out.
         raise self.retry(countdown=leased.wait_s, max_retries=None)
@@ -173,7 +184,7 @@ def run_chunk(self, job_id: str, chunk_id: str, errors: int = 0) -> str:
         # Its rows wait on the provider's batch: give the worker's slot back and look again soon. The
         # sweeper must not take the delayed message for a lost one meanwhile.
         countdown = runtime().settings.batch_poll_min_s
-        runtime().store.chunks.sent_later(job_id, chunk_id, time.time() + countdown)
+        runtime().store.chunks.sent_later(job_id, run_id(chunk_id, link), time.time() + countdown)
         raise self.retry(countdown=countdown, max_retries=None)
     except EngineDied as died:
         # Counted as its worker dying (the chunk's run count stays), so a row that kills engines is
@@ -184,7 +195,7 @@ def run_chunk(self, job_id: str, chunk_id: str, errors: int = 0) -> str:
         if errors >= MAX_REDIS_ERRORS:
             raise  # Redis is gone for now: the chunk is stranded, and the sweeper sends it again later
         log.exception("chunk %s of job %s: Redis failed; retrying", chunk_id, job_id)
-        raise self.retry(kwargs={"errors": errors + 1}, countdown=2**errors, max_retries=None)
+        raise self.retry(kwargs={"errors": errors + 1, "link": link}, countdown=2**errors, max_retries=None)
     except Exception as error:  # noqa: BLE001 - not the rows' fault: stop the job, fail no row
         # A missing key, a bug, a spec from another version: every row would fail the same way and
         # be lost for good. The job stops with the reason; `resume` goes on once it is fixed.
@@ -195,7 +206,8 @@ def run_chunk(self, job_id: str, chunk_id: str, errors: int = 0) -> str:
 
 
 def _run_carefully(
-    rt: WorkerRuntime, job: JobSpec, chunk_id: str, pending: list[RenderedRequest], runs: int, lease_lost: threading.Event
+    rt: WorkerRuntime, job: JobSpec, chunk_id: str, pending: list[RenderedRequest], runs: int, lease_lost: threading.Event,
+    link: int,
 ) -> int:
     """Run a chunk whose last run died with its worker, so that a row that kills workers is found.
 
@@ -206,11 +218,12 @@ def _run_carefully(
     first row of a bystander would otherwise be in flight at every death its neighbour's poison causes.
     """
     with rt.careful:
-        return _run_counted_groups(rt, job, chunk_id, pending, runs, lease_lost)
+        return _run_counted_groups(rt, job, chunk_id, pending, runs, lease_lost, link)
 
 
 def _run_counted_groups(
-    rt: WorkerRuntime, job: JobSpec, chunk_id: str, pending: list[RenderedRequest], runs: int, lease_lost: threading.Event
+    rt: WorkerRuntime, job: JobSpec, chunk_id: str, pending: list[RenderedRequest], runs: int, lease_lost: threading.Event,
+    link: int,
 ) -> int:
     groups = [pending] if runs == 2 else [[request] for request in pending]
     committed = 0
@@ -227,11 +240,11 @@ def _run_counted_groups(
             else:
                 runnable.append(request)
         if runnable:
-            committed += rt.run(_run_requests(rt, job, chunk_id, runnable, lease_lost))
+            committed += rt.run(_run_requests(rt, job, chunk_id, runnable, lease_lost, link))
     return committed
 
 
-def _run_chunk(job_id: str, chunk_id: str) -> str:
+def _run_chunk(job_id: str, chunk_id: str, link: int) -> str:
     rt = runtime()
     store = rt.store
     try:
@@ -240,7 +253,7 @@ def _run_chunk(job_id: str, chunk_id: str) -> str:
         return "unknown job"
     if not store.is_runnable(job_id):
         return "job not runnable"
-    lease = ChunkLease(store.redis, job_id, chunk_id, rt.settings.lease_ttl_s)
+    lease = ChunkLease(store.redis, job_id, run_id(chunk_id, link), rt.settings.lease_ttl_s)
     if not lease.acquire():
         raise _LeasedElsewhere(lease.remaining_s() + 0.5)
     try:
@@ -249,15 +262,20 @@ def _run_chunk(job_id: str, chunk_id: str) -> str:
         runs = lease.count_run()
         store.add_host(job_id, socket.gethostname())
         done = store.chunks.done_rows(job_id, chunk_id)
-        pending = [request for request in store.chunks.get(job_id, chunk_id).requests if request.row not in done]
+        handed = {row: handoff.link for row, handoff in store.chunks.handed(job_id, chunk_id).items()}
+        # The chunk's run sends its rows but those handed to another queue's model; a handoff run, those.
+        pending = [
+            request for request in store.chunks.get(job_id, chunk_id).requests
+            if request.row not in done and handed.get(request.row, 0) == link
+        ]  # fmt: skip
         engine_died = False
         try:
             # A batch's rows never run in the worker: a death there is no row's fault, and one row at a
             # time would send a batch per row.
-            if runs > 1 and rt.run(rt.backend(job)).hold_s is None:
-                committed = _run_carefully(rt, job, chunk_id, pending, runs, lease.lost)
+            if runs > 1 and rt.run(rt.backend(job.links()[link])).hold_s is None:
+                committed = _run_carefully(rt, job, chunk_id, pending, runs, lease.lost, link)
             else:
-                committed = rt.run(_run_requests(rt, job, chunk_id, pending, lease.lost))
+                committed = rt.run(_run_requests(rt, job, chunk_id, pending, lease.lost, link))
         except FatalJobError as fatal:
             log.error("job %s stopped: %s", job_id, fatal)
             store.fail_job(job_id, str(fatal))
@@ -270,10 +288,21 @@ def _run_chunk(job_id: str, chunk_id: str) -> str:
             # the count is the new holder's.
             if not engine_died and not lease.lost.is_set():
                 lease.forget_runs()
+        _send_handed_rows(rt, job, chunk_id, link)
         _flush_if_complete(rt, job, chunk_id)
         return f"{committed} committed"
     finally:
         lease.release()
+
+
+def _send_handed_rows(rt: WorkerRuntime, job: JobSpec, chunk_id: str, link: int) -> None:
+    """Send the chunk's rows handed to other queues' models to their workers (rows an earlier run
+    handed off too: a run killed before sending them). A message sent twice is harmless: the lease
+    lets one run them, and done rows are never sent again."""
+    links = job.links()
+    for other in sorted({handoff.link for handoff in rt.store.chunks.handed(job.job_id, chunk_id).values()} - {link}):
+        rt.store.chunks.sent_now(job.job_id, run_id(chunk_id, other))
+        ChunkSender(app).send(job.job_id, chunk_id, links[other].queue, other)
 
 
 def _flush_if_complete(rt: WorkerRuntime, job: JobSpec, chunk_id: str) -> None:

@@ -97,6 +97,8 @@ def status(job_id: JobArg, as_json: JsonFlag = False) -> None:
             value = _limits_line(value)
         elif key in ("latency_ms", "ttft_ms") and value is not None:
             value = ", ".join(f"{q} {ms:,.0f} ms" for q, ms in value.items() if ms is not None) or "none yet"
+        elif key == "measured":
+            value = "; ".join(f"{name}: {what}" for name, what in value.items())
         elif key in ("rows_per_s", "output_tokens_per_s"):
             value = f"{value['last_minute'] or 0:,.1f} over the last minute, {value['job'] or 0:,.1f} over the job"
         elif key == "eta_s" and value is not None:

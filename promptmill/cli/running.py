@@ -46,7 +46,10 @@ def drive(
     _sigterm_as_interrupt()
     prices = spec.pipeline.price_table(settings)
     with serving(settings.metrics_port) as metrics_dir:
-        local = LocalWorkers(url, spec.queue, workers, Path(spec.out_dir) / "logs", metrics_dir)
+        # The job's queue gets `workers` processes; a queue its fallback chain crosses to (a vLLM
+        # engine behind an api model) gets one.
+        crossed = dict.fromkeys(link.queue for link in spec.links() if link.queue != spec.queue)
+        local = LocalWorkers(url, [spec.queue] * workers + list(crossed), Path(spec.out_dir) / "logs", metrics_dir)
         sender = ChunkSender.for_url(url)
         try:
             local.start()
@@ -102,15 +105,17 @@ def _run_to_end(
 
 
 def check_model_built(spec: JobSpec, settings: Settings) -> None:
-    """A local job's model must be built here before workers start on it."""
-    if spec.backend == "vllm":
-        # The CLI sits above the workers: it may ask their model registry whether the model is built.
-        from promptmill.workers.local_model import ModelNotBuiltError, resolve_model
+    """A local model of the job (its own, or one of its fallback chain) must be built here before
+    workers start on it."""
+    # The CLI sits above the workers: it may ask their model registry whether the model is built.
+    from promptmill.workers.local_model import ModelNotBuiltError, resolve_model
 
-        try:
-            resolve_model(spec.model, settings)
-        except ModelNotBuiltError as missing:
-            fail(f"model: {missing}")
+    for i, link in enumerate(spec.links()):
+        if link.backend == "vllm":
+            try:
+                resolve_model(link.model, settings)
+            except ModelNotBuiltError as missing:
+                fail(f"{'fallback: vllm:' + link.model if i else 'model'}: {missing}")
 
 
 @job_command("run")

@@ -110,6 +110,8 @@ class AnthropicBackend:
 
     async def send(self, call: Call) -> Reply:
         params = message_params(call.job, call.request)
+        if call.job.pipeline.stream:
+            return await self._stream(call, params)
         body = {**params, **params.pop("extra_body", {})}
         started = time.monotonic()
         try:
@@ -130,6 +132,31 @@ class AnthropicBackend:
             request_id=raw.headers.get("request-id") or message.id,
             latency_ms=round((time.monotonic() - started) * 1000, 1),
             limits=LimitHeaders.from_anthropic(raw.headers),
+        )
+
+    async def _stream(self, call: Call, params: dict[str, Any]) -> Reply:
+        """A streamed answer: the SDK's `messages.stream` helper assembles the message from its events;
+        the first text delta is the first token."""
+        started = time.monotonic()
+        first: float | None = None
+        try:
+            async with self.client.messages.stream(**params) as stream:
+                async for event in stream:
+                    if first is None and event.type == "content_block_delta":
+                        first = time.monotonic()
+                message = await stream.get_final_message()
+        except anthropic.APIError as error:
+            response = getattr(error, "response", None)
+            limits = LimitHeaders.from_anthropic(response.headers) if response is not None else None
+            return dataclasses.replace(classify(error), limits=limits)
+        headers = stream.response.headers
+        return message_outcome(
+            call.request.row,
+            message,
+            request_id=headers.get("request-id") or message.id,
+            latency_ms=round((time.monotonic() - started) * 1000, 1),
+            ttft_ms=round((first - started) * 1000, 1) if first is not None else None,
+            limits=LimitHeaders.from_anthropic(headers),
         )
 
     async def close(self) -> None:

@@ -61,12 +61,14 @@ class RawOutcome:
     started_at: float | None = None  # epoch seconds
     finished_at: float | None = None
     latency_ms: float | None = None
+    ttft_ms: float | None = None  # to the first token: streamed answers and the local engine
     errors: list[AttemptError] = field(default_factory=list)
     limits: LimitHeaders | None = None  # what the response said of the account's limits
     ledger_model: str | None = None  # the name the ledger prices it under (the ledger layer sets it)
     model: str | None = None  # with a fallback chain: the model that answered (or failed it last)
     models_tried: list[str] | None = None  # with a fallback chain: where the row went, in order
     passed_over: bool = False  # not sent: the fleet moved past its model while it waited (a chain goes on)
+    handed_to: int | None = None  # not answered here: gone on to this model of the chain, on another queue
 
 
 Reply = RawOutcome | Verdict

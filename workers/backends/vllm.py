@@ -27,6 +27,7 @@ from promptmill.pipelines.spec import EngineOptions
 from promptmill.workers.backends.base import Call, EngineDied, RawOutcome
 from promptmill.workers.engine_clock import EngineClock
 from promptmill.workers.local_model import resolve_model
+from promptmill.workers.metrics import engine_stat_logger, metrics_on
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ class VLLMBackend:
         self._engine: Any = None
         self._tokenizer: Any = None
         self._starting = asyncio.Lock()
+        self._gauges = metrics_on(settings.metrics_port)  # the engine's running requests and KV cache, measured
 
     async def _ready_engine(self) -> Any:
         async with self._starting:
@@ -95,9 +97,11 @@ class VLLMBackend:
                 from vllm.v1.engine.async_llm import AsyncLLM
 
                 log.info("starting vLLM engine: %s", self.args)
-                engine_args = AsyncEngineArgs(**self.args, disable_log_stats=True)
+                # Stats on: each request's output then carries its time to first token.
+                engine_args = AsyncEngineArgs(**self.args, disable_log_stats=False)
+                loggers = [engine_stat_logger()] if self._gauges else None
                 # Off the loop: other chunks' coroutines keep going while the engine starts.
-                self._engine = await asyncio.to_thread(AsyncLLM.from_engine_args, engine_args)
+                self._engine = await asyncio.to_thread(AsyncLLM.from_engine_args, engine_args, stat_loggers=loggers)
                 self._tokenizer = self._engine.get_tokenizer()
             return self._engine
 
@@ -194,6 +198,7 @@ class VLLMBackend:
     @staticmethod
     def _outcome(row: int, output: Any, engine_us: int) -> RawOutcome:
         completion = output.outputs[0]
+        stats = output.metrics  # vLLM's request stats: from its arrival to its first token
         cached = output.num_cached_tokens or 0
         return RawOutcome(
             row=row,
@@ -205,6 +210,7 @@ class VLLMBackend:
                 engine_us=engine_us,
             ),
             finish_reason=completion.finish_reason,
+            ttft_ms=round(stats.first_token_latency * 1000, 1) if stats and stats.first_token_latency else None,
         )
 
     async def send(self, call: Call) -> RawOutcome:
