@@ -30,9 +30,10 @@ demo: setup model
 compare: setup model
 	bash examples/compare.sh
 
-# Two test processes, a module each at a time: much of the suite waits on servers, workers and engines.
+# Three test processes, a module each at a time: much of the suite waits on servers, workers and
+# engines (two cores: 12m07s with three, 13m14s with two; the tests' engines keep a small KV cache).
 test: setup model
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	$(BIN)/python -m pytest -n 3 --dist loadfile
 
 clean:
 	rm -rf $(VENV) .pytest_cache demo-out compare-out

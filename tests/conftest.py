@@ -15,6 +15,12 @@ from tests.support import ROOT, promptmill, read_jsonl  # noqa: F401 - shared wi
 API_KEY = "test-key"
 
 
+# A local engine's KV cache, as a share of this machine's memory: three test processes may each hold
+# an engine at once, and the default 0.3 each would ask for most of 24 GiB. 0.1 holds far more than
+# the tests' 2,048-token contexts need.
+ENGINE_MEMORY_SHARE = "0.1"
+
+
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
@@ -50,6 +56,7 @@ def env(redis_url: str, api_server: ServerControl, tmp_path: Path) -> dict[str, 
         "PROMPTMILL_DATA_DIR": str(tmp_path / "data"),
         "PROMPTMILL_BACKOFF_BASE_S": "0.05",
         "PROMPTMILL_BACKOFF_CAP_S": "0.5",
+        "PROMPTMILL_VLLM_GPU_MEMORY_UTILIZATION": ENGINE_MEMORY_SHARE,
         "ANTHROPIC_BASE_URL": api_server.url,
         "ANTHROPIC_API_KEY": API_KEY,
     }

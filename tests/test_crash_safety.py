@@ -365,9 +365,10 @@ def test_killing_the_worker_that_holds_a_resent_chunk_never_stalls_the_job_past_
     fake_api.configure(latency_ms=1000)
     data, pipeline = write_job(tmp_path, 8000)
     out = tmp_path / "o"
-    # Chunks of 32: a chunk whose runs died twice goes on row by row (see below), 32 seconds, not 64.
+    # Chunks of 16: a chunk whose runs died twice goes on row by row (see below), one careful chunk at a
+    # time in a process: 16 seconds each, not the default chunk's 64.
     run = start_cli(fast_recovery(env), "run", str(data), "--pipeline", str(pipeline), "--out", str(out), "--workers", "3",
-                    "--chunk-size", "32")  # fmt: skip
+                    "--chunk-size", "16")  # fmt: skip
     try:
         job_id = new_job(run)
         wait_until(lambda: store.status(job_id).terminal >= 500, 120, "500 rows")

@@ -22,7 +22,7 @@ from promptmill.config.prices import PriceTable
 from promptmill.config.settings import Settings
 from promptmill.jobs.store import JobStore
 from promptmill.pipelines import load_pipeline, render_request
-from tests.conftest import ROOT, promptmill, read_jsonl
+from tests.conftest import ENGINE_MEMORY_SHARE, ROOT, promptmill, read_jsonl
 from tests.support import write_dataset
 from tests.test_crash_safety import start_cli, wait_until
 from tests.test_metrics import scrape, total
@@ -42,6 +42,7 @@ def gpu_env(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[st
         "PROMPTMILL_DATA_DIR": str(tmp_path_factory.mktemp("data")),
         "PROMPTMILL_LEASE_TTL_S": "3",
         "PROMPTMILL_SWEEP_EVERY_S": "1",
+        "PROMPTMILL_VLLM_GPU_MEMORY_UTILIZATION": ENGINE_MEMORY_SHARE,
     }
 
 
