@@ -67,7 +67,7 @@ if redis.call('SISMEMBER', KEYS[4], ARGV[6]) == 1 or redis.call('HSETNX', KEYS[1
   account(KEYS[5])
   return 0
 end
-redis.call('HDEL', KEYS[6], ARGV[1])
+redis.call('HDEL', KEYS[6], ARGV[1])  -- a row handed to another queue's model: its mark goes with its outcome
 redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
 account(KEYS[3])
 return 1

@@ -1,6 +1,7 @@
 """A job's pace, kept in Redis so any machine reads it: latency and time to first token as mergeable
-histograms (fixed buckets, 25% apart, so every worker's counts simply add), and rows and output tokens per 10-second slot
-(the last minute's rate, the whole job's, and the curve of rows done over time).
+histograms (fixed buckets, 25% apart, so every worker's counts simply add), and rows and output tokens
+per 10-second slot (the last minute's rate, the whole job's, and the curve of rows done over time), with
+the requests sent under the fleet's limiter and what became of them (`report`'s timeline).
 
 Workers gather their rows in the process and write them in one pipeline at most twice a second and
 when a chunk ends (`PaceRecorder`); `status` reads them (`job_pace`).
@@ -149,7 +150,7 @@ class JobPace:
             # Which is which: latency runs from sending to the whole answer; the first token is only
             # seen in a streamed answer (`stream = true`) or on the local engine.
             "measured": {"latency_ms": "send to whole answer",
-                         "ttft_ms": "send to first token" if self.ttft_ms else "not measured (stream = false)"},
+                         "ttft_ms": "send to first token" if self.ttft_ms else "not measured (only streamed answers have it)"},
             "rows_per_s": self.rows_per_s,
             "output_tokens_per_s": self.output_tokens_per_s,
             "eta_s": self.eta_s,

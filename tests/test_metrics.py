@@ -49,6 +49,12 @@ def total(samples: list[dict], name: str, **labels: str) -> float:
     )
 
 
+def finished(store: JobStore, job_id: str, rows: int) -> bool:
+    """Every row committed and every chunk's task past its end: a worker writes what it gathered (metrics,
+    pace) when a chunk ends, just before it flushes the chunk, and a row's commit comes before both."""
+    return store.status(job_id).terminal == rows and store.chunks.all_flushed(job_id)
+
+
 def test_two_workers_metrics_add_up_to_the_servers_own_counts(tmp_path, env, fake_api, redis_url):
     fake_api.configure(p500=0.1, latency_ms=5)
     ports = [free_port(), free_port()]
@@ -60,7 +66,7 @@ def test_two_workers_metrics_add_up_to_the_servers_own_counts(tmp_path, env, fak
         assert submitted.returncode == 0, submitted.stderr
         job_id = submitted.stdout.split()[-1]
         store = JobStore.from_url(redis_url)
-        wait_until(lambda: store.status(job_id).terminal == 300, 120, "the job to finish")
+        wait_until(lambda: finished(store, job_id, 300), 120, "the job to finish")
         samples = [scrape(port) for port in ports]
     finally:
         stop(*workers)
@@ -117,7 +123,7 @@ def test_latency_histograms_from_two_workers_merge_to_the_rows_own_latencies(tmp
         assert submitted.returncode == 0, submitted.stderr
         job_id = submitted.stdout.split()[-1]
         store = JobStore.from_url(redis_url)
-        wait_until(lambda: store.status(job_id).terminal == 300, 120, "the job to finish")
+        wait_until(lambda: finished(store, job_id, 300), 120, "the job to finish")
     finally:
         stop(*workers)
     assert promptmill("export", job_id, env=env).returncode == 0
@@ -159,7 +165,7 @@ def test_streamed_answers_measure_time_to_first_token_and_keep_the_same_answer_a
             assert submitted.returncode == 0, submitted.stderr
             jobs[backend] = submitted.stdout.split()[-1]
         store = JobStore.from_url(redis_url)
-        wait_until(lambda: all(store.status(j).terminal == 60 for j in jobs.values()), 120, "both jobs to finish")
+        wait_until(lambda: all(finished(store, j, 60) for j in jobs.values()), 120, "both jobs to finish")
         scraped = [scrape(port)]
     finally:
         stop(worker)
