@@ -71,17 +71,18 @@ class PaceRecorder:
         counts = [collections.defaultdict(collections.Counter) for _ in range(3)]
         return counts[0], counts[1], counts[2], {}
 
-    def request(self, job_id: str, status: int | str | None, held_s: float, rpm: float | None) -> None:
-        """A request sent under the fleet's limiter: counted in its slot, with a 429 or a server error
-        marked, a hold of a second or more by the limiter (its pace, a 429's pause, an open breaker)
-        counted, and the requests-per-minute limit in force."""
+    def request(self, job_id: str, held_s: float, rate_limited: bool, server_failure: bool, rpm: float | None) -> None:
+        """A request sent under the fleet's limiter: counted in its slot, with a 429 or a failure of the
+        provider (5xx, 529, a timeout, a dropped connection) marked, a hold of a second or more by the
+        limiter (its pace, a 429's pause, an open breaker) counted, and the requests-per-minute limit
+        in force."""
         slot = int(time.time()) // SLOT_S
         with self._lock:
             slots = self._slots[job_id]
             slots[f"{slot}|requests"] += 1
-            if status == 429:
+            if rate_limited:
                 slots[f"{slot}|r429"] += 1
-            elif status in (529, "timeout", "dropped") or (isinstance(status, int) and status >= 500):
+            elif server_failure:
                 slots[f"{slot}|r5xx"] += 1
             if held_s >= 1.0:
                 slots[f"{slot}|held"] += 1

@@ -170,9 +170,10 @@ class Limit:
     limiter: FleetLimiter
     estimate: InputTokenEstimate
     backend: Backend
-    # Told of each request sent: how long the limiter held it, its status (200, the HTTP status of
-    # an error, or None: no response) and the requests-per-minute limit in force (the job's pace).
-    seen: Callable[[float, int | str | None, float | None], None] | None = None
+    # Told of each request sent (the job's pace): how long the limiter held it, whether it was a 429,
+    # whether it was the provider's failure (as the breaker counts it), and the requests-per-minute
+    # limit in force.
+    seen: Callable[[float, bool, bool, float | None], None] | None = None
 
     def _charge(self, input_tokens: int, output_tokens: int, max_tokens: int) -> tuple[int, int]:
         if self.backend.one_token_budget:
@@ -189,8 +190,9 @@ class Limit:
         reply = await send(call)
         age_s = time.monotonic() - started
         if self.seen is not None and reply is not None:
-            status = reply.status if isinstance(reply, Verdict) else 200 if reply.error is None else None
-            self.seen(started - asked, status, limiter.effective[0])
+            failed = reply if isinstance(reply, Verdict) else None
+            self.seen(started - asked, failed is not None and failed.kind is ErrorKind.rate_limited,
+                      failed is not None and failed.server_failure, limiter.effective[0])  # fmt: skip
         if isinstance(reply, Verdict):
             limiter.observe(reply.limits, age_s)
             if reply.kind is ErrorKind.timeout:

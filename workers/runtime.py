@@ -193,12 +193,12 @@ class WorkerRuntime:
         layers.append(gate)
         return compose(layers, backend)
 
-    def _request_seen(self, job_id: str) -> Callable[[float, int | str | None, float | None], None]:
+    def _request_seen(self, job_id: str) -> Callable[[float, bool, bool, float | None], None]:
         """What a request sent under a limiter tells: the job's request pace (`report`), and the
         limiter's wait (metrics)."""
 
-        def seen(held_s: float, status: int | str | None, rpm: float | None) -> None:
-            self.pace.request(job_id, status, held_s, rpm)
+        def seen(held_s: float, rate_limited: bool, server_failure: bool, rpm: float | None) -> None:
+            self.pace.request(job_id, held_s, rate_limited, server_failure, rpm)
             if self.metrics:
                 limiter_waited(held_s)
 
