@@ -6,6 +6,7 @@ import json
 import urllib.request
 from collections import Counter
 from decimal import Decimal
+from pathlib import Path
 
 import redis
 from prometheus_client.parser import text_string_to_metric_families
@@ -55,18 +56,23 @@ def finished(store: JobStore, job_id: str, rows: int) -> bool:
     return store.status(job_id).terminal == rows and store.chunks.all_flushed(job_id)
 
 
+def submit_and_finish(env: dict[str, str], redis_url: str, data: Path, pipeline: Path, out: Path, rows: int) -> str:
+    """Submit a job in chunks of 20 for the workers already running, and wait until it is finished."""
+    submitted = promptmill("submit", str(data), "-p", str(pipeline), "--chunk-size", "20", "--out", str(out), env=env)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.split()[-1]
+    store = JobStore.from_url(redis_url)
+    wait_until(lambda: finished(store, job_id, rows), 120, "the job to finish")
+    return job_id
+
+
 def test_two_workers_metrics_add_up_to_the_servers_own_counts(tmp_path, env, fake_api, redis_url):
     fake_api.configure(p500=0.1, latency_ms=5)
     ports = [free_port(), free_port()]
     workers = [start_cli(env, "worker", "--queues", "api", "--metrics-port", str(p), quiet=True) for p in ports]
     try:
         data, pipeline = write_dataset(tmp_path, ({"id": i, "text": f"row {i}"} for i in range(300)), PIPELINE)
-        submitted = promptmill("submit", str(data), "-p", str(pipeline), "--chunk-size", "20",
-                               "--out", str(tmp_path / "out"), env=env)  # fmt: skip
-        assert submitted.returncode == 0, submitted.stderr
-        job_id = submitted.stdout.split()[-1]
-        store = JobStore.from_url(redis_url)
-        wait_until(lambda: finished(store, job_id, 300), 120, "the job to finish")
+        job_id = submit_and_finish(env, redis_url, data, pipeline, tmp_path / "out", 300)
         samples = [scrape(port) for port in ports]
     finally:
         stop(*workers)
@@ -118,12 +124,7 @@ def test_latency_histograms_from_two_workers_merge_to_the_rows_own_latencies(tmp
     data, pipeline = write_dataset(tmp_path, rows, PIPELINE)
     workers = [start_cli(env, "worker", "--queues", "api", quiet=True) for _ in range(2)]
     try:
-        submitted = promptmill("submit", str(data), "-p", str(pipeline), "--chunk-size", "20",
-                               "--out", str(tmp_path / "out"), env=env)  # fmt: skip
-        assert submitted.returncode == 0, submitted.stderr
-        job_id = submitted.stdout.split()[-1]
-        store = JobStore.from_url(redis_url)
-        wait_until(lambda: finished(store, job_id, 300), 120, "the job to finish")
+        job_id = submit_and_finish(env, redis_url, data, pipeline, tmp_path / "out", 300)
     finally:
         stop(*workers)
     assert promptmill("export", job_id, env=env).returncode == 0
