@@ -121,6 +121,39 @@ def compare_args(tmp_path: Path) -> list[str]:
     ]  # fmt: skip
 
 
+JSON_PIPELINE = """
+name = "extract"
+model = "claude-haiku-4-5"
+prompt = "Review {id}: {text}"
+max_tokens = 64
+
+[output]
+type = "json"
+schema = { type = "object", properties = { stars = { type = "integer" }, recommend = { type = "boolean" } } }
+"""
+
+
+def test_json_outputs_are_scored_field_by_field_against_a_label_object(tmp_path, env, fake_api):
+    """A label object of two fields: haiku answers it exactly; gpt-4.1-mini gets `stars` wrong on every
+    fourth row, so it has 35 of 40 fields right (not 15 of 20 rows)."""
+
+    def row(i: int) -> dict:
+        label = {"stars": i % 5 + 1, "recommend": i % 2 == 0}
+        wrong = {**label, "stars": 6 - label["stars"] if label["stars"] != 3 else 1}
+        mini = wrong if i % 4 == 0 else label
+        text = f"[[reply:{json.dumps(label)}]] [[reply@gpt-4.1-mini:{json.dumps(mini)}]]"
+        return {"id": i, "text": text, "label": label}
+
+    data, pipeline = write_dataset(tmp_path, (row(i) for i in range(20)), JSON_PIPELINE)
+    result = promptmill("compare", str(data), "--pipeline", str(pipeline), "--against", FIRST, "--against", SECOND,
+                        "--label", "label", "--out", str(tmp_path / "cmp"), "--json", env=both_apis(env))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    first, second = json.loads(result.stdout)["contenders"]
+    assert (first["ok"], second["ok"]) == (20, 20)
+    assert (first["accuracy"], second["accuracy"]) == (1.0, round(35 / 40, 4))
+    assert (first["agreement"], second["agreement"]) == (1.0, round(35 / 40, 4))
+
+
 def test_a_sample_is_seeded_and_a_bad_contender_fails_before_anything_runs(tmp_path, env, fake_api):
     result = compare(tmp_path, both_apis(env), "--sample", "10", "--seed", "3", "--json", rows=100)
     assert result.returncode == 0, result.stderr
