@@ -154,6 +154,28 @@ def test_json_outputs_are_scored_field_by_field_against_a_label_object(tmp_path,
     assert (first["agreement"], second["agreement"]) == (1.0, round(35 / 40, 4))
 
 
+def test_a_message_batches_contender_answers_the_same_rows_at_half_the_price(tmp_path, env, fake_api):
+    """Any backend is a contender: the same model through Message Batches, billed at the batch discount."""
+    batches = {**env, "PROMPTMILL_BATCH_GATHER_S": "0.5", "PROMPTMILL_BATCH_POLL_MIN_S": "0.3",
+               "PROMPTMILL_BATCH_POLL_MAX_S": "0.6", "PROMPTMILL_BATCH_HOLD_S": "3"}  # fmt: skip
+    data, pipeline = write_dataset(tmp_path, (review(i) for i in range(20)), PIPELINE)
+    batch = "anthropic-batch:claude-haiku-4-5"
+    result = promptmill("compare", str(data), "--pipeline", str(pipeline), "--against", "anthropic:claude-haiku-4-5",
+                        "--against", batch, "--label", "label", "--out", str(tmp_path / "cmp"), "--json", env=batches)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    first, second = json.loads(result.stdout)["contenders"]
+    # The server's batch route answers row 7 (its 400 marker is the Messages route's): 20 ok, all right;
+    # the first contender's refused row 7 counts as a disagreement.
+    assert (second["backend"], second["rows"], second["ok"], second["failed"]) == ("anthropic-batch", 20, 20, 0)
+    assert (first["accuracy"], second["accuracy"], second["agreement"]) == (19 / 20, 1.0, 19 / 20)
+    served = [e["usage"] for e in fake_api.log() if e.get("route") == "batch"]
+    assert len(served) == 20
+    tokens = {name: sum(u[name] for u in served) for name in ("input_tokens", "output_tokens")}
+    prices = PriceTable.load(Settings())
+    billed = prices.price_for("claude-haiku-4-5").cost_usd(**tokens) * prices.batch_discount
+    assert abs(Decimal(str(second["cost_usd"])) - billed) < Decimal("1e-9")
+
+
 def test_a_sample_is_seeded_and_a_bad_contender_fails_before_anything_runs(tmp_path, env, fake_api):
     result = compare(tmp_path, both_apis(env), "--sample", "10", "--seed", "3", "--json", rows=100)
     assert result.returncode == 0, result.stderr
