@@ -299,14 +299,30 @@ class ChunkStore:
         raw = self.redis.hgetall(JobKeys(job_id).attempts(chunk_id))
         return {int(row): int(count) for row, count in raw.items()}
 
-    def add_failed_attempt(self, job_id: str, chunk_id: str, row: int, model: str) -> int:
+    def add_failed_attempt(
+        self, job_id: str, chunk_id: str, row: int, model: str, billed: tuple[str, Usage] | None = None
+    ) -> int:
         """Count a failed attempt before retrying, so a resumed row does not start afresh; the ledger
-        counts it too (no failure the API answers with an error is billed, so it has no tokens)."""
+        counts it too. A failure the API answers with an error is not billed; one it billed anyway (a
+        stream broken off mid-answer: `billed` is the ledger model and its usage) goes into the ledger
+        as a request, and into the `partial` hash, which no outcome accounts for."""
+        keys = JobKeys(job_id)
         with self.redis.pipeline() as pipe:
-            pipe.hincrby(JobKeys(job_id).attempts(chunk_id), row, 1)
-            pipe.hincrby(JobKeys(job_id).ledger, f"{model}|failed_attempts", 1)
-            count, _ = pipe.execute()
+            pipe.hincrby(keys.attempts(chunk_id), row, 1)
+            pipe.hincrby(keys.ledger, f"{model}|failed_attempts", 1)
+            if billed is not None and billed[1].answered:
+                priced_as, usage = billed
+                for ledger in (keys.ledger, keys.partial):
+                    pipe.hincrby(ledger, f"{priced_as}|requests", 1)
+                    for name in _USAGE_FIELDS:
+                        if value := getattr(usage, name):
+                            pipe.hincrby(ledger, f"{priced_as}|{name}", value)
+            count = pipe.execute()[0]
         return int(count)
+
+    def partial_usage(self, job_id: str) -> LedgerPart:
+        """What failed attempts were billed for (streams broken off): in the ledger, in no outcome."""
+        return LedgerPart.parse(self.redis.hgetall(JobKeys(job_id).partial))
 
     def commit(self, job_id: str, chunk_id: str, model: str, outcome: ItemOutcome) -> bool:
         """Commit an outcome with its done mark and usage, atomically; False if the row was done."""

@@ -30,6 +30,9 @@ Cluster slot and one Lua script may touch them together.
                                 run twice at once), paid for but not committed: ledger + this = bill
     pm:{JOB}:retried            hash, as the ledger: the usage of failed outcomes that `resume
                                 --retry-failed` replaced (paid for, so the ledger keeps it; verify adds it)
+    pm:{JOB}:partial            hash, as the ledger: what failed attempts were billed for (a streamed
+                                answer broken off mid-way: its input, the output it had): in the
+                                ledger too, in no outcome (verify adds it)
     pm:{JOB}:hosts              set of the hosts whose workers ran the job's chunks (the manifest)
     pm:{JOB}:sweep              a short lock: one worker at a time looks for lost chunks
     pm:{JOB}:resent             hash: chunk id -> its run count when the sweeper last sent it again
@@ -115,6 +118,7 @@ class JobKeys:
     flushed = property(lambda self: self._key("flushed"))
     paid_twice = property(lambda self: self._key("paid_twice"))
     retried = property(lambda self: self._key("retried"))
+    partial = property(lambda self: self._key("partial"))
     hosts = property(lambda self: self._key("hosts"))
     sweep = property(lambda self: self._key("sweep"))
     resent = property(lambda self: self._key("resent"))

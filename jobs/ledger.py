@@ -21,7 +21,7 @@ class ModelCost:
     usage: Usage
     cost_usd: Decimal
     api_equivalent_usd: Decimal | None = None  # a local job: the same tokens at the comparison model's prices
-    failed_attempts: int = 0  # answered with an error (never billed), then retried or failed
+    failed_attempts: int = 0  # answered with an error (not billed) or broken off mid-answer (billed in `usage`)
     caching_saved_usd: Decimal = Decimal(0)  # the cached tokens as plain input, less what they cost
 
 

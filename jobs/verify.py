@@ -46,10 +46,11 @@ def verify_job(store: JobStore, spec: JobSpec) -> Verification:
     # The job's models (its own and its fallback chain's) at their standard and long-context rates,
     # each through the Message Batches API too.
     names = {link.model + band + batch for link in spec.links() for band in ("", LONG) for batch in ("", BATCH)}
-    # Failed outcomes replaced by `resume --retry-failed` were paid for: the ledger keeps them.
-    retried = store.chunks.retried_usage(spec.job_id)
-    usage = usage + retried.usage
-    answered += sum(retried.requests_by_model.values())
+    # Failed outcomes replaced by `resume --retry-failed` were paid for: the ledger keeps them; so are
+    # failed attempts the provider billed anyway (streams broken off mid-answer).
+    for paid in (store.chunks.retried_usage(spec.job_id), store.chunks.partial_usage(spec.job_id)):
+        usage = usage + paid.usage
+        answered += sum(paid.requests_by_model.values())
     ledger = sum((status.usage_by_model.get(name, Usage()) for name in names), Usage())
     if ledger != usage:
         result.problems.append(f"the ledger says {ledger.model_dump()}; the outcomes add up to {usage.model_dump()}")

@@ -38,6 +38,11 @@ batches with how often each was retrieved.
 
 Control: POST /_config with any of
     p429 p500 p529 p_timeout p_drop    share of requests given each fault (random, not enforced)
+    p_stream_drop p_stream_cut         share of streamed answers whose connection drops after the first
+                                       word (status stream_dropped), or that end cleanly there with no
+                                       message_stop / finish_reason (stream_cut). What was generated up to
+                                       then is billed (its log entry's usage): the input, and the output
+                                       the last usage event sent said (Anthropic's message_start: 1)
     latency_ms, latency_per_token_ms   answer latency = latency_ms + per token x output tokens; a streamed
                                        answer (`"stream": true`, either API) sends its first token after
                                        latency_ms and the rest per token after it (its log entry's `first`)
@@ -78,6 +83,8 @@ _DEFAULTS = {
     "p529": 0.0,
     "p_timeout": 0.0,
     "p_drop": 0.0,
+    "p_stream_drop": 0.0,
+    "p_stream_cut": 0.0,
     "latency_ms": 0.0,
     "latency_per_token_ms": 0.0,
     "retry_after": 0.05,
@@ -264,6 +271,15 @@ class FakeAnthropic:
         forced = {for_model: int(status) for for_model, status in _STATUS.findall(prompt)}
         return forced.get(model, forced.get(""))
 
+    def _roll_stream_fault(self) -> str | None:
+        """A streamed answer's fault, rolled apart from the request's: it breaks off after the first word."""
+        roll = random.random()
+        if roll < self.config["p_stream_drop"]:
+            return "stream_dropped"
+        if roll < self.config["p_stream_drop"] + self.config["p_stream_cut"]:
+            return "stream_cut"
+        return None
+
     def _usage(self, body: dict, reply: str, commit_cache: bool) -> dict:
         """Input tokens as the API splits them: up to the last cache breakpoint, a cache read of the
         longest prefix cached at one of the breakpoints and a write of the rest (for the ttl of the last
@@ -397,11 +413,11 @@ class FakeAnthropic:
             return await self._stream_message(request, message, headers, entry, latency - to_first)
         return web.json_response(message, headers=headers)
 
-    @staticmethod
     async def _stream_message(
-        request: web.Request, message: dict, headers: dict[str, str], entry: dict, rest_s: float
+        self, request: web.Request, message: dict, headers: dict[str, str], entry: dict, rest_s: float
     ) -> web.StreamResponse:
-        """The Messages API's server-sent events: the first word, then the rest after `rest_s`."""
+        """The Messages API's server-sent events: the first word, then the rest after `rest_s`; or, for
+        a stream fault, nothing after the first word (what was sent so far is what is billed)."""
         response = web.StreamResponse(headers={**headers, "content-type": "text/event-stream"})
         await response.prepare(request)
 
@@ -411,11 +427,14 @@ class FakeAnthropic:
         text = message["content"][0]["text"]
         words = text.split(" ")
         usage = message["usage"]
-        await send("message_start", {"message": {**message, "content": [], "stop_reason": None,
-                                                 "usage": {**usage, "output_tokens": 1}}})  # fmt: skip
+        started = {**usage, "output_tokens": 1}
+        await send("message_start", {"message": {**message, "content": [], "stop_reason": None, "usage": started}})
         await send("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
         await send("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": words[0]}})
         entry["first"] = time.monotonic()
+        fault = self._roll_stream_fault()
+        if fault is not None:
+            return await self._break_stream(request, response, fault, entry, started)
         if rest_s > 0:
             await asyncio.sleep(rest_s)
         if len(words) > 1:
@@ -426,6 +445,21 @@ class FakeAnthropic:
                                      "usage": {"output_tokens": usage["output_tokens"]}})  # fmt: skip
         await send("message_stop", {})
         await response.write_eof()
+        return response
+
+    @staticmethod
+    async def _break_stream(
+        request: web.Request, response: web.StreamResponse, fault: str, entry: dict, billed: dict
+    ) -> web.StreamResponse:
+        """End a streamed answer after its first word: the connection dropped, or closed cleanly with
+        no end of message. The provider bills what it generated up to then."""
+        await asyncio.sleep(0.05)  # what was sent reaches the client before the connection goes
+        entry.update(status=fault, usage=billed)
+        if fault == "stream_dropped":
+            if request.transport is not None:  # None: the client went first
+                request.transport.abort()
+        else:
+            await response.write_eof()
         return response
 
     # -- OpenAI's chat completions ---------------------------------------------------------------
@@ -538,12 +572,13 @@ class FakeAnthropic:
             return await self._stream_completion(request, completion, headers, entry, latency - to_first, with_usage)
         return web.json_response(completion, headers=headers)
 
-    @staticmethod
     async def _stream_completion(
-        request: web.Request, completion: dict, headers: dict[str, str], entry: dict, rest_s: float, with_usage: bool
+        self, request: web.Request, completion: dict, headers: dict[str, str], entry: dict, rest_s: float,
+        with_usage: bool,
     ) -> web.StreamResponse:
         """Chat completion chunks as server-sent events: the first word, the rest after `rest_s`, the
-        finish reason, the usage (when `stream_options.include_usage` asks), then [DONE]."""
+        finish reason, the usage (when `stream_options.include_usage` asks), then [DONE]. A stream
+        fault ends it after the first word: the client never sees the usage, which OpenAI sends last."""
         response = web.StreamResponse(headers={**headers, "content-type": "text/event-stream"})
         await response.prepare(request)
         base = {key: completion[key] for key in ("id", "created", "model")} | {"object": "chat.completion.chunk"}
@@ -558,6 +593,11 @@ class FakeAnthropic:
         head, space, tail = text.partition(" ")
         await send(delta({"role": "assistant", "content": head}))
         entry["first"] = time.monotonic()
+        fault = self._roll_stream_fault()
+        if fault is not None:
+            usage = completion["usage"]
+            billed = {**usage, "completion_tokens": 1, "total_tokens": usage["prompt_tokens"] + 1}
+            return await self._break_stream(request, response, fault, entry, billed)
         if rest_s > 0:
             await asyncio.sleep(rest_s)
         if tail:

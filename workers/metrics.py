@@ -117,17 +117,13 @@ class Measure:
             return None  # not sent (the gate closed)
         if isinstance(reply, Verdict):
             self.statuses[str(reply.status)] += 1
+            if reply.usage is not None:  # broken off mid-answer, and billed for what it said
+                self._add_usage(reply.usage)
         elif reply.error is not None:  # refused by the engine, or a batch request's error
             self.statuses[str(reply.errors[-1].status) if reply.errors else "engine_error"] += 1
         else:
             self.statuses["200"] += 1
-            usage = reply.usage
-            priced = self.prices.ledger_model(self.model, usage.prompt_tokens) + self.suffix if self.per_token else ""
-            sums = self.usage.get(priced)
-            if sums is None:
-                sums = self.usage[priced] = [0] * len(_USAGE_FIELDS)
-            for i, name in enumerate(_USAGE_FIELDS):
-                sums[i] += getattr(usage, name)
+            self._add_usage(reply.usage)
             if reply.latency_ms is not None:
                 self.durations.append(reply.latency_ms / 1000)
             if reply.ttft_ms is not None:
@@ -135,6 +131,14 @@ class Measure:
         if time.monotonic() - _flushed[0] > _FLUSH_EVERY_S:
             flush()
         return reply
+
+    def _add_usage(self, usage: Usage) -> None:
+        priced = self.prices.ledger_model(self.model, usage.prompt_tokens) + self.suffix if self.per_token else ""
+        sums = self.usage.get(priced)
+        if sums is None:
+            sums = self.usage[priced] = [0] * len(_USAGE_FIELDS)
+        for i, name in enumerate(_USAGE_FIELDS):
+            sums[i] += getattr(usage, name)
 
     def write(self) -> None:
         for status, count in self.statuses.items():

@@ -20,6 +20,7 @@ finishes: the one fan-out loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import math
 import time
@@ -30,7 +31,7 @@ from promptmill.config.prices import PriceTable
 from promptmill.config.settings import Settings
 from promptmill.jobs.budget import BudgetStore
 from promptmill.jobs.spec import JobSpec
-from promptmill.pipelines.items import AttemptError, ErrorKind, ItemError, RenderedRequest
+from promptmill.pipelines.items import AttemptError, ErrorKind, ItemError, RenderedRequest, Usage
 from promptmill.workers.backends.base import Backend, Call, FatalJobError, RawOutcome, Reply
 from promptmill.workers.concurrency import AdaptiveConcurrency
 from promptmill.workers.limit_signals import InputTokenEstimate
@@ -50,7 +51,9 @@ class AttemptLog(Protocol):
 
     def prior(self, row: int) -> int: ...
 
-    def failed(self, row: int) -> None: ...
+    def failed(self, row: int, cost: "Billed | None" = None) -> None:
+        """Count a failed attempt of the row, with what the provider billed for it (a broken stream)."""
+        ...
 
 
 class ChunkAttemptLog(AttemptLog, Protocol):
@@ -58,6 +61,22 @@ class ChunkAttemptLog(AttemptLog, Protocol):
         """The log of a fallback chain's model: its own count of a row's attempts (the first model's
         goes on from the row's), its failed attempts in the ledger under its name."""
         ...
+
+
+@dataclass(frozen=True)
+class Billed:
+    """What a reply cost: its usage and the name the ledger prices it under."""
+
+    ledger_model: str
+    usage: Usage
+
+
+def billed(reply: Reply | None) -> Billed | None:
+    """The usage a reply was billed for, once the ledger layer has named its price: an answer's, or a
+    failed attempt's that the provider billed anyway (a stream broken off mid-answer)."""
+    if reply is None or reply.ledger_model is None or reply.usage is None:
+        return None
+    return Billed(reply.ledger_model, reply.usage)
 
 
 @dataclass
@@ -93,7 +112,7 @@ class Retry:
             verdict = reply
             if verdict.fatal_for_job:
                 raise FatalJobError(f"{self.label} refused the job: {verdict.message}")
-            self.attempts.failed(call.request.row)
+            self.attempts.failed(call.request.row, billed(verdict))
             errors.append(AttemptError(status=verdict.status, message=verdict.message))
             if not verdict.retryable or call.attempt >= (1 if call.probe else call.job.max_attempts):
                 error = ItemError(kind=verdict.kind, message=verdict.final_message(call.attempt))
@@ -141,9 +160,9 @@ class Budget:
         spent = 0
         try:
             reply = await send(call)
-            if isinstance(reply, RawOutcome) and reply.ledger_model is not None:
-                price = self.prices.price_for(reply.ledger_model)
-                spent = round(price.cost_usd(**reply.usage.token_counts()) * 1_000_000)
+            if (cost := billed(reply)) is not None:
+                price = self.prices.price_for(cost.ledger_model)
+                spent = round(price.cost_usd(**cost.usage.token_counts()) * 1_000_000)
             return reply
         finally:
             self.budgets.settle(job_id, held, spent)
@@ -157,11 +176,14 @@ class Ledger:
 
     async def __call__(self, call: Call, send: Send) -> Reply | None:
         reply = await send(call)
-        if isinstance(reply, RawOutcome):
-            model = call.job.model
-            if self.per_token:
-                model = self.prices.ledger_model(model, reply.usage.prompt_tokens)
-            reply.ledger_model = model + self.suffix
+        if reply is None or reply.usage is None:
+            return reply
+        model = call.job.model
+        if self.per_token:
+            model = self.prices.ledger_model(model, reply.usage.prompt_tokens)
+        if isinstance(reply, Verdict):  # a failed attempt billed all the same
+            return dataclasses.replace(reply, ledger_model=model + self.suffix)
+        reply.ledger_model = model + self.suffix
         return reply
 
 
@@ -195,7 +217,10 @@ class Limit:
                       failed is not None and failed.server_failure, limiter.effective[0])  # fmt: skip
         if isinstance(reply, Verdict):
             limiter.observe(reply.limits, age_s)
-            if reply.kind is ErrorKind.timeout:
+            if reply.usage is not None:  # broken off mid-answer: what it used is known
+                used = reply.usage
+                limiter.settle(grant, *self._charge(self.backend.limited_input(used), used.output_tokens, max_tokens))
+            elif reply.kind is ErrorKind.timeout:
                 limiter.settle(grant, grant.input_tokens, grant.output_tokens)  # it may have been served
             else:
                 limiter.settle(grant, None, None)

@@ -32,7 +32,7 @@ from promptmill.workers.backends.base import EngineDied, FatalJobError, RawOutco
 from promptmill.workers.fallback import handoff_of
 from promptmill.workers.metrics import count_row
 from promptmill.workers.metrics import flush as flush_metrics
-from promptmill.workers.request_path import Gate, fan_out
+from promptmill.workers.request_path import Billed, Gate, fan_out
 from promptmill.workers.runtime import WorkerRuntime, current_runtime, runtime
 
 log = logging.getLogger(__name__)
@@ -77,9 +77,12 @@ class ChunkAttempts:
     def prior(self, row: int) -> int:
         return self.counts.get(row, 0)
 
-    def failed(self, row: int, model: str | None = None) -> None:
-        """Count a failed attempt of the row, in the ledger under `model` (default: the job's)."""
-        self.counts[row] = self.store.chunks.add_failed_attempt(self.job_id, self.chunk_id, row, model or self.model)
+    def failed(self, row: int, cost: Billed | None = None, model: str | None = None) -> None:
+        """Count a failed attempt of the row, in the ledger under `model` (default: the job's), with
+        what the provider billed for it."""
+        self.counts[row] = self.store.chunks.add_failed_attempt(
+            self.job_id, self.chunk_id, row, model or self.model, cost and (cost.ledger_model, cost.usage)
+        )
 
     def for_model(self, model: str, first: bool) -> "ModelAttempts":
         return ModelAttempts(self, model, first)
@@ -95,9 +98,9 @@ class ModelAttempts:
     def prior(self, row: int) -> int:
         return self.chunk.prior(row) if self.first else self.counts.get(row, 0)
 
-    def failed(self, row: int) -> None:
+    def failed(self, row: int, cost: Billed | None = None) -> None:
         self.counts[row] = self.counts.get(row, 0) + 1
-        self.chunk.failed(row, self.model)
+        self.chunk.failed(row, cost, self.model)
 
 
 class _StillWaiting(Exception):

@@ -20,7 +20,7 @@ from promptmill.jobs.spec import JobSpec
 from promptmill.pipelines.items import RenderedRequest, Usage
 from promptmill.workers.backends.base import Call, FatalJobError, RawOutcome, Reply
 from promptmill.workers.limit_signals import LimitHeaders, account_scope
-from promptmill.workers.retry import classify
+from promptmill.workers.retry import STREAM_ERRORS, classify, stream_ended_early
 
 _RAW_RESPONSE = "X-Stainless-Raw-Response"  # the header `with_raw_response` sets: headers and body back
 
@@ -55,22 +55,35 @@ def message_params(job: JobSpec, request: RenderedRequest) -> dict[str, Any]:
     return params
 
 
+def message_usage(usage: Any) -> Usage:
+    """A Messages API `usage` object as the fields every backend fills."""
+    return Usage(
+        input_tokens=usage.input_tokens or 0,
+        output_tokens=usage.output_tokens or 0,
+        cache_creation_input_tokens=usage.cache_creation_input_tokens or 0,
+        cache_read_input_tokens=usage.cache_read_input_tokens or 0,
+        cache_creation_1h_input_tokens=getattr(usage.cache_creation, "ephemeral_1h_input_tokens", 0) or 0,
+    )
+
+
 def message_outcome(row: int, message: Any, **fields: Any) -> RawOutcome:
     """A Messages API answer as the row's outcome: its text, usage and stop reason (a batch's too)."""
-    usage = message.usage
     return RawOutcome(
         row=row,
         text="".join(block.text for block in message.content if block.type == "text"),
-        usage=Usage(
-            input_tokens=usage.input_tokens or 0,
-            output_tokens=usage.output_tokens or 0,
-            cache_creation_input_tokens=usage.cache_creation_input_tokens or 0,
-            cache_read_input_tokens=usage.cache_read_input_tokens or 0,
-            cache_creation_1h_input_tokens=getattr(usage.cache_creation, "ephemeral_1h_input_tokens", 0) or 0,
-        ),
+        usage=message_usage(message.usage),
         finish_reason=message.stop_reason,
         **{"request_id": message.id, **fields},
     )
+
+
+def _usage_so_far(stream: Any) -> Usage | None:
+    """What a stream's `message_start` (and any `message_delta`) said of its usage; None before it."""
+    try:
+        snapshot = stream.current_message_snapshot
+    except (AssertionError, AttributeError):  # the SDK asserts a snapshot exists: none came yet
+        return None
+    return message_usage(snapshot.usage) if snapshot is not None else None
 
 
 class AnthropicBackend:
@@ -136,20 +149,30 @@ class AnthropicBackend:
 
     async def _stream(self, call: Call, params: dict[str, Any]) -> Reply:
         """A streamed answer: the SDK's `messages.stream` helper assembles the message from its events;
-        the first text delta is the first token."""
+        the first text delta is the first token. One that breaks off (the connection drops, or it
+        closes before `message_stop`) is a dropped connection to retry, billed for what it said so far."""
         started = time.monotonic()
         first: float | None = None
+        stream = None
+        ended = False
         try:
             async with self.client.messages.stream(**params) as stream:
                 async for event in stream:
                     if first is None and event.type == "content_block_delta":
                         first = time.monotonic()
-                message = await stream.get_final_message()
-        except anthropic.APIError as error:
+                    ended = ended or event.type == "message_stop"
+                message = await stream.get_final_message() if ended else None
+        except STREAM_ERRORS as error:
             response = getattr(error, "response", None)
+            if response is None and stream is not None:
+                response = stream.response  # broken off mid-answer: the headers came
             limits = LimitHeaders.from_anthropic(response.headers) if response is not None else None
-            return dataclasses.replace(classify(error), limits=limits)
+            usage = _usage_so_far(stream) if stream is not None else None
+            return dataclasses.replace(classify(error), limits=limits, usage=usage)
         headers = stream.response.headers
+        if message is None:
+            verdict = stream_ended_early("message_stop", _usage_so_far(stream))
+            return dataclasses.replace(verdict, limits=LimitHeaders.from_anthropic(headers))
         return message_outcome(
             call.request.row,
             message,

@@ -17,6 +17,7 @@ from typing import Any, Hashable
 
 import openai
 from openai.lib.streaming.chat import ChatCompletionStreamState
+from openai.types import CompletionUsage
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from promptmill.config.settings import Settings, is_openai_url
@@ -25,7 +26,7 @@ from promptmill.pipelines.items import Usage
 from promptmill.pipelines.spec import OutputSpec, Pipeline
 from promptmill.workers.backends.base import Call, FatalJobError, RawOutcome, Reply
 from promptmill.workers.limit_signals import LimitHeaders, account_scope
-from promptmill.workers.retry import classify
+from promptmill.workers.retry import STREAM_ERRORS, classify, stream_ended_early
 
 _CHOICE_FIELD = "answer"
 _RAW_RESPONSE = "X-Stainless-Raw-Response"  # the header `with_raw_response` sets: headers and body back
@@ -63,6 +64,18 @@ def chosen_label(text: str) -> str:
     if isinstance(value, dict):
         value = value.get(_CHOICE_FIELD)
     return value if isinstance(value, str) else text
+
+
+def _usage(usage: CompletionUsage | None) -> Usage | None:
+    """OpenAI's usage in the fields every backend fills: uncached prompt tokens as input, cached ones
+    as cache reads."""
+    if usage is None:
+        return None
+    details = getattr(usage, "prompt_tokens_details", None)
+    cached = (getattr(details, "cached_tokens", None) or 0) if details is not None else 0
+    return Usage(
+        input_tokens=usage.prompt_tokens - cached, output_tokens=usage.completion_tokens, cache_read_input_tokens=cached
+    )
 
 
 class OpenAIBackend:
@@ -122,6 +135,8 @@ class OpenAIBackend:
         body = self._params(pipeline, call.request.prompt)
         started = time.monotonic()
         first: float | None = None
+        raw = None
+        seen_usage: CompletionUsage | None = None  # a stream's usage comes in its last chunk
         try:
             # The client's own `post` (its way to any endpoint), asking for the raw response as
             # `with_raw_response` does: `chat.completions.create` first transforms its ~40 typed
@@ -138,35 +153,35 @@ class OpenAIBackend:
                     stream_cls=openai.AsyncStream[ChatCompletionChunk], options={"headers": {_RAW_RESPONSE: "true"}},
                 )  # fmt: skip
                 state = ChatCompletionStreamState()
+                finished = False
                 async for chunk in raw.parse():
                     if first is None and any(choice.delta.content for choice in chunk.choices):
                         first = time.monotonic()
+                    finished = finished or any(choice.finish_reason for choice in chunk.choices)
+                    seen_usage = chunk.usage or seen_usage
                     state.handle_chunk(chunk)
+                if not finished:  # closed before the answer's end: not an answer
+                    verdict = stream_ended_early("finish_reason", _usage(seen_usage))
+                    return dataclasses.replace(verdict, limits=LimitHeaders.from_openai(raw.headers))
                 completion = state.get_final_completion()
-        except openai.APIError as error:
+        except STREAM_ERRORS as error:
             response = getattr(error, "response", None)
+            if response is None:
+                response = raw  # broken off mid-answer: the headers came
             limits = LimitHeaders.from_openai(response.headers) if response is not None else None
-            return dataclasses.replace(classify(error), limits=limits)
+            return dataclasses.replace(classify(error), limits=limits, usage=_usage(seen_usage))
         latency = time.monotonic() - started
         choice = completion.choices[0] if completion.choices else None
         text = (choice.message.content or "") if choice is not None else ""
         if pipeline.structured_output and pipeline.output.type == "choice":
             text = chosen_label(text)
-        usage = completion.usage
-        prompt_tokens = usage.prompt_tokens if usage else 0
-        details = getattr(usage, "prompt_tokens_details", None)
-        cached = (getattr(details, "cached_tokens", None) or 0) if details is not None else 0
         return RawOutcome(
             row=call.request.row,
             request_id=raw.headers.get("x-request-id") or completion.id,
             latency_ms=round(latency * 1000, 1),
             ttft_ms=round((first - started) * 1000, 1) if first is not None else None,
             text=text,
-            usage=Usage(
-                input_tokens=prompt_tokens - cached,
-                output_tokens=usage.completion_tokens if usage else 0,
-                cache_read_input_tokens=cached,
-            ),
+            usage=_usage(completion.usage) or Usage(),
             finish_reason=choice.finish_reason if choice is not None else None,
             limits=LimitHeaders.from_openai(raw.headers),
         )
