@@ -181,6 +181,18 @@ def promptmill_command() -> list[str]:
     return [sys.executable, "-P", "-m", "promptmill"]  # -P: the current folder stays off sys.path
 
 
+def worker_log(log_dir: Path, job_id: str, queue: str, index: int) -> Path:
+    """A local worker's log, named by its job: jobs sharing an output folder keep their own."""
+    return log_dir / f"{job_id}.worker-{queue}-{index}.log"
+
+
+def worker_logs(log_dir: Path, job_id: str) -> list[Path]:
+    """The job's local workers' logs (the ones `delete --files` may remove)."""
+    import glob
+
+    return sorted(log_dir.glob(f"{glob.escape(job_id)}.worker-*.log"))
+
+
 EARLY_DEATH_S = 5.0  # a worker that dies sooner than this after starting did not really start
 MAX_EARLY_DEATHS = 5  # that many in a row is a crash loop: the run stops instead of spinning
 
@@ -192,6 +204,7 @@ class LocalWorkers:
     redis_url: str
     queues: list[str]  # each process's queue
     log_dir: Path
+    job_id: str  # whose workers: their logs are named by it
     metrics_dir: Path | None = None  # where they write their Prometheus metrics for `run` to serve
     children: list[subprocess.Popen] = field(default_factory=list)
     started_at: list[float] = field(default_factory=list)
@@ -208,7 +221,7 @@ class LocalWorkers:
         if self.metrics_dir is not None:
             env["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir)  # `run` serves them all on its port
         queue = self.queues[index]
-        log = (self.log_dir / f"worker-{queue}-{index}.log").open("ab")
+        log = worker_log(self.log_dir, self.job_id, queue, index).open("ab")
         return subprocess.Popen(
             [*promptmill_command(), "worker", "--queues", queue],
             env=env,

@@ -14,7 +14,8 @@ import orjson
 
 from promptmill.jobs.files import atomic_write
 from promptmill.jobs.manifest import write_manifest
-from promptmill.jobs.shards import flush_complete_chunks, iter_outcomes, shards_reachable
+from promptmill.jobs.embedded import worker_logs
+from promptmill.jobs.shards import flush_complete_chunks, iter_outcomes, shard_dir, shard_paths, shards_reachable, unmark
 from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.store import JobStore
 from promptmill.pipelines.items import ItemOutcome
@@ -140,23 +141,55 @@ def _write_batch(pq: Any, pa: Any, sink: Any, writer: Any, batch: list[dict[str,
     return writer
 
 
-def remove_job_files(spec: JobSpec) -> list[Path]:
-    """Remove what the job wrote in its folder (nothing else there), and the folder if that empties it."""
-    import shutil
+class FilesKept(RuntimeError):
+    """The job's folder cannot be told to be its own here: nothing in it is removed."""
 
+
+def own_folder(spec: JobSpec) -> bool:
+    """Is the job's folder here and its own (its shard folder's marker names it)? False: there is no
+    folder (removed already). Raises `FilesKept` where it is not the job's to remove from."""
     folder = Path(spec.out_dir)
-    written = [folder / "shards", folder / "logs", folder / "manifest.json", folder / "failures.jsonl"]
-    written += [folder / f"results.{fmt}" for fmt in EXPORT_FORMATS]
+    if not folder.exists() and not folder.is_symlink():
+        return False
+    if folder.is_symlink() or shard_dir(spec).is_symlink() or not shards_reachable(spec):
+        raise FilesKept(f"{shard_dir(spec) / '.job'} does not name job {spec.job_id} here: its folder is on "
+                        "another machine, or not its own")  # fmt: skip
+    return True
+
+
+def remove_job_files(spec: JobSpec) -> list[Path]:
+    """Remove what the job wrote in its folder, and nothing else: its own shards and worker logs, its
+    results, failures and manifest where the manifest names it, then each folder it empties. Only
+    where the shard folder's marker names the job (another job, or the user, may share the folder);
+    a symlink is removed, never followed. Raises `FilesKept` where the marker does not name it."""
+    folder = Path(spec.out_dir)
+    if not own_folder(spec):
+        return []  # removed already
+    written = [*shard_paths(spec)]
+    logs = folder / "logs"
+    if not logs.is_symlink():
+        written += worker_logs(logs, spec.job_id)
+    if _manifest_names(folder / "manifest.json", spec.job_id):
+        written += [folder / name for name in ("failures.jsonl", *(f"results.{fmt}" for fmt in EXPORT_FORMATS))]
+        written.append(folder / "manifest.json")  # last: it says whose the results are, should a removal fail
     removed = []
     for path in written:
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
+        if path.is_symlink() or path.is_file():
             path.unlink()
-        else:
-            continue
-        removed.append(path)
-    if folder.is_dir() and not any(folder.iterdir()):
-        folder.rmdir()
-        removed.append(folder)
+            removed.append(path)
+    unmark(spec)
+    for emptied in (shard_dir(spec), logs, folder):
+        if emptied.is_dir() and not emptied.is_symlink() and not any(emptied.iterdir()):
+            emptied.rmdir()
+            removed.append(emptied)
     return removed
+
+
+def _manifest_names(path: Path, job_id: str) -> bool:
+    """Does the manifest there say the results beside it are this job's?"""
+    if path.is_symlink():
+        return False
+    try:
+        return orjson.loads(path.read_bytes()).get("job_id") == job_id
+    except (OSError, orjson.JSONDecodeError, AttributeError):
+        return False

@@ -1,8 +1,10 @@
 """Result shards: a finished chunk's outcomes leave Redis for a file in the job's output folder.
 
-    OUT/shards/.job           the job id, written at submit: a worker that finds it here sees the
-                              folder the submitter sees (the same machine or a shared filesystem)
-    OUT/shards/CHUNK.jsonl    one outcome per line, in row order
+    OUT/shards/.job             the ids of the jobs writing here, a line each, added at submit: a
+                                worker that finds its job here sees the folder the submitter sees (the
+                                same machine or a shared filesystem)
+    OUT/shards/JOB.CHUNK.jsonl  one outcome per line, in row order; named by the job too, so that two
+                                jobs may share a folder
 
 A shard is written beside its name, synced and renamed into place, and only then is the chunk marked
 flushed in Redis (which frees its results and payload there). A crash between the two leaves the
@@ -13,6 +15,7 @@ submitter's folder (another machine, no shared filesystem) leaves its outcomes i
 
 from __future__ import annotations
 
+import glob
 from pathlib import Path
 from typing import Iterator
 
@@ -35,23 +38,47 @@ def shard_dir(spec: JobSpec) -> Path:
     return Path(spec.out_dir) / "shards"
 
 
+def marked_jobs(folder: Path) -> list[str]:
+    """The jobs the shard folder's marker names (none where it has no marker)."""
+    try:
+        return (folder / _MARKER).read_text().split()
+    except OSError:
+        return []
+
+
 def prepare_shards(spec: JobSpec) -> None:
-    """Create the job's shard folder and its marker (on the submitter's side)."""
+    """Create the job's shard folder and name the job in its marker (on the submitter's side)."""
     folder = shard_dir(spec)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / _MARKER).write_text(spec.job_id)
+    if spec.job_id not in marked_jobs(folder):
+        with (folder / _MARKER).open("a") as marker:
+            marker.write(spec.job_id + "\n")
+
+
+def unmark(spec: JobSpec) -> None:
+    """Take the job out of its shard folder's marker (the marker goes with the last job)."""
+    folder = shard_dir(spec)
+    rest = [job_id for job_id in marked_jobs(folder) if job_id != spec.job_id]
+    marker = folder / _MARKER
+    if rest:
+        with atomic_write(marker) as handle:
+            handle.write("".join(f"{job_id}\n" for job_id in rest).encode())
+    else:
+        marker.unlink(missing_ok=True)
 
 
 def shards_reachable(spec: JobSpec) -> bool:
     """Does this process see the submitter's shard folder?"""
-    try:
-        return (shard_dir(spec) / _MARKER).read_text().strip() == spec.job_id
-    except OSError:
-        return False
+    return spec.job_id in marked_jobs(shard_dir(spec))
+
+
+def shard_paths(spec: JobSpec) -> list[Path]:
+    """The job's shard files in its folder (the files it may remove: nobody else's)."""
+    return sorted(shard_dir(spec).glob(f"{glob.escape(spec.job_id)}.*.jsonl"))
 
 
 def _shard_path(spec: JobSpec, chunk_id: str) -> Path:
-    return shard_dir(spec) / f"{chunk_id}.jsonl"
+    return shard_dir(spec) / f"{spec.job_id}.{chunk_id}.jsonl"
 
 
 def _write_shard(path: Path, outcomes: list[ItemOutcome]) -> None:
@@ -82,6 +109,9 @@ def flush_complete_chunks(store: JobStore, spec: JobSpec) -> int:
 
 def _read_shard(spec: JobSpec, chunk_id: str) -> list[ItemOutcome]:
     path = _shard_path(spec, chunk_id)
+    legacy = shard_dir(spec) / f"{chunk_id}.jsonl"  # flushed before shards named their job, by its only job
+    if not path.exists() and legacy.exists() and marked_jobs(shard_dir(spec)) == [spec.job_id]:
+        path = legacy
     try:
         with path.open("rb") as handle:
             return [ItemOutcome.model_validate(orjson.loads(line)) for line in handle if line.strip()]

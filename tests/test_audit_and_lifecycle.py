@@ -117,6 +117,60 @@ def test_a_finished_job_s_keys_expire_and_delete_and_gc_remove_jobs(tmp_path, en
     assert (tmp_path / "b" / "results.jsonl").exists()  # without --files what it wrote stays
 
 
+def test_delete_files_removes_only_what_the_job_wrote_in_a_folder_it_shares(tmp_path, env, fake_api):
+    """Two jobs and the user's own files in one folder (as with `--out .`): deleting a job with its
+    files leaves the other job and the user's files as they were."""
+    store = JobStore.from_url(env["PROMPTMILL_REDIS_URL"])
+    data, pipeline = write_job(tmp_path / "input", 150)
+    shared = tmp_path / "shared"
+    (shared / "logs").mkdir(parents=True)
+    (shared / "logs" / "x.log").write_text("the user's own log\n")
+    (shared / "notes.txt").write_text("the user's own notes\n")
+    elsewhere = tmp_path / "elsewhere.txt"
+    elsewhere.write_text("not in the folder\n")
+    jobs = []
+    for _ in range(2):
+        result = promptmill("run", str(data), "--pipeline", str(pipeline), "--out", str(shared), env=env)
+        assert result.returncode == 0, result.stderr
+        jobs.append(job_id_of(result))
+    first, second = jobs
+    (shared / "shards" / f"{first}.link.jsonl").symlink_to(elsewhere)  # a link among its shards: removed, not followed
+    shards = {job_id: sorted((shared / "shards").glob(f"{job_id}.*.jsonl")) for job_id in jobs}
+    assert (len(shards[first]), len(shards[second])) == (3 + 1, 3)  # 150 rows in chunks of 64; the link
+    second_files = {path: path.read_bytes() for path in
+                    [*shards[second], *(shared / "logs").glob(f"{second}.*.log"), shared / "results.jsonl",
+                     shared / "failures.jsonl", shared / "manifest.json"]}  # fmt: skip
+
+    deleted = promptmill("delete", first, "--files", env=env)
+    assert deleted.returncode == 0, deleted.stderr
+    assert list(store.redis.scan_iter(f"pm:{{{first}}}:*")) == []
+    assert {path: path.read_bytes() for path in second_files} == second_files  # the other job's, untouched
+    assert sorted(p.name for p in (shared / "logs").iterdir()) == sorted(
+        ["x.log", *(p.name for p in second_files if p.parent.name == "logs")]
+    )
+    assert (shared / "notes.txt").read_text() == "the user's own notes\n"
+    assert elsewhere.read_text() == "not in the folder\n"
+    assert (shared / "shards" / ".job").read_text().split() == [second]
+    assert promptmill("verify", second, env=env).returncode == 0  # its shards still read
+
+    deleted = promptmill("delete", second, "--files", env=env)
+    assert deleted.returncode == 0, deleted.stderr
+    assert sorted(p.relative_to(shared).as_posix() for p in shared.rglob("*")) == ["logs", "logs/x.log", "notes.txt"]
+
+
+def test_delete_files_keeps_everything_where_the_folder_does_not_name_the_job(tmp_path, env, fake_api):
+    store = JobStore.from_url(env["PROMPTMILL_REDIS_URL"])
+    data, pipeline = write_job(tmp_path / "input", 20)
+    out = tmp_path / "out"
+    result = promptmill("run", str(data), "--pipeline", str(pipeline), "--out", str(out), env=env)
+    job_id = job_id_of(result)
+    (out / "shards" / ".job").write_text("another-job\n")  # the folder is someone else's now
+    before = sorted(out.rglob("*"))
+    kept = promptmill("delete", job_id, "--files", env=env)
+    assert kept.returncode == 1 and "does not name job" in kept.stderr, kept.stderr
+    assert sorted(out.rglob("*")) == before and store.exists(job_id)
+
+
 def test_jobs_whose_keys_expired_leave_the_index(tmp_path, env, fake_api):
     store = JobStore.from_url(env["PROMPTMILL_REDIS_URL"])
     data, pipeline = write_job(tmp_path, 10)

@@ -75,7 +75,8 @@ def test_finished_chunks_leave_redis_for_shards_and_export_merges_them_in_order(
     result = promptmill("run", str(data), "--pipeline", str(pipeline), "--out", str(out), env=env)
     assert result.returncode == 0, result.stderr
     job_id = job_id_of(result)
-    assert sorted(path.name for path in (out / "shards").glob("*.jsonl")) == [f"{first:010d}.jsonl" for first in range(0, 1000, Settings().chunk_size)]
+    shards = sorted(path.name for path in (out / "shards").glob("*.jsonl"))
+    assert shards == [f"{job_id}.{first:010d}.jsonl" for first in range(0, 1000, Settings().chunk_size)]
     assert job_keys(env["PROMPTMILL_REDIS_URL"], job_id, "results") == []
     assert job_keys(env["PROMPTMILL_REDIS_URL"], job_id, "chunk") == []
     exported = promptmill("export", job_id, "--out", str(tmp_path / "again"), env=env)

@@ -166,7 +166,7 @@ def test_a_chain_crosses_queues_to_the_local_engine_when_the_api_model_is_down(t
     assert status["done"] == 60 and status["failed"] == 0
     assert promptmill("verify", job_id, env=env).returncode == 0
     logs = {path.name for path in (tmp_path / "out" / "logs").iterdir()}
-    assert {"worker-api-0.log", "worker-gpu-1.log"} <= logs
+    assert {f"{job_id}.worker-api-0.log", f"{job_id}.worker-gpu-1.log"} <= logs
 
 
 @pytest.mark.parametrize(

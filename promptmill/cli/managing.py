@@ -10,7 +10,7 @@ import typer
 
 from promptmill.cli.app import JobArg, app, err, expire_if_finished, fail, open_job, open_store, out
 from promptmill.config.settings import Settings, get_settings
-from promptmill.jobs.export import EXPORT_FORMATS, export_job, remove_job_files
+from promptmill.jobs.export import EXPORT_FORMATS, FilesKept, export_job, own_folder, remove_job_files
 from promptmill.jobs.shards import ShardError
 from promptmill.jobs.status import JobState
 from promptmill.jobs.store import JobStore
@@ -67,10 +67,15 @@ def export(
 
 
 def _delete(store: JobStore, job_id: str, files: bool) -> str:
+    """Delete the job: its files first (a removal that fails can be run again while the job is still
+    known), then its Redis keys. Raises `FilesKept` before deleting anything where its folder is not
+    its own here."""
     spec = store.spec(job_id)
+    if files:
+        own_folder(spec)
     store.set_state(job_id, JobState.cancelled)  # workers on it stop sending before its keys go
-    keys = store.delete_job(job_id)
     removed = remove_job_files(spec) if files else []
+    keys = store.delete_job(job_id)
     return f"deleted job {job_id}: {keys:,} Redis keys" + (f", {len(removed):,} files and folders" if files else "")
 
 
@@ -81,7 +86,11 @@ def delete(
 ) -> None:
     """Remove every Redis key of a job (and with --files what it wrote); workers still on it stop."""
     with open_job(job_id) as (settings, store, _, spec):
-        out.print(_delete(store, job_id, files), highlight=False)
+        try:
+            out.print(_delete(store, job_id, files), highlight=False)
+        except FilesKept as kept:
+            fail(f"kept job {job_id} and its files: {kept}; `promptmill delete {job_id}` deletes its Redis keys alone",
+                 code=1)  # fmt: skip
 
 
 def _duration_s(text: str) -> float:
@@ -115,6 +124,10 @@ def gc(
             if not store.chunks.all_flushed(job_id):  # some results are only in Redis: export them first
                 err.print(f"kept job {job_id}: its results are not all on disk; `promptmill export {job_id}` first")
                 continue
-            out.print(f"would delete job {job_id}" if dry_run else _delete(store, job_id, files), highlight=False)
+            try:
+                out.print(f"would delete job {job_id}" if dry_run else _delete(store, job_id, files), highlight=False)
+            except FilesKept as kept:
+                err.print(f"kept job {job_id}: {kept}", highlight=False)
+                continue
             deleted += 1
     err.print(f"{deleted:,} complete jobs older than {older_than}" + (" (dry run)" if dry_run else " deleted"))

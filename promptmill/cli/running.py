@@ -49,7 +49,8 @@ def drive(
         # The job's queue gets `workers` processes; a queue its fallback chain crosses to (a vLLM
         # engine behind an api model) gets one.
         crossed = dict.fromkeys(link.queue for link in spec.links() if link.queue != spec.queue)
-        local = LocalWorkers(url, [spec.queue] * workers + list(crossed), Path(spec.out_dir) / "logs", metrics_dir)
+        queues = [spec.queue] * workers + list(crossed)
+        local = LocalWorkers(url, queues, Path(spec.out_dir) / "logs", spec.job_id, metrics_dir)
         sender = ChunkSender.for_url(url)
         try:
             local.start()
