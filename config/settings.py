@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -90,6 +91,10 @@ class Settings(BaseSettings):
     # a pipeline's `base_url` wins over both.
     openai_api_key: SecretStr | None = None
     openai_base_url: str | None = None
+    # The configured key goes to the configured base URL (OpenAI's own when none is), and to these
+    # hosts (comma-separated: `host`, `host:port` or a URL) alone: a pipeline's `base_url` elsewhere
+    # gets no key, unless the pipeline names a variable holding its own (`api_key_env`).
+    openai_key_hosts: str = ""
 
     # Anthropic's Message Batches (`--backend anthropic-batch`).
     batch_chunk_size: int = Field(
@@ -154,24 +159,80 @@ class Settings(BaseSettings):
 
     def openai_url(self, pipeline_base_url: str | None = None) -> str | None:
         """The OpenAI-compatible server's URL; None: OpenAI's own."""
-        return pipeline_base_url or self.openai_base_url or os.environ.get("OPENAI_BASE_URL") or None
+        return pipeline_base_url or self._configured_openai_url()
 
-    def openai_key(self, base_url: str | None = None) -> str | None:
-        """The key for an OpenAI-compatible server. A self-hosted one (any `base_url` not OpenAI's)
-        usually checks none, but the SDK insists on one: it gets a placeholder."""
-        if self.openai_api_key is not None:
-            return self.openai_api_key.get_secret_value()
-        key = os.environ.get("OPENAI_API_KEY")
-        if key:
+    def _configured_openai_url(self) -> str | None:
+        return self.openai_base_url or os.environ.get("OPENAI_BASE_URL") or None
+
+    def openai_key(self, base_url: str | None = None, key_env: str | None = None) -> str | None:
+        """The key to send to the OpenAI-compatible server at `base_url` (None: OpenAI's own).
+
+        The configured key (PROMPTMILL_OPENAI_API_KEY, else OPENAI_API_KEY) goes only where it was
+        configured for: the configured base URL, or a host of PROMPTMILL_OPENAI_KEY_HOSTS; whoever
+        writes a pipeline must not receive it by naming their own server. A pipeline's `key_env`
+        names a variable of its own key instead (never one of the fleet's keys). A server that gets
+        no key (self-hosted ones usually check none) gets a placeholder, since the SDK insists on one.
+        """
+        if key_env is not None:
+            return self._pipeline_key(base_url, key_env)
+        key = self.openai_api_key.get_secret_value() if self.openai_api_key is not None else os.environ.get("OPENAI_API_KEY")
+        if key and self.key_may_go_to(base_url):
             return key
         return SELF_HOSTED_KEY if base_url and not is_openai_url(base_url) else None
 
+    def key_may_go_to(self, base_url: str | None) -> bool:
+        """Is `base_url` where the configured OpenAI key was configured for?"""
+        target = _origin(base_url or OPENAI_URL)
+        if target == _origin(self._configured_openai_url() or OPENAI_URL):
+            return True
+        for entry in filter(None, (entry.strip() for entry in self.openai_key_hosts.split(","))):
+            scheme, host, port = _origin(entry)
+            if "://" in entry and target == (scheme, host, port):
+                return True
+            if "://" not in entry and target[1] == host and (":" not in entry or target[2] == port):
+                return True  # a bare host (and port): any scheme
+        return False
+
+    def _pipeline_key(self, base_url: str | None, key_env: str) -> str:
+        if key_env in FLEET_KEY_VARIABLES:
+            raise KeyRefused(f"api_key_env: {key_env} holds the fleet's key; a pipeline names a variable of its own")
+        key = os.environ.get(key_env)
+        if not key:
+            raise KeyRefused(f"api_key_env: {key_env} is not set in this worker's environment")
+        fleet = {self.api_key(), os.environ.get("OPENAI_API_KEY")}
+        if self.openai_api_key is not None:
+            fleet.add(self.openai_api_key.get_secret_value())
+        if key in fleet and not self.key_may_go_to(base_url):
+            raise KeyRefused(f"api_key_env: {key_env} holds the fleet's key, which goes to its own servers only")
+        return key
+
+
+class KeyRefused(ValueError):
+    """A pipeline asked for a key it may not have."""
+
 
 SELF_HOSTED_KEY = "no-key"
+OPENAI_URL = "https://api.openai.com/v1"
+# The variables the fleet's own keys live in: a pipeline may not name them as its key.
+FLEET_KEY_VARIABLES = frozenset(
+    {"OPENAI_API_KEY", "PROMPTMILL_OPENAI_API_KEY", "ANTHROPIC_API_KEY", "PROMPTMILL_ANTHROPIC_API_KEY",
+     "ANTHROPIC_AUTH_TOKEN"}
+)  # fmt: skip
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """Scheme, host and port of a URL, or of a bare `host[:port]` (taken as https)."""
+    parts = urlsplit(url if "://" in url else f"https://{url}")
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    default = {"https": 443, "http": 80}.get(parts.scheme)
+    return parts.scheme, (parts.hostname or "").lower(), port or default
 
 
 def is_openai_url(base_url: str | None) -> bool:
-    return base_url is None or "api.openai.com" in base_url
+    return base_url is None or _origin(base_url)[1] == "api.openai.com"
 
 
 @lru_cache(maxsize=1)

@@ -94,7 +94,8 @@ def _check_model(settings: Settings, backend: Backend, pipeline: Pipeline, price
             raise SubmitError(f"{field}: {unknown}") from None
     if backend in ("anthropic", "anthropic-batch") and not settings.api_key():
         raise SubmitError("anthropic_api_key: no API key; set ANTHROPIC_API_KEY (or PROMPTMILL_ANTHROPIC_API_KEY)")
-    if backend == "openai" and not settings.openai_key(settings.openai_url(pipeline.base_url)):
+    # A pipeline's own key (api_key_env) is read where the workers run, not here.
+    if backend == "openai" and not pipeline.api_key_env and not settings.openai_key(settings.openai_url(pipeline.base_url)):
         raise SubmitError(
             "openai_api_key: no API key for OpenAI; set OPENAI_API_KEY (or PROMPTMILL_OPENAI_API_KEY), "
             "or point OPENAI_BASE_URL or the pipeline's base_url at a self-hosted server"

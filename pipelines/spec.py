@@ -15,7 +15,7 @@ from referencing.exceptions import Unresolvable
 from referencing.jsonschema import DRAFT202012
 
 from promptmill.config.prices import ModelPrice, PriceTable
-from promptmill.config.settings import Settings
+from promptmill.config.settings import FLEET_KEY_VARIABLES, Settings
 
 _SCHEMA_URI = "urn:promptmill:output-schema"
 
@@ -166,6 +166,10 @@ class Pipeline(BaseModel):
     # OPENAI_BASE_URL; and whether `choice` and `json` outputs ask for a JSON schema through
     # `response_format` (OpenAI and vLLM honour it; turn it off for a server that refuses it).
     base_url: str | None = None
+    # The variable (in the workers' environment) holding this server's own key. Without it, the
+    # fleet's OpenAI key goes to `base_url` only if that is where it was configured for
+    # (PROMPTMILL_OPENAI_BASE_URL, OPENAI_BASE_URL or PROMPTMILL_OPENAI_KEY_HOSTS).
+    api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     structured_output: bool = True
     price: PipelinePrice | None = None
     # Models to fall back on, in order, after `model`: "MODEL" on the job's backend, or "BACKEND:MODEL".
@@ -179,6 +183,12 @@ class Pipeline(BaseModel):
         pipeline's own `[price]` for its model over both."""
         table = PriceTable.load(settings)
         return table if self.price is None else table.with_model(self.model, self.price.model_price())
+
+    @model_validator(mode="after")
+    def _key_of_its_own(self) -> "Pipeline":
+        if self.api_key_env in FLEET_KEY_VARIABLES:
+            raise ValueError(f"api_key_env: {self.api_key_env} holds the fleet's key; name a variable of the pipeline's own")
+        return self
 
     @model_validator(mode="after")
     def _cache_has_something(self) -> "Pipeline":

@@ -14,6 +14,7 @@ from promptmill.config.settings import Settings
 from promptmill.pipelines.spec import OutputSpec
 from promptmill.workers.backends.openai import chosen_label, response_format
 from promptmill.workers.limit_signals import LimitHeaders, parse_duration_s
+from tests.anthropic_server import ServerControl
 from tests.conftest import API_KEY, promptmill, read_jsonl
 from tests.support import write_dataset
 from tests.test_api_jobs import LABELS, job_id_of
@@ -200,10 +201,51 @@ def test_promptmills_own_variables_and_a_pipelines_base_url_reach_the_server(tmp
     own = {**sdk_free, "PROMPTMILL_OPENAI_BASE_URL": url, "PROMPTMILL_OPENAI_API_KEY": API_KEY}
     result, out = run_job(tmp_path / "a", own, 5)
     assert result.returncode == 0, result.stderr
-    # A pipeline's base_url wins over the variables: here they point nowhere.
-    nowhere = {**own, "PROMPTMILL_OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}
+    # A pipeline's base_url wins over the variables: here they point nowhere. The key goes to the
+    # pipeline's server because PROMPTMILL_OPENAI_KEY_HOSTS names it.
+    nowhere = {**own, "PROMPTMILL_OPENAI_BASE_URL": "http://127.0.0.1:9/v1", "PROMPTMILL_OPENAI_KEY_HOSTS": url}
     pinned = PIPELINE.replace('model = "gpt-4.1-mini"', f'model = "gpt-4.1-mini"\nbase_url = "{url}"')
     result, out = run_job(tmp_path / "b", nowhere, 5, pipeline=pinned)
     assert result.returncode == 0, result.stderr
     assert [r["status"] for r in read_jsonl(out / "results.jsonl")] == ["ok"] * 5
     assert len([e for e in fake_api.log() if e["status"] == 200]) == 10
+
+
+def test_a_pipelines_base_url_elsewhere_never_receives_the_fleets_key(tmp_path, env, fake_api):
+    """Whoever writes a pipeline names its server: the worker's key goes there only where it was
+    configured to go (its base URL, PROMPTMILL_OPENAI_KEY_HOSTS); else a key of the pipeline's own."""
+    elsewhere = ServerControl.start("the-pipelines-own-key")  # a second server; it checks its own key
+    try:
+        elsewhere_url = elsewhere.url + "/v1"
+        pointed = PIPELINE.replace('model = "gpt-4.1-mini"', f'model = "gpt-4.1-mini"\nbase_url = "{elsewhere_url}"')
+        # The key accepted here is the fleet's: a server sent it would answer 200.
+        elsewhere_takes_fleet_key = ServerControl.start(API_KEY)
+        try:
+            leak = PIPELINE.replace('model = "gpt-4.1-mini"',
+                                    f'model = "gpt-4.1-mini"\nbase_url = "{elsewhere_takes_fleet_key.url}/v1"')  # fmt: skip
+            result, _ = run_job(tmp_path / "leak", openai_env(env), 5, pipeline=leak)
+            assert result.returncode != 0 and "401" in result.stderr, result.stderr
+            statuses = [entry["status"] for entry in elsewhere_takes_fleet_key.log()]
+            assert statuses and set(statuses) == {401}  # never sent the key it would have taken
+
+            # Allowed by the fleet's operator: then it goes there.
+            host = elsewhere_takes_fleet_key.url.removeprefix("http://")
+            allowed, out = run_job(tmp_path / "allowed", openai_env(env, PROMPTMILL_OPENAI_KEY_HOSTS=host), 5,
+                                   pipeline=leak)  # fmt: skip
+            assert allowed.returncode == 0, allowed.stderr
+            assert [r["status"] for r in read_jsonl(out / "results.jsonl")] == ["ok"] * 5
+        finally:
+            elsewhere_takes_fleet_key.stop()
+
+        # The pipeline's own key, from a variable it names.
+        own_key = pointed.replace("[output]", 'api_key_env = "GATEWAY_KEY"\n\n[output]')
+        result, out = run_job(tmp_path / "own", openai_env(env, GATEWAY_KEY="the-pipelines-own-key"), 5, pipeline=own_key)
+        assert result.returncode == 0, result.stderr
+        assert [e["status"] for e in elsewhere.log()] == [200] * 5
+        assert [e["status"] for e in fake_api.log()] == []  # the configured server saw none of it
+    finally:
+        elsewhere.stop()
+    # A pipeline may not name the fleet's own key's variable.
+    fleet_key = PIPELINE.replace("[output]", 'api_key_env = "OPENAI_API_KEY"\n\n[output]')
+    refused, _ = run_job(tmp_path / "refused", openai_env(env), 5, pipeline=fleet_key)
+    assert refused.returncode == 2 and "api_key_env" in refused.stderr, refused.stderr

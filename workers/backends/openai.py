@@ -20,7 +20,7 @@ from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types import CompletionUsage
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from promptmill.config.settings import Settings, is_openai_url
+from promptmill.config.settings import KeyRefused, Settings, is_openai_url
 from promptmill.jobs.spec import JobSpec
 from promptmill.pipelines.items import Usage
 from promptmill.pipelines.spec import OutputSpec, Pipeline
@@ -88,7 +88,10 @@ class OpenAIBackend:
 
     def __init__(self, job: JobSpec, settings: Settings):
         self.base_url = settings.openai_url(job.pipeline.base_url)
-        self.api_key = settings.openai_key(self.base_url)
+        try:
+            self.api_key = settings.openai_key(self.base_url, job.pipeline.api_key_env)
+        except KeyRefused as refused:
+            raise FatalJobError(str(refused)) from None
         if not self.api_key:
             raise FatalJobError("no OpenAI API key in this worker: set OPENAI_API_KEY (or PROMPTMILL_OPENAI_API_KEY)")
         self.label = "the OpenAI API" if is_openai_url(self.base_url) else f"the server at {self.base_url}"
@@ -103,7 +106,7 @@ class OpenAIBackend:
 
     @staticmethod
     def identity(job: JobSpec, settings: Settings) -> Hashable:
-        return settings.openai_url(job.pipeline.base_url)  # one client per server
+        return settings.openai_url(job.pipeline.base_url), job.pipeline.api_key_env  # one client per server and key
 
     def limit_scope(self, job: JobSpec) -> str:
         return account_scope(str(self.client.base_url), self.api_key, job.model, provider="openai")
