@@ -1,7 +1,11 @@
 """A job's provider batches in Redis: which batch holds each row's attempt, and what each batch holds.
 
-A batch is recorded the moment the provider names it, before anyone waits on it: a run that follows a
-kill finds its rows there and polls the batch instead of sending them again. A row's entry names the
+A batch is intended before it is created: its rows are recorded under an intent (a fresh id, which
+the batch's `custom_id`s carry, its time and its size) before the create goes out, and the intent
+names the batch the moment the provider does. So a create whose answer was lost (a timeout, a dropped
+connection, a worker killed before it recorded the batch) is looked for among the provider's batches
+before the rows are sent again, instead of leaving a billed batch nobody reads. A run that follows a
+kill finds its rows here and polls their batch instead of sending them again. A row's entry names the
 attempt the batch carries, so a row whose result came back errored (its attempt counted) goes in a
 new batch, while one whose worker died before counting it waits on the same batch again.
 """
@@ -10,14 +14,16 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 
 import orjson
 import redis
 from pydantic import BaseModel, Field
 
-from promptmill.jobs.keys import JobKeys
+from promptmill.jobs.keys import JobKeys, batch_owner_key
 
 ENDED = "ended"
+BATCH_OWNER_TTL_S = 86_400  # a batch's owner is known this long: a lost create is looked for within minutes
 
 
 class BatchCounts(BaseModel):
@@ -35,33 +41,75 @@ class BatchRecord(BaseModel):
     processing_status: str = "in_progress"  # in_progress | canceling | ended
     counts: BatchCounts = Field(default_factory=BatchCounts)
     checked_at: float | None = None
+    intent: str | None = None  # the prefix of its requests' custom_ids (None: a batch made before intents)
 
     @property
     def open(self) -> bool:
         return self.processing_status != ENDED
 
 
+class BatchIntent(BaseModel):
+    """A batch about to be created: the rows point at it before the provider has named it."""
+
+    intent_id: str  # the prefix of the batch's custom_ids: "INTENT-ROW"
+    at: float  # epoch seconds, just before the create went out
+    requests: int
+    batch_id: str | None = None  # the batch the provider made of it, once known
+    unmade: bool = False  # no batch was made of it: its rows go in a new one
+
+
+@dataclass(frozen=True)
+class Holder:
+    """What holds a row's attempt: a batch (by id), or an intent whose batch is not known yet."""
+
+    attempt: int
+    batch_id: str | None
+    intent: str | None
+
 class BatchStore:
     def __init__(self, client: redis.Redis):
         self.redis = client
 
-    def record(self, job_id: str, batch_id: str, created_at: float, attempts: dict[str, dict[int, int]]) -> None:
-        """The new batch and its rows (chunk -> row -> the attempt it carries), in one step."""
+    def intend(self, job_id: str, intent: BatchIntent, attempts: dict[str, dict[int, int]]) -> None:
+        """The batch about to be created and its rows (chunk -> row -> the attempt it carries), in one step."""
         keys = JobKeys(job_id)
-        record = BatchRecord(
-            batch_id=batch_id,
-            created_at=created_at,
-            requests=sum(len(rows) for rows in attempts.values()),
-            counts=BatchCounts(processing=sum(len(rows) for rows in attempts.values())),
-        )
         with self.redis.pipeline() as pipe:
-            pipe.hset(keys.batches, batch_id, record.model_dump_json())
+            pipe.hset(keys.batch_intents, intent.intent_id, intent.model_dump_json())
             for chunk_id, rows in attempts.items():
-                pipe.hset(keys.batch_rows(chunk_id), mapping={row: f"{batch_id}|{n}" for row, n in rows.items()})
+                pipe.hset(keys.batch_rows(chunk_id), mapping={row: f"{intent.intent_id}|{n}" for row, n in rows.items()})
             pipe.execute()
 
-    def holding(self, job_id: str, rows: list[tuple[str, int]]) -> dict[tuple[str, int], tuple[str, int]]:
-        """(chunk, row) -> (batch id, attempt) for each of these rows a batch holds."""
+    def record(self, job_id: str, intent: BatchIntent, batch_id: str, created_at: float) -> None:
+        """The provider made the intended batch: record it, name it in its intent, and mark it as this
+        job's for the whole fleet (a lost create of another job's never takes it)."""
+        keys = JobKeys(job_id)
+        record = BatchRecord(batch_id=batch_id, created_at=created_at, requests=intent.requests,
+                             counts=BatchCounts(processing=intent.requests), intent=intent.intent_id)  # fmt: skip
+        made = intent.model_copy(update={"batch_id": batch_id})
+        with self.redis.pipeline() as pipe:
+            pipe.hsetnx(keys.batches, batch_id, record.model_dump_json())
+            pipe.hset(keys.batch_intents, intent.intent_id, made.model_dump_json())
+            pipe.set(batch_owner_key(batch_id), job_id, ex=BATCH_OWNER_TTL_S)
+            pipe.execute()
+
+    def unmade(self, job_id: str, intent: BatchIntent) -> None:
+        """No batch was made of the intent: its rows are no longer held (their next run sends them)."""
+        gone = intent.model_copy(update={"unmade": True})
+        self.redis.hset(JobKeys(job_id).batch_intents, intent.intent_id, gone.model_dump_json())
+
+    def intent(self, job_id: str, intent_id: str) -> BatchIntent | None:
+        raw = self.redis.hget(JobKeys(job_id).batch_intents, intent_id)
+        return None if raw is None else BatchIntent.model_validate_json(raw)
+
+    def owned(self, batch_ids: list[str]) -> set[str]:
+        """Those of these batches that a job of this Redis recorded as its own."""
+        if not batch_ids:
+            return set()
+        owners = self.redis.mget([batch_owner_key(batch_id) for batch_id in batch_ids])
+        return {batch_id for batch_id, owner in zip(batch_ids, owners) if owner is not None}
+
+    def holding(self, job_id: str, rows: list[tuple[str, int]]) -> dict[tuple[str, int], Holder]:
+        """(chunk, row) -> what holds its attempt, for each of these rows a batch (or an intent) holds."""
         by_chunk: dict[str, list[int]] = defaultdict(list)
         for chunk_id, row in rows:
             by_chunk[chunk_id].append(row)
@@ -69,12 +117,22 @@ class BatchStore:
             for chunk_id, chunk_rows in by_chunk.items():
                 pipe.hmget(JobKeys(job_id).batch_rows(chunk_id), chunk_rows)
             pages = pipe.execute()
-        held = {}
+        entries: dict[tuple[str, int], tuple[str, int]] = {}
         for (chunk_id, chunk_rows), values in zip(by_chunk.items(), pages):
             for row, raw in zip(chunk_rows, values):
                 if raw is not None:
-                    batch_id, attempt = raw.decode().rsplit("|", 1)
-                    held[(chunk_id, row)] = (batch_id, int(attempt))
+                    holder, attempt = raw.decode().rsplit("|", 1)
+                    entries[(chunk_id, row)] = (holder, int(attempt))
+        names = sorted({holder for holder, _ in entries.values()})
+        found = self.redis.hmget(JobKeys(job_id).batch_intents, names) if names else []
+        intents = {name: BatchIntent.model_validate_json(raw) for name, raw in zip(names, found) if raw is not None}
+        held = {}
+        for where, (holder, attempt) in entries.items():
+            intent = intents.get(holder)
+            if intent is None:  # a batch id: recorded before intents
+                held[where] = Holder(attempt, holder, None)
+            elif not intent.unmade:
+                held[where] = Holder(attempt, intent.batch_id, intent.intent_id)
         return held
 
     def forget_row(self, job_id: str, chunk_id: str, row: int) -> None:

@@ -54,17 +54,25 @@ def parse_run_id(run: str) -> tuple[str, int]:
 # Commit one outcome: result, done mark and usage in one step, and only once per row.
 # A chunk already flushed to its shard is complete: nothing more is written for it.
 # An answer for a row already done (its chunk ran twice at once) was paid for all the same: its usage
-# goes to the paid_twice ledger, so the ledger and paid_twice add up to the provider's bill.
+# goes to the paid_twice ledger, so the ledger and paid_twice add up to the provider's bill. The very
+# answer committed already (the same request id: one batch's result read by two runs) was billed
+# once: it is counted nowhere again.
 _COMMIT = """
 local model = ARGV[4]
 local function account(ledger)
   if tonumber(ARGV[5]) > 0 then redis.call('HINCRBY', ledger, model .. '|requests', ARGV[5]) end
-  for i = 7, #ARGV, 2 do
+  for i = 8, #ARGV, 2 do
     if tonumber(ARGV[i + 1]) ~= 0 then redis.call('HINCRBY', ledger, model .. '|' .. ARGV[i], ARGV[i + 1]) end
   end
 end
-if redis.call('SISMEMBER', KEYS[4], ARGV[6]) == 1 or redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then
+if redis.call('SISMEMBER', KEYS[4], ARGV[6]) == 1 then
   account(KEYS[5])
+  return 0
+end
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then
+  if ARGV[7] == '' or cjson.decode(redis.call('HGET', KEYS[1], ARGV[1])).request_id ~= ARGV[7] then
+    account(KEYS[5])
+  end
   return 0
 end
 redis.call('HDEL', KEYS[6], ARGV[1])  -- a row handed to another queue's model: its mark goes with its outcome
@@ -328,7 +336,9 @@ class ChunkStore:
         """Commit an outcome with its done mark and usage, atomically; False if the row was done."""
         usage = outcome.usage
         answered = int(usage.answered)
-        args: list[object] = [outcome.row, outcome.model_dump_json(), outcome.status, model, answered, chunk_id]
+        args: list[object] = [
+            outcome.row, outcome.model_dump_json(), outcome.status, model, answered, chunk_id, outcome.request_id or ""
+        ]  # fmt: skip
         for name in _USAGE_FIELDS:
             args.extend((name, getattr(usage, name)))
         committed = self._commit(

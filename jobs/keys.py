@@ -39,8 +39,13 @@ Cluster slot and one Lua script may touch them together.
     pm:{JOB}:sent_at            hash: chunk id -> when the sweeper last sent it
     pm:{JOB}:batches            hash: Message Batch id -> JSON of what it holds and its last known state
                                 (written the moment the provider names it; `status` and `cancel` read it)
-    pm:{JOB}:batch_rows:{CHUNK} hash: row -> "BATCH_ID|ATTEMPT": the batch that holds the row's attempt,
-                                so a run after a kill polls that batch instead of sending the row again
+    pm:{JOB}:batch_rows:{CHUNK} hash: row -> "INTENT|ATTEMPT": the batch (by the intent it was made of)
+                                that holds the row's attempt, so a run after a kill polls that batch
+                                instead of sending the row again ("BATCH_ID|ATTEMPT" before intents)
+    pm:{JOB}:batch_intents      hash: intent id -> JSON of a batch about to be created (its time and size,
+                                written before the create) and, once known, the batch made of it
+    pm:batch:{BATCH_ID}         the job that recorded the batch (a day's expiry): a lost create is never
+                                matched to another job's batch
     pm:{JOB}:fallback           hash: "failing_since:LINK" -> when a model of the job's fallback chain
                                 (0: its own) last began failing with no success since (epoch seconds)
     pm:{JOB}:probe:{LINK}       a fleet-wide turn, with an expiry, to try a model the fleet passed over
@@ -85,6 +90,10 @@ LIMIT_RATE_LIMITED = "rate_limited"
 LIMIT_BREAKER_TRIPS = "breaker_trips"
 
 
+def batch_owner_key(batch_id: str) -> str:
+    return f"pm:batch:{batch_id}"
+
+
 def limiter_key(scope: str) -> str:
     return "pm:limit:{" + scope + "}"
 
@@ -124,6 +133,7 @@ class JobKeys:
     resent = property(lambda self: self._key("resent"))
     sent_at = property(lambda self: self._key("sent_at"))
     batches = property(lambda self: self._key("batches"))
+    batch_intents = property(lambda self: self._key("batch_intents"))
     fallback = property(lambda self: self._key("fallback"))
     latency = property(lambda self: self._key("latency"))
     ttft = property(lambda self: self._key("ttft"))

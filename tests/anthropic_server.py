@@ -27,7 +27,8 @@ cached), `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` headers (the to
 `[[insufficient_quota]]` for an account out of credit, and a choice schema's reply as JSON.
 
 Message Batches: POST /v1/messages/batches (custom_id unique, 1 to 64 characters; over 100,000
-requests: 413), GET .../{id}, POST .../{id}/cancel, GET .../{id}/results (JSONL in random order).
+requests: 413), GET /v1/messages/batches (newest first, paged by `limit` and `after_id`), GET .../{id},
+POST .../{id}/cancel, GET .../{id}/results (JSONL in random order).
 A batch ends `batch_delay_s` after it was created (or at the first look after a cancel: its
 requests not yet processed are canceled). Each request is answered as POST /v1/messages would
 (usage, caching, `[[reply:]]`), except `[[batch_error:TYPE]]` (errored every time),
@@ -52,6 +53,8 @@ Control: POST /_config with any of
     batch_delay_s                      seconds from a batch's creation to its end
     reply                              the answer to a prompt that names none ("ok")
     down                               {model: status}: every request for the model fails so (529, 404)
+    batch_create_fault                 the next batch create is made, then its answer lost: "drop" drops the
+                                       connection, "kill" SIGKILLs the process that sent it (once each)
 GET /_log (every request: t arrived and, when answered, done, on the monotonic clock; prompt,
 status, usage, request_id, the sender's port), POST /_reset. `[[kill_worker]]` in a prompt SIGKILLs the local process that sent it.
 """
@@ -96,6 +99,7 @@ _DEFAULTS = {
     "batch_delay_s": 0.0,
     "reply": "ok",
     "down": {},
+    "batch_create_fault": "",
 }
 _TIMEOUT_HANG_S = 600.0  # a "timed out" request is never answered; the client's timeout ends it
 
@@ -704,7 +708,30 @@ class FakeAnthropic:
             "params": [item["params"] for item in requests], "created_at": now.isoformat(),
             "expires_at": (now + timedelta(hours=24)).isoformat(), "retrieved": 0,
         }  # fmt: skip
+        fault, self.config["batch_create_fault"] = self.config["batch_create_fault"], ""
+        if fault == "kill":
+            _kill_client(request)
+            await asyncio.sleep(_TIMEOUT_HANG_S)
+        if fault:
+            request.transport.abort()  # made, and its answer lost
         return web.json_response(self._batch_view(self.batches[batch_id], request))
+
+    async def list_provider_batches(self, request: web.Request) -> web.Response:
+        """The API's list of batches: newest first, `limit` a page, `after_id` the one before the page."""
+        if not self._authorised(request):
+            return _error(401, "authentication_error", "invalid x-api-key")
+        ordered = sorted(self.batches.values(), key=lambda b: b["t"], reverse=True)
+        after = request.query.get("after_id")
+        if after is not None:
+            ids = [b["id"] for b in ordered]
+            ordered = ordered[ids.index(after) + 1 :] if after in ids else []
+        limit = int(request.query.get("limit", 20))
+        for batch in ordered[:limit]:
+            self._advance(batch)
+        page = [self._batch_view(batch, request) for batch in ordered[:limit]]
+        return web.json_response({"data": page, "has_more": len(ordered) > limit,
+                                  "first_id": page[0]["id"] if page else None,
+                                  "last_id": page[-1]["id"] if page else None})  # fmt: skip
 
     async def retrieve_batch(self, request: web.Request) -> web.Response:
         if not self._authorised(request):
@@ -784,6 +811,7 @@ class FakeAnthropic:
         application.router.add_post("/v1/messages/count_tokens", self.count_tokens)
         application.router.add_post("/v1/chat/completions", self.chat_completions)
         application.router.add_post("/v1/messages/batches", self.create_batch)
+        application.router.add_get("/v1/messages/batches", self.list_provider_batches)
         application.router.add_get("/v1/messages/batches/{batch_id}", self.retrieve_batch)
         application.router.add_post("/v1/messages/batches/{batch_id}/cancel", self.cancel_batch)
         application.router.add_get("/v1/messages/batches/{batch_id}/results", self.batch_results)
@@ -829,6 +857,9 @@ class ServerControl:
 
     def log(self) -> list[dict]:
         return self._call("/_log")
+
+    def config(self) -> dict:
+        return self._call("/_config", {})
 
     def reset(self) -> None:
         self._call("/_reset", {})

@@ -9,13 +9,15 @@ from collections import Counter
 from decimal import Decimal
 
 import pytest
+import redis
 
 from promptmill.config.prices import PriceTable
 from promptmill.config.settings import Settings
+from promptmill.jobs.keys import JobKeys
 from tests.conftest import promptmill, read_jsonl
 from tests.support import write_dataset
 from tests.test_api_jobs import LABELS, job_id_of
-from tests.test_crash_safety import kill_tree, start_cli, wait_until
+from tests.test_crash_safety import fast_recovery, kill_tree, start_cli, wait_until
 
 PIPELINE = """
 name = "label"
@@ -72,6 +74,11 @@ def batch_entries(log: list[dict]) -> list[dict]:
     return log
 
 
+def row_of(entry: dict) -> int:
+    """The row a batch request was for: its custom_id is "INTENT-ROW"."""
+    return int(entry["custom_id"].rsplit("-", 1)[-1])
+
+
 def test_a_batch_job_answers_every_row_through_batches_at_half_price_equal_to_the_servers_billing(
     tmp_path, batch_env, fake_api
 ):
@@ -88,7 +95,7 @@ def test_a_batch_job_answers_every_row_through_batches_at_half_price_equal_to_th
     assert all(record["attempts"] == 1 and record["request_id"].startswith("msg_") for record in records)
 
     log = batch_entries(fake_api.log())
-    assert sorted(int(entry["custom_id"]) for entry in log) == list(range(1500))  # each row sent once, by its row
+    assert sorted(row_of(entry) for entry in log) == list(range(1500))  # each row sent once, by its row
     batches = fake_api.batches()
     assert 1 <= len(batches) <= 15 and sum(batch["requests"] for batch in batches) == 1500
     status = json.loads(promptmill("status", job_id, "--json", env=batch_env).stdout)
@@ -134,11 +141,11 @@ def test_errored_and_expired_rows_go_in_a_later_batch_with_their_attempts_counte
     assert all(record["status"] == "ok" and record["attempts"] == 1 for record in others)
 
     log = batch_entries(fake_api.log())
-    sent = Counter(int(entry["custom_id"]) for entry in log)
+    sent = Counter(row_of(entry) for entry in log)
     assert {row: count for row, count in sent.items() if count > 1} == {3: 2, 5: 2, 13: 2}
     batch_of = {}
     for entry in log:
-        batch_of.setdefault(int(entry["custom_id"]), []).append(entry["batch_id"])
+        batch_of.setdefault(row_of(entry), []).append(entry["batch_id"])
     assert all(first != second for first, second in (batch_of[row] for row in (3, 5, 13)))
 
 
@@ -166,7 +173,7 @@ def test_a_batch_job_killed_after_its_batch_exists_resumes_by_polling_it_and_sen
     assert resumed.returncode == 0, resumed.stderr
     assert {batch["id"] for batch in fake_api.batches()} == created  # no batch sent again
     log = batch_entries(fake_api.log())
-    assert sorted(int(entry["custom_id"]) for entry in log) == list(range(600))
+    assert sorted(row_of(entry) for entry in log) == list(range(600))
     records = read_jsonl(out / "results.jsonl")
     assert [record["row"] for record in records] == list(range(600))
     assert all(record["status"] == "ok" and record["attempts"] == 1 for record in records)
@@ -199,9 +206,62 @@ def test_cancel_cancels_the_providers_batches_and_a_resume_sends_their_rows_in_a
     second = {batch["id"] for batch in fake_api.batches()} - first
     assert second, "the canceled rows were never sent again"
     answered = [entry for entry in fake_api.log() if entry["status"] == 200]
-    assert sorted(int(entry["custom_id"]) for entry in answered) == list(range(200))
+    assert sorted(row_of(entry) for entry in answered) == list(range(200))
     assert all(entry["batch_id"] in second for entry in answered)
     assert [record["status"] for record in read_jsonl(out / "results.jsonl")] == ["ok"] * 200
+
+
+@pytest.mark.parametrize("fault", ["drop", "kill"])
+def test_a_batch_whose_create_was_answered_too_late_is_found_and_read_never_made_twice(
+    tmp_path, batch_env, fake_api, fault
+):
+    """The server makes the batch, then its answer is lost: the connection drops, or the worker that
+    sent it is killed before it could record it. The batch is found among the provider's and read; no
+    row goes in a second one."""
+    fake_api.configure(batch_delay_s=1.0, batch_create_fault=fault)
+    data, pipeline = write_rows(tmp_path, 300)
+    out = tmp_path / "out"
+    env = fast_recovery(batch_env)  # a killed worker's chunks go out again within seconds
+    result = promptmill(*batch_run(data, pipeline, out, "--chunk-size", "100"), env=env, timeout=200)
+    assert result.returncode == 0, result.stderr
+    assert fake_api.config()["batch_create_fault"] == ""  # the fault happened
+
+    log = batch_entries(fake_api.log())
+    assert sorted(row_of(entry) for entry in log) == list(range(300))  # each row in one batch, once
+    batches = fake_api.batches()
+    assert all(batch["retrieved"] > 0 for batch in batches), batches  # none made and left unread
+    records = read_jsonl(out / "results.jsonl")
+    assert [r["status"] for r in records] == ["ok"] * 300 and all(r["attempts"] == 1 for r in records)
+    job_id = job_id_of(result)
+    status = json.loads(promptmill("status", job_id, "--json", env=env).stdout)
+    assert {b["id"] for b in status["batches"]} == {b["id"] for b in batches}
+    report = json.loads(promptmill("cost", job_id, "--json", env=env).stdout)
+    assert report["models"][0]["requests"] == 300 and report["paid_twice"]["cost_usd"] == 0
+
+
+def test_a_redis_error_while_a_batch_is_polled_is_polled_through_not_the_jobs_end(tmp_path, batch_env, fake_api):
+    """Redis refuses the poller's commands for a while (the batches' hash is another type meanwhile):
+    the poller logs it and polls on, as any Redis error is retried; the job ends complete."""
+    fake_api.configure(batch_delay_s=3600)
+    data, pipeline = write_rows(tmp_path, 100)
+    run, job_id = start_batch_run_until_every_row_is_in_a_batch(batch_env, fake_api, data, pipeline, tmp_path / "out", 100)
+    client = redis.Redis.from_url(batch_env["PROMPTMILL_REDIS_URL"])
+    batches_key, aside = JobKeys(job_id).batches, JobKeys(job_id).batches + ":aside"
+    try:
+        wait_until(lambda: client.exists(batches_key), 30, "the batch recorded")
+        polled = sum(batch["retrieved"] for batch in fake_api.batches())
+        client.rename(batches_key, aside)
+        client.set(batches_key, "not a hash")  # every poller's command on it fails
+        wait_until(lambda: sum(b["retrieved"] for b in fake_api.batches()) >= polled + 3, 60, "polls while Redis refuses")
+        client.delete(batches_key)
+        client.rename(aside, batches_key)
+        fake_api.configure(batch_delay_s=0)
+        stdout, stderr = run.communicate(timeout=120)
+        assert run.returncode == 0, stderr
+    finally:
+        kill_tree(run)
+    assert sorted(row_of(entry) for entry in batch_entries(fake_api.log())) == list(range(100))
+    assert [r["status"] for r in read_jsonl(tmp_path / "out" / "results.jsonl")] == ["ok"] * 100
 
 
 def test_batch_prices_are_the_list_prices_at_the_tables_discount_cache_and_long_context_included():

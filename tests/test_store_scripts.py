@@ -49,6 +49,21 @@ def ok(row: int, input_tokens: int = 10) -> ItemOutcome:
     return ItemOutcome(row=row, status="ok", output="x", usage=Usage(input_tokens=input_tokens, output_tokens=2))
 
 
+def test_one_answer_read_twice_is_billed_once_but_a_second_answer_goes_to_paid_twice(store, job):
+    """Two runs of a chunk reading one recorded batch commit the same answer (its request id): the
+    provider billed it once. Another answer for the done row was billed again."""
+    store.chunks.add(job.job_id, chunk(0, 1))
+    chunk_id = chunk_id_for(0)
+    answer = ok(0).model_copy(update={"request_id": "msg_batch_result_0"})
+    assert store.chunks.commit(job.job_id, chunk_id, job.model, answer)
+    assert not store.chunks.commit(job.job_id, chunk_id, job.model, answer)  # the other run's read of it
+    assert store.status(job.job_id).paid_twice.as_dict() == {}
+    again = ok(0).model_copy(update={"request_id": "msg_another_request"})
+    assert not store.chunks.commit(job.job_id, chunk_id, job.model, again)
+    assert store.status(job.job_id).paid_twice.as_dict() == {job.model: {"requests": 1, **again.usage.model_dump()}}
+    assert store.status(job.job_id).requests_by_model == {job.model: 1}
+
+
 def test_a_chunk_is_added_once_and_counted_once(store, job):
     assert store.chunks.add(job.job_id, chunk(0, 3))
     assert not store.chunks.add(job.job_id, chunk(0, 3))  # a producer that runs again

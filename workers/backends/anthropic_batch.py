@@ -18,16 +18,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any, Hashable
 
 import anthropic
 import orjson
+import redis
 
 from promptmill.config.prices import BATCH
 from promptmill.config.settings import Settings
-from promptmill.jobs.batches import ENDED, BatchCounts
+from promptmill.jobs.batches import ENDED, BatchCounts, BatchIntent
 from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.store import JobStore
 from promptmill.pipelines.items import ErrorKind
@@ -52,6 +54,9 @@ _STATUS_OF_ERROR = {
     "timeout_error": 504,
     "overloaded_error": 529,
 }
+_UNCLEAR = ("timeout", "dropped")  # a create whose answer was lost: the batch may exist all the same
+_CLOCK_MARGIN_S = 300.0  # how far the provider's clock may be behind ours when looking for a batch
+_CUSTOM_ID_BYTES = 32  # "INTENT-ROW", added to a request's size once its batch is intended
 _EXPIRED = Verdict(
     ErrorKind.expired, "expired: the batch ended before this request was processed", retryable=True, status="expired"
 )
@@ -74,12 +79,20 @@ class _Batch:
     batch_id: str
     job: JobSpec
     created_at: float  # epoch seconds
+    intent: str | None = None  # its custom_ids' prefix (None: a batch made before intents, custom_id = row)
     waiters: dict[int, Waiter] = field(default_factory=dict)  # row -> its waiting task's future
     chunk_of: dict[int, str] = field(default_factory=dict)
     cancel_sent: bool = False
 
     def waiting(self) -> bool:
         return any(not waiter.done() for waiter in self.waiters.values())
+
+    def row_of(self, custom_id: str) -> int | None:
+        """The row a result is for: "INTENT-ROW" (None for another intent's: not this batch's rows)."""
+        intent, _, row = custom_id.rpartition("-")
+        if intent != (self.intent or "") or not row.isdigit():
+            return None
+        return int(row)
 
 
 class AnthropicBatchBackend:
@@ -98,11 +111,13 @@ class AnthropicBatchBackend:
             raise RuntimeError("a batch worker needs its Redis URL in its settings")
         self.settings = settings
         self.hold_s: float | None = settings.batch_hold_s
-        # Creating, polling and reading a batch are not a row's attempts: the SDK's own retries
-        # (with backoff) are the right ones for them.
+        # Polling and reading a batch are not a row's attempts: the SDK's own retries (with backoff)
+        # are the right ones for them. Creating one is done once: a retry after a lost answer would
+        # make a second batch, billed and never read.
         self.client = anthropic.AsyncAnthropic(
             api_key=api_key, base_url=settings.anthropic_base_url, max_retries=4, timeout=settings.request_timeout_s
         )
+        self._create_once = self.client.with_options(max_retries=0)
         self.store = JobStore.from_url(settings.redis_url)
         self._arriving: dict[str, list[_Arrival]] = {}  # job id -> rows gathered for its next batch
         self._gatherers: dict[str, asyncio.Task] = {}
@@ -123,16 +138,18 @@ class AnthropicBatchBackend:
     async def send(self, call: Call) -> Reply | None:
         params = message_params(call.job, call.request)
         params.update(params.pop("extra_body", {}))  # a batch request's params are the plain body
-        request = {"custom_id": str(call.request.row), "params": params}
+        request = {"custom_id": "", "params": params}  # "INTENT-ROW", once the row's batch is intended
         waiter: Waiter = asyncio.get_running_loop().create_future()
         job_id = call.job.job_id
-        self._arriving.setdefault(job_id, []).append(_Arrival(call, waiter, request, len(orjson.dumps(request))))
+        size = len(orjson.dumps(request)) + _CUSTOM_ID_BYTES
+        self._arriving.setdefault(job_id, []).append(_Arrival(call, waiter, request, size))
         if job_id not in self._gatherers:
             self._gatherers[job_id] = asyncio.ensure_future(self._gather(call.job))
         return await waiter  # cancelled with the row's task (a lost lease, a chunk's hold ending)
 
     async def _gather(self, job: JobSpec) -> None:
-        """After the gathering window: rows a recorded batch already holds wait on it, the rest go out."""
+        """After the gathering window: rows a recorded batch already holds wait on it, rows of a batch
+        whose create was never answered wait on it if the provider made it, the rest go out."""
         await asyncio.sleep(self.settings.batch_gather_s)
         self._gatherers.pop(job.job_id, None)
         arrivals = [a for a in self._arriving.pop(job.job_id, []) if not a.waiter.done()]
@@ -140,47 +157,119 @@ class AnthropicBatchBackend:
             return
         try:
             held = self.store.batches.holding(job.job_id, [(a.call.chunk_id, a.call.request.row) for a in arrivals])
-        except Exception as error:  # noqa: BLE001 - Redis is away: the chunk retries as on any Redis error
-            for arrival in arrivals:
-                arrival.waiter.set_exception(error)
+        except redis.RedisError as error:  # the chunk retries as on any Redis error
+            _fail(arrivals, error)
             return
-        fresh = []
+        fresh: list[_Arrival] = []
+        unanswered: dict[str, list[_Arrival]] = {}  # intent -> its rows: the provider's answer to its create was lost
         for arrival in arrivals:
             holder = held.get((arrival.call.chunk_id, arrival.call.request.row))
-            if holder is not None and holder[1] == arrival.call.attempt:
-                self._wait_on(job, holder[0], None, arrival)  # sent before a kill: wait on it again
-            else:
+            if holder is None or holder.attempt != arrival.call.attempt:
                 fresh.append(arrival)  # a first attempt, or the next after one that errored or expired
-        for group in _packed(fresh):
-            await self._create(job, group)
+            elif holder.batch_id is not None:
+                self._wait_on(job, holder.batch_id, holder.intent, None, arrival)  # sent before a kill: wait on it again
+            else:
+                unanswered.setdefault(holder.intent, []).append(arrival)
+        try:
+            for intent_id, group in unanswered.items():
+                await self._look_for(job, intent_id, group)
+            for group in _packed(fresh):
+                await self._create(job, group)
+        except Exception as error:  # noqa: BLE001 - the rows' tasks must not wait forever on a dead gatherer
+            _fail(arrivals, error)  # a Redis error: the chunk retries; anything else stops the job
+            raise
 
     async def _create(self, job: JobSpec, group: list[_Arrival]) -> None:
-        try:
-            batch = await self.client.messages.batches.create(requests=[arrival.request for arrival in group])
-        except anthropic.APIError as error:
-            verdict = classify(error)  # each row's attempt failed: the retry layer decides on each
-            for arrival in group:
-                if not arrival.waiter.done():
-                    arrival.waiter.set_result(verdict)
-            return
+        """One batch of these rows, created once: intended in Redis first, created without the SDK's
+        retries, and after an unclear failure looked for before anything is sent again."""
+        intent = BatchIntent(intent_id=secrets.token_hex(6), at=time.time(), requests=len(group))
         attempts: dict[str, dict[int, int]] = {}
         for arrival in group:
+            arrival.request["custom_id"] = f"{intent.intent_id}-{arrival.call.request.row}"
             attempts.setdefault(arrival.call.chunk_id, {})[arrival.call.request.row] = arrival.call.attempt
-        created_at = batch.created_at.timestamp()
         try:
-            self.store.batches.record(job.job_id, batch.id, created_at, attempts)
-        except Exception:  # noqa: BLE001 - the batch is paid for: wait on it all the same
-            log.exception("job %s: could not record batch %s; a run after a kill would send its rows again", job.job_id, batch.id)
-        log.info("job %s: batch %s created with %d requests", job.job_id, batch.id, len(group))
+            self.store.batches.intend(job.job_id, intent, attempts)
+        except redis.RedisError as error:
+            _fail(group, error)
+            return
+        try:
+            batch = await self._create_once.messages.batches.create(requests=[arrival.request for arrival in group])
+        except anthropic.APIError as error:
+            verdict = classify(error)
+            if verdict.status not in _UNCLEAR and not verdict.server_failure:
+                self._unmade(job, intent, group, verdict)  # refused: no batch was made
+                return
+            log.warning("job %s: creating a batch failed (%s); looking for it before sending its rows again",
+                        job.job_id, error)  # fmt: skip
+            await self._look_for(job, intent.intent_id, group, verdict)
+            return
+        self._made(job, intent, batch.id, batch.created_at.timestamp(), group)
+
+    async def _look_for(self, job: JobSpec, intent_id: str, group: list[_Arrival], failed: Verdict | None = None) -> None:
+        """The provider's answer to the intent's create was lost: wait on the batch it made, if it made
+        one; else the rows' attempt failed (`failed`), or, after a kill, their next run sends them anew."""
+        intent = self.store.batches.intent(job.job_id, intent_id)
+        if intent is None:  # its record is gone (the job's keys were deleted): nothing to look for
+            _resolve(group, failed)
+            return
+        try:
+            found = await self._made_of(intent)
+        except anthropic.APIError as error:
+            # Unknown still: sending again could pay twice. The rows stay pending; the chunk's next
+            # run (after its hold) looks again.
+            log.warning("job %s: looking for batch of intent %s failed (%s)", job.job_id, intent_id, error)
+            _resolve(group, None)
+            return
+        if found is None:
+            if failed is None:
+                self.store.batches.unmade(job.job_id, intent)
+                for packed in _packed(group):
+                    await self._create(job, packed)
+            else:
+                self._unmade(job, intent, group, failed)
+            return
+        log.info("job %s: found batch %s, made of intent %s", job.job_id, found.id, intent_id)
+        self._made(job, intent, found.id, found.created_at.timestamp(), group)
+
+    async def _made_of(self, intent: BatchIntent) -> Any:
+        """The provider's batch made of this intent: of its size, created from its time on (a few
+        minutes' margin for clocks), and no job's of this fleet; the earliest such. None: none was made."""
+        candidates = []
+        async for batch in self.client.messages.batches.list(limit=100):  # newest first
+            if batch.created_at.timestamp() < intent.at - _CLOCK_MARGIN_S:
+                break
+            counts = batch.request_counts
+            size = counts.processing + counts.succeeded + counts.errored + counts.canceled + counts.expired
+            if size == intent.requests:
+                candidates.append(batch)
+        owned = self.store.batches.owned([batch.id for batch in candidates])
+        candidates = [batch for batch in candidates if batch.id not in owned]
+        return min(candidates, key=lambda batch: batch.created_at) if candidates else None
+
+    def _made(self, job: JobSpec, intent: BatchIntent, batch_id: str, created_at: float, group: list[_Arrival]) -> None:
+        try:
+            self.store.batches.record(job.job_id, intent, batch_id, created_at)
+        except redis.RedisError:  # the batch is paid for: wait on it all the same
+            log.exception("job %s: could not record batch %s; a run after a kill looks for it again", job.job_id, batch_id)
+        log.info("job %s: batch %s with %d requests", job.job_id, batch_id, len(group))
         for arrival in group:
-            self._wait_on(job, batch.id, created_at, arrival, fresh=True)
+            self._wait_on(job, batch_id, intent.intent_id, created_at, arrival, fresh=True)
+
+    def _unmade(self, job: JobSpec, intent: BatchIntent, group: list[_Arrival], verdict: Verdict) -> None:
+        """No batch was made of the intent: each row's attempt failed (the retry layer decides on each)."""
+        try:
+            self.store.batches.unmade(job.job_id, intent)
+        except redis.RedisError:
+            pass  # its rows' next attempt does not match the intent's: they go in a new batch all the same
+        _resolve(group, verdict)
 
     def _wait_on(
-        self, job: JobSpec, batch_id: str, created_at: float | None, arrival: _Arrival, fresh: bool = False
+        self, job: JobSpec, batch_id: str, intent: str | None, created_at: float | None, arrival: _Arrival,
+        fresh: bool = False,
     ) -> None:
         batch = self._batches.get(batch_id)
         if batch is None:
-            batch = self._batches[batch_id] = _Batch(batch_id, job, created_at or time.time())
+            batch = self._batches[batch_id] = _Batch(batch_id, job, created_at or time.time(), intent)
             poller = asyncio.ensure_future(self._poll(batch, first_wait=fresh))
             self._pollers.add(poller)
             poller.add_done_callback(self._pollers.discard)
@@ -214,17 +303,17 @@ class AnthropicBatchBackend:
                     continue
                 batch.created_at = state.created_at.timestamp()
                 counts = BatchCounts.model_validate(state.request_counts.model_dump())
-                self.store.batches.update(job_id, batch.batch_id, state.processing_status, counts)
-                if state.processing_status == ENDED:
-                    try:
+                try:
+                    self.store.batches.update(job_id, batch.batch_id, state.processing_status, counts)
+                    if state.processing_status == ENDED:
                         await self._read_results(batch)
-                    except anthropic.APIError as error:  # rows read so far are answered; the rest on the next try
-                        log.warning("job %s: reading batch %s failed (%s); trying again", job_id, batch.batch_id, error)
-                        continue
-                    return
-                if state.processing_status == "in_progress" and not batch.cancel_sent and not self.store.is_runnable(job_id):
-                    batch.cancel_sent = True  # the job was cancelled: so is its batch (answers so far are kept)
-                    await self._cancel(batch.batch_id)
+                        return
+                    if state.processing_status == "in_progress" and not batch.cancel_sent and not self.store.is_runnable(job_id):
+                        batch.cancel_sent = True  # the job was cancelled: so is its batch (answers so far are kept)
+                        await self._cancel(batch.batch_id)
+                except (anthropic.APIError, redis.RedisError) as error:
+                    # A Redis restart, a failed read: the rows read so far are answered, the rest at the next try.
+                    log.warning("job %s: batch %s: %s; polling on", job_id, batch.batch_id, error)
         except Exception as error:  # noqa: BLE001 - the rows' tasks must not wait forever on a dead poller
             # Sending the rows again could pay for them twice: the job stops, and `resume` polls again.
             log.exception("job %s: batch %s: polling stopped", job_id, batch.batch_id)
@@ -245,12 +334,13 @@ class AnthropicBatchBackend:
         job = batch.job
         results = await self.client.messages.batches.results(batch.batch_id)
         async for entry in results:
-            waiter = batch.waiters.get(int(entry.custom_id))
+            row = batch.row_of(entry.custom_id)
+            waiter = batch.waiters.get(row) if row is not None else None
             if waiter is None or waiter.done():
                 continue  # a row another process waits on, or one already done
             result = entry.result
             if result.type == "succeeded":
-                waiter.set_result(message_outcome(int(entry.custom_id), result.message, started_at=batch.created_at))
+                waiter.set_result(message_outcome(row, result.message, started_at=batch.created_at))
             elif result.type == "errored":
                 error = result.error.error
                 status = _STATUS_OF_ERROR.get(error.type, 500)
@@ -258,7 +348,6 @@ class AnthropicBatchBackend:
             elif result.type == "expired":
                 waiter.set_result(_EXPIRED)
             else:  # canceled: never processed, never billed; a resume sends the row in a new batch
-                row = int(entry.custom_id)
                 self.store.batches.forget_row(job.job_id, batch.chunk_of[row], row)
                 waiter.set_result(None)
         missing = Verdict(ErrorKind.server_error, f"batch {batch.batch_id} returned no result", retryable=True, status=500)
@@ -275,6 +364,18 @@ class AnthropicBatchBackend:
             task.cancel()
         await self.client.close()
         self.store.redis.close()
+
+
+def _resolve(group: list[_Arrival], reply: Reply | None) -> None:
+    for arrival in group:
+        if not arrival.waiter.done():
+            arrival.waiter.set_result(reply)
+
+
+def _fail(group: list[_Arrival], error: BaseException) -> None:
+    for arrival in group:
+        if not arrival.waiter.done():
+            arrival.waiter.set_exception(error)
 
 
 def _packed(arrivals: list[_Arrival]) -> list[list[_Arrival]]:
