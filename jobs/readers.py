@@ -28,8 +28,10 @@ _SUFFIXES: dict[str, InputFormat] = {
 }
 _BOM = b"\xef\xbb\xbf"
 
-# The csv module refuses fields over 128 KiB by default; a row's size is bounded by max_row_bytes.
+# The csv module refuses fields over 128 KiB by default; a row's size is bounded by max_row_bytes, as
+# its lines are read (`_BoundedLines`), before the csv module sees them.
 csv.field_size_limit(sys.maxsize)
+_SKIP_READ = 1 << 16  # what an oversized line is skipped by, a read at a time
 
 
 @dataclass(frozen=True)
@@ -81,24 +83,45 @@ def iter_rows(
     `hashlib` digest given is fed the whole file's bytes as the rows stream (once they all have).
     """
     readers = {"jsonl": _jsonl_rows, "json": _json_rows, "csv": _csv_rows, "parquet": _parquet_rows}
-    limit = max_row_bytes or sys.maxsize
-    rows = readers[input_format](path, skip, digest)
+    limit = max_row_bytes or None
+    rows = readers[input_format](path, skip, digest, limit)
     for row_number, (line, row, size) in enumerate(rows, start=skip):
-        if size > limit and not isinstance(row, InvalidRow):
+        if row is None:  # longer than the limit as read: never held whole, and skipped to the next line
+            row = InvalidRow(f"line {line}: the row is over PROMPTMILL_MAX_ROW_BYTES ({limit:,}); "
+                             "read on from the next line")  # fmt: skip
+        elif limit is not None and size > limit and not isinstance(row, InvalidRow):
             row = InvalidRow(f"line {line}: the row is {size:,} bytes, over PROMPTMILL_MAX_ROW_BYTES ({limit:,})")
         yield row_number, line, row
 
 
-_Read = Iterator[tuple[int, Row, int]]  # (line, row, its size in bytes)
+# (line, row, its size in bytes); row None: the row was longer than the limit and skipped unread.
+_Read = Iterator[tuple[int, Row | None, int]]
 
 
-def _jsonl_rows(path: Path, skip: int, digest: Any = None) -> _Read:
+def _jsonl_rows(path: Path, skip: int, digest: Any = None, limit: int | None = None) -> _Read:
     with _open(path, digest) as handle:
-        yield from _jsonl_lines(handle, skip)
+        yield from _jsonl_lines(handle, skip, limit)
 
 
-def _jsonl_lines(handle: IO[bytes], skip: int) -> _Read:
-    for line_number, line in enumerate(handle, start=1):
+def _skip_rest_of_line(readline: Any, ends: tuple[Any, ...]) -> None:
+    """Read past the rest of a line, a bounded read at a time (memory never holds the line)."""
+    while True:
+        part = readline(_SKIP_READ)
+        if not part or part.endswith(ends):
+            return
+
+
+def _jsonl_lines(handle: IO[bytes], skip: int, limit: int | None = None) -> _Read:
+    line_number = 0
+    while True:
+        # One byte over the limit tells a line too long; it is never read whole.
+        line = handle.readline(-1 if limit is None else limit + 1)
+        if not line:
+            return
+        line_number += 1
+        too_long = limit is not None and len(line) > limit and not line.endswith(b"\n")
+        if too_long:
+            _skip_rest_of_line(handle.readline, (b"\n",))
         if line_number == 1 and line.startswith(_BOM):
             line = line[len(_BOM) :]
         if not line.strip():
@@ -106,7 +129,7 @@ def _jsonl_lines(handle: IO[bytes], skip: int) -> _Read:
         if skip:
             skip -= 1
             continue
-        yield line_number, _json_object(line, line_number), len(line)
+        yield line_number, None if too_long else _json_object(line, line_number), len(line)
 
 
 def _json_object(raw: bytes, line: int) -> Row:
@@ -123,11 +146,11 @@ def _json_object(raw: bytes, line: int) -> Row:
     return value
 
 
-def _json_rows(path: Path, skip: int, digest: Any = None) -> _Read:
+def _json_rows(path: Path, skip: int, digest: Any = None, limit: int | None = None) -> _Read:
     """A `.json` file: an array of objects, streamed item by item; anything else is read as JSONL."""
     with _open(path, digest) as handle:
         if _first_char(handle) != b"[":
-            yield from _jsonl_lines(handle, skip)
+            yield from _jsonl_lines(handle, skip, limit)
             return
         import ijson
 
@@ -153,22 +176,65 @@ def _first_char(handle: io.BufferedReader) -> bytes:
     return start.lstrip()[:1]
 
 
-def _csv_rows(path: Path, skip: int, digest: Any = None) -> _Read:
+class _RecordTooLong(Exception):
+    pass
+
+
+class _BoundedLines:
+    """A text's lines for the csv reader, each record's read with a length limit: a record longer than
+    the limit (an unbalanced quote, a file with no line ends) raises `_RecordTooLong` once the rest of
+    its line is skipped, and reading goes on from the next line. Counts the lines it reads."""
+
+    def __init__(self, handle: IO[str], limit: int | None):
+        self.handle, self.limit = handle, limit
+        self.lines = 0  # physical lines read so far
+        self.record = 0  # characters of the record being read
+
+    def __iter__(self) -> "_BoundedLines":
+        return self
+
+    def __next__(self) -> str:
+        room = -1 if self.limit is None else self.limit + 1 - self.record
+        line = self.handle.readline(room)
+        if not line:
+            raise StopIteration
+        self.lines += 1
+        self.record += len(line)
+        if self.limit is not None and self.record > self.limit:
+            if not line.endswith(("\n", "\r")):
+                _skip_rest_of_line(self.handle.readline, ("\n", "\r"))
+            raise _RecordTooLong()
+        return line
+
+
+def _csv_rows(path: Path, skip: int, digest: Any = None, limit: int | None = None) -> _Read:
     # surrogateescape keeps undecodable bytes as lone surrogates, so one bad row is caught below
     # instead of the decoder stopping the whole file.
     binary = _open(path, digest)
     with io.TextIOWrapper(binary, encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
-        reader = csv.reader(handle)
-        try:
-            header = next(reader)
-        except StopIteration:
-            return
+        lines = _BoundedLines(handle, limit)
+        reader = csv.reader(lines)
+        header: list[str] | None = None
         while True:
-            line = reader.line_num + 1  # where the next record starts
+            line = lines.lines + 1  # where the next record starts
+            lines.record = 0
             try:
                 record = next(reader)
             except StopIteration:
                 return
+            except _RecordTooLong:
+                reader = csv.reader(lines)  # the old one is mid-field: read on from the next line
+                if header is None:
+                    yield line, InvalidRow(f"line {line}: the header is over PROMPTMILL_MAX_ROW_BYTES ({limit:,})"), 0
+                    return
+                if skip:
+                    skip -= 1
+                else:
+                    yield line, None, 0
+                continue
+            if header is None:
+                header = record
+                continue
             if not record:
                 continue
             if skip:
@@ -192,7 +258,7 @@ def _has_surrogates(text: str) -> bool:
     return False
 
 
-def _parquet_rows(path: Path, skip: int, digest: Any = None) -> _Read:
+def _parquet_rows(path: Path, skip: int, digest: Any = None, limit: int | None = None) -> _Read:
     import pyarrow.parquet as pq
 
     if digest is not None:  # pyarrow reads by offsets, not in order: hash the file as a stream of its own

@@ -27,6 +27,34 @@ def test_a_csv_field_over_128k_characters_is_read(tmp_path):
     assert rows == [{"text": big, "answer": "positive"}, {"text": "small", "answer": "negative"}]
 
 
+def test_a_row_with_no_end_is_skipped_unread_and_memory_stays_bounded_by_max_row_bytes(tmp_path):
+    """A 40 MB line with no line end, or a CSV quote never closed, with a 1 MiB limit: the row fails
+    alone, reading goes on from the next line, and the reader never holds more than a few limits."""
+    import tracemalloc
+
+    limit, huge = 1 << 20, b"x" * (40 << 20)
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_bytes(b'{"text": "before"}\n{"text": "' + huge + b'"}\n{"text": "after"}\n')
+    csv_file = tmp_path / "rows.csv"
+    csv_file.write_bytes(b'id,text\n1,before\n2,"a quote never closed\n' + huge + b"\n3,after\n")
+    for data, fmt, before, after in (
+        (jsonl, "jsonl", {"text": "before"}, {"text": "after"}),
+        (csv_file, "csv", {"id": "1", "text": "before"}, {"id": "3", "text": "after"}),
+    ):
+        tracemalloc.start()
+        try:
+            rows = list(iter_rows(data, fmt, max_row_bytes=limit))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert [row for _, _, row in rows][0::2] == [before, after], fmt
+        failed = rows[1][2]
+        assert isinstance(failed, InvalidRow) and "over PROMPTMILL_MAX_ROW_BYTES (1,048,576)" in failed.reason
+        assert [number for number, _, _ in rows] == [0, 1, 2]
+        assert rows[2][1] == (3 if fmt == "jsonl" else 5), rows  # the line the next row starts on
+        assert peak < 6 * limit, f"{fmt}: the reader held {peak:,} bytes at its peak"
+
+
 def test_a_utf8_bom_starts_a_jsonl_file_without_failing_its_first_row(tmp_path):
     data = tmp_path / "bom.jsonl"
     data.write_bytes(b'\xef\xbb\xbf{"text": "first"}\n{"text": "second"}\n')
