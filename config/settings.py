@@ -79,6 +79,11 @@ class Settings(BaseSettings):
     job_ttl_days: float = Field(
         default=7, gt=0, description="A complete job's Redis keys expire this long after it ends (its results are on disk)."
     )
+    forget_job_after_s: float = Field(
+        default=300.0, ge=0,
+        description="A worker lets go of an ended job's spec, prices, limiters and metric series this long after "
+        "it ended (Prometheus scrapes their last values meanwhile).",
+    )  # fmt: skip
     lease_ttl_s: float = Field(default=15.0, ge=1.0, le=3600)
     sweep_every_s: float = Field(default=10.0, ge=0.5, le=3600)
 

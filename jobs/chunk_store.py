@@ -97,13 +97,12 @@ redis.call('HINCRBY', KEYS[4], ARGV[4], ARGV[3])
 return 1
 """
 
-# A chunk's outcomes are safe in its shard: mark it flushed and free everything it held.
+# A chunk's outcomes are safe in its shard: mark it flushed and free everything it held, the runs of
+# its rows handed to the chain's other models ("CHUNK@LINK", ARGV[2..]) included.
 _MARK_FLUSHED = """
 redis.call('SADD', KEYS[1], ARGV[1])
 redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[9], KEYS[10])
-redis.call('HDEL', KEYS[6], ARGV[1])
-redis.call('HDEL', KEYS[7], ARGV[1])
-redis.call('HDEL', KEYS[8], ARGV[1])
+for i = 6, 8 do redis.call('HDEL', KEYS[i], unpack(ARGV)) end
 return 1
 """
 
@@ -281,8 +280,9 @@ class ChunkStore:
     def is_flushed(self, job_id: str, chunk_id: str) -> bool:
         return bool(self.redis.sismember(JobKeys(job_id).flushed, chunk_id))
 
-    def mark_flushed(self, job_id: str, chunk_id: str) -> None:
-        """Call only once the chunk's outcomes are safely in its shard."""
+    def mark_flushed(self, job_id: str, chunk_id: str, links: int = 1) -> None:
+        """Call only once the chunk's outcomes are safely in its shard; `links`: the models of the
+        job's fallback chain (each may have had a run of the chunk's rows)."""
         self._mark_flushed(
             keys=[
                 JobKeys(job_id).flushed,
@@ -296,7 +296,7 @@ class ChunkStore:
                 JobKeys(job_id).batch_rows(chunk_id),
                 JobKeys(job_id).handed(chunk_id),
             ],
-            args=[chunk_id],
+            args=[run_id(chunk_id, link) for link in range(links)],
         )
 
     def sent_later(self, job_id: str, chunk_id: str, at: float) -> None:

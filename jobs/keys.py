@@ -52,8 +52,11 @@ Cluster slot and one Lua script may touch them together.
     pm:{JOB}:latency            hash: latency bucket (jobs/pace.py EDGES_MS) -> answered rows in it
     pm:{JOB}:ttft               hash: as latency, the time to first token of answered rows that measured one
     pm:{JOB}:pace               hash: "SLOT|rows", "SLOT|output_tokens" -> rows committed and their
-                                output tokens in each 10-second slot (SLOT: epoch seconds // 10);
-                                first, last: the job's first row's start and last row's end
+                                output tokens in each 10-second slot (SLOT: epoch seconds // 10), and
+                                the requests sent under the limiter; older slots rolled up into
+                                "START+WIDTH|..." (10 minutes after an hour, an hour after a day);
+                                first, last: the job's first row's start and last row's end; rolled:
+                                when the slots were last rolled up
     pm:limit:{SCOPE}            hash: the fleet's rate-limit buckets for one account and model, with
                                 the limits learned from the provider's headers (the LIMIT_* fields)
 """

@@ -4,7 +4,9 @@ per 10-second slot (the last minute's rate, the whole job's, and the curve of ro
 the requests sent under the fleet's limiter and what became of them (`report`'s timeline).
 
 Workers gather their rows in the process and write them in one pipeline at most twice a second and
-when a chunk ends (`PaceRecorder`); `status` reads them (`job_pace`).
+when a chunk ends (`PaceRecorder`); `status` reads them (`job_pace`). So that the hash does not grow
+with a job's age, the sweeper rolls old slots up (`roll_up`): 10-second slots older than an hour into
+10-minute ones, and those older than a day into hours (`START+WIDTH|name` fields).
 """
 
 from __future__ import annotations
@@ -51,6 +53,54 @@ local first, last = redis.call('HGET', KEYS[1], 'first'), redis.call('HGET', KEY
 if not first or tonumber(ARGV[1]) < tonumber(first) then redis.call('HSET', KEYS[1], 'first', ARGV[1]) end
 if not last or tonumber(ARGV[2]) > tonumber(last) then redis.call('HSET', KEYS[1], 'last', ARGV[2]) end
 """
+
+
+# Slots older than AGE seconds merge into slots WIDTH seconds wide, the coarsest that applies first.
+ROLL_UP_TIERS: tuple[tuple[int, int], ...] = ((86_400, 3_600), (3_600, 600))
+_ROLL_UP_EVERY_S = 60
+
+# Merge old slots into coarser ones, in one step (workers only add to recent slots; a late write to an
+# old one is merged at the next roll-up). Sums add; the limit in force ("rpm") keeps the highest.
+# ARGV: now (epoch s), how often at most, the slot width (s), then the tiers as AGE, WIDTH pairs.
+_ROLL_UP = """
+local now, every, fine = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+if now - tonumber(redis.call('HGET', KEYS[1], 'rolled') or '0') < every then return 0 end
+redis.call('HSET', KEYS[1], 'rolled', now)
+local flat = redis.call('HGETALL', KEYS[1])
+local moved = 0
+for i = 1, #flat, 2 do
+  local slot, name = string.match(flat[i], '^([^|]+)|(.+)$')
+  if slot then
+    local start, width = string.match(slot, '^(%d+)%+(%d+)$')
+    if start then start, width = tonumber(start), tonumber(width) else start, width = tonumber(slot) * fine, fine end
+    for t = 4, #ARGV, 2 do
+      local age, to = tonumber(ARGV[t]), tonumber(ARGV[t + 1])
+      if width < to and now - (start + width) >= age then
+        local into = (start - start % to) .. '+' .. to .. '|' .. name
+        if name == 'rpm' then
+          if tonumber(flat[i + 1]) > tonumber(redis.call('HGET', KEYS[1], into) or '0') then
+            redis.call('HSET', KEYS[1], into, flat[i + 1])
+          end
+        else
+          redis.call('HINCRBY', KEYS[1], into, flat[i + 1])
+        end
+        redis.call('HDEL', KEYS[1], flat[i])
+        moved = moved + 1
+        break
+      end
+    end
+  end
+end
+return moved
+"""
+
+
+def roll_up(client: redis.Redis, job_id: str, now: float | None = None, every_s: float = _ROLL_UP_EVERY_S) -> int:
+    """Merge the job's old pace slots into coarser ones (at most once per `every_s`); returns how many
+    fields were merged."""
+    now = time.time() if now is None else now
+    tiers = [value for tier in ROLL_UP_TIERS for value in tier]
+    return int(client.eval(_ROLL_UP, 1, JobKeys(job_id).pace, int(now), every_s, SLOT_S, *tiers))
 
 
 class PaceRecorder:
@@ -136,11 +186,12 @@ class JobPace:
     rows_per_s: dict[str, float | None]  # last_minute, job
     output_tokens_per_s: dict[str, float | None]
     eta_s: float | None
-    rows_over_time: list[tuple[int, int]]  # (slot start, epoch seconds; rows done by its end)
+    rows_over_time: list[tuple[int, int, int]]  # (slot start, epoch seconds; rows done by its end; its width, s)
     latency_counts: dict[int, int]  # answered rows by latency bucket (EDGES_MS)
     # Per slot with requests sent under a limiter: (slot start, requests, 429s, server errors,
-    # requests held a second or more by the limiter, requests-per-minute limit in force or None)
-    requests_over_time: list[tuple[int, int, int, int, int, int | None]]
+    # requests held a second or more by the limiter, requests-per-minute limit in force or None, the
+    # slot's width in seconds: 10, wider once rolled up)
+    requests_over_time: list[tuple[int, int, int, int, int, int | None, int]]
     ttft_ms: dict[str, float | None] | None  # p50, p95, p99; None: no row measured one
     ttft_counts: dict[int, int]
 
@@ -167,30 +218,33 @@ def job_pace(client: redis.Redis, job_id: str, pending: int, now: float | None =
         raw_latency, raw_pace, raw_ttft = pipe.execute()
     counts = {int(bucket): int(count) for bucket, count in raw_latency.items()}
     ttft = {int(bucket): int(count) for bucket, count in raw_ttft.items()}
-    slots: dict[int, dict[str, int]] = collections.defaultdict(dict)
+    # (start, width) in epoch seconds -> its counts; old slots are rolled up into wider ones.
+    slots: dict[tuple[int, int], dict[str, int]] = collections.defaultdict(dict)
     span: dict[str, float] = {}
     for field, value in raw_pace.items():
         slot, _, name = field.decode().partition("|")
-        if name:
-            slots[int(slot)][name] = int(value)
+        if not name:
+            span[slot] = float(value)  # first, last (and when the slots were last rolled up)
+        elif "+" in slot:
+            start, width = slot.split("+")
+            slots[(int(start), int(width))][name] = int(value)
         else:
-            span[slot] = float(value)  # first, last
+            slots[(int(slot) * SLOT_S, SLOT_S)][name] = int(value)
     now = time.time() if now is None else now
-    current = int(now) // SLOT_S
 
     # A finished job's pace ends with its last row, not now.
-    end = now if pending or not slots else span.get("last", min(now, (max(slots) + 1) * SLOT_S))
+    end = now if pending or not slots else span.get("last", min(now, max(start + width for start, width in slots)))
 
-    def rate(name: str, since: int) -> float | None:
+    def rate(name: str, since: float) -> float | None:
         """Per second over the slots from `since`: from the later of their start and the job's first
         row, to now (or the job's last row, once it is done)."""
-        chosen = [s for s in slots if s >= since]
+        chosen = [slot for slot in slots if slot[0] >= since]
         if not chosen:
             return 0.0 if slots else None
-        start = max(min(chosen) * SLOT_S, span.get("first", 0.0))
+        start = max(min(chosen)[0], span.get("first", 0.0))
         return round(sum(slots[s].get(name, 0) for s in chosen) / max(end - start, 1e-3), 2)
 
-    last_minute = current - 60 // SLOT_S + 1
+    last_minute = (int(now) // SLOT_S - 60 // SLOT_S + 1) * SLOT_S
     rows_recent = rate("rows", last_minute)
     # Over the whole job: from its first row's start to its last row's end (or now, while it runs).
     job_s = end - span["first"] if "first" in span else None
@@ -201,14 +255,15 @@ def job_pace(client: redis.Redis, job_id: str, pending: int, now: float | None =
         return round(count / max(job_s, 1e-3), 2) if job_s is not None else None
 
     done, over_time = 0, []
-    for slot in sorted(slots):
-        done += slots[slot].get("rows", 0)
-        over_time.append((slot * SLOT_S, done))
+    for start, width in sorted(slots):
+        done += slots[(start, width)].get("rows", 0)
+        over_time.append((start, done, width))
     requests_over_time = [
-        (slot * SLOT_S, *(slots[slot].get(name, 0) for name in ("requests", "r429", "r5xx", "held")), slots[slot].get("rpm"))
-        for slot in sorted(slots)
-        if slots[slot].get("requests")
-    ]
+        (start, *(slots[(start, width)].get(name, 0) for name in ("requests", "r429", "r5xx", "held")),
+         slots[(start, width)].get("rpm"), width)
+        for start, width in sorted(slots)
+        if slots[(start, width)].get("requests")
+    ]  # fmt: skip
     return JobPace(
         requests_over_time=requests_over_time,
         latency_ms={f"p{q}": percentile_ms(counts, q / 100) for q in (50, 95, 99)},

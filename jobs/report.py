@@ -13,7 +13,7 @@ import plotly.graph_objects as go
 from promptmill.config.prices import PriceTable
 from promptmill.jobs.html_page import table, write_page
 from promptmill.jobs.ledger import cost_report
-from promptmill.jobs.pace import EDGES_MS, SLOT_S, job_pace
+from promptmill.jobs.pace import EDGES_MS, job_pace
 from promptmill.jobs.shards import iter_outcomes
 from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.store import JobStore
@@ -26,18 +26,19 @@ def _when(epoch_s: float) -> datetime:
     return datetime.fromtimestamp(epoch_s, timezone.utc)
 
 
-def _rows_over_time(over_time: list[tuple[int, int]], total: int) -> go.Figure:
-    figure = go.Figure(go.Scatter(x=[_when(t + SLOT_S) for t, _ in over_time], y=[done for _, done in over_time],
+def _rows_over_time(over_time: list[tuple[int, int, int]], total: int) -> go.Figure:
+    figure = go.Figure(go.Scatter(x=[_when(t + width) for t, _, width in over_time], y=[done for _, done, _ in over_time],
                                   mode="lines+markers", name="rows done"))  # fmt: skip
     figure.update_layout(title=f"Rows done over time (of {total:,})", yaxis_title="rows", xaxis_title="UTC")
     return figure
 
 
-def _rows_per_second(over_time: list[tuple[int, int]]) -> go.Figure:
+def _rows_per_second(over_time: list[tuple[int, int, int]]) -> go.Figure:
     """The pace of a job with no limiter (the local engine): rows per second, by slot."""
-    per_slot = [(t, done - (over_time[i - 1][1] if i else 0)) for i, (t, done) in enumerate(over_time)]
-    figure = go.Figure(go.Bar(x=[_when(t) for t, _ in per_slot], y=[n / SLOT_S for _, n in per_slot], name="rows/s"))
-    figure.update_layout(title="Rows per second, by 10-second slot", yaxis_title="rows/s", xaxis_title="UTC")
+    per_slot = [(t, done - (over_time[i - 1][1] if i else 0), width) for i, (t, done, width) in enumerate(over_time)]
+    figure = go.Figure(go.Bar(x=[_when(t) for t, _, _ in per_slot], y=[n / width for _, n, width in per_slot],
+                              name="rows/s"))  # fmt: skip
+    figure.update_layout(title="Rows per second, by 10-second slot (older ones rolled up into wider slots)", yaxis_title="rows/s", xaxis_title="UTC")
     return figure
 
 
@@ -45,7 +46,7 @@ def _requests_against_limit(slots: list[tuple], limits: dict | None) -> go.Figur
     """Requests per second by slot, the limit in force as a line, and the slots with 429s, server
     errors and requests the limiter held (its pace, a 429's pause, an open breaker) marked."""
     when = [_when(slot[0]) for slot in slots]
-    rate = [slot[1] / SLOT_S for slot in slots]
+    rate = [slot[1] / slot[6] for slot in slots]
     figure = go.Figure(go.Bar(x=when, y=rate, name="requests/s"))
     if any(slot[5] for slot in slots):
         figure.add_trace(go.Scatter(x=when, y=[slot[5] / 60 if slot[5] else None for slot in slots], name="limit in force",
@@ -55,7 +56,7 @@ def _requests_against_limit(slots: list[tuple], limits: dict | None) -> go.Figur
         if marked:
             figure.add_trace(go.Scatter(x=[m[0] for m in marked], y=[m[1] for m in marked], mode="markers", name=name,
                                         marker={"symbol": symbol, "size": 11}, text=[f"{m[2]:,} {name}" for m in marked]))  # fmt: skip
-    title = "Requests per second against the limit in force, by 10-second slot"
+    title = "Requests per second against the limit in force, by 10-second slot (older ones rolled up)"
     if limits:
         title += f" ({limits['rate_limited']:,} answers were 429, {limits['breaker_trips']:,} breaker pauses)"
     figure.update_layout(title=title, yaxis_title="requests/s", xaxis_title="UTC")

@@ -96,7 +96,7 @@ def flush_chunk(store: JobStore, spec: JobSpec, chunk_id: str) -> bool:
     if len(outcomes) < store.chunks.row_count(spec.job_id, chunk_id):
         return False
     _write_shard(_shard_path(spec, chunk_id), outcomes)
-    store.chunks.mark_flushed(spec.job_id, chunk_id)
+    store.chunks.mark_flushed(spec.job_id, chunk_id, len(spec.links()))
     return True
 
 

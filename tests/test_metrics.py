@@ -204,3 +204,50 @@ def test_streamed_answers_measure_time_to_first_token_and_keep_the_same_answer_a
         assert total(scraped, "promptmill_rate_limit", model=model, budget="requests", source="configured") == 60000
         assert total(scraped, "promptmill_breaker_open", model=model) == 0
     assert total(scraped, "promptmill_limiter_wait_seconds_count") == 120
+
+
+def test_a_long_lived_worker_holds_no_more_per_job_state_after_200_jobs_than_after_2(tmp_path, env, fake_api, redis_url):
+    """A compose worker runs job after job: what it keeps per job (spec, prices, limiters, metric
+    series) goes once the job has ended (here at once), so 200 jobs leave no more behind than 2."""
+    from promptmill.cli.new_job import create_job
+    from promptmill.config.settings import Settings
+    from promptmill.jobs.dispatch import ChunkSender
+    from promptmill.jobs.enqueue import enqueue
+    from promptmill.jobs.submission import build_spec
+    from tests.conftest import API_KEY
+
+    port = free_port()
+    quick = {**env, "PROMPTMILL_FORGET_JOB_AFTER_S": "0", "PROMPTMILL_SWEEP_EVERY_S": "0.5"}
+    worker = start_cli(quick, "worker", "--queues", "api", "--metrics-port", str(port), quiet=True)
+    data, pipeline = write_dataset(tmp_path, ({"id": i, "text": f"row {i}"} for i in range(2)), PIPELINE)
+    settings = Settings(anthropic_api_key=API_KEY, redis_url=redis_url)
+    store, sender = JobStore.from_url(redis_url), ChunkSender.for_url(redis_url)
+
+    def run_jobs(count: int) -> list[str]:
+        jobs = []
+        for _ in range(count):  # as `submit` does, without a process per job
+            spec = build_spec(settings, data, pipeline, "anthropic", out_dir=tmp_path / "out" / str(len(jobs)))
+            create_job(store, spec, None)
+            enqueue(store, spec, sender, None)
+            jobs.append(spec.job_id)
+        wait_until(lambda: all(finished(store, job_id, 2) for job_id in jobs), 240, f"{count} jobs to finish")
+        return jobs
+
+    def held() -> tuple[float, set[str]]:
+        """The worker's count of jobs it keeps state for, and the jobs its metric series name."""
+        scraped = scrape(port)
+        jobs = {dict(labels)["job"] for (_, labels) in scraped if "job" in dict(labels)}
+        return scraped.get(("promptmill_worker_jobs_held", ()), -1), jobs
+
+    try:
+        run_jobs(2)
+        wait_until(lambda: held() == (0, set()), 60, "the 2 ended jobs let go")
+        after_two = held()
+        jobs = run_jobs(200)
+        wait_until(lambda: held() == (0, set()), 60, "the 200 ended jobs let go")
+        assert held() == after_two == (0, set())
+        assert len(fake_api.log()) == 404  # the jobs did run through this worker
+        assert all(store.status(job_id).ok == 2 for job_id in jobs)
+    finally:
+        sender.close()
+        stop(worker)

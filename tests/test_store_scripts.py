@@ -95,6 +95,23 @@ def test_flushing_frees_the_chunk_and_later_answers_for_it_are_paid_twice(store,
     assert store.status(job.job_id).paid_twice.requests_by_model == {"m": 1}
 
 
+def test_flushing_a_chunk_frees_its_handoff_runs_bookkeeping_too(store, job):
+    """The runs of a chunk's rows handed to the chain's models ("CHUNK@LINK") are counted, swept and
+    sent like the chunk's own: flushing the chunk frees theirs too, so nothing outlives it."""
+    store.chunks.add(job.job_id, chunk(0, 1))
+    store.chunks.add(job.job_id, chunk(1, 1))
+    chunk_id, other = chunk_id_for(0), chunk_id_for(1)
+    keys = JobKeys(job.job_id)
+    for run in (chunk_id, run_id(chunk_id, 1), run_id(chunk_id, 2), other, run_id(other, 1)):
+        store.chunks.sent_now(job.job_id, run)
+        store.redis.hset(keys.resent, run, 1)
+        store.redis.hset(keys.chunk_runs, run, 1)
+    store.chunks.commit(job.job_id, chunk_id, "m", ok(0))
+    store.chunks.mark_flushed(job.job_id, chunk_id, links=3)
+    for key in (keys.sent_at, keys.resent, keys.chunk_runs):
+        assert sorted(raw.decode() for raw in store.redis.hkeys(key)) == [other, run_id(other, 1)]
+
+
 def test_finish_producing_runs_a_producing_job_and_leaves_a_stopped_one_stopped(store, job):
     store.chunks.add(job.job_id, chunk(0, 1))  # a row pending: running, not complete
     store.finish_producing(job.job_id, "abc")

@@ -66,6 +66,12 @@ BREAKER_OPEN = Gauge(
     "promptmill_breaker_open", "1 while the fleet's circuit breaker (or a 429's pause) holds a model's requests.",
     ["model"], multiprocess_mode="mostrecent",
 )  # fmt: skip
+JOBS_HELD = Gauge(
+    "promptmill_worker_jobs_held",
+    "Jobs a worker process keeps state for (specs, prices, limiters, metric series): those running, and "
+    "those that ended less than PROMPTMILL_FORGET_JOB_AFTER_S ago.",
+    multiprocess_mode="livesum",
+)
 ENGINE_RUNNING = Gauge(
     "promptmill_engine_running_requests", "Requests the local vLLM engine is running.", multiprocess_mode="livesum"
 )
@@ -191,6 +197,20 @@ def measure_for(job_id: str, model: str, backend: str, prices: PriceTable, per_t
     if key not in _measures:
         _measures[key] = Measure(job_id, model, backend, prices, per_token, suffix)
     return _measures[key]
+
+
+def jobs_measured() -> set[str]:
+    return {job_id for job_id, _, _ in list(_measures)}
+
+
+def forget_measures(job_id: str) -> None:
+    """The job ended: its gatherers go, and its series with them where the process serves its own
+    (in `run`'s multiprocess mode the series live in files that go with the run)."""
+    for key in [key for key in list(_measures) if key[0] == job_id]:
+        _measures.pop(key, None)
+    if not os.environ.get(MULTIPROC_DIR):
+        for metric in (REQUESTS, TOKENS, COST, ROWS):
+            metric.remove_by_labels({"job": job_id})
 
 
 def count_row(job_id: str, status: str) -> None:

@@ -12,10 +12,13 @@ engines outlive a chunk), and the per-process state its request path needs.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import os
 import threading
+import time
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Hashable, TypeVar
+from typing import Awaitable, Callable, Hashable, Iterator, TypeVar
 
 from promptmill.config.prices import PriceTable
 from promptmill.config.settings import Settings
@@ -34,7 +37,14 @@ from promptmill.workers.backends.vllm import VLLMBackend
 from promptmill.workers.concurrency import AdaptiveConcurrency
 from promptmill.workers.fallback import Fallback, Health, OnWire
 from promptmill.workers.limit_signals import InputTokenEstimate
-from promptmill.workers.metrics import limiter_waited, measure_for, metrics_on, watch_limiter
+from promptmill.workers.metrics import (
+    forget_measures,
+    jobs_measured,
+    limiter_waited,
+    measure_for,
+    metrics_on,
+    watch_limiter,
+)
 from promptmill.workers.rate_limit import FleetLimiter
 from promptmill.workers.request_path import (
     AttemptLog,
@@ -86,6 +96,8 @@ class WorkerRuntime:
     fallbacks: dict[str, FallbackState] = field(default_factory=dict)  # job id -> its chain's fleet state
     pace: PaceRecorder = field(init=False)  # the process's rows, latency and output tokens, for `status`
     metrics: bool = field(init=False)  # Prometheus metrics measured (a port, or `run`'s folder for them)
+    running: collections.Counter = field(default_factory=collections.Counter)  # job id -> its chunks running here
+    ended_at: dict[str, float] = field(default_factory=dict)  # job id -> when this process saw it end (monotonic)
 
     def __post_init__(self) -> None:
         self.pace = PaceRecorder(self.store.redis)
@@ -105,6 +117,49 @@ class WorkerRuntime:
         if job.job_id not in self.reachable:
             self.reachable[job.job_id] = shards_reachable(job)
         return self.reachable[job.job_id]
+
+    @contextlib.contextmanager
+    def running_chunk(self, job_id: str) -> Iterator[None]:
+        """A chunk of the job runs in this process: what it keeps for the job stays meanwhile."""
+        self.running[job_id] += 1
+        try:
+            yield
+        finally:
+            self.running[job_id] -= 1
+            if not self.running[job_id]:
+                del self.running[job_id]
+
+    def jobs_held(self) -> set[str]:
+        """The jobs this process keeps anything for (specs, prices, chains, limiters' scopes, metrics)."""
+        return set(self.specs) | set(self.reachable) | set(self.prices) | set(self.fallbacks) | self.scoped_jobs | jobs_measured()
+
+    def forget_ended_jobs(self, after_s: float) -> list[str]:
+        """Let go of what this process keeps for the jobs that ended (complete, stopped or deleted) at
+        least `after_s` ago and run no chunk here: a long-lived worker does not grow with every job.
+        A job that runs again is read afresh. Returns the jobs forgotten."""
+        now = time.monotonic()
+        forgotten = []
+        for job_id in sorted(self.jobs_held() - set(self.running)):
+            try:
+                ended = not self.store.status(job_id).state.runnable
+            except KeyError:
+                ended = True  # deleted, or its keys expired
+            if not ended:
+                self.ended_at.pop(job_id, None)
+                continue
+            if now - self.ended_at.setdefault(job_id, now) < after_s:
+                continue
+            for cache in (self.specs, self.reachable, self.prices, self.fallbacks, self.ended_at):
+                cache.pop(job_id, None)
+            self.scoped_jobs.discard(job_id)
+            forget_measures(job_id)
+            forgotten.append(job_id)
+        if forgotten:
+            # A limiter serves every job of its scope and limits: those of no job held any more go.
+            in_use = {link.limits for spec in self.specs.values() for link in spec.links()}
+            for key in [key for key in self.limiters if key[1] not in in_use]:
+                del self.limiters[key]
+        return forgotten
 
     def run(self, work: Awaitable[T]) -> T:
         """Run a coroutine on the process's loop and wait for it from this (task) thread."""

@@ -17,10 +17,12 @@ from celery.signals import worker_ready
 
 from promptmill.jobs.chunk_store import parse_run_id
 from promptmill.jobs.dispatch import ChunkSender
+from promptmill.jobs.pace import roll_up
 from promptmill.jobs.status import JobState
 from promptmill.jobs.store import JobStore
 from promptmill.workers.app import app
-from promptmill.workers.runtime import runtime
+from promptmill.workers.metrics import JOBS_HELD
+from promptmill.workers.runtime import WorkerRuntime, runtime
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ def sweep_once(store: JobStore, sender: ChunkSender, every_s: float, ttl_s: floa
             continue
         if not status.state.runnable or not store.take_sweep_turn(job_id, every_s):
             continue
+        roll_up(store.redis, job_id)  # its pace keeps a bounded number of slots, however long it runs
         links = spec.links()
         empty = {queue: bool(status.produced) and _queue_is_empty(queue) for queue in {link.queue for link in links}}
         empty_links = [i for i, link in enumerate(links) if i and empty[link.queue]]
@@ -67,20 +70,28 @@ def sweep_once(store: JobStore, sender: ChunkSender, every_s: float, ttl_s: floa
 
 
 class OrphanSweeper(threading.Thread):
-    def __init__(self, store: JobStore, every_s: float, ttl_s: float):
+    """Every `sweep_every_s`: lost chunks sent again, old pace slots rolled up, and what this process
+    keeps for ended jobs let go."""
+
+    def __init__(self, rt: WorkerRuntime):
         super().__init__(daemon=True, name="promptmill-sweeper")
-        self.store, self.every_s, self.ttl_s = store, every_s, ttl_s
+        self.rt = rt
+        self.every_s, self.ttl_s = rt.settings.sweep_every_s, rt.settings.job_ttl_days * 86_400
         self.stopped = threading.Event()
 
     def run(self) -> None:
         while not self.stopped.wait(self.every_s):
             try:
-                sweep_once(self.store, ChunkSender(app), self.every_s, self.ttl_s)
+                sweep_once(self.rt.store, ChunkSender(app), self.every_s, self.ttl_s)
+                forgotten = self.rt.forget_ended_jobs(self.rt.settings.forget_job_after_s)
+                if forgotten:
+                    log.info("let go of %d ended jobs: %s", len(forgotten), ", ".join(forgotten))
+                if self.rt.metrics:
+                    JOBS_HELD.set(len(self.rt.jobs_held()))
             except Exception:  # noqa: BLE001 - the sweeper must outlive a Redis hiccup
                 log.exception("sweeping for lost chunks failed; trying again")
 
 
 @worker_ready.connect
 def _start_sweeper(**_: object) -> None:
-    rt = runtime()
-    OrphanSweeper(rt.store, rt.settings.sweep_every_s, rt.settings.job_ttl_days * 86_400).start()
+    OrphanSweeper(runtime()).start()

@@ -179,7 +179,8 @@ def run_chunk(self, job_id: str, chunk_id: str, errors: int = 0, link: int = 0) 
     # `errors` counts Redis failures on this chunk; waiting for another worker's lease is no error.
     # `link`: run only the chunk's rows handed to that model of the job's fallback chain.
     try:
-        return _run_chunk(job_id, chunk_id, link)
+        with runtime().running_chunk(job_id):
+            return _run_chunk(job_id, chunk_id, link)
     except _LeasedElsewhere as leased:
         # Another worker holds the chunk (or held it and died): look again when its lease runs out.
         raise self.retry(countdown=leased.wait_s, max_retries=None)
