@@ -38,8 +38,9 @@ return 1
 """
 
 # Settle a request: what it held goes (never below zero: a resume may have let it go already), what
-# it cost is spent.
+# it cost is spent; nothing, once the job was deleted.
 _SETTLE = """
+if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
 local held = tonumber(redis.call('HGET', KEYS[1], 'held') or '0') - tonumber(ARGV[1])
 redis.call('HSET', KEYS[1], 'held', math.max(held, 0))
 redis.call('HINCRBY', KEYS[1], 'spent', ARGV[2])
@@ -84,4 +85,4 @@ class BudgetStore:
         return bool(self._hold(keys=[keys.meta, keys.budget], args=[micro_usd, META_BUDGET_MICRO]))
 
     def settle(self, job_id: str, held_micro_usd: int, spent_micro_usd: int) -> None:
-        self._settle(keys=[JobKeys(job_id).budget], args=[held_micro_usd, spent_micro_usd])
+        self._settle(keys=[JobKeys(job_id).budget, JobKeys(job_id).meta], args=[held_micro_usd, spent_micro_usd])

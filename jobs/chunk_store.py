@@ -6,6 +6,7 @@ outcomes are safe in its shard on disk is flushed: marked, and everything it hel
 
 from __future__ import annotations
 
+import logging
 import time
 
 import orjson
@@ -17,6 +18,7 @@ from promptmill.jobs.status import LedgerPart
 from promptmill.pipelines.items import AttemptError, ItemOutcome, RenderedRequest, Usage
 
 _USAGE_FIELDS = tuple(Usage.model_fields)
+log = logging.getLogger(__name__)
 
 
 class ChunkPayload(BaseModel):
@@ -58,6 +60,7 @@ def parse_run_id(run: str) -> tuple[str, int]:
 # answer committed already (the same request id: one batch's result read by two runs) was billed
 # once: it is counted nowhere again.
 _COMMIT = """
+if redis.call('EXISTS', KEYS[7]) == 0 then return -1 end  -- the job was deleted: nothing of it is written again
 local model = ARGV[4]
 local function account(ledger)
   if tonumber(ARGV[5]) > 0 then redis.call('HINCRBY', ledger, model .. '|requests', ARGV[5]) end
@@ -81,11 +84,29 @@ account(KEYS[3])
 return 1
 """
 
-# Hand a row on to another queue's model, unless it is done (a second run of its chunk answered it).
+# Hand a row on to another queue's model, unless it is done (a second run of its chunk answered it)
+# or its job was deleted.
 _HAND_OFF = """
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 0 end
+if redis.call('EXISTS', KEYS[3]) == 0 or redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 return 1
+"""
+
+# Count a row's failed attempt, and what the provider billed for it (ARGV[3]: its ledger model, then
+# usage pairs), unless its job was deleted.
+_FAILED_ATTEMPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local count = redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
+redis.call('HINCRBY', KEYS[3], ARGV[2] .. '|failed_attempts', 1)
+if ARGV[3] then
+  for _, ledger in ipairs({KEYS[3], KEYS[4]}) do
+    redis.call('HINCRBY', ledger, ARGV[3] .. '|requests', 1)
+    for i = 4, #ARGV, 2 do
+      if tonumber(ARGV[i + 1]) ~= 0 then redis.call('HINCRBY', ledger, ARGV[3] .. '|' .. ARGV[i], ARGV[i + 1]) end
+    end
+  end
+end
+return count
 """
 
 # Add a chunk once: a producer that runs again over the same rows adds nothing twice.
@@ -100,6 +121,7 @@ return 1
 # A chunk's outcomes are safe in its shard: mark it flushed and free everything it held, the runs of
 # its rows handed to the chain's other models ("CHUNK@LINK", ARGV[2..]) included.
 _MARK_FLUSHED = """
+if redis.call('EXISTS', KEYS[11]) == 0 then return 0 end  -- the job was deleted
 redis.call('SADD', KEYS[1], ARGV[1])
 redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[9], KEYS[10])
 for i = 6, 8 do redis.call('HDEL', KEYS[i], unpack(ARGV)) end
@@ -172,10 +194,9 @@ return #a.retry
 class ChunkStore:
     def __init__(self, client: redis.Redis):
         self.redis = client
-        scripts = (_COMMIT, _ADD_CHUNK, _MARK_FLUSHED, _SWEEP, _REQUEUE_FAILED, _HAND_OFF)
-        self._commit, self._add_chunk, self._mark_flushed, self._sweep, self._requeue_failed, self._hand_off = (
-            client.register_script(lua) for lua in scripts
-        )
+        scripts = (_COMMIT, _ADD_CHUNK, _MARK_FLUSHED, _SWEEP, _REQUEUE_FAILED, _HAND_OFF, _FAILED_ATTEMPT)
+        (self._commit, self._add_chunk, self._mark_flushed, self._sweep, self._requeue_failed, self._hand_off,
+         self._failed_attempt) = (client.register_script(lua) for lua in scripts)  # fmt: skip
 
     def add(self, job_id: str, chunk: ChunkPayload) -> bool:
         """Store a chunk once; returns False when it was already there (a producer re-run)."""
@@ -240,7 +261,7 @@ class ChunkStore:
 
     def hand_off(self, job_id: str, chunk_id: str, row: int, handoff: HandOff) -> bool:
         """Mark a row as gone on to another queue's model; False if it is done already."""
-        keys = [JobKeys(job_id).results(chunk_id), JobKeys(job_id).handed(chunk_id)]
+        keys = [JobKeys(job_id).results(chunk_id), JobKeys(job_id).handed(chunk_id), JobKeys(job_id).spec]
         return bool(self._hand_off(keys=keys, args=[row, handoff.model_dump_json()]))
 
     def handed(self, job_id: str, chunk_id: str) -> dict[int, HandOff]:
@@ -295,6 +316,7 @@ class ChunkStore:
                 JobKeys(job_id).sent_at,
                 JobKeys(job_id).batch_rows(chunk_id),
                 JobKeys(job_id).handed(chunk_id),
+                JobKeys(job_id).spec,
             ],
             args=[run_id(chunk_id, link) for link in range(links)],
         )
@@ -313,19 +335,14 @@ class ChunkStore:
         """Count a failed attempt before retrying, so a resumed row does not start afresh; the ledger
         counts it too. A failure the API answers with an error is not billed; one it billed anyway (a
         stream broken off mid-answer: `billed` is the ledger model and its usage) goes into the ledger
-        as a request, and into the `partial` hash, which no outcome accounts for."""
+        as a request, and into the `partial` hash, which no outcome accounts for. Returns the row's
+        failed attempts (0: the job was deleted, nothing written)."""
         keys = JobKeys(job_id)
-        with self.redis.pipeline() as pipe:
-            pipe.hincrby(keys.attempts(chunk_id), row, 1)
-            pipe.hincrby(keys.ledger, f"{model}|failed_attempts", 1)
-            if billed is not None and billed[1].answered:
-                priced_as, usage = billed
-                for ledger in (keys.ledger, keys.partial):
-                    pipe.hincrby(ledger, f"{priced_as}|requests", 1)
-                    for name in _USAGE_FIELDS:
-                        if value := getattr(usage, name):
-                            pipe.hincrby(ledger, f"{priced_as}|{name}", value)
-            count = pipe.execute()[0]
+        args: list[object] = [row, model]
+        if billed is not None and billed[1].answered:
+            priced_as, usage = billed
+            args += [priced_as, *(part for name in _USAGE_FIELDS for part in (name, getattr(usage, name)))]
+        count = self._failed_attempt(keys=[keys.spec, keys.attempts(chunk_id), keys.ledger, keys.partial], args=args)
         return int(count)
 
     def partial_usage(self, job_id: str) -> LedgerPart:
@@ -349,10 +366,13 @@ class ChunkStore:
                 JobKeys(job_id).flushed,
                 JobKeys(job_id).paid_twice,
                 JobKeys(job_id).handed(chunk_id),
+                JobKeys(job_id).spec,
             ],
             args=args,
         )
-        return bool(committed)
+        if committed == -1:
+            log.warning("job %s is gone (deleted): the outcome of row %d is dropped", job_id, outcome.row)
+        return committed == 1
 
     def outcomes(self, job_id: str, chunk_ids: list[str]) -> list[list[ItemOutcome]]:
         """The outcomes held in Redis for each of these chunks, each list in row order."""

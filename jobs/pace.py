@@ -47,11 +47,22 @@ def percentile_ms(counts: dict[int, int], q: float) -> float | None:
     return round(EDGES_MS[-1], 1)
 
 
-# The job's first row's start and last row's end, kept as the earliest and latest any worker saw.
-_SPAN = """
-local first, last = redis.call('HGET', KEYS[1], 'first'), redis.call('HGET', KEYS[1], 'last')
-if not first or tonumber(ARGV[1]) < tonumber(first) then redis.call('HSET', KEYS[1], 'first', ARGV[1]) end
-if not last or tonumber(ARGV[2]) > tonumber(last) then redis.call('HSET', KEYS[1], 'last', ARGV[2]) end
+# What a worker gathered of one job, written in one step, unless the job was deleted (a late answer
+# must not bring its keys back). KEYS: spec, latency, ttft, pace. ARGV: the first row's start and the
+# last row's end ('' for none: kept as the earliest and latest any worker saw), then triples of what
+# to add: which key (2, 3, 4; or 'set' for a pace field set, not added), field, value.
+_WRITE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+for i = 3, #ARGV, 3 do
+  if ARGV[i] == 'set' then redis.call('HSET', KEYS[4], ARGV[i + 1], ARGV[i + 2])
+  else redis.call('HINCRBY', KEYS[tonumber(ARGV[i])], ARGV[i + 1], ARGV[i + 2]) end
+end
+if ARGV[1] ~= '' then
+  local first, last = redis.call('HGET', KEYS[4], 'first'), redis.call('HGET', KEYS[4], 'last')
+  if not first or tonumber(ARGV[1]) < tonumber(first) then redis.call('HSET', KEYS[4], 'first', ARGV[1]) end
+  if not last or tonumber(ARGV[2]) > tonumber(last) then redis.call('HSET', KEYS[4], 'last', ARGV[2]) end
+end
+return 1
 """
 
 
@@ -108,7 +119,7 @@ class PaceRecorder:
 
     def __init__(self, client: redis.Redis):
         self.client = client
-        self._span_script = client.register_script(_SPAN)
+        self._write_script = client.register_script(_WRITE)
         self._lock = threading.Lock()
         self._written_at = 0.0
         self._latency, self._ttft, self._slots, self._span = self._gathered()
@@ -165,18 +176,19 @@ class PaceRecorder:
             self._written_at = time.monotonic()
         if not latency and not slots:
             return
+        jobs = set(latency) | set(ttft) | set(slots) | set(limits) | set(spans)
         with self.client.pipeline(transaction=False) as pipe:
-            for key, histograms in (("latency", latency), ("ttft", ttft)):
-                for job_id, counts in histograms.items():
+            for job_id in jobs:
+                args: list[object] = [*spans.get(job_id, ("", ""))]
+                for key, counts in ((2, latency.get(job_id, {})), (3, ttft.get(job_id, {}))):
                     for bucket, count in counts.items():
-                        pipe.hincrby(getattr(JobKeys(job_id), key), str(bucket), count)
-            for job_id, counts in slots.items():
-                for field, count in counts.items():
-                    pipe.hincrby(JobKeys(job_id).pace, field, count)
-            for job_id, by_slot in limits.items():
-                pipe.hset(JobKeys(job_id).pace, mapping={f"{slot}|rpm": rpm for slot, rpm in by_slot.items()})
-            for job_id, (first, last) in spans.items():
-                self._span_script(keys=[JobKeys(job_id).pace], args=[first, last], client=pipe)
+                        args += [key, bucket, count]
+                for field, count in slots.get(job_id, {}).items():
+                    args += [4, field, count]
+                for slot, rpm in limits.get(job_id, {}).items():
+                    args += ["set", f"{slot}|rpm", rpm]
+                keys = JobKeys(job_id)
+                self._write_script(keys=[keys.spec, keys.latency, keys.ttft, keys.pace], args=args, client=pipe)
             pipe.execute()
 
 

@@ -93,7 +93,8 @@ def flush_chunk(store: JobStore, spec: JobSpec, chunk_id: str) -> bool:
     if store.chunks.is_flushed(spec.job_id, chunk_id):
         return False
     (outcomes,) = store.chunks.outcomes(spec.job_id, [chunk_id])
-    if len(outcomes) < store.chunks.row_count(spec.job_id, chunk_id):
+    rows = store.chunks.row_count(spec.job_id, chunk_id)
+    if rows == 0 or len(outcomes) < rows:  # no rows known: the job was deleted under us
         return False
     _write_shard(_shard_path(spec, chunk_id), outcomes)
     store.chunks.mark_flushed(spec.job_id, chunk_id, len(spec.links()))

@@ -98,8 +98,9 @@ class JobStore:
         return self.redis.scan_iter(match=JobKeys(job_id).pattern, count=1000)
 
     def delete_job(self, job_id: str) -> int:
-        """Remove every Redis key of the job; returns how many there were."""
-        deleted = 0
+        """Remove every Redis key of the job; returns how many there were. The spec goes first: from
+        then on a late answer's commit (and every write guarded by it) writes nothing."""
+        deleted = self.redis.unlink(JobKeys(job_id).spec)
         batch: list[bytes] = []
         for key in self._job_keys(job_id):
             batch.append(key)
@@ -110,6 +111,10 @@ class JobStore:
             deleted += self.redis.unlink(*batch)
         self.redis.zrem(JOBS_INDEX, job_id)
         return deleted
+
+    def running_chunks(self, job_id: str) -> int:
+        """Runs of the job's chunks holding a lease now (workers still on it)."""
+        return sum(1 for _ in self.redis.scan_iter(match=JobKeys(job_id).lease("*"), count=1000))
 
     def expire_job(self, job_id: str, ttl_s: float | None) -> None:
         """Give every key of the job an expiry (None: take it away, for a job that runs again)."""

@@ -171,6 +171,32 @@ def test_delete_files_keeps_everything_where_the_folder_does_not_name_the_job(tm
     assert sorted(out.rglob("*")) == before and store.exists(job_id)
 
 
+def test_answers_that_land_after_a_running_job_is_deleted_bring_none_of_its_keys_back(tmp_path, env, fake_api):
+    """The job's keys go while 40 answers are on the wire (as when `delete` stops waiting for its
+    chunks): the worker drops each late answer, saying so, and writes nothing of the job again."""
+    from tests.support import promptmill_process, stop
+    from tests.test_crash_safety import wait_until
+
+    store = JobStore.from_url(env["PROMPTMILL_REDIS_URL"])
+    fake_api.configure(latency_ms=1500)
+    data, pipeline = write_job(tmp_path, 40)
+    submitted = promptmill("submit", str(data), "--pipeline", str(pipeline), "--chunk-size", "20",
+                           "--out", str(tmp_path / "out"), env=env)  # fmt: skip
+    job_id = submitted.stdout.split()[-1]
+    log_path = tmp_path / "worker.log"
+    with log_path.open("w") as log:
+        worker = promptmill_process("worker", "--queues", "api", env=env, stdout=log, stderr=log, start_new_session=True)
+    try:
+        wait_until(lambda: len(fake_api.log()) >= 20, 60, "rows on the wire")
+        store.delete_job(job_id)
+        wait_until(lambda: log_path.read_text().count("succeeded in") == 2, 60, "both chunks' tasks to end")
+    finally:
+        stop(worker)
+    assert list(store.redis.scan_iter(f"pm:{{{job_id}}}:*")) == []
+    assert not store.exists(job_id) and job_id not in store.job_ids()
+    assert f"job {job_id} is gone (deleted): the outcome of row" in log_path.read_text()  # answers did land after
+
+
 def test_jobs_whose_keys_expired_leave_the_index(tmp_path, env, fake_api):
     store = JobStore.from_url(env["PROMPTMILL_REDIS_URL"])
     data, pipeline = write_job(tmp_path, 10)

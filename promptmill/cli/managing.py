@@ -74,9 +74,26 @@ def _delete(store: JobStore, job_id: str, files: bool) -> str:
     if files:
         own_folder(spec)
     store.set_state(job_id, JobState.cancelled)  # workers on it stop sending before its keys go
+    _let_running_chunks_end(store, job_id)
     removed = remove_job_files(spec) if files else []
     keys = store.delete_job(job_id)
     return f"deleted job {job_id}: {keys:,} Redis keys" + (f", {len(removed):,} files and folders" if files else "")
+
+
+_STOP_WAIT_S = 10.0
+
+
+def _let_running_chunks_end(store: JobStore, job_id: str) -> None:
+    """The cancelled job's running chunks commit the answers on the wire and let go (a second or
+    so): wait for them, a while at most. An answer that lands after the job's keys are gone is
+    dropped by the worker, never written back."""
+    deadline = time.monotonic() + _STOP_WAIT_S
+    running = store.running_chunks(job_id)
+    if running:
+        err.print(f"waiting for {running:,} running chunks of job {job_id} to stop", highlight=False)
+    while running and time.monotonic() < deadline:
+        time.sleep(0.2)
+        running = store.running_chunks(job_id)
 
 
 @app.command()
