@@ -1,7 +1,7 @@
 # The promptmill image for API and batch workers, Flower and the CLI (`docker compose` builds it).
 # Stage 1 builds wheels of promptmill and everything it needs; stage 2 installs them into a slim
 # image with no compiler, no pip cache and no source tree, running as an unprivileged user.
-FROM python:3.11-slim AS build
+FROM python:3.11.14-slim-bookworm AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY config config
@@ -11,7 +11,7 @@ COPY workers workers
 COPY promptmill promptmill
 RUN pip wheel --quiet --wheel-dir /wheels ".[monitor]"
 
-FROM python:3.11-slim AS runtime
+FROM python:3.11.14-slim-bookworm AS runtime
 COPY --from=build /wheels /wheels
 RUN pip install --quiet --no-cache-dir --no-index --find-links /wheels "promptmill[monitor]" \
     && rm -rf /wheels \

@@ -65,6 +65,9 @@ class Settings(BaseSettings):
         default=None, ge=1, le=65535,
         description="Serve Prometheus metrics on this port: a worker's own, or `run`'s local workers' together.",
     )  # fmt: skip
+    metrics_address: str = Field(
+        default="127.0.0.1", description="The address the metrics are served on (0.0.0.0: every interface)."
+    )
     max_row_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1, description="An input row bigger than this fails alone, with its reason."
     )

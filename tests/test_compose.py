@@ -52,7 +52,7 @@ def test_promptmill_services_run_images_built_from_the_repo_s_dockerfiles_with_n
     assert {service["build"]["dockerfile"] for name, service in built.items() if name != "gpu-worker"} == {"Dockerfile"}
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     sources = {"promptmill", *pyproject["tool"]["setuptools"]["package-dir"].values()}
-    for dockerfile, base in (("Dockerfile", "python:3.11-slim"), ("Dockerfile.gpu", "vllm/vllm-openai")):
+    for dockerfile, base in (("Dockerfile", "python:3.11"), ("Dockerfile.gpu", "vllm/vllm-openai")):
         text = (ROOT / dockerfile).read_text()
         stages = re.findall(r"^FROM (\S+) AS (\w+)", text, re.MULTILINE)
         assert len(stages) == 2 and stages[-1][0].startswith(base), stages  # a build stage, then the image
@@ -75,10 +75,42 @@ def test_the_grafana_dashboard_graphs_only_metrics_the_workers_serve() -> None:
     assert source["datasources"][0]["url"] == "http://prometheus:9090"
 
 
+def test_nothing_is_open_without_a_secret_and_nothing_is_published_beyond_this_machine() -> None:
+    text = COMPOSE.read_text()
+    services = yaml.safe_load(text)["services"]
+    published = {name: service["ports"] for name, service in services.items() if "ports" in service}
+    assert set(published) == {"flower", "prometheus", "grafana", "vllm-server"}
+    assert all(port.startswith("127.0.0.1:") for ports in published.values() for port in ports), published
+    assert "${FLOWER_BASIC_AUTH:?" in str(services["flower"]["environment"]["FLOWER_BASIC_AUTH"])
+    assert "${GRAFANA_ADMIN_PASSWORD:?" in str(services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"])
+    # The vLLM server asks every request for the workers' key, and will not start without one.
+    server = services["vllm-server"]
+    assert server["environment"]["VLLM_API_KEY"] == "${OPENAI_API_KEY:-}"
+    assert 'test -n "$$VLLM_API_KEY" || {' in " ".join(server["entrypoint"]) and "exit 1" in " ".join(server["entrypoint"])
+    assert services["api-worker"]["environment"]["OPENAI_API_KEY"] == "${OPENAI_API_KEY:-}"
+    # Workers serve metrics inside the compose network, for Prometheus; none of their ports is published.
+    assert services["api-worker"]["environment"]["PROMPTMILL_METRICS_ADDRESS"] == "0.0.0.0"
+    # Every image is pinned by version, the images built here too, and neither runs as root.
+    assert all(re.search(r":v?\d+\.\d+", service["image"]) for name, service in services.items() if "build" not in service)
+    for dockerfile in ("Dockerfile", "Dockerfile.gpu"):
+        dockerfile_text = (ROOT / dockerfile).read_text()
+        bases = re.findall(r"^FROM (\S+)", dockerfile_text, re.MULTILINE)
+        assert all(re.search(r":v?\d+\.\d+\.\d+", base) for base in bases), (dockerfile, bases)
+        users = re.findall(r"^USER (\S+)", dockerfile_text, re.MULTILINE)
+        assert users and users[-1] not in ("root", "0"), (dockerfile, users)
+
+
+SECRETS = {"REDIS_PASSWORD": "compose-check", "FLOWER_BASIC_AUTH": "user:pass", "GRAFANA_ADMIN_PASSWORD": "grafana-check"}
+
+
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose is not installed here")
-def test_compose_file_validates() -> None:
-    env = {**os.environ, "REDIS_PASSWORD": "compose-check"}
-    result = subprocess.run(
-        ["docker-compose", "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True, env=env
-    )
+def test_compose_file_validates_and_refuses_to_run_without_its_secrets() -> None:
+    def config(env: dict[str, str]) -> subprocess.CompletedProcess:
+        return subprocess.run(["docker-compose", "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True,
+                              env={**os.environ, **env})  # fmt: skip
+
+    result = config(SECRETS)
     assert result.returncode == 0, result.stderr
+    for secret in SECRETS:
+        missing = config({name: value for name, value in SECRETS.items() if name != secret})
+        assert missing.returncode != 0 and secret in missing.stderr, (secret, missing.stderr)

@@ -8,6 +8,7 @@ from collections import Counter
 from decimal import Decimal
 from pathlib import Path
 
+import psutil
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -74,6 +75,8 @@ def test_two_workers_metrics_add_up_to_the_servers_own_counts(tmp_path, env, fak
         data, pipeline = write_dataset(tmp_path, ({"id": i, "text": f"row {i}"} for i in range(300)), PIPELINE)
         job_id = submit_and_finish(env, redis_url, data, pipeline, tmp_path / "out", 300)
         samples = [scrape(port) for port in ports]
+        listening = {c.laddr.ip for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port in ports}
+        assert listening == {"127.0.0.1"}  # this machine alone, unless --metrics-address says otherwise
     finally:
         stop(*workers)
 

@@ -107,3 +107,8 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def test_flower_on_another_interface_needs_a_password(env):
+    refused = promptmill("flower", "--address", "0.0.0.0", "--port", str(free_port()), env=env)
+    assert refused.returncode == 2 and "FLOWER_BASIC_AUTH" in refused.stderr, refused.stderr

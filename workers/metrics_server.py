@@ -11,9 +11,9 @@ from typing import Iterator
 
 
 @contextlib.contextmanager
-def serving(port: int | None) -> Iterator[Path | None]:
-    """While `run` runs: its local workers' metrics, added up, on `port`. Yields the folder the workers
-    write to (their PROMETHEUS_MULTIPROC_DIR), or None without a port."""
+def serving(port: int | None, address: str = "127.0.0.1") -> Iterator[Path | None]:
+    """While `run` runs: its local workers' metrics, added up, on `address:port`. Yields the folder the
+    workers write to (their PROMETHEUS_MULTIPROC_DIR), or None without a port."""
     if port is None:
         yield None
         return
@@ -23,7 +23,7 @@ def serving(port: int | None) -> Iterator[Path | None]:
     folder = Path(tempfile.mkdtemp(prefix="promptmill-metrics-"))
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(folder))
-    server, thread = start_http_server(port, registry=registry)
+    server, thread = start_http_server(port, addr=address, registry=registry)
     try:
         yield folder
     finally:

@@ -45,7 +45,7 @@ def drive(
     `go_on` is the command that picks the job up again after a Ctrl-C."""
     _sigterm_as_interrupt()
     prices = spec.pipeline.price_table(settings)
-    with serving(settings.metrics_port) as metrics_dir:
+    with serving(settings.metrics_port, settings.metrics_address) as metrics_dir:
         # The job's queue gets `workers` processes; a queue its fallback chain crosses to (a vLLM
         # engine behind an api model) gets one.
         crossed = dict.fromkeys(link.queue for link in spec.links() if link.queue != spec.queue)

@@ -33,6 +33,10 @@ def worker(
         None, "--metrics-port", min=1, max=65535, help="Serve this process's Prometheus metrics on this port "
         "(default: PROMPTMILL_METRICS_PORT).",
     ),  # fmt: skip
+    metrics_address: Optional[str] = typer.Option(
+        None, "--metrics-address", help="The address the metrics are served on (default: PROMPTMILL_METRICS_ADDRESS, "
+        "127.0.0.1; 0.0.0.0 for a Prometheus on another host or container).",
+    ),  # fmt: skip
 ) -> None:
     """Run one Celery worker process against PROMPTMILL_REDIS_URL (or the embedded Redis).
 
@@ -47,6 +51,8 @@ def worker(
     settings = get_settings()
     if metrics_port is not None:
         settings = settings.model_copy(update={"metrics_port": metrics_port})
+    if metrics_address is not None:
+        settings = settings.model_copy(update={"metrics_address": metrics_address})
     openai_key = settings.openai_key(settings.openai_url())
     if "batch" in names and not settings.api_key():
         fail("a batch worker needs an Anthropic API key: set ANTHROPIC_API_KEY (or PROMPTMILL_ANTHROPIC_API_KEY)")
@@ -78,7 +84,8 @@ def worker(
     if settings.metrics_port is not None and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import start_http_server
 
-        start_http_server(settings.metrics_port)  # a `run`'s local worker writes for `run` to serve instead
+        # A `run`'s local worker writes for `run` to serve instead.
+        start_http_server(settings.metrics_port, addr=settings.metrics_address)
     try:
         celery_app.worker_main(
             ["worker", "--queues", ",".join(names), "--pool", pool, "--concurrency", str(concurrency),
@@ -98,6 +105,9 @@ def flower(
     (`promptmill.run_chunk`, named by job and chunk), their times and failures. Needs `pip install flower`."""
     if importlib.util.find_spec("flower") is None:
         fail("Flower is not installed: pip install flower (or the project's [monitor] extra)")
+    if not _loopback(address) and not os.environ.get("FLOWER_BASIC_AUTH"):
+        # Flower lets anyone who reaches it see every task and revoke them: off this machine, not without a password.
+        fail(f"--address {address}: Flower on another interface needs a password; set FLOWER_BASIC_AUTH=user:password")
     settings = get_settings()
     url, embedded = redis_url_for(settings)
     # The broker's URL holds the Redis password: it goes through the environment, never argv (`ps`).
@@ -111,6 +121,15 @@ def flower(
     finally:
         if embedded is not None:
             embedded.stop()
+
+
+def _loopback(address: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return address == "localhost"
 
 
 @app.command("prepare-model")
