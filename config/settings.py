@@ -87,6 +87,11 @@ class Settings(BaseSettings):
         description="A worker lets go of an ended job's spec, prices, limiters and metric series this long after "
         "it ended (Prometheus scrapes their last values meanwhile).",
     )  # fmt: skip
+    embedded_idle_s: float = Field(
+        default=300.0, gt=0,
+        description="The embedded Redis stops once no promptmill process has used it this long (a killed `run` "
+        "leaves none running); the next command starts it again on its data.",
+    )  # fmt: skip
     lease_ttl_s: float = Field(default=15.0, ge=1.0, le=3600)
     sweep_every_s: float = Field(default=10.0, ge=0.5, le=3600)
 

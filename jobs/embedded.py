@@ -91,6 +91,9 @@ def _password(folder: Path) -> str:
 @dataclass
 class EmbeddedRedis:
     folder: Path
+    # A server this object starts stops itself once no client but its guard has been connected for
+    # this long (None: it runs until stopped), so a killed `run` leaves no Redis behind.
+    idle_s: float | None = None
     url: str = ""
     process: subprocess.Popen | None = None
 
@@ -142,7 +145,17 @@ class EmbeddedRedis:
                 raise EmbeddedRedisError(f"the embedded Redis did not start:\n{log}")
             time.sleep(0.05)
         self._state_file.write_text(json.dumps({"port": port, "pid": self.process.pid}))
+        if self.idle_s is not None:
+            self._guard()
         return self.url
+
+    def _guard(self) -> None:
+        """A process of its own (it outlives whoever started the server) that stops the server when idle."""
+        subprocess.Popen(
+            [sys.executable, "-P", "-c", "from promptmill.jobs.embedded import guard_idle; guard_idle()"],
+            env={**os.environ, _GUARD_URL: self.url, _GUARD_IDLE_S: str(self.idle_s)},  # the password: never argv
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
 
     def stop(self) -> None:
         """Stop the server if this object started it; its data stays on disk."""
@@ -161,12 +174,44 @@ class EmbeddedRedis:
         self.process = None
 
 
+_GUARD_URL = "PROMPTMILL_EMBEDDED_GUARD_URL"
+_GUARD_IDLE_S = "PROMPTMILL_EMBEDDED_GUARD_IDLE_S"
+
+
+def guard_idle() -> None:
+    """Stop the embedded Redis once no other client has been connected, nor connected anew, for its
+    idle time; end when the server does (its own command stopped it)."""
+    url, idle_s = os.environ.pop(_GUARD_URL), float(os.environ.pop(_GUARD_IDLE_S))
+    client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    idle_since, connections = time.monotonic(), -1
+    while True:
+        time.sleep(min(1.0, idle_s / 4))
+        try:
+            clients, stats = client.info("clients"), client.info("stats")
+        except redis.RedisError:
+            return
+        now = time.monotonic()
+        if clients["connected_clients"] > 1 or stats["total_connections_received"] != connections:
+            idle_since, connections = now, stats["total_connections_received"]
+        elif now - idle_since >= idle_s:
+            try:
+                client.shutdown(save=True)
+            except redis.RedisError:
+                pass  # SHUTDOWN closes the connection under us
+            return
+
+
 def redis_url_for(settings: Settings) -> tuple[str, EmbeddedRedis | None]:
     """The Redis to use: the configured one, or an embedded one (returned so the caller can stop it)."""
     if settings.redis_url:
         return settings.redis_url, None
-    embedded = EmbeddedRedis(settings.data_dir / "redis")
+    embedded = embedded_redis(settings)
     return embedded.start(), embedded
+
+
+def embedded_redis(settings: Settings) -> EmbeddedRedis:
+    """The embedded Redis of these settings' data folder, stopping itself when idle for EMBEDDED_IDLE_S."""
+    return EmbeddedRedis(settings.data_dir / "redis", idle_s=settings.embedded_idle_s)
 
 
 def promptmill_command() -> list[str]:
@@ -193,6 +238,7 @@ def worker_logs(log_dir: Path, job_id: str) -> list[Path]:
     return sorted(log_dir.glob(f"{glob.escape(job_id)}.worker-*.log"))
 
 
+PARENT_PID = "PROMPTMILL_PARENT_PID"  # a local worker's: the process it lives for
 EARLY_DEATH_S = 5.0  # a worker that dies sooner than this after starting did not really start
 MAX_EARLY_DEATHS = 5  # that many in a row is a crash loop: the run stops instead of spinning
 
@@ -217,7 +263,8 @@ class LocalWorkers:
 
     def _spawn(self, index: int) -> subprocess.Popen:
         self.started_at[index] = time.monotonic()
-        env = dict(os.environ, PROMPTMILL_REDIS_URL=self.redis_url)
+        # The worker ends when this process does, however it ends (workers/lifetime.py).
+        env = dict(os.environ, PROMPTMILL_REDIS_URL=self.redis_url, **{PARENT_PID: str(os.getpid())})
         if self.metrics_dir is not None:
             env["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir)  # `run` serves them all on its port
         queue = self.queues[index]

@@ -412,3 +412,65 @@ def test_killing_the_worker_that_holds_a_resent_chunk_never_stalls_the_job_past_
     records = read_jsonl(out / "results.jsonl")
     assert [r["row"] for r in records] == list(range(8000)) and all(r["status"] == "ok" for r in records)
     assert promptmill("verify", job_id, env=env).returncode == 0
+
+
+def test_a_run_killed_outright_leaves_no_worker_and_no_redis_running_and_resume_finishes_exactly(tmp_path, env, fake_api):
+    """SIGKILL, as a closed terminal or an out-of-memory kill would: the run's local workers see it gone
+    and stop within seconds, its embedded Redis stops once idle, and `resume` finishes the job."""
+    from promptmill.jobs.embedded import EmbeddedRedis
+
+    fake_api.configure(latency_ms=50)
+    laptop = {k: v for k, v in env.items() if k != "PROMPTMILL_REDIS_URL"}  # the embedded Redis
+    laptop = fast_recovery({**laptop, "PROMPTMILL_EMBEDDED_IDLE_S": "3"})
+    data, pipeline = write_job(tmp_path, 3000)
+    out = tmp_path / "o"
+    run = start_cli(laptop, "run", str(data), "--pipeline", str(pipeline), "--out", str(out))
+    state_file = tmp_path / "data" / "redis" / "server.json"
+    try:
+        wait_until(state_file.exists, 60, "the embedded Redis")
+        client = JobStore.from_url(EmbeddedRedis(state_file.parent).start()).redis  # joins the run's server
+        store = JobStore(client)
+        wait_until(lambda: store.job_ids() and store.status(store.job_ids()[0]).terminal >= 300, 120, "300 rows")
+        job_id = store.job_ids()[0]
+        workers = [p for p in psutil.Process(run.pid).children() if _is_live_worker(p)]
+        assert len(workers) == 2
+        redis_pid = json.loads(state_file.read_text())["pid"]
+        client.close()  # nobody uses the Redis now but the run and its workers
+        run.kill()
+        run.wait()
+        wait_until(lambda: not any(_running(p.pid) for p in workers), 10, "the run's workers to stop")
+        # Then nothing uses its Redis: it stops once idle (3 s here) and its guard has looked.
+        wait_until(lambda: not _running(redis_pid), 20, "the embedded Redis to stop")
+    finally:
+        kill_tree(run)
+
+    resumed = promptmill("resume", job_id, env=laptop, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr
+    records = read_jsonl(out / "results.jsonl")
+    assert [r["row"] for r in records] == list(range(3000)) and all(r["status"] == "ok" for r in records)
+    assert promptmill("verify", job_id, env=laptop).returncode == 0
+    assert json.loads(promptmill("status", job_id, "--json", env=laptop).stdout)["state"] == "complete"
+
+
+def test_a_worker_told_to_stop_just_after_its_redis_stops_exits_within_a_lease(tmp_path, env, fake_api):
+    from promptmill.jobs.embedded import EmbeddedRedis
+
+    own_redis = EmbeddedRedis(tmp_path / "redis")
+    worker_env = {**env, "PROMPTMILL_REDIS_URL": own_redis.start(), "PROMPTMILL_LEASE_TTL_S": "3"}
+    fake_api.configure(latency_ms=200)
+    data, pipeline = write_job(tmp_path, 2000)
+    submitted = promptmill("submit", str(data), "--pipeline", str(pipeline), "--out", str(tmp_path / "o"), env=worker_env)
+    assert submitted.returncode == 0, submitted.stderr
+    worker = start_cli(worker_env, "worker", "--queues", "api", quiet=True)
+    try:
+        wait_until(lambda: len(fake_api.log()) >= 100, 60, "the worker at work")
+        own_redis.process.send_signal(signal.SIGKILL)  # Redis gone, and the worker told to stop
+        own_redis.process.wait()
+        worker.send_signal(signal.SIGTERM)
+        told_at = time.monotonic()
+        wait_until(lambda: worker.poll() is not None, 3 + 15, "the worker to exit")
+        took = time.monotonic() - told_at
+    finally:
+        if worker.poll() is None:
+            kill_tree(worker)
+    assert took < 3 + 15  # a lease's life and a few seconds, not forever

@@ -10,7 +10,8 @@ from promptmill.workers import runtime
 
 app = Celery(
     "promptmill",
-    include=["promptmill.workers.tasks", "promptmill.workers.sweeper", "promptmill.workers.redis_health"],
+    include=["promptmill.workers.tasks", "promptmill.workers.sweeper", "promptmill.workers.redis_health",
+             "promptmill.workers.lifetime"],
 )
 
 

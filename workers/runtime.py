@@ -97,6 +97,8 @@ class WorkerRuntime:
     pace: PaceRecorder = field(init=False)  # the process's rows, latency and output tokens, for `status`
     metrics: bool = field(init=False)  # Prometheus metrics measured (a port, or `run`'s folder for them)
     running: collections.Counter = field(default_factory=collections.Counter)  # job id -> its chunks running here
+    stopping: threading.Event = field(default_factory=threading.Event)  # no chunk sends anything more
+    stoppers: set[Callable[[], None]] = field(default_factory=set)  # each running chunk's, called on the loop
     ended_at: dict[str, float] = field(default_factory=dict)  # job id -> when this process saw it end (monotonic)
 
     def __post_init__(self) -> None:
@@ -160,6 +162,14 @@ class WorkerRuntime:
             for key in [key for key in self.limiters if key[1] not in in_use]:
                 del self.limiters[key]
         return forgotten
+
+    def stop_sending(self) -> None:
+        """The process is going away (the run that started it is gone): every running chunk sends
+        nothing more, commits what is on the wire, and stops waiting on a provider's batch (its rows
+        stay in the batch for the next run). Safe from any thread."""
+        self.stopping.set()
+        for stop in list(self.stoppers):
+            self.loop.call_soon_threadsafe(stop)
 
     def run(self, work: Awaitable[T]) -> T:
         """Run a coroutine on the process's loop and wait for it from this (task) thread."""

@@ -120,9 +120,19 @@ async def _run_requests(
     lines = {request.row: request.line for request in pending}
     committed = 0
     checked_at = time.monotonic()
+    deadline: asyncio.Timeout | None = None
+
+    def stop() -> None:  # the process is going away (WorkerRuntime.stop_sending)
+        gate.closed = True
+        if deadline is not None and hold_s is not None:
+            deadline.reschedule(asyncio.get_running_loop().time())  # its rows wait in their batch for the next run
+
     async with contextlib.aclosing(fan_out(path, job, chunk_id, pending)) as outcomes:
         try:
-            async with asyncio.timeout(hold_s):
+            async with asyncio.timeout(hold_s) as deadline:
+                rt.stoppers.add(stop)
+                if rt.stopping.is_set():
+                    stop()
                 async for raw in outcomes:
                     if raw.handed_to is not None:  # gone on to another queue's model: its run commits it
                         rt.store.chunks.hand_off(job.job_id, chunk_id, raw.row, handoff_of(raw))
@@ -140,6 +150,7 @@ async def _run_requests(
         except TimeoutError:
             raise _StillWaiting() from None
         finally:
+            rt.stoppers.discard(stop)
             rt.pace.write()  # what this chunk did is in `status` by the time it ends
             if rt.metrics:
                 flush_metrics()

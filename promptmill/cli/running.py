@@ -13,7 +13,7 @@ from promptmill.cli.app import JobArg, app, err, expire_if_finished, fail, open_
 from promptmill.cli.new_job import JobRequest, job_command
 from promptmill.config.settings import Settings, get_settings
 from promptmill.jobs.dispatch import ChunkSender
-from promptmill.jobs.embedded import EmbeddedRedis, LocalWorkers
+from promptmill.jobs.embedded import LocalWorkers, embedded_redis
 from promptmill.jobs.enqueue import enqueue
 from promptmill.jobs.export import export_job
 from promptmill.jobs.ledger import cost_report
@@ -57,7 +57,7 @@ def drive(
             with JobProgress(store, spec, prices, err) as progress:
                 enqueue(store, spec, sender, settings.max_pending_rows, resuming, progress.refresh, progress.refresh)
                 # An embedded Redis that died is ours to bring back (on its port, with its data).
-                embedded = None if settings.redis_url else EmbeddedRedis(settings.data_dir / "redis")
+                embedded = None if settings.redis_url else embedded_redis(settings)
                 return wait_for_job(progress, alive=local.keep_alive, on_redis_lost=embedded and embedded.start)
         except KeyboardInterrupt:
             err.print(f"\ninterrupted: stopping workers; go on with [bold]{go_on}[/]", soft_wrap=True)

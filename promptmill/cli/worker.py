@@ -78,9 +78,12 @@ def worker(
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     pool, concurrency = "threads", chunks or per_worker
     from promptmill.workers.app import configure
+    from promptmill.workers.lifetime import PARENT_PID, watch_parent
 
     # The worker's settings travel as an argument, the embedded Redis's URL in them: never through os.environ.
     celery_app = configure(settings.model_copy(update={"redis_url": url}))
+    if os.environ.get(PARENT_PID):  # a `run`'s local worker: it ends with that run, however the run ends
+        watch_parent(int(os.environ[PARENT_PID]))
     if settings.metrics_port is not None and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import start_http_server
 
