@@ -53,6 +53,7 @@ Control: POST /_config with any of
     batch_delay_s                      seconds from a batch's creation to its end
     reply                              the answer to a prompt that names none ("ok")
     down                               {model: status}: every request for the model fails so (529, 404)
+    error_message                      the message of an injected 5xx (or a `down` status it has none for)
     batch_create_fault                 the next batch create is made, then its answer lost: "drop" drops the
                                        connection, "kill" SIGKILLs the process that sent it (once each)
 GET /_log (every request: t arrived and, when answered, done, on the monotonic clock; prompt,
@@ -100,6 +101,7 @@ _DEFAULTS = {
     "reply": "ok",
     "down": {},
     "batch_create_fault": "",
+    "error_message": "",
 }
 _TIMEOUT_HANG_S = 600.0  # a "timed out" request is never answered; the client's timeout ends it
 
@@ -388,7 +390,7 @@ class FakeAnthropic:
                     },
                 }
                 return web.json_response(body, status=429, headers={"retry-after": "60"})
-            return _error(fault, "api_error", "Internal server error", self._limit_headers())
+            return _error(fault, "api_error", self.config["error_message"] or "Internal server error", self._limit_headers())
 
         usage = self._usage(body, reply, commit_cache=True)
         self._refund_output(int(body["max_tokens"]) - usage["output_tokens"])
@@ -537,7 +539,8 @@ class FakeAnthropic:
                 return _openai_error(404, "invalid_request_error", message, "model_not_found")
             if fault in (400, 413):
                 return _openai_error(fault, "invalid_request_error", "prompt is poisoned for this test")
-            return _openai_error(int(fault) if isinstance(fault, int) else 500, "server_error", "The server had an error", None, retry)
+            message = self.config["error_message"] or "The server had an error"
+            return _openai_error(int(fault) if isinstance(fault, int) else 500, "server_error", message, None, retry)
 
         now = time.monotonic()
         cached = len(system.split()) if system and self.seen_prefixes.get("chat\x00" + system, 0) > now else 0

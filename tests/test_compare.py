@@ -254,3 +254,15 @@ def test_a_server_model_against_the_local_engine_on_the_examples(tmp_path, env, 
     assert engine["confusion"] == {"positive": dict(sorted(Counter(engine_answers).items()))}
     assert engine["output_tokens_per_s"] > 0 and engine["latency_ms_p50"] > 0
     assert engine["cost_usd"] > 0 and server["cost_usd"] > 0  # the engine's device time, the server's bill
+
+
+def test_an_error_that_looks_like_markup_is_printed_as_it_is_and_the_compare_ends(tmp_path, env, fake_api):
+    """A contender stopped by an error whose text holds rich's markup ("[/...]") is told as it is, and
+    the compare still scores the others and writes its page."""
+    message = "key [/bold] refused [/] here [red]"
+    fake_api.configure(down={"gpt-4.1-mini": 401}, error_message=message)
+    result = compare(tmp_path, both_apis(env))
+    assert "MarkupError" not in result.stderr, result.stderr
+    assert result.returncode == 0, result.stderr
+    assert f"{SECOND} stopped failed:" in result.stderr and message in result.stderr
+    assert (tmp_path / "cmp" / "compare.html").exists()

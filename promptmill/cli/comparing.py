@@ -247,13 +247,15 @@ def compare(
         for i, (contender, spec) in enumerate(zip(plan.contenders, specs), start=1):
             if contender.state == "complete" and not store.exists(spec.job_id):
                 continue  # done before, and its job has since expired from Redis: its records are on disk
-            err.print(f"[{i}/{len(specs)}] {contender.name}: job {spec.job_id}", highlight=False)
+            err.print(f"[{i}/{len(specs)}] {contender.name}: job {spec.job_id}", highlight=False, markup=False)
             try:
                 _run_contender(settings, store, url, spec, contender, workers, go_on)
             finally:
                 plan.save(folder)
             if contender.state != JobState.complete.value:
-                err.print(f"[yellow]{contender.name} stopped {contender.state}: {contender.error}[/]", highlight=False)
+                # The error is the provider's or a worker's text: printed as it is, never read as markup.
+                stopped = escape(f"{contender.name} stopped {contender.state}: {contender.error}")
+                err.print(f"[yellow]{stopped}[/]", highlight=False, soft_wrap=True)
     try:
         compared = _scores(plan, specs[0].pipeline, folder, rows)
     except ValueError as bad:
@@ -268,7 +270,7 @@ def compare(
     else:
         _print_table(compared)
         for note in notes:
-            out.print(note, highlight=False, soft_wrap=True)
+            out.print(note, highlight=False, soft_wrap=True, markup=False)
         out.print(
             f"report: {folder / 'compare.html'}\nrows side by side: {folder / 'rows.jsonl'}", highlight=False, soft_wrap=True
         )

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from promptmill.cli.app import (
@@ -156,7 +157,7 @@ def verify(job_id: JobArg) -> None:
         result = verify_job(store, spec)
     if not result.ok:
         for problem in result.problems:
-            err.print(f"[bold red]mismatch:[/] {problem}", highlight=False)
+            err.print(f"[bold red]mismatch:[/] {escape(problem)}", highlight=False)
         raise typer.Exit(1)
     out.print(f"ok: {result.rows:,} committed rows; counters and ledger match them exactly", highlight=False)
 

@@ -45,7 +45,7 @@ def _cancel_batches(settings: Settings, store: JobStore, job_id: str) -> None:
                 client.messages.batches.cancel(batch_id)
                 out.print(f"batch {batch_id} cancelled at the provider")
             except anthropic.APIError as error:
-                err.print(f"could not cancel batch {batch_id}: {error}")
+                err.print(f"could not cancel batch {batch_id}: {error}", markup=False)
 
 
 @app.command()
@@ -144,7 +144,7 @@ def gc(
             try:
                 out.print(f"would delete job {job_id}" if dry_run else _delete(store, job_id, files), highlight=False)
             except FilesKept as kept:
-                err.print(f"kept job {job_id}: {kept}", highlight=False)
+                err.print(f"kept job {job_id}: {kept}", highlight=False, markup=False)
                 continue
             deleted += 1
     err.print(f"{deleted:,} complete jobs older than {older_than}" + (" (dry run)" if dry_run else " deleted"))
