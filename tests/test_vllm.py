@@ -200,7 +200,15 @@ def summary_job_under_way(tmp_path: Path, env: dict[str, str], rows: int, done: 
 
 
 def engine_processes(worker: psutil.Process) -> list[psutil.Process]:
-    return [child for child in worker.children(recursive=True) if "EngineCore" in " ".join(child.cmdline() + [child.name()])]
+    """The worker's live engine processes (one that died and waits to be reaped is none)."""
+    engines = []
+    for child in worker.children(recursive=True):
+        try:
+            if "EngineCore" in " ".join(child.cmdline() + [child.name()]):
+                engines.append(child)
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):
+            continue
+    return engines
 
 
 def test_an_engine_that_dies_mid_job_is_restarted_and_the_job_completes_once_per_row(

@@ -97,6 +97,7 @@ class WorkerRuntime:
     pace: PaceRecorder = field(init=False)  # the process's rows, latency and output tokens, for `status`
     metrics: bool = field(init=False)  # Prometheus metrics measured (a port, or `run`'s folder for them)
     running: collections.Counter = field(default_factory=collections.Counter)  # job id -> its chunks running here
+    running_lock: threading.Lock = field(default_factory=threading.Lock)  # task threads start and end chunks at once
     stopping: threading.Event = field(default_factory=threading.Event)  # no chunk sends anything more
     stoppers: set[Callable[[], None]] = field(default_factory=set)  # each running chunk's, called on the loop
     ended_at: dict[str, float] = field(default_factory=dict)  # job id -> when this process saw it end (monotonic)
@@ -123,13 +124,15 @@ class WorkerRuntime:
     @contextlib.contextmanager
     def running_chunk(self, job_id: str) -> Iterator[None]:
         """A chunk of the job runs in this process: what it keeps for the job stays meanwhile."""
-        self.running[job_id] += 1
+        with self.running_lock:
+            self.running[job_id] += 1
         try:
             yield
         finally:
-            self.running[job_id] -= 1
-            if not self.running[job_id]:
-                del self.running[job_id]
+            with self.running_lock:
+                self.running[job_id] -= 1
+                if not self.running[job_id]:
+                    del self.running[job_id]
 
     def jobs_held(self) -> set[str]:
         """The jobs this process keeps anything for (specs, prices, chains, limiters' scopes, metrics)."""
@@ -141,7 +144,9 @@ class WorkerRuntime:
         A job that runs again is read afresh. Returns the jobs forgotten."""
         now = time.monotonic()
         forgotten = []
-        for job_id in sorted(self.jobs_held() - set(self.running)):
+        with self.running_lock:
+            running = set(self.running)
+        for job_id in sorted(self.jobs_held() - running):
             try:
                 ended = not self.store.status(job_id).state.runnable
             except KeyError:
