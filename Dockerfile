@@ -7,6 +7,7 @@ COPY pyproject.toml README.md ./
 COPY config config
 COPY jobs jobs
 COPY pipelines pipelines
+COPY reports reports
 COPY workers workers
 COPY promptmill promptmill
 RUN pip wheel --quiet --wheel-dir /wheels ".[monitor]"

@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 import redis  # noqa: E402
 
-from promptmill.jobs.embedded import EmbeddedRedis  # noqa: E402
+from promptmill.jobs.state.embedded import EmbeddedRedis  # noqa: E402
 from tests.anthropic_server import ServerControl  # noqa: E402
 from tests.support import PROMPTMILL, write_dataset  # noqa: E402
 

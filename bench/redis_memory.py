@@ -25,8 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 import redis  # noqa: E402
 
-from promptmill.jobs.embedded import EmbeddedRedis  # noqa: E402
-from promptmill.jobs.store import JobStore  # noqa: E402
+from promptmill.jobs.state.embedded import EmbeddedRedis  # noqa: E402
+from promptmill.jobs.state.store import JobStore  # noqa: E402
 from tests.anthropic_server import ServerControl  # noqa: E402
 from tests.support import PROMPTMILL, write_dataset  # noqa: E402
 

@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from promptmill.config.settings import Settings  # noqa: E402
-from promptmill.jobs.embedded import EmbeddedRedis  # noqa: E402
-from promptmill.jobs.store import JobStore  # noqa: E402
+from promptmill.jobs.state.embedded import EmbeddedRedis  # noqa: E402
+from promptmill.jobs.state.store import JobStore  # noqa: E402
 from promptmill.pipelines import load_pipeline, render_request  # noqa: E402
 from promptmill.pipelines.spec import EngineOptions  # noqa: E402
 from tests.support import PROMPTMILL, write_dataset  # noqa: E402

@@ -13,12 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from promptmill.config.backends import QUEUES
+
 TASK_RUN_CHUNK = "promptmill.run_chunk"
-# Which queue each backend's chunks go to: api workers run many requests on one event loop, a gpu
-# worker holds one engine, a batch worker waits on many chunks' provider batches at once (a chunk
-# waiting hours must not hold a slot real-time chunks need). The one map of backends to queues.
-QUEUE_FOR_BACKEND: dict[str, str] = {"anthropic": "api", "openai": "api", "vllm": "gpu", "anthropic-batch": "batch"}
-QUEUES: tuple[str, ...] = tuple(dict.fromkeys(QUEUE_FOR_BACKEND.values()))
 # kombu re-delivers a message still unacknowledged this long after delivery: a last resort, long
 # enough that a slow chunk is never delivered twice while it runs (its lease would hold the second
 # one off anyway).

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from promptmill.jobs.embedded import promptmill_command
+from promptmill.workers.local_workers import promptmill_command
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE.parent / "demo-out"

@@ -1,1 +1,2 @@
-"""A job's life: its spec, the producer, the Redis job store, export, the CLI and embedded mode."""
+"""A job's life and its files: its spec and submission, the producer reading its input, dispatch,
+shards, export, the ledger, verify; its state in Redis is jobs/state/."""

@@ -7,7 +7,7 @@ from typing import Callable
 from promptmill.jobs.dispatch import ChunkSender
 from promptmill.jobs.producer import produce
 from promptmill.jobs.spec import JobSpec
-from promptmill.jobs.store import JobStore
+from promptmill.jobs.state.store import JobStore
 
 
 def enqueue(

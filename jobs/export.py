@@ -14,10 +14,10 @@ import orjson
 
 from promptmill.jobs.files import atomic_write
 from promptmill.jobs.manifest import write_manifest
-from promptmill.jobs.embedded import worker_logs
+from promptmill.jobs.shards import worker_logs
 from promptmill.jobs.shards import flush_complete_chunks, iter_outcomes, shard_dir, shard_paths, shards_reachable, unmark
 from promptmill.jobs.spec import JobSpec
-from promptmill.jobs.store import JobStore
+from promptmill.jobs.state.store import JobStore
 from promptmill.pipelines.items import ItemOutcome
 
 ExportFormat = Literal["jsonl", "csv", "parquet"]

@@ -10,7 +10,7 @@ from decimal import Decimal
 
 from promptmill.config.prices import PriceTable
 from promptmill.jobs.spec import JobSpec
-from promptmill.jobs.status import JobStatus
+from promptmill.jobs.state.status import JobStatus
 from promptmill.pipelines.items import Usage
 
 
@@ -75,7 +75,7 @@ _CACHE_FIELDS = ("cache_creation_input_tokens", "cache_creation_1h_input_tokens"
 def cost_report(spec: JobSpec, status: JobStatus, prices: PriceTable) -> CostReport:
     models = []
     # A local engine's model costs its device time: the job's own, or one of its fallback chain.
-    engines = {link.model for link in spec.links() if link.backend == "vllm"}
+    engines = {link.model for link in spec.links() if not link.info.billed_per_token}
     # A model that only failed (a fallback chain's model that was down) is shown too: its failed attempts.
     for model in sorted(set(status.usage_by_model) | set(status.failed_attempts_by_model)):
         usage = status.usage_by_model.get(model, Usage())
@@ -104,6 +104,6 @@ def cost_report(spec: JobSpec, status: JobStatus, prices: PriceTable) -> CostRep
         Decimal(0),
     )
     return CostReport(
-        spec.job_id, spec.backend, models, prices.comparison_model if spec.backend == "vllm" else None, twice.as_dict(),
+        spec.job_id, spec.backend, models, prices.comparison_model if not spec.info.billed_per_token else None, twice.as_dict(),
         twice_usd,
     )

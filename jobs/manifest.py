@@ -13,8 +13,8 @@ import orjson
 from promptmill.config.prices import BATCH, LONG
 from promptmill.jobs.files import atomic_write
 from promptmill.jobs.spec import JobSpec
-from promptmill.jobs.status import JobState
-from promptmill.jobs.store import JobStore
+from promptmill.jobs.state.status import JobState
+from promptmill.jobs.state.store import JobStore
 from promptmill.pipelines.items import iso_utc
 
 

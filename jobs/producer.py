@@ -13,11 +13,11 @@ from typing import Any, Callable, Iterator
 
 import redis
 
-from promptmill.jobs.chunk_store import ChunkPayload, chunk_id_for
+from promptmill.jobs.state.chunks import ChunkPayload, chunk_id_for
 from promptmill.jobs.readers import InvalidRow, iter_rows
 from promptmill.jobs.shards import flush_chunk, shards_reachable
 from promptmill.jobs.spec import JobSpec
-from promptmill.jobs.store import JobStore
+from promptmill.jobs.state.store import JobStore
 from promptmill.pipelines.items import ErrorKind, ItemOutcome, RenderedRequest
 from promptmill.pipelines.render import RenderError, render_request
 

@@ -12,12 +12,12 @@ import io
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Iterator, Literal
+from typing import IO, Any, Iterator
 
 import orjson
 
-InputFormat = Literal["jsonl", "json", "csv", "parquet"]
-INPUT_FORMATS: tuple[InputFormat, ...] = ("jsonl", "json", "csv", "parquet")
+from promptmill.jobs.spec import INPUT_FORMATS, InputFormat
+
 _SUFFIXES: dict[str, InputFormat] = {
     ".jsonl": "jsonl",
     ".ndjson": "jsonl",

@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from promptmill.jobs.chunk_store import ChunkPayload
+from promptmill.jobs.state.chunks import ChunkPayload
 from promptmill.jobs.readers import InvalidRow, iter_rows
 from promptmill.jobs.shards import outcomes_by_chunk
 from promptmill.jobs.spec import JobSpec
-from promptmill.jobs.store import JobStore
+from promptmill.jobs.state.store import JobStore
 from promptmill.pipelines.items import ErrorKind, ItemOutcome, RenderedRequest
 from promptmill.pipelines.render import RenderError, render_request
 

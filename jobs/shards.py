@@ -1,10 +1,12 @@
-"""Result shards: a finished chunk's outcomes leave Redis for a file in the job's output folder.
+"""The job's output folder: result shards, where a finished chunk's outcomes go when they leave Redis,
+and its local workers' logs.
 
     OUT/shards/.job             the ids of the jobs writing here, a line each, added at submit: a
                                 worker that finds its job here sees the folder the submitter sees (the
                                 same machine or a shared filesystem)
     OUT/shards/JOB.CHUNK.jsonl  one outcome per line, in row order; named by the job too, so that two
                                 jobs may share a folder
+    OUT/logs/JOB.worker-QUEUE-N.log   `run`'s local workers' logs
 
 A shard is written beside its name, synced and renamed into place, and only then is the chunk marked
 flushed in Redis (which frees its results and payload there). A crash between the two leaves the
@@ -23,7 +25,7 @@ import orjson
 
 from promptmill.jobs.files import atomic_write
 from promptmill.jobs.spec import JobSpec
-from promptmill.jobs.store import JobStore
+from promptmill.jobs.state.store import JobStore
 from promptmill.pipelines.items import ItemOutcome
 
 _MARKER = ".job"
@@ -141,3 +143,13 @@ def iter_outcomes(store: JobStore, spec: JobSpec) -> Iterator[ItemOutcome]:
     """Every committed outcome of the job in input order, from its shards and from Redis."""
     for _, outcomes in outcomes_by_chunk(store, spec):
         yield from outcomes
+
+
+def worker_log(log_dir: Path, job_id: str, queue: str, index: int) -> Path:
+    """A local worker's log, named by its job: jobs sharing an output folder keep their own."""
+    return log_dir / f"{job_id}.worker-{queue}-{index}.log"
+
+
+def worker_logs(log_dir: Path, job_id: str) -> list[Path]:
+    """The job's local workers' logs (the ones `delete --files` may remove)."""
+    return sorted(log_dir.glob(f"{glob.escape(job_id)}.worker-*.log"))

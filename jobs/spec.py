@@ -8,13 +8,12 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, Field
 
-from promptmill.config.celery_config import QUEUE_FOR_BACKEND
+from promptmill.config.backends import BACKENDS, BackendInfo, BackendName
 from promptmill.config.settings import MAX_CHUNK_SIZE
-from promptmill.jobs.readers import InputFormat
 from promptmill.pipelines.spec import Pipeline, RateLimits
 
-Backend = Literal["anthropic", "anthropic-batch", "openai", "vllm"]
-BACKENDS: tuple[str, ...] = get_args(Backend)
+InputFormat = Literal["jsonl", "json", "csv", "parquet"]
+INPUT_FORMATS: tuple[InputFormat, ...] = get_args(InputFormat)
 
 
 def new_job_id() -> str:
@@ -25,7 +24,7 @@ def new_job_id() -> str:
 class JobSpec(BaseModel):
     job_id: str
     pipeline: Pipeline
-    backend: Backend
+    backend: BackendName
     input_path: str
     input_format: InputFormat
     out_dir: str
@@ -39,8 +38,13 @@ class JobSpec(BaseModel):
     created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
 
     @property
+    def info(self) -> BackendInfo:
+        """Its backend's descriptor: queue, pricing, batching (config/backends.py)."""
+        return BACKENDS[self.backend]
+
+    @property
     def queue(self) -> str:
-        return QUEUE_FOR_BACKEND[self.backend]
+        return self.info.queue
 
     @property
     def model(self) -> str:

@@ -7,10 +7,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from promptmill.config.prices import BATCH, PriceTable, UnknownModelError
+from promptmill.config.backends import BackendName, backend_info
+from promptmill.config.prices import PriceTable, UnknownModelError
 from promptmill.config.settings import MAX_CHUNK_SIZE, Settings
 from promptmill.jobs.readers import InputFormat, detect_format
-from promptmill.jobs.spec import Backend, JobSpec, new_job_id
+from promptmill.jobs.spec import JobSpec, new_job_id
 from promptmill.pipelines.spec import Pipeline, PipelineError, RateLimits, load_pipeline
 
 
@@ -22,7 +23,7 @@ def build_spec(
     settings: Settings,
     input_path: Path,
     pipeline_path: Path,
-    backend: Backend,
+    backend: BackendName,
     model: str | None = None,
     out_dir: Path | None = None,
     chunk_size: int | None = None,
@@ -63,7 +64,7 @@ def build_spec(
         input_path=str(input_path.resolve()),
         input_format=fmt,
         out_dir=str((out_dir or Path("promptmill-out") / job_id).resolve()),
-        chunk_size=chunk_size or (settings.batch_chunk_size if backend == "anthropic-batch" else settings.chunk_size),
+        chunk_size=chunk_size or backend_info(backend).chunk_size(settings),
         limits=job_limits,
         max_in_flight=settings.max_in_flight,
         max_attempts=settings.max_attempts,
@@ -71,11 +72,11 @@ def build_spec(
         pipeline_path=str(pipeline_path.resolve()),
         pipeline_text=pipeline_path.read_text(encoding="utf-8"),
     )
-    if pipeline.stream and backend == "anthropic-batch":
-        raise SubmitError("stream: a Message Batch is not streamed (its answers come as a file); drop `stream`")
+    if pipeline.stream and not spec.info.streams:
+        raise SubmitError(f"stream: the {spec.backend} backend does not stream (a batch's answers come as a file); drop `stream`")
     for link in spec.links()[1:]:
         name = f"fallback: {link.backend}:{link.model}"
-        if link.queue != spec.queue and "anthropic-batch" in (spec.backend, link.backend):
+        if link.queue != spec.queue and (spec.info.batches or link.info.batches):
             # A row waits on a batch for up to a day: it cannot be handed between a batch and the rest.
             raise SubmitError(
                 f"{name} runs on the {link.queue!r} queue and the job on {spec.queue!r}: a batch job's chain "
@@ -85,17 +86,18 @@ def build_spec(
     return spec
 
 
-def _check_model(settings: Settings, backend: Backend, pipeline: Pipeline, prices: PriceTable, field: str) -> None:
+def _check_model(settings: Settings, backend: BackendName, pipeline: Pipeline, prices: PriceTable, field: str) -> None:
     """A model billed per token has a price (never costed at $0), and its backend a key."""
-    if backend != "vllm":
+    info = backend_info(backend)
+    if info.billed_per_token:
         try:
-            prices.price_for(pipeline.model + (BATCH if backend == "anthropic-batch" else ""))
+            prices.price_for(pipeline.model + info.ledger_suffix)
         except UnknownModelError as unknown:
             raise SubmitError(f"{field}: {unknown}") from None
-    if backend in ("anthropic", "anthropic-batch") and not settings.api_key():
+    if info.provider == "anthropic" and not settings.api_key():
         raise SubmitError("anthropic_api_key: no API key; set ANTHROPIC_API_KEY (or PROMPTMILL_ANTHROPIC_API_KEY)")
     # A pipeline's own key (api_key_env) is read where the workers run, not here.
-    if backend == "openai" and not pipeline.api_key_env and not settings.openai_key(settings.openai_url(pipeline.base_url)):
+    if info.provider == "openai" and not pipeline.api_key_env and not settings.openai_key(settings.openai_url(pipeline.base_url)):
         raise SubmitError(
             "openai_api_key: no API key for OpenAI; set OPENAI_API_KEY (or PROMPTMILL_OPENAI_API_KEY), "
             "or point OPENAI_BASE_URL or the pipeline's base_url at a self-hosted server"

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from promptmill.config.prices import BATCH, LONG
 from promptmill.jobs.shards import iter_outcomes
 from promptmill.jobs.spec import JobSpec
-from promptmill.jobs.store import JobStore
+from promptmill.jobs.state.store import JobStore
 from promptmill.pipelines.items import Usage
 
 

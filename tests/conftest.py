@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from promptmill.jobs.embedded import EmbeddedRedis
+from promptmill.jobs.state.embedded import EmbeddedRedis
 from tests.anthropic_server import ServerControl
 from tests.support import ROOT, promptmill, read_jsonl  # noqa: F401 - shared with the test modules
 

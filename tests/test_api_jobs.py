@@ -14,7 +14,7 @@ from pathlib import Path
 
 from promptmill.config.prices import PriceTable
 from promptmill.config.settings import Settings
-from promptmill.jobs.store import JobStore
+from promptmill.jobs.state.store import JobStore
 from tests.conftest import ROOT, promptmill, read_jsonl
 from tests.support import PROMPTMILL, write_dataset
 

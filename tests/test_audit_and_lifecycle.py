@@ -13,7 +13,7 @@ import redis
 
 from promptmill.config.secret_logging import MASK, mask_secrets_in_logs
 from promptmill.config.settings import Settings
-from promptmill.jobs.store import JobStore
+from promptmill.jobs.state.store import JobStore
 from tests.conftest import API_KEY, promptmill, read_jsonl
 from tests.test_api_jobs import PIPELINE, job_id_of, write_job
 

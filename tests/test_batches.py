@@ -13,7 +13,7 @@ import redis
 
 from promptmill.config.prices import PriceTable
 from promptmill.config.settings import Settings
-from promptmill.jobs.keys import JobKeys
+from promptmill.jobs.state.keys import JobKeys
 from tests.conftest import promptmill, read_jsonl
 from tests.support import write_dataset
 from tests.test_api_jobs import LABELS, job_id_of
@@ -262,6 +262,19 @@ def test_a_redis_error_while_a_batch_is_polled_is_polled_through_not_the_jobs_en
         kill_tree(run)
     assert sorted(row_of(entry) for entry in batch_entries(fake_api.log())) == list(range(100))
     assert [r["status"] for r in read_jsonl(tmp_path / "out" / "results.jsonl")] == ["ok"] * 100
+
+
+def test_a_batch_that_outlasts_many_holds_is_waited_on_to_its_end(tmp_path, batch_env, fake_api):
+    """A chunk gives its worker back every BATCH_HOLD_S (3 s here) while its batch runs: sent again as
+    often as that takes (Celery's default of 3 retries ended the fourth with MaxRetriesExceededError)."""
+    fake_api.configure(batch_delay_s=16)
+    data, pipeline = write_rows(tmp_path, 30)
+    out = tmp_path / "out"
+    result = promptmill(*batch_run(data, pipeline, out), env=batch_env, timeout=200)
+    assert result.returncode == 0, result.stderr
+    logs = "".join(path.read_text() for path in (out / "logs").glob("*.log"))
+    assert logs.count("retry: Retry in") >= 4 and "MaxRetriesExceededError" not in logs
+    assert len(fake_api.batches()) == 1 and [r["status"] for r in read_jsonl(out / "results.jsonl")] == ["ok"] * 30
 
 
 def test_batch_prices_are_the_list_prices_at_the_tables_discount_cache_and_long_context_included():

@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from promptmill.config.settings import Settings
-from promptmill.jobs.store import JobStore
+from promptmill.jobs.state.store import JobStore
 from tests.conftest import ROOT, promptmill, read_jsonl
 from tests.support import PROMPTMILL, write_dataset
 from tests.test_api_jobs import LABELS, job_id_of, successes_by_prompt, write_job
@@ -248,7 +248,7 @@ def _is_live_worker(process: psutil.Process) -> bool:
 @pytest.mark.chaos
 @pytest.mark.timeout(600)
 def test_redis_killed_and_restarted_mid_job_loses_no_committed_result(tmp_path, env, fake_api):
-    from promptmill.jobs.embedded import EmbeddedRedis
+    from promptmill.jobs.state.embedded import EmbeddedRedis
 
     own_redis = EmbeddedRedis(tmp_path / "redis")
     env = fast_recovery({**env, "PROMPTMILL_REDIS_URL": own_redis.start()})
@@ -331,7 +331,7 @@ def test_cancel_stops_the_workers_sending_and_resume_finishes_the_job(tmp_path, 
 
 @pytest.mark.chaos
 def test_an_embedded_redis_killed_under_a_run_is_brought_back_and_the_run_completes(tmp_path, env, fake_api):
-    from promptmill.jobs.embedded import EmbeddedRedis
+    from promptmill.jobs.state.embedded import EmbeddedRedis
 
     fake_api.configure(latency_ms=10)
     embedded_env = {k: v for k, v in env.items() if k != "PROMPTMILL_REDIS_URL"}  # as on a laptop
@@ -417,7 +417,7 @@ def test_killing_the_worker_that_holds_a_resent_chunk_never_stalls_the_job_past_
 def test_a_run_killed_outright_leaves_no_worker_and_no_redis_running_and_resume_finishes_exactly(tmp_path, env, fake_api):
     """SIGKILL, as a closed terminal or an out-of-memory kill would: the run's local workers see it gone
     and stop within seconds, its embedded Redis stops once idle, and `resume` finishes the job."""
-    from promptmill.jobs.embedded import EmbeddedRedis
+    from promptmill.jobs.state.embedded import EmbeddedRedis
 
     fake_api.configure(latency_ms=50)
     laptop = {k: v for k, v in env.items() if k != "PROMPTMILL_REDIS_URL"}  # the embedded Redis
@@ -453,7 +453,7 @@ def test_a_run_killed_outright_leaves_no_worker_and_no_redis_running_and_resume_
 
 
 def test_a_worker_told_to_stop_just_after_its_redis_stops_exits_within_a_lease(tmp_path, env, fake_api):
-    from promptmill.jobs.embedded import EmbeddedRedis
+    from promptmill.jobs.state.embedded import EmbeddedRedis
 
     own_redis = EmbeddedRedis(tmp_path / "redis")
     worker_env = {**env, "PROMPTMILL_REDIS_URL": own_redis.start(), "PROMPTMILL_LEASE_TTL_S": "3"}

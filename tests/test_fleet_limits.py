@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-from promptmill.jobs.store import JobStore
+from promptmill.jobs.state.store import JobStore
 from tests.conftest import promptmill, read_jsonl
 from tests.test_api_jobs import job_id_of, write_job
 

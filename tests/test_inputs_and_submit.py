@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 
 from promptmill.cli import app
 from promptmill.jobs.readers import InvalidRow, iter_rows
-from promptmill.jobs.store import JobStore
+from promptmill.jobs.state.store import JobStore
 from promptmill.pipelines import load_pipeline, render_request
 from tests.conftest import promptmill, read_jsonl
 from tests.test_api_jobs import PIPELINE, job_id_of, write_job

@@ -12,9 +12,9 @@ import psutil
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from promptmill.jobs.keys import JobKeys
-from promptmill.jobs.pace import bucket_of, percentile_ms
-from promptmill.jobs.store import JobStore
+from promptmill.jobs.state.keys import JobKeys
+from promptmill.jobs.state.pace import bucket_of, percentile_ms
+from promptmill.jobs.state.store import JobStore
 from tests.conftest import promptmill, read_jsonl
 from tests.support import stop, write_dataset
 from tests.test_compare import bill

@@ -10,8 +10,8 @@ import uuid
 import pytest
 import redis
 
-from promptmill.jobs.keys import LIMIT_BREAKER_TRIPS, LIMIT_GRANTED, LIMIT_RATE_LIMITED
-from promptmill.jobs.limits import LimitStore
+from promptmill.jobs.state.keys import LIMIT_BREAKER_TRIPS, LIMIT_GRANTED, LIMIT_RATE_LIMITED
+from promptmill.jobs.state.limits import LimitStore
 from promptmill.pipelines.spec import RateLimits
 from promptmill.workers.limit_signals import LimitHeaders
 from promptmill.workers.rate_limit import (

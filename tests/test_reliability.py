@@ -16,13 +16,13 @@ import redis
 from promptmill.config.celery_config import celery_config
 from promptmill.config.prices import PriceTable
 from promptmill.config.settings import Settings
-from promptmill.jobs.chunk_store import ChunkPayload
+from promptmill.jobs.state.chunks import ChunkPayload
 from promptmill.jobs.dispatch import ChunkSender
-from promptmill.jobs.embedded import EmbeddedRedis
+from promptmill.jobs.state.embedded import EmbeddedRedis
 from promptmill.jobs.files import atomic_write
-from promptmill.jobs.lease import ChunkLease
-from promptmill.jobs.status import JobState
-from promptmill.jobs.store import JobStore
+from promptmill.jobs.state.lease import ChunkLease
+from promptmill.jobs.state.status import JobState
+from promptmill.jobs.state.store import JobStore
 from promptmill.jobs.submission import build_spec
 from promptmill.pipelines.items import ItemOutcome, RenderedRequest, Usage
 from tests.conftest import promptmill, read_jsonl

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import redis
 
-from promptmill.jobs.pace import job_pace
+from promptmill.jobs.state.pace import job_pace
 from tests.conftest import API_KEY, promptmill
 from tests.support import write_dataset
 from tests.test_api_jobs import job_id_of
@@ -49,8 +49,8 @@ def test_old_pace_slots_roll_up_into_coarser_ones_keeping_every_count(redis_url)
     the job's totals, its curve's end and its last minute's rate are what they were."""
     import time
 
-    from promptmill.jobs.keys import JobKeys
-    from promptmill.jobs.pace import SLOT_S, roll_up
+    from promptmill.jobs.state.keys import JobKeys
+    from promptmill.jobs.state.pace import SLOT_S, roll_up
 
     client = redis.Redis.from_url(redis_url)
     job_id = f"pace-{time.time_ns()}"

@@ -20,7 +20,7 @@ import pytest
 
 from promptmill.config.prices import PriceTable
 from promptmill.config.settings import Settings
-from promptmill.jobs.store import JobStore
+from promptmill.jobs.state.store import JobStore
 from promptmill.pipelines import load_pipeline, render_request
 from tests.conftest import ENGINE_MEMORY_SHARE, ROOT, promptmill, read_jsonl
 from tests.support import write_dataset

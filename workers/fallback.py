@@ -19,53 +19,17 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from promptmill.jobs.chunk_store import HandOff
-from promptmill.jobs.fallback import FallbackState
+from promptmill.jobs.state.chunks import HandOff
+from promptmill.jobs.state.fallback import FallbackState
 from promptmill.jobs.spec import JobSpec
 from promptmill.pipelines.items import AttemptError, ErrorKind, ItemError
 from promptmill.workers.backends.base import Call, RawOutcome, Reply
-from promptmill.workers.request_path import Send
-from promptmill.workers.retry import Verdict
+from promptmill.workers.layers import Send
 
 FALLS_BACK = frozenset(
     {ErrorKind.server_error, ErrorKind.timeout, ErrorKind.connection_error, ErrorKind.rate_limited,
      ErrorKind.model_not_found}
 )  # fmt: skip
-
-
-@dataclass
-class Health:
-    """A layer right inside Retry on each model's path: every attempt's outcome, told to the fleet."""
-
-    state: FallbackState
-    link: int
-
-    async def __call__(self, call: Call, send: Send) -> Reply | None:
-        reply = await send(call)
-        if isinstance(reply, Verdict):
-            if reply.server_failure or reply.kind is ErrorKind.model_not_found:
-                self.state.failed(self.link)
-        elif isinstance(reply, RawOutcome) and reply.error is None:
-            self.state.succeeded(self.link)
-        return reply
-
-
-@dataclass
-class OnWire:
-    """The innermost layer but the Gate on a chain's model: marks the call while an attempt is on
-    the wire, the one time a row may not be taken off a model the fleet has left (it is paid for),
-    and counts what was sent, for the record of a row taken off between attempts."""
-
-    async def __call__(self, call: Call, send: Send) -> Reply | None:
-        call.on_wire = True
-        call.wire_attempts += 1
-        try:
-            reply = await send(call)
-        finally:
-            call.on_wire = False
-        if isinstance(reply, Verdict):
-            call.wire_errors.append(AttemptError(status=reply.status, message=reply.message))
-        return reply
 
 
 class Departures:

@@ -18,7 +18,7 @@ import time
 import redis
 from celery.signals import worker_shutting_down
 
-from promptmill.jobs.embedded import PARENT_PID
+from promptmill.workers.local_workers import PARENT_PID
 from promptmill.workers.runtime import current_runtime, runtime
 
 __all__ = ["PARENT_PID", "watch_parent"]

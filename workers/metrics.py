@@ -22,10 +22,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from promptmill.config.prices import PriceTable
 from promptmill.pipelines.items import Usage
-from promptmill.workers.backends.base import Call, Reply
 from promptmill.workers.rate_limit import FleetLimiter
-from promptmill.workers.request_path import Send
-from promptmill.workers.retry import Verdict
 
 MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's own variable: set, a process writes there
 
@@ -93,8 +90,8 @@ def metrics_on(port: int | None) -> bool:
 
 
 @dataclass
-class Measure:
-    """The innermost layer but the Gate: each request sent, counted when its reply comes.
+class Gathered:
+    """A process's requests for one job's model on a backend, gathered until the next flush.
 
     Counts gather in the process and go to prometheus-client at most twice a second (and when a chunk
     ends, `flush`): in multiprocess mode each value written is a locked write to a shared file, and a
@@ -113,30 +110,20 @@ class Measure:
     first_tokens: list[float] = field(default_factory=list)
     in_flight: int = 0
 
-    async def __call__(self, call: Call, send: Send) -> Reply | None:
-        self.in_flight += 1
-        try:
-            reply = await send(call)
-        finally:
-            self.in_flight -= 1
-        if reply is None:
-            return None  # not sent (the gate closed)
-        if isinstance(reply, Verdict):
-            self.statuses[str(reply.status)] += 1
-            if reply.usage is not None:  # broken off mid-answer, and billed for what it said
-                self._add_usage(reply.usage)
-        elif reply.error is not None:  # refused by the engine, or a batch request's error
-            self.statuses[str(reply.errors[-1].status) if reply.errors else "engine_error"] += 1
-        else:
-            self.statuses["200"] += 1
-            self._add_usage(reply.usage)
-            if reply.latency_ms is not None:
-                self.durations.append(reply.latency_ms / 1000)
-            if reply.ttft_ms is not None:
-                self.first_tokens.append(reply.ttft_ms / 1000)
+    def request(
+        self, status: str, usage: Usage | None, latency_ms: float | None = None, ttft_ms: float | None = None
+    ) -> None:
+        """A request's reply: its status (the HTTP status, or timeout, dropped, engine_error), the usage
+        it was billed for, and for an answer its latency and time to first token."""
+        self.statuses[status] += 1
+        if usage is not None:
+            self._add_usage(usage)
+        if latency_ms is not None:
+            self.durations.append(latency_ms / 1000)
+        if ttft_ms is not None:
+            self.first_tokens.append(ttft_ms / 1000)
         if time.monotonic() - _flushed[0] > _FLUSH_EVERY_S:
             flush()
-        return reply
 
     def _add_usage(self, usage: Usage) -> None:
         priced = self.prices.ledger_model(self.model, usage.prompt_tokens) + self.suffix if self.per_token else ""
@@ -174,7 +161,7 @@ class Measure:
 _FLUSH_EVERY_S = 0.5
 _USAGE_FIELDS = tuple(Usage.model_fields)
 _flushed = [0.0]
-_measures: dict[tuple[str, str, str], Measure] = {}
+_measures: dict[tuple[str, str, str], Gathered] = {}
 _rows: collections.Counter = collections.Counter()
 _rows_lock = threading.Lock()
 _limiters: dict[tuple[str, str], FleetLimiter] = {}  # (model, scope) -> the process's limiter for it
@@ -191,11 +178,11 @@ def limiter_waited(seconds: float) -> None:
     _limiter_waits.append(seconds)
 
 
-def measure_for(job_id: str, model: str, backend: str, prices: PriceTable, per_token: bool, suffix: str) -> Measure:
-    """The process's one Measure for a job's model on a backend: every chunk's path shares it."""
+def gathered_for(job_id: str, model: str, backend: str, prices: PriceTable, per_token: bool, suffix: str) -> Gathered:
+    """The process's one gatherer for a job's model on a backend: every chunk's path shares it."""
     key = (job_id, model, backend)
     if key not in _measures:
-        _measures[key] = Measure(job_id, model, backend, prices, per_token, suffix)
+        _measures[key] = Gathered(job_id, model, backend, prices, per_token, suffix)
     return _measures[key]
 
 

@@ -26,7 +26,7 @@ from typing import Callable
 import redis
 from aiolimiter import AsyncLimiter
 
-from promptmill.jobs.keys import LIMIT_PAUSE, limiter_key
+from promptmill.jobs.state.keys import LIMIT_PAUSE, limiter_key
 from promptmill.pipelines.spec import RateLimits
 from promptmill.workers.limit_signals import LimitHeaders
 

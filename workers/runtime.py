@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import importlib
 import os
 import threading
 import time
@@ -22,54 +23,37 @@ from typing import Awaitable, Callable, Hashable, Iterator, TypeVar
 
 from promptmill.config.prices import PriceTable
 from promptmill.config.settings import Settings
-from promptmill.jobs.chunk_store import HandOff
-from promptmill.jobs.fallback import FallbackState
-from promptmill.jobs.pace import PaceRecorder
+from promptmill.jobs.state.chunks import HandOff
+from promptmill.jobs.state.fallback import FallbackState
+from promptmill.jobs.state.pace import PaceRecorder
 from promptmill.jobs.shards import shards_reachable
 from promptmill.jobs.spec import JobSpec
-from promptmill.jobs.store import JobStore
+from promptmill.jobs.state.store import JobStore
 from promptmill.pipelines.spec import RateLimits
-from promptmill.workers.backends.anthropic import AnthropicBackend
-from promptmill.workers.backends.anthropic_batch import AnthropicBatchBackend
 from promptmill.workers.backends.base import Backend, BackendFactory
-from promptmill.workers.backends.openai import OpenAIBackend
-from promptmill.workers.backends.vllm import VLLMBackend
 from promptmill.workers.concurrency import AdaptiveConcurrency
-from promptmill.workers.fallback import Fallback, Health, OnWire
+from promptmill.workers.fallback import Fallback
 from promptmill.workers.limit_signals import InputTokenEstimate
 from promptmill.workers.metrics import (
     forget_measures,
+    gathered_for,
     jobs_measured,
     limiter_waited,
-    measure_for,
     metrics_on,
     watch_limiter,
 )
 from promptmill.workers.rate_limit import FleetLimiter
-from promptmill.workers.request_path import (
-    AttemptLog,
-    Audit,
-    Budget,
-    ChunkAttemptLog,
-    Concurrency,
-    Gate,
-    Layer,
-    Ledger,
-    Limit,
-    Retry,
-    Send,
-    compose,
-)
+from promptmill.workers.layers import AttemptLog, ChunkAttemptLog, Gate, Health, RequestSeen, Send
+from promptmill.workers.request_path import PathParts, build_path
 
 T = TypeVar("T")
 
-# The backend registry: JobSpec.backend -> how to build one.
-BACKENDS: dict[str, BackendFactory] = {
-    "anthropic": AnthropicBackend,
-    "anthropic-batch": AnthropicBatchBackend,
-    "openai": OpenAIBackend,
-    "vllm": VLLMBackend,
-}
+
+
+def transport(job: JobSpec) -> BackendFactory:
+    """How to build the job's backend: the transport its descriptor names (config/backends.py)."""
+    module, _, name = job.info.transport.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 @dataclass
@@ -185,14 +169,14 @@ class WorkerRuntime:
     async def _served(self, job: JobSpec) -> _Served:
         """The process's backend for the job; one that cannot serve it (an engine with other
         arguments: one engine per process, since it holds the device) is closed and replaced."""
-        factory = BACKENDS[job.backend]
+        factory = transport(job)
         identity = factory.identity(job, self.settings)
         served = self.served.get(job.backend)
         if served is None or served.identity != identity:
             if served is not None:
                 self.served.pop(job.backend)
                 await served.backend.close()
-            backend = factory(job, self.settings)
+            backend = factory(job, self.settings, self.store)
             ceiling = backend.max_in_flight
             slots = None if ceiling is None else AdaptiveConcurrency(ceiling=ceiling)
             served = self.served[job.backend] = _Served(backend, identity, slots)
@@ -216,9 +200,9 @@ class WorkerRuntime:
     async def request_path(
         self, job: JobSpec, attempts: ChunkAttemptLog, gate: Gate, start: int = 0, carried: dict[int, HandOff] | None = None
     ) -> Send:
-        """The layers every request of this chunk goes through, in order (workers/request_path.py);
-        with a fallback chain, one path per model under the chain (workers/fallback.py), for the
-        models served on the queue of the one this run starts at (`start`, with what its rows carry)."""
+        """The path every request of this chunk goes through (workers/request_path.py); with a
+        fallback chain, one path per model under the chain (workers/fallback.py), for the models served
+        on the queue of the one this run starts at (`start`, with what its rows carry)."""
         links = job.links()
         if len(links) == 1:
             return await self._path(job, attempts, gate)
@@ -227,50 +211,39 @@ class WorkerRuntime:
         state = self.fallbacks[job.job_id]
         queue = links[start].queue
         paths: list[Send | None] = [
-            await self._path(link, attempts.for_model(link.model, first=i == 0), gate, Health(state, i), OnWire())
+            await self._path(link, attempts.for_model(link.model, first=i == 0), gate, Health(state, i))
             if i >= start and link.queue == queue else None
             for i, link in enumerate(links)
         ]  # fmt: skip
         return Fallback(list(zip(links, paths)), state, start, carried or {})
 
-    async def _path(
-        self, job: JobSpec, attempts: AttemptLog, gate: Gate, health: Layer | None = None, on_wire: Layer | None = None
-    ) -> Send:
+    async def _path(self, job: JobSpec, attempts: AttemptLog, gate: Gate, health: Health | None = None) -> Send:
+        """One model's path, of the process's backend and state for it."""
         served = await self._served(job)
         backend = served.backend
         limiter = self._limiter(backend, job)
         prices = self.prices_for(job)
-        # A layer that does not apply is left out: an engine schedules its own batch and has no
-        # provider's limit; a job without a cap (read once per chunk) holds no budget.
-        layers: list[Layer] = [Audit(), Retry(attempts, self.settings, backend.label)]
-        if health is not None:  # a chain's model: each attempt told to the fleet (workers/fallback.py)
-            layers.append(health)
-        if served.slots is not None:
-            layers.append(Concurrency(served.slots, limiter))
-        if backend.billed_per_token and self.store.budgets.has_cap(job.job_id):
-            layers.append(Budget(self.store.budgets, prices, served.estimate, backend.ledger_suffix))
-        layers.append(Ledger(prices, backend.billed_per_token, backend.ledger_suffix))
-        if limiter is not None:
-            if self.metrics:
-                watch_limiter(job.model, limiter)
-            layers.append(Limit(limiter, served.estimate, backend, self._request_seen(job.job_id)))
-        if on_wire is not None:
-            layers.append(on_wire)
-        if self.metrics:
-            layers.append(
-                measure_for(job.job_id, job.model, backend.name, prices, backend.billed_per_token, backend.ledger_suffix)
-            )
-        layers.append(gate)
-        return compose(layers, backend)
+        if limiter is not None and self.metrics:
+            watch_limiter(job.model, limiter)
+        info = job.info
+        gathered = (
+            gathered_for(job.job_id, job.model, job.backend, prices, info.billed_per_token, info.ledger_suffix)
+            if self.metrics else None
+        )  # fmt: skip
+        return build_path(PathParts(
+            job, backend, self.settings, prices, attempts, gate, served.estimate, served.slots, limiter,
+            budgets=self.store.budgets if self.store.budgets.has_cap(job.job_id) else None,  # read once per chunk
+            health=health, seen=self._request_seen(job.job_id) if limiter is not None else None, gathered=gathered,
+        ))  # fmt: skip
 
-    def _request_seen(self, job_id: str) -> Callable[[float, bool, bool, float | None], None]:
+    def _request_seen(self, job_id: str) -> Callable[[RequestSeen], None]:
         """What a request sent under a limiter tells: the job's request pace (`report`), and the
         limiter's wait (metrics)."""
 
-        def seen(held_s: float, rate_limited: bool, server_failure: bool, rpm: float | None) -> None:
-            self.pace.request(job_id, held_s, rate_limited, server_failure, rpm)
+        def seen(request: RequestSeen) -> None:
+            self.pace.request(job_id, request)
             if self.metrics:
-                limiter_waited(held_s)
+                limiter_waited(request.held_s)
 
         return seen
 

@@ -15,11 +15,11 @@ import threading
 from amqp.exceptions import ChannelError
 from celery.signals import worker_ready
 
-from promptmill.jobs.chunk_store import parse_run_id
+from promptmill.jobs.state.chunks import parse_run_id
 from promptmill.jobs.dispatch import ChunkSender
-from promptmill.jobs.pace import roll_up
-from promptmill.jobs.status import JobState
-from promptmill.jobs.store import JobStore
+from promptmill.jobs.state.pace import roll_up
+from promptmill.jobs.state.status import JobState
+from promptmill.jobs.state.store import JobStore
 from promptmill.workers.app import app
 from promptmill.workers.metrics import JOBS_HELD
 from promptmill.workers.runtime import WorkerRuntime, runtime

@@ -19,12 +19,12 @@ import redis
 from celery.signals import worker_shutdown
 
 from promptmill.config.celery_config import TASK_RUN_CHUNK
-from promptmill.jobs.chunk_store import run_id
+from promptmill.jobs.state.chunks import run_id
 from promptmill.jobs.dispatch import ChunkSender
-from promptmill.jobs.lease import ChunkLease
+from promptmill.jobs.state.lease import ChunkLease
 from promptmill.jobs.shards import flush_chunk
 from promptmill.jobs.spec import JobSpec
-from promptmill.jobs.store import JobStore
+from promptmill.jobs.state.store import JobStore
 from promptmill.pipelines.items import ErrorKind, ItemError, ItemOutcome, RenderedRequest, iso_utc
 from promptmill.pipelines.parse import OutputParseError, parse_output
 from promptmill.workers.app import app
@@ -32,7 +32,8 @@ from promptmill.workers.backends.base import EngineDied, FatalJobError, RawOutco
 from promptmill.workers.fallback import handoff_of
 from promptmill.workers.metrics import count_row
 from promptmill.workers.metrics import flush as flush_metrics
-from promptmill.workers.request_path import Billed, Gate, fan_out
+from promptmill.workers.layers import Billed, Gate
+from promptmill.workers.request_path import fan_out
 from promptmill.workers.runtime import WorkerRuntime, current_runtime, runtime
 
 log = logging.getLogger(__name__)
@@ -185,7 +186,9 @@ class _LeasedElsewhere(Exception):
 MAX_REDIS_ERRORS = 3  # a Redis error (a restart, a failover) is retried; anything else stops the job
 
 
-@app.task(bind=True, name=TASK_RUN_CHUNK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+# max_retries=None: a chunk is sent again as often as it waits (on a lease, on a batch for up to a day);
+# Celery's default of 3 would end a batch chunk's fourth hold with MaxRetriesExceededError.
+@app.task(bind=True, name=TASK_RUN_CHUNK, acks_late=True, reject_on_worker_lost=True, ignore_result=True, max_retries=None)
 def run_chunk(self, job_id: str, chunk_id: str, errors: int = 0, link: int = 0) -> str:
     # `errors` counts Redis failures on this chunk; waiting for another worker's lease is no error.
     # `link`: run only the chunk's rows handed to that model of the job's fallback chain.
@@ -194,23 +197,23 @@ def run_chunk(self, job_id: str, chunk_id: str, errors: int = 0, link: int = 0) 
             return _run_chunk(job_id, chunk_id, link)
     except _LeasedElsewhere as leased:
         # Another worker holds the chunk (or held it and died): look again when its lease runs out.
-        raise self.retry(countdown=leased.wait_s, max_retries=None)
+        raise self.retry(countdown=leased.wait_s)
     except _StillWaiting:
         # Its rows wait on the provider's batch: give the worker's slot back and look again soon. The
         # sweeper must not take the delayed message for a lost one meanwhile.
         countdown = runtime().settings.batch_poll_min_s
         runtime().store.chunks.sent_later(job_id, run_id(chunk_id, link), time.time() + countdown)
-        raise self.retry(countdown=countdown, max_retries=None)
+        raise self.retry(countdown=countdown)
     except EngineDied as died:
         # Counted as its worker dying (the chunk's run count stays), so a row that kills engines is
         # found and failed as poison; the next run starts a new engine.
         log.error("chunk %s of job %s: %s", chunk_id, job_id, died)
-        raise self.retry(countdown=1, max_retries=None)
+        raise self.retry(countdown=1)
     except redis.RedisError:
         if errors >= MAX_REDIS_ERRORS:
             raise  # Redis is gone for now: the chunk is stranded, and the sweeper sends it again later
         log.exception("chunk %s of job %s: Redis failed; retrying", chunk_id, job_id)
-        raise self.retry(kwargs={"errors": errors + 1, "link": link}, countdown=2**errors, max_retries=None)
+        raise self.retry(kwargs={"errors": errors + 1, "link": link}, countdown=2**errors)
     except Exception as error:  # noqa: BLE001 - not the rows' fault: stop the job, fail no row
         # A missing key, a bug, a spec from another version: every row would fail the same way and
         # be lost for good. The job stops with the reason; `resume` goes on once it is fixed.

@@ -10,11 +10,12 @@ from rich.console import Console
 from rich.markup import escape
 
 from promptmill.config.settings import MAX_CHUNK_SIZE, Settings, get_settings
-from promptmill.jobs.embedded import redis_url_for
+from promptmill.jobs.state.embedded import redis_url_for
 from promptmill.jobs.readers import INPUT_FORMATS
-from promptmill.jobs.spec import BACKENDS, JobSpec
-from promptmill.jobs.status import JobState
-from promptmill.jobs.store import JobStore
+from promptmill.config.backends import BACKENDS, DEFAULT_BACKEND
+from promptmill.jobs.spec import JobSpec
+from promptmill.jobs.state.status import JobState
+from promptmill.jobs.state.store import JobStore
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -74,11 +75,10 @@ def expire_if_finished(store: JobStore, job_id: str, settings: Settings) -> None
 JobArg = Annotated[str, typer.Argument(metavar="JOB", help="A job id (`promptmill jobs` lists them).")]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for machines.")]
 BackendOption = typer.Option(
-    "anthropic",
+    DEFAULT_BACKEND,
     "--backend",
     "-b",
-    help=f"{', '.join(BACKENDS)}: Anthropic's API, its Message Batches at half price (results within 24 h), "
-    "an OpenAI-compatible server, or the local engine.",
+    help="; ".join(f"{name}: {info.summary}" for name, info in BACKENDS.items()) + ".",
 )
 RpmOption = typer.Option(None, "--rpm", min=1, help="The account's requests per minute (default: from its headers).")
 InputTpmOption = typer.Option(

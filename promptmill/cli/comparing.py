@@ -16,10 +16,10 @@ from rich.table import Table
 
 from promptmill.cli.app import FormatOption, JsonFlag, app, err, expire_if_finished, fail, open_store, out
 from promptmill.cli.new_job import create_job
-from promptmill.cli.running import DEFAULT_WORKERS, check_model_built, drive, reopen
+from promptmill.cli.running import check_model_built, drive, reopen
 from promptmill.config.settings import Settings, get_settings
-from promptmill.jobs.compare.page import write_compare_page
-from promptmill.jobs.compare.plan import (
+from promptmill.reports.compare.page import write_compare_page
+from promptmill.reports.compare.plan import (
     SAMPLE_FILE,
     CompareError,
     ComparePlan,
@@ -29,14 +29,14 @@ from promptmill.jobs.compare.plan import (
     parse_contender,
     read_sample,
 )
-from promptmill.jobs.compare.score import Score, accuracy, agreement, answer_of, confusion, score_records
+from promptmill.reports.compare.score import Score, accuracy, agreement, answer_of, confusion, score_records
 from promptmill.jobs.export import export_job
 from promptmill.jobs.files import atomic_write
 from promptmill.jobs.ledger import cost_report
 from promptmill.jobs.readers import INPUT_FORMATS, detect_format
 from promptmill.jobs.spec import JobSpec
-from promptmill.jobs.status import JobState
-from promptmill.jobs.store import JobStore
+from promptmill.jobs.state.status import JobState
+from promptmill.jobs.state.store import JobStore
 from promptmill.jobs.submission import SubmitError, build_spec
 from promptmill.pipelines.spec import Pipeline
 
@@ -89,7 +89,7 @@ def _run_contender(
         resuming = True
         if reopen(settings, store, spec).state is JobState.complete:
             return _finish(settings, store, spec, contender)
-    drive(settings, store, url, spec, workers or DEFAULT_WORKERS[spec.backend], resuming, go_on)
+    drive(settings, store, url, spec, workers or spec.info.local_workers, resuming, go_on)
     _finish(settings, store, spec, contender)
 
 

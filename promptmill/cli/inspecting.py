@@ -26,15 +26,16 @@ from promptmill.cli.app import (
     spec_or_fail,
 )
 from promptmill.cli.new_job import JobRequest
+from promptmill.config.backends import DEFAULT_BACKEND
 from promptmill.config.prices import PriceTable
 from promptmill.config.settings import get_settings
-from promptmill.jobs.fallback import fallback_status
+from promptmill.jobs.state.fallback import fallback_status
 from promptmill.jobs.ledger import cost_report
-from promptmill.jobs.pace import job_pace
-from promptmill.jobs.report import write_report
+from promptmill.jobs.state.pace import job_pace
+from promptmill.reports.report import write_report
 from promptmill.jobs.spec import JobSpec
-from promptmill.jobs.status import JobStatus
-from promptmill.jobs.store import JobStore
+from promptmill.jobs.state.status import JobStatus
+from promptmill.jobs.state.store import JobStore
 from promptmill.jobs.verify import verify_job
 
 
@@ -62,7 +63,7 @@ def _status_dict(spec: JobSpec, status: JobStatus, prices: PriceTable, store: Jo
         "paid_twice": {"models": report.paid_twice, "cost_usd": float(report.paid_twice_usd)},
         "budget": vars(store.budgets.get(spec.job_id)),
         "limits": None if status.limit_scope is None else store.limits.summary(status.limit_scope, spec.limits),
-        **({"batches": _batches(store, spec.job_id)} if spec.backend == "anthropic-batch" else {}),
+        **({"batches": _batches(store, spec.job_id)} if spec.info.batches else {}),
         **({"fallback": chain} if (chain := fallback_status(store.redis, spec)) is not None else {}),
         **job_pace(store.redis, spec.job_id, status.pending if status.produced else max(status.pending, 1)).as_dict(),
         "out_dir": spec.out_dir,
@@ -180,10 +181,10 @@ def estimate(
     """What a job would cost before it runs: input tokens counted by the API, low and high dollars, time."""
     import anthropic
 
-    from promptmill.jobs.estimate import estimate_job
+    from promptmill.reports.estimate import estimate_job
 
     settings = get_settings()
-    asked = JobRequest(input_path, pipeline, "anthropic", model, None, None, rpm, input_tpm, output_tpm, input_format, None)
+    asked = JobRequest(input_path, pipeline, DEFAULT_BACKEND, model, None, None, rpm, input_tpm, output_tpm, input_format, None)
     spec = asked.spec(settings)
     client = anthropic.Anthropic(api_key=settings.api_key(), base_url=settings.anthropic_base_url)
 

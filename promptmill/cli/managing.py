@@ -12,8 +12,8 @@ from promptmill.cli.app import JobArg, app, err, expire_if_finished, fail, open_
 from promptmill.config.settings import Settings, get_settings
 from promptmill.jobs.export import EXPORT_FORMATS, FilesKept, export_job, own_folder, remove_job_files
 from promptmill.jobs.shards import ShardError
-from promptmill.jobs.status import JobState
-from promptmill.jobs.store import JobStore
+from promptmill.jobs.state.status import JobState
+from promptmill.jobs.state.store import JobStore
 
 
 @app.command()
@@ -23,7 +23,7 @@ def cancel(job_id: JobArg) -> None:
         if store.status(job_id).state is JobState.complete:
             fail(f"job {job_id} is already complete")
         store.set_state(job_id, JobState.cancelled)
-        if spec.backend == "anthropic-batch":
+        if spec.info.batches:
             _cancel_batches(settings, store, job_id)
     out.print(f"job {job_id} cancelled")
 

@@ -25,8 +25,9 @@ from promptmill.cli.app import (
 from promptmill.config.settings import Settings
 from promptmill.jobs.readers import INPUT_FORMATS
 from promptmill.jobs.shards import prepare_shards
-from promptmill.jobs.spec import Backend, JobSpec
-from promptmill.jobs.store import JobStore
+from promptmill.config.backends import BackendName
+from promptmill.jobs.spec import JobSpec
+from promptmill.jobs.state.store import JobStore
 from promptmill.jobs.submission import SubmitError, build_spec
 from promptmill.pipelines.spec import RateLimits
 
@@ -34,7 +35,7 @@ from promptmill.pipelines.spec import RateLimits
 _OPTIONS: list[tuple[str, Any, Any]] = [
     ("input_path", Path, typer.Argument(..., metavar="INPUT", help="A JSONL, JSON, CSV or Parquet file.")),
     ("pipeline", Path, typer.Option(..., "--pipeline", "-p", help="The pipeline TOML file.")),
-    ("backend", Backend, BackendOption),
+    ("backend", BackendName, BackendOption),
     ("model", Optional[str], typer.Option(None, help="Overrides the pipeline's model.")),
     ("out_dir", Optional[Path], typer.Option(None, "--out", help="Output folder (default: promptmill-out/JOB).")),
     ("chunk_size", Optional[int], ChunkSizeOption),
@@ -50,7 +51,7 @@ _OPTIONS: list[tuple[str, Any, Any]] = [
 class JobRequest:
     input_path: Path
     pipeline: Path
-    backend: Backend
+    backend: BackendName
     model: str | None
     out_dir: Path | None
     chunk_size: int | None

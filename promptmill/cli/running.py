@@ -13,21 +13,19 @@ from promptmill.cli.app import JobArg, app, err, expire_if_finished, fail, open_
 from promptmill.cli.new_job import JobRequest, job_command
 from promptmill.config.settings import Settings, get_settings
 from promptmill.jobs.dispatch import ChunkSender
-from promptmill.jobs.embedded import LocalWorkers, embedded_redis
+from promptmill.jobs.state.embedded import embedded_redis
+from promptmill.workers.local_workers import LocalWorkers
 from promptmill.jobs.enqueue import enqueue
 from promptmill.jobs.export import export_job
 from promptmill.jobs.ledger import cost_report
 from promptmill.jobs.producer import ProducerFailed
-from promptmill.jobs.progress import JobProgress, WorkersExited, wait_for_job
+from promptmill.reports.progress import JobProgress, WorkersExited, wait_for_job
 from promptmill.jobs.retry_failed import requeue_failed
 from promptmill.jobs.shards import ShardError, prepare_shards
 from promptmill.jobs.spec import JobSpec
-from promptmill.jobs.status import JobState, JobStatus
-from promptmill.jobs.store import JobStore
+from promptmill.jobs.state.status import JobState, JobStatus
+from promptmill.jobs.state.store import JobStore
 from promptmill.workers.metrics_server import serving
-
-DEFAULT_WORKERS = {"anthropic": 2, "anthropic-batch": 1, "openai": 2, "vllm": 1}
-
 
 def _sigterm_as_interrupt() -> None:
     """SIGTERM stops a run as Ctrl-C does: local workers are stopped, the job stays resumable."""
@@ -112,7 +110,7 @@ def check_model_built(spec: JobSpec, settings: Settings) -> None:
     from promptmill.workers.local_model import ModelNotBuiltError, resolve_model
 
     for i, link in enumerate(spec.links()):
-        if link.backend == "vllm":
+        if link.info.local:
             try:
                 resolve_model(link.model, settings)
             except ModelNotBuiltError as missing:
@@ -131,7 +129,7 @@ def run(
     out.print(f"job {spec.job_id}", highlight=False)
     with open_store(settings) as (store, url):
         request.create(store, spec)
-        _run_to_end(settings, store, url, spec, workers or DEFAULT_WORKERS[spec.backend], resuming=False)
+        _run_to_end(settings, store, url, spec, workers or spec.info.local_workers, resuming=False)
 
 
 @job_command("submit")
@@ -214,4 +212,4 @@ def resume(
             highlight=False,
             soft_wrap=True,
         )
-        _run_to_end(settings, store, url, spec, workers or DEFAULT_WORKERS[spec.backend], resuming=True)
+        _run_to_end(settings, store, url, spec, workers or spec.info.local_workers, resuming=True)

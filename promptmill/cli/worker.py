@@ -16,7 +16,7 @@ from promptmill.cli.app import app, fail, out
 from promptmill.config.celery_config import QUEUES
 from promptmill.config.secret_logging import mask_secrets_in_logs, redis_password
 from promptmill.config.settings import get_settings
-from promptmill.jobs.embedded import redis_url_for
+from promptmill.jobs.state.embedded import redis_url_for
 
 
 @app.command()

@@ -17,6 +17,7 @@ from anthropic.types import Message
 
 from promptmill.config.settings import Settings
 from promptmill.jobs.spec import JobSpec
+from promptmill.jobs.state.store import JobStore
 from promptmill.pipelines.items import RenderedRequest, Usage
 from promptmill.workers.backends.base import Call, FatalJobError, RawOutcome, Reply
 from promptmill.workers.limit_signals import LimitHeaders, account_scope
@@ -87,13 +88,10 @@ def _usage_so_far(stream: Any) -> Usage | None:
 
 
 class AnthropicBackend:
-    name = "anthropic"
     label = "the Anthropic API"
-    billed_per_token = True
-    ledger_suffix = ""
     hold_s = None
 
-    def __init__(self, job: JobSpec, settings: Settings):
+    def __init__(self, job: JobSpec, settings: Settings, store: JobStore | None = None):
         self.api_key = settings.api_key()
         if not self.api_key:
             raise FatalJobError("no API key in this worker: set ANTHROPIC_API_KEY (or PROMPTMILL_ANTHROPIC_API_KEY)")

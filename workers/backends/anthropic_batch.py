@@ -27,11 +27,10 @@ import anthropic
 import orjson
 import redis
 
-from promptmill.config.prices import BATCH
 from promptmill.config.settings import Settings
-from promptmill.jobs.batches import ENDED, BatchCounts, BatchIntent
+from promptmill.jobs.state.batches import ENDED, BatchCounts, BatchIntent
 from promptmill.jobs.spec import JobSpec
-from promptmill.jobs.store import JobStore
+from promptmill.jobs.state.store import JobStore
 from promptmill.pipelines.items import ErrorKind
 from promptmill.workers.backends.anthropic import AnthropicBackend, message_outcome, message_params
 from promptmill.workers.backends.base import Call, FatalJobError, Reply
@@ -72,6 +71,14 @@ class _Arrival:
     size: int  # bytes of the request as JSON: they count against the batch's 256 MB
 
 
+@dataclass(frozen=True)
+class _Made:
+    """The batch the provider made of an intent."""
+
+    batch_id: str
+    created_at: float  # epoch seconds
+
+
 @dataclass
 class _Batch:
     """A provider batch this process waits on, and the rows waiting."""
@@ -96,19 +103,14 @@ class _Batch:
 
 
 class AnthropicBatchBackend:
-    name = "anthropic-batch"
     label = "the Anthropic Message Batches API"
     max_in_flight = None  # every row of a chunk goes in at once: the provider schedules the batch
-    billed_per_token = True
     one_token_budget = False
-    ledger_suffix = BATCH
 
-    def __init__(self, job: JobSpec, settings: Settings):
+    def __init__(self, job: JobSpec, settings: Settings, store: JobStore | None = None):
         api_key = settings.api_key()
         if not api_key:
             raise FatalJobError("no API key in this worker: set ANTHROPIC_API_KEY (or PROMPTMILL_ANTHROPIC_API_KEY)")
-        if not settings.redis_url:
-            raise RuntimeError("a batch worker needs its Redis URL in its settings")
         self.settings = settings
         self.hold_s: float | None = settings.batch_hold_s
         # Polling and reading a batch are not a row's attempts: the SDK's own retries (with backoff)
@@ -118,11 +120,12 @@ class AnthropicBatchBackend:
             api_key=api_key, base_url=settings.anthropic_base_url, max_retries=4, timeout=settings.request_timeout_s
         )
         self._create_once = self.client.with_options(max_retries=0)
-        self.store = JobStore.from_url(settings.redis_url)
+        self.store = store  # the worker's: where its batches are recorded
         self._arriving: dict[str, list[_Arrival]] = {}  # job id -> rows gathered for its next batch
         self._gatherers: dict[str, asyncio.Task] = {}
         self._batches: dict[str, _Batch] = {}  # batch id -> the rows this process waits on in it
         self._pollers: set[asyncio.Task] = set()
+        self._creating: dict[str, asyncio.Future[_Made | None]] = {}  # intent id -> its create's answer
 
     @staticmethod
     def identity(job: JobSpec, settings: Settings) -> Hashable:
@@ -192,26 +195,51 @@ class AnthropicBatchBackend:
         except redis.RedisError as error:
             _fail(group, error)
             return
+        # Another run of these rows in this process (after a chunk's hold) waits on this answer.
+        creating = self._creating[intent.intent_id] = asyncio.get_running_loop().create_future()
+        made: _Made | None = None
         try:
-            batch = await self._create_once.messages.batches.create(requests=[arrival.request for arrival in group])
-        except anthropic.APIError as error:
-            verdict = classify(error)
-            if verdict.status not in _UNCLEAR and not verdict.server_failure:
-                self._unmade(job, intent, group, verdict)  # refused: no batch was made
+            try:
+                batch = await self._create_once.messages.batches.create(requests=[arrival.request for arrival in group])
+            except anthropic.APIError as error:
+                verdict = classify(error)
+                if verdict.status not in _UNCLEAR and not verdict.server_failure:
+                    self._unmade(job, intent, group, verdict)  # refused: no batch was made
+                    return
+                log.warning("job %s: creating a batch failed (%s); looking for it before sending its rows again",
+                            job.job_id, error)  # fmt: skip
+                made = await self._find(job, intent.intent_id, group, verdict)
                 return
-            log.warning("job %s: creating a batch failed (%s); looking for it before sending its rows again",
-                        job.job_id, error)  # fmt: skip
-            await self._look_for(job, intent.intent_id, group, verdict)
-            return
-        self._made(job, intent, batch.id, batch.created_at.timestamp(), group)
+            made = _Made(batch.id, batch.created_at.timestamp())
+            self._made(job, intent, made, group)
+        finally:
+            creating.set_result(made)
+            self._creating.pop(intent.intent_id, None)
 
-    async def _look_for(self, job: JobSpec, intent_id: str, group: list[_Arrival], failed: Verdict | None = None) -> None:
+    async def _look_for(self, job: JobSpec, intent_id: str, group: list[_Arrival]) -> None:
+        """Rows of an intent whose batch is not recorded: if its create is on its way in this process
+        (these rows' earlier run ended its hold meanwhile), its answer tells; else it was lost (a
+        worker killed before it recorded the batch): the batch is looked for."""
+        if intent_id not in self._creating:
+            await self._find(job, intent_id, group)
+            return
+        made = await asyncio.shield(self._creating[intent_id])
+        if made is None:  # no batch was made: the rows go in a new one
+            for packed in _packed(group):
+                await self._create(job, packed)
+            return
+        for arrival in group:
+            self._wait_on(job, made.batch_id, intent_id, made.created_at, arrival)
+
+    async def _find(
+        self, job: JobSpec, intent_id: str, group: list[_Arrival], failed: Verdict | None = None
+    ) -> _Made | None:
         """The provider's answer to the intent's create was lost: wait on the batch it made, if it made
         one; else the rows' attempt failed (`failed`), or, after a kill, their next run sends them anew."""
         intent = self.store.batches.intent(job.job_id, intent_id)
         if intent is None:  # its record is gone (the job's keys were deleted): nothing to look for
             _resolve(group, failed)
-            return
+            return None
         try:
             found = await self._made_of(intent)
         except anthropic.APIError as error:
@@ -219,7 +247,7 @@ class AnthropicBatchBackend:
             # run (after its hold) looks again.
             log.warning("job %s: looking for batch of intent %s failed (%s)", job.job_id, intent_id, error)
             _resolve(group, None)
-            return
+            return None
         if found is None:
             if failed is None:
                 self.store.batches.unmade(job.job_id, intent)
@@ -227,13 +255,20 @@ class AnthropicBatchBackend:
                     await self._create(job, packed)
             else:
                 self._unmade(job, intent, group, failed)
-            return
+            return None
         log.info("job %s: found batch %s, made of intent %s", job.job_id, found.id, intent_id)
-        self._made(job, intent, found.id, found.created_at.timestamp(), group)
+        made = _Made(found.id, found.created_at.timestamp())
+        self._made(job, intent, made, group)
+        return made
 
     async def _made_of(self, intent: BatchIntent) -> Any:
         """The provider's batch made of this intent: of its size, created from its time on (a few
         minutes' margin for clocks), and no job's of this fleet; the earliest such. None: none was made."""
+        # This process's creates on their way are let finish first: each of their batches is then
+        # recorded as its own before the list is read, and never taken for another's.
+        others = [future for intent_id, future in self._creating.items() if intent_id != intent.intent_id]
+        if others:
+            await asyncio.wait([asyncio.shield(future) for future in others])
         candidates = []
         async for batch in self.client.messages.batches.list(limit=100):  # newest first
             if batch.created_at.timestamp() < intent.at - _CLOCK_MARGIN_S:
@@ -246,14 +281,14 @@ class AnthropicBatchBackend:
         candidates = [batch for batch in candidates if batch.id not in owned]
         return min(candidates, key=lambda batch: batch.created_at) if candidates else None
 
-    def _made(self, job: JobSpec, intent: BatchIntent, batch_id: str, created_at: float, group: list[_Arrival]) -> None:
+    def _made(self, job: JobSpec, intent: BatchIntent, made: _Made, group: list[_Arrival]) -> None:
         try:
-            self.store.batches.record(job.job_id, intent, batch_id, created_at)
+            self.store.batches.record(job.job_id, intent, made.batch_id, made.created_at)
         except redis.RedisError:  # the batch is paid for: wait on it all the same
-            log.exception("job %s: could not record batch %s; a run after a kill looks for it again", job.job_id, batch_id)
-        log.info("job %s: batch %s with %d requests", job.job_id, batch_id, len(group))
+            log.exception("job %s: could not record batch %s; a run after a kill looks for it again", job.job_id, made.batch_id)
+        log.info("job %s: batch %s with %d requests", job.job_id, made.batch_id, len(group))
         for arrival in group:
-            self._wait_on(job, batch_id, intent.intent_id, created_at, arrival, fresh=True)
+            self._wait_on(job, made.batch_id, intent.intent_id, made.created_at, arrival, fresh=True)
 
     def _unmade(self, job: JobSpec, intent: BatchIntent, group: list[_Arrival], verdict: Verdict) -> None:
         """No batch was made of the intent: each row's attempt failed (the retry layer decides on each)."""
@@ -363,7 +398,6 @@ class AnthropicBatchBackend:
         for task in [*self._gatherers.values(), *self._pollers]:
             task.cancel()
         await self.client.close()
-        self.store.redis.close()
 
 
 def _resolve(group: list[_Arrival], reply: Reply | None) -> None:

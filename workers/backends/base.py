@@ -18,6 +18,7 @@ from typing import Hashable, Protocol
 
 from promptmill.config.settings import Settings
 from promptmill.jobs.spec import JobSpec
+from promptmill.jobs.state.store import JobStore
 from promptmill.pipelines.items import AttemptError, ItemError, RenderedRequest, Usage
 from promptmill.workers.limit_signals import LimitHeaders
 from promptmill.workers.retry import Verdict
@@ -75,17 +76,16 @@ Reply = RawOutcome | Verdict
 
 
 class Backend(Protocol):
-    name: str  # as in JobSpec.backend
+    """A backend's transport; its identity (name, queue, pricing, batching) is its descriptor's
+    (config/backends.py, `JobSpec.info`)."""
+
     label: str  # how messages name the provider: "the Anthropic API"
     # The most requests in flight per process, adapted to the provider's latency; None: the backend
     # schedules its own (an engine's batch), so every request goes in at once.
     max_in_flight: int | None
-    billed_per_token: bool  # False: priced by engine time, so no per-request budget hold
     # True: the provider counts the prompt plus `max_tokens` against one token budget (OpenAI), kept
     # in the limiter's input bucket; False: input and generated output are budgets of their own.
     one_token_budget: bool
-    # Appended to the ledger's model name: "@batch" for requests billed at the batch discount.
-    ledger_suffix: str
     # None: a chunk runs until its rows are answered. Seconds: a chunk that waits on the provider
     # (a batch) gives its worker back after this long and is sent again (its rows stay where they are).
     hold_s: float | None
@@ -112,4 +112,6 @@ class BackendFactory(Protocol):
         with other arguments)."""
         ...
 
-    def __call__(self, job: JobSpec, settings: Settings) -> Backend: ...
+    def __call__(self, job: JobSpec, settings: Settings, store: JobStore) -> Backend:
+        """A transport for the job, on the worker's job store (a batch records its batches there)."""
+        ...

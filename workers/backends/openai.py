@@ -22,6 +22,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from promptmill.config.settings import KeyRefused, Settings, is_openai_url
 from promptmill.jobs.spec import JobSpec
+from promptmill.jobs.state.store import JobStore
 from promptmill.pipelines.items import Usage
 from promptmill.pipelines.spec import OutputSpec, Pipeline
 from promptmill.workers.backends.base import Call, FatalJobError, RawOutcome, Reply
@@ -79,14 +80,11 @@ def _usage(usage: CompletionUsage | None) -> Usage | None:
 
 
 class OpenAIBackend:
-    name = "openai"
     label = "the OpenAI-compatible server"
-    billed_per_token = True
-    ledger_suffix = ""
     hold_s = None
     one_token_budget = True  # OpenAI counts the prompt plus max_tokens against one budget
 
-    def __init__(self, job: JobSpec, settings: Settings):
+    def __init__(self, job: JobSpec, settings: Settings, store: JobStore | None = None):
         self.base_url = settings.openai_url(job.pipeline.base_url)
         try:
             self.api_key = settings.openai_key(self.base_url, job.pipeline.api_key_env)

@@ -22,6 +22,7 @@ from typing import Any, Hashable
 
 from promptmill.config.settings import Settings
 from promptmill.jobs.spec import JobSpec
+from promptmill.jobs.state.store import JobStore
 from promptmill.pipelines.items import AttemptError, ErrorKind, ItemError, RenderedRequest, Usage
 from promptmill.pipelines.spec import EngineOptions
 from promptmill.workers.backends.base import Call, EngineDied, RawOutcome
@@ -69,14 +70,11 @@ def engine_args(model: str, options: EngineOptions, settings: Settings) -> dict[
 
 
 class VLLMBackend:
-    name = "vllm"
     label = "the local vLLM engine"
     max_in_flight = None
-    billed_per_token = False  # priced by the engine's device time
-    ledger_suffix = ""
     hold_s = None
 
-    def __init__(self, job: JobSpec, settings: Settings):
+    def __init__(self, job: JobSpec, settings: Settings, store: JobStore | None = None):
         args = engine_args(job.model, job.pipeline.engine, settings)
         self.args = args
         self._sampling_by_job: dict[str, Any] = {}

@@ -15,7 +15,7 @@ import uuid
 
 import redis
 
-from promptmill.jobs.keys import JobKeys
+from promptmill.jobs.state.keys import JobKeys
 
 log = logging.getLogger(__name__)
 

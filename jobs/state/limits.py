@@ -10,7 +10,7 @@ import time
 
 import redis
 
-from promptmill.jobs.keys import (
+from promptmill.jobs.state.keys import (
     LIMIT_BREAKER_TRIPS,
     LIMIT_BUDGETS,
     LIMIT_EFFECTIVE,

@@ -12,10 +12,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from promptmill.config.prices import PriceTable
 from promptmill.jobs.ledger import cost_report
-from promptmill.jobs.pace import JobPace, job_pace
+from promptmill.jobs.state.pace import JobPace, job_pace
 from promptmill.jobs.spec import JobSpec
-from promptmill.jobs.status import JobState, JobStatus
-from promptmill.jobs.store import JobStore
+from promptmill.jobs.state.status import JobState, JobStatus
+from promptmill.jobs.state.store import JobStore
 
 
 class JobProgress:

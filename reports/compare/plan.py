@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 
 from promptmill.jobs.files import atomic_write
 from promptmill.jobs.readers import InputFormat, InvalidRow, iter_rows
-from promptmill.jobs.spec import BACKENDS, Backend
+from promptmill.config.backends import BACKENDS, BackendName
 
 # What a contender may set over the pipeline's own value: `vllm:smollm2,temperature=1.0`.
 CONTENDER_SETTINGS: dict[str, type] = {"temperature": float, "top_p": float, "max_tokens": int, "seed": int}
@@ -28,7 +28,7 @@ class CompareError(ValueError):
 
 
 class Contender(BaseModel):
-    backend: Backend
+    backend: BackendName
     model: str
     settings: dict[str, float | int] = Field(default_factory=dict)
     # What running it recorded: its job, and once the job stopped, how (its records are then in its folder).

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 
-from promptmill.jobs.compare.score import Score
-from promptmill.jobs.html_page import table, write_page
+from promptmill.reports.compare.score import Score
+from promptmill.reports.html_page import table, write_page
 
 _COLUMNS = [
     ("contender", "name"),

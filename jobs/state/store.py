@@ -13,10 +13,10 @@ from typing import Iterator
 import redis
 
 from promptmill.config.celery_config import REDIS_CONNECTION_OPTIONS
-from promptmill.jobs.batches import BatchStore
-from promptmill.jobs.budget import BudgetStore
-from promptmill.jobs.chunk_store import ChunkStore
-from promptmill.jobs.keys import (
+from promptmill.jobs.state.batches import BatchStore
+from promptmill.jobs.state.budget import BudgetStore
+from promptmill.jobs.state.chunks import ChunkStore
+from promptmill.jobs.state.keys import (
     JOBS_INDEX,
     META_CREATED_AT,
     META_ERROR,
@@ -28,9 +28,9 @@ from promptmill.jobs.keys import (
     META_STATE,
     JobKeys,
 )
-from promptmill.jobs.limits import LimitStore
+from promptmill.jobs.state.limits import LimitStore
 from promptmill.jobs.spec import JobSpec
-from promptmill.jobs.status import JobState, JobStatus, LedgerPart
+from promptmill.jobs.state.status import JobState, JobStatus, LedgerPart
 
 
 def connect(url: str, **options: object) -> redis.Redis:

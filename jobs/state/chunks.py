@@ -13,8 +13,8 @@ import orjson
 import redis
 from pydantic import BaseModel
 
-from promptmill.jobs.keys import META_ROWS_PRODUCED, JobKeys
-from promptmill.jobs.status import LedgerPart
+from promptmill.jobs.state.keys import META_ROWS_PRODUCED, JobKeys
+from promptmill.jobs.state.status import LedgerPart
 from promptmill.pipelines.items import AttemptError, ItemOutcome, RenderedRequest, Usage
 
 _USAGE_FIELDS = tuple(Usage.model_fields)

@@ -20,7 +20,7 @@ import orjson
 import redis
 from pydantic import BaseModel, Field
 
-from promptmill.jobs.keys import JobKeys, batch_owner_key
+from promptmill.jobs.state.keys import JobKeys, batch_owner_key
 
 ENDED = "ended"
 BATCH_OWNER_TTL_S = 86_400  # a batch's owner is known this long: a lost create is looked for within minutes

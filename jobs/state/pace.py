@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import redis
 
-from promptmill.jobs.keys import JobKeys
+from promptmill.jobs.state.keys import JobKeys
 
 # Bucket i holds latencies up to EDGES_MS[i] (the last, anything longer): 1 ms to 10 minutes.
 EDGES_MS: tuple[float, ...] = tuple(1.25**i for i in range(61))
@@ -114,6 +114,16 @@ def roll_up(client: redis.Redis, job_id: str, now: float | None = None, every_s:
     return int(client.eval(_ROLL_UP, 1, JobKeys(job_id).pace, int(now), every_s, SLOT_S, *tiers))
 
 
+@dataclass(frozen=True)
+class RequestSeen:
+    """One request sent under the fleet's limiter, as the job's pace (`report`) and the metrics count it."""
+
+    held_s: float  #: how long the limiter held it
+    rate_limited: bool  #: answered 429
+    server_failure: bool  #: the provider's failure, as the breaker counts it (5xx, 529, timeout, dropped)
+    rpm: float | None  #: the requests-per-minute limit in force
+
+
 class PaceRecorder:
     """One per worker process: rows committed, gathered by job, written together."""
 
@@ -132,7 +142,7 @@ class PaceRecorder:
         counts = [collections.defaultdict(collections.Counter) for _ in range(3)]
         return counts[0], counts[1], counts[2], {}
 
-    def request(self, job_id: str, held_s: float, rate_limited: bool, server_failure: bool, rpm: float | None) -> None:
+    def request(self, job_id: str, seen: RequestSeen) -> None:
         """A request sent under the fleet's limiter: counted in its slot, with a 429 or a failure of the
         provider (5xx, 529, a timeout, a dropped connection) marked, a hold of a second or more by the
         limiter (its pace, a 429's pause, an open breaker) counted, and the requests-per-minute limit
@@ -141,14 +151,14 @@ class PaceRecorder:
         with self._lock:
             slots = self._slots[job_id]
             slots[f"{slot}|requests"] += 1
-            if rate_limited:
+            if seen.rate_limited:
                 slots[f"{slot}|r429"] += 1
-            elif server_failure:
+            elif seen.server_failure:
                 slots[f"{slot}|r5xx"] += 1
-            if held_s >= 1.0:
+            if seen.held_s >= 1.0:
                 slots[f"{slot}|held"] += 1
-            if rpm:
-                self._limits[job_id][slot] = round(rpm)
+            if seen.rpm:
+                self._limits[job_id][slot] = round(seen.rpm)
 
     def add(self, job_id: str, latency_ms: float | None, output_tokens: int, ok: bool,
             started_at: float | None, finished_at: float | None, ttft_ms: float | None = None) -> None:  # fmt: skip

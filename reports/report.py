@@ -11,12 +11,12 @@ from pathlib import Path
 import plotly.graph_objects as go
 
 from promptmill.config.prices import PriceTable
-from promptmill.jobs.html_page import table, write_page
+from promptmill.reports.html_page import table, write_page
 from promptmill.jobs.ledger import cost_report
-from promptmill.jobs.pace import EDGES_MS, job_pace
+from promptmill.jobs.state.pace import EDGES_MS, job_pace
 from promptmill.jobs.shards import iter_outcomes
 from promptmill.jobs.spec import JobSpec
-from promptmill.jobs.store import JobStore
+from promptmill.jobs.state.store import JobStore
 from promptmill.jobs.verify import verify_job
 
 _EXAMPLES = 3  # failures shown per kind

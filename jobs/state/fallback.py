@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 import redis
 
-from promptmill.jobs.keys import JobKeys
+from promptmill.jobs.state.keys import JobKeys
 from promptmill.jobs.spec import JobSpec
 
 _FAILING = "failing_since:"
-_READ_EVERY_S = 1.0
+READ_EVERY_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class FallbackState:
 
     def _read(self) -> None:
         now = time.monotonic()
-        if now - self._read_at < _READ_EVERY_S:
+        if now - self._read_at < READ_EVERY_S:
             return
         self._read_at = now
         raw = self.client.hgetall(self.keys.fallback)
