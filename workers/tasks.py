@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -19,12 +17,10 @@ import redis
 from celery.signals import worker_shutdown
 
 from promptmill.config.celery_config import TASK_RUN_CHUNK
-from promptmill.jobs.state.chunks import run_id
+from promptmill.jobs.state.chunk_run import ChunkRun
 from promptmill.jobs.dispatch import ChunkSender
-from promptmill.jobs.state.lease import ChunkLease
 from promptmill.jobs.shards import flush_chunk
 from promptmill.jobs.spec import JobSpec
-from promptmill.jobs.state.store import JobStore
 from promptmill.pipelines.items import ErrorKind, ItemError, ItemOutcome, RenderedRequest, iso_utc
 from promptmill.pipelines.parse import OutputParseError, parse_output
 from promptmill.workers.app import app
@@ -71,9 +67,9 @@ def to_outcome(job: JobSpec, raw: RawOutcome, line: int = 0) -> ItemOutcome:
 class ChunkAttempts:
     """The chunk's failed attempts per row, read once when the chunk starts and counted in Redis."""
 
-    def __init__(self, store: JobStore, job: JobSpec, chunk_id: str):
-        self.store, self.job_id, self.chunk_id, self.model = store, job.job_id, chunk_id, job.model
-        self.counts = store.chunks.failed_attempts(job.job_id, chunk_id)
+    def __init__(self, run: ChunkRun):
+        self.run, self.model = run, run.job.model
+        self.counts = run.failed_attempts()
 
     def prior(self, row: int) -> int:
         return self.counts.get(row, 0)
@@ -81,9 +77,7 @@ class ChunkAttempts:
     def failed(self, row: int, cost: Billed | None = None, model: str | None = None) -> None:
         """Count a failed attempt of the row, in the ledger under `model` (default: the job's), with
         what the provider billed for it."""
-        self.counts[row] = self.store.chunks.add_failed_attempt(
-            self.job_id, self.chunk_id, row, model or self.model, cost and (cost.ledger_model, cost.usage)
-        )
+        self.counts[row] = self.run.add_failed_attempt(row, model or self.model, cost and (cost.ledger_model, cost.usage))
 
     def for_model(self, model: str, first: bool) -> "ModelAttempts":
         return ModelAttempts(self, model, first)
@@ -108,16 +102,18 @@ class _StillWaiting(Exception):
     """The chunk's rows wait on the provider (a batch) past the backend's hold: the chunk is sent again
     later, and its rows are found where they wait."""
 
+    def __init__(self, run: ChunkRun):
+        super().__init__(run.run_id)
+        self.run = run
 
-async def _run_requests(
-    rt: WorkerRuntime, job: JobSpec, chunk_id: str, pending: list[RenderedRequest], lease_lost: threading.Event,
-    link: int = 0,
-) -> int:
-    """Send the rows and commit their outcomes; `link`: the rows handed to that model of the chain."""
+
+async def _run_requests(rt: WorkerRuntime, run: ChunkRun, pending: list[RenderedRequest]) -> int:
+    """Send the rows down the run's request path and commit their outcomes as they come."""
+    job, lease_lost = run.job, run.lease.lost
     gate = Gate()
-    carried = rt.store.chunks.handed(job.job_id, chunk_id) if link else None
-    path = await rt.request_path(job, ChunkAttempts(rt.store, job, chunk_id), gate, link, carried)
-    hold_s = (await rt.backend(job.links()[link])).hold_s
+    carried = run.handed() if run.link else None
+    path = await rt.request_path(job, ChunkAttempts(run), gate, run.link, carried)
+    hold_s = (await rt.backend(run.model_job)).hold_s
     lines = {request.row: request.line for request in pending}
     committed = 0
     checked_at = time.monotonic()
@@ -128,7 +124,7 @@ async def _run_requests(
         if deadline is not None and hold_s is not None:
             deadline.reschedule(asyncio.get_running_loop().time())  # its rows wait in their batch for the next run
 
-    async with contextlib.aclosing(fan_out(path, job, chunk_id, pending)) as outcomes:
+    async with contextlib.aclosing(fan_out(path, job, run.chunk_id, pending)) as outcomes:
         try:
             async with asyncio.timeout(hold_s) as deadline:
                 rt.stoppers.add(stop)
@@ -136,10 +132,10 @@ async def _run_requests(
                     stop()
                 async for raw in outcomes:
                     if raw.handed_to is not None:  # gone on to another queue's model: its run commits it
-                        rt.store.chunks.hand_off(job.job_id, chunk_id, raw.row, handoff_of(raw))
+                        run.hand_off(raw.row, handoff_of(raw))
                     else:
                         outcome = to_outcome(job, raw, lines.get(raw.row, 0))
-                        committed += _commit(rt, job, chunk_id, raw.ledger_model or job.model, outcome, raw)
+                        committed += _commit(rt, run, raw.ledger_model or job.model, outcome, raw)
                     if gate.closed:
                         continue  # draining: the answers in flight are paid for, so they are committed
                     if lease_lost.is_set():
@@ -147,25 +143,24 @@ async def _run_requests(
                     elif time.monotonic() - checked_at > _RUNNABLE_CHECK_S:
                         checked_at = time.monotonic()
                         # Cancelled or failed elsewhere: send nothing more; the rest stays pending for a resume.
-                        gate.closed = not rt.store.is_runnable(job.job_id)
+                        gate.closed = not run.runnable()
         except TimeoutError:
-            raise _StillWaiting() from None
+            raise _StillWaiting(run) from None
         finally:
             rt.stoppers.discard(stop)
             rt.pace.write()  # what this chunk did is in `status` by the time it ends
             if rt.metrics:
                 flush_metrics()
-    if hold_s is not None and committed < len(pending) and not lease_lost.is_set() and rt.store.is_runnable(job.job_id):
-        raise _StillWaiting()  # rows whose batch was canceled under a running job: a new batch takes them
+    if hold_s is not None and committed < len(pending) and not lease_lost.is_set() and run.runnable():
+        raise _StillWaiting(run)  # rows whose batch was canceled under a running job: a new batch takes them
     return committed
 
 
-def _commit(
-    rt: WorkerRuntime, job: JobSpec, chunk_id: str, model: str, outcome: ItemOutcome, raw: RawOutcome | None = None
-) -> bool:
+def _commit(rt: WorkerRuntime, run: ChunkRun, model: str, outcome: ItemOutcome, raw: RawOutcome | None = None) -> bool:
     """Commit a row's outcome (False: the row was done already) and count a new one in the job's
     pace and the process's metrics."""
-    new = rt.store.chunks.commit(job.job_id, chunk_id, model, outcome)
+    new = run.commit(model, outcome)
+    job = run.job
     if new:
         if raw is None:  # failed before any request (a poison row): no latency, no tokens
             rt.pace.add(job.job_id, None, 0, False, None, None)
@@ -198,11 +193,11 @@ def run_chunk(self, job_id: str, chunk_id: str, errors: int = 0, link: int = 0) 
     except _LeasedElsewhere as leased:
         # Another worker holds the chunk (or held it and died): look again when its lease runs out.
         raise self.retry(countdown=leased.wait_s)
-    except _StillWaiting:
+    except _StillWaiting as waiting:
         # Its rows wait on the provider's batch: give the worker's slot back and look again soon. The
         # sweeper must not take the delayed message for a lost one meanwhile.
         countdown = runtime().settings.batch_poll_min_s
-        runtime().store.chunks.sent_later(job_id, run_id(chunk_id, link), time.time() + countdown)
+        waiting.run.sent_later(time.time() + countdown)
         raise self.retry(countdown=countdown)
     except EngineDied as died:
         # Counted as its worker dying (the chunk's run count stays), so a row that kills engines is
@@ -223,10 +218,7 @@ def run_chunk(self, job_id: str, chunk_id: str, errors: int = 0, link: int = 0) 
         return "job failed"
 
 
-def _run_carefully(
-    rt: WorkerRuntime, job: JobSpec, chunk_id: str, pending: list[RenderedRequest], runs: int, lease_lost: threading.Event,
-    link: int,
-) -> int:
+def _run_carefully(rt: WorkerRuntime, run: ChunkRun, pending: list[RenderedRequest], runs: int) -> int:
     """Run a chunk whose last run died with its worker, so that a row that kills workers is found.
 
     Every row sent is counted in Redis first. On the second run the rows go together as usual; from
@@ -236,67 +228,57 @@ def _run_carefully(
     first row of a bystander would otherwise be in flight at every death its neighbour's poison causes.
     """
     with rt.careful:
-        return _run_counted_groups(rt, job, chunk_id, pending, runs, lease_lost, link)
+        return _run_counted_groups(rt, run, pending, runs)
 
 
-def _run_counted_groups(
-    rt: WorkerRuntime, job: JobSpec, chunk_id: str, pending: list[RenderedRequest], runs: int, lease_lost: threading.Event,
-    link: int,
-) -> int:
+def _run_counted_groups(rt: WorkerRuntime, run: ChunkRun, pending: list[RenderedRequest], runs: int) -> int:
     groups = [pending] if runs == 2 else [[request] for request in pending]
     committed = 0
     for group in groups:
-        if lease_lost.is_set() or not rt.store.is_runnable(job.job_id):
+        if run.lease.lost.is_set() or not run.runnable():
             break  # as `_run_requests` does within a group: the rest stays pending
-        starts = rt.store.chunks.count_row_starts(job.job_id, chunk_id, [request.row for request in group])
+        starts = run.count_row_starts([request.row for request in group])
         runnable = []
         for request in group:
             if starts[request.row] > MAX_ROW_STARTS:
                 message = f"its worker died {starts[request.row] - 1} times while this row was in flight"
                 outcome = ItemOutcome.failure(request.row, ErrorKind.worker_lost, message)
-                committed += _commit(rt, job, chunk_id, job.model, outcome)
+                committed += _commit(rt, run, run.job.model, outcome)
             else:
                 runnable.append(request)
         if runnable:
-            committed += rt.run(_run_requests(rt, job, chunk_id, runnable, lease_lost, link))
+            committed += rt.run(_run_requests(rt, run, runnable))
     return committed
 
 
 def _run_chunk(job_id: str, chunk_id: str, link: int) -> str:
+    """The story of one run of a chunk: leased, its pending rows sent and committed, handed rows sent
+    on, flushed once complete."""
     rt = runtime()
-    store = rt.store
     try:
         job = rt.spec(job_id)
     except KeyError:
         return "unknown job"
-    if not store.is_runnable(job_id):
+    run = ChunkRun(rt.store, job, chunk_id, link, rt.settings.lease_ttl_s)
+    if not run.runnable():
         return "job not runnable"
-    lease = ChunkLease(store.redis, job_id, run_id(chunk_id, link), rt.settings.lease_ttl_s)
-    if not lease.acquire():
-        raise _LeasedElsewhere(lease.remaining_s() + 0.5)
+    if not run.lease.acquire():
+        raise _LeasedElsewhere(run.lease.remaining_s() + 0.5)
     try:
-        if store.chunks.is_flushed(job_id, chunk_id):
+        if run.flushed():
             return "already complete"  # a redelivery of a chunk that is done and gone to its shard
-        runs = lease.count_run()
-        store.add_host(job_id, socket.gethostname())
-        done = store.chunks.done_rows(job_id, chunk_id)
-        handed = {row: handoff.link for row, handoff in store.chunks.handed(job_id, chunk_id).items()}
-        # The chunk's run sends its rows but those handed to another queue's model; a handoff run, those.
-        pending = [
-            request for request in store.chunks.get(job_id, chunk_id).requests
-            if request.row not in done and handed.get(request.row, 0) == link
-        ]  # fmt: skip
+        runs, pending = run.begin()
         engine_died = False
         try:
             # A batch's rows never run in the worker: a death there is no row's fault, and one row at a
             # time would send a batch per row.
-            if runs > 1 and rt.run(rt.backend(job.links()[link])).hold_s is None:
-                committed = _run_carefully(rt, job, chunk_id, pending, runs, lease.lost, link)
+            if runs > 1 and rt.run(rt.backend(run.model_job)).hold_s is None:
+                committed = _run_carefully(rt, run, pending, runs)
             else:
-                committed = rt.run(_run_requests(rt, job, chunk_id, pending, lease.lost, link))
+                committed = rt.run(_run_requests(rt, run, pending))
         except FatalJobError as fatal:
             log.error("job %s stopped: %s", job_id, fatal)
-            store.fail_job(job_id, str(fatal))
+            rt.store.fail_job(job_id, str(fatal))
             return "job failed"
         except EngineDied:
             engine_died = True  # as its worker's death: the run stays counted
@@ -304,23 +286,23 @@ def _run_chunk(job_id: str, chunk_id: str, link: int) -> str:
         finally:
             # A run that ended on its own (not by a death) is no sign of poison; after a lost lease
             # the count is the new holder's.
-            if not engine_died and not lease.lost.is_set():
-                lease.forget_runs()
-        _send_handed_rows(rt, job, chunk_id, link)
+            if not engine_died and not run.lease.lost.is_set():
+                run.lease.forget_runs()
+        _send_handed_rows(run)
         _flush_if_complete(rt, job, chunk_id)
         return f"{committed} committed"
     finally:
-        lease.release()
+        run.lease.release()
 
 
-def _send_handed_rows(rt: WorkerRuntime, job: JobSpec, chunk_id: str, link: int) -> None:
+def _send_handed_rows(run: ChunkRun) -> None:
     """Send the chunk's rows handed to other queues' models to their workers (rows an earlier run
     handed off too: a run killed before sending them). A message sent twice is harmless: the lease
     lets one run them, and done rows are never sent again."""
-    links = job.links()
-    for other in sorted({handoff.link for handoff in rt.store.chunks.handed(job.job_id, chunk_id).values()} - {link}):
-        rt.store.chunks.sent_now(job.job_id, run_id(chunk_id, other))
-        ChunkSender(app).send(job.job_id, chunk_id, links[other].queue, other)
+    links = run.job.links()
+    for other in run.other_links():
+        run.sent_to(other)
+        ChunkSender(app).send(run.job_id, run.chunk_id, links[other].queue, other)
 
 
 def _flush_if_complete(rt: WorkerRuntime, job: JobSpec, chunk_id: str) -> None:
