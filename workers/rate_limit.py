@@ -2,7 +2,7 @@
 every worker process on every machine.
 
 Three budgets, as Anthropic counts them: requests, input tokens (uncached input plus cache writes)
-and output tokens per minute. One Lua script grants a request only when all three allow it; input is
+and output tokens per minute. One Lua script (jobs/state/limits.py) grants a request only when all three allow it; input is
 estimated before sending and output reserved at `max_tokens`, and the difference is given back when
 the real usage is known. The same script learns the account's limits from the `anthropic-ratelimit-*`
 headers, pauses every worker's grants until a 429's `retry-after`, and opens a circuit breaker when
@@ -27,6 +27,7 @@ import redis
 from aiolimiter import AsyncLimiter
 
 from promptmill.jobs.state.keys import LIMIT_PAUSE, limiter_key
+from promptmill.jobs.state.limits import LIMIT, LimitCall
 from promptmill.pipelines.spec import RateLimits
 from promptmill.workers.limit_signals import LimitHeaders
 
@@ -37,128 +38,6 @@ UNKNOWN_RPM = 50  # the pace before the first response tells the limits (Anthrop
 MAX_BATCH = 256
 _MAX_SLEEP_S = 0.25  # a waiting granter looks again at least this often (a pause may have ended)
 _REPORT_DELAY_S = 0.02  # refunds with no one waiting are sent this late, to batch them
-
-# KEYS[1]: the limiter hash. ARGV, in order:
-#  1-3   configured limits: requests, input, output per minute (0 = not configured)
-#  4     bucket size in ms of each limit; 5 the rpm used before any response was seen
-#  6-8   refunds: requests, input, output (negative = a further charge)
-#  9-11  outcomes since the last call: ok, server failures (5xx, 529, timeouts), 429s
-#  12    pause ms asked by a 429's retry-after (0 = none)
-#  13    observed (1 when 14-20 hold a response's headers)
-#  14-16 the limits a response named (0 = not named); 17-19 what remained (-1 = not named)
-#  20    the observation's age in ms (how long its request took)
-#  21    now in ms (0: Redis's own clock; a test passes its own)
-#  22    how many grants are asked; then per grant its input and output cost
-# Returns {granted, wait ms, effective limits r, i, o (-1 = unlimited)}.
-_LIMIT = """
-local now = tonumber(ARGV[21])
-if now == 0 then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-local h = KEYS[1]
-local names = {'r', 'i', 'o'}
-local raw = redis.call('HMGET', h, 'ts', 'lvl_r', 'lvl_i', 'lvl_o', 'lim_r', 'lim_i', 'lim_o',
-  'seen', 'pause', 'okw', 'failw', 'cool')
-local ts = tonumber(raw[1]) or now
-local level = {tonumber(raw[2]), tonumber(raw[3]), tonumber(raw[4])}
-local learned = {tonumber(raw[5]) or 0, tonumber(raw[6]) or 0, tonumber(raw[7]) or 0}
-local seen = tonumber(raw[8]) or 0
-local pause = tonumber(raw[9]) or 0
-local okw, failw = tonumber(raw[10]) or 0, tonumber(raw[11]) or 0
-local cool = tonumber(raw[12]) or 2000
-local burst_ms = tonumber(ARGV[4])
-
-if tonumber(ARGV[13]) == 1 then
-  seen = 1
-  for b = 1, 3 do
-    local named = tonumber(ARGV[13 + b])
-    if named > 0 then learned[b] = named end
-  end
-end
-
-local limit, rate, cap = {}, {}, {}
-for b = 1, 3 do
-  local cfg = tonumber(ARGV[b])
-  local l = 0
-  if cfg > 0 and learned[b] > 0 then l = math.min(cfg, learned[b])
-  elseif cfg > 0 then l = cfg
-  elseif learned[b] > 0 then l = learned[b]
-  elseif b == 1 and seen == 0 then l = tonumber(ARGV[5]) end
-  limit[b] = l
-  if l > 0 then
-    rate[b] = l / 60000
-    cap[b] = math.max(1, l * burst_ms / 60000)
-    local lv = level[b] or cap[b]
-    level[b] = math.min(cap[b], lv + rate[b] * math.max(0, now - ts))
-  end
-end
-
-for b = 1, 3 do
-  if limit[b] > 0 then
-    level[b] = math.min(cap[b], level[b] + tonumber(ARGV[5 + b]))
-    if tonumber(ARGV[13]) == 1 then
-      local remaining = tonumber(ARGV[16 + b])
-      if remaining >= 0 then
-        level[b] = math.min(level[b], remaining + rate[b] * tonumber(ARGV[20]))
-      end
-    end
-  end
-end
-
--- circuit breaker over the last ~10 s of outcomes
-local decay = 0.5 ^ (math.max(0, now - ts) / 10000)
-okw = okw * decay + tonumber(ARGV[9])
-failw = failw * decay + tonumber(ARGV[10])
-if failw >= 8 and failw >= okw then
-  pause = math.max(pause, now + cool)
-  redis.call('HINCRBY', h, 'breaker_trips', 1)
-  cool = math.min(cool * 2, 60000)
-  okw, failw = 0, 0
-elseif tonumber(ARGV[9]) > 0 and failw * 4 < okw then
-  cool = 2000
-end
-local n429 = tonumber(ARGV[11])
-if n429 > 0 then redis.call('HINCRBY', h, 'rate_limited', n429) end
-if tonumber(ARGV[12]) > 0 then pause = math.max(pause, now + tonumber(ARGV[12])) end
-
-local granted, wait = 0, 0
-local asked = tonumber(ARGV[22])
-if now < pause then
-  wait = pause - now
-else
-  for g = 0, asked - 1 do
-    local cost = {1, tonumber(ARGV[23 + 2 * g]), tonumber(ARGV[24 + 2 * g])}
-    local fits = true
-    for b = 1, 3 do
-      if limit[b] > 0 then
-        local need = math.min(cost[b], cap[b])
-        if level[b] < need then
-          fits = false
-          wait = math.max(wait, (need - level[b]) / rate[b])
-        end
-      end
-    end
-    if not fits then break end
-    for b = 1, 3 do
-      if limit[b] > 0 then level[b] = level[b] - cost[b] end
-    end
-    granted = granted + 1
-  end
-end
-if granted > 0 then redis.call('HINCRBY', h, 'granted', granted) end
-
-redis.call('HSET', h, 'ts', now, 'lim_r', learned[1], 'lim_i', learned[2], 'lim_o', learned[3],
-  'eff_r', limit[1], 'eff_i', limit[2], 'eff_o', limit[3], 'seen', seen, 'pause', pause,
-  'okw', okw, 'failw', failw, 'cool', cool)
-for b = 1, 3 do
-  if limit[b] > 0 then redis.call('HSET', h, 'lvl_' .. names[b], level[b]) end
-end
-redis.call('PEXPIRE', h, 86400000)
-local function eff(b) if limit[b] > 0 then return tostring(limit[b]) end return '-1' end
-return {granted, tostring(math.ceil(wait)), eff(1), eff(2), eff(3)}
-"""
-
 
 @dataclass
 class _Report:
@@ -196,7 +75,7 @@ class FleetLimiter:
         clock: Callable[[], float] | None = None,
     ):
         self._client = client
-        self._script = client.register_script(_LIMIT)
+        self._script = client.register_script(LIMIT)
         self._clock = clock  # seconds; None: Redis's clock, the one every machine of the fleet shares
         self.scope = scope
         self._key = limiter_key(scope)
@@ -322,28 +201,17 @@ class FleetLimiter:
         """One script call: report what happened since the last, and grant what fits now, in order.
         Returns (granted, ms to wait before the first one not granted could be)."""
         report, self._report = self._report, _Report()
-        cfg = [self.limits.rpm or 0, self.limits.input_tpm or 0, self.limits.output_tpm or 0]
         headers = report.headers
-        args: list[object] = [
-            *cfg,
-            int(self.burst_s * 1000),
-            UNKNOWN_RPM,
-            *(round(value, 3) for value in report.refund),
-            report.ok,
-            report.failed,
-            report.rate_limited,
-            report.pause_ms,
-            int(headers is not None),
-            *(headers.limits if headers else (0, 0, 0)),
-            *(headers.remaining if headers else (-1, -1, -1)),
-            report.headers_age_ms,
-            0 if self._clock is None else int(self._clock() * 1000),
-            len(costs),
-        ]
-        for cost_in, cost_out in costs:
-            args.extend((cost_in, cost_out))
+        call = LimitCall(
+            configured=(self.limits.rpm or 0, self.limits.input_tpm or 0, self.limits.output_tpm or 0),
+            burst_ms=int(self.burst_s * 1000), unknown_rpm=UNKNOWN_RPM, refund=tuple(report.refund),  # type: ignore[arg-type]
+            ok=report.ok, failed=report.failed, rate_limited=report.rate_limited, pause_ms=report.pause_ms,
+            observed=headers is not None, named=headers.limits if headers else (0, 0, 0),
+            remaining=headers.remaining if headers else (-1, -1, -1), observed_age_ms=report.headers_age_ms,
+            now_ms=0 if self._clock is None else int(self._clock() * 1000), costs=costs,
+        )  # fmt: skip
         try:
-            granted, wait_ms, eff_r, eff_i, eff_o = self._script(keys=[self._key], args=args)
+            granted, wait_ms, eff_r, eff_i, eff_o = self._script(keys=[self._key], args=call.args())
         except redis.RedisError:
             self._merge_back(report)
             raise

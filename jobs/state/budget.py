@@ -8,44 +8,49 @@ from __future__ import annotations
 
 import redis
 
-from promptmill.jobs.state.keys import META_BUDGET_MICRO, JobKeys
-from promptmill.jobs.state.status import Budget
+from promptmill.jobs.state.keys import BUDGET_HELD, BUDGET_SPENT, META_BUDGET_MICRO, META_STATE, JobKeys, lua
+from promptmill.jobs.state.status import Budget, JobState
+
+_NAMES = dict(
+    CAP=META_BUDGET_MICRO, STATE=META_STATE, SPENT=BUDGET_SPENT, HELD=BUDGET_HELD,
+    RUNNING=JobState.running, PRODUCING=JobState.producing, PAUSED=JobState.paused_budget,
+)
 
 # Hold a request's worst-case cost against the job's budget, or pause the job at its cap.
-_HOLD = """
-local cap = redis.call('HGET', KEYS[1], ARGV[2])
+_HOLD = lua("""
+local cap = redis.call('HGET', KEYS[1], $CAP)
 if not cap then return 1 end
-local spent = tonumber(redis.call('HGET', KEYS[2], 'spent') or '0')
-local held = tonumber(redis.call('HGET', KEYS[2], 'held') or '0')
+local spent = tonumber(redis.call('HGET', KEYS[2], $SPENT) or '0')
+local held = tonumber(redis.call('HGET', KEYS[2], $HELD) or '0')
 if spent + held + tonumber(ARGV[1]) > tonumber(cap) then
-  local state = redis.call('HGET', KEYS[1], 'state')
-  if state == 'running' or state == 'producing' then redis.call('HSET', KEYS[1], 'state', 'paused_budget') end
+  local state = redis.call('HGET', KEYS[1], $STATE)
+  if state == $RUNNING or state == $PRODUCING then redis.call('HSET', KEYS[1], $STATE, $PAUSED) end
   return 0
 end
-redis.call('HINCRBY', KEYS[2], 'held', ARGV[1])
+redis.call('HINCRBY', KEYS[2], $HELD, ARGV[1])
 return 1
-"""
+""", **_NAMES)
 
 # A new cap. What is held for requests in flight is let go only on a stopped job (whose holders died
 # or are settling): zeroing it under running workers would let them pass the cap.
-_SET = """
-if ARGV[1] == '' then redis.call('HDEL', KEYS[1], ARGV[3]) else redis.call('HSET', KEYS[1], ARGV[3], ARGV[1]) end
-local state = redis.call('HGET', KEYS[1], 'state')
-if state ~= 'producing' and state ~= 'running' then redis.call('HSET', KEYS[2], 'held', 0) end
-local spent = tonumber(redis.call('HGET', KEYS[2], 'spent') or '0')
-if tonumber(ARGV[2]) > spent then redis.call('HSET', KEYS[2], 'spent', ARGV[2]) end
+_SET = lua("""
+if ARGV[1] == '' then redis.call('HDEL', KEYS[1], $CAP) else redis.call('HSET', KEYS[1], $CAP, ARGV[1]) end
+local state = redis.call('HGET', KEYS[1], $STATE)
+if state ~= $PRODUCING and state ~= $RUNNING then redis.call('HSET', KEYS[2], $HELD, 0) end
+local spent = tonumber(redis.call('HGET', KEYS[2], $SPENT) or '0')
+if tonumber(ARGV[2]) > spent then redis.call('HSET', KEYS[2], $SPENT, ARGV[2]) end
 return 1
-"""
+""", **_NAMES)
 
 # Settle a request: what it held goes (never below zero: a resume may have let it go already), what
 # it cost is spent; nothing, once the job was deleted.
-_SETTLE = """
+_SETTLE = lua("""
 if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
-local held = tonumber(redis.call('HGET', KEYS[1], 'held') or '0') - tonumber(ARGV[1])
-redis.call('HSET', KEYS[1], 'held', math.max(held, 0))
-redis.call('HINCRBY', KEYS[1], 'spent', ARGV[2])
+local held = tonumber(redis.call('HGET', KEYS[1], $HELD) or '0') - tonumber(ARGV[1])
+redis.call('HSET', KEYS[1], $HELD, math.max(held, 0))
+redis.call('HINCRBY', KEYS[1], $SPENT, ARGV[2])
 return 1
-"""
+""", **_NAMES)
 
 
 class BudgetStore:
@@ -62,7 +67,7 @@ class BudgetStore:
         keys = JobKeys(job_id)
         cap = "" if usd is None else round(usd * 1_000_000)
         floor = round(spent_at_least_usd * 1_000_000)
-        self._set(keys=[keys.meta, keys.budget], args=[cap, floor, META_BUDGET_MICRO])
+        self._set(keys=[keys.meta, keys.budget], args=[cap, floor])
 
     def has_cap(self, job_id: str) -> bool:
         return bool(self.redis.hexists(JobKeys(job_id).meta, META_BUDGET_MICRO))
@@ -75,14 +80,14 @@ class BudgetStore:
             cap, figures = pipe.execute()
         return Budget(
             cap_usd=None if cap is None else int(cap) / 1_000_000,
-            spent_usd=int(figures.get(b"spent", 0)) / 1_000_000,
-            held_usd=int(figures.get(b"held", 0)) / 1_000_000,
+            spent_usd=int(figures.get(BUDGET_SPENT.encode(), 0)) / 1_000_000,
+            held_usd=int(figures.get(BUDGET_HELD.encode(), 0)) / 1_000_000,
         )
 
     def hold(self, job_id: str, micro_usd: int) -> bool:
         """Hold a request's most possible cost; False (and the job paused) if that would pass the cap."""
         keys = JobKeys(job_id)
-        return bool(self._hold(keys=[keys.meta, keys.budget], args=[micro_usd, META_BUDGET_MICRO]))
+        return bool(self._hold(keys=[keys.meta, keys.budget], args=[micro_usd]))
 
     def settle(self, job_id: str, held_micro_usd: int, spent_micro_usd: int) -> None:
         self._settle(keys=[JobKeys(job_id).budget, JobKeys(job_id).meta], args=[held_micro_usd, spent_micro_usd])

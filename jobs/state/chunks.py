@@ -13,6 +13,15 @@ import orjson
 import redis
 from pydantic import BaseModel
 
+from promptmill.jobs.state.chunk_scripts import (
+    ADD_CHUNK,
+    COMMIT,
+    FAILED_ATTEMPT,
+    HAND_OFF,
+    MARK_FLUSHED,
+    REQUEUE_FAILED,
+    SWEEP,
+)
 from promptmill.jobs.state.keys import META_ROWS_PRODUCED, JobKeys
 from promptmill.jobs.state.status import LedgerPart
 from promptmill.pipelines.items import AttemptError, ItemOutcome, RenderedRequest, Usage
@@ -53,148 +62,10 @@ def parse_run_id(run: str) -> tuple[str, int]:
     return chunk_id, int(link or 0)
 
 
-# Commit one outcome: result, done mark and usage in one step, and only once per row.
-# A chunk already flushed to its shard is complete: nothing more is written for it.
-# An answer for a row already done (its chunk ran twice at once) was paid for all the same: its usage
-# goes to the paid_twice ledger, so the ledger and paid_twice add up to the provider's bill. The very
-# answer committed already (the same request id: one batch's result read by two runs) was billed
-# once: it is counted nowhere again.
-_COMMIT = """
-if redis.call('EXISTS', KEYS[7]) == 0 then return -1 end  -- the job was deleted: nothing of it is written again
-local model = ARGV[4]
-local function account(ledger)
-  if tonumber(ARGV[5]) > 0 then redis.call('HINCRBY', ledger, model .. '|requests', ARGV[5]) end
-  for i = 8, #ARGV, 2 do
-    if tonumber(ARGV[i + 1]) ~= 0 then redis.call('HINCRBY', ledger, model .. '|' .. ARGV[i], ARGV[i + 1]) end
-  end
-end
-if redis.call('SISMEMBER', KEYS[4], ARGV[6]) == 1 then
-  account(KEYS[5])
-  return 0
-end
-if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then
-  if ARGV[7] == '' or cjson.decode(redis.call('HGET', KEYS[1], ARGV[1])).request_id ~= ARGV[7] then
-    account(KEYS[5])
-  end
-  return 0
-end
-redis.call('HDEL', KEYS[6], ARGV[1])  -- a row handed to another queue's model: its mark goes with its outcome
-redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
-account(KEYS[3])
-return 1
-"""
-
-# Hand a row on to another queue's model, unless it is done (a second run of its chunk answered it)
-# or its job was deleted.
-_HAND_OFF = """
-if redis.call('EXISTS', KEYS[3]) == 0 or redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-return 1
-"""
-
-# Count a row's failed attempt, and what the provider billed for it (ARGV[3]: its ledger model, then
-# usage pairs), unless its job was deleted.
-_FAILED_ATTEMPT = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local count = redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
-redis.call('HINCRBY', KEYS[3], ARGV[2] .. '|failed_attempts', 1)
-if ARGV[3] then
-  for _, ledger in ipairs({KEYS[3], KEYS[4]}) do
-    redis.call('HINCRBY', ledger, ARGV[3] .. '|requests', 1)
-    for i = 4, #ARGV, 2 do
-      if tonumber(ARGV[i + 1]) ~= 0 then redis.call('HINCRBY', ledger, ARGV[3] .. '|' .. ARGV[i], ARGV[i + 1]) end
-    end
-  end
-end
-return count
-"""
-
-# Add a chunk once: a producer that runs again over the same rows adds nothing twice.
-_ADD_CHUNK = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX') == false then return 0 end
-redis.call('RPUSH', KEYS[2], ARGV[2])
-redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
-redis.call('HINCRBY', KEYS[4], ARGV[4], ARGV[3])
-return 1
-"""
-
-# A chunk's outcomes are safe in its shard: mark it flushed and free everything it held, the runs of
-# its rows handed to the chain's other models ("CHUNK@LINK", ARGV[2..]) included.
-_MARK_FLUSHED = """
-if redis.call('EXISTS', KEYS[11]) == 0 then return 0 end  -- the job was deleted
-redis.call('SADD', KEYS[1], ARGV[1])
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[9], KEYS[10])
-for i = 6, 8 do redis.call('HDEL', KEYS[i], unpack(ARGV)) end
-return 1
-"""
-
-# Find the job's lost chunks in one step. A chunk is lost when it is incomplete, unflushed and
-# unleased, and either (orphaned) a worker started it and died (its run count moved past the count
-# it was last sent again at), or (stranded, only when the queue is empty) no message for it exists:
-# it died in a dead worker's reserved or delayed messages, a resent copy among them. The guard is
-# the loss itself (a run count, a time), never the chunk: a chunk lost twice is sent twice.
-# Rows handed to another queue's model are that run's ("CHUNK@LINK"), lost the same way on its queue.
-# ARGV: now (s), how long a chunk sent must wait before it counts as stranded (s), queue empty (0/1),
-# the job's key prefix, the links of the chain whose queue is empty (JSON list).
-_SWEEP = """
-local now, wait, queue_empty, prefix = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3] == '1', ARGV[4]
-local empty_links = {}
-for _, link in ipairs(cjson.decode(ARGV[5])) do empty_links[link] = true end
-local lost = {}
-local function look(run, empty)
-  if redis.call('EXISTS', prefix .. 'lease:' .. run) == 1 then return end
-  local runs = redis.call('HGET', KEYS[4], run)
-  local sent_at = tonumber(redis.call('HGET', KEYS[6], run) or '0')
-  if runs and runs ~= redis.call('HGET', KEYS[5], run) then
-    redis.call('HSET', KEYS[5], run, runs)
-    redis.call('HSET', KEYS[6], run, now)
-    table.insert(lost, run)
-  elseif empty and now - sent_at >= wait then
-    redis.call('HSET', KEYS[6], run, now)
-    table.insert(lost, run)
-  end
-end
-for _, chunk in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
-  if redis.call('SISMEMBER', KEYS[3], chunk) == 0 then
-    local rows = tonumber(redis.call('HGET', KEYS[2], chunk) or '0')
-    local handed = redis.call('HVALS', prefix .. 'handed:' .. chunk)
-    if redis.call('HLEN', prefix .. 'results:' .. chunk) + #handed < rows then look(chunk, queue_empty) end
-    local links = {}
-    for _, raw in ipairs(handed) do links[cjson.decode(raw).link] = true end
-    for link, _ in pairs(links) do look(chunk .. '@' .. link, empty_links[link] == true) end
-  end
-end
-return lost
-"""
-
-# `resume --retry-failed`: put a chunk's failed rows back to pending. ARGV[1] is JSON: the chunk id,
-# its payload (the requests to send), the outcomes to keep (a flushed chunk's come back from its
-# shard) and the rows to retry with their attempts so far and the usage their failed answers cost,
-# which stays paid (the `retried` ledger) while the rows' new outcomes are committed.
-_REQUEUE_FAILED = """
-local a = cjson.decode(ARGV[1])
-if redis.call('SREM', KEYS[3], a.chunk) == 1 then
-  for row, outcome in pairs(a.keep) do redis.call('HSET', KEYS[1], row, outcome) end
-end
-for _, r in ipairs(a.retry) do
-  redis.call('HDEL', KEYS[1], r.row)
-  redis.call('HDEL', KEYS[7], r.row)  -- its next attempt goes in a new batch, whatever its count
-  redis.call('HSET', KEYS[5], r.row, r.attempts)
-  if r.answered then redis.call('HINCRBY', KEYS[6], r.model .. '|requests', 1) end
-  for name, value in pairs(r.usage) do
-    if value ~= 0 then redis.call('HINCRBY', KEYS[6], r.model .. '|' .. name, value) end
-  end
-end
-redis.call('HINCRBY', KEYS[2], 'failed', -#a.retry)
-redis.call('SET', KEYS[4], a.payload)
-return #a.retry
-"""
-
-
 class ChunkStore:
     def __init__(self, client: redis.Redis):
         self.redis = client
-        scripts = (_COMMIT, _ADD_CHUNK, _MARK_FLUSHED, _SWEEP, _REQUEUE_FAILED, _HAND_OFF, _FAILED_ATTEMPT)
+        scripts = (COMMIT, ADD_CHUNK, MARK_FLUSHED, SWEEP, REQUEUE_FAILED, HAND_OFF, FAILED_ATTEMPT)
         (self._commit, self._add_chunk, self._mark_flushed, self._sweep, self._requeue_failed, self._hand_off,
          self._failed_attempt) = (client.register_script(lua) for lua in scripts)  # fmt: skip
 
@@ -249,7 +120,7 @@ class ChunkStore:
     def lost(
         self, job_id: str, queue_empty: bool, stranded_after_s: float, empty_links: list[int] = ()
     ) -> list[str]:
-        """The job's lost runs (see `run_id`), each marked as sent again now (see `_SWEEP`): the
+        """The job's lost runs (see `run_id`), each marked as sent again now (see `SWEEP`): the
         caller sends them. `empty_links`: the chain's models whose queue is empty."""
         keys = ["chunks", "chunk_rows", "flushed", "chunk_runs", "resent", "sent_at"]
         lost = self._sweep(

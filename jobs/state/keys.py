@@ -63,6 +63,7 @@ Cluster slot and one Lua script may touch them together.
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass
 
 JOBS_INDEX = "pm:jobs"
@@ -78,7 +79,28 @@ META_INPUT_SHA256 = "input_sha256"
 META_BUDGET_MICRO = "budget_micro"
 META_LIMIT_SCOPE = "limit_scope"
 
-# Fields of pm:limit:{SCOPE}, written by the limiter's Lua script (workers/rate_limit.py). The budgets
+# Fields of pm:{JOB}:budget (micro-USD).
+BUDGET_SPENT = "spent"  # paid for answers so far
+BUDGET_HELD = "held"  # held for the requests in flight
+
+# Fields of pm:{JOB}:counters: rows by status.
+COUNTER_OK, COUNTER_FAILED = "ok", "failed"
+
+# Fields of the ledgers (pm:{JOB}:ledger, paid_twice, retried, partial): "MODEL|NAME", NAME one of
+# these or a Usage field.
+LEDGER_REQUESTS = "requests"
+LEDGER_FAILED_ATTEMPTS = "failed_attempts"
+
+# Fields of pm:{JOB}:pace besides its slots' "SLOT|name".
+PACE_FIRST = "first"  # the job's first row's start (epoch s)
+PACE_LAST = "last"  # its last row's end
+PACE_ROLLED = "rolled"  # when its slots were last rolled up
+PACE_RPM = "rpm"  # a slot's requests-per-minute limit in force (kept as the highest, not added)
+
+# The per-chunk keys' kinds: pm:{JOB}:KIND:{CHUNK} (a Lua script builds them from the job's prefix).
+CHUNK_LEASE, CHUNK_RESULTS, CHUNK_HANDED = "lease", "results", "handed"
+
+# Fields of pm:limit:{SCOPE}, written by the limiter's Lua script (jobs/state/limits.py). The budgets
 # are r (requests), i (input tokens) and o (output tokens) per minute.
 LIMIT_BUDGETS = ("r", "i", "o")
 LIMIT_EFFECTIVE = "eff_"  # + budget: the limit in force (0 = none)
@@ -91,6 +113,13 @@ LIMIT_OK_WEIGHT, LIMIT_FAIL_WEIGHT, LIMIT_COOL = "okw", "failw", "cool"  # the c
 LIMIT_GRANTED = "granted"
 LIMIT_RATE_LIMITED = "rate_limited"
 LIMIT_BREAKER_TRIPS = "breaker_trips"
+
+
+def lua(script: str, **names: str) -> str:
+    """A Lua script with its `$NAME`s spelled from this module's constants (and the job states'),
+    each a quoted Lua string: no script spells a key's field or a state by hand."""
+    quoted = {name: "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'" for name, value in names.items()}
+    return string.Template(script).substitute(quoted)
 
 
 def batch_owner_key(batch_id: str) -> str:
@@ -149,16 +178,16 @@ class JobKeys:
         return self._key("chunk", chunk_id)
 
     def results(self, chunk_id: str) -> str:
-        return self._key("results", chunk_id)
+        return self._key(CHUNK_RESULTS, chunk_id)
 
     def lease(self, chunk_id: str) -> str:
-        return self._key("lease", chunk_id)
+        return self._key(CHUNK_LEASE, chunk_id)
 
     def attempts(self, chunk_id: str) -> str:
         return self._key("attempts", chunk_id)
 
     def handed(self, chunk_id: str) -> str:
-        return self._key("handed", chunk_id)
+        return self._key(CHUNK_HANDED, chunk_id)
 
     def row_starts(self, chunk_id: str) -> str:
         return self._key("row_starts", chunk_id)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import redis
 
-from promptmill.jobs.state.keys import JobKeys
+from promptmill.jobs.state.keys import PACE_FIRST, PACE_LAST, PACE_ROLLED, PACE_RPM, JobKeys, lua
 
 # Bucket i holds latencies up to EDGES_MS[i] (the last, anything longer): 1 ms to 10 minutes.
 EDGES_MS: tuple[float, ...] = tuple(1.25**i for i in range(61))
@@ -51,19 +51,19 @@ def percentile_ms(counts: dict[int, int], q: float) -> float | None:
 # must not bring its keys back). KEYS: spec, latency, ttft, pace. ARGV: the first row's start and the
 # last row's end ('' for none: kept as the earliest and latest any worker saw), then triples of what
 # to add: which key (2, 3, 4; or 'set' for a pace field set, not added), field, value.
-_WRITE = """
+_WRITE = lua("""
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 for i = 3, #ARGV, 3 do
   if ARGV[i] == 'set' then redis.call('HSET', KEYS[4], ARGV[i + 1], ARGV[i + 2])
   else redis.call('HINCRBY', KEYS[tonumber(ARGV[i])], ARGV[i + 1], ARGV[i + 2]) end
 end
 if ARGV[1] ~= '' then
-  local first, last = redis.call('HGET', KEYS[4], 'first'), redis.call('HGET', KEYS[4], 'last')
-  if not first or tonumber(ARGV[1]) < tonumber(first) then redis.call('HSET', KEYS[4], 'first', ARGV[1]) end
-  if not last or tonumber(ARGV[2]) > tonumber(last) then redis.call('HSET', KEYS[4], 'last', ARGV[2]) end
+  local first, last = redis.call('HGET', KEYS[4], $FIRST), redis.call('HGET', KEYS[4], $LAST)
+  if not first or tonumber(ARGV[1]) < tonumber(first) then redis.call('HSET', KEYS[4], $FIRST, ARGV[1]) end
+  if not last or tonumber(ARGV[2]) > tonumber(last) then redis.call('HSET', KEYS[4], $LAST, ARGV[2]) end
 end
 return 1
-"""
+""", FIRST=PACE_FIRST, LAST=PACE_LAST)
 
 
 # Slots older than AGE seconds merge into slots WIDTH seconds wide, the coarsest that applies first.
@@ -73,22 +73,22 @@ _ROLL_UP_EVERY_S = 60
 # Merge old slots into coarser ones, in one step (workers only add to recent slots; a late write to an
 # old one is merged at the next roll-up). Sums add; the limit in force ("rpm") keeps the highest.
 # ARGV: now (epoch s), how often at most, the slot width (s), then the tiers as AGE, WIDTH pairs.
-_ROLL_UP = """
+_ROLL_UP = lua("""
 local now, every, fine = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-if now - tonumber(redis.call('HGET', KEYS[1], 'rolled') or '0') < every then return 0 end
-redis.call('HSET', KEYS[1], 'rolled', now)
+if now - tonumber(redis.call('HGET', KEYS[1], $ROLLED) or '0') < every then return 0 end
+redis.call('HSET', KEYS[1], $ROLLED, now)
 local flat = redis.call('HGETALL', KEYS[1])
 local moved = 0
 for i = 1, #flat, 2 do
-  local slot, name = string.match(flat[i], '^([^|]+)|(.+)$')
+  local slot, name = string.match(flat[i], '^([^|]+)|(.+)$$')  -- $$: a Lua pattern's end, not a name
   if slot then
-    local start, width = string.match(slot, '^(%d+)%+(%d+)$')
+    local start, width = string.match(slot, '^(%d+)%+(%d+)$$')
     if start then start, width = tonumber(start), tonumber(width) else start, width = tonumber(slot) * fine, fine end
     for t = 4, #ARGV, 2 do
       local age, to = tonumber(ARGV[t]), tonumber(ARGV[t + 1])
       if width < to and now - (start + width) >= age then
         local into = (start - start % to) .. '+' .. to .. '|' .. name
-        if name == 'rpm' then
+        if name == $RPM then
           if tonumber(flat[i + 1]) > tonumber(redis.call('HGET', KEYS[1], into) or '0') then
             redis.call('HSET', KEYS[1], into, flat[i + 1])
           end
@@ -103,7 +103,7 @@ for i = 1, #flat, 2 do
   end
 end
 return moved
-"""
+""", ROLLED=PACE_ROLLED, RPM=PACE_RPM)
 
 
 def roll_up(client: redis.Redis, job_id: str, now: float | None = None, every_s: float = _ROLL_UP_EVERY_S) -> int:
@@ -196,7 +196,7 @@ class PaceRecorder:
                 for field, count in slots.get(job_id, {}).items():
                     args += [4, field, count]
                 for slot, rpm in limits.get(job_id, {}).items():
-                    args += ["set", f"{slot}|rpm", rpm]
+                    args += ["set", f"{slot}|{PACE_RPM}", rpm]
                 keys = JobKeys(job_id)
                 self._write_script(keys=[keys.spec, keys.latency, keys.ttft, keys.pace], args=args, client=pipe)
             pipe.execute()
@@ -255,7 +255,7 @@ def job_pace(client: redis.Redis, job_id: str, pending: int, now: float | None =
     now = time.time() if now is None else now
 
     # A finished job's pace ends with its last row, not now.
-    end = now if pending or not slots else span.get("last", min(now, max(start + width for start, width in slots)))
+    end = now if pending or not slots else span.get(PACE_LAST, min(now, max(start + width for start, width in slots)))
 
     def rate(name: str, since: float) -> float | None:
         """Per second over the slots from `since`: from the later of their start and the job's first
@@ -263,13 +263,13 @@ def job_pace(client: redis.Redis, job_id: str, pending: int, now: float | None =
         chosen = [slot for slot in slots if slot[0] >= since]
         if not chosen:
             return 0.0 if slots else None
-        start = max(min(chosen)[0], span.get("first", 0.0))
+        start = max(min(chosen)[0], span.get(PACE_FIRST, 0.0))
         return round(sum(slots[s].get(name, 0) for s in chosen) / max(end - start, 1e-3), 2)
 
     last_minute = (int(now) // SLOT_S - 60 // SLOT_S + 1) * SLOT_S
     rows_recent = rate("rows", last_minute)
     # Over the whole job: from its first row's start to its last row's end (or now, while it runs).
-    job_s = end - span["first"] if "first" in span else None
+    job_s = end - span[PACE_FIRST] if PACE_FIRST in span else None
     total_rows = sum(slot.get("rows", 0) for slot in slots.values())
     total_output = sum(slot.get("output_tokens", 0) for slot in slots.values())
 
@@ -282,7 +282,7 @@ def job_pace(client: redis.Redis, job_id: str, pending: int, now: float | None =
         over_time.append((start, done, width))
     requests_over_time = [
         (start, *(slots[(start, width)].get(name, 0) for name in ("requests", "r429", "r5xx", "held")),
-         slots[(start, width)].get("rpm"), width)
+         slots[(start, width)].get(PACE_RPM), width)
         for start, width in sorted(slots)
         if slots[(start, width)].get("requests")
     ]  # fmt: skip

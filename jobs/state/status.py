@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from promptmill.jobs.state.keys import LEDGER_FAILED_ATTEMPTS, LEDGER_REQUESTS
 from promptmill.pipelines.items import Usage
 
 
@@ -43,9 +44,9 @@ class LedgerPart:
         usage_fields: dict[str, dict[str, int]] = {}
         for raw_name, raw_value in raw.items():
             model, _, name = raw_name.decode().rpartition("|")
-            if name == "requests":
+            if name == LEDGER_REQUESTS:
                 part.requests_by_model[model] = int(raw_value)
-            elif name == "failed_attempts":
+            elif name == LEDGER_FAILED_ATTEMPTS:
                 part.failed_attempts_by_model[model] = int(raw_value)
             else:
                 usage_fields.setdefault(model, {})[name] = int(raw_value)
@@ -60,7 +61,7 @@ class LedgerPart:
         """By model: requests and each kind of token."""
         models = sorted(set(self.usage_by_model) | set(self.requests_by_model))
         return {
-            model: {"requests": self.requests_by_model.get(model, 0), **self.usage_by_model.get(model, Usage()).model_dump()}
+            model: {LEDGER_REQUESTS: self.requests_by_model.get(model, 0), **self.usage_by_model.get(model, Usage()).model_dump()}
             for model in models
         }
 

@@ -17,6 +17,8 @@ from promptmill.jobs.state.batches import BatchStore
 from promptmill.jobs.state.budget import BudgetStore
 from promptmill.jobs.state.chunks import ChunkStore
 from promptmill.jobs.state.keys import (
+    COUNTER_FAILED,
+    COUNTER_OK,
     JOBS_INDEX,
     META_CREATED_AT,
     META_ERROR,
@@ -27,6 +29,7 @@ from promptmill.jobs.state.keys import (
     META_ROWS_PRODUCED,
     META_STATE,
     JobKeys,
+    lua,
 )
 from promptmill.jobs.state.limits import LimitStore
 from promptmill.jobs.spec import JobSpec
@@ -40,12 +43,13 @@ def connect(url: str, **options: object) -> redis.Redis:
 
 
 # The producer is done: running, unless the job was cancelled, failed or paused meanwhile.
-_FINISH_PRODUCING = """
-redis.call('HSET', KEYS[1], 'produced', 1)
-if ARGV[1] ~= '' then redis.call('HSET', KEYS[1], 'input_sha256', ARGV[1]) end
-if redis.call('HGET', KEYS[1], 'state') == 'producing' then redis.call('HSET', KEYS[1], 'state', 'running') end
+_FINISH_PRODUCING = lua("""
+redis.call('HSET', KEYS[1], $PRODUCED, 1)
+if ARGV[1] ~= '' then redis.call('HSET', KEYS[1], $SHA256, ARGV[1]) end
+if redis.call('HGET', KEYS[1], $STATE) == $PRODUCING then redis.call('HSET', KEYS[1], $STATE, $RUNNING) end
 return 1
-"""
+""", PRODUCED=META_PRODUCED, SHA256=META_INPUT_SHA256, STATE=META_STATE, PRODUCING=JobState.producing,
+    RUNNING=JobState.running)
 
 
 class JobStore:
@@ -187,8 +191,8 @@ class JobStore:
             error=meta.get(META_ERROR),
             produced=meta.get(META_PRODUCED) == "1",
             rows_produced=int(meta.get(META_ROWS_PRODUCED, 0)),
-            ok=int(counters.get(b"ok", 0)),
-            failed=int(counters.get(b"failed", 0)),
+            ok=int(counters.get(COUNTER_OK.encode(), 0)),
+            failed=int(counters.get(COUNTER_FAILED.encode(), 0)),
             usage_by_model=ledger.usage_by_model,
             requests_by_model=ledger.requests_by_model,
             failed_attempts_by_model=ledger.failed_attempts_by_model,
