@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 from typing import Iterable
 
@@ -63,3 +64,25 @@ def write_dataset(
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def fast_recovery(env: dict[str, str]) -> dict[str, str]:
+    """A dead worker's chunks go out again within seconds instead of the default 15 to 25."""
+    return {**env, "PROMPTMILL_LEASE_TTL_S": "2", "PROMPTMILL_SWEEP_EVERY_S": "1"}
+
+
+def start_cli(env: dict[str, str], *args: str, quiet: bool = False) -> subprocess.Popen:
+    """A `promptmill` command left running, for a test to interrupt or kill around it; a quiet one
+    (a worker, whose log nobody reads) writes nowhere, so it can never block on a full pipe."""
+    output = subprocess.DEVNULL if quiet else subprocess.PIPE
+    return subprocess.Popen(
+        [PROMPTMILL, *args],
+        env=env, cwd=ROOT, stdout=output, stderr=output, text=True, start_new_session=quiet,
+    )  # fmt: skip
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)

@@ -13,6 +13,7 @@ import redis
 
 from promptmill.config.secret_logging import MASK, mask_secrets_in_logs
 from promptmill.config.settings import Settings
+from promptmill.jobs.state.keys import JOBS_INDEX, JobKeys
 from promptmill.jobs.state.store import JobStore
 from tests.conftest import API_KEY, promptmill, read_jsonl
 from tests.test_api_jobs import PIPELINE, job_id_of, write_job
@@ -97,15 +98,15 @@ def test_a_finished_job_s_keys_expire_and_delete_and_gc_remove_jobs(tmp_path, en
         result = promptmill("run", str(data), "--pipeline", str(pipeline), "--out", str(tmp_path / name), env=env)
         assert result.returncode == 0, result.stderr
         jobs.append(job_id_of(result))
-    ttl_days = store.redis.ttl(f"pm:{{{jobs[0]}}}:meta") / 86_400
+    ttl_days = store.redis.ttl(JobKeys(jobs[0]).meta) / 86_400
     assert 6.9 < ttl_days <= 7  # PROMPTMILL_JOB_TTL_DAYS, default 7
-    assert all(store.redis.ttl(key) > 0 for key in store.redis.scan_iter(f"pm:{{{jobs[0]}}}:*"))
+    assert all(store.redis.ttl(key) > 0 for key in store.redis.scan_iter(JobKeys(jobs[0]).pattern))
     listed = promptmill("jobs", env=env).stdout
     assert jobs[0] in listed and jobs[1] in listed
 
     deleted = promptmill("delete", jobs[0], "--files", env=env)
     assert deleted.returncode == 0, deleted.stderr
-    assert list(store.redis.scan_iter(f"pm:{{{jobs[0]}}}:*")) == [] and not (tmp_path / "a").exists()
+    assert list(store.redis.scan_iter(JobKeys(jobs[0]).pattern)) == [] and not (tmp_path / "a").exists()
     assert jobs[0] not in promptmill("jobs", env=env).stdout
     assert promptmill("status", jobs[0], env=env).returncode == 2
 
@@ -113,7 +114,7 @@ def test_a_finished_job_s_keys_expire_and_delete_and_gc_remove_jobs(tmp_path, en
     assert kept.returncode == 0 and jobs[1] in store.job_ids()
     collected = promptmill("gc", "--older-than", "0s", env=env)
     assert collected.returncode == 0 and jobs[1] not in store.job_ids()
-    assert list(store.redis.scan_iter(f"pm:{{{jobs[1]}}}:*")) == []
+    assert list(store.redis.scan_iter(JobKeys(jobs[1]).pattern)) == []
     assert (tmp_path / "b" / "results.jsonl").exists()  # without --files what it wrote stays
 
 
@@ -143,7 +144,7 @@ def test_delete_files_removes_only_what_the_job_wrote_in_a_folder_it_shares(tmp_
 
     deleted = promptmill("delete", first, "--files", env=env)
     assert deleted.returncode == 0, deleted.stderr
-    assert list(store.redis.scan_iter(f"pm:{{{first}}}:*")) == []
+    assert list(store.redis.scan_iter(JobKeys(first).pattern)) == []
     assert {path: path.read_bytes() for path in second_files} == second_files  # the other job's, untouched
     assert sorted(p.name for p in (shared / "logs").iterdir()) == sorted(
         ["x.log", *(p.name for p in second_files if p.parent.name == "logs")]
@@ -174,8 +175,7 @@ def test_delete_files_keeps_everything_where_the_folder_does_not_name_the_job(tm
 def test_answers_that_land_after_a_running_job_is_deleted_bring_none_of_its_keys_back(tmp_path, env, fake_api):
     """The job's keys go while 40 answers are on the wire (as when `delete` stops waiting for its
     chunks): the worker drops each late answer, saying so, and writes nothing of the job again."""
-    from tests.support import promptmill_process, stop
-    from tests.test_crash_safety import wait_until
+    from tests.support import promptmill_process, stop, wait_until
 
     store = JobStore.from_url(env["PROMPTMILL_REDIS_URL"])
     fake_api.configure(latency_ms=1500)
@@ -192,7 +192,7 @@ def test_answers_that_land_after_a_running_job_is_deleted_bring_none_of_its_keys
         wait_until(lambda: log_path.read_text().count("succeeded in") == 2, 60, "both chunks' tasks to end")
     finally:
         stop(worker)
-    assert list(store.redis.scan_iter(f"pm:{{{job_id}}}:*")) == []
+    assert list(store.redis.scan_iter(JobKeys(job_id).pattern)) == []
     assert not store.exists(job_id) and job_id not in store.job_ids()
     assert f"job {job_id} is gone (deleted): the outcome of row" in log_path.read_text()  # answers did land after
 
@@ -203,6 +203,6 @@ def test_jobs_whose_keys_expired_leave_the_index(tmp_path, env, fake_api):
     result = promptmill("run", str(data), "--pipeline", str(pipeline), "--out", str(tmp_path / "o"), env=env)
     job_id = job_id_of(result)
     store.expire_job(job_id, 0.001)  # as if JOB_TTL_DAYS had passed
-    assert store.redis.zscore("pm:jobs", job_id) is not None
+    assert store.redis.zscore(JOBS_INDEX, job_id) is not None
     assert job_id not in promptmill("jobs", env=env).stdout
-    assert store.redis.zscore("pm:jobs", job_id) is None
+    assert store.redis.zscore(JOBS_INDEX, job_id) is None

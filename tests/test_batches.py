@@ -14,10 +14,10 @@ import redis
 from promptmill.config.prices import PriceTable
 from promptmill.config.settings import Settings
 from promptmill.jobs.state.keys import JobKeys
+from tests.chaos import kill_tree
 from tests.conftest import promptmill, read_jsonl
-from tests.support import write_dataset
+from tests.support import fast_recovery, start_cli, wait_until, write_dataset
 from tests.test_api_jobs import LABELS, job_id_of
-from tests.test_crash_safety import fast_recovery, kill_tree, start_cli, wait_until
 
 PIPELINE = """
 name = "label"
@@ -288,25 +288,26 @@ def test_batch_prices_are_the_list_prices_at_the_tables_discount_cache_and_long_
 
 
 def test_rows_are_packed_into_batches_of_at_most_100000_requests_and_256_mb():
-    from promptmill.workers.backends.anthropic_batch import MAX_BATCH_BYTES, _Arrival, _packed
+    from promptmill.workers.backends.batch_rows import MAX_BATCH_BYTES, Arrival, packed
 
-    small = [_Arrival(None, None, {}, size=10) for _ in range(250_001)]  # type: ignore[arg-type]
-    assert [len(group) for group in _packed(small)] == [100_000, 100_000, 50_001]
-    big = [_Arrival(None, None, {}, size=MAX_BATCH_BYTES // 3 + 1) for _ in range(7)]  # type: ignore[arg-type]
-    groups = _packed(big)
+    small = [Arrival(None, None, {}, size=10) for _ in range(250_001)]  # type: ignore[arg-type]
+    assert [len(group) for group in packed(small)] == [100_000, 100_000, 50_001]
+    big = [Arrival(None, None, {}, size=MAX_BATCH_BYTES // 3 + 1) for _ in range(7)]  # type: ignore[arg-type]
+    groups = packed(big)
     assert [len(group) for group in groups] == [2, 2, 2, 1]
     assert all(sum(a.size for a in group) <= MAX_BATCH_BYTES < 256 * 1024 * 1024 for group in groups)
 
 
 def test_polls_back_off_from_the_shortest_wait_to_the_longest_as_a_batch_ages():
-    from promptmill.workers.backends.anthropic_batch import AnthropicBatchBackend, _Batch
+    from promptmill.workers.backends.anthropic_batch import AnthropicBatchBackend
+    from promptmill.workers.backends.batch_rows import WaitedBatch
 
     settings = Settings(
         anthropic_api_key="k", redis_url="redis://127.0.0.1:1/0", batch_poll_min_s=10, batch_poll_max_s=60
     )
     backend = AnthropicBatchBackend(None, settings)  # type: ignore[arg-type]  # nothing connects until used
     ages = (0, 60, 120, 300, 3600, 86_400)
-    waits = [backend._interval_s(_Batch("b", None, time.time() - age)) for age in ages]  # type: ignore[arg-type]
+    waits = [backend._interval_s(WaitedBatch("b", None, time.time() - age)) for age in ages]  # type: ignore[arg-type]
     assert waits[0] == 10 and waits[-1] == 60
     assert waits == sorted(waits) and 10 < waits[2] < 60
 

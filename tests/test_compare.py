@@ -14,9 +14,8 @@ import pytest
 from promptmill.config.prices import PriceTable
 from promptmill.config.settings import Settings
 from tests.conftest import API_KEY, ROOT, promptmill, read_jsonl
-from tests.support import write_dataset
+from tests.support import start_cli, wait_until, write_dataset
 from tests.test_api_jobs import LABELS
-from tests.test_crash_safety import start_cli, wait_until
 
 PIPELINE = """
 name = "sentiment"

@@ -3,7 +3,6 @@ kills its worker, an interrupted run, and (marked `chaos`) workers killed at ran
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -17,32 +16,19 @@ import pytest
 import redis
 
 from promptmill.config.settings import Settings
+from promptmill.jobs.state.keys import COUNTER_OK, JobKeys
 from promptmill.jobs.state.store import JobStore
-from tests.conftest import ROOT, promptmill, read_jsonl
-from tests.support import PROMPTMILL, write_dataset
+from tests.chaos import (
+    kill_holders_of_resent_chunks,
+    kill_tree,
+    kill_workers_at_random,
+    live_workers,
+    longest_stall_s,
+    running,
+)
+from tests.conftest import promptmill, read_jsonl
+from tests.support import fast_recovery, start_cli, wait_until, write_dataset
 from tests.test_api_jobs import LABELS, job_id_of, successes_by_prompt, write_job
-
-
-def fast_recovery(env: dict[str, str]) -> dict[str, str]:
-    """A dead worker's chunks go out again within seconds instead of the default 15 to 25."""
-    return {**env, "PROMPTMILL_LEASE_TTL_S": "2", "PROMPTMILL_SWEEP_EVERY_S": "1"}
-
-
-def start_cli(env: dict[str, str], *args: str, quiet: bool = False) -> subprocess.Popen:
-    """A `promptmill` command left running, for a test to interrupt or kill around it; a quiet one
-    (a worker, whose log nobody reads) writes nowhere, so it can never block on a full pipe."""
-    output = subprocess.DEVNULL if quiet else subprocess.PIPE
-    return subprocess.Popen(
-        [PROMPTMILL, *args],
-        env=env, cwd=ROOT, stdout=output, stderr=output, text=True, start_new_session=quiet,
-    )  # fmt: skip
-
-
-def wait_until(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -66,7 +52,7 @@ def new_job(store):
 
 
 def job_keys(redis_url: str, job_id: str, kind: str) -> list[bytes]:
-    return list(redis.Redis.from_url(redis_url).scan_iter(f"pm:{{{job_id}}}:{kind}:*"))
+    return list(redis.Redis.from_url(redis_url).scan_iter(JobKeys(job_id).prefix + kind + ":*"))
 
 
 def test_finished_chunks_leave_redis_for_shards_and_export_merges_them_in_order(tmp_path, env, fake_api):
@@ -92,7 +78,7 @@ def test_verify_passes_on_a_clean_job_and_names_a_counter_that_drifted(tmp_path,
     job_id = job_id_of(result)
     clean = promptmill("verify", job_id, env=env)
     assert clean.returncode == 0 and "100 committed rows" in clean.stdout, clean.stderr
-    redis.Redis.from_url(env["PROMPTMILL_REDIS_URL"]).hincrby(f"pm:{{{job_id}}}:counters", "ok", 1)
+    redis.Redis.from_url(env["PROMPTMILL_REDIS_URL"]).hincrby(JobKeys(job_id).counters, COUNTER_OK, 1)
     drifted = promptmill("verify", job_id, env=env)
     assert drifted.returncode == 1 and "counters say 101 ok" in drifted.stderr
 
@@ -172,19 +158,8 @@ def test_10000_rows_while_workers_are_killed_at_random_end_exact_and_pay_only_fo
     run = start_cli(
         fast_recovery(env), "run", str(data), "--pipeline", str(pipeline), "--out", str(out), "--workers", "3"
     )
-    rng = random.Random(3)
-    kills: list[tuple[float, set[int]]] = []  # when each victim died, and the ports it was talking on
     try:
-        while run.poll() is None:
-            time.sleep(rng.uniform(3, 6))
-            workers = [child for child in psutil.Process(run.pid).children() if _is_live_worker(child)]
-            if run.poll() is None and workers:
-                victim = rng.choice(workers)
-                with contextlib.suppress(psutil.Error):
-                    victim.send_signal(signal.SIGSTOP)  # frozen, it opens no connection between the two looks
-                    ports = {connection.laddr.port for connection in victim.net_connections(kind="tcp")}
-                    victim.send_signal(signal.SIGKILL)
-                    kills.append((time.monotonic(), ports))
+        kills = kill_workers_at_random(run, random.Random(3), every_s=(3, 6))
     finally:
         kill_tree(run)  # a run that outlived the test must not take the next tests' jobs
     stdout, stderr = run.communicate()
@@ -205,7 +180,7 @@ def test_10000_rows_while_workers_are_killed_at_random_end_exact_and_pay_only_fo
     committed_within = 2.0  # a busy worker commits what it read within this
     for entry in answered:
         if entry["prompt"] in paid_twice and entry["request_id"] not in committed_request:
-            holders = [when for when, ports in kills if entry["port"] in ports]
+            holders = [kill.at for kill in kills if entry["port"] in kill.ports]
             assert any(when <= entry["done"] + committed_within for when in holders), (entry, kills)
     settings = Settings()
     assert len(paid_twice) <= len(kills) * settings.api_chunks_per_worker * settings.chunk_size  # kills x rows in flight
@@ -227,22 +202,6 @@ def test_10000_rows_while_workers_are_killed_at_random_end_exact_and_pay_only_fo
     assert status["tokens"]["output"] == billed_output - lost["output"]
     assert promptmill("verify", job_id, env=env).returncode == 0
     print(f"chaos: {len(kills)} workers killed; {len(paid_twice)} of 10,000 rows answered twice")  # -s shows it
-
-
-def kill_tree(process: subprocess.Popen) -> None:
-    """Kill a command that is still running, and the workers it started."""
-    if process.poll() is not None:
-        return
-    for child in psutil.Process(process.pid).children(recursive=True):
-        child.kill()
-    process.kill()
-
-
-def _is_live_worker(process: psutil.Process) -> bool:
-    try:
-        return process.status() != psutil.STATUS_ZOMBIE and "worker" in " ".join(process.cmdline())
-    except psutil.Error:
-        return False
 
 
 @pytest.mark.chaos
@@ -316,7 +275,7 @@ def test_cancel_stops_the_workers_sending_and_resume_finishes_the_job(tmp_path, 
         assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout
         # Stopped: no worker holds a chunk of the job any more, so no request of it is in flight, and
         # a chunk run that starts later checks the state before it sends anything.
-        leases = f"pm:{{{job_id}}}:lease:*"
+        leases = JobKeys(job_id).lease("*")
         wait_until(lambda: not list(store.redis.scan_iter(leases)), 60, "the workers to let go of the job's chunks")
         sent = len(fake_api.log())
         worker.terminate()
@@ -349,13 +308,6 @@ def test_an_embedded_redis_killed_under_a_run_is_brought_back_and_the_run_comple
     assert [r["row"] for r in read_jsonl(out / "results.jsonl")] == list(range(3000))
 
 
-def _running(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE  # a killed child waits to be reaped
-    except psutil.NoSuchProcess:
-        return False
-
-
 @pytest.mark.chaos
 @pytest.mark.timeout(300)
 def test_killing_the_worker_that_holds_a_resent_chunk_never_stalls_the_job_past_the_recovery_bound(
@@ -373,42 +325,19 @@ def test_killing_the_worker_that_holds_a_resent_chunk_never_stalls_the_job_past_
     try:
         job_id = new_job(run)
         wait_until(lambda: store.status(job_id).terminal >= 500, 120, "500 rows")
-        workers = [child for child in psutil.Process(run.pid).children() if _is_live_worker(child)]
-        workers[0].send_signal(signal.SIGKILL)
-        resent_key, holders_killed = f"pm:{{{job_id}}}:resent", 0
-        deadline = time.monotonic() + 120
-        while holders_killed < 2 and time.monotonic() < deadline and run.poll() is None:
-            for chunk in store.redis.hkeys(resent_key):
-                token = store.redis.get(f"pm:{{{job_id}}}:lease:{chunk.decode()}")
-                # A worker runs the resent copy now: kill it (a lease a killed worker still holds until
-                # it runs out names a process that is gone).
-                holder = int(token.decode().split(":")[1]) if token is not None else None
-                if holder is not None and _running(holder):
-                    try:
-                        os.kill(holder, signal.SIGKILL)
-                    except ProcessLookupError:
-                        continue  # it died between the two calls
-                    holders_killed += 1
-                    break
-            time.sleep(0.02)
-        assert holders_killed == 2, "no worker was caught holding a resent chunk"
+        live_workers(run)[0].send_signal(signal.SIGKILL)
+        # Then, twice, the worker that runs the resent copy of a chunk.
+        assert kill_holders_of_resent_chunks(store, job_id, run, count=2, within_s=120) == 2, "no holder caught"
         # No stall: rows keep being committed until the end. (A chunk whose runs died twice goes on
         # row by row, one answer a second here, by design: progress, not a stall.)
-        longest_stall_s, progress_at, done = 0.0, time.monotonic(), store.status(job_id).terminal
-        while run.poll() is None:
-            time.sleep(0.2)
-            now_done = store.status(job_id).terminal
-            if now_done != done:
-                done, progress_at = now_done, time.monotonic()
-            longest_stall_s = max(longest_stall_s, time.monotonic() - progress_at)
-            assert time.monotonic() < deadline + 200, "the job did not end"
+        stalled_s = longest_stall_s(store, job_id, run, within_s=320)
         _, stderr = run.communicate(timeout=60)
     finally:
         kill_tree(run)
     assert run.returncode == 0, stderr
     # Lease 2 s, a stranded chunk waits three 1 s sweeps, a restarted worker takes a few seconds to
     # start: a chunk lost twice is sent again within that, not after Celery's hour.
-    assert longest_stall_s < 30, longest_stall_s
+    assert stalled_s < 30, stalled_s
     records = read_jsonl(out / "results.jsonl")
     assert [r["row"] for r in records] == list(range(8000)) and all(r["status"] == "ok" for r in records)
     assert promptmill("verify", job_id, env=env).returncode == 0
@@ -432,15 +361,15 @@ def test_a_run_killed_outright_leaves_no_worker_and_no_redis_running_and_resume_
         store = JobStore(client)
         wait_until(lambda: store.job_ids() and store.status(store.job_ids()[0]).terminal >= 300, 120, "300 rows")
         job_id = store.job_ids()[0]
-        workers = [p for p in psutil.Process(run.pid).children() if _is_live_worker(p)]
+        workers = live_workers(run)
         assert len(workers) == 2
         redis_pid = json.loads(state_file.read_text())["pid"]
         client.close()  # nobody uses the Redis now but the run and its workers
         run.kill()
         run.wait()
-        wait_until(lambda: not any(_running(p.pid) for p in workers), 10, "the run's workers to stop")
+        wait_until(lambda: not any(running(p.pid) for p in workers), 10, "the run's workers to stop")
         # Then nothing uses its Redis: it stops once idle (3 s here) and its guard has looked.
-        wait_until(lambda: not _running(redis_pid), 20, "the embedded Redis to stop")
+        wait_until(lambda: not running(redis_pid), 20, "the embedded Redis to stop")
     finally:
         kill_tree(run)
 

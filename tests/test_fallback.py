@@ -18,10 +18,9 @@ from promptmill.jobs.state.fallback import fallback_status
 from promptmill.jobs.state.keys import JobKeys
 from promptmill.jobs.state.store import JobStore
 from tests.conftest import promptmill, read_jsonl
-from tests.support import stop, write_dataset
+from tests.support import start_cli, stop, wait_until, write_dataset
 from tests.test_api_jobs import job_id_of
 from tests.test_compare import bill, both_apis
-from tests.test_crash_safety import start_cli, wait_until
 
 HAIKU, MINI = "claude-haiku-4-5", "gpt-4.1-mini"
 AFTER_S = 2.0

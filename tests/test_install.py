@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import promptmill, read_jsonl
+from tests.conftest import ROOT, promptmill, read_jsonl
 from tests.test_api_jobs import LABELS, write_job
 
 USER_PACKAGES = ("config", "jobs", "workers", "pipelines")
@@ -45,24 +45,123 @@ def test_a_job_runs_from_a_folder_holding_its_own_config_jobs_workers_and_pipeli
     assert "the user's own" not in worker_logs
 
 
-LAYERS = ["config", "pipelines", "jobs", "workers", "cli"]  # each may import only those before it
+# The rooms of the code, lowest first: a module imports only from its own room and those before it.
+# Inside workers/ the rooms are ordered too (what a transport needs, the transports, the layers, the
+# path, the runtime, the Celery face); the views (reports/) never import the workers, nor they it.
+ROOMS: list[tuple[str, tuple[str, ...]]] = [
+    ("config", ("config",)),
+    ("pipelines", ("pipelines",)),
+    ("jobs.spec", ("jobs/spec.py",)),
+    ("jobs.state", ("jobs/state",)),
+    ("jobs", ("jobs",)),
+    ("workers.low", tuple(f"workers/{name}.py" for name in (
+        "retry", "limit_signals", "concurrency", "engine_clock", "local_model", "metrics", "rate_limit",
+        "metrics_server", "local_workers"))),
+    ("workers.backends", ("workers/backends",)),
+    ("workers.layers", ("workers/layers.py",)),
+    ("workers.path", ("workers/request_path.py", "workers/fallback.py")),
+    ("workers.runtime", ("workers/runtime.py",)),
+    ("workers", ("workers",)),
+    ("reports", ("reports",)),
+    ("faces", ("promptmill",)),
+]  # fmt: skip
+PACKAGES = {"promptmill.config": "config", "promptmill.pipelines": "pipelines", "promptmill.jobs": "jobs",
+            "promptmill.reports": "reports", "promptmill.workers": "workers", "promptmill": "promptmill"}  # fmt: skip
 
 
-def test_each_layer_imports_only_the_layers_before_it():
+def _room_of(path: str) -> int:
+    """The room of a file of the tree (the most specific one naming it)."""
+    best, length = -1, -1
+    for index, (_, places) in enumerate(ROOMS):
+        for place in places:
+            if (path == place or path.startswith(place + "/")) and len(place) > length:
+                best, length = index, len(place)
+    return best
+
+
+def _file_of(module: str) -> str | None:
+    """The tree's file of a `promptmill...` module, or None (a name imported from a module)."""
+    for package, folder in sorted(PACKAGES.items(), key=lambda item: -len(item[0])):
+        if module == package or module.startswith(package + "."):
+            relative = folder + module[len(package):].replace(".", "/")
+            for candidate in (relative + ".py", relative + "/__init__.py"):
+                if (ROOT / candidate).exists():
+                    return candidate
+            return None
+    return None
+
+
+def _imports(path: Path) -> set[str]:
+    """The tree's files a module imports (an imported name that is a module counts as one)."""
     import ast
 
-    root = Path(__file__).resolve().parent.parent
-    folders = {"config": root / "config", "pipelines": root / "pipelines", "jobs": root / "jobs",
-               "workers": root / "workers", "cli": root / "promptmill" / "cli"}  # fmt: skip
-    wrong = []
-    for layer, folder in folders.items():
-        allowed = set(LAYERS[: LAYERS.index(layer) + 1])
-        for module in folder.rglob("*.py"):
-            for node in ast.walk(ast.parse(module.read_text())):
-                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-                names += [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
-                for name in names:
-                    parts = name.split(".")
-                    if parts[0] == "promptmill" and len(parts) > 1 and parts[1] in LAYERS and parts[1] not in allowed:
-                        wrong.append(f"{module.relative_to(root)} imports {name}")
-    assert wrong == []
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        modules = []
+        if isinstance(node, ast.Import):
+            modules = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            modules = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        for module in modules:
+            file = _file_of(module)
+            if file is not None:
+                found.add(file)
+    return found
+
+
+def _tree() -> dict[str, set[str]]:
+    sources = [path for folder in ("config", "pipelines", "jobs", "reports", "workers", "promptmill")
+               for path in (ROOT / folder).rglob("*.py")]  # fmt: skip
+    return {path.relative_to(ROOT).as_posix(): _imports(path) - {path.relative_to(ROOT).as_posix()} for path in sources}
+
+
+def test_each_room_imports_only_the_rooms_below_it_and_no_import_runs_in_a_circle():
+    tree = _tree()
+    upward = [
+        f"{module} ({ROOMS[_room_of(module)][0]}) imports {imported} ({ROOMS[_room_of(imported)][0]})"
+        for module, imports in tree.items() for imported in imports
+        if _room_of(imported) > _room_of(module) and not imported.endswith("__init__.py")
+    ]  # fmt: skip
+    assert upward == []
+    views = [f"{m} imports {i}" for m, imports in tree.items() for i in imports
+             if m.startswith("reports/") and i.startswith("workers/") or m.startswith("workers/") and i.startswith("reports/")]  # fmt: skip
+    assert views == []
+    # No cycle between modules either: each can be read knowing only what it imports.
+    state: dict[str, int] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for imported in tree.get(module, ()):
+            if state.get(imported) == 1:
+                raise AssertionError("an import cycle: " + " -> ".join([*path, module, imported]))
+            if imported not in state:
+                visit(imported, [*path, module])
+        state[module] = 2
+
+    for module in tree:
+        if module not in state:
+            visit(module, [])
+
+
+def test_no_code_tests_a_backends_name_outside_its_descriptor():
+    """A backend's identity is its descriptor's (config/backends.py): nothing compares its name."""
+    import re
+
+    compares = re.compile(r"""backend\w*\s*(==|!=|\bin\b)\s*\(?\s*["']|["'][a-z-]+["']\s*(==|!=|\bin\b)\s*[\w.]*backend""")
+    found = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for folder in ("config", "pipelines", "jobs", "reports", "workers", "promptmill")
+        for path in (ROOT / folder).rglob("*.py") if path != ROOT / "config" / "backends.py"
+        for number, line in enumerate(path.read_text().splitlines(), 1) if compares.search(line)
+    ]  # fmt: skip
+    assert found == []
+
+
+def test_no_module_of_the_package_passes_400_lines():
+    long = {
+        path.relative_to(ROOT).as_posix(): count
+        for folder in ("config", "pipelines", "jobs", "reports", "workers", "promptmill")
+        for path in (ROOT / folder).rglob("*.py")
+        if (count := len(path.read_text().splitlines())) > 400
+    }
+    assert long == {}

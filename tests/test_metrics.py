@@ -16,9 +16,8 @@ from promptmill.jobs.state.keys import JobKeys
 from promptmill.jobs.state.pace import bucket_of, percentile_ms
 from promptmill.jobs.state.store import JobStore
 from tests.conftest import promptmill, read_jsonl
-from tests.support import stop, write_dataset
+from tests.support import start_cli, stop, wait_until, write_dataset
 from tests.test_compare import bill
-from tests.test_crash_safety import start_cli, wait_until
 from tests.test_monitoring import free_port
 
 PIPELINE = """

@@ -15,9 +15,8 @@ import psutil
 from celery import Celery
 
 from tests.conftest import promptmill
-from tests.support import promptmill_process, stop, write_dataset
+from tests.support import promptmill_process, stop, wait_until, write_dataset
 from tests.test_api_jobs import job_id_of
-from tests.test_crash_safety import wait_until
 
 PIPELINE = """
 name = "events"

@@ -16,19 +16,19 @@ import redis
 from promptmill.config.celery_config import celery_config
 from promptmill.config.prices import PriceTable
 from promptmill.config.settings import Settings
-from promptmill.jobs.state.chunks import ChunkPayload
 from promptmill.jobs.dispatch import ChunkSender
-from promptmill.jobs.state.embedded import EmbeddedRedis
 from promptmill.jobs.files import atomic_write
+from promptmill.jobs.state.chunks import ChunkPayload
+from promptmill.jobs.state.embedded import EmbeddedRedis
+from promptmill.jobs.state.keys import JobKeys
 from promptmill.jobs.state.lease import ChunkLease
 from promptmill.jobs.state.status import JobState
 from promptmill.jobs.state.store import JobStore
 from promptmill.jobs.submission import build_spec
 from promptmill.pipelines.items import ItemOutcome, RenderedRequest, Usage
 from tests.conftest import promptmill, read_jsonl
-from tests.support import PROMPTMILL
+from tests.support import PROMPTMILL, start_cli, wait_until
 from tests.test_api_jobs import job_id_of, successes_by_prompt, write_job
-from tests.test_crash_safety import start_cli, wait_until
 
 
 @pytest.fixture
@@ -72,7 +72,7 @@ def test_an_unexpected_worker_error_stops_the_job_resumable_and_fails_no_row(tmp
     data, pipeline = write_job(tmp_path, 200)
     submitted = promptmill("submit", str(data), "--pipeline", str(pipeline), "--out", str(tmp_path / "o"), env=env)
     job_id = submitted.stdout.strip().splitlines()[-1]
-    spec_key = f"pm:{{{job_id}}}:spec"
+    spec_key = JobKeys(job_id).spec
     good_spec = store.redis.get(spec_key)
     # A spec this worker cannot read (another version wrote it): every chunk would raise.
     store.redis.set(spec_key, json.dumps({**json.loads(good_spec), "backend": "from-the-future"}))
@@ -148,7 +148,7 @@ def test_the_sweeper_skips_a_job_whose_keys_are_gone_and_sweeps_the_others(tmp_p
     from promptmill.workers.sweeper import sweep_once
 
     broken = new_job(tmp_path / "a", env, store)
-    store.redis.delete(f"pm:{{{broken.job_id}}}:spec")
+    store.redis.delete(JobKeys(broken.job_id).spec)
     healthy = new_job(tmp_path / "b", env, store)
     store.finish_producing(healthy.job_id)
     ChunkLease(store.redis, healthy.job_id, "0000000002", 1).count_run()  # its worker died

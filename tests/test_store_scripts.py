@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 
 from promptmill.config.settings import Settings
+from promptmill.jobs.spec import JobSpec, new_job_id
 from promptmill.jobs.state.chunks import ChunkPayload, HandOff, chunk_id_for, parse_run_id, run_id
 from promptmill.jobs.state.keys import JobKeys
 from promptmill.jobs.state.lease import ChunkLease
-from promptmill.jobs.spec import JobSpec, new_job_id
 from promptmill.jobs.state.status import JobState
 from promptmill.jobs.state.store import JobStore
 from promptmill.pipelines.items import ErrorKind, ItemOutcome, RenderedRequest, Usage

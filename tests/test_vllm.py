@@ -23,8 +23,7 @@ from promptmill.config.settings import Settings
 from promptmill.jobs.state.store import JobStore
 from promptmill.pipelines import load_pipeline, render_request
 from tests.conftest import ENGINE_MEMORY_SHARE, ROOT, promptmill, read_jsonl
-from tests.support import write_dataset
-from tests.test_crash_safety import start_cli, wait_until
+from tests.support import start_cli, wait_until, write_dataset
 from tests.test_metrics import scrape, total
 from tests.test_monitoring import free_port
 

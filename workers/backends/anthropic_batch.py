@@ -20,7 +20,6 @@ import asyncio
 import logging
 import secrets
 import time
-from dataclasses import dataclass, field
 from typing import Any, Hashable
 
 import anthropic
@@ -34,13 +33,11 @@ from promptmill.jobs.state.store import JobStore
 from promptmill.pipelines.items import ErrorKind
 from promptmill.workers.backends.anthropic import AnthropicBackend, message_outcome, message_params
 from promptmill.workers.backends.base import Call, FatalJobError, Reply
+from promptmill.workers.backends.batch_rows import Arrival, Made, WaitedBatch, Waiter, fail, packed, resolve
 from promptmill.workers.retry import Verdict, classify, status_verdict
 
 log = logging.getLogger(__name__)
 
-MAX_BATCH_REQUESTS = 100_000
-MAX_BATCH_BYTES = 250 * 1024 * 1024  # the API's 256 MB, less room for the envelope
-# A batch request's error comes with its type alone: the status the real-time endpoint answers it with.
 _STATUS_OF_ERROR = {
     "invalid_request_error": 400,
     "authentication_error": 401,
@@ -59,47 +56,6 @@ _CUSTOM_ID_BYTES = 32  # "INTENT-ROW", added to a request's size once its batch 
 _EXPIRED = Verdict(
     ErrorKind.expired, "expired: the batch ended before this request was processed", retryable=True, status="expired"
 )
-
-Waiter = asyncio.Future  # resolved with the row's Reply, or None (canceled: the row stays pending)
-
-
-@dataclass
-class _Arrival:
-    call: Call
-    waiter: Waiter
-    request: dict[str, Any]  # {"custom_id", "params"}, as the SDK takes it
-    size: int  # bytes of the request as JSON: they count against the batch's 256 MB
-
-
-@dataclass(frozen=True)
-class _Made:
-    """The batch the provider made of an intent."""
-
-    batch_id: str
-    created_at: float  # epoch seconds
-
-
-@dataclass
-class _Batch:
-    """A provider batch this process waits on, and the rows waiting."""
-
-    batch_id: str
-    job: JobSpec
-    created_at: float  # epoch seconds
-    intent: str | None = None  # its custom_ids' prefix (None: a batch made before intents, custom_id = row)
-    waiters: dict[int, Waiter] = field(default_factory=dict)  # row -> its waiting task's future
-    chunk_of: dict[int, str] = field(default_factory=dict)
-    cancel_sent: bool = False
-
-    def waiting(self) -> bool:
-        return any(not waiter.done() for waiter in self.waiters.values())
-
-    def row_of(self, custom_id: str) -> int | None:
-        """The row a result is for: "INTENT-ROW" (None for another intent's: not this batch's rows)."""
-        intent, _, row = custom_id.rpartition("-")
-        if intent != (self.intent or "") or not row.isdigit():
-            return None
-        return int(row)
 
 
 class AnthropicBatchBackend:
@@ -121,11 +77,11 @@ class AnthropicBatchBackend:
         )
         self._create_once = self.client.with_options(max_retries=0)
         self.store = store  # the worker's: where its batches are recorded
-        self._arriving: dict[str, list[_Arrival]] = {}  # job id -> rows gathered for its next batch
+        self._arriving: dict[str, list[Arrival]] = {}  # job id -> rows gathered for its next batch
         self._gatherers: dict[str, asyncio.Task] = {}
-        self._batches: dict[str, _Batch] = {}  # batch id -> the rows this process waits on in it
+        self._batches: dict[str, WaitedBatch] = {}  # batch id -> the rows this process waits on in it
         self._pollers: set[asyncio.Task] = set()
-        self._creating: dict[str, asyncio.Future[_Made | None]] = {}  # intent id -> its create's answer
+        self._creating: dict[str, asyncio.Future[Made | None]] = {}  # intent id -> its create's answer
 
     @staticmethod
     def identity(job: JobSpec, settings: Settings) -> Hashable:
@@ -145,7 +101,7 @@ class AnthropicBatchBackend:
         waiter: Waiter = asyncio.get_running_loop().create_future()
         job_id = call.job.job_id
         size = len(orjson.dumps(request)) + _CUSTOM_ID_BYTES
-        self._arriving.setdefault(job_id, []).append(_Arrival(call, waiter, request, size))
+        self._arriving.setdefault(job_id, []).append(Arrival(call, waiter, request, size))
         if job_id not in self._gatherers:
             self._gatherers[job_id] = asyncio.ensure_future(self._gather(call.job))
         return await waiter  # cancelled with the row's task (a lost lease, a chunk's hold ending)
@@ -161,10 +117,10 @@ class AnthropicBatchBackend:
         try:
             held = self.store.batches.holding(job.job_id, [(a.call.chunk_id, a.call.request.row) for a in arrivals])
         except redis.RedisError as error:  # the chunk retries as on any Redis error
-            _fail(arrivals, error)
+            fail(arrivals, error)
             return
-        fresh: list[_Arrival] = []
-        unanswered: dict[str, list[_Arrival]] = {}  # intent -> its rows: the provider's answer to its create was lost
+        fresh: list[Arrival] = []
+        unanswered: dict[str, list[Arrival]] = {}  # intent -> its rows: the provider's answer to its create was lost
         for arrival in arrivals:
             holder = held.get((arrival.call.chunk_id, arrival.call.request.row))
             if holder is None or holder.attempt != arrival.call.attempt:
@@ -176,13 +132,13 @@ class AnthropicBatchBackend:
         try:
             for intent_id, group in unanswered.items():
                 await self._look_for(job, intent_id, group)
-            for group in _packed(fresh):
+            for group in packed(fresh):
                 await self._create(job, group)
         except Exception as error:  # noqa: BLE001 - the rows' tasks must not wait forever on a dead gatherer
-            _fail(arrivals, error)  # a Redis error: the chunk retries; anything else stops the job
+            fail(arrivals, error)  # a Redis error: the chunk retries; anything else stops the job
             raise
 
-    async def _create(self, job: JobSpec, group: list[_Arrival]) -> None:
+    async def _create(self, job: JobSpec, group: list[Arrival]) -> None:
         """One batch of these rows, created once: intended in Redis first, created without the SDK's
         retries, and after an unclear failure looked for before anything is sent again."""
         intent = BatchIntent(intent_id=secrets.token_hex(6), at=time.time(), requests=len(group))
@@ -193,11 +149,11 @@ class AnthropicBatchBackend:
         try:
             self.store.batches.intend(job.job_id, intent, attempts)
         except redis.RedisError as error:
-            _fail(group, error)
+            fail(group, error)
             return
         # Another run of these rows in this process (after a chunk's hold) waits on this answer.
         creating = self._creating[intent.intent_id] = asyncio.get_running_loop().create_future()
-        made: _Made | None = None
+        made: Made | None = None
         try:
             try:
                 batch = await self._create_once.messages.batches.create(requests=[arrival.request for arrival in group])
@@ -210,13 +166,13 @@ class AnthropicBatchBackend:
                             job.job_id, error)  # fmt: skip
                 made = await self._find(job, intent.intent_id, group, verdict)
                 return
-            made = _Made(batch.id, batch.created_at.timestamp())
+            made = Made(batch.id, batch.created_at.timestamp())
             self._made(job, intent, made, group)
         finally:
             creating.set_result(made)
             self._creating.pop(intent.intent_id, None)
 
-    async def _look_for(self, job: JobSpec, intent_id: str, group: list[_Arrival]) -> None:
+    async def _look_for(self, job: JobSpec, intent_id: str, group: list[Arrival]) -> None:
         """Rows of an intent whose batch is not recorded: if its create is on its way in this process
         (these rows' earlier run ended its hold meanwhile), its answer tells; else it was lost (a
         worker killed before it recorded the batch): the batch is looked for."""
@@ -225,20 +181,20 @@ class AnthropicBatchBackend:
             return
         made = await asyncio.shield(self._creating[intent_id])
         if made is None:  # no batch was made: the rows go in a new one
-            for packed in _packed(group):
-                await self._create(job, packed)
+            for batch_rows in packed(group):
+                await self._create(job, batch_rows)
             return
         for arrival in group:
             self._wait_on(job, made.batch_id, intent_id, made.created_at, arrival)
 
     async def _find(
-        self, job: JobSpec, intent_id: str, group: list[_Arrival], failed: Verdict | None = None
-    ) -> _Made | None:
+        self, job: JobSpec, intent_id: str, group: list[Arrival], failed: Verdict | None = None
+    ) -> Made | None:
         """The provider's answer to the intent's create was lost: wait on the batch it made, if it made
         one; else the rows' attempt failed (`failed`), or, after a kill, their next run sends them anew."""
         intent = self.store.batches.intent(job.job_id, intent_id)
         if intent is None:  # its record is gone (the job's keys were deleted): nothing to look for
-            _resolve(group, failed)
+            resolve(group, failed)
             return None
         try:
             found = await self._made_of(intent)
@@ -246,18 +202,18 @@ class AnthropicBatchBackend:
             # Unknown still: sending again could pay twice. The rows stay pending; the chunk's next
             # run (after its hold) looks again.
             log.warning("job %s: looking for batch of intent %s failed (%s)", job.job_id, intent_id, error)
-            _resolve(group, None)
+            resolve(group, None)
             return None
         if found is None:
             if failed is None:
                 self.store.batches.unmade(job.job_id, intent)
-                for packed in _packed(group):
-                    await self._create(job, packed)
+                for batch_rows in packed(group):
+                    await self._create(job, batch_rows)
             else:
                 self._unmade(job, intent, group, failed)
             return None
         log.info("job %s: found batch %s, made of intent %s", job.job_id, found.id, intent_id)
-        made = _Made(found.id, found.created_at.timestamp())
+        made = Made(found.id, found.created_at.timestamp())
         self._made(job, intent, made, group)
         return made
 
@@ -281,7 +237,7 @@ class AnthropicBatchBackend:
         candidates = [batch for batch in candidates if batch.id not in owned]
         return min(candidates, key=lambda batch: batch.created_at) if candidates else None
 
-    def _made(self, job: JobSpec, intent: BatchIntent, made: _Made, group: list[_Arrival]) -> None:
+    def _made(self, job: JobSpec, intent: BatchIntent, made: Made, group: list[Arrival]) -> None:
         try:
             self.store.batches.record(job.job_id, intent, made.batch_id, made.created_at)
         except redis.RedisError:  # the batch is paid for: wait on it all the same
@@ -290,36 +246,34 @@ class AnthropicBatchBackend:
         for arrival in group:
             self._wait_on(job, made.batch_id, intent.intent_id, made.created_at, arrival, fresh=True)
 
-    def _unmade(self, job: JobSpec, intent: BatchIntent, group: list[_Arrival], verdict: Verdict) -> None:
+    def _unmade(self, job: JobSpec, intent: BatchIntent, group: list[Arrival], verdict: Verdict) -> None:
         """No batch was made of the intent: each row's attempt failed (the retry layer decides on each)."""
         try:
             self.store.batches.unmade(job.job_id, intent)
         except redis.RedisError:
             pass  # its rows' next attempt does not match the intent's: they go in a new batch all the same
-        _resolve(group, verdict)
+        resolve(group, verdict)
 
     def _wait_on(
-        self, job: JobSpec, batch_id: str, intent: str | None, created_at: float | None, arrival: _Arrival,
+        self, job: JobSpec, batch_id: str, intent: str | None, created_at: float | None, arrival: Arrival,
         fresh: bool = False,
     ) -> None:
         batch = self._batches.get(batch_id)
         if batch is None:
-            batch = self._batches[batch_id] = _Batch(batch_id, job, created_at or time.time(), intent)
+            batch = self._batches[batch_id] = WaitedBatch(batch_id, job, created_at or time.time(), intent)
             poller = asyncio.ensure_future(self._poll(batch, first_wait=fresh))
             self._pollers.add(poller)
             poller.add_done_callback(self._pollers.discard)
-        row = arrival.call.request.row
-        batch.waiters[row] = arrival.waiter
-        batch.chunk_of[row] = arrival.call.chunk_id
+        batch.wait(arrival.call.request.row, arrival.call.chunk_id, arrival.waiter)
 
     # -- a batch's way back ------------------------------------------------------------------------
 
-    def _interval_s(self, batch: _Batch) -> float:
+    def _interval_s(self, batch: WaitedBatch) -> float:
         """From the shortest wait to the longest as the batch ages: most end within the hour."""
         age_s = max(0.0, time.time() - batch.created_at)
         return min(self.settings.batch_poll_max_s, max(self.settings.batch_poll_min_s, age_s / 6))
 
-    async def _poll(self, batch: _Batch, first_wait: bool) -> None:
+    async def _poll(self, batch: WaitedBatch, first_wait: bool) -> None:
         job_id = batch.job.job_id
         try:
             wait = first_wait
@@ -365,31 +319,31 @@ class AnthropicBatchBackend:
         except anthropic.APIError as error:
             log.warning("cancelling batch %s failed: %s", batch_id, error)
 
-    async def _read_results(self, batch: _Batch) -> None:
+    async def _read_results(self, batch: WaitedBatch) -> None:
         job = batch.job
         results = await self.client.messages.batches.results(batch.batch_id)
         async for entry in results:
             row = batch.row_of(entry.custom_id)
-            waiter = batch.waiters.get(row) if row is not None else None
-            if waiter is None or waiter.done():
-                continue  # a row another process waits on, or one already done
+            if row is None or row in batch.results:
+                continue  # another intent's row (not this batch's), or one read already
             result = entry.result
             if result.type == "succeeded":
-                waiter.set_result(message_outcome(row, result.message, started_at=batch.created_at))
+                batch.answer(row, message_outcome(row, result.message, started_at=batch.created_at))
             elif result.type == "errored":
                 error = result.error.error
                 status = _STATUS_OF_ERROR.get(error.type, 500)
-                waiter.set_result(status_verdict(status, f"{status} {error.type}: {error.message}", error.type))
+                batch.answer(row, status_verdict(status, f"{status} {error.type}: {error.message}", error.type))
             elif result.type == "expired":
-                waiter.set_result(_EXPIRED)
+                batch.answer(row, _EXPIRED)
             else:  # canceled: never processed, never billed; a resume sends the row in a new batch
-                self.store.batches.forget_row(job.job_id, batch.chunk_of[row], row)
-                waiter.set_result(None)
+                if row in batch.chunk_of:
+                    self.store.batches.forget_row(job.job_id, batch.chunk_of[row], row)
+                batch.answer(row, None)
         missing = Verdict(ErrorKind.server_error, f"batch {batch.batch_id} returned no result", retryable=True, status=500)
         self._resolve_rest(batch, missing)
 
     @staticmethod
-    def _resolve_rest(batch: _Batch, reply: Reply) -> None:
+    def _resolve_rest(batch: WaitedBatch, reply: Reply) -> None:
         for waiter in batch.waiters.values():
             if not waiter.done():
                 waiter.set_result(reply)
@@ -398,28 +352,3 @@ class AnthropicBatchBackend:
         for task in [*self._gatherers.values(), *self._pollers]:
             task.cancel()
         await self.client.close()
-
-
-def _resolve(group: list[_Arrival], reply: Reply | None) -> None:
-    for arrival in group:
-        if not arrival.waiter.done():
-            arrival.waiter.set_result(reply)
-
-
-def _fail(group: list[_Arrival], error: BaseException) -> None:
-    for arrival in group:
-        if not arrival.waiter.done():
-            arrival.waiter.set_exception(error)
-
-
-def _packed(arrivals: list[_Arrival]) -> list[list[_Arrival]]:
-    """The rows in batches the API takes: at most 100,000 requests and 256 MB each."""
-    groups: list[list[_Arrival]] = []
-    size = 0
-    for arrival in arrivals:
-        if not groups or len(groups[-1]) >= MAX_BATCH_REQUESTS or size + arrival.size > MAX_BATCH_BYTES:
-            groups.append([])
-            size = 0
-        groups[-1].append(arrival)
-        size += arrival.size
-    return groups
