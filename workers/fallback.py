@@ -4,7 +4,8 @@ retries, budget and prices), and a row goes down them in turn.
 A row moves to the next model when its attempts on one are spent on errors a provider's trouble
 causes (5xx, 529, timeouts, dropped connections, 429s after their retries) or when the model is not
 found (404: retired). It never moves for its own fault (400, an answer that does not parse) or for the
-job's budget. The fleet-wide position (jobs/fallback.py) decides where a new row starts.
+job's budget. The fleet-wide position (jobs/state/fallback.py) decides where a new row starts; the layers that tell it
+each attempt (Health) and mark a row on the wire (OnWire) are workers/layers.py's.
 
 A chain may cross queues (an api job falling back on a vLLM engine): a model another queue serves
 has no path in this process, so a row reaching it is handed off (`RawOutcome.handed_to`) with what

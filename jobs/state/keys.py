@@ -49,7 +49,7 @@ Cluster slot and one Lua script may touch them together.
     pm:{JOB}:fallback           hash: "failing_since:LINK" -> when a model of the job's fallback chain
                                 (0: its own) last began failing with no success since (epoch seconds)
     pm:{JOB}:probe:{LINK}       a fleet-wide turn, with an expiry, to try a model the fleet passed over
-    pm:{JOB}:latency            hash: latency bucket (jobs/pace.py EDGES_MS) -> answered rows in it
+    pm:{JOB}:latency            hash: latency bucket (jobs/state/pace.py EDGES_MS) -> answered rows in it
     pm:{JOB}:ttft               hash: as latency, the time to first token of answered rows that measured one
     pm:{JOB}:pace               hash: "SLOT|rows", "SLOT|output_tokens" -> rows committed and their
                                 output tokens in each 10-second slot (SLOT: epoch seconds // 10), and

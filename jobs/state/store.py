@@ -2,7 +2,7 @@
 
 `JobStore` owns a job's life (created, producing, running, stopped, finished, expired, deleted);
 its chunks and results (`store.chunks`), its budget (`store.budgets`) and the fleet's rate limits
-(`store.limits`) each have a store of their own on the same client. Key names: jobs/keys.py.
+(`store.limits`) each have a store of their own on the same client. Key names: jobs/state/keys.py.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """`compare.html`: the contenders' table, cost against quality, latencies and confusion tables, in one
-file that opens offline (jobs/html_page.py)."""
+file that opens offline (reports/html_page.py)."""
 
 from __future__ import annotations
 

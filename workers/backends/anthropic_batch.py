@@ -4,7 +4,7 @@ A transport like any other to the request path: `send(call)` returns one row's r
 budget, ledger and audit apply unchanged. Behind it, the rows that arrive within `batch_gather_s` (the
 chunks this process runs at once) go out together as one batch per job, up to 100,000 requests and
 256 MB, with the row number as `custom_id`. The batch and its rows are recorded in Redis the moment the
-provider names it (jobs/batches.py): a run after a kill or a dead worker finds its rows there and polls
+provider names it (jobs/state/batches.py): a run after a kill or a dead worker finds its rows there and polls
 that batch instead of sending them again. A poller per batch waits, backing off from
 `batch_poll_min_s` to `batch_poll_max_s` with the batch's age (polling draws nothing from the fleet's
 rate limit), then streams the results (JSONL, in any order) to the rows that wait on them.
