@@ -87,6 +87,11 @@ class Settings(BaseSettings):
         description="A worker lets go of an ended job's spec, prices, limiters and metric series this long after "
         "it ended (Prometheus scrapes their last values meanwhile).",
     )  # fmt: skip
+    outage_pause_s: float = Field(
+        default=120.0, gt=0,
+        description="A job whose requests fail to connect with no answer from anywhere this long pauses (state "
+        "`paused`, its reason in `status`) instead of failing its rows; `resume` goes on.",
+    )  # fmt: skip
     embedded_idle_s: float = Field(
         default=300.0, gt=0,
         description="The embedded Redis stops once no promptmill process has used it this long (a killed `run` "

@@ -12,12 +12,14 @@ from typing import Any, Iterator, Literal, get_args
 
 import orjson
 
+from promptmill.jobs.carried import with_carried
 from promptmill.jobs.files import atomic_write
 from promptmill.jobs.manifest import write_manifest
 from promptmill.jobs.shards import worker_logs
 from promptmill.jobs.shards import flush_complete_chunks, iter_outcomes, shard_dir, shard_paths, shards_reachable, unmark
 from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.state.store import JobStore
+from promptmill.jobs.tabular import Tabular, fitted
 from promptmill.pipelines.items import ItemOutcome
 
 ExportFormat = Literal["jsonl", "csv", "parquet"]
@@ -26,26 +28,6 @@ EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
 
 def _record(outcome: ItemOutcome) -> dict[str, Any]:
     return outcome.model_dump(mode="json")
-
-
-def _flat(record: dict[str, Any]) -> dict[str, Any]:
-    """A record for tabular formats: output as JSON text, error and usage as columns."""
-    error = record["error"] or {}
-    return {
-        "row": record["row"],
-        "status": record["status"],
-        "output": None if record["output"] is None else orjson.dumps(record["output"]).decode(),
-        "text": record["text"],
-        "error_kind": error.get("kind"),
-        "error_message": error.get("message"),
-        **record["usage"],
-        "finish_reason": record["finish_reason"],
-        "attempts": record["attempts"],
-        **{name: record[name] for name in ("model", "request_id", "started_at", "finished_at", "latency_ms")},
-        "models_tried": None if record["models_tried"] is None else orjson.dumps(record["models_tried"]).decode(),
-        "errors": orjson.dumps(record["errors"]).decode(),
-        "line": record["line"],
-    }
 
 
 def export_job(store: JobStore, spec: JobSpec, out_dir: Path, fmt: ExportFormat = "jsonl") -> dict[str, Any]:
@@ -60,7 +42,8 @@ def export_job(store: JobStore, spec: JobSpec, out_dir: Path, fmt: ExportFormat 
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / f"results.{fmt}"
     failures_path = out_dir / "failures.jsonl"
-    records: Iterator[dict[str, Any]] = (_record(o) for o in iter_outcomes(store, spec))
+    records = with_carried(spec, (_record(o) for o in iter_outcomes(store, spec)))
+    table = Tabular(spec)
     written = failed = 0
     with atomic_write(failures_path) as failures, atomic_write(results_path, **_OPEN[fmt]) as handle:
 
@@ -79,7 +62,7 @@ def export_job(store: JobStore, spec: JobSpec, out_dir: Path, fmt: ExportFormat 
         elif fmt == "csv":
             writer: csv.DictWriter | None = None
             for record in counted():
-                flat = _flat(record)
+                flat = table.flat(record)
                 if writer is None:
                     writer = csv.DictWriter(handle, fieldnames=list(flat))
                     writer.writeheader()
@@ -91,12 +74,12 @@ def export_job(store: JobStore, spec: JobSpec, out_dir: Path, fmt: ExportFormat 
             writer_pq: pq.ParquetWriter | None = None
             batch: list[dict[str, Any]] = []
             for record in counted():
-                batch.append(_flat(record))
+                batch.append(table.flat(record, typed=True))
                 if len(batch) == 4096:
-                    writer_pq = _write_batch(pq, pa, handle, writer_pq, batch)
+                    writer_pq = _write_batch(pq, pa, handle, writer_pq, table, batch)
                     batch = []
             if batch or writer_pq is None:
-                writer_pq = _write_batch(pq, pa, handle, writer_pq, batch)
+                writer_pq = _write_batch(pq, pa, handle, writer_pq, table, batch)
             writer_pq.close()
     manifest = write_manifest(store, spec, out_dir)
     return {
@@ -108,36 +91,11 @@ def export_job(store: JobStore, spec: JobSpec, out_dir: Path, fmt: ExportFormat 
 _OPEN: dict[str, dict[str, Any]] = {"jsonl": {}, "parquet": {}, "csv": {"mode": "w", "newline": "", "encoding": "utf-8"}}
 
 
-def _write_batch(pq: Any, pa: Any, sink: Any, writer: Any, batch: list[dict[str, Any]]) -> Any:
-    schema = pa.schema(
-        [
-            ("row", pa.int64()),
-            ("status", pa.string()),
-            ("output", pa.string()),
-            ("text", pa.string()),
-            ("error_kind", pa.string()),
-            ("error_message", pa.string()),
-            ("input_tokens", pa.int64()),
-            ("output_tokens", pa.int64()),
-            ("cache_creation_input_tokens", pa.int64()),
-            ("cache_read_input_tokens", pa.int64()),
-            ("cache_creation_1h_input_tokens", pa.int64()),
-            ("engine_us", pa.int64()),
-            ("finish_reason", pa.string()),
-            ("attempts", pa.int64()),
-            ("model", pa.string()),
-            ("request_id", pa.string()),
-            ("started_at", pa.string()),
-            ("finished_at", pa.string()),
-            ("latency_ms", pa.float64()),
-            ("models_tried", pa.string()),
-            ("errors", pa.string()),
-            ("line", pa.int64()),
-        ]
-    )
+def _write_batch(pq: Any, pa: Any, sink: Any, writer: Any, table: Tabular, batch: list[dict[str, Any]]) -> Any:
     if writer is None:
-        writer = pq.ParquetWriter(sink, schema)
-    writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+        writer = pq.ParquetWriter(sink, table.arrow_schema(pa, batch))
+    rows = list(fitted(pa, writer.schema, table.carried, batch))
+    writer.write_table(pa.Table.from_pylist(rows, schema=writer.schema))
     return writer
 
 

@@ -279,4 +279,29 @@ def _parquet_rows(path: Path, skip: int, digest: Any = None, limit: int | None =
         skip = 0
 
 
-__all__ = ["INPUT_FORMATS", "InvalidRow", "InputFormat", "Row", "detect_format", "iter_rows"]
+def input_columns(path: Path, input_format: InputFormat, sample_rows: int = 100) -> tuple[list[str], str] | None:
+    """The columns the input has, as far as its start tells, and where they were read from: the header
+    (CSV), the schema (Parquet), or the first rows' keys (JSONL, JSON arrays). None: no row to tell by."""
+    if input_format == "csv":
+        with path.open(encoding="utf-8-sig", errors="replace", newline="") as handle:
+            try:
+                header = next(csv.reader(_BoundedLines(handle, 1 << 20)), None)
+            except _RecordTooLong:
+                return None  # the reader fails that row itself
+        return (header, "its header") if header else None
+    if input_format == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).schema_arrow.names, "its schema"
+    names: dict[str, None] = {}
+    seen = 0
+    for _, _, row in iter_rows(path, input_format, max_row_bytes=1 << 24):
+        if isinstance(row, dict):
+            names.update(dict.fromkeys(map(str, row)))
+            seen += 1
+            if seen == sample_rows:
+                break
+    return (list(names), f"its first {seen:,} rows") if seen else None
+
+
+__all__ = ["INPUT_FORMATS", "InvalidRow", "InputFormat", "Row", "detect_format", "input_columns", "iter_rows"]

@@ -10,9 +10,9 @@ from pydantic import ValidationError
 from promptmill.config.backends import BackendName, backend_info
 from promptmill.config.prices import PriceTable, UnknownModelError
 from promptmill.config.settings import MAX_CHUNK_SIZE, Settings
-from promptmill.jobs.readers import InputFormat, detect_format
+from promptmill.jobs.readers import InputFormat, detect_format, input_columns
 from promptmill.jobs.spec import JobSpec, new_job_id
-from promptmill.pipelines.spec import Pipeline, PipelineError, RateLimits, load_pipeline
+from promptmill.pipelines.spec import BRACES_HINT, Pipeline, PipelineError, RateLimits, load_pipeline, nearest, validation_problems
 
 
 class SubmitError(ValueError):
@@ -48,8 +48,8 @@ def build_spec(
             changed = {**({"model": model} if model else {}), **(overrides or {})}
             pipeline = Pipeline.model_validate({**pipeline.model_dump(), **changed})
         except ValidationError as bad:
-            error = bad.errors()[0]
-            raise SubmitError(f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}") from None
+            raise SubmitError(validation_problems(bad)) from None
+    _check_columns(input_path, fmt, pipeline)
     prices = pipeline.price_table(settings)
     _check_model(settings, backend, pipeline, prices, "model")
     if chunk_size is not None and not 1 <= chunk_size <= MAX_CHUNK_SIZE:
@@ -84,6 +84,30 @@ def build_spec(
             )
         _check_model(settings, link.backend, link.pipeline, prices, name)
     return spec
+
+
+def _check_columns(input_path: Path, fmt: InputFormat, pipeline: Pipeline) -> None:
+    """Every column the prompt names, and every column carried into the results, is in the input, as
+    its start tells: a misspelt column fails here, not on every row after each was paid for."""
+    try:
+        found = input_columns(input_path, fmt)
+    except Exception:  # noqa: BLE001 - an unreadable input is the producer's to report, where resume can go on
+        return
+    if found is None:
+        return
+    columns, where = found
+    listed = ", ".join(columns[:20]) + (f" and {len(columns) - 20:,} more" if len(columns) > 20 else "")
+    for field, names in (("prompt", pipeline.columns), ("id_column/keep_columns", pipeline.carried_columns)):
+        # The prompt names a column as {name}, the pipeline's other fields by its name.
+        shown = (lambda name: f"{{{name}}}") if field == "prompt" else repr
+        for name in names:
+            if name in columns:
+                continue
+            message = f"{field}: {shown(name)} is not a column of the input ({where}: {listed})"
+            near = nearest(name, columns)
+            if near:
+                message += f"; did you mean {shown(near)}?"
+            raise SubmitError(message + (f"; {BRACES_HINT}" if field == "prompt" else ""))
 
 
 def _check_model(settings: Settings, backend: BackendName, pipeline: Pipeline, prices: PriceTable, field: str) -> None:

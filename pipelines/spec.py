@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import tomllib
 from decimal import Decimal
 from pathlib import Path
@@ -16,8 +17,11 @@ from referencing.jsonschema import DRAFT202012
 
 from promptmill.config.prices import ModelPrice, PriceTable
 from promptmill.config.settings import FLEET_KEY_VARIABLES, Settings
+from promptmill.pipelines.items import ItemOutcome
 
 _SCHEMA_URI = "urn:promptmill:output-schema"
+RECORD_FIELDS = frozenset(ItemOutcome.model_fields)
+BRACES_HINT = "a literal brace in the prompt (a JSON example) is written doubled: {{ and }}"
 
 
 class PipelineError(ValueError):
@@ -177,6 +181,10 @@ class Pipeline(BaseModel):
     # (404); the whole fleet moves on once a model has failed with no success for fallback_after_s.
     fallback: list[str] = Field(default_factory=list)
     fallback_after_s: float = Field(default=60.0, gt=0)
+    # Results join back to the input: its id column, and other columns, carried into every record
+    # under their own names (read from the input at export, never held in Redis).
+    id_column: str | None = Field(default=None, min_length=1)
+    keep_columns: list[str] = Field(default_factory=list)
 
     def price_table(self, settings: Settings) -> PriceTable:
         """The price table this pipeline's jobs are costed by: the shipped and user tables, with the
@@ -203,10 +211,25 @@ class Pipeline(BaseModel):
         try:
             columns = self.columns
         except ValueError as bad:
-            raise ValueError(f"prompt is not a valid template: {bad}") from None
+            raise ValueError(f"prompt is not a valid template: {bad}; {BRACES_HINT}") from None
         if any(not column for column in columns):
             raise ValueError("prompt has an empty {} placeholder; name a column, or write {{ }} for a brace")
         return self
+
+    @model_validator(mode="after")
+    def _carried_columns_are_free(self) -> "Pipeline":
+        clashing = [name for name in self.carried_columns if name in RECORD_FIELDS]
+        if clashing:
+            raise ValueError(
+                f"id_column/keep_columns: {', '.join(map(repr, clashing))} would overwrite the results field "
+                f"of that name; carry another column"
+            )
+        return self
+
+    @property
+    def carried_columns(self) -> list[str]:
+        """The input columns every record carries: the id column first, then the kept ones."""
+        return list(dict.fromkeys(([self.id_column] if self.id_column else []) + self.keep_columns))
 
     @property
     def shared_prefix(self) -> str:
@@ -244,8 +267,38 @@ def load_pipeline(path: str | Path) -> Pipeline:
     try:
         return Pipeline.model_validate(raw)
     except ValidationError as bad:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in error['loc']) or 'pipeline'}: {error['msg']}"
-            for error in bad.errors()
-        )
-        raise PipelineError(f"pipeline file {path}: {problems}") from None
+        raise PipelineError(f"pipeline file {path}: {validation_problems(bad)}") from None
+
+
+def validation_problems(bad: ValidationError) -> str:
+    """Each problem as `field: message`; a key nobody knows gets the nearest known one."""
+    problems = []
+    for error in bad.errors():
+        where = ".".join(str(part) for part in error["loc"]) or "pipeline"
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = f"unknown key{_nearest_key(error['loc'])}"
+        problems.append(f"{where}: {message}")
+    return "; ".join(problems)
+
+
+def _nearest_key(loc: tuple[Any, ...]) -> str:
+    model: type[BaseModel] = Pipeline
+    for part in loc[:-1]:  # down to the table the key sits in
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        model = annotation
+    known = [name for name, field in model.model_fields.items()] + [
+        field.alias for field in model.model_fields.values() if field.alias
+    ]
+    near = nearest(str(loc[-1]), known)
+    return f"; did you mean {near!r}?" if near else f" (known keys: {', '.join(sorted(set(known)))})"
+
+
+def nearest(name: str, known: list[str]) -> str | None:
+    """The known name closest to a misspelt one (case aside), if any is close."""
+    lowered = {candidate.lower(): candidate for candidate in known}
+    near = difflib.get_close_matches(name.lower(), list(lowered), n=1, cutoff=0.6)
+    return lowered[near[0]] if near else None

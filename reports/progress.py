@@ -113,12 +113,13 @@ def wait_for_job(
     alive: Callable[[], bool] | None = None,
     poll_s: float = 0.25,
     on_redis_lost: Callable[[], object] | None = None,
+    stop_when: Callable[[JobStatus], bool] | None = None,
 ) -> JobStatus:
     """Refresh until the job is complete or stopped (failed, cancelled, paused at its budget); raises
     if the local workers die.
 
     While Redis is unreachable it waits (calling `on_redis_lost`, which may restart it), up to
-    `REDIS_PATIENCE_S`.
+    `REDIS_PATIENCE_S`. `stop_when` sees each running status and may stop the job (True: it did).
     """
     unreachable_since: float | None = None
     while True:
@@ -141,6 +142,8 @@ def wait_for_job(
         assert status is not None
         if not status.state.runnable:
             return status
+        if stop_when is not None and stop_when(status):
+            continue  # stopped: the next refresh reads it so
         if alive is not None and not alive():
             raise WorkersExited("the local workers keep dying as soon as they start")
         time.sleep(poll_s)

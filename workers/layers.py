@@ -17,6 +17,7 @@ from promptmill.config.prices import PriceTable
 from promptmill.config.settings import Settings
 from promptmill.jobs.state.budget import BudgetStore
 from promptmill.jobs.state.fallback import FallbackState
+from promptmill.jobs.state.outage import OutageClock
 from promptmill.jobs.state.pace import RequestSeen
 from promptmill.pipelines.items import AttemptError, ErrorKind, ItemError, Usage
 from promptmill.workers.backends.base import Backend, Call, FatalJobError, RawOutcome, Reply
@@ -84,15 +85,20 @@ class Retry:
     attempts: AttemptLog
     settings: Settings
     label: str
+    outage: OutageClock | None = None  # None: connection failures count as any other (a chain, an engine)
 
     async def __call__(self, call: Call, send: Send) -> Reply | None:
         call.attempt = self.attempts.prior(call.request.row)
         errors: list[AttemptError] = []
+        failing_since: float | None = None  # this row's first connection failure
         while True:
             call.attempt += 1
             reply = await send(call)
             if reply is None:
                 return None  # the row stays pending: a resume with a higher budget sends it
+            unreachable = isinstance(reply, Verdict) and reply.kind is ErrorKind.connection_error
+            if self.outage is not None and not unreachable:
+                self.outage.answered()
             if isinstance(reply, RawOutcome):
                 reply.attempts = call.attempt if reply.attempts is None else reply.attempts
                 reply.errors = errors + reply.errors
@@ -100,9 +106,25 @@ class Retry:
             verdict = reply
             if verdict.fatal_for_job:
                 raise FatalJobError(f"{self.label} refused the job: {verdict.message}")
+            exhausted = not verdict.retryable or call.attempt >= (1 if call.probe else call.job.max_attempts)
+            if unreachable and self.outage is not None:
+                failing_since = failing_since or time.time()
+                outage = self.outage.failed()
+                if outage.lasted_s >= self.settings.outage_pause_s:
+                    self.outage.pause(
+                        f"outage: no answer from {self.label} for {outage.lasted_s:.0f}s "
+                        f"(PROMPTMILL_OUTAGE_PAUSE_S), the last error: {verdict.message}; `promptmill resume {call.job.job_id}` goes on"
+                    )
+                    return None  # the row stays pending, its attempts as they were
+                if exhausted and outage.answered_at < failing_since:
+                    # Nothing has answered since this row began failing: an outage, not the row's fault.
+                    # The row waits without spending its attempts, until an answer comes or the job pauses.
+                    call.attempt -= 1
+                    await asyncio.sleep(self.settings.backoff_cap_s)
+                    continue
             self.attempts.failed(call.request.row, billed(verdict))
             errors.append(AttemptError(status=verdict.status, message=verdict.message))
-            if not verdict.retryable or call.attempt >= (1 if call.probe else call.job.max_attempts):
+            if exhausted:
                 error = ItemError(kind=verdict.kind, message=verdict.final_message(call.attempt))
                 return RawOutcome(row=call.request.row, error=error, attempts=call.attempt, errors=errors)
             settings = self.settings

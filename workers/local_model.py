@@ -14,6 +14,7 @@ prepare-model` (or `make model`) once.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.util
 import os
@@ -76,9 +77,23 @@ def model_folder(settings: Settings, alias: str = SMOLLM2) -> Path:
 
 
 def resolve_model(name: str, settings: Settings) -> str:
-    """The path or name vLLM should load for a pipeline's model name."""
+    """The path or name vLLM should load for a pipeline's model name: an alias built here, a model
+    folder, or a Hugging Face id (`org/name`, which vLLM downloads). Anything else is refused here, at
+    submit, rather than by the hub a minute into the engine's start."""
     if name.lower() not in MODELS:
-        return name
+        path = Path(name).expanduser()
+        if path.is_dir():
+            if not (path / "config.json").exists():
+                raise ModelNotBuiltError(f"{name} is a folder but not a model folder (it has no config.json)")
+            return str(path)
+        if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+            return name  # a hub id
+        near = difflib.get_close_matches(name.lower(), list(MODELS), n=1, cutoff=0.5)
+        raise ModelNotBuiltError(
+            f"{name!r} is no local model: name one of {', '.join(MODELS)}"
+            + (f" (did you mean {near[0]!r}?)" if near else "")
+            + ", a model folder, or a Hugging Face id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'"
+        )
     folder = model_folder(settings, name.lower())
     if not (folder / "config.json").exists():
         raise ModelNotBuiltError(

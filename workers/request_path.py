@@ -4,7 +4,8 @@
 Read from the outside in, as a request travels (dramatiq's middleware is the model):
 
     Audit        the row's start and end times, its model, the attempts it took
-    Retry        attempt after attempt: backoff, the attempts log, a job-fatal refusal stops the job
+    Retry        attempt after attempt: backoff, the attempts log, a job-fatal refusal stops the job, an
+                 outage (no answer from anywhere for OUTAGE_PAUSE_S) pauses it
     Health       a fallback chain's model: each attempt's outcome told to the fleet
     Concurrency  a slot among the process's requests in flight, adapted to the provider's latency
     Budget       the request's most possible cost held against the job's cap, then settled
@@ -33,6 +34,7 @@ from promptmill.config.prices import PriceTable
 from promptmill.config.settings import Settings
 from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.state.budget import BudgetStore
+from promptmill.jobs.state.outage import OutageClock
 from promptmill.pipelines.items import RenderedRequest
 from promptmill.workers.backends.base import Backend, Call, RawOutcome
 from promptmill.workers.concurrency import AdaptiveConcurrency
@@ -75,6 +77,7 @@ class PathParts:
     health: Health | None = None  # a fallback chain's model
     seen: Callable[[RequestSeen], None] | None = None  # told of each request sent under the limiter
     gathered: Gathered | None = None  # metrics on
+    outage: OutageClock | None = None  # connection failures with no answer pause the job (an API model)
 
 
 def build_path(parts: PathParts) -> Send:
@@ -82,7 +85,7 @@ def build_path(parts: PathParts) -> Send:
     info, backend = parts.job.info, parts.backend
     layers: list[Layer | None] = [
         Audit(),
-        Retry(parts.attempts, parts.settings, backend.label),
+        Retry(parts.attempts, parts.settings, backend.label, parts.outage),
         parts.health,
         Concurrency(parts.slots, parts.limiter) if parts.slots is not None else None,
         Budget(parts.budgets, parts.prices, parts.estimate, info.ledger_suffix)

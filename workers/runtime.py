@@ -43,6 +43,7 @@ from promptmill.workers.metrics import (
     watch_limiter,
 )
 from promptmill.workers.rate_limit import FleetLimiter
+from promptmill.jobs.state.outage import OutageClock
 from promptmill.workers.layers import AttemptLog, ChunkAttemptLog, Gate, Health, RequestSeen, Send
 from promptmill.workers.request_path import PathParts, build_path
 
@@ -78,6 +79,7 @@ class WorkerRuntime:
     careful: threading.Lock = field(default_factory=threading.Lock)  # one chunk at a time hunts for poison
     prices: dict[str, PriceTable] = field(default_factory=dict)  # job id -> its price table
     fallbacks: dict[str, FallbackState] = field(default_factory=dict)  # job id -> its chain's fleet state
+    outages: dict[str, OutageClock] = field(default_factory=dict)  # job id -> its outage clock
     pace: PaceRecorder = field(init=False)  # the process's rows, latency and output tokens, for `status`
     metrics: bool = field(init=False)  # Prometheus metrics measured (a port, or `run`'s folder for them)
     running: collections.Counter = field(default_factory=collections.Counter)  # job id -> its chunks running here
@@ -120,7 +122,7 @@ class WorkerRuntime:
 
     def jobs_held(self) -> set[str]:
         """The jobs this process keeps anything for (specs, prices, chains, limiters' scopes, metrics)."""
-        return set(self.specs) | set(self.reachable) | set(self.prices) | set(self.fallbacks) | self.scoped_jobs | jobs_measured()
+        return set(self.specs) | set(self.reachable) | set(self.prices) | set(self.fallbacks) | set(self.outages) | self.scoped_jobs | jobs_measured()
 
     def forget_ended_jobs(self, after_s: float) -> list[str]:
         """Let go of what this process keeps for the jobs that ended (complete, stopped or deleted) at
@@ -140,7 +142,7 @@ class WorkerRuntime:
                 continue
             if now - self.ended_at.setdefault(job_id, now) < after_s:
                 continue
-            for cache in (self.specs, self.reachable, self.prices, self.fallbacks, self.ended_at):
+            for cache in (self.specs, self.reachable, self.prices, self.fallbacks, self.outages, self.ended_at):
                 cache.pop(job_id, None)
             self.scoped_jobs.discard(job_id)
             forget_measures(job_id)
@@ -234,7 +236,14 @@ class WorkerRuntime:
             job, backend, self.settings, prices, attempts, gate, served.estimate, served.slots, limiter,
             budgets=self.store.budgets if self.store.budgets.has_cap(job.job_id) else None,  # read once per chunk
             health=health, seen=self._request_seen(job.job_id) if limiter is not None else None, gathered=gathered,
+            # A chain's model that cannot be reached is the chain's to pass over, not an outage.
+            outage=self._outage(job.job_id) if health is None and not info.local and not info.batches else None,
         ))  # fmt: skip
+
+    def _outage(self, job_id: str) -> OutageClock:
+        if job_id not in self.outages:
+            self.outages[job_id] = OutageClock(self.store.redis, job_id)
+        return self.outages[job_id]
 
     def _request_seen(self, job_id: str) -> Callable[[RequestSeen], None]:
         """What a request sent under a limiter tells: the job's request pace (`report`), and the

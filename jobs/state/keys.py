@@ -48,6 +48,8 @@ Cluster slot and one Lua script may touch them together.
                                 matched to another job's batch
     pm:{JOB}:fallback           hash: "failing_since:LINK" -> when a model of the job's fallback chain
                                 (0: its own) last began failing with no success since (epoch seconds)
+    pm:{JOB}:outage             hash: since, answered: when the job's requests began failing to connect
+                                with no answer since, and when an answer last came (epoch seconds)
     pm:{JOB}:probe:{LINK}       a fleet-wide turn, with an expiry, to try a model the fleet passed over
     pm:{JOB}:latency            hash: latency bucket (jobs/state/pace.py EDGES_MS) -> answered rows in it
     pm:{JOB}:ttft               hash: as latency, the time to first token of answered rows that measured one
@@ -90,6 +92,9 @@ COUNTER_OK, COUNTER_FAILED = "ok", "failed"
 # these or a Usage field.
 LEDGER_REQUESTS = "requests"
 LEDGER_FAILED_ATTEMPTS = "failed_attempts"
+
+# Fields of pm:{JOB}:outage (epoch seconds).
+OUTAGE_SINCE, OUTAGE_ANSWERED = "since", "answered"
 
 # Fields of pm:{JOB}:pace besides its slots' "SLOT|name".
 PACE_FIRST = "first"  # the job's first row's start (epoch s)
@@ -167,6 +172,7 @@ class JobKeys:
     batches = property(lambda self: self._key("batches"))
     batch_intents = property(lambda self: self._key("batch_intents"))
     fallback = property(lambda self: self._key("fallback"))
+    outage = property(lambda self: self._key("outage"))
     latency = property(lambda self: self._key("latency"))
     ttft = property(lambda self: self._key("ttft"))
     pace = property(lambda self: self._key("pace"))

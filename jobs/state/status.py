@@ -16,6 +16,7 @@ class JobState(StrEnum):
     cancelled = "cancelled"  #: stopped by `promptmill cancel`; `resume` picks it up again
     failed = "failed"  #: a fatal error (such as a refused API key) stopped it; resumable after a fix
     paused_budget = "paused_budget"  #: the next request would pass its budget; resumable with a higher one
+    paused = "paused"  #: stopped with its reason (an outage: no answer for OUTAGE_PAUSE_S); resumable as it is
 
     @property
     def runnable(self) -> bool:

@@ -85,7 +85,9 @@ InputTpmOption = typer.Option(
     None, "--input-tpm", min=1, help="The account's input tokens per minute (openai: its one token budget)."
 )
 OutputTpmOption = typer.Option(None, "--output-tpm", min=1, help="The account's output tokens per minute.")
-FormatOption = typer.Option(None, "--format", help=f"{', '.join(INPUT_FORMATS)} (default: from the name).")
+InputFormatOption = typer.Option(
+    None, "--input-format", help=f"The input's format: {', '.join(INPUT_FORMATS)} (default: from its name)."
+)
 ChunkSizeOption = typer.Option(None, min=1, max=MAX_CHUNK_SIZE, help="Rows per chunk (task).")
 BudgetOption = typer.Option(
     None, "--budget", min=0.0, help="USD the job may spend at most: it pauses (paused_budget) before passing it."

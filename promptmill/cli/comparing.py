@@ -14,9 +14,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from promptmill.cli.app import FormatOption, JsonFlag, app, err, expire_if_finished, fail, open_store, out
+from promptmill.cli.app import InputFormatOption, JsonFlag, app, err, expire_if_finished, fail, open_store, out
 from promptmill.cli.new_job import create_job
-from promptmill.cli.running import check_model_built, drive, reopen
+from promptmill.cli.new_job import check_model_built
+from promptmill.cli.running import drive, reopen
 from promptmill.config.settings import Settings, get_settings
 from promptmill.reports.compare.page import write_compare_page
 from promptmill.reports.compare.plan import (
@@ -212,7 +213,7 @@ def compare(
         "(default: promptmill-out/compare-INPUT-HASH, the same for the same command, so running it again resumes).",
     ),  # fmt: skip
     seed: int = typer.Option(0, "--seed", help="The sample's seed."),
-    input_format: Optional[str] = FormatOption,
+    input_format: Optional[str] = InputFormatOption,
     workers: Optional[int] = typer.Option(None, min=1, help="Local worker processes per contender."),
     as_json: JsonFlag = False,
 ) -> None:

@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from promptmill.cli.app import (
-    FormatOption,
+    InputFormatOption,
     InputTpmOption,
     JobArg,
     JsonFlag,
@@ -34,7 +34,7 @@ from promptmill.jobs.ledger import cost_report
 from promptmill.jobs.state.pace import job_pace
 from promptmill.reports.report import write_report
 from promptmill.jobs.spec import JobSpec
-from promptmill.jobs.state.status import JobStatus
+from promptmill.jobs.state.status import JobState, JobStatus
 from promptmill.jobs.state.store import JobStore
 from promptmill.jobs.verify import verify_job
 
@@ -46,6 +46,7 @@ def _status_dict(spec: JobSpec, status: JobStatus, prices: PriceTable, store: Jo
         "job_id": spec.job_id,
         "state": status.state.value,
         "error": status.error,
+        "reason": _pause_reason(status),
         "backend": spec.backend,
         "model": spec.model,
         "produced": status.produced,
@@ -68,6 +69,15 @@ def _status_dict(spec: JobSpec, status: JobStatus, prices: PriceTable, store: Jo
         **job_pace(store.redis, spec.job_id, status.pending if status.produced else max(status.pending, 1)).as_dict(),
         "out_dir": spec.out_dir,
     }
+
+
+def _pause_reason(status: JobStatus) -> str | None:
+    """Why a paused job waits (None: it is not paused)."""
+    if status.state is JobState.paused:
+        return status.error
+    if status.state is JobState.paused_budget:
+        return "budget: the next request would pass it; `promptmill resume JOB --budget USD` goes on"
+    return None
 
 
 def _batches(store: JobStore, job_id: str) -> list[dict]:
@@ -151,11 +161,14 @@ def report(
     out.print(shown["report"], highlight=False, soft_wrap=True)  # a path is never folded
 
 
-@app.command()
-def verify(job_id: JobArg) -> None:
+@app.command(epilog="Example: promptmill verify 20261202-1a2b3c --json")
+def verify(job_id: JobArg, as_json: JsonFlag = False) -> None:
     """Recompute counters and the cost ledger from the committed outcomes; exit 1 if they disagree."""
     with open_job(job_id) as (settings, store, _, spec):
         result = verify_job(store, spec)
+    if as_json:
+        out.print_json(json.dumps({"job_id": job_id, "ok": result.ok, "rows": result.rows, "problems": result.problems}))
+        raise typer.Exit(0 if result.ok else 1)
     if not result.ok:
         for problem in result.problems:
             err.print(f"[bold red]mismatch:[/] {escape(problem)}", highlight=False)
@@ -171,7 +184,7 @@ def estimate(
     rpm: Optional[int] = RpmOption,
     input_tpm: Optional[int] = InputTpmOption,
     output_tpm: Optional[int] = OutputTpmOption,
-    input_format: Optional[str] = FormatOption,
+    input_format: Optional[str] = InputFormatOption,
     sample: int = typer.Option(100, min=1, help="Rows whose input tokens the API counts; the rest are scaled."),
     job_id: Optional[str] = typer.Option(
         None, "--job", help="A running or finished job of this pipeline: project output from its answers."
@@ -276,14 +289,28 @@ def cost(job_id: JobArg, as_json: JsonFlag = False) -> None:
         )
 
 
-@app.command()
-def jobs() -> None:
-    """List the jobs in this Redis with their state (jobs whose keys expired or were deleted are gone)."""
+@app.command(epilog="Example: promptmill jobs --json")
+def jobs(as_json: JsonFlag = False) -> None:
+    """List the jobs in this Redis: state, rows ok and failed of the total (jobs whose keys expired or
+    were deleted are gone)."""
     settings = get_settings()
+    listed = []
     with open_store(settings) as (store, _):
         for job_id in store.job_ids():
             try:
                 status = store.status(job_id)
+                spec = store.spec(job_id)
             except KeyError:
                 continue  # expired as we listed it
-            out.print(f"{job_id}  {status.state.value:<13} {status.terminal:,}/{status.total:,}", highlight=False)
+            listed.append({
+                "job_id": job_id, "state": status.state.value, "ok": status.ok, "failed": status.failed,
+                "total": status.total, "backend": spec.backend, "model": spec.model, "reason": _pause_reason(status),
+            })  # fmt: skip
+    if as_json:
+        out.print_json(json.dumps({"jobs": listed}))
+        return
+    table = Table("job", "state", "ok", "failed", "total", "model", box=None, pad_edge=False)
+    for job in listed:
+        failed = f"[red]{job['failed']:,}[/]" if job["failed"] else "0"
+        table.add_row(job["job_id"], job["state"], f"{job['ok']:,}", failed, f"{job['total']:,}", escape(job["model"]))
+    out.print(table)

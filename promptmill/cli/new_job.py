@@ -15,11 +15,12 @@ from promptmill.cli.app import (
     BackendOption,
     BudgetOption,
     ChunkSizeOption,
-    FormatOption,
+    InputFormatOption,
     InputTpmOption,
     OutputTpmOption,
     RpmOption,
     app,
+    err,
     fail,
 )
 from promptmill.config.settings import Settings
@@ -42,7 +43,14 @@ _OPTIONS: list[tuple[str, Any, Any]] = [
     ("rpm", Optional[int], RpmOption),
     ("input_tpm", Optional[int], InputTpmOption),
     ("output_tpm", Optional[int], OutputTpmOption),
-    ("input_format", Optional[str], FormatOption),
+    ("input_format", Optional[str], InputFormatOption),
+    ("old_format", Optional[str], typer.Option(None, "--format", hidden=True, help="Old spelling of --input-format.")),
+    ("id_column", Optional[str], typer.Option(
+        None, "--id-column", metavar="COLUMN", help="The input's id column, carried into every record under its own name."
+    )),
+    ("keep_columns", Optional[str], typer.Option(
+        None, "--keep-columns", metavar="A,B", help="Input columns carried into every record, comma-separated."
+    )),
     ("budget", Optional[float], BudgetOption),
 ]
 
@@ -60,22 +68,50 @@ class JobRequest:
     output_tpm: int | None
     input_format: str | None
     budget: float | None
+    old_format: str | None = None
+    id_column: str | None = None
+    keep_columns: str | None = None
 
     def spec(self, settings: Settings) -> JobSpec:
         """The checked spec; a bad option or pipeline fails here in one line naming the field."""
-        if self.input_format not in (None, *INPUT_FORMATS):
-            fail(f"--format must be one of {', '.join(INPUT_FORMATS)}, not {self.input_format!r}")
+        input_format = self.input_format
+        if self.old_format is not None:
+            err.print("note: `--format` on a new job is now `--input-format` (`--format` is export's output format)")
+            input_format = input_format or self.old_format
+        if input_format not in (None, *INPUT_FORMATS):
+            fail(f"--input-format must be one of {', '.join(INPUT_FORMATS)}, not {input_format!r}")
         limits = RateLimits(rpm=self.rpm, input_tpm=self.input_tpm, output_tpm=self.output_tpm)
+        carried: dict[str, Any] = {}
+        if self.id_column:
+            carried["id_column"] = self.id_column
+        if self.keep_columns:
+            carried["keep_columns"] = [name.strip() for name in self.keep_columns.split(",") if name.strip()]
         try:
-            return build_spec(
+            spec = build_spec(
                 settings, self.input_path, self.pipeline, self.backend, self.model, self.out_dir,
-                self.chunk_size, limits, self.input_format,  # type: ignore[arg-type]
+                self.chunk_size, limits, input_format, carried,  # type: ignore[arg-type]
             )  # fmt: skip
         except SubmitError as bad:
             fail(str(bad))
+        check_model_built(spec, settings)
+        return spec
 
     def create(self, store: JobStore, spec: JobSpec) -> None:
         create_job(store, spec, self.budget)
+
+
+def check_model_built(spec: JobSpec, settings: Settings) -> None:
+    """A local model of the job (its own, or one of its fallback chain) must be built here before
+    workers start on it."""
+    # The CLI sits above the workers: it may ask their model registry whether the model is built.
+    from promptmill.workers.local_model import ModelNotBuiltError, resolve_model
+
+    for i, link in enumerate(spec.links()):
+        if link.info.local:
+            try:
+                resolve_model(link.model, settings)
+            except ModelNotBuiltError as missing:
+                fail(f"{'fallback: vllm:' + link.model if i else 'model'}: {missing}")
 
 
 def create_job(store: JobStore, spec: JobSpec, budget: float | None) -> None:

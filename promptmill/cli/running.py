@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, NoReturn, Optional
 
 import typer
 
-from promptmill.cli.app import JobArg, app, err, expire_if_finished, fail, open_job, open_store, out
+from rich.markup import escape
+
+from promptmill.cli.app import JobArg, JsonFlag, app, err, expire_if_finished, fail, open_job, open_store, out
 from promptmill.cli.new_job import JobRequest, job_command
 from promptmill.config.settings import Settings, get_settings
 from promptmill.jobs.dispatch import ChunkSender
@@ -17,6 +21,8 @@ from promptmill.jobs.state.embedded import embedded_redis
 from promptmill.workers.local_workers import LocalWorkers
 from promptmill.jobs.enqueue import enqueue
 from promptmill.jobs.export import export_job
+from promptmill.jobs.failure_share import failures_by_kind, too_many_failed
+from promptmill.jobs.state.outage import OutageClock
 from promptmill.jobs.ledger import cost_report
 from promptmill.jobs.producer import ProducerFailed
 from promptmill.reports.progress import JobProgress, WorkersExited, wait_for_job
@@ -37,10 +43,19 @@ def _sigterm_as_interrupt() -> None:
 
 
 def drive(
-    settings: Settings, store: JobStore, url: str, spec: JobSpec, workers: int, resuming: bool, go_on: str
+    settings: Settings, store: JobStore, url: str, spec: JobSpec, workers: int, resuming: bool, go_on: str,
+    max_failed_share: float | None = None,
 ) -> JobStatus:
     """Start local workers, feed them the job, show progress until it stops, stop what was started.
-    `go_on` is the command that picks the job up again after a Ctrl-C."""
+    `go_on` is the command that picks the job up again after a Ctrl-C; past `max_failed_share` of
+    failed rows (once enough are done) the job is stopped."""
+
+    def failing(status: JobStatus) -> bool:
+        reason = None if max_failed_share is None else too_many_failed(status, max_failed_share, finished=False)
+        if reason is not None:
+            store.fail_job(spec.job_id, reason)
+        return reason is not None
+
     _sigterm_as_interrupt()
     prices = spec.pipeline.price_table(settings)
     with serving(settings.metrics_port, settings.metrics_address) as metrics_dir:
@@ -56,7 +71,9 @@ def drive(
                 enqueue(store, spec, sender, settings.max_pending_rows, resuming, progress.refresh, progress.refresh)
                 # An embedded Redis that died is ours to bring back (on its port, with its data).
                 embedded = None if settings.redis_url else embedded_redis(settings)
-                return wait_for_job(progress, alive=local.keep_alive, on_redis_lost=embedded and embedded.start)
+                return wait_for_job(
+                    progress, alive=local.keep_alive, on_redis_lost=embedded and embedded.start, stop_when=failing
+                )
         except KeyboardInterrupt:
             err.print(f"\ninterrupted: stopping workers; go on with [bold]{go_on}[/]", soft_wrap=True)
             local.stop()
@@ -71,65 +88,106 @@ def drive(
 
 
 def _run_to_end(
-    settings: Settings, store: JobStore, url: str, spec: JobSpec, workers: int, resuming: bool
+    settings: Settings, store: JobStore, url: str, spec: JobSpec, workers: int, resuming: bool, ending: RunEnding
 ) -> None:
-    """Drive the job to its end here, then export it and print its totals."""
+    """Drive the job to its end here, then export it and print its totals (with --json, as JSON)."""
     started = time.monotonic()
-    status = drive(settings, store, url, spec, workers, resuming, go_on=f"promptmill resume {spec.job_id}")
+    job_id = spec.job_id
+    status = drive(settings, store, url, spec, workers, resuming, f"promptmill resume {job_id}", ending.max_failed_share)
     elapsed = time.monotonic() - started
+    summary: dict[str, Any] = {"job_id": job_id, "state": status.state.value, "reason": status.error}
     if status.state is JobState.failed:
-        fail(f"job {spec.job_id} stopped: {status.error}\nfix the cause, then: promptmill resume {spec.job_id}", code=1)
+        if status.failed:
+            _print_failures(store, spec)
+        again = f"promptmill resume {job_id}" + (" --retry-failed" if status.failed else "")
+        ending.stop(summary, f"job {job_id} stopped: {status.error}\nfix the cause, then: {again}", 1)
     if status.state is JobState.cancelled:
-        fail(f"job {spec.job_id} was cancelled; promptmill resume {spec.job_id} picks it up again", code=1)
+        ending.stop(summary, f"job {job_id} was cancelled; promptmill resume {job_id} picks it up again", 1)
+    if status.state is JobState.paused:
+        ending.stop(summary, f"job {job_id} paused: {status.error}", 4)
     if status.state is JobState.paused_budget:
-        spent = store.budgets.get(spec.job_id)
-        fail(
-            f"job {spec.job_id} paused at its budget: ${spent.spent_usd:.6f} of ${spent.cap_usd:.6f} spent, "
-            f"{status.terminal:,} of {status.total:,} rows done; promptmill resume {spec.job_id} --budget USD goes on",
-            code=3,
+        spent = store.budgets.get(job_id)
+        summary["reason"] = "budget"
+        ending.stop(
+            summary,
+            f"job {job_id} paused at its budget: ${spent.spent_usd:.6f} of ${spent.cap_usd:.6f} spent, "
+            f"{status.terminal:,} of {status.total:,} rows done; promptmill resume {job_id} --budget USD goes on",
+            3,
         )
     written = export_job(store, spec, Path(spec.out_dir))
-    expire_if_finished(store, spec.job_id, settings)
+    expire_if_finished(store, job_id, settings)
     report = cost_report(spec, status, spec.pipeline.price_table(settings))
     usage = status.usage
-    err.print(
-        f"[bold green]done[/] {status.ok:,} ok, {status.failed:,} failed of {status.total:,} rows "
-        f"in {elapsed:.1f}s ({status.total / max(elapsed, 1e-9):,.1f} rows/s)\n"
-        f"tokens: {usage.input_tokens:,} input, {usage.output_tokens:,} output, "
-        f"{usage.cache_read_input_tokens:,} cache read, {usage.cache_creation_input_tokens:,} cache write; "
-        f"cost ${report.cost_usd:.6f}\n"
-        f"results: {written['results']}\nfailures: {written['failures']}",
-        highlight=False,
-    )
+    summary |= {
+        "ok": status.ok, "failed": status.failed, "total": status.total, "elapsed_s": round(elapsed, 3),
+        "rows_per_s": round(status.total / max(elapsed, 1e-9), 3),
+        "tokens": {"input": usage.input_tokens, "output": usage.output_tokens,
+                   "cache_read": usage.cache_read_input_tokens, "cache_creation": usage.cache_creation_input_tokens},
+        "cost_usd": float(report.cost_usd), "results": written["results"], "failures": written["failures"],
+    }  # fmt: skip
+    if not ending.as_json:
+        err.print(
+            f"[bold green]done[/] {status.ok:,} ok, {status.failed:,} failed of {status.total:,} rows "
+            f"in {elapsed:.1f}s ({status.total / max(elapsed, 1e-9):,.1f} rows/s)\n"
+            f"tokens: {usage.input_tokens:,} input, {usage.output_tokens:,} output, "
+            f"{usage.cache_read_input_tokens:,} cache read, {usage.cache_creation_input_tokens:,} cache write; "
+            f"cost ${report.cost_usd:.6f}\n"
+            f"results: {written['results']}\nfailures: {written['failures']}",
+            highlight=False,
+        )
+    too_many = too_many_failed(status, ending.max_failed_share, finished=True)
+    if too_many is not None:
+        _print_failures(store, spec)
+        summary["reason"] = too_many
+        ending.stop(summary, f"job {job_id}: {too_many}; see {written['failures']}", 1)
+    ending.stop(summary, None, 0)
 
 
-def check_model_built(spec: JobSpec, settings: Settings) -> None:
-    """A local model of the job (its own, or one of its fallback chain) must be built here before
-    workers start on it."""
-    # The CLI sits above the workers: it may ask their model registry whether the model is built.
-    from promptmill.workers.local_model import ModelNotBuiltError, resolve_model
+@dataclass(frozen=True)
+class RunEnding:
+    """How `run` and `resume` end: --max-failed-share, and --json's summary on stdout."""
 
-    for i, link in enumerate(spec.links()):
-        if link.info.local:
-            try:
-                resolve_model(link.model, settings)
-            except ModelNotBuiltError as missing:
-                fail(f"{'fallback: vllm:' + link.model if i else 'model'}: {missing}")
+    max_failed_share: float
+    as_json: bool
+
+    def stop(self, summary: dict[str, Any], message: str | None, code: int) -> NoReturn:
+        if self.as_json:
+            out.print_json(json.dumps({**summary, "exit_code": code}))
+        if message is not None:
+            fail(message, code)
+        raise typer.Exit(code)
+
+
+def _print_failures(store: JobStore, spec: JobSpec) -> None:
+    """The failures by kind, with one example each (stderr)."""
+    kinds = failures_by_kind(store, spec)
+    err.print("failures by kind:", highlight=False)
+    for kind, seen in kinds.items():
+        err.print(f"  {kind}: {seen.count:,} (row {seen.example_row}: {escape(seen.example[:300])})", highlight=False, soft_wrap=True)
+
+
+MaxFailedShareOption = typer.Option(
+    0.5, "--max-failed-share", min=0.0, max=1.0,
+    help="Stop once more than this share of rows failed (judged after 100 rows; a run where every row failed exits 1 too).",
+)  # fmt: skip
 
 
 @job_command("run")
 def run(
     request: JobRequest,
     workers: Optional[int] = typer.Option(None, min=1, help="Local worker processes (default: 2 API, 1 vLLM)."),
+    max_failed_share: float = MaxFailedShareOption,
+    as_json: JsonFlag = False,
 ) -> None:
-    """Run a job here to the end: embedded Redis (unless PROMPTMILL_REDIS_URL), local workers, progress, export."""
+    """Run a job here to the end: embedded Redis (unless PROMPTMILL_REDIS_URL), local workers, progress,
+    export. Exit 1: it failed or too many rows failed; 3: paused at its budget; 4: paused by an outage."""
     settings = get_settings()
     spec = request.spec(settings)
-    check_model_built(spec, settings)
-    out.print(f"job {spec.job_id}", highlight=False)
+    (err if as_json else out).print(f"job {spec.job_id}", highlight=False)
     with open_store(settings) as (store, url):
         request.create(store, spec)
-        _run_to_end(settings, store, url, spec, workers or spec.info.local_workers, resuming=False)
+        ending = RunEnding(max_failed_share, as_json)
+        _run_to_end(settings, store, url, spec, workers or spec.info.local_workers, False, ending)
 
 
 @job_command("submit")
@@ -168,6 +226,7 @@ def reopen(settings: Settings, store: JobStore, spec: JobSpec, budget: float | N
     """Make a stopped job runnable again: its budget (a new cap, or the old one) counts what its ledger
     spent and lets go of what dead workers held; its state says where it goes on from."""
     status = store.status(spec.job_id)
+    OutageClock(store.redis, spec.job_id).reset()
     cap = store.budgets.get(spec.job_id).cap_usd if budget is None else budget
     ledger_usd = float(cost_report(spec, status, spec.pipeline.price_table(settings)).cost_usd)
     store.budgets.set(spec.job_id, cap, ledger_usd)
@@ -187,6 +246,8 @@ def resume(
     retry_failed: bool = typer.Option(
         False, "--retry-failed", help="Send the failed rows again (their attempts keep counting); rows whose input is at fault stay failed."
     ),
+    max_failed_share: float = MaxFailedShareOption,
+    as_json: JsonFlag = False,
 ) -> None:
     """Pick a stopped, failed, cancelled or paused job up where it stopped, here, to the end."""
     with open_job(job_id) as (settings, store, url, spec):
@@ -203,13 +264,15 @@ def resume(
                 highlight=False,
             )
         status = reopen(settings, store, spec, budget)
+        shown = err if as_json else out
         if status.state is JobState.complete:
-            out.print(f"job {job_id} is already complete; exporting")
-        out.print(f"job {job_id}", highlight=False)
+            shown.print(f"job {job_id} is already complete; exporting")
+        shown.print(f"job {job_id}", highlight=False)
         total = f"{status.total:,}" if status.produced else f"{status.total:,} enqueued"
         err.print(
             f"resuming: {status.terminal:,} of {total} rows already done ({status.ok:,} ok, {status.failed:,} failed)",
             highlight=False,
             soft_wrap=True,
         )
-        _run_to_end(settings, store, url, spec, workers or spec.info.local_workers, resuming=True)
+        ending = RunEnding(max_failed_share, as_json)
+        _run_to_end(settings, store, url, spec, workers or spec.info.local_workers, True, ending)
