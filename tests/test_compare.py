@@ -256,12 +256,15 @@ def test_a_server_model_against_the_local_engine_on_the_examples(tmp_path, env, 
 
 
 def test_an_error_that_looks_like_markup_is_printed_as_it_is_and_the_compare_ends(tmp_path, env, fake_api):
-    """A contender stopped by an error whose text holds rich's markup ("[/...]") is told as it is, and
-    the compare still scores the others and writes its page."""
+    """A contender stopped by an error whose text holds rich's markup ("[/...]") is told as it is; the
+    compare still scores the others and writes its page, then names the failed contender and exits 1
+    (never a 0% accuracy with exit 0)."""
     message = "key [/bold] refused [/] here [red]"
     fake_api.configure(down={"gpt-4.1-mini": 401}, error_message=message)
     result = compare(tmp_path, both_apis(env))
     assert "MarkupError" not in result.stderr, result.stderr
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr
     assert f"{SECOND} stopped failed:" in result.stderr and message in result.stderr
+    assert f"error: {SECOND}: its job failed" in result.stderr
+    assert FIRST not in result.stderr.split("error:")[1]  # the contender that answered is not named
     assert (tmp_path / "cmp" / "compare.html").exists()

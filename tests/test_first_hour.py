@@ -5,6 +5,7 @@ Celery workers, the real anthropic SDK against the local server."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 from pathlib import Path
 
@@ -89,7 +90,7 @@ def test_a_local_model_not_built_misspelt_or_not_a_model_folder_is_refused_at_su
         for command in ("run", "submit"):
             refused = promptmill(command, str(inputs["jsonl"]), "--pipeline", str(pipeline), "--backend", "vllm", env=env)
             assert refused.returncode == 2, (model, command, refused.stderr)
-            assert f"model: " in refused.stderr and said in refused.stderr, refused.stderr
+            assert "model: " in refused.stderr and said in refused.stderr, refused.stderr
             assert not refused.stdout  # no job was made
 
 
@@ -201,3 +202,48 @@ def test_an_outage_pauses_the_job_instead_of_failing_rows_and_resume_finishes_it
     records = read_jsonl(tmp_path / "out" / "results.jsonl")
     assert [r["output"] for r in records] == [f"answer {i}" for i in range(30)]
     assert all(r["status"] == "ok" for r in records)
+
+
+def test_every_command_has_an_example_in_its_help_no_type_placeholders_and_there_is_a_version():
+    from typer.testing import CliRunner
+
+    from promptmill.cli import EXAMPLES, app
+
+    runner = CliRunner()
+    names = [command.name or command.callback.__name__.replace("_", "-") for command in app.registered_commands]
+    assert set(names) == set(EXAMPLES), set(names) ^ set(EXAMPLES)
+    for name in ["", *names]:
+        shown = runner.invoke(app, [*([name] if name else []), "--help"], env={"COLUMNS": "80"}, terminal_width=80)
+        assert shown.exit_code == 0, (name, shown.output)
+        assert "<bool>" not in shown.output and "<int" not in shown.output and "<str>" not in shown.output, shown.output
+        if name:
+            assert "Examples:" in shown.output and f"promptmill {name}" in shown.output, shown.output
+    version = runner.invoke(app, ["--version"])
+    assert version.exit_code == 0 and version.output.startswith("promptmill 0.")
+
+
+def test_init_writes_a_commented_starter_pipeline_of_each_output_that_loads(tmp_path):
+    from promptmill.pipelines import load_pipeline
+
+    for output in ("text", "choice", "json"):
+        path = tmp_path / f"{output}.toml"
+        made = promptmill("init", str(path), "--output", output, env={**os.environ}, cwd=tmp_path)
+        assert made.returncode == 0, made.stderr
+        pipeline = load_pipeline(path)
+        assert pipeline.output.type == output and pipeline.columns == ["text"]
+        assert "# The user turn: {column} is filled" in path.read_text()
+        again = promptmill("init", str(path), env={**os.environ}, cwd=tmp_path)
+        assert again.returncode == 2 and "exists" in again.stderr
+
+
+def test_the_old_format_flag_still_reads_the_input_with_a_note_and_tables_fit_80_columns(tmp_path, env, fake_api):
+    rows = [{"description": f"item {i}", "answer": f"answer {i}"} for i in range(3)]
+    data, pipeline = write_dataset(tmp_path, rows, PIPELINE, name="rows.txt")
+    ran = promptmill("run", str(data), "--pipeline", str(pipeline), "--format", "jsonl", "--out", str(tmp_path / "o"), env=env)
+    assert ran.returncode == 0, ran.stderr
+    assert "`--format` on a new job is now `--input-format`" in ran.stderr
+    job_id = job_id_of(ran)
+    for command in (["cost", job_id], ["jobs"], ["status", job_id]):
+        shown = promptmill(*command, env={**env, "COLUMNS": "80"})
+        assert shown.returncode == 0, shown.stderr
+        assert "…" not in shown.stdout and "claude-haiku-4-5" in shown.stdout, shown.stdout

@@ -2,8 +2,39 @@
 
 from __future__ import annotations
 
-from promptmill.cli import comparing, inspecting, managing, running, worker  # noqa: F401 - each registers its commands
+from promptmill.cli import comparing, init, inspecting, managing, running, worker  # noqa: F401 - each registers its commands
 from promptmill.cli.app import app
+
+# An example for every command, shown at the end of its --help (one table: a command without one fails
+# the tests).
+EXAMPLES: dict[str, list[str]] = {
+    "run": [
+        "promptmill run reviews.jsonl --pipeline sentiment.toml --backend vllm",
+        "promptmill run tickets.csv -p extract.toml --id-column ticket_id --budget 20 --json",
+    ],
+    "submit": ["PROMPTMILL_REDIS_URL=redis://queue:6379/0 promptmill submit big.parquet -p extract.toml"],
+    "resume": ["promptmill resume JOB", "promptmill resume JOB --retry-failed --budget 50"],
+    "compare": ["promptmill compare reviews.jsonl -p sentiment.toml -a vllm:gemma3-270m -a anthropic:claude-haiku-4-5 --label label"],
+    "status": ["promptmill status JOB --json"],
+    "report": ["promptmill report JOB --out reports/"],
+    "verify": ["promptmill verify JOB --json"],
+    "estimate": ["promptmill estimate tickets.csv -p extract.toml --sample 50"],
+    "cost": ["promptmill cost JOB --json"],
+    "jobs": ["promptmill jobs --json"],
+    "cancel": ["promptmill cancel JOB"],
+    "export": ["promptmill export JOB --format parquet --out results/"],
+    "delete": ["promptmill delete JOB --files"],
+    "gc": ["promptmill gc --older-than 7d --dry-run"],
+    "worker": ["PROMPTMILL_REDIS_URL=redis://queue:6379/0 promptmill worker --queues api --chunks 4"],
+    "flower": ["promptmill flower --port 5555"],
+    "prepare-model": ["promptmill prepare-model"],
+    "init": ["promptmill init extract.toml --output json", "promptmill init sentiment.toml --output choice"],
+}
+
+for _command in app.registered_commands:
+    _name = _command.name or (_command.callback.__name__.replace("_", "-") if _command.callback else "")
+    if _name in EXAMPLES:
+        _command.epilog = "Examples:\n\n" + "\n\n".join(f"  {line}" for line in EXAMPLES[_name])
 
 
 def main() -> None:

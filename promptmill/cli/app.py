@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 from contextlib import contextmanager
 from typing import Annotated, Iterator, NamedTuple, NoReturn
 
@@ -17,6 +18,20 @@ from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.state.status import JobState
 from promptmill.jobs.state.store import JobStore
 
+def _type_shown(param: typer.core.TyperOption | typer.core.TyperArgument, ctx: object) -> str | None:
+    """A parameter's type as help shows it: nothing for a flag or an argument (its name says it),
+    its metavar where it has one, else click's plain words (INTEGER, TEXT), never `<bool>`."""
+    if isinstance(param, typer.core.TyperArgument) or getattr(param, "is_flag", False):
+        return None
+    if param.metavar is not None:
+        return param.metavar
+    label = typer.core.TyperOption.display_type(param, ctx).strip("<>").removesuffix(" range")  # type: ignore[arg-type]
+    return {"int": "INTEGER", "str": "TEXT", "float": "NUMBER"}.get(label, label.upper())
+
+
+typer.core.TyperOption.display_type_rich = _type_shown  # type: ignore[method-assign]
+typer.core.TyperArgument.display_type_rich = _type_shown  # type: ignore[method-assign]
+
 app = typer.Typer(
     no_args_is_help=True,
     # Locals in a traceback would print the Redis password and the API key held in our variables.
@@ -26,6 +41,19 @@ app = typer.Typer(
 )
 out = Console()
 err = Console(stderr=True)
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        out.print(f"promptmill {importlib.metadata.version('promptmill')}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Run one LLM call per row of a dataset, through Redis and Celery workers, resumably, with cost per job."""
 
 
 def fail(message: str, code: int = 2) -> NoReturn:

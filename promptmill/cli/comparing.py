@@ -156,7 +156,7 @@ def _print_table(scores: list[Score]) -> None:
     table = Table(title="promptmill compare", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("contender", overflow="fold")
     for title in ("ok", "failed", "p50 ms", "p95 ms", "out tok/s", "cost $", "$ per 1k rows", "accuracy", "agree"):
-        table.add_column(title, justify="right")
+        table.add_column(title, justify="right", no_wrap=title not in ("failed", "$ per 1k rows", "out tok/s"))
     for s in scores:
         failed = f"{s.failed}" + (f" ({', '.join(f'{k} {n}' for k, n in s.failures.items())})" if s.failures else "")
         per_1000 = "–" if s.cost_per_1000_rows_usd is None else _usd(s.cost_per_1000_rows_usd)
@@ -275,3 +275,11 @@ def compare(
         out.print(
             f"report: {folder / 'compare.html'}\nrows side by side: {folder / 'rows.jsonl'}", highlight=False, soft_wrap=True
         )
+    # A contender that never answered is no 0% result: the compare did not happen for it.
+    broken = [score for score in compared if score.state != JobState.complete.value or (score.failed and not score.ok)]
+    if broken:
+        fail("; ".join(
+            f"{score.name}: " + (f"its job {score.state}" if score.state != JobState.complete.value else "every row failed")
+            + (f" ({', '.join(f'{kind} {count}' for kind, count in score.failures.items())})" if score.failures else "")
+            for score in broken
+        ) + f"; fix it, then run the same command again (with --out {folder}) to resume", code=1)  # fmt: skip

@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 from rich.markup import escape
+from rich import box
 from rich.table import Table
 
 from promptmill.cli.app import (
@@ -97,6 +98,8 @@ def status(job_id: JobArg, as_json: JsonFlag = False) -> None:
         out.print_json(json.dumps(info))
         return
     table = Table(show_header=False, box=None)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")  # a path or an error folds, never cut
     for key, value in info.items():
         if key == "tokens":
             value = ", ".join(f"{name} {count:,}" for name, count in value.items())
@@ -161,7 +164,7 @@ def report(
     out.print(shown["report"], highlight=False, soft_wrap=True)  # a path is never folded
 
 
-@app.command(epilog="Example: promptmill verify 20261202-1a2b3c --json")
+@app.command()
 def verify(job_id: JobArg, as_json: JsonFlag = False) -> None:
     """Recompute counters and the cost ledger from the committed outcomes; exit 1 if they disagree."""
     with open_job(job_id) as (settings, store, _, spec):
@@ -261,16 +264,22 @@ def cost(job_id: JobArg, as_json: JsonFlag = False) -> None:
         out.print_json(json.dumps(report.as_dict()))
         return
     local = report.comparison_model is not None
-    table = Table(title=f"cost of job {job_id} ({spec.backend})")
-    columns = ["model", "requests", "failed attempts", "input", "output", "cache write", "cache read"]
-    for column in columns + (["engine s"] if local else []) + ["USD"]:
-        table.add_column(column, justify="left" if column == "model" else "right")
+    rows = []
     for model in report.models:
         u = model.usage
-        cells = [model.model, f"{model.requests:,}", f"{model.failed_attempts:,}", f"{u.input_tokens:,}", f"{u.output_tokens:,}",
-                 f"{u.cache_creation_input_tokens:,}", f"{u.cache_read_input_tokens:,}"]  # fmt: skip
-        table.add_row(*cells, *([f"{u.engine_us / 1e6:,.1f}"] if local else []), f"${model.cost_usd:.6f}")
-    table.add_row("total", *[""] * (len(table.columns) - 2), f"${report.cost_usd:.6f}", style="bold")
+        rows.append([model.model, f"{model.requests:,}", f"{model.failed_attempts:,}", f"{u.input_tokens:,}",
+                     f"{u.output_tokens:,}", f"{u.cache_creation_input_tokens:,}", f"{u.cache_read_input_tokens:,}",
+                     *([f"{u.engine_us / 1e6:,.1f}"] if local else []), f"${model.cost_usd:.6f}"])  # fmt: skip
+    rows.append(["total", *[""] * (len(rows[0]) - 2 if rows else 6 + local), f"${report.cost_usd:.6f}"])
+    titles = ["requests", "failed", "input", "output", "cache\nwrite", "cache\nread", *(["engine\ns"] if local else []), "USD"]
+    # 80 columns hold it: short headers, no frame, figures never cut (the model's name folds instead).
+    table = Table(title=f"cost of job {job_id} ({spec.backend})", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("model", overflow="fold", min_width=min(24, max(len(row[0]) for row in rows)))
+    for i, title in enumerate(titles, start=1):
+        widest = max(len(row[i]) for row in rows)
+        table.add_column(title, justify="right", no_wrap=True, min_width=max(widest, *map(len, title.split())))
+    for i, row in enumerate(rows):
+        table.add_row(*row, style="bold" if i == len(rows) - 1 else None)
     out.print(table)
     if report.caching_saved_usd:
         out.print(f"prompt caching saved ${report.caching_saved_usd:.6f}", highlight=False)
@@ -289,7 +298,7 @@ def cost(job_id: JobArg, as_json: JsonFlag = False) -> None:
         )
 
 
-@app.command(epilog="Example: promptmill jobs --json")
+@app.command()
 def jobs(as_json: JsonFlag = False) -> None:
     """List the jobs in this Redis: state, rows ok and failed of the total (jobs whose keys expired or
     were deleted are gone)."""
@@ -309,7 +318,10 @@ def jobs(as_json: JsonFlag = False) -> None:
     if as_json:
         out.print_json(json.dumps({"jobs": listed}))
         return
-    table = Table("job", "state", "ok", "failed", "total", "model", box=None, pad_edge=False)
+    table = Table(box=None, pad_edge=False)
+    for title in ("job", "state", "ok", "failed", "total"):
+        table.add_column(title, no_wrap=True, justify="left" if title in ("job", "state") else "right")
+    table.add_column("model", overflow="fold")
     for job in listed:
         failed = f"[red]{job['failed']:,}[/]" if job["failed"] else "0"
         table.add_row(job["job_id"], job["state"], f"{job['ok']:,}", failed, f"{job['total']:,}", escape(job["model"]))
