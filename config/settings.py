@@ -149,6 +149,11 @@ class Settings(BaseSettings):
     vllm_tensor_parallel_size: int = Field(default=1, ge=1)
     vllm_max_num_seqs: int | None = Field(default=None, ge=1)
     vllm_enforce_eager: bool | None = None
+    engine_start_attempts: int = Field(
+        default=3, ge=1, description="Tries to start the local engine before the job stops (a start can fail for "
+        "want of memory while another engine holds it)."
+    )
+    engine_start_backoff_s: float = Field(default=10.0, ge=0, description="The wait before the second start, doubled each time.")
     gpu_chunks_per_worker: int = Field(
         default=8,
         ge=1,

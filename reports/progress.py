@@ -8,6 +8,7 @@ from typing import Callable
 
 import redis
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from promptmill.config.prices import PriceTable
@@ -37,10 +38,13 @@ class JobProgress:
         self.last_refresh = 0.0
         self.pace_read_at = float("-inf")
         self.pace = "- rows/s"
+        self.started = time.monotonic()
+        self.first_row_told = False
 
     def __enter__(self) -> "JobProgress":
         self.progress.start()
         status = self.store.status(self.spec.job_id)
+        self.started, self.first_row_told = time.monotonic(), status.terminal > 0
         # A resumed job shows what is already done at once, not after a silent warm-up.
         self.task = self.progress.add_task(
             self.spec.job_id, total=status.total or None, completed=status.terminal, **self._fields(status)
@@ -79,6 +83,13 @@ class JobProgress:
         self.last_refresh = now
         status = self.store.status(self.spec.job_id)
         description = "producing" if status.state is JobState.producing else status.state.value
+        if self.spec.info.local and not status.terminal and status.state.runnable:
+            # The engine's start is a minute of nothing else: say what it is doing.
+            description = status.engine or "starting the local engine (about a minute)"
+            description = f"{escape(description)} · {now - self.started:.0f}s"  # an error's text is no markup
+        elif status.terminal and not self.first_row_told:
+            self.first_row_told = True
+            self.progress.console.print(f"first row after {now - self.started:.1f}s", highlight=False)
         self.progress.update(
             self.task,
             total=status.total if status.produced else None,

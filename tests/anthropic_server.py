@@ -335,6 +335,10 @@ class FakeAnthropic:
             return _error(400, "invalid_request_error", f"{missing[0]}: Field required")
         prompt = _text(body["messages"][-1]["content"])
         reply = _reply(prompt, body["model"], self.config["reply"])
+        # An answer longer than max_tokens (a word a token) is cut there, as the API cuts it.
+        stop_reason = "max_tokens" if len(reply.split()) > int(body["max_tokens"]) else "end_turn"
+        if stop_reason == "max_tokens":
+            reply = " ".join(reply.split()[: int(body["max_tokens"])])
         usage = self._usage(body, reply, commit_cache=False)
         entry = {"t": arrived, "prompt": prompt, "status": 200, "usage": None, "port": _client_port(request),
                  "model": body["model"]}  # fmt: skip
@@ -402,7 +406,7 @@ class FakeAnthropic:
             "role": "assistant",
             "model": body["model"],
             "content": [{"type": "text", "text": reply}],
-            "stop_reason": "end_turn",
+            "stop_reason": stop_reason,
             "stop_sequence": None,
             "usage": usage,
         }

@@ -247,3 +247,16 @@ def test_the_old_format_flag_still_reads_the_input_with_a_note_and_tables_fit_80
         shown = promptmill(*command, env={**env, "COLUMNS": "80"})
         assert shown.returncode == 0, shown.stderr
         assert "…" not in shown.stdout and "claude-haiku-4-5" in shown.stdout, shown.stdout
+
+
+def test_an_answer_cut_at_max_tokens_says_so_in_its_error(tmp_path, env, fake_api):
+    rows = [{"description": "a receipt", "answer": '{"merchant": "a shop whose name goes on and on and on"}'}]
+    pipeline = PIPELINE.replace("max_tokens = 16", "max_tokens = 4") + (
+        '[output]\ntype = "json"\nschema = { type = "object", properties = { merchant = { type = "string" } } }\n'
+    )
+    data, pipeline_path = write_dataset(tmp_path, rows, pipeline)
+    ran = promptmill("run", str(data), "--pipeline", str(pipeline_path), "--out", str(tmp_path / "out"), env=env)
+    assert ran.returncode == 1  # its only row failed
+    record = read_jsonl(tmp_path / "out" / "results.jsonl")[0]
+    assert record["finish_reason"] == "max_tokens" and record["error"]["kind"] == "unparseable_output"
+    assert record["error"]["message"].startswith("the answer was cut at max_tokens (4) before its end; raise max_tokens")

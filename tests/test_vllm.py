@@ -8,6 +8,7 @@ two CPU cores, so the module starts no more engines than its tests need).
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -177,6 +178,8 @@ def test_json_outputs_always_parse_against_their_schema(tmp_path: Path, gpu_env,
     assert [record["row"] for record in records] == list(range(24))
     assert all(record["status"] == "ok" for record in records), [r for r in records if r["status"] != "ok"]
     for record in records:
+        # Compact JSON: no free whitespace between tokens for a small model to run away into.
+        assert not re.search(r"\s", re.sub(r'"(?:[^"\\]|\\.)*"', '""', record["text"])), record["text"]
         assert set(record["output"]) == {"product", "stars", "price_usd", "would_recommend"}
         assert record["output"]["stars"] in (1, 2, 3, 4, 5) and isinstance(record["output"]["would_recommend"], bool)
 

@@ -38,6 +38,10 @@ MAX_ROW_STARTS = 3  # a row in flight this often when its worker died is poison:
 _RUNNABLE_CHECK_S = 1.0
 
 
+# The finish reasons of an answer stopped by its token cap: Anthropic's, OpenAI's and vLLM's.
+CUT_AT_MAX_TOKENS = ("max_tokens", "length")
+
+
 def to_outcome(job: JobSpec, raw: RawOutcome, line: int = 0) -> ItemOutcome:
     common = {
         "usage": raw.usage,
@@ -59,7 +63,11 @@ def to_outcome(job: JobSpec, raw: RawOutcome, line: int = 0) -> ItemOutcome:
     try:
         value = parse_output(job.pipeline.output, raw.text or "")
     except OutputParseError as bad:
-        error = ItemError(kind=ErrorKind.unparseable_output, message=str(bad))
+        message = str(bad)
+        if raw.finish_reason in CUT_AT_MAX_TOKENS:
+            message = (f"the answer was cut at max_tokens ({job.pipeline.max_tokens}) before its end; raise max_tokens "
+                       f"in the pipeline ({message})")  # fmt: skip
+        error = ItemError(kind=ErrorKind.unparseable_output, message=message)
         return ItemOutcome(row=raw.row, status="failed", error=error, **common)
     return ItemOutcome(row=raw.row, status="ok", output=value, **common)
 

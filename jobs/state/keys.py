@@ -80,6 +80,7 @@ META_FINISHED_AT = "finished_at"
 META_INPUT_SHA256 = "input_sha256"
 META_BUDGET_MICRO = "budget_micro"
 META_LIMIT_SCOPE = "limit_scope"
+META_ENGINE = "engine"  # the local engine's start, as its worker tells it: what it is doing, since when
 
 # Fields of pm:{JOB}:budget (micro-USD).
 BUDGET_SPENT = "spent"  # paid for answers so far

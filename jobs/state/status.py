@@ -79,6 +79,7 @@ class JobStatus:
     usage_by_model: dict[str, Usage] = field(default_factory=dict)
     requests_by_model: dict[str, int] = field(default_factory=dict)
     failed_attempts_by_model: dict[str, int] = field(default_factory=dict)
+    engine: str | None = None  # the local engine's start, as its worker tells it
     limit_scope: str | None = None
     paid_twice: LedgerPart = field(default_factory=LedgerPart)
     created_at: float | None = None

@@ -24,6 +24,7 @@ from promptmill.jobs.state.keys import (
     META_ERROR,
     META_FINISHED_AT,
     META_INPUT_SHA256,
+    META_ENGINE,
     META_LIMIT_SCOPE,
     META_PRODUCED,
     META_ROWS_PRODUCED,
@@ -164,6 +165,10 @@ class JobStore:
                 pipe.hset(JobKeys(job_id).meta, META_ERROR, error)
             pipe.execute()
 
+    def tell_engine(self, job_id: str, stage: str) -> None:
+        """What the local engine serving the job is doing while it starts (`status`, the progress bar)."""
+        self.redis.hset(JobKeys(job_id).meta, META_ENGINE, stage)
+
     def fail_job(self, job_id: str, error: str) -> None:
         """A fatal error: stop every worker on the job, keep every committed result."""
         self.set_state(job_id, JobState.failed, error)
@@ -197,6 +202,7 @@ class JobStore:
             requests_by_model=ledger.requests_by_model,
             failed_attempts_by_model=ledger.failed_attempts_by_model,
             limit_scope=meta.get(META_LIMIT_SCOPE),
+            engine=meta.get(META_ENGINE),
             paid_twice=LedgerPart.parse(paid_twice),
             created_at=float(meta[META_CREATED_AT]) if META_CREATED_AT in meta else None,
             finished_at=float(meta[META_FINISHED_AT]) if META_FINISHED_AT in meta else None,

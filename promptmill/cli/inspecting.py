@@ -68,6 +68,7 @@ def _status_dict(spec: JobSpec, status: JobStatus, prices: PriceTable, store: Jo
         **({"batches": _batches(store, spec.job_id)} if spec.info.batches else {}),
         **({"fallback": chain} if (chain := fallback_status(store.redis, spec)) is not None else {}),
         **job_pace(store.redis, spec.job_id, status.pending if status.produced else max(status.pending, 1)).as_dict(),
+        **({"engine": status.engine} if spec.info.local else {}),
         "out_dir": spec.out_dir,
     }
 

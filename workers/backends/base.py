@@ -28,6 +28,10 @@ class FatalJobError(RuntimeError):
     pass
 
 
+class EngineStartFailed(FatalJobError):
+    """The local engine would not start after every try: the job stops with the reason (no row fails)."""
+
+
 class EngineDied(RuntimeError):
     """The local engine died under a chunk: its unfinished rows are sent again, as if its worker died."""
 

@@ -25,7 +25,7 @@ from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.state.store import JobStore
 from promptmill.pipelines.items import AttemptError, ErrorKind, ItemError, RenderedRequest, Usage
 from promptmill.pipelines.spec import EngineOptions
-from promptmill.workers.backends.base import Call, EngineDied, RawOutcome
+from promptmill.workers.backends.base import Call, EngineDied, EngineStartFailed, RawOutcome
 from promptmill.workers.engine_clock import EngineClock
 from promptmill.workers.local_model import resolve_model
 from promptmill.workers.metrics import engine_stat_logger, metrics_on
@@ -69,6 +69,21 @@ def engine_args(model: str, options: EngineOptions, settings: Settings) -> dict[
     return {"model": resolve_model(model, settings), "enable_prefix_caching": True, **args}
 
 
+def _structured_backend(schema: dict[str, Any] | None) -> str:
+    """xgrammar, the fastest, unless the JSON schema needs what only guidance takes. Named, not "auto":
+    turning free whitespace off is only allowed with a named one."""
+    if schema is None:
+        return "xgrammar"
+    from vllm.v1.structured_output.backend_xgrammar import has_xgrammar_unsupported_json_features
+
+    return "guidance" if has_xgrammar_unsupported_json_features(schema) else "xgrammar"
+
+
+def _schema(job: JobSpec) -> dict[str, Any] | None:
+    output = job.pipeline.output
+    return output.json_schema if output.type == "json" else None
+
+
 class VLLMBackend:
     label = "the local vLLM engine"
     max_in_flight = None
@@ -77,36 +92,72 @@ class VLLMBackend:
     def __init__(self, job: JobSpec, settings: Settings, store: JobStore | None = None):
         args = engine_args(job.model, job.pipeline.engine, settings)
         self.args = args
+        self.structured_backend = _structured_backend(_schema(job))
         self._sampling_by_job: dict[str, Any] = {}
         self.max_model_len: int = args["max_model_len"]
         self.clock = EngineClock(devices=args["tensor_parallel_size"])
         self._engine: Any = None
         self._tokenizer: Any = None
         self._starting = asyncio.Lock()
+        self.store = store
+        self.settings = settings
         self._gauges = metrics_on(settings.metrics_port)  # the engine's running requests and KV cache, measured
 
-    async def _ready_engine(self) -> Any:
+    async def _ready_engine(self, job_id: str) -> Any:
         async with self._starting:
             if self._engine is not None and self._engine.errored:
                 log.error("the vLLM engine died; starting a new one")
                 self.shutdown()
             if self._engine is None:
-                from vllm.engine.arg_utils import AsyncEngineArgs
-                from vllm.v1.engine.async_llm import AsyncLLM
-
-                log.info("starting vLLM engine: %s", self.args)
-                # Stats on: each request's output then carries its time to first token.
-                engine_args = AsyncEngineArgs(**self.args, disable_log_stats=False)
-                loggers = [engine_stat_logger()] if self._gauges else None
-                # Off the loop: other chunks' coroutines keep going while the engine starts.
-                self._engine = await asyncio.to_thread(AsyncLLM.from_engine_args, engine_args, stat_loggers=loggers)
+                self._engine = await self._start(job_id)
                 self._tokenizer = self._engine.get_tokenizer()
             return self._engine
+
+    def _tell(self, job_id: str, stage: str) -> None:
+        """The start's stage, for the job's `status` and progress bar (and the worker's log)."""
+        log.info("%s", stage)
+        if self.store is not None:
+            self.store.tell_engine(job_id, stage)
+
+    async def _start(self, job_id: str) -> Any:
+        """A new engine, its start tried again with backoff: a start can fail for want of memory while
+        another engine holds it, and succeed once that one is gone."""
+        started = time.monotonic()
+        attempts = self.settings.engine_start_attempts
+        self._tell(job_id, "starting the local engine (about a minute): loading vLLM")
+        from vllm.config import StructuredOutputsConfig
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        # JSON is written compact: no free whitespace for a small model to run away into until max_tokens.
+        structured = StructuredOutputsConfig(backend=self.structured_backend, disable_any_whitespace=True)
+        # Stats on: each request's output then carries its time to first token.
+        engine_args = AsyncEngineArgs(**self.args, structured_outputs_config=structured, disable_log_stats=False)
+        loggers = [engine_stat_logger()] if self._gauges else None
+        for attempt in range(1, attempts + 1):
+            self._tell(job_id, f"starting the local engine: loading {self.args['model']} and sizing its KV cache")
+            try:
+                # Off the loop: other chunks' coroutines keep going while the engine starts.
+                engine = await asyncio.to_thread(AsyncLLM.from_engine_args, engine_args, stat_loggers=loggers)
+            except Exception as error:  # noqa: BLE001 - a start that fails for want of memory may succeed later
+                if attempt == attempts:
+                    self._tell(job_id, f"the local engine failed to start {attempts} times: {type(error).__name__}: {error}")
+                    raise EngineStartFailed(f"the local engine failed to start {attempts} times (PROMPTMILL_ENGINE_START_ATTEMPTS); "
+                                            f"the last error: {type(error).__name__}: {error}") from error  # fmt: skip
+                wait_s = self.settings.engine_start_backoff_s * 2 ** (attempt - 1)
+                self._tell(job_id, f"the local engine failed to start (attempt {attempt} of {attempts}): "
+                                   f"{type(error).__name__}: {error}; trying again in {wait_s:g}s")  # fmt: skip
+                await asyncio.sleep(wait_s)
+                continue
+            self._tell(job_id, f"the local engine started in {time.monotonic() - started:.1f}s")
+            return engine
+        raise AssertionError("unreachable")
 
     @staticmethod
     def identity(job: JobSpec, settings: Settings) -> Hashable:
         """Another model or other engine options need another engine."""
-        return tuple(sorted(engine_args(job.model, job.pipeline.engine, settings).items()))
+        args = engine_args(job.model, job.pipeline.engine, settings)
+        return (*sorted(args.items()), ("structured_outputs_backend", _structured_backend(_schema(job))))
 
     def limit_scope(self, job: JobSpec) -> None:
         return None  # the engine is ours: no provider's limit
@@ -212,7 +263,7 @@ class VLLMBackend:
         )
 
     async def send(self, call: Call) -> RawOutcome:
-        engine = await self._ready_engine()
+        engine = await self._ready_engine(call.job.job_id)
         checked = self._checked(call.job, call.request)
         if isinstance(checked, RawOutcome):
             return checked
