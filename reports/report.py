@@ -11,6 +11,7 @@ from pathlib import Path
 import plotly.graph_objects as go
 
 from promptmill.config.prices import PriceTable
+from promptmill.reports.answers import AnswerTally
 from promptmill.reports.html_page import table, write_page
 from promptmill.jobs.ledger import cost_report
 from promptmill.jobs.state.pace import EDGES_MS, job_pace
@@ -94,7 +95,9 @@ def write_report(store: JobStore, spec: JobSpec, prices: PriceTable, path: Path)
     limits = None if status.limit_scope is None else store.limits.summary(status.limit_scope, spec.limits)
     failures: Counter = Counter()
     examples: dict[str, list[tuple[int, str]]] = {}
+    answers = AnswerTally(spec.pipeline.output.type)
     for outcome in iter_outcomes(store, spec):
+        answers.add(outcome)
         if outcome.error is not None:
             failures[outcome.error.kind.value] += 1
             shown = examples.setdefault(outcome.error.kind.value, [])
@@ -118,6 +121,7 @@ def write_report(store: JobStore, spec: JobSpec, prices: PriceTable, path: Path)
         figures.append(_distribution(pace.ttft_counts, "Time to first token of answered rows"))
     if report.models:
         figures.append(_by_model(report.models))
+    figures += answers.parts()
     figures.append("<h2>Failures</h2>")
     if failures:
         figure = go.Figure(go.Bar(x=list(failures), y=list(failures.values())))

@@ -134,6 +134,12 @@ schema = { type = "object", properties = { merchant = { type = "string" }, total
     assert table.column("output.merchant").to_pylist()[3] is None
     import csv
 
+    reported = promptmill("report", job_id, "--out", str(tmp_path / "report"), env=env)
+    assert reported.returncode == 0, reported.stderr
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "<h3>merchant: 7 distinct values</h3>" in page and "<td>shop 1</td><td>1</td>" in page
+    assert "<h3>paid: 2 distinct values</h3>" in page and "<td>true</td><td>4</td>" in page
+    assert len(page) < 200_000  # plotly's script is beside it, shared, not inside it
     with (tmp_path / "csv" / "results.csv").open() as handle:
         csv_rows = list(csv.DictReader(handle))
     assert list(csv_rows[0])[:2] == ["sku", "price"]

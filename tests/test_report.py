@@ -30,7 +30,12 @@ def test_a_report_tells_an_api_jobs_story_offline(tmp_path, env, fake_api):
     page = (tmp_path / "out" / "report.html").read_text()
     assert reported.stdout.strip() == str(tmp_path / "out" / "report.html")
     # Rows over time, pace against the limit, latency, tokens and cost by model, failures by kind.
-    assert page.count("Plotly.newPlot") == 5 and "<script src=" not in page  # one file, opens offline
+    # Plotly's script is one shared file beside the page, not 4.6 MB inside it: it still opens offline.
+    assert page.count("Plotly.newPlot") == 5 and page.count('<script charset="utf-8" src=') == 1
+    bundle = page.split('<script charset="utf-8" src="')[1].split('"')[0]
+    assert bundle.startswith("plotly-") and (tmp_path / "out" / bundle).stat().st_size > 1_000_000
+    assert len(page) < 300_000
+    assert "<h2>Answers</h2>" in page and "<h3>The first 20 rows</h3>" in page
     assert f"<td>{job_id}</td>" in page and "<td>300</td><td>294</td><td>6</td>" in page
     assert "<td>invalid_request</td><td>7</td><td>400 invalid_request_error: prompt is poisoned" in page
     assert "answers were 429" in page and "<td>ok</td></tr></table>" in page  # verify's verdict
