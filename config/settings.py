@@ -161,6 +161,12 @@ class Settings(BaseSettings):
         description="Chunks one GPU worker feeds its engine at once: more requests than the engine runs at once "
         "(max_num_seqs), so it stays full while a chunk's last answers finish.",
     )
+    engine_output_tokens_per_s: float = Field(
+        default=500.0, gt=0,
+        description="The local engine's output tokens per second, for `estimate --backend vllm` (`--job JOB` scales "
+        "it and the input's to what that job measured).",
+    )  # fmt: skip
+    engine_input_tokens_per_s: float = Field(default=5000.0, gt=0, description="Its prompt tokens per second, likewise.")
     gpu_hour_usd: float = Field(
         default=2.50, ge=0, description="What an hour of one engine device costs you (a GPU; the CPU here)."
     )

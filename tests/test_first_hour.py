@@ -266,3 +266,27 @@ def test_an_answer_cut_at_max_tokens_says_so_in_its_error(tmp_path, env, fake_ap
     record = read_jsonl(tmp_path / "out" / "results.jsonl")[0]
     assert record["finish_reason"] == "max_tokens" and record["error"]["kind"] == "unparseable_output"
     assert record["error"]["message"].startswith("the answer was cut at max_tokens (4) before its end; raise max_tokens")
+
+
+def test_estimate_for_the_local_engine_counts_offline_with_the_model_s_tokenizer_and_prices_device_time(tmp_path, env):
+    from transformers import AutoTokenizer
+
+    from promptmill.config.settings import Settings
+
+    rows = [{"description": f"a review of item {i} " * (i + 1), "answer": "ok"} for i in range(12)]
+    data, pipeline = write_dataset(tmp_path, rows, PIPELINE.replace("claude-haiku-4-5", "smollm2-135m-instruct"))
+    offline = {k: v for k, v in env.items() if not k.startswith("ANTHROPIC_")} | {"HF_HUB_OFFLINE": "1"}
+    shown = promptmill("estimate", str(data), "-p", str(pipeline), "--backend", "vllm", "--json", env=offline)
+    assert shown.returncode == 0, shown.stderr
+    figures = json.loads(shown.stdout)
+    tokenizer = AutoTokenizer.from_pretrained(Settings().models_dir / "SmolLM2-135M-Instruct")
+    def tokens(row: dict) -> int:
+        chat = [{"role": "user", "content": f"Describe {row['description']} [[reply:ok]]"}]
+        ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+        return len(ids if isinstance(ids, list) else ids["input_ids"])
+
+    expected = sum(tokens(row) for row in rows)
+    assert (figures["input_tokens"], figures["input_tokens_error_pct"], figures["rows_counted"]) == (expected, 0.0, 12)
+    speed = figures["engine"]
+    device_s = expected / speed["input_tokens_per_s"] + 12 * 16 / speed["output_tokens_per_s"]
+    assert abs(figures["cost_usd_high"] - device_s * 2.5 / 3600) < 1e-6  # PROMPTMILL_GPU_HOUR_USD's default

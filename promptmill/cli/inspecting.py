@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from decimal import Decimal
+from typing import Callable, Optional
 
 import typer
 from rich.markup import escape
@@ -28,8 +29,8 @@ from promptmill.cli.app import (
 )
 from promptmill.cli.new_job import JobRequest
 from promptmill.config.backends import DEFAULT_BACKEND
-from promptmill.config.prices import PriceTable
-from promptmill.config.settings import get_settings
+from promptmill.config.prices import ModelPrice, PriceTable
+from promptmill.config.settings import Settings, get_settings
 from promptmill.jobs.state.fallback import fallback_status
 from promptmill.jobs.ledger import cost_report
 from promptmill.jobs.state.pace import job_pace
@@ -189,44 +190,60 @@ def estimate(
     input_tpm: Optional[int] = InputTpmOption,
     output_tpm: Optional[int] = OutputTpmOption,
     input_format: Optional[str] = InputFormatOption,
-    sample: int = typer.Option(100, min=1, help="Rows whose input tokens the API counts; the rest are scaled."),
+    sample: int = typer.Option(100, min=1, help="Rows whose input tokens are counted; the rest are scaled."),
     job_id: Optional[str] = typer.Option(
-        None, "--job", help="A running or finished job of this pipeline: project output from its answers."
+        None, "--job", help="A running or finished job of this pipeline: project output (and engine speed) from it."
+    ),
+    backend: str = typer.Option(
+        DEFAULT_BACKEND, "--backend", "-b", help="anthropic (tokens counted by the API) or vllm (offline, by the model's tokenizer)."
     ),
     as_json: JsonFlag = False,
 ) -> None:
-    """What a job would cost before it runs: input tokens counted by the API, low and high dollars, time."""
+    """What a job would cost before it runs: input tokens counted (by the API, or offline by a local
+    model's own tokenizer), low and high dollars, time."""
     import anthropic
 
     from promptmill.reports.estimate import estimate_job
 
     settings = get_settings()
-    asked = JobRequest(input_path, pipeline, DEFAULT_BACKEND, model, None, None, rpm, input_tpm, output_tpm, input_format, None)
+    if backend not in ("anthropic", "vllm"):
+        fail(f"--backend: estimate counts tokens for anthropic or vllm, not {backend!r}")
+    asked = JobRequest(input_path, pipeline, backend, model, None, None, rpm, input_tpm, output_tpm, input_format, None)  # type: ignore[arg-type]
     spec = asked.spec(settings)
-    client = anthropic.Anthropic(api_key=settings.api_key(), base_url=settings.anthropic_base_url)
-
-    def count_tokens(system: str | None, prompt: str) -> int:
-        extra = {"system": system} if system else {}
-        messages = [{"role": "user", "content": prompt}]
-        return client.messages.count_tokens(model=spec.model, messages=messages, **extra).input_tokens
-
-    output_per_row = None
+    observed = None
     if job_id is not None:
         with open_store(settings) as (store, _):
             spec_or_fail(store, job_id)
             observed = store.status(job_id)
-        answered = observed.requests_by_model.get(spec.model, 0)
-        if not answered:
+        if not observed.requests_by_model.get(spec.model, 0):
             fail(f"--job: job {job_id} has no answers from {spec.model} yet")
-        output_per_row = observed.usage.output_tokens / answered
+    output_per_row = None if observed is None else observed.usage.output_tokens / observed.requests_by_model[spec.model]
+    prices = spec.pipeline.price_table(settings)
+    local = spec.info.local
     try:
-        prices = spec.pipeline.price_table(settings)
-        price = prices.price_for(spec.model)
-        figures = estimate_job(spec, price, count_tokens, sample, output_per_row, prices.batch_discount)
+        if local:
+            count_tokens, price, speed = _engine_counting(spec, settings, prices.engine_hour_usd, observed)
+        else:
+            count_tokens, price, speed = _api_counting(spec, settings), prices.price_for(spec.model), None
+        figures = estimate_job(spec, price, count_tokens, sample, output_per_row, None if local else prices.batch_discount)
     except anthropic.APIError as error:
         fail(f"the API could not count tokens: {error}")
     if as_json:
-        out.print_json(json.dumps(figures.as_dict()))
+        out.print_json(json.dumps({**figures.as_dict(), **({"engine": speed} if speed else {})}))
+        return
+    if speed is not None:
+        low, high = (figures.input_tokens / speed["input_tokens_per_s"] + tokens / speed["output_tokens_per_s"]
+                     for tokens in (figures.output_tokens_low, figures.output_tokens_max))  # fmt: skip
+        out.print(
+            f"{figures.rows:,} rows ({figures.unusable_rows:,} unusable) for the local {spec.model}\n"
+            f"input: {figures.input_tokens:,} tokens (counted offline by its tokenizer on {figures.rows_counted:,} rows)\n"
+            f"output: {figures.output_tokens_low:,} to {figures.output_tokens_max:,} tokens (max_tokens {spec.pipeline.max_tokens})\n"
+            f"device time: {low:,.0f} to {high:,.0f}s at {speed['input_tokens_per_s']:,.0f} input and "
+            f"{speed['output_tokens_per_s']:,.0f} output tokens/s ({speed['measured_by']})\n"
+            f"cost: ${figures.cost_usd_low:,.4f} to ${figures.cost_usd_high:,.4f} at ${prices.engine_hour_usd}/device-hour "
+            "(PROMPTMILL_GPU_HOUR_USD)",
+            highlight=False,
+        )
         return
     expected = (
         f"; expected ${figures.cost_usd_expected:,.4f} at {output_per_row:.1f} output tokens a row (job {job_id})"
@@ -253,6 +270,52 @@ def estimate(
         + limits_note,
         highlight=False,
     )
+
+
+def _api_counting(spec: JobSpec, settings: Settings) -> Callable[[str | None, str], int]:
+    """Input tokens as the Anthropic API counts them."""
+    import anthropic
+
+    client = anthropic.Anthropic(api_key=settings.api_key(), base_url=settings.anthropic_base_url)
+
+    def count_tokens(system: str | None, prompt: str) -> int:
+        extra = {"system": system} if system else {}
+        messages = [{"role": "user", "content": prompt}]
+        return client.messages.count_tokens(model=spec.model, messages=messages, **extra).input_tokens
+
+    return count_tokens
+
+
+def _engine_counting(
+    spec: JobSpec, settings: Settings, hour_usd: Decimal, observed: JobStatus | None
+) -> tuple[Callable[[str | None, str], int], ModelPrice, dict]:
+    """A local model's tokens, counted offline by its own tokenizer and chat template; its price is
+    device time: output tokens at the engine's speed (a job's measured one, else the setting's)."""
+    from transformers import AutoTokenizer
+
+    from promptmill.workers.local_model import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(spec.model, settings))
+
+    def count_tokens(system: str | None, prompt: str) -> int:
+        messages = [{"role": "system", "content": system}] if system else []
+        ids = tokenizer.apply_chat_template([*messages, {"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+        return len(ids if isinstance(ids, list) else ids["input_ids"])
+
+    speed = {"input_tokens_per_s": settings.engine_input_tokens_per_s,
+             "output_tokens_per_s": settings.engine_output_tokens_per_s,
+             "measured_by": "PROMPTMILL_ENGINE_INPUT_TOKENS_PER_S and PROMPTMILL_ENGINE_OUTPUT_TOKENS_PER_S"}  # fmt: skip
+    if observed is not None and observed.usage.engine_us:
+        # The settings' speeds, scaled to the device time that job took for its tokens.
+        used = observed.usage
+        predicted_s = used.prompt_tokens / speed["input_tokens_per_s"] + used.output_tokens / speed["output_tokens_per_s"]
+        scale = predicted_s / (used.engine_us / 1e6)
+        speed = {"input_tokens_per_s": round(speed["input_tokens_per_s"] * scale, 1),
+                 "output_tokens_per_s": round(speed["output_tokens_per_s"] * scale, 1), "measured_by": f"job {observed.job_id}"}  # fmt: skip
+    per_mtok = {kind: hour_usd / Decimal(3600) / Decimal(str(speed[f"{kind}_tokens_per_s"])) * 1_000_000 for kind in ("input", "output")}
+    price = ModelPrice(input=per_mtok["input"], output=per_mtok["output"], cache_write_5m=per_mtok["input"],
+                       cache_write_1h=per_mtok["input"], cache_read=per_mtok["input"])  # fmt: skip
+    return count_tokens, price, speed
 
 
 @app.command()
