@@ -9,6 +9,7 @@ from typing import Callable
 import redis
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Column
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from promptmill.config.prices import PriceTable
@@ -24,14 +25,16 @@ class JobProgress:
 
     def __init__(self, store: JobStore, spec: JobSpec, prices: PriceTable, console: Console):
         self.store, self.spec, self.prices = store, spec, prices
+        # At 80 columns the figures fold onto a second line rather than being cut to "$0.…".
+        folds = {"table_column": Column(overflow="fold")}
         self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
+            TextColumn("[bold]{task.description}", **folds),
+            BarColumn(bar_width=16),
             MofNCompleteColumn(),
-            TextColumn("[red]{task.fields[failed]} failed"),
-            TextColumn("[cyan]{task.fields[pace]}"),
-            TextColumn("{task.fields[tokens]}"),
-            TextColumn("[green]{task.fields[cost]}"),
+            TextColumn("[red]{task.fields[failed]} failed", **folds),
+            TextColumn("[green]{task.fields[cost]}", table_column=Column(no_wrap=True)),
+            TextColumn("[cyan]{task.fields[pace]}", **folds),
+            TextColumn("{task.fields[tokens]}", **folds),
             console=console,
         )
         self.task = None
@@ -85,7 +88,7 @@ class JobProgress:
         description = "producing" if status.state is JobState.producing else status.state.value
         if self.spec.info.local and not status.terminal and status.state.runnable:
             # The engine's start is a minute of nothing else: say what it is doing.
-            description = status.engine or "starting the local engine (about a minute)"
+            description = status.engine or "engine starting (about a minute)"
             description = f"{escape(description)} · {now - self.started:.0f}s"  # an error's text is no markup
         elif status.terminal and not self.first_row_told:
             self.first_row_told = True

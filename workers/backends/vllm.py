@@ -124,7 +124,7 @@ class VLLMBackend:
         another engine holds it, and succeed once that one is gone."""
         started = time.monotonic()
         attempts = self.settings.engine_start_attempts
-        self._tell(job_id, "starting the local engine (about a minute): loading vLLM")
+        self._tell(job_id, "engine starting (about a minute): loading vLLM")
         from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -135,7 +135,7 @@ class VLLMBackend:
         engine_args = AsyncEngineArgs(**self.args, structured_outputs_config=structured, disable_log_stats=False)
         loggers = [engine_stat_logger()] if self._gauges else None
         for attempt in range(1, attempts + 1):
-            self._tell(job_id, f"starting the local engine: loading {self.args['model']} and sizing its KV cache")
+            self._tell(job_id, "engine starting: loading the model, sizing its KV cache")
             try:
                 # Off the loop: other chunks' coroutines keep going while the engine starts.
                 engine = await asyncio.to_thread(AsyncLLM.from_engine_args, engine_args, stat_loggers=loggers)
@@ -149,7 +149,7 @@ class VLLMBackend:
                                    f"{type(error).__name__}: {error}; trying again in {wait_s:g}s")  # fmt: skip
                 await asyncio.sleep(wait_s)
                 continue
-            self._tell(job_id, f"the local engine started in {time.monotonic() - started:.1f}s")
+            self._tell(job_id, f"engine started in {time.monotonic() - started:.1f}s")
             return engine
         raise AssertionError("unreachable")
 
