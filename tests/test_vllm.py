@@ -249,3 +249,23 @@ def test_a_killed_gpu_worker_s_chunks_complete_after_restart_with_no_duplicates(
     assert [record["row"] for record in records] == list(range(64))  # every row once: no duplicates
     assert all(record["status"] == "ok" for record in records)
     assert store.status(job_id).ok == 64
+
+
+def test_an_engine_that_will_not_start_is_tried_again_then_stops_the_job_failing_no_row(tmp_path: Path, gpu_env) -> None:
+    """A KV cache share too small to start in: each start is tried again after its backoff, then the
+    job stops with the reason, its rows left pending for a `resume` (none failed for it)."""
+    starved = {**gpu_env, "PROMPTMILL_VLLM_GPU_MEMORY_UTILIZATION": "0.01", "PROMPTMILL_ENGINE_START_ATTEMPTS": "2",
+               "PROMPTMILL_ENGINE_START_BACKOFF_S": "0.5"}  # fmt: skip
+    out = tmp_path / "out"
+    ran = promptmill(
+        "run", str(write_rows(tmp_path, REVIEWS[:4])), "--pipeline", str(summary_pipeline(tmp_path)), "--backend", "vllm",
+        "--model", MODEL, "--out", str(out), env=starved, timeout=500,
+    )  # fmt: skip
+    assert ran.returncode == 1, ran.stderr
+    assert "the local engine failed to start 2 times (PROMPTMILL_ENGINE_START_ATTEMPTS)" in ran.stderr
+    job_id = ran.stdout.splitlines()[0].split()[1]
+    status = json.loads(promptmill("status", job_id, "--json", env=gpu_env).stdout)
+    assert (status["state"], status["failed"], status["pending"]) == ("failed", 0, 4)
+    assert status["engine"].startswith("the local engine failed to start 2 times")
+    logs = "".join(path.read_text() for path in (out / "logs").glob("*.log"))
+    assert "the local engine failed to start (attempt 1 of 2)" in logs and "trying again in 0.5s" in logs
