@@ -99,17 +99,25 @@ class VLLMBackend:
         self._engine: Any = None
         self._tokenizer: Any = None
         self._starting = asyncio.Lock()
+        self._start_failed: EngineStartFailed | None = None  # the last start that failed every try
         self.store = store
         self.settings = settings
         self._gauges = metrics_on(settings.metrics_port)  # the engine's running requests and KV cache, measured
 
     async def _ready_engine(self, job_id: str) -> Any:
+        failed_before = self._start_failed
         async with self._starting:
+            if self._start_failed is not failed_before and self._start_failed is not None:
+                raise self._start_failed  # it failed for good while this request waited: not once more
             if self._engine is not None and self._engine.errored:
                 log.error("the vLLM engine died; starting a new one")
                 self.shutdown()
             if self._engine is None:
-                self._engine = await self._start(job_id)
+                try:
+                    self._engine = await self._start(job_id)
+                except EngineStartFailed as failed:
+                    self._start_failed = failed
+                    raise
                 self._tokenizer = self._engine.get_tokenizer()
             return self._engine
 
