@@ -1,7 +1,7 @@
 """Output tokens per second on the local engine: raw vLLM, `vllm run-batch`, and promptmill end to end.
 
     .venv/bin/python bench/vllm_throughput.py                  # 2,000 prompts, every method (about 20 min here)
-    .venv/bin/python bench/vllm_throughput.py --rows 400 --methods raw promptmill
+    .venv/bin/python bench/vllm_throughput.py --rows 400 --methods raw promptmill   # and time to first row
 
 The prompts are the example reviews, half asking for a one-word label and half for a short summary
 (varied output lengths, as a real job has), each made unique. Every method gets the same chat
@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 import psutil
@@ -63,6 +64,7 @@ def messages(data: Path, pipeline_path: Path) -> list[list[dict[str, str]]]:
 
 def raw(data: Path, pipeline: Path) -> dict:
     """In its own process: vLLM's engine starts worker processes and must be freed after."""
+    started = time.monotonic()
     from vllm import LLM, SamplingParams
 
     from promptmill.workers.backends.vllm import engine_args
@@ -71,7 +73,8 @@ def raw(data: Path, pipeline: Path) -> dict:
     ready = time.monotonic()
     outputs = llm.chat(messages(data, pipeline), SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0), use_tqdm=False)
     generate_s = time.monotonic() - ready
-    return {"output_tokens": sum(len(output.outputs[0].token_ids) for output in outputs), "generate_s": generate_s}
+    return {"output_tokens": sum(len(output.outputs[0].token_ids) for output in outputs), "generate_s": generate_s,
+            "ready_s": ready - started}  # fmt: skip
 
 
 def run_batch(data: Path, pipeline: Path, folder: Path) -> dict:
@@ -111,7 +114,7 @@ def promptmill(data: Path, pipeline: Path, folder: Path, redis_url: str, kill_at
                "--workers", "1", "--out", str(out)]  # fmt: skip
     store = JobStore.from_url(redis_url)
     before = set(store.job_ids())
-    started = time.monotonic()
+    started, started_at = time.monotonic(), time.time()
     run = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     figures: dict = {}
     if kill_at is not None:
@@ -138,7 +141,9 @@ def promptmill(data: Path, pipeline: Path, folder: Path, redis_url: str, kill_at
     wall = time.monotonic() - started
     records = [json.loads(line) for line in (out / "results.jsonl").open()]
     assert [record["row"] for record in records] == list(range(len(records)))
+    first_done = min(datetime.fromisoformat(record["finished_at"]).timestamp() for record in records)
     figures.update(
+        first_row_s=first_done - started_at,
         output_tokens=sum(record["usage"]["output_tokens"] for record in records),
         wall_s=wall,
         ok=sum(record["status"] == "ok" for record in records),
@@ -189,7 +194,11 @@ def main() -> None:
             if "raw" in results and method != "raw":
                 line += f"   ratio to raw {rate / (results['raw']['output_tokens'] / results['raw']['wall_s']):.3f}"
             if "generate_s" in figures:
-                line += f"   (generation alone {figures['generate_s']:.1f}s, {figures['output_tokens'] / figures['generate_s']:.1f} tokens/s)"
+                line += f"   (engine ready at {figures['ready_s']:.1f}s; generation alone {figures['generate_s']:.1f}s, {figures['output_tokens'] / figures['generate_s']:.1f} tokens/s)"
+            if "first_row_s" in figures:
+                line += f"\n            first row at {figures['first_row_s']:.1f}s"
+                if "raw" in results and method == "promptmill":
+                    line += f"; wall {figures['wall_s'] - results['raw']['wall_s']:+.1f}s over raw vLLM's"
             if "done_at_kill" in figures:
                 line += f"\n            killed at {figures['killed_after_s']:.1f}s with {figures['done_at_kill']:,} rows done; {figures['resume_said']}"
             print(line, flush=True)

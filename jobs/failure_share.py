@@ -16,13 +16,14 @@ MIN_ROWS_JUDGED = 100
 
 def too_many_failed(status: JobStatus, max_share: float, finished: bool) -> str | None:
     """Why the run should stop for its failures (None: it should not). Mid-run, once MIN_ROWS_JUDGED
-    rows are done, a share of failures over `max_share`; at the end, also every row failed."""
+    rows are done, a share of failures over `max_share`; at the end, also every row failed (unless
+    `max_share` is 1)."""
     done = status.ok + status.failed
     if not status.failed:
         return None
     if done >= MIN_ROWS_JUDGED and status.failed / done > max_share:
         return f"{status.failed:,} of {done:,} rows done failed, more than --max-failed-share {max_share:g}"
-    if finished and status.ok == 0:
+    if finished and status.ok == 0 and max_share < 1:  # a share of 1: the user takes any failure
         return f"every row failed ({status.failed:,})"
     return None
 

@@ -34,6 +34,7 @@ def test_an_estimate_of_the_examples_is_within_10_percent_of_the_input_billed_an
     assert figures["minutes_at_limits_low"] == round(320 / 600, 2)
     assert not [e for e in fake_api.log() if e["prompt"] is not None]  # counting sends no message
 
+    fake_api.configure(reply="positive")  # a label the choice output reads
     ran = promptmill("run", str(data), "--pipeline", str(pipeline), "--out", str(tmp_path / "out"), env=env)
     assert ran.returncode == 0, ran.stderr
     actual = billed_input_tokens(fake_api.log())

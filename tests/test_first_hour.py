@@ -247,7 +247,7 @@ def test_the_old_format_flag_still_reads_the_input_with_a_note_and_tables_fit_80
     data, pipeline = write_dataset(tmp_path, rows, PIPELINE, name="rows.txt")
     ran = promptmill("run", str(data), "--pipeline", str(pipeline), "--format", "jsonl", "--out", str(tmp_path / "o"), env=env)
     assert ran.returncode == 0, ran.stderr
-    assert "`--format` on a new job is now `--input-format`" in ran.stderr
+    assert "`--format` for the input is now `--input-format`" in ran.stderr
     job_id = job_id_of(ran)
     for command in (["cost", job_id], ["jobs"], ["status", job_id]):
         shown = promptmill(*command, env={**env, "COLUMNS": "80"})

@@ -47,7 +47,7 @@ def test_a_resumed_row_keeps_its_failed_attempts(tmp_path, env, fake_api):
         store.chunks.add_failed_attempt(job_id, chunk_id, 0, "claude-haiku-4-5")
 
     resumed = promptmill("resume", job_id, env=env)
-    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.returncode == 1 and "every row failed (5)" in resumed.stderr, resumed.stderr  # said loudly
     records = read_jsonl(tmp_path / "o" / "results.jsonl")
     assert [(r["status"], r["attempts"]) for r in records] == [("failed", 4)] * 5
     assert all("after 4 attempts" in r["error"]["message"] for r in records)

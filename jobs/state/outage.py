@@ -22,8 +22,10 @@ _NAMES = dict(
 )  # fmt: skip
 
 # A connection failure at ARGV[1]: the clock starts unless it runs (no answer since it started).
-# Returns {seconds it has run, when the last answer came (0: none)} as strings.
+# Returns {seconds it has run, when the last answer came (0: none)} as strings; a deleted job's
+# (no spec) writes nothing.
 _FAILED = lua("""
+if redis.call('EXISTS', KEYS[2]) == 0 then return {'0', '0'} end
 local since = tonumber(redis.call('HGET', KEYS[1], $SINCE) or '0')
 local answered = tonumber(redis.call('HGET', KEYS[1], $ANSWERED) or '0')
 local now = tonumber(ARGV[1])
@@ -32,6 +34,12 @@ if since == 0 or answered >= since then
   redis.call('HSET', KEYS[1], $SINCE, ARGV[1])
 end
 return {tostring(now - since), tostring(answered)}
+""", **_NAMES)
+
+# An answer at ARGV[1] stops the clock (a deleted job's is not written back).
+_ANSWERED = lua("""
+if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('HSET', KEYS[1], $ANSWERED, ARGV[1]) end
+return 1
 """, **_NAMES)
 
 # Pause a running job for the outage, with its reason; a job stopped otherwise stays as it is.
@@ -61,17 +69,19 @@ class OutageClock:
         self.keys = JobKeys(job_id)
         self._failed = client.register_script(_FAILED)
         self._pause = client.register_script(_PAUSE)
+        self._answered = client.register_script(_ANSWERED)
         self._told_at = float("-inf")
 
     def failed(self, now: float | None = None) -> Outage:
-        lasted, answered = self._failed(keys=[self.keys.outage], args=[time.time() if now is None else now])
+        keys = [self.keys.outage, self.keys.spec]
+        lasted, answered = self._failed(keys=keys, args=[time.time() if now is None else now])
         return Outage(float(lasted), float(answered))
 
     def answered(self) -> None:
         """An answer came: the clock stops (told at most once a second by this process)."""
         if time.monotonic() - self._told_at >= ANSWER_TOLD_EVERY_S:
             self._told_at = time.monotonic()
-            self.client.hset(self.keys.outage, OUTAGE_ANSWERED, time.time())
+            self._answered(keys=[self.keys.outage, self.keys.spec], args=[time.time()])
 
     def pause(self, reason: str) -> None:
         self._pause(keys=[self.keys.meta], args=[reason])

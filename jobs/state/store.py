@@ -53,6 +53,11 @@ return 1
     RUNNING=JobState.running)
 
 
+# HSET KEYS[1] ARGV[1] ARGV[2] while the job (its spec, KEYS[2]) exists: a late write never brings a
+# deleted job's key back.
+_SET_IF_JOB = "if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end return 1"
+
+
 class JobStore:
     def __init__(self, client: redis.Redis):
         self.redis = client
@@ -166,8 +171,10 @@ class JobStore:
             pipe.execute()
 
     def tell_engine(self, job_id: str, stage: str) -> None:
-        """What the local engine serving the job is doing while it starts (`status`, the progress bar)."""
-        self.redis.hset(JobKeys(job_id).meta, META_ENGINE, stage)
+        """What the local engine serving the job is doing while it starts (`status`, the progress bar);
+        nothing for a deleted job."""
+        keys = JobKeys(job_id)
+        self.redis.eval(_SET_IF_JOB, 2, keys.meta, keys.spec, META_ENGINE, stage)
 
     def fail_job(self, job_id: str, error: str) -> None:
         """A fatal error: stop every worker on the job, keep every committed result."""

@@ -116,6 +116,14 @@ OutputTpmOption = typer.Option(None, "--output-tpm", min=1, help="The account's 
 InputFormatOption = typer.Option(
     None, "--input-format", help=f"The input's format: {', '.join(INPUT_FORMATS)} (default: from its name)."
 )
+# The old spelling of --input-format on the commands that read an input; it still works, with a note.
+OldFormatOption = typer.Option(None, "--format", hidden=True, help="Old spelling of --input-format.")
+
+
+def input_format_of(input_format: str | None, old_format: str | None) -> str | None:
+    if old_format is not None:
+        err.print("note: `--format` for the input is now `--input-format` (`--format` is export's output format)")
+    return input_format or old_format
 ChunkSizeOption = typer.Option(None, min=1, max=MAX_CHUNK_SIZE, help="Rows per chunk (task).")
 BudgetOption = typer.Option(
     None, "--budget", min=0.0, help="USD the job may spend at most: it pauses (paused_budget) before passing it."

@@ -14,7 +14,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from promptmill.cli.app import InputFormatOption, JsonFlag, app, err, expire_if_finished, fail, open_store, out
+from promptmill.cli.app import (
+    InputFormatOption, JsonFlag, OldFormatOption, app, err, expire_if_finished, fail, input_format_of, open_store, out,
+)
 from promptmill.cli.new_job import create_job
 from promptmill.cli.new_job import check_model_built
 from promptmill.cli.running import drive, reopen
@@ -214,13 +216,14 @@ def compare(
     ),  # fmt: skip
     seed: int = typer.Option(0, "--seed", help="The sample's seed."),
     input_format: Optional[str] = InputFormatOption,
+    old_format: Optional[str] = OldFormatOption,
     workers: Optional[int] = typer.Option(None, min=1, help="Local worker processes per contender."),
     as_json: JsonFlag = False,
 ) -> None:
     """Run the same sample of rows through every contender (each a job, resumable: run the same command
     again after a stop), then compare failures, latency, speed, cost, accuracy and agreement."""
     settings = get_settings()
-    plan = _plan(input_path, pipeline, against, sample, seed, label, input_format)
+    plan = _plan(input_path, pipeline, against, sample, seed, label, input_format_of(input_format, old_format))
     folder = (out_dir or default_folder(plan)).resolve()
     saved = ComparePlan.load(folder)
     if saved is not None and not saved.asks_the_same(plan):

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from promptmill.cli.app import (
     InputFormatOption,
+    OldFormatOption,
     InputTpmOption,
     JobArg,
     JsonFlag,
@@ -190,6 +191,7 @@ def estimate(
     input_tpm: Optional[int] = InputTpmOption,
     output_tpm: Optional[int] = OutputTpmOption,
     input_format: Optional[str] = InputFormatOption,
+    old_format: Optional[str] = OldFormatOption,
     sample: int = typer.Option(100, min=1, help="Rows whose input tokens are counted; the rest are scaled."),
     job_id: Optional[str] = typer.Option(
         None, "--job", help="A running or finished job of this pipeline: project output (and engine speed) from it."
@@ -208,7 +210,7 @@ def estimate(
     settings = get_settings()
     if backend not in ("anthropic", "vllm"):
         fail(f"--backend: estimate counts tokens for anthropic or vllm, not {backend!r}")
-    asked = JobRequest(input_path, pipeline, backend, model, None, None, rpm, input_tpm, output_tpm, input_format, None)  # type: ignore[arg-type]
+    asked = JobRequest(input_path, pipeline, backend, model, None, None, rpm, input_tpm, output_tpm, input_format, None, old_format)  # type: ignore[arg-type]
     spec = asked.spec(settings)
     observed = None
     if job_id is not None:

@@ -16,12 +16,13 @@ from promptmill.cli.app import (
     BudgetOption,
     ChunkSizeOption,
     InputFormatOption,
+    OldFormatOption,
     InputTpmOption,
     OutputTpmOption,
     RpmOption,
     app,
-    err,
     fail,
+    input_format_of,
 )
 from promptmill.config.settings import Settings
 from promptmill.jobs.readers import INPUT_FORMATS
@@ -44,7 +45,7 @@ _OPTIONS: list[tuple[str, Any, Any]] = [
     ("input_tpm", Optional[int], InputTpmOption),
     ("output_tpm", Optional[int], OutputTpmOption),
     ("input_format", Optional[str], InputFormatOption),
-    ("old_format", Optional[str], typer.Option(None, "--format", hidden=True, help="Old spelling of --input-format.")),
+    ("old_format", Optional[str], OldFormatOption),
     ("id_column", Optional[str], typer.Option(
         None, "--id-column", metavar="COLUMN", help="The input's id column, carried into every record under its own name."
     )),
@@ -74,10 +75,7 @@ class JobRequest:
 
     def spec(self, settings: Settings) -> JobSpec:
         """The checked spec; a bad option or pipeline fails here in one line naming the field."""
-        input_format = self.input_format
-        if self.old_format is not None:
-            err.print("note: `--format` on a new job is now `--input-format` (`--format` is export's output format)")
-            input_format = input_format or self.old_format
+        input_format = input_format_of(self.input_format, self.old_format)
         if input_format not in (None, *INPUT_FORMATS):
             fail(f"--input-format must be one of {', '.join(INPUT_FORMATS)}, not {input_format!r}")
         limits = RateLimits(rpm=self.rpm, input_tpm=self.input_tpm, output_tpm=self.output_tpm)
