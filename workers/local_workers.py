@@ -29,6 +29,7 @@ def promptmill_command() -> list[str]:
 
 
 PARENT_PID = "PROMPTMILL_PARENT_PID"  # a local worker's: the process it lives for
+WARM_JOB = "PROMPTMILL_WARM_JOB"  # a local worker's: the job whose engine it starts as it boots
 EARLY_DEATH_S = 5.0  # a worker that dies sooner than this after starting did not really start
 MAX_EARLY_DEATHS = 5  # that many in a row is a crash loop: the run stops instead of spinning
 
@@ -54,7 +55,7 @@ class LocalWorkers:
     def _spawn(self, index: int) -> subprocess.Popen:
         self.started_at[index] = time.monotonic()
         # The worker ends when this process does, however it ends (workers/lifetime.py).
-        env = dict(os.environ, PROMPTMILL_REDIS_URL=self.redis_url, **{PARENT_PID: str(os.getpid())})
+        env = dict(os.environ, PROMPTMILL_REDIS_URL=self.redis_url, **{PARENT_PID: str(os.getpid()), WARM_JOB: self.job_id})
         if self.metrics_dir is not None:
             env["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir)  # `run` serves them all on its port
         queue = self.queues[index]

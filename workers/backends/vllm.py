@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 import uuid
 from typing import Any, Hashable
@@ -31,6 +32,22 @@ from promptmill.workers.local_model import resolve_model
 from promptmill.workers.metrics import engine_stat_logger, metrics_on
 
 log = logging.getLogger(__name__)
+
+
+def import_engine_in_background() -> threading.Thread:
+    """Import what starting an engine needs, in a daemon thread (a gpu worker's boot overlaps it)."""
+
+    def load() -> None:
+        try:
+            import vllm.engine.arg_utils  # noqa: F401
+            import vllm.v1.engine.async_llm  # noqa: F401
+            import vllm.v1.structured_output.backend_xgrammar  # noqa: F401
+        except Exception:  # noqa: BLE001 - the engine's own start reports what is wrong
+            log.exception("importing vLLM ahead of the first chunk failed")
+
+    thread = threading.Thread(target=load, name="import-vllm", daemon=True)
+    thread.start()
+    return thread
 
 
 def _on_cpu() -> bool:
@@ -269,6 +286,10 @@ class VLLMBackend:
             finish_reason=completion.finish_reason,
             ttft_ms=round(stats.first_token_latency * 1000, 1) if stats and stats.first_token_latency else None,
         )
+
+    async def warm(self, job_id: str) -> None:
+        """Start the engine now, for the job about to send it rows."""
+        await self._ready_engine(job_id)
 
     async def send(self, call: Call) -> RawOutcome:
         engine = await self._ready_engine(call.job.job_id)
