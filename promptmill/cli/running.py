@@ -95,7 +95,8 @@ def _run_to_end(
     job_id = spec.job_id
     status = drive(settings, store, url, spec, workers, resuming, f"promptmill resume {job_id}", ending.max_failed_share)
     elapsed = time.monotonic() - started
-    summary: dict[str, Any] = {"job_id": job_id, "state": status.state.value, "reason": status.error}
+    summary: dict[str, Any] = {"job_id": job_id, "state": status.state.value, "reason": status.error,
+                               "ok": status.ok, "failed": status.failed, "total": status.total}  # fmt: skip
     if status.state is JobState.failed:
         if status.failed:
             _print_failures(store, spec)
@@ -119,7 +120,7 @@ def _run_to_end(
     report = cost_report(spec, status, spec.pipeline.price_table(settings))
     usage = status.usage
     summary |= {
-        "ok": status.ok, "failed": status.failed, "total": status.total, "elapsed_s": round(elapsed, 3),
+        "elapsed_s": round(elapsed, 3),
         "rows_per_s": round(status.total / max(elapsed, 1e-9), 3),
         "tokens": {"input": usage.input_tokens, "output": usage.output_tokens,
                    "cache_read": usage.cache_read_input_tokens, "cache_creation": usage.cache_creation_input_tokens},
