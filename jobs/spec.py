@@ -35,6 +35,8 @@ class JobSpec(BaseModel):
     max_row_bytes: int = Field(default=4 * 1024 * 1024, ge=1, description="A bigger row fails alone.")
     pipeline_path: str | None = None
     pipeline_text: str | None = Field(default=None, description="The pipeline file as submitted, for the manifest.")
+    name: str | None = Field(default=None, description="The Python API's name for the job, that finds it again.")
+    fingerprint: str | None = Field(default=None, description="What the named job ran: data, pipeline, backend, model.")
     created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
 
     @property

@@ -22,7 +22,7 @@ class SubmitError(ValueError):
 def build_spec(
     settings: Settings,
     input_path: Path,
-    pipeline_path: Path,
+    pipeline_source: Path | Pipeline,
     backend: BackendName,
     model: str | None = None,
     out_dir: Path | None = None,
@@ -30,19 +30,29 @@ def build_spec(
     limits: RateLimits | None = None,
     input_format: InputFormat | None = None,
     overrides: dict[str, Any] | None = None,
+    pipeline_text: str | None = None,
+    name: str | None = None,
+    fingerprint: str | None = None,
 ) -> JobSpec:
     """Limits come from the CLI, else the pipeline, else Settings. `overrides` set pipeline fields
-    (a compare's contender: its temperature) over the file's."""
+    (a compare's contender: its temperature) over the file's. The pipeline is a file, or one built
+    in Python (its `pipeline_text` then is its TOML, for the manifest); `name` and `fingerprint`
+    let the Python API find the job again."""
     if not input_path.exists():
         raise SubmitError(f"INPUT: {input_path} does not exist")
     try:
         fmt = input_format or detect_format(input_path)
     except ValueError as bad:
         raise SubmitError(f"INPUT: {bad}") from None
-    try:
-        pipeline = load_pipeline(pipeline_path)
-    except PipelineError as bad:
-        raise SubmitError(str(bad)) from None
+    pipeline_path = pipeline_source if isinstance(pipeline_source, Path) else None
+    if pipeline_path is not None:
+        try:
+            pipeline = load_pipeline(pipeline_path)
+        except PipelineError as bad:
+            raise SubmitError(str(bad)) from None
+        pipeline_text = pipeline_path.read_text(encoding="utf-8")
+    else:
+        pipeline = pipeline_source
     if model or overrides:
         try:
             changed = {**({"model": model} if model else {}), **(overrides or {})}
@@ -69,8 +79,10 @@ def build_spec(
         max_in_flight=settings.max_in_flight,
         max_attempts=settings.max_attempts,
         max_row_bytes=settings.max_row_bytes,
-        pipeline_path=str(pipeline_path.resolve()),
-        pipeline_text=pipeline_path.read_text(encoding="utf-8"),
+        pipeline_path=None if pipeline_path is None else str(pipeline_path.resolve()),
+        pipeline_text=pipeline_text,
+        name=name,
+        fingerprint=fingerprint,
     )
     if pipeline.stream and not spec.info.streams:
         raise SubmitError(f"stream: the {spec.backend} backend does not stream (a batch's answers come as a file); drop `stream`")

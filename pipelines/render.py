@@ -11,11 +11,18 @@ from promptmill.pipelines.items import RenderedRequest
 from promptmill.pipelines.spec import Pipeline
 
 
+#: A row whose prompt the caller's own function (the Python API's) could not make carries why here:
+#: it fails as that row's render error, with the function's reason, and the job goes on.
+PROMPT_ERROR_COLUMN = "_promptmill_prompt_error"
+
+
 class RenderError(ValueError):
     pass
 
 
 def render_request(pipeline: Pipeline, row_number: int, row: Mapping[str, Any], line: int = 0) -> RenderedRequest:
+    if row.get(PROMPT_ERROR_COLUMN):
+        raise RenderError(str(row[PROMPT_ERROR_COLUMN]))
     # Each placeholder is looked up as a whole column name, never as an attribute or index path, so
     # a template cannot reach into Python objects.
     parts: list[str] = []

@@ -211,7 +211,7 @@ def test_streamed_answers_measure_time_to_first_token_and_keep_the_same_answer_a
 def test_a_long_lived_worker_holds_no_more_per_job_state_after_200_jobs_than_after_2(tmp_path, env, fake_api, redis_url):
     """A compose worker runs job after job: what it keeps per job (spec, prices, limiters, metric
     series) goes once the job has ended (here at once), so 200 jobs leave no more behind than 2."""
-    from promptmill.cli.new_job import create_job
+    from promptmill.api.driving import create_job
     from promptmill.config.settings import Settings
     from promptmill.jobs.dispatch import ChunkSender
     from promptmill.jobs.enqueue import enqueue

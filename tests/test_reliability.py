@@ -8,6 +8,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from promptmill.jobs.dispatch import ChunkSender
 from promptmill.jobs.files import atomic_write
 from promptmill.jobs.state.chunks import ChunkPayload
 from promptmill.jobs.state.embedded import EmbeddedRedis
-from promptmill.jobs.state.keys import JobKeys
+from promptmill.jobs.state.keys import JOBS_INDEX, JobKeys
 from promptmill.jobs.state.lease import ChunkLease
 from promptmill.jobs.state.status import JobState
 from promptmill.jobs.state.store import JobStore
@@ -32,8 +33,18 @@ from tests.test_api_jobs import job_id_of, successes_by_prompt, write_job
 
 
 @pytest.fixture
-def store(env) -> JobStore:
-    return JobStore.from_url(env["PROMPTMILL_REDIS_URL"])
+def store(env) -> Iterator[JobStore]:
+    """The shared Redis's jobs; those a test leaves are deleted after it, so that no later test's
+    workers (on the same Redis and the same local server) take up their chunks."""
+    store = JobStore.from_url(env["PROMPTMILL_REDIS_URL"])
+
+    def listed() -> set[str]:  # from the index itself: a test may have deleted a job's spec
+        return {raw.decode() for raw in store.redis.zrange(JOBS_INDEX, 0, -1)}
+
+    before = listed()
+    yield store
+    for job_id in listed() - before:
+        store.delete_job(job_id)
 
 
 def new_job(tmp_path: Path, env: dict[str, str], store: JobStore, rows: int = 4, chunk_size: int = 2):

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from promptmill.config.settings import MAX_CHUNK_SIZE, Settings, get_settings
-from promptmill.jobs.state.embedded import redis_url_for
+from promptmill.api.driving import expire_if_finished, open_store  # noqa: F401  (the commands' too)
 from promptmill.jobs.readers import INPUT_FORMATS
 from promptmill.config.backends import BACKENDS, DEFAULT_BACKEND
 from promptmill.jobs.spec import JobSpec
@@ -61,17 +61,6 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
-@contextmanager
-def open_store(settings: Settings) -> Iterator[tuple[JobStore, str]]:
-    """The job store on the configured Redis, or on an embedded one started (and stopped) for the command."""
-    url, embedded = redis_url_for(settings)
-    try:
-        yield JobStore.from_url(url), url
-    finally:
-        if embedded is not None:
-            embedded.stop()
-
-
 def spec_or_fail(store: JobStore, job_id: str) -> JobSpec:
     try:
         return store.spec(job_id)
@@ -92,12 +81,6 @@ def open_job(job_id: str) -> Iterator[OpenJob]:
     settings = get_settings()
     with open_store(settings) as (store, url):
         yield OpenJob(settings, store, url, spec_or_fail(store, job_id))
-
-
-def expire_if_finished(store: JobStore, job_id: str, settings: Settings) -> None:
-    """A complete job whose results are all on disk keeps its Redis keys for JOB_TTL_DAYS only."""
-    if store.status(job_id).state is JobState.complete and store.chunks.all_flushed(job_id):
-        store.mark_finished(job_id, settings.job_ttl_days * 86_400)
 
 
 JobArg = Annotated[str, typer.Argument(metavar="JOB", help="A job id (`promptmill jobs` lists them).")]

@@ -17,9 +17,9 @@ from rich.table import Table
 from promptmill.cli.app import (
     InputFormatOption, JsonFlag, OldFormatOption, app, err, expire_if_finished, fail, input_format_of, open_store, out,
 )
-from promptmill.cli.new_job import create_job
-from promptmill.cli.new_job import check_model_built
-from promptmill.cli.running import drive, reopen
+from promptmill.api.driving import check_model_built, create_job, reopen
+from promptmill.cli.running import drive
+from promptmill.workers.local_model import ModelNotBuiltError
 from promptmill.config.settings import Settings, get_settings
 from promptmill.reports.compare.page import write_compare_page
 from promptmill.reports.compare.plan import (
@@ -76,7 +76,10 @@ def _contender_spec(settings: Settings, store: JobStore, plan: ComparePlan, fold
         )  # fmt: skip
     except SubmitError as bad:
         fail(f"--against {contender.name}: {bad}")
-    check_model_built(spec, settings)
+    try:
+        check_model_built(spec, settings)
+    except ModelNotBuiltError as missing:
+        fail(f"--against {contender.name}: {missing}")
     return spec
 
 

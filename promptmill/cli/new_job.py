@@ -24,9 +24,10 @@ from promptmill.cli.app import (
     fail,
     input_format_of,
 )
+from promptmill.api.driving import check_model_built, create_job
 from promptmill.config.settings import Settings
+from promptmill.workers.local_model import ModelNotBuiltError
 from promptmill.jobs.readers import INPUT_FORMATS
-from promptmill.jobs.shards import prepare_shards
 from promptmill.config.backends import BackendName
 from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.state.store import JobStore
@@ -91,32 +92,14 @@ class JobRequest:
             )  # fmt: skip
         except SubmitError as bad:
             fail(str(bad))
-        check_model_built(spec, settings)
+        try:
+            check_model_built(spec, settings)
+        except ModelNotBuiltError as missing:
+            fail(str(missing))
         return spec
 
     def create(self, store: JobStore, spec: JobSpec) -> None:
         create_job(store, spec, self.budget)
-
-
-def check_model_built(spec: JobSpec, settings: Settings) -> None:
-    """A local model of the job (its own, or one of its fallback chain) must be built here before
-    workers start on it."""
-    # The CLI sits above the workers: it may ask their model registry whether the model is built.
-    from promptmill.workers.local_model import ModelNotBuiltError, resolve_model
-
-    for i, link in enumerate(spec.links()):
-        if link.info.local:
-            try:
-                resolve_model(link.model, settings)
-            except ModelNotBuiltError as missing:
-                fail(f"{'fallback: vllm:' + link.model if i else 'model'}: {missing}")
-
-
-def create_job(store: JobStore, spec: JobSpec, budget: float | None) -> None:
-    """The job in Redis with its budget cap (None: none), and its shard folder."""
-    store.create_job(spec)
-    store.budgets.set(spec.job_id, budget)
-    prepare_shards(spec)
 
 
 def job_command(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:

@@ -13,25 +13,24 @@ import typer
 
 from rich.markup import escape
 
+from promptmill.api.driving import drive as api_drive
+from promptmill.api.driving import reopen
 from promptmill.cli.app import JobArg, JsonFlag, app, err, expire_if_finished, fail, open_job, open_store, out
 from promptmill.cli.new_job import JobRequest, job_command
 from promptmill.config.settings import Settings, get_settings
 from promptmill.jobs.dispatch import ChunkSender
-from promptmill.jobs.state.embedded import embedded_redis
-from promptmill.workers.local_workers import LocalWorkers
 from promptmill.jobs.enqueue import enqueue
 from promptmill.jobs.export import export_job
 from promptmill.jobs.failure_share import failures_by_kind, too_many_failed
-from promptmill.jobs.state.outage import OutageClock
 from promptmill.jobs.ledger import cost_report
 from promptmill.jobs.producer import ProducerFailed
-from promptmill.reports.progress import JobProgress, WorkersExited, wait_for_job
 from promptmill.jobs.retry_failed import requeue_failed
-from promptmill.jobs.shards import ShardError, prepare_shards
+from promptmill.jobs.shards import ShardError
 from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.state.status import JobState, JobStatus
 from promptmill.jobs.state.store import JobStore
-from promptmill.workers.metrics_server import serving
+from promptmill.reports.progress import WorkersExited
+
 
 def _sigterm_as_interrupt() -> None:
     """SIGTERM stops a run as Ctrl-C does: local workers are stopped, the job stays resumable."""
@@ -46,45 +45,18 @@ def drive(
     settings: Settings, store: JobStore, url: str, spec: JobSpec, workers: int, resuming: bool, go_on: str,
     max_failed_share: float | None = None,
 ) -> JobStatus:
-    """Start local workers, feed them the job, show progress until it stops, stop what was started.
-    `go_on` is the command that picks the job up again after a Ctrl-C; past `max_failed_share` of
-    failed rows (once enough are done) the job is stopped."""
-
-    def failing(status: JobStatus) -> bool:
-        reason = None if max_failed_share is None else too_many_failed(status, max_failed_share, finished=False)
-        if reason is not None:
-            store.fail_job(spec.job_id, reason)
-        return reason is not None
-
+    """The job driven here to its stop (promptmill.api.driving.drive), its ways out said as a command
+    says them: `go_on` is the command that picks the job up again after a Ctrl-C."""
     _sigterm_as_interrupt()
-    prices = spec.pipeline.price_table(settings)
-    with serving(settings.metrics_port, settings.metrics_address) as metrics_dir:
-        # The job's queue gets `workers` processes; a queue its fallback chain crosses to (a vLLM
-        # engine behind an api model) gets one.
-        crossed = dict.fromkeys(link.queue for link in spec.links() if link.queue != spec.queue)
-        queues = [spec.queue] * workers + list(crossed)
-        local = LocalWorkers(url, queues, Path(spec.out_dir) / "logs", spec.job_id, metrics_dir)
-        sender = ChunkSender.for_url(url)
-        try:
-            local.start()
-            with JobProgress(store, spec, prices, err) as progress:
-                enqueue(store, spec, sender, settings.max_pending_rows, resuming, progress.refresh, progress.refresh)
-                # An embedded Redis that died is ours to bring back (on its port, with its data).
-                embedded = None if settings.redis_url else embedded_redis(settings)
-                return wait_for_job(
-                    progress, alive=local.keep_alive, on_redis_lost=embedded and embedded.start, stop_when=failing
-                )
-        except KeyboardInterrupt:
-            err.print(f"\ninterrupted: stopping workers; go on with [bold]{go_on}[/]", soft_wrap=True)
-            local.stop()
-            raise typer.Exit(130)
-        except WorkersExited as died:
-            fail(f"{died}; see the logs in {Path(spec.out_dir) / 'logs'}", code=1)
-        except ProducerFailed as stopped:
-            fail(f"job {spec.job_id}: {stopped}\nfix the input, then: promptmill resume {spec.job_id}", code=1)
-        finally:
-            local.stop()
-            sender.close()
+    try:
+        return api_drive(settings, store, url, spec, workers, resuming, err, max_failed_share)
+    except KeyboardInterrupt:
+        err.print(f"\ninterrupted: workers stopped; go on with [bold]{go_on}[/]", soft_wrap=True)
+        raise typer.Exit(130)
+    except WorkersExited as died:
+        fail(f"{died}; see the logs in {Path(spec.out_dir) / 'logs'}", code=1)
+    except ProducerFailed as stopped:
+        fail(f"job {spec.job_id}: {stopped}\nfix the input, then: promptmill resume {spec.job_id}", code=1)
 
 
 def _run_to_end(
@@ -221,20 +193,6 @@ def submit(request: JobRequest) -> None:
         sender.close()
     err.print(f"queued {rows:,} rows on queue {spec.queue!r}")
     out.print(spec.job_id, highlight=False)
-
-
-def reopen(settings: Settings, store: JobStore, spec: JobSpec, budget: float | None = None) -> JobStatus:
-    """Make a stopped job runnable again: its budget (a new cap, or the old one) counts what its ledger
-    spent and lets go of what dead workers held; its state says where it goes on from."""
-    status = store.status(spec.job_id)
-    OutageClock(store.redis, spec.job_id).reset()
-    cap = store.budgets.get(spec.job_id).cap_usd if budget is None else budget
-    ledger_usd = float(cost_report(spec, status, spec.pipeline.price_table(settings)).cost_usd)
-    store.budgets.set(spec.job_id, cap, ledger_usd)
-    if status.state is not JobState.complete:
-        store.set_state(spec.job_id, JobState.running if status.produced else JobState.producing)
-    prepare_shards(spec)
-    return status
 
 
 @app.command()

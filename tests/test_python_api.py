@@ -1,0 +1,199 @@
+"""The Python API (`import promptmill as pm`) with real parts: the local Anthropic-protocol server,
+the shared Redis, real Celery workers started by `pm.run` (or by `promptmill worker` for `submit`)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from pydantic import BaseModel
+
+import promptmill as pm
+from promptmill.config.settings import get_settings
+from promptmill.jobs.state.store import JobStore
+from tests.support import ROOT, start_cli, stop, wait_until
+from tests.test_api_jobs import successes_by_prompt
+
+HAIKU = "claude-haiku-4-5"
+RESULT_COLUMNS = ["output", "status", "error", "model", "attempts", "usage", "cost_usd"]
+
+
+@pytest.fixture
+def api_env(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """This process's environment as a user's with the shared Redis and the local server: `pm` reads
+    its settings from it, as a notebook's kernel would."""
+    for name in list(os.environ):
+        if name.startswith(("PROMPTMILL_", "ANTHROPIC_")):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    yield env
+    get_settings.cache_clear()
+
+
+def reviews(count: int, start: int = 0) -> list[dict]:
+    labels = ("positive", "negative")
+    return [{"id": f"r{i}", "text": f"review {i} [[reply:{labels[i % 2]}]]", "stars": i % 5} for i in range(start, start + count)]
+
+
+SENTIMENT = dict(prompt="Sentiment of: {text}", output=["positive", "negative"], model=HAIKU, max_tokens=4)
+
+
+def test_each_kind_of_data_goes_in_and_comes_out_as_a_table_beside_its_input_columns(tmp_path, api_env, fake_api):
+    import datasets
+    import pandas as pd
+    import polars as pl
+
+    rows = reviews(12)
+    (tmp_path / "rows.csv").write_text("id,text,stars\n" + "".join(f"{r['id']},{r['text']},{r['stars']}\n" for r in rows))
+    kinds = {
+        "pandas": pd.DataFrame(rows),
+        "polars": pl.DataFrame(rows),
+        "arrow": pa.Table.from_pylist(rows),
+        "datasets": datasets.Dataset.from_list(rows),  # built here, never downloaded
+        "iterable": (dict(row) for row in rows),  # a generator: streamed, read once
+        "path": tmp_path / "rows.csv",
+    }
+    pipeline = pm.Pipeline(**SENTIMENT)
+    for kind, data in kinds.items():
+        results = pm.run(data, pipeline, out=tmp_path / kind, workers=1, progress=False, name=f"kinds-{kind}")
+        assert results.status == "complete"
+        frame = results.to_pandas()
+        assert list(frame.columns) == ["id", "text", "stars", *RESULT_COLUMNS], kind
+        assert list(frame["id"]) == [r["id"] for r in rows], kind  # input order, one row per input row
+        assert list(frame["output"]) == ["positive", "negative"] * 6 and set(frame["status"]) == {"ok"}, kind
+        assert frame["stars"].tolist() == [r["stars"] for r in rows], kind  # the input's own types (CSV's ints too)
+        assert frame["cost_usd"].sum() == pytest.approx(results.cost()["cost_usd"]) and results.cost()["cost_usd"] > 0
+        assert frame["usage"][0]["output_tokens"] == 1
+    assert pm.run(kinds["pandas"], pipeline, progress=False, name="kinds-pandas").to_polars().shape == (12, 10)
+    assert len(results.to_hf()) == 12 and results.to_arrow().column_names[:3] == ["id", "text", "stars"]
+
+
+def test_a_second_run_sends_nothing_and_other_work_under_the_same_name_is_refused(tmp_path, api_env, fake_api):
+    rows = reviews(30)
+    pipeline = pm.Pipeline(**SENTIMENT)
+    first = pm.run(rows, pipeline, out=tmp_path / "out", workers=1, progress=False)
+    sent = len(fake_api.log())
+    assert sent == 30 and first.status == "complete"
+    again = pm.run(reviews(30), pipeline, progress=False)  # the same data and pipeline: found by its fingerprint
+    assert again.job_id == first.job_id and len(fake_api.log()) == sent
+    assert [r["output"] for r in again] == [r["output"] for r in first]
+
+    named = pm.run(rows, pipeline, name="nightly", workers=1, progress=False)
+    with pytest.raises(pm.JobError, match=r"name 'nightly' is job .*\(data differ\)"):
+        pm.run(reviews(30, start=1), pipeline, name="nightly", progress=False)
+    with pytest.raises(pm.JobError, match=r"pipeline differ"):
+        pm.run(rows, pm.Pipeline(**{**SENTIMENT, "max_tokens": 5}), name="nightly", progress=False)
+    assert pm.run(rows, pipeline, name="nightly", progress=False).job_id == named.job_id
+
+
+class Review(BaseModel):
+    product: str
+    stars: int
+
+
+def test_a_pydantic_output_and_a_prompt_function_run_in_the_caller_one_bad_row_failing_alone(tmp_path, api_env, fake_api):
+    def prompt(row: dict) -> str:
+        if row["id"] == "r3":
+            raise KeyError("no such field")
+        return f'Extract from {row["id"]} [[reply:{{"product": "kettle {row["id"]}", "stars": {row["stars"]}}}]]'
+
+    pipeline = pm.Pipeline(prompt=prompt, output=Review, model=HAIKU, max_tokens=40)
+    results = pm.run(reviews(6), pipeline, out=tmp_path / "out", workers=1, progress=False)
+    outputs = list(results.outputs())
+    assert outputs[0] == Review(product="kettle r0", stars=0) and outputs[3] is None
+    assert all(isinstance(o, Review) for i, o in enumerate(outputs) if i != 3)
+    (failed,) = results.failed()
+    assert failed["row"] == 3 and failed["error"]["kind"] == "render_error"
+    assert "the prompt function raised KeyError" in failed["error"]["message"]
+    frame = results.to_pandas()
+    assert list(frame.columns) == ["id", "text", "stars", *RESULT_COLUMNS, "output.product", "output.stars"]
+    assert frame["output.stars"].tolist()[:3] == [0, 1, 2] and frame["output.product"][5] == "kettle r5"
+    assert len(fake_api.log()) == 5  # the row whose prompt could not be made was never sent
+    with pytest.raises(pm.PipelineError, match="prompt: a Python function has no TOML form"):
+        pipeline.to_toml()
+
+
+def test_a_pipeline_round_trips_through_toml_and_a_bad_field_is_named(tmp_path):
+    pipeline = pm.Pipeline.from_toml(ROOT / "examples" / "extract.toml")
+    pipeline.to_toml(tmp_path / "again.toml")
+    assert pm.Pipeline.from_toml(tmp_path / "again.toml").file == pipeline.file
+    with pytest.raises(pm.PipelineError, match=r"max_tokns: unknown key; did you mean 'max_tokens'"):
+        pm.Pipeline(prompt="{text}", model=HAIKU, max_tokns=3)
+    with pytest.raises(pm.PipelineError, match=r"output: 42 is not an output"):
+        pm.Pipeline(prompt="{text}", model=HAIKU, output=42)
+    with pytest.raises(pm.PipelineError, match="model: no model"):
+        pm.run([{"text": "x"}], pm.Pipeline(prompt="{text}"), progress=False)
+
+
+async def test_run_inside_a_running_event_loop_and_run_async_awaited(tmp_path, api_env, fake_api):
+    asyncio.get_running_loop()  # a notebook cell's loop
+    pipeline = pm.Pipeline(**SENTIMENT)
+    inside = pm.run(reviews(8), pipeline, out=tmp_path / "a", workers=1, progress=False)
+    awaited = await pm.run_async(reviews(8, start=8), pipeline, out=tmp_path / "b", workers=1, progress=False)
+    assert [r["status"] for r in inside] == ["ok"] * 8 and [r["row"] for r in awaited] == list(range(8))
+
+
+def test_submit_goes_to_a_separate_worker_and_a_job_reattached_by_id_waits_for_it(tmp_path, api_env, fake_api):
+    worker = start_cli(api_env, "worker", "--queues", "api", quiet=True)
+    try:
+        job = pm.submit(reviews(40), pm.Pipeline(**SENTIMENT), out=tmp_path / "out")
+        results = pm.Job(job.job_id).wait(timeout=120)
+    finally:
+        stop(worker)
+    assert results.status == "complete" and len(results) == 40
+    assert pm.Job(job.job_id).status()["ok"] == 40
+    assert pm.Job(job.job_id).cost()["cost_usd"] == pytest.approx(results.cost()["cost_usd"])
+    with pytest.raises(pm.JobError, match="no job nope"):
+        pm.Job("nope")
+
+
+SCRIPT = """
+import sys
+import promptmill as pm
+
+rows = ({{"text": f"row {{i}} [[reply:positive]]"}} for i in range({rows}))
+pipeline = pm.Pipeline(prompt="{{text}}", output=["positive", "negative"], model="{model}", max_tokens=4)
+results = pm.run(rows, pipeline, out=sys.argv[1], workers=2, progress=False, name="killed-script")
+print(results.job_id, results.status, len(results))
+"""
+
+
+def test_a_killed_script_run_again_resumes_exactly_with_nothing_lost(tmp_path, api_env, fake_api, redis_url):
+    rows = 600
+    fake_api.configure(latency_ms=30)
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(SCRIPT.format(rows=rows, model=HAIKU)))
+    command = [sys.executable, str(script), str(tmp_path / "out")]
+    store = JobStore.from_url(redis_url)
+    before = set(store.job_ids())
+    first = subprocess.Popen(command, env=api_env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_until(lambda: set(store.job_ids()) - before, 120, "the job")
+    (job_id,) = set(store.job_ids()) - before
+    wait_until(lambda: store.status(job_id).terminal >= 100, 120, "100 rows")
+    first.send_signal(signal.SIGKILL)  # no handler runs: its workers go when they see their parent gone
+    first.wait(timeout=30)
+    done_at_kill = store.status(job_id).terminal
+    assert done_at_kill < rows
+    sent_before = len(fake_api.log())
+
+    again = subprocess.run(command, env=api_env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.split() == [job_id, "complete", str(rows)]
+    records = [line for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert len(records) == rows
+    answered = successes_by_prompt(fake_api.log())
+    assert set(answered) == {f"row {i} [[reply:positive]]" for i in range(rows)}  # nothing lost
+    # Only what was left went out again: at most the answers on the wire when the script died (two
+    # workers, each up to PROMPTMILL_MAX_IN_FLIGHT requests) were paid twice.
+    in_flight = 2 * get_settings().max_in_flight
+    assert sum(answered.values()) - rows <= in_flight
+    assert len(fake_api.log()) - sent_before <= rows - done_at_kill + in_flight
