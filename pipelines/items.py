@@ -75,8 +75,16 @@ class RenderedRequest(BaseModel):
     """One row turned into the user turn of a chat; the system prompt is the pipeline's."""
 
     row: int
-    prompt: str
+    prompt: str  #: the user turn; with `messages`, their text one after another (what sizes the request)
     line: int = 0  #: where the row starts in the input file (its position, for Parquet and JSON arrays)
+    #: A conversation the caller's prompt function made (the Python API): its turns, system turns
+    #: among them, stand for the user turn after the pipeline's system prompt.
+    messages: list[dict[str, str]] | None = None
+
+    def chat(self, system: str | None) -> list[dict[str, str]]:
+        """The chat's messages in the OpenAI shape: the system prompt, then the row's turns."""
+        turns = self.messages or [{"role": "user", "content": self.prompt}]
+        return ([{"role": "system", "content": system}] if system else []) + turns
 
 
 class ItemOutcome(BaseModel):

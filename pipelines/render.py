@@ -14,6 +14,9 @@ from promptmill.pipelines.spec import Pipeline
 #: A row whose prompt the caller's own function (the Python API's) could not make carries why here:
 #: it fails as that row's render error, with the function's reason, and the job goes on.
 PROMPT_ERROR_COLUMN = "_promptmill_prompt_error"
+#: A row whose prompt the caller's function made as a conversation holds its turns here, as JSON.
+MESSAGES_COLUMN = "_promptmill_messages"
+ROLES = ("system", "user", "assistant")
 
 
 class RenderError(ValueError):
@@ -23,6 +26,9 @@ class RenderError(ValueError):
 def render_request(pipeline: Pipeline, row_number: int, row: Mapping[str, Any], line: int = 0) -> RenderedRequest:
     if row.get(PROMPT_ERROR_COLUMN):
         raise RenderError(str(row[PROMPT_ERROR_COLUMN]))
+    if row.get(MESSAGES_COLUMN):
+        messages = conversation(orjson.loads(row[MESSAGES_COLUMN]))
+        return RenderedRequest(row=row_number, line=line, prompt="\n\n".join(m["content"] for m in messages), messages=messages)
     # Each placeholder is looked up as a whole column name, never as an attribute or index path, so
     # a template cannot reach into Python objects.
     parts: list[str] = []
@@ -46,3 +52,18 @@ def render_request(pipeline: Pipeline, row_number: int, row: Mapping[str, Any], 
         except (TypeError, ValueError) as bad:
             raise RenderError(f"column {field!r}: cannot format {value!r} with {spec!r}: {bad}") from None
     return RenderedRequest(row=row_number, line=line, prompt="".join(parts))
+
+
+def conversation(messages: Any) -> list[dict[str, str]]:
+    """A list of chat turns, checked: each a {role, content} of text, and one turn at least that is
+    not a system turn. Raises RenderError saying what is wrong."""
+    if not isinstance(messages, list) or not messages:
+        raise RenderError("the prompt function's messages must be a non-empty list of {role, content}")
+    checked = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES or not isinstance(message.get("content"), str):
+            raise RenderError(f"message {i}: expected {{role: {'|'.join(ROLES)}, content: text}}, not {message!r:.200}")
+        checked.append({"role": message["role"], "content": message["content"]})
+    if all(message["role"] == "system" for message in checked):
+        raise RenderError("the prompt function's messages hold system turns only; add a user turn")
+    return checked

@@ -13,6 +13,7 @@ The layers live in the repo's top folders and install under this name; each impo
 before it: `config` <- `pipelines` <- `jobs` <- `workers` <- `api` <- `cli`.
 """
 
+from promptmill.api.choosing import compare, estimate
 from promptmill.api.data import MissingExtra
 from promptmill.api.jobs import Job, JobError, JobStopped, run, run_async, submit
 from promptmill.api.pipeline import Pipeline, PipelineError
@@ -20,5 +21,5 @@ from promptmill.api.results import Results
 
 __all__ = [
     "Job", "JobError", "JobStopped", "MissingExtra", "Pipeline", "PipelineError", "Results",
-    "run", "run_async", "submit",
+    "compare", "estimate", "run", "run_async", "submit",
 ]  # fmt: skip

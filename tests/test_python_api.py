@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -197,3 +196,70 @@ def test_a_killed_script_run_again_resumes_exactly_with_nothing_lost(tmp_path, a
     in_flight = 2 * get_settings().max_in_flight
     assert sum(answered.values()) - rows <= in_flight
     assert len(fake_api.log()) - sent_before <= rows - done_at_kill + in_flight
+
+
+def test_estimate_gives_what_the_cli_s_estimate_json_prints_for_the_same_rows(tmp_path, api_env, fake_api):
+    import json
+
+    import pandas as pd
+
+    from tests.conftest import promptmill
+
+    rows = reviews(40)
+    pipeline = pm.Pipeline(**SENTIMENT)
+    figures = pm.estimate(pd.DataFrame(rows), pipeline, sample=10, rpm=600)
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    pipeline.to_toml(tmp_path / "p.toml")
+    printed = promptmill("estimate", str(data), "-p", str(tmp_path / "p.toml"), "--sample", "10", "--rpm", "600",
+                         "--json", env=api_env)  # fmt: skip
+    assert printed.returncode == 0, printed.stderr
+    assert figures == json.loads(printed.stdout) and figures["rows"] == 40 and figures["input_tokens"] > 0
+    with pytest.raises(pm.JobError, match="estimate counts tokens for anthropic or vllm"):
+        pm.estimate(rows, pipeline, backend="openai")
+
+
+def test_compare_returns_the_table_as_a_dataframe_one_row_per_contender(tmp_path, api_env, fake_api):
+    import polars as pl
+
+    rows = [{**row, "label": ("positive", "negative")[i % 2]} for i, row in enumerate(reviews(20))]
+    against = [f"anthropic:{HAIKU}", f"anthropic:{HAIKU},temperature=0.5"]
+    table = pm.compare(pl.DataFrame(rows), pm.Pipeline(**SENTIMENT), against, sample=12, label="label",
+                       out=tmp_path / "cmp", workers=1, progress=False)  # fmt: skip
+    assert list(table["name"]) == [f"anthropic:{HAIKU}", f"anthropic:{HAIKU},temperature=0.5"]
+    assert list(table["ok"]) == [12, 12] and list(table["accuracy"]) == [1.0, 1.0] and list(table["agreement"]) == [1.0, 1.0]
+    assert (tmp_path / "cmp" / "compare.html").exists() and len((tmp_path / "cmp" / "rows.jsonl").read_text().splitlines()) == 12
+    sent = len(fake_api.log())
+    again = pm.compare(pl.DataFrame(rows), pm.Pipeline(**SENTIMENT), against, sample=12, label="label",
+                       out=tmp_path / "cmp", progress=False)  # fmt: skip
+    assert again.equals(table) and len(fake_api.log()) == sent  # resumed: done, nothing sent again
+
+
+def test_a_prompt_function_may_make_a_conversation_which_every_backend_sends_as_turns(tmp_path, api_env, fake_api):
+    from promptmill.pipelines.items import RenderedRequest
+    from promptmill.workers.backends.anthropic import message_params
+
+    def chat(row: dict) -> list[dict] | str:
+        if row["id"] == "r2":
+            return [{"role": "system", "content": "only a system turn"}]
+        return [
+            {"role": "system", "content": "Answer in one word."},
+            {"role": "user", "content": "Is 'great' positive?"},
+            {"role": "assistant", "content": "positive"},
+            {"role": "user", "content": row["text"]},
+        ]
+
+    pipeline = pm.Pipeline(prompt=chat, output=["positive", "negative"], model=HAIKU, max_tokens=4, system="You label reviews.")
+    results = pm.run(reviews(4), pipeline, out=tmp_path / "out", workers=1, progress=False)
+    assert [r["output"] for r in results] == ["positive", "negative", None, "negative"]
+    assert "system turns only" in results.failed()[0]["error"]["message"]
+    assert sorted(e["prompt"] for e in fake_api.log()) == sorted(r["text"] for r in reviews(4) if r["id"] != "r2")
+
+    # The turns as each provider takes them: Anthropic's system beside the messages, OpenAI's and the
+    # local engine's among them.
+    spec = results.spec
+    request = RenderedRequest(row=0, prompt="", messages=chat({"id": "r0", "text": "t"}))
+    params = message_params(spec, request)
+    assert params["system"] == "You label reviews.\n\nAnswer in one word."
+    assert [m["role"] for m in params["messages"]] == ["user", "assistant", "user"]
+    assert [m["role"] for m in request.chat("You label reviews.")] == ["system", "system", "user", "assistant", "user"]

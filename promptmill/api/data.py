@@ -19,10 +19,10 @@ import orjson
 from promptmill.api.pipeline import PROMPT_COLUMN, Pipeline
 from promptmill.jobs.readers import detect_format, iter_rows
 from promptmill.jobs.spec import InputFormat
-from promptmill.pipelines.render import PROMPT_ERROR_COLUMN
+from promptmill.pipelines.render import MESSAGES_COLUMN, PROMPT_ERROR_COLUMN, RenderError, conversation
 
 #: Columns the staging adds, which results leave out of the input's own.
-STAGED_COLUMNS = (PROMPT_COLUMN, PROMPT_ERROR_COLUMN)
+STAGED_COLUMNS = (PROMPT_COLUMN, MESSAGES_COLUMN, PROMPT_ERROR_COLUMN)
 _BATCH_ROWS = 1024
 
 
@@ -101,12 +101,14 @@ def _arrow_batches(data: Any) -> Iterator[Any] | None:
     return None
 
 
-def _prompts(rows: list[Any], render: Callable[[Mapping[str, Any]], Any]) -> tuple[list[str | None], list[str | None]]:
-    """Each row's prompt from the caller's function, or why it has none."""
+def _prompts(rows: list[Any], render: Callable[[Mapping[str, Any]], Any]) -> dict[str, list[str | None]]:
+    """Each row's prompt from the caller's function (its text, or a conversation as JSON), or why it
+    has none: the staged columns' values."""
     prompts: list[str | None] = []
+    conversations: list[str | None] = []
     errors: list[str | None] = []
     for row in rows:
-        prompt, error = None, None
+        prompt, messages, error = None, None, None
         if not isinstance(row, Mapping):
             error = f"the row is a {type(row).__name__}, not a mapping of columns"
         elif row.get(PROMPT_ERROR_COLUMN):
@@ -117,11 +119,20 @@ def _prompts(rows: list[Any], render: Callable[[Mapping[str, Any]], Any]) -> tup
             except Exception as bad:  # noqa: BLE001 - the caller's code: its failure is the row's, with its reason
                 error = f"the prompt function raised {type(bad).__name__}: {bad}"
             else:
-                if not isinstance(prompt, str):
-                    error, prompt = f"the prompt function returned a {type(prompt).__name__}, not the prompt's text", None
+                if isinstance(prompt, list):
+                    try:
+                        messages, prompt = orjson.dumps(conversation(prompt)).decode(), ""
+                    except RenderError as bad:
+                        error, prompt = str(bad), None
+                elif not isinstance(prompt, str):
+                    error, prompt = (
+                        f"the prompt function returned a {type(prompt).__name__}, not the prompt's text or a list of messages",
+                        None,
+                    )
         prompts.append(prompt)
+        conversations.append(messages)
         errors.append(error)
-    return prompts, errors
+    return {PROMPT_COLUMN: prompts, MESSAGES_COLUMN: conversations, PROMPT_ERROR_COLUMN: errors}
 
 
 def _stage_parquet(batches: Iterator[Any], render: Callable[..., Any] | None, folder: Path) -> StagedInput:
@@ -135,9 +146,8 @@ def _stage_parquet(batches: Iterator[Any], render: Callable[..., Any] | None, fo
         for batch in batches:
             table = pa.Table.from_batches([batch])
             if render is not None:
-                prompts, errors = _prompts(batch.to_pylist(), render)
-                table = table.append_column(PROMPT_COLUMN, pa.array(prompts, pa.string()))
-                table = table.append_column(PROMPT_ERROR_COLUMN, pa.array(errors, pa.string()))
+                for name, values in _prompts(batch.to_pylist(), render).items():
+                    table = table.append_column(name, pa.array(values, pa.string()))
             if writer is None:
                 writer = pq.ParquetWriter(partial, table.schema)
             writer.write_table(table)
@@ -157,10 +167,10 @@ def _stage_jsonl(rows: Iterator[Any], render: Callable[..., Any] | None, folder:
     with partial.open("wb") as handle:
         while batch := _take(rows, _BATCH_ROWS):
             if render is not None:
-                prompts, errors = _prompts(batch, render)
+                staged = _prompts(batch, render)
                 batch = [
-                    {**(row if isinstance(row, Mapping) else {}), PROMPT_COLUMN: prompt, PROMPT_ERROR_COLUMN: error}
-                    for row, prompt, error in zip(batch, prompts, errors)
+                    {**(row if isinstance(row, Mapping) else {}), **{name: values[i] for name, values in staged.items()}}
+                    for i, row in enumerate(batch)
                 ]
             for row in batch:
                 handle.write(orjson.dumps(row, default=str, option=options))

@@ -68,7 +68,7 @@ def _differs(old: str, new: str) -> str:
     return ", ".join(changed) or "what it ran"
 
 
-def _console(progress: bool) -> Console:
+def progress_console(progress: bool) -> Console:
     """The progress display: a notebook's output area, a terminal's stderr, or nothing."""
     if not progress:
         return Console(quiet=True)
@@ -164,7 +164,7 @@ def run(
         prepared = _prepare(settings, store, data, chosen, backend, out, budget, name, input_format, chunk_size)
         spec = prepared.spec
         if not prepared.done:
-            console = _console(progress)
+            console = progress_console(progress)
             console.print(f"job {spec.job_id}" + (" (resuming)" if prepared.resuming else ""), highlight=False)
             count = workers or spec.info.local_workers
             status = drive(settings, store, url, spec, count, prepared.resuming, console, max_failed_share)
@@ -282,7 +282,7 @@ class Job:
         with open_store(settings) as (store, url):
             spec = self._spec(store)
             if reopen(settings, store, spec, budget).state is not JobState.complete:
-                console = _console(progress)
+                console = progress_console(progress)
                 status = drive(settings, store, url, spec, workers or spec.info.local_workers, True, console, max_failed_share)
                 if status.state is not JobState.complete:
                     raise JobStopped(self.job_id, status.state.value, status.error)

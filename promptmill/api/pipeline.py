@@ -17,15 +17,16 @@ _NO_MODEL = "(no model yet)"
 PROMPT_COLUMN = "_promptmill_prompt"
 
 Output = Union[str, list[str], type[BaseModel], dict[str, Any]]
-Prompt = Union[str, Callable[[Mapping[str, Any]], str]]
+Prompt = Union[str, Callable[[Mapping[str, Any]], Union[str, list[dict[str, str]]]]]
 
 
 class Pipeline:
     """What to ask of each row and how to read the answer: the fields of a pipeline file.
 
     `prompt` is a template naming columns (``"Classify: {text}"``) or a function of the row
-    returning the prompt's text; a function runs in this process as the rows are read, so workers
-    on other machines never need this code. `output` is ``"text"``, a list of labels, a Pydantic
+    returning the prompt's text or a conversation (``[{"role": "user", "content": ...}, ...]``); a
+    function runs in this process as the rows are read, so workers on other machines never need
+    this code, and a row it fails on fails alone, with the function's error as its reason. `output` is ``"text"``, a list of labels, a Pydantic
     model class, or a JSON schema (a dict). Every other keyword is the pipeline file's key of that
     name (`system`, `max_tokens`, `temperature`, `top_p`, `stop`, `seed`, `fallback`, `stream`,
     `limits`, `price`, `cache_system`, `cache_prefix`, `engine`, `id_column`, ...).

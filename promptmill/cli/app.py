@@ -15,7 +15,6 @@ from promptmill.api.driving import expire_if_finished, open_store  # noqa: F401 
 from promptmill.jobs.readers import INPUT_FORMATS
 from promptmill.config.backends import BACKENDS, DEFAULT_BACKEND
 from promptmill.jobs.spec import JobSpec
-from promptmill.jobs.state.status import JobState
 from promptmill.jobs.state.store import JobStore
 
 def _type_shown(param: typer.core.TyperOption | typer.core.TyperArgument, ctx: object) -> str | None:

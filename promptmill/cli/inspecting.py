@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from decimal import Decimal
-from typing import Callable, Optional
+from typing import Optional
 
 import typer
 from rich.markup import escape
@@ -30,8 +29,8 @@ from promptmill.cli.app import (
 )
 from promptmill.cli.new_job import JobRequest
 from promptmill.config.backends import DEFAULT_BACKEND
-from promptmill.config.prices import ModelPrice, PriceTable
-from promptmill.config.settings import Settings, get_settings
+from promptmill.config.prices import PriceTable
+from promptmill.config.settings import get_settings
 from promptmill.jobs.state.fallback import fallback_status
 from promptmill.jobs.ledger import cost_report
 from promptmill.jobs.state.pace import job_pace
@@ -205,7 +204,7 @@ def estimate(
     model's own tokenizer), low and high dollars, time."""
     import anthropic
 
-    from promptmill.reports.estimate import estimate_job
+    from promptmill.api.estimating import estimate_spec
 
     settings = get_settings()
     if backend not in ("anthropic", "vllm"):
@@ -221,13 +220,8 @@ def estimate(
             fail(f"--job: job {job_id} has no answers from {spec.model} yet")
     output_per_row = None if observed is None else observed.usage.output_tokens / observed.requests_by_model[spec.model]
     prices = spec.pipeline.price_table(settings)
-    local = spec.info.local
     try:
-        if local:
-            count_tokens, price, speed = _engine_counting(spec, settings, prices.engine_hour_usd, observed)
-        else:
-            count_tokens, price, speed = _api_counting(spec, settings), prices.price_for(spec.model), None
-        figures = estimate_job(spec, price, count_tokens, sample, output_per_row, None if local else prices.batch_discount)
+        figures, speed = estimate_spec(settings, spec, sample, observed)
     except anthropic.APIError as error:
         fail(f"the API could not count tokens: {error}")
     if as_json:
@@ -274,50 +268,6 @@ def estimate(
     )
 
 
-def _api_counting(spec: JobSpec, settings: Settings) -> Callable[[str | None, str], int]:
-    """Input tokens as the Anthropic API counts them."""
-    import anthropic
-
-    client = anthropic.Anthropic(api_key=settings.api_key(), base_url=settings.anthropic_base_url)
-
-    def count_tokens(system: str | None, prompt: str) -> int:
-        extra = {"system": system} if system else {}
-        messages = [{"role": "user", "content": prompt}]
-        return client.messages.count_tokens(model=spec.model, messages=messages, **extra).input_tokens
-
-    return count_tokens
-
-
-def _engine_counting(
-    spec: JobSpec, settings: Settings, hour_usd: Decimal, observed: JobStatus | None
-) -> tuple[Callable[[str | None, str], int], ModelPrice, dict]:
-    """A local model's tokens, counted offline by its own tokenizer and chat template; its price is
-    device time: output tokens at the engine's speed (a job's measured one, else the setting's)."""
-    from transformers import AutoTokenizer
-
-    from promptmill.workers.local_model import resolve_model
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(spec.model, settings))
-
-    def count_tokens(system: str | None, prompt: str) -> int:
-        messages = [{"role": "system", "content": system}] if system else []
-        ids = tokenizer.apply_chat_template([*messages, {"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
-        return len(ids if isinstance(ids, list) else ids["input_ids"])
-
-    speed = {"input_tokens_per_s": settings.engine_input_tokens_per_s,
-             "output_tokens_per_s": settings.engine_output_tokens_per_s,
-             "measured_by": "PROMPTMILL_ENGINE_INPUT_TOKENS_PER_S and PROMPTMILL_ENGINE_OUTPUT_TOKENS_PER_S"}  # fmt: skip
-    if observed is not None and observed.usage.engine_us:
-        # The settings' speeds, scaled to the device time that job took for its tokens.
-        used = observed.usage
-        predicted_s = used.prompt_tokens / speed["input_tokens_per_s"] + used.output_tokens / speed["output_tokens_per_s"]
-        scale = predicted_s / (used.engine_us / 1e6)
-        speed = {"input_tokens_per_s": round(speed["input_tokens_per_s"] * scale, 1),
-                 "output_tokens_per_s": round(speed["output_tokens_per_s"] * scale, 1), "measured_by": f"job {observed.job_id}"}  # fmt: skip
-    per_mtok = {kind: hour_usd / Decimal(3600) / Decimal(str(speed[f"{kind}_tokens_per_s"])) * 1_000_000 for kind in ("input", "output")}
-    price = ModelPrice(input=per_mtok["input"], output=per_mtok["output"], cache_write_5m=per_mtok["input"],
-                       cache_write_1h=per_mtok["input"], cache_read=per_mtok["input"])  # fmt: skip
-    return count_tokens, price, speed
 
 
 @app.command()

@@ -32,7 +32,7 @@ from promptmill.jobs.state.store import JobStore
 from promptmill.reports.progress import WorkersExited
 
 
-def _sigterm_as_interrupt() -> None:
+def sigterm_as_interrupt() -> None:
     """SIGTERM stops a run as Ctrl-C does: local workers are stopped, the job stays resumable."""
 
     def interrupt(signum: int, frame: object) -> None:
@@ -47,7 +47,7 @@ def drive(
 ) -> JobStatus:
     """The job driven here to its stop (promptmill.api.driving.drive), its ways out said as a command
     says them: `go_on` is the command that picks the job up again after a Ctrl-C."""
-    _sigterm_as_interrupt()
+    sigterm_as_interrupt()
     try:
         return api_drive(settings, store, url, spec, workers, resuming, err, max_failed_share)
     except KeyboardInterrupt:

@@ -32,20 +32,21 @@ def message_params(job: JobSpec, request: RenderedRequest) -> dict[str, Any]:
     cache_control = {"type": "ephemeral", "ttl": pipeline.cache_ttl}
     content: str | list[dict[str, Any]] = request.prompt
     prefix = pipeline.shared_prefix
-    if pipeline.cache_prefix and request.prompt.startswith(prefix):
+    if pipeline.cache_prefix and not request.messages and request.prompt.startswith(prefix):
         # A breakpoint after the shared prefix caches everything before it: system and prefix.
         content = [{"type": "text", "text": prefix, "cache_control": cache_control}]
         if rest := request.prompt[len(prefix) :]:
             content.append({"type": "text", "text": rest})
-    params: dict[str, Any] = {
-        "model": pipeline.model,
-        "max_tokens": pipeline.max_tokens,
-        "messages": [{"role": "user", "content": content}],
-    }
-    if pipeline.cache_system:
-        params["system"] = [{"type": "text", "text": pipeline.system, "cache_control": cache_control}]
-    elif pipeline.system:
-        params["system"] = pipeline.system
+    turns: list[dict[str, Any]] = [{"role": "user", "content": content}]
+    system = pipeline.system
+    if request.messages:  # a caller's conversation: its system turns join the system prompt
+        turns = [m for m in request.messages if m["role"] != "system"]
+        system = "\n\n".join([pipeline.system or "", *(m["content"] for m in request.messages if m["role"] == "system")]).strip() or None
+    params: dict[str, Any] = {"model": pipeline.model, "max_tokens": pipeline.max_tokens, "messages": turns}
+    if pipeline.cache_system and system:
+        params["system"] = [{"type": "text", "text": system, "cache_control": cache_control}]
+    elif system:
+        params["system"] = system
     # The SDK no longer names sampling parameters; models that take them read them from the body.
     sampling = {name: getattr(pipeline, name) for name in ("temperature", "top_p")}
     sampling = {name: value for name, value in sampling.items() if value is not None}

@@ -23,7 +23,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from promptmill.config.settings import KeyRefused, Settings, is_openai_url
 from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.state.store import JobStore
-from promptmill.pipelines.items import Usage
+from promptmill.pipelines.items import RenderedRequest, Usage
 from promptmill.pipelines.spec import OutputSpec, Pipeline
 from promptmill.workers.backends.base import Call, FatalJobError, RawOutcome, Reply
 from promptmill.workers.limit_signals import LimitHeaders, account_scope
@@ -113,10 +113,8 @@ class OpenAIBackend:
     def limited_input(usage: Usage) -> int:
         return usage.prompt_tokens  # cached prompt tokens count against the limit too
 
-    def _params(self, pipeline: Pipeline, prompt: str) -> dict[str, Any]:
-        messages = [{"role": "user", "content": prompt}]
-        if pipeline.system:
-            messages.insert(0, {"role": "system", "content": pipeline.system})
+    def _params(self, pipeline: Pipeline, request: RenderedRequest) -> dict[str, Any]:
+        messages = request.chat(pipeline.system)
         params: dict[str, Any] = {"model": pipeline.model, "messages": messages}
         # OpenAI's own models take max_completion_tokens (its reasoning models refuse max_tokens);
         # other servers know max_tokens best.
@@ -133,7 +131,7 @@ class OpenAIBackend:
 
     async def send(self, call: Call) -> Reply:
         pipeline = call.job.pipeline
-        body = self._params(pipeline, call.request.prompt)
+        body = self._params(pipeline, call.request)
         started = time.monotonic()
         first: float | None = None
         raw = None

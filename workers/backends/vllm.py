@@ -205,8 +205,7 @@ class VLLMBackend:
                 log.warning("vLLM engine shutdown: %s", error)
 
     def _prompt_ids(self, job: JobSpec, request: RenderedRequest) -> list[int]:
-        messages = [{"role": "system", "content": job.pipeline.system}] if job.pipeline.system else []
-        messages.append({"role": "user", "content": request.prompt})
+        messages = request.chat(job.pipeline.system)
         ids = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         return list(ids if isinstance(ids, list) else ids["input_ids"])
 
