@@ -263,3 +263,29 @@ def test_a_prompt_function_may_make_a_conversation_which_every_backend_sends_as_
     assert params["system"] == "You label reviews.\n\nAnswer in one word."
     assert [m["role"] for m in params["messages"]] == ["user", "assistant", "user"]
     assert [m["role"] for m in request.chat("You label reviews.")] == ["system", "system", "user", "assistant", "user"]
+
+
+def test_ctrl_c_stops_the_workers_at_once_and_leaves_the_job_to_resume(tmp_path, api_env, fake_api, redis_url):
+    import psutil
+
+    fake_api.configure(latency_ms=30)
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(SCRIPT.format(rows=1200, model=HAIKU)).replace("killed-script", "interrupted"))
+    store = JobStore.from_url(redis_url)
+    before = set(store.job_ids())
+    script_run = subprocess.Popen([sys.executable, str(script), str(tmp_path / "out")], env=api_env, cwd=tmp_path,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    wait_until(lambda: set(store.job_ids()) - before, 120, "the job")
+    (job_id,) = set(store.job_ids()) - before
+    wait_until(lambda: store.status(job_id).terminal >= 50, 120, "50 rows")
+    workers = psutil.Process(script_run.pid).children(recursive=True)
+    assert workers
+    script_run.send_signal(signal.SIGINT)  # a kernel interrupt
+    _, stderr = script_run.communicate(timeout=120)
+    assert script_run.returncode != 0 and "KeyboardInterrupt" in stderr
+    assert f"job {job_id} goes on with the same pm.run(...) again" in stderr
+    wait_until(lambda: not any(worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE for worker in workers),
+               60, "the workers to stop")  # fmt: skip
+    assert store.status(job_id).terminal < 1200
+    resumed = pm.Job(job_id).resume(workers=2, progress=False)
+    assert resumed.status == "complete" and [r["row"] for r in resumed] == list(range(1200))

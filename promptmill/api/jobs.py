@@ -115,6 +115,25 @@ def _prepare(
     return _Prepared(spec, resuming=False, done=False)
 
 
+def _drive(settings: Settings, store: JobStore, url: str, spec: JobSpec, workers: int | None, resuming: bool,
+           progress: bool, max_failed_share: float | None) -> None:  # fmt: skip
+    """Drive the job here to its end; a stop short of it raises JobStopped, Ctrl-C stops the local
+    workers and passes on, the job left to resume."""
+    try:
+        status = drive(settings, store, url, spec, workers or spec.info.local_workers, resuming,
+                       progress_console(progress), max_failed_share)  # fmt: skip
+    except KeyboardInterrupt:
+        Console(stderr=True).print(
+            f"interrupted: workers stopped; job {spec.job_id} goes on with the same pm.run(...) again "
+            f"or pm.Job({spec.job_id!r}).resume()",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise
+    if status.state is not JobState.complete:
+        raise JobStopped(spec.job_id, status.state.value, status.error)
+
+
 def _results(settings: Settings, store: JobStore, spec: JobSpec, pipeline: Pipeline | None) -> Results:
     status = store.status(spec.job_id)
     written = export_job(store, spec, Path(spec.out_dir))
@@ -164,12 +183,9 @@ def run(
         prepared = _prepare(settings, store, data, chosen, backend, out, budget, name, input_format, chunk_size)
         spec = prepared.spec
         if not prepared.done:
-            console = progress_console(progress)
-            console.print(f"job {spec.job_id}" + (" (resuming)" if prepared.resuming else ""), highlight=False)
-            count = workers or spec.info.local_workers
-            status = drive(settings, store, url, spec, count, prepared.resuming, console, max_failed_share)
-            if status.state is not JobState.complete:
-                raise JobStopped(spec.job_id, status.state.value, status.error)
+            said = f"job {spec.job_id}" + (" (resuming)" if prepared.resuming else "")
+            progress_console(progress).print(said, highlight=False)
+            _drive(settings, store, url, spec, workers, prepared.resuming, progress, max_failed_share)
         return _results(settings, store, spec, chosen)
 
 
@@ -282,10 +298,7 @@ class Job:
         with open_store(settings) as (store, url):
             spec = self._spec(store)
             if reopen(settings, store, spec, budget).state is not JobState.complete:
-                console = progress_console(progress)
-                status = drive(settings, store, url, spec, workers or spec.info.local_workers, True, console, max_failed_share)
-                if status.state is not JobState.complete:
-                    raise JobStopped(self.job_id, status.state.value, status.error)
+                _drive(settings, store, url, spec, workers, True, progress, max_failed_share)
             return _results(settings, store, spec, self._pipeline)
 
     def report(self, out: str | Path | None = None) -> Path:
