@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import re
 import textwrap
 
 import pyarrow as pa
@@ -289,3 +290,20 @@ def test_ctrl_c_stops_the_workers_at_once_and_leaves_the_job_to_resume(tmp_path,
     assert store.status(job_id).terminal < 1200
     resumed = pm.Job(job_id).resume(workers=2, progress=False)
     assert resumed.status == "complete" and [r["row"] for r in resumed] == list(range(1200))
+
+
+def test_the_readme_s_python_example_runs_as_written_and_every_python_block_compiles(tmp_path, api_env, fake_api, monkeypatch):
+    from tests.test_docs import DOCS, README, blocks
+
+    fake_api.configure(reply="question")
+    (example,) = blocks(README, "python")
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(example, "README.md", "exec"), scope)  # noqa: S102 - the README's own code, as a user pastes it
+    frame = scope["results"].to_pandas()
+    assert list(frame["output"]) == ["question", "question"] and list(frame["id"]) == [1, 2]
+    for path in (README, *DOCS):
+        for body in blocks(path, "python"):
+            compile(body.replace("await ", ""), path.name, "exec")
+            for name in re.findall(r"\bpm\.(\w+)", body):
+                assert hasattr(pm, name), f"{path.name}: pm.{name}"
