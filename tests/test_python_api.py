@@ -77,7 +77,7 @@ def test_each_kind_of_data_goes_in_and_comes_out_as_a_table_beside_its_input_col
     assert len(results.to_hf()) == 12 and results.to_arrow().column_names[:3] == ["id", "text", "stars"]
 
 
-def test_a_second_run_sends_nothing_and_other_work_under_the_same_name_is_refused(tmp_path, api_env, fake_api):
+def test_a_second_run_sends_nothing_and_other_work_under_the_same_name_is_refused(tmp_path, api_env, fake_api, redis_url):
     rows = reviews(30)
     pipeline = pm.Pipeline(**SENTIMENT)
     first = pm.run(rows, pipeline, out=tmp_path / "out", workers=1, progress=False)
@@ -86,6 +86,10 @@ def test_a_second_run_sends_nothing_and_other_work_under_the_same_name_is_refuse
     again = pm.run(reviews(30), pipeline, progress=False)  # the same data and pipeline: found by its fingerprint
     assert again.job_id == first.job_id and len(fake_api.log()) == sent
     assert [r["output"] for r in again] == [r["output"] for r in first]
+    JobStore.from_url(redis_url).delete_job(first.job_id)  # its keys expired (JOB_TTL_DAYS): its results stay
+    kept = pm.run(reviews(30), pipeline, progress=False)
+    assert (kept.job_id, kept.status, len(fake_api.log())) == (first.job_id, "complete", sent)
+    assert kept.cost() == first.cost() and kept.to_arrow().equals(first.to_arrow())
 
     named = pm.run(rows, pipeline, name="nightly", workers=1, progress=False)
     with pytest.raises(pm.JobError, match=r"name 'nightly' is job .*\(data differ\)"):

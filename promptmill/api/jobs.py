@@ -33,6 +33,7 @@ from promptmill.config.settings import Settings, get_settings
 from promptmill.jobs.dispatch import ChunkSender
 from promptmill.jobs.enqueue import enqueue
 from promptmill.jobs.export import export_job
+from promptmill.jobs.files import atomic_write
 from promptmill.jobs.ledger import cost_report
 from promptmill.jobs.spec import InputFormat, JobSpec
 from promptmill.jobs.state.status import JobState
@@ -63,9 +64,13 @@ def fingerprint(staged: StagedInput, pipeline: Pipeline, backend: str) -> str:
 
 
 def _differs(old: str, new: str) -> str:
-    parts = dict(part.split("=", 1) for part in old.split(" ") if "=" in part)
-    changed = [part.split("=", 1)[0] for part in new.split(" ") if "=" in part and parts.get(part.split("=", 1)[0]) != part.split("=", 1)[1]]
-    return ", ".join(changed) or "what it ran"
+    """The parts of two fingerprints that differ: data, pipeline, backend, model."""
+
+    def parts(text: str) -> dict[str, str]:
+        return dict(part.split("=", 1) for part in text.split(" ") if "=" in part)
+
+    was, now = parts(old), parts(new)
+    return ", ".join(key for key in now if was.get(key) != now[key]) or "what it ran"
 
 
 def progress_console(progress: bool) -> Console:
@@ -75,11 +80,33 @@ def progress_console(progress: bool) -> Console:
     return Console(stderr="ipykernel" not in sys.modules)
 
 
-class _Prepared:
-    """A job made (or found again) for the data and pipeline: its spec and whether it resumes."""
+KEPT_FILE = "job.json"  #: beside a complete job's results: its spec and cost, for when Redis has let it go
 
-    def __init__(self, spec: JobSpec, resuming: bool, done: bool):
-        self.spec, self.resuming, self.done = spec, resuming, done
+
+class _Prepared:
+    """A job made (or found again) for the data and pipeline: its spec, whether it resumes, and the
+    results of one that finished and has since expired from Redis (`kept`)."""
+
+    def __init__(self, spec: JobSpec, resuming: bool, done: bool, kept: Results | None = None):
+        self.spec, self.resuming, self.done, self.kept = spec, resuming, done, kept
+
+
+def _refuse_other_work(name: str, job_id: str, was: str | None, now: str) -> None:
+    if was != now:
+        raise JobError(
+            f"name {name!r} is job {job_id}, which ran other work ({_differs(was or '', now)} differ); give this "
+            "work another name, or delete that job (promptmill delete)"
+        )
+
+
+def _kept(out_dir: str, pipeline: Pipeline) -> tuple[JobSpec, Results] | None:
+    """A complete job's results as kept on disk (its keys in Redis expire after JOB_TTL_DAYS)."""
+    kept = Path(out_dir) / KEPT_FILE
+    if not kept.exists():
+        return None
+    saved = orjson.loads(kept.read_bytes())
+    spec = JobSpec.model_validate(saved["spec"])
+    return spec, Results(spec, saved["status"], saved["cost"], Path(out_dir) / "results.jsonl", pipeline.output_model)
 
 
 def _prepare(
@@ -92,15 +119,17 @@ def _prepare(
     print_ = fingerprint(staged, pipeline, backend)
     name = name or "job-" + hashlib.sha256(print_.encode()).hexdigest()[:16]
     found = store.redis.hget(NAMES_KEY, name)
-    if found is not None and store.exists(found.decode()):
-        spec = store.spec(found.decode())
-        if spec.fingerprint != print_:
-            raise JobError(
-                f"name {name!r} is job {spec.job_id}, which ran other work ({_differs(spec.fingerprint or '', print_)} "
-                "differ); give this work another name, or delete that job (promptmill delete)"
-            )
+    named = orjson.loads(found) if found is not None else None
+    if named is not None and store.exists(named["job_id"]):
+        spec = store.spec(named["job_id"])
+        _refuse_other_work(name, spec.job_id, spec.fingerprint, print_)
         status = reopen(settings, store, spec, budget)
         return _Prepared(spec, resuming=True, done=status.state is JobState.complete)
+    kept = _kept(named["out"], pipeline) if named is not None else None
+    if kept is not None:
+        spec, results = kept
+        _refuse_other_work(name, spec.job_id, spec.fingerprint, print_)
+        return _Prepared(spec, resuming=False, done=True, kept=results)
     try:
         spec = build_spec(
             settings, staged.path, pipeline.file, backend, None, Path(out) if out else None, chunk_size, None,  # type: ignore[arg-type]
@@ -111,7 +140,8 @@ def _prepare(
         raise JobError(str(bad)) from None
     check_model_built(spec, settings)
     create_job(store, spec, budget)
-    store.redis.hset(NAMES_KEY, name, spec.job_id)
+    # Kept for good (a name outlives its job's keys): where its results are, with their spec and cost.
+    store.redis.hset(NAMES_KEY, name, orjson.dumps({"job_id": spec.job_id, "out": spec.out_dir}))
     return _Prepared(spec, resuming=False, done=False)
 
 
@@ -138,6 +168,10 @@ def _results(settings: Settings, store: JobStore, spec: JobSpec, pipeline: Pipel
     status = store.status(spec.job_id)
     written = export_job(store, spec, Path(spec.out_dir))
     cost = cost_report(spec, status, spec.pipeline.price_table(settings)).as_dict()
+    if status.state is JobState.complete and spec.name is not None:
+        kept = {"spec": spec.model_dump(mode="json"), "status": status.state.value, "cost": cost}
+        with atomic_write(Path(spec.out_dir) / KEPT_FILE) as handle:
+            handle.write(orjson.dumps(kept))
     expire_if_finished(store, spec.job_id, settings)
     model = pipeline.output_model if pipeline is not None else None
     return Results(spec, status.state.value, cost, Path(written["results"]), model)
@@ -182,6 +216,8 @@ def run(
     with open_store(settings) as (store, url):
         prepared = _prepare(settings, store, data, chosen, backend, out, budget, name, input_format, chunk_size)
         spec = prepared.spec
+        if prepared.kept is not None:
+            return prepared.kept
         if not prepared.done:
             said = f"job {spec.job_id}" + (" (resuming)" if prepared.resuming else "")
             progress_console(progress).print(said, highlight=False)
@@ -217,6 +253,11 @@ def submit(
     chosen = as_pipeline(pipeline).with_model(model)
     store = JobStore.from_url(settings.redis_url)
     prepared = _prepare(settings, store, data, chosen, backend, out, budget, name, input_format, chunk_size)
+    if prepared.kept is not None:
+        raise JobError(
+            f"job {prepared.spec.job_id} did this work and is complete (its results are in {prepared.spec.out_dir}; "
+            "Redis has let it go): pm.run(...) returns them"
+        )
     if not prepared.done:
         sender = ChunkSender.for_url(settings.redis_url)
         try:
