@@ -104,7 +104,7 @@ class Review(BaseModel):
     stars: int
 
 
-def test_a_pydantic_output_and_a_prompt_function_run_in_the_caller_one_bad_row_failing_alone(tmp_path, api_env, fake_api):
+def test_a_pydantic_output_and_a_prompt_function_run_in_the_caller_one_bad_row_failing_alone(tmp_path, api_env, fake_api, monkeypatch):
     def prompt(row: dict) -> str:
         if row["id"] == "r3":
             raise KeyError("no such field")
@@ -124,6 +124,9 @@ def test_a_pydantic_output_and_a_prompt_function_run_in_the_caller_one_bad_row_f
     assert len(fake_api.log()) == 5  # the row whose prompt could not be made was never sent
     with pytest.raises(pm.PipelineError, match="prompt: a Python function has no TOML form"):
         pipeline.to_toml()
+    monkeypatch.setitem(sys.modules, "polars", None)  # as if polars were not installed
+    with pytest.raises(pm.MissingExtra, match=r"pip install 'promptmill\[polars\]'"):
+        results.to_polars()
 
 
 def test_a_pipeline_round_trips_through_toml_and_a_bad_field_is_named(tmp_path):

@@ -226,7 +226,10 @@ def run(
 
 
 async def run_async(data: Any, pipeline: Pipeline | str | Path, **options: Any) -> Results:
-    """`run`, awaitable: the job runs in a thread while the event loop goes on."""
+    """`run`, awaitable: the job runs in a thread while the event loop goes on.
+
+    >>> results = await pm.run_async(df, pipeline, backend="vllm")   # doctest: +SKIP
+    """
     return await asyncio.to_thread(run, data, pipeline, **options)
 
 
