@@ -232,6 +232,7 @@ def test_a_compare_stopped_in_its_second_contender_resumes_and_pays_for_no_row_t
 
 
 @pytest.mark.vllm
+@pytest.mark.timeout(900)  # an engine's start and 40 rows, on a machine other test processes' engines load too
 def test_a_server_model_against_the_local_engine_on_the_examples(tmp_path, env, fake_api):
     """The examples' pipeline on a sample of their reviews: a server model that calls every review
     positive against the demo's local model, which must be right on at least 80% of them."""

@@ -11,6 +11,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from tests.conftest import ENGINE_MEMORY_SHARE
 from tests.support import ROOT
 
 pytestmark = pytest.mark.vllm
@@ -22,7 +23,10 @@ def test_the_quickstart_notebook_runs_the_demo_through_the_api_on_the_local_mode
         if name.startswith(("PROMPTMILL_", "ANTHROPIC_")):
             monkeypatch.delenv(name)  # no Redis URL: the notebook's pm.run starts the embedded one
     monkeypatch.setenv("PROMPTMILL_DATA_DIR", str(tmp_path / "data"))
-    # Gemma 3 270M, as the demo runs it: its engine needs the default share (0.3), not the tests' smaller one.
+    # The notebook's own switch to the smaller local model: Gemma 3 270M's engine needs a memory share
+    # (0.3) that, beside the other test processes' engines, starves this machine.
+    monkeypatch.setenv("QUICKSTART_MODEL", "smollm2-135m-instruct")
+    monkeypatch.setenv("PROMPTMILL_VLLM_GPU_MEMORY_UTILIZATION", ENGINE_MEMORY_SHARE)
     monkeypatch.setenv("QUICKSTART_ROWS", str(ROWS))
     notebook = nbformat.read(ROOT / "examples" / "quickstart.ipynb", as_version=4)
     NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "examples")}}).execute()

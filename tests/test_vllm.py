@@ -193,11 +193,11 @@ def test_json_outputs_always_parse_against_their_schema(tmp_path: Path, gpu_env,
 
 
 def summary_job_under_way(tmp_path: Path, env: dict[str, str], rows: int, done: int) -> tuple[str, JobStore]:
-    """A summary job of `rows` reviews, submitted, once `done` of them are done. In chunks of 2: a gpu
+    """A summary job of `rows` reviews, submitted, once `done` of them are done. In chunks of 4: a gpu
     worker feeds its engine 8 chunks at once, and answers that all run to max_tokens end together, so
-    rows end in waves of 16 and a wave is left to go when `done` are."""
+    rows end in waves of 32 and a wave is left to go when `done` are."""
     data, pipeline = write_rows(tmp_path, REVIEWS[:rows]), summary_pipeline(tmp_path)
-    job_id = submit(env, data, pipeline, tmp_path / "out", "--chunk-size", "2")
+    job_id = submit(env, data, pipeline, tmp_path / "out", "--chunk-size", "4")
     store = JobStore.from_url(env["PROMPTMILL_REDIS_URL"])
     wait_until(lambda: store.status(job_id).terminal >= done, 300, f"{done} rows")
     return job_id, store
