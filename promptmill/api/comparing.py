@@ -113,6 +113,7 @@ def run_compare(settings: Settings, plan: ComparePlan, out_dir: Path | None, wor
 def plan_compare(
     input_path: Path, pipeline: Path, against: list[str], sample: int, seed: int, label: str | None, fmt: str | None
 ) -> ComparePlan:
+    """The compare asked for, checked: the input, its format, each contender once (CompareError if not)."""
     if not input_path.exists():
         raise CompareError(f"INPUT: {input_path} does not exist")
     if fmt not in (None, *INPUT_FORMATS):
