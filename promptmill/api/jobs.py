@@ -116,25 +116,25 @@ def _prepare(
     if backend not in BACKENDS:
         raise JobError(f"backend: {backend!r} is none of {', '.join(BACKENDS)}")
     staged = stage(data, pipeline, settings.data_dir / "inputs", input_format)
-    print_ = fingerprint(staged, pipeline, backend)
-    name = name or "job-" + hashlib.sha256(print_.encode()).hexdigest()[:16]
+    asked = fingerprint(staged, pipeline, backend)
+    name = name or "job-" + hashlib.sha256(asked.encode()).hexdigest()[:16]
     found = store.redis.hget(NAMES_KEY, name)
     named = orjson.loads(found) if found is not None else None
     if named is not None and store.exists(named["job_id"]):
         spec = store.spec(named["job_id"])
-        _refuse_other_work(name, spec.job_id, spec.fingerprint, print_)
+        _refuse_other_work(name, spec.job_id, spec.fingerprint, asked)
         status = reopen(settings, store, spec, budget)
         return _Prepared(spec, resuming=True, done=status.state is JobState.complete)
     kept = _kept(named["out"], pipeline) if named is not None else None
     if kept is not None:
         spec, results = kept
-        _refuse_other_work(name, spec.job_id, spec.fingerprint, print_)
+        _refuse_other_work(name, spec.job_id, spec.fingerprint, asked)
         return _Prepared(spec, resuming=False, done=True, kept=results)
     try:
         spec = build_spec(
             settings, staged.path, pipeline.file, backend, None, Path(out) if out else None, chunk_size, None,  # type: ignore[arg-type]
             staged.input_format, None, pipeline_text=None if pipeline.prompt_function else pipeline.to_toml(),
-            name=name, fingerprint=print_,
+            name=name, fingerprint=asked,
         )  # fmt: skip
     except SubmitError as bad:
         raise JobError(str(bad)) from None
