@@ -7,7 +7,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from promptmill.api.comparing import plan_compare, run_compare
+from promptmill.api.comparing import compare_folder, plan_compare, run_compare
 from promptmill.api.data import need, stage
 from promptmill.api.driving import check_model_built, open_store
 from promptmill.api.estimating import ESTIMATED_BACKENDS, estimate_spec
@@ -91,7 +91,8 @@ def compare(
     pipeline_path = Path(pipeline) if isinstance(pipeline, (str, Path)) else _pipeline_file(chosen, settings.data_dir)
     try:
         plan = plan_compare(staged.path, pipeline_path, list(against), sample, seed, label, staged.input_format)
-        compared = run_compare(settings, plan, Path(out) if out else None, workers, progress_console(progress))
+        folder = compare_folder(plan, Path(out) if out else None)
+        compared = run_compare(settings, plan, folder, workers, progress_console(progress))
     except CompareError as bad:
         raise JobError(str(bad)) from None
     broken = compared.broken()

@@ -65,10 +65,14 @@ class Compared:
         )  # fmt: skip
 
 
-def run_compare(settings: Settings, plan: ComparePlan, out_dir: Path | None, workers: int | None, console: Console) -> Compared:
-    """Draw the sample (or read the one drawn before, in the same folder), run or resume each
-    contender's job here, and score them. KeyboardInterrupt leaves every job resumable."""
-    folder = (out_dir or default_folder(plan)).resolve()
+def compare_folder(plan: ComparePlan, out_dir: Path | None) -> Path:
+    """Where the compare keeps its jobs and pages: `out_dir`, else one named by what it asks."""
+    return (out_dir or default_folder(plan)).resolve()
+
+
+def run_compare(settings: Settings, plan: ComparePlan, folder: Path, workers: int | None, console: Console) -> Compared:
+    """Draw the sample (or read the one drawn before, in `folder`), run or resume each contender's
+    job here, and score them. KeyboardInterrupt leaves every job resumable."""
     saved = ComparePlan.load(folder)
     if saved is not None and not saved.asks_the_same(plan):
         raise CompareError(

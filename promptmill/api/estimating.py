@@ -23,15 +23,20 @@ def estimate_spec(
     """The job's figures, and for a local model the engine speeds they assume. `observed`, a job of
     this pipeline with answers, gives the output tokens a row (and the engine's measured speed).
     The API's own errors (anthropic.APIError) pass through."""
-    output_per_row = None if observed is None else observed.usage.output_tokens / observed.requests_by_model[spec.model]
     prices = spec.pipeline.price_table(settings)
     local = spec.info.local
     if local:
         count_tokens, price, speed = _engine_counting(spec, settings, prices.engine_hour_usd, observed)
     else:
         count_tokens, price, speed = _api_counting(spec, settings), prices.price_for(spec.model), None
-    figures = estimate_job(spec, price, count_tokens, sample, output_per_row, None if local else prices.batch_discount)
+    figures = estimate_job(spec, price, count_tokens, sample, output_per_row(spec, observed),
+                           None if local else prices.batch_discount)  # fmt: skip
     return figures, speed
+
+
+def output_per_row(spec: JobSpec, observed: JobStatus | None) -> float | None:
+    """The output tokens a row of the observed job took (None: no job observed)."""
+    return None if observed is None else observed.usage.output_tokens / observed.requests_by_model[spec.model]
 
 
 def _api_counting(spec: JobSpec, settings: Settings) -> Callable[[str | None, str], int]:

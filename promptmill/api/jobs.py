@@ -146,12 +146,11 @@ def _prepare(
 
 
 def _drive(settings: Settings, store: JobStore, url: str, spec: JobSpec, workers: int | None, resuming: bool,
-           progress: bool, max_failed_share: float | None) -> None:  # fmt: skip
+           console: Console, max_failed_share: float | None) -> None:  # fmt: skip
     """Drive the job here to its end; a stop short of it raises JobStopped, Ctrl-C stops the local
     workers and passes on, the job left to resume."""
     try:
-        status = drive(settings, store, url, spec, workers or spec.info.local_workers, resuming,
-                       progress_console(progress), max_failed_share)  # fmt: skip
+        status = drive(settings, store, url, spec, workers or spec.info.local_workers, resuming, console, max_failed_share)
     except KeyboardInterrupt:
         Console(stderr=True).print(
             f"interrupted: workers stopped; job {spec.job_id} goes on with the same pm.run(...) again "
@@ -219,9 +218,9 @@ def run(
         if prepared.kept is not None:
             return prepared.kept
         if not prepared.done:
-            said = f"job {spec.job_id}" + (" (resuming)" if prepared.resuming else "")
-            progress_console(progress).print(said, highlight=False)
-            _drive(settings, store, url, spec, workers, prepared.resuming, progress, max_failed_share)
+            console = progress_console(progress)
+            console.print(f"job {spec.job_id}" + (" (resuming)" if prepared.resuming else ""), highlight=False)
+            _drive(settings, store, url, spec, workers, prepared.resuming, console, max_failed_share)
         return _results(settings, store, spec, chosen)
 
 
@@ -342,7 +341,7 @@ class Job:
         with open_store(settings) as (store, url):
             spec = self._spec(store)
             if reopen(settings, store, spec, budget).state is not JobState.complete:
-                _drive(settings, store, url, spec, workers, True, progress, max_failed_share)
+                _drive(settings, store, url, spec, workers, True, progress_console(progress), max_failed_share)
             return _results(settings, store, spec, self._pipeline)
 
     def report(self, out: str | Path | None = None) -> Path:

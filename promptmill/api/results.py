@@ -85,7 +85,7 @@ class Results:
             "model": pa.array([r["model"] for r in records], pa.string()),
             "attempts": pa.array([r["attempts"] for r in records], pa.int64()),
             "usage": pa.array([r["usage"] for r in records], pa.struct([(n, pa.int64()) for n in Usage.model_fields])),
-            "cost_usd": pa.array([float(row_cost(self.spec, prices, r)) for r in records], pa.float64()),
+            "cost_usd": pa.array([float(cost) for cost in row_costs(self.spec, prices, records)], pa.float64()),
         }
         for name, kind in output_fields(self.spec).items():
             values = [(r["output"] or {}).get(name) if isinstance(r["output"], dict) else None for r in records]
@@ -110,18 +110,21 @@ class Results:
         return datasets.Dataset(self.to_arrow())
 
 
-def row_cost(spec: JobSpec, prices: PriceTable, record: dict[str, Any]) -> Decimal:
-    """What the row's answering requests cost: its tokens at its model's price, or its share of the
+def row_costs(spec: JobSpec, prices: PriceTable, records: list[dict[str, Any]]) -> Iterator[Decimal]:
+    """What each row's answering request cost: its tokens at its model's price, or its share of the
     local engine's time."""
-    usage = Usage(**record["usage"])
-    model = record["model"]
-    if model is None or not usage.answered:
-        return Decimal(0)
     links = {link.model: link for link in spec.links()}
-    link = links.get(model, spec)
-    if not link.info.billed_per_token:
-        return prices.engine_cost_usd(usage.engine_us)
-    return prices.price_for(model + link.info.ledger_suffix).cost_usd(**usage.token_counts())
+    for record in records:
+        usage = Usage(**record["usage"])
+        model = record["model"]
+        if model is None or not usage.answered:
+            yield Decimal(0)
+            continue
+        link = links.get(model, spec)
+        if not link.info.billed_per_token:
+            yield prices.engine_cost_usd(usage.engine_us)
+        else:
+            yield prices.price_for(model + link.info.ledger_suffix).cost_usd(**usage.token_counts())
 
 
 def _input_table(spec: JobSpec, rows: int) -> Any:

@@ -13,14 +13,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from promptmill.api.comparing import plan_compare, run_compare, usd
+from promptmill.api.comparing import compare_folder, plan_compare, run_compare, usd
 from promptmill.cli.app import InputFormatOption, JsonFlag, OldFormatOption, app, err, fail, input_format_of, out
 from promptmill.config.settings import get_settings
-from promptmill.cli.running import sigterm_as_interrupt
-from promptmill.reports.compare.plan import CompareError, default_folder
+from promptmill.cli.running import ways_out
+from promptmill.reports.compare.plan import CompareError
 from promptmill.reports.compare.score import Score
-from promptmill.jobs.producer import ProducerFailed
-from promptmill.reports.progress import WorkersExited
 
 
 def _fmt(value: float | None, pattern: str) -> str:
@@ -81,18 +79,15 @@ def compare(
     settings = get_settings()
     try:
         plan = plan_compare(input_path, pipeline, against, sample, seed, label, input_format_of(input_format, old_format))
-        sigterm_as_interrupt()
-        compared = run_compare(settings, plan, out_dir, workers, err)
     except CompareError as bad:
-        fail(str(bad), code=1 if str(bad).startswith("scoring:") else 2)
-    except KeyboardInterrupt:
-        folder = (out_dir or default_folder(plan)).resolve()
-        err.print(f"\ninterrupted: workers stopped; go on with the same promptmill compare command, with --out {folder}", soft_wrap=True)
-        raise typer.Exit(130)
-    except WorkersExited as died:
-        fail(f"{died}; see the logs in the contender's folder", code=1)
-    except ProducerFailed as stopped:
-        fail(f"{stopped}; fix the input, then run the same command again", code=1)
+        fail(str(bad))
+    folder = compare_folder(plan, out_dir)
+    go_on = f"the same promptmill compare command, with --out {folder}"
+    with ways_out("compare", go_on, folder / "CONTENDER" / "logs"):
+        try:
+            compared = run_compare(settings, plan, folder, workers, err)
+        except CompareError as bad:
+            fail(str(bad), code=1 if str(bad).startswith("scoring:") else 2)
     if as_json:
         out.print_json(json.dumps(compared.as_dict()))
     else:

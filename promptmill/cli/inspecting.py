@@ -204,7 +204,7 @@ def estimate(
     model's own tokenizer), low and high dollars, time."""
     import anthropic
 
-    from promptmill.api.estimating import estimate_spec
+    from promptmill.api.estimating import estimate_spec, output_per_row
 
     settings = get_settings()
     if backend not in ("anthropic", "vllm"):
@@ -218,7 +218,7 @@ def estimate(
             observed = store.status(job_id)
         if not observed.requests_by_model.get(spec.model, 0):
             fail(f"--job: job {job_id} has no answers from {spec.model} yet")
-    output_per_row = None if observed is None else observed.usage.output_tokens / observed.requests_by_model[spec.model]
+    per_row = output_per_row(spec, observed)
     prices = spec.pipeline.price_table(settings)
     try:
         figures, speed = estimate_spec(settings, spec, sample, observed)
@@ -242,7 +242,7 @@ def estimate(
         )
         return
     expected = (
-        f"; expected ${figures.cost_usd_expected:,.4f} at {output_per_row:.1f} output tokens a row (job {job_id})"
+        f"; expected ${figures.cost_usd_expected:,.4f} at {per_row:.1f} output tokens a row (job {job_id})"
         if figures.cost_usd_expected is not None
         else ""
     )

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import signal
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, Optional
+from typing import Any, Iterator, NoReturn, Optional
 
 import typer
 
@@ -41,22 +42,31 @@ def sigterm_as_interrupt() -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
-def drive(
-    settings: Settings, store: JobStore, url: str, spec: JobSpec, workers: int, resuming: bool, go_on: str,
-    max_failed_share: float | None = None,
-) -> JobStatus:
-    """The job driven here to its stop (promptmill.api.driving.drive), its ways out said as a command
-    says them: `go_on` is the command that picks the job up again after a Ctrl-C."""
+@contextmanager
+def ways_out(what: str, go_on: str, logs: Path | str) -> Iterator[None]:
+    """A job driven here, its ways out said as a command says them: Ctrl-C (or SIGTERM) leaves it to
+    `go_on`, workers that keep dying point at their `logs`, an unreadable input names `what` stopped."""
     sigterm_as_interrupt()
     try:
-        return api_drive(settings, store, url, spec, workers, resuming, err, max_failed_share)
+        yield
     except KeyboardInterrupt:
         err.print(f"\ninterrupted: workers stopped; go on with [bold]{go_on}[/]", soft_wrap=True)
         raise typer.Exit(130)
     except WorkersExited as died:
-        fail(f"{died}; see the logs in {Path(spec.out_dir) / 'logs'}", code=1)
+        fail(f"{died}; see the logs in {logs}", code=1)
     except ProducerFailed as stopped:
-        fail(f"job {spec.job_id}: {stopped}\nfix the input, then: promptmill resume {spec.job_id}", code=1)
+        fail(f"{what}: {stopped}\nfix the input, then: {go_on}", code=1)
+
+
+def drive(
+    settings: Settings, store: JobStore, url: str, spec: JobSpec, workers: int, resuming: bool, go_on: str,
+    max_failed_share: float | None = None,
+) -> JobStatus:
+    """The job driven here to its stop (promptmill.api.driving.drive); `go_on` is the command that
+    picks it up again after a Ctrl-C."""
+    with ways_out(f"job {spec.job_id}", go_on, Path(spec.out_dir) / "logs"):
+        status = api_drive(settings, store, url, spec, workers, resuming, err, max_failed_share)
+    return status
 
 
 def _run_to_end(
