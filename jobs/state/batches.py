@@ -23,6 +23,8 @@ from pydantic import BaseModel, Field
 from promptmill.jobs.state.keys import JobKeys, batch_owner_key
 
 ENDED = "ended"
+# A batch's statuses once it is over: Anthropic's "ended", OpenAI's own four.
+OVER = frozenset({ENDED, "completed", "failed", "expired", "cancelled"})
 BATCH_OWNER_TTL_S = 86_400  # a batch's owner is known this long: a lost create is looked for within minutes
 
 
@@ -38,14 +40,15 @@ class BatchRecord(BaseModel):
     batch_id: str
     created_at: float  # epoch seconds
     requests: int
-    processing_status: str = "in_progress"  # in_progress | canceling | ended
+    processing_status: str = "in_progress"  # the provider's word: in_progress, canceling, ended, completed...
     counts: BatchCounts = Field(default_factory=BatchCounts)
     checked_at: float | None = None
     intent: str | None = None  # the prefix of its requests' custom_ids (None: a batch made before intents)
+    files: dict[str, str] = Field(default_factory=dict)  # OpenAI's: input, output and error file ids
 
     @property
     def open(self) -> bool:
-        return self.processing_status != ENDED
+        return self.processing_status not in OVER
 
 
 class BatchIntent(BaseModel):
@@ -56,6 +59,7 @@ class BatchIntent(BaseModel):
     requests: int
     batch_id: str | None = None  # the batch the provider made of it, once known
     unmade: bool = False  # no batch was made of it: its rows go in a new one
+    input_file: str | None = None  # OpenAI's: the uploaded file of its requests, once uploaded
 
 
 @dataclass(frozen=True)
@@ -79,12 +83,19 @@ class BatchStore:
                 pipe.hset(keys.batch_rows(chunk_id), mapping={row: f"{intent.intent_id}|{n}" for row, n in rows.items()})
             pipe.execute()
 
+    def note_file(self, job_id: str, intent: BatchIntent, file_id: str) -> BatchIntent:
+        """The intent's requests were uploaded as this file (OpenAI's batches are made of a file)."""
+        noted = intent.model_copy(update={"input_file": file_id})
+        self.redis.hset(JobKeys(job_id).batch_intents, intent.intent_id, noted.model_dump_json())
+        return noted
+
     def record(self, job_id: str, intent: BatchIntent, batch_id: str, created_at: float) -> None:
         """The provider made the intended batch: record it, name it in its intent, and mark it as this
         job's for the whole fleet (a lost create of another job's never takes it)."""
         keys = JobKeys(job_id)
         record = BatchRecord(batch_id=batch_id, created_at=created_at, requests=intent.requests,
-                             counts=BatchCounts(processing=intent.requests), intent=intent.intent_id)  # fmt: skip
+                             counts=BatchCounts(processing=intent.requests), intent=intent.intent_id,
+                             files={"input": intent.input_file} if intent.input_file else {})  # fmt: skip
         made = intent.model_copy(update={"batch_id": batch_id})
         with self.redis.pipeline() as pipe:
             pipe.hsetnx(keys.batches, batch_id, record.model_dump_json())
@@ -139,12 +150,15 @@ class BatchStore:
         """The row's batch will never answer it (canceled): its next run sends it in a new one."""
         self.redis.hdel(JobKeys(job_id).batch_rows(chunk_id), row)
 
-    def update(self, job_id: str, batch_id: str, processing_status: str, counts: BatchCounts) -> None:
+    def update(
+        self, job_id: str, batch_id: str, processing_status: str, counts: BatchCounts, files: dict[str, str] | None = None
+    ) -> None:
         raw = self.redis.hget(JobKeys(job_id).batches, batch_id)
         if raw is None:
             return  # the job was deleted under us
         record = BatchRecord.model_validate_json(raw)
-        record = record.model_copy(update={"processing_status": processing_status, "counts": counts, "checked_at": time.time()})
+        changed = {"processing_status": processing_status, "counts": counts, "checked_at": time.time()}
+        record = record.model_copy(update={**changed, "files": {**record.files, **(files or {})}})
         self.redis.hset(JobKeys(job_id).batches, batch_id, record.model_dump_json())
 
     def all(self, job_id: str) -> list[BatchRecord]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -13,6 +14,7 @@ from promptmill.config.settings import Settings, get_settings
 from promptmill.jobs.export import EXPORT_FORMATS, FilesKept, export_job, own_folder, remove_job_files
 from promptmill.jobs.shards import ShardError
 from promptmill.jobs.state.status import JobState
+from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.state.store import JobStore
 
 
@@ -24,28 +26,30 @@ def cancel(job_id: JobArg) -> None:
             fail(f"job {job_id} is already complete")
         store.set_state(job_id, JobState.cancelled)
         if spec.info.batches:
-            _cancel_batches(settings, store, job_id)
+            _cancel_batches(settings, store, spec)
     out.print(f"job {job_id} cancelled")
 
 
-def _cancel_batches(settings: Settings, store: JobStore, job_id: str) -> None:
+def _cancel_batches(settings: Settings, store: JobStore, spec: JobSpec) -> None:
     """Cancel the provider's batches now (the workers waiting on them would too, at their next poll);
     what they answered before the cancel is kept, the rest stays pending for a resume."""
-    open_batches = [record.batch_id for record in store.batches.all(job_id) if record.open]
+    open_batches = [record.batch_id for record in store.batches.all(spec.job_id) if record.open]
     if not open_batches:
         return
-    if not settings.api_key():
+    from promptmill.workers.backends.base import FatalJobError
+    from promptmill.workers.runtime import transport
+
+    module = sys.modules[transport(spec).__module__]
+    try:
+        failed = module.cancel_now(settings, spec, open_batches)
+    except FatalJobError:
         err.print(f"no API key here: the job's workers cancel its {len(open_batches):,} open batches at their next poll")
         return
-    import anthropic
-
-    with anthropic.Anthropic(api_key=settings.api_key(), base_url=settings.anthropic_base_url) as client:
-        for batch_id in open_batches:
-            try:
-                client.messages.batches.cancel(batch_id)
-                out.print(f"batch {batch_id} cancelled at the provider")
-            except anthropic.APIError as error:
-                err.print(f"could not cancel batch {batch_id}: {error}", markup=False)
+    for batch_id, error in failed.items():
+        if error is None:
+            out.print(f"batch {batch_id} cancelled at the provider")
+        else:
+            err.print(f"could not cancel batch {batch_id}: {error}", markup=False)
 
 
 @app.command()

@@ -54,8 +54,11 @@ def worker(
     if metrics_address is not None:
         settings = settings.model_copy(update={"metrics_address": metrics_address})
     openai_key = settings.openai_key(settings.openai_url())
-    if "batch" in names and not settings.api_key():
-        fail("a batch worker needs an Anthropic API key: set ANTHROPIC_API_KEY (or PROMPTMILL_ANTHROPIC_API_KEY)")
+    if "batch" in names and not (settings.api_key() or openai_key):
+        fail(
+            "a batch worker needs an API key: set ANTHROPIC_API_KEY (or PROMPTMILL_ANTHROPIC_API_KEY) for "
+            "Message Batches, OPENAI_API_KEY (or PROMPTMILL_OPENAI_API_KEY) for the OpenAI Batch API"
+        )
     if "api" in names and not (settings.api_key() or openai_key):
         # Without a key every request would fail: refuse to start rather than take the fleet's chunks.
         fail(

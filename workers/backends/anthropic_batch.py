@@ -1,43 +1,34 @@
-"""Anthropic's Message Batches API: the same requests at half price, answered within 24 hours.
+"""Anthropic's Message Batches API: the batch transport (provider_batches.py) on `messages.batches`.
 
-A transport like any other to the request path: `send(call)` returns one row's reply, so retries,
-budget, ledger and audit apply unchanged. Behind it, the rows that arrive within `batch_gather_s` (the
-chunks this process runs at once) go out together as one batch per job, up to 100,000 requests and
-256 MB, with the row number as `custom_id`. The batch and its rows are recorded in Redis the moment the
-provider names it (jobs/state/batches.py): a run after a kill or a dead worker finds its rows there and polls
-that batch instead of sending them again. A poller per batch waits, backing off from
-`batch_poll_min_s` to `batch_poll_max_s` with the batch's age (polling draws nothing from the fleet's
-rate limit), then streams the results (JSONL, in any order) to the rows that wait on them.
-
-An errored or expired request is a retryable verdict like any other: the retry layer counts the
-attempt and sends the row again, into a later batch, never to the real-time endpoint. A canceled
-request (the job was cancelled: its poller cancels the batch) leaves its row pending for a resume.
+A batch is made in one call with its requests inline (at most 100,000 requests and 256 MB); its
+results stream as JSONL once it has ended. A create whose answer was lost is found among the
+provider's recent batches by its size and time (the API keeps no metadata of ours).
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import secrets
-import time
-from typing import Any, Hashable
+from typing import Any, AsyncIterator, Hashable
 
 import anthropic
-import orjson
-import redis
 
 from promptmill.config.settings import Settings
-from promptmill.jobs.state.batches import ENDED, BatchCounts, BatchIntent
 from promptmill.jobs.spec import JobSpec
+from promptmill.jobs.state.batches import BatchCounts, BatchIntent
 from promptmill.jobs.state.store import JobStore
-from promptmill.pipelines.items import ErrorKind
 from promptmill.workers.backends.anthropic import AnthropicBackend, message_outcome, message_params
 from promptmill.workers.backends.base import Call, FatalJobError, Reply
-from promptmill.workers.backends.batch_rows import Arrival, Made, WaitedBatch, Waiter, fail, packed, resolve
-from promptmill.workers.retry import Verdict, classify, status_verdict
+from promptmill.workers.backends.batch_rows import Made, WaitedBatch
+from promptmill.workers.backends.provider_batches import (
+    CANCELED,
+    CLOCK_MARGIN_S,
+    EXPIRED,
+    BatchGone,
+    BatchState,
+    ProviderBatchBackend,
+)
+from promptmill.workers.retry import status_verdict
 
-log = logging.getLogger(__name__)
-
+# A batch request's error comes with its type alone: the status the real-time endpoint answers it with.
 _STATUS_OF_ERROR = {
     "invalid_request_error": 400,
     "authentication_error": 401,
@@ -50,25 +41,22 @@ _STATUS_OF_ERROR = {
     "timeout_error": 504,
     "overloaded_error": 529,
 }
-_UNCLEAR = ("timeout", "dropped")  # a create whose answer was lost: the batch may exist all the same
-_CLOCK_MARGIN_S = 300.0  # how far the provider's clock may be behind ours when looking for a batch
-_CUSTOM_ID_BYTES = 32  # "INTENT-ROW", added to a request's size once its batch is intended
-_EXPIRED = Verdict(
-    ErrorKind.expired, "expired: the batch ended before this request was processed", retryable=True, status="expired"
-)
 
 
-class AnthropicBatchBackend:
+class AnthropicBatchBackend(ProviderBatchBackend):
     label = "the Anthropic Message Batches API"
+    api_error = anthropic.APIError
+    max_requests = 100_000
+    max_bytes = 250 * 1024 * 1024  # the API's 256 MB, less room for the envelope
     max_in_flight = None  # every row of a chunk goes in at once: the provider schedules the batch
     one_token_budget = False
+    limited_input = staticmethod(AnthropicBackend.limited_input)
 
     def __init__(self, job: JobSpec, settings: Settings, store: JobStore | None = None):
         api_key = settings.api_key()
         if not api_key:
             raise FatalJobError("no API key in this worker: set ANTHROPIC_API_KEY (or PROMPTMILL_ANTHROPIC_API_KEY)")
-        self.settings = settings
-        self.hold_s: float | None = settings.batch_hold_s
+        super().__init__(job, settings, store)
         # Polling and reading a batch are not a row's attempts: the SDK's own retries (with backoff)
         # are the right ones for them. Creating one is done once: a retry after a lost answer would
         # make a second batch, billed and never read.
@@ -76,158 +64,26 @@ class AnthropicBatchBackend:
             api_key=api_key, base_url=settings.anthropic_base_url, max_retries=4, timeout=settings.request_timeout_s
         )
         self._create_once = self.client.with_options(max_retries=0)
-        self.store = store  # the worker's: where its batches are recorded
-        self._arriving: dict[str, list[Arrival]] = {}  # job id -> rows gathered for its next batch
-        self._gatherers: dict[str, asyncio.Task] = {}
-        self._batches: dict[str, WaitedBatch] = {}  # batch id -> the rows this process waits on in it
-        self._pollers: set[asyncio.Task] = set()
-        self._creating: dict[str, asyncio.Future[Made | None]] = {}  # intent id -> its create's answer
 
     @staticmethod
     def identity(job: JobSpec, settings: Settings) -> Hashable:
         return "anthropic-batch"
 
-    def limit_scope(self, job: JobSpec) -> None:
-        return None  # a batch is not paced by the real-time limits; the API queues what it takes
-
-    limited_input = staticmethod(AnthropicBackend.limited_input)
-
-    # -- a row's way in ----------------------------------------------------------------------------
-
-    async def send(self, call: Call) -> Reply | None:
+    def request_line(self, call: Call) -> dict[str, Any]:
         params = message_params(call.job, call.request)
         params.update(params.pop("extra_body", {}))  # a batch request's params are the plain body
-        request = {"custom_id": "", "params": params}  # "INTENT-ROW", once the row's batch is intended
-        waiter: Waiter = asyncio.get_running_loop().create_future()
-        job_id = call.job.job_id
-        size = len(orjson.dumps(request)) + _CUSTOM_ID_BYTES
-        self._arriving.setdefault(job_id, []).append(Arrival(call, waiter, request, size))
-        if job_id not in self._gatherers:
-            self._gatherers[job_id] = asyncio.ensure_future(self._gather(call.job))
-        return await waiter  # cancelled with the row's task (a lost lease, a chunk's hold ending)
+        return {"custom_id": "", "params": params}
 
-    async def _gather(self, job: JobSpec) -> None:
-        """After the gathering window: rows a recorded batch already holds wait on it, rows of a batch
-        whose create was never answered wait on it if the provider made it, the rest go out."""
-        await asyncio.sleep(self.settings.batch_gather_s)
-        self._gatherers.pop(job.job_id, None)
-        arrivals = [a for a in self._arriving.pop(job.job_id, []) if not a.waiter.done()]
-        if not arrivals:
-            return
-        try:
-            held = self.store.batches.holding(job.job_id, [(a.call.chunk_id, a.call.request.row) for a in arrivals])
-        except redis.RedisError as error:  # the chunk retries as on any Redis error
-            fail(arrivals, error)
-            return
-        fresh: list[Arrival] = []
-        unanswered: dict[str, list[Arrival]] = {}  # intent -> its rows: the provider's answer to its create was lost
-        for arrival in arrivals:
-            holder = held.get((arrival.call.chunk_id, arrival.call.request.row))
-            if holder is None or holder.attempt != arrival.call.attempt:
-                fresh.append(arrival)  # a first attempt, or the next after one that errored or expired
-            elif holder.batch_id is not None:
-                self._wait_on(job, holder.batch_id, holder.intent, None, arrival)  # sent before a kill: wait on it again
-            else:
-                unanswered.setdefault(holder.intent, []).append(arrival)
-        try:
-            for intent_id, group in unanswered.items():
-                await self._look_for(job, intent_id, group)
-            for group in packed(fresh):
-                await self._create(job, group)
-        except Exception as error:  # noqa: BLE001 - the rows' tasks must not wait forever on a dead gatherer
-            fail(arrivals, error)  # a Redis error: the chunk retries; anything else stops the job
-            raise
+    async def create_batch(self, job: JobSpec, intent: BatchIntent, requests: list[dict[str, Any]]) -> Made:
+        batch = await self._create_once.messages.batches.create(requests=requests)
+        return Made(batch.id, batch.created_at.timestamp())
 
-    async def _create(self, job: JobSpec, group: list[Arrival]) -> None:
-        """One batch of these rows, created once: intended in Redis first, created without the SDK's
-        retries, and after an unclear failure looked for before anything is sent again."""
-        intent = BatchIntent(intent_id=secrets.token_hex(6), at=time.time(), requests=len(group))
-        attempts: dict[str, dict[int, int]] = {}
-        for arrival in group:
-            arrival.request["custom_id"] = f"{intent.intent_id}-{arrival.call.request.row}"
-            attempts.setdefault(arrival.call.chunk_id, {})[arrival.call.request.row] = arrival.call.attempt
-        try:
-            self.store.batches.intend(job.job_id, intent, attempts)
-        except redis.RedisError as error:
-            fail(group, error)
-            return
-        # Another run of these rows in this process (after a chunk's hold) waits on this answer.
-        creating = self._creating[intent.intent_id] = asyncio.get_running_loop().create_future()
-        made: Made | None = None
-        try:
-            try:
-                batch = await self._create_once.messages.batches.create(requests=[arrival.request for arrival in group])
-            except anthropic.APIError as error:
-                verdict = classify(error)
-                if verdict.status not in _UNCLEAR and not verdict.server_failure:
-                    self._unmade(job, intent, group, verdict)  # refused: no batch was made
-                    return
-                log.warning("job %s: creating a batch failed (%s); looking for it before sending its rows again",
-                            job.job_id, error)  # fmt: skip
-                made = await self._find(job, intent.intent_id, group, verdict)
-                return
-            made = Made(batch.id, batch.created_at.timestamp())
-            self._made(job, intent, made, group)
-        finally:
-            creating.set_result(made)
-            self._creating.pop(intent.intent_id, None)
-
-    async def _look_for(self, job: JobSpec, intent_id: str, group: list[Arrival]) -> None:
-        """Rows of an intent whose batch is not recorded: if its create is on its way in this process
-        (these rows' earlier run ended its hold meanwhile), its answer tells; else it was lost (a
-        worker killed before it recorded the batch): the batch is looked for."""
-        if intent_id not in self._creating:
-            await self._find(job, intent_id, group)
-            return
-        made = await asyncio.shield(self._creating[intent_id])
-        if made is None:  # no batch was made: the rows go in a new one
-            for batch_rows in packed(group):
-                await self._create(job, batch_rows)
-            return
-        for arrival in group:
-            self._wait_on(job, made.batch_id, intent_id, made.created_at, arrival)
-
-    async def _find(
-        self, job: JobSpec, intent_id: str, group: list[Arrival], failed: Verdict | None = None
-    ) -> Made | None:
-        """The provider's answer to the intent's create was lost: wait on the batch it made, if it made
-        one; else the rows' attempt failed (`failed`), or, after a kill, their next run sends them anew."""
-        intent = self.store.batches.intent(job.job_id, intent_id)
-        if intent is None:  # its record is gone (the job's keys were deleted): nothing to look for
-            resolve(group, failed)
-            return None
-        try:
-            found = await self._made_of(intent)
-        except anthropic.APIError as error:
-            # Unknown still: sending again could pay twice. The rows stay pending; the chunk's next
-            # run (after its hold) looks again.
-            log.warning("job %s: looking for batch of intent %s failed (%s)", job.job_id, intent_id, error)
-            resolve(group, None)
-            return None
-        if found is None:
-            if failed is None:
-                self.store.batches.unmade(job.job_id, intent)
-                for batch_rows in packed(group):
-                    await self._create(job, batch_rows)
-            else:
-                self._unmade(job, intent, group, failed)
-            return None
-        log.info("job %s: found batch %s, made of intent %s", job.job_id, found.id, intent_id)
-        made = Made(found.id, found.created_at.timestamp())
-        self._made(job, intent, made, group)
-        return made
-
-    async def _made_of(self, intent: BatchIntent) -> Any:
-        """The provider's batch made of this intent: of its size, created from its time on (a few
-        minutes' margin for clocks), and no job's of this fleet; the earliest such. None: none was made."""
-        # This process's creates on their way are let finish first: each of their batches is then
-        # recorded as its own before the list is read, and never taken for another's.
-        others = [future for intent_id, future in self._creating.items() if intent_id != intent.intent_id]
-        if others:
-            await asyncio.wait([asyncio.shield(future) for future in others])
+    async def find_batch(self, intent: BatchIntent) -> Made | None:
+        """Of the intent's size, created from its time on (a few minutes' margin for clocks), and no
+        job's of this fleet; the earliest such."""
         candidates = []
         async for batch in self.client.messages.batches.list(limit=100):  # newest first
-            if batch.created_at.timestamp() < intent.at - _CLOCK_MARGIN_S:
+            if batch.created_at.timestamp() < intent.at - CLOCK_MARGIN_S:
                 break
             counts = batch.request_counts
             size = counts.processing + counts.succeeded + counts.errored + counts.canceled + counts.expired
@@ -235,120 +91,56 @@ class AnthropicBatchBackend:
                 candidates.append(batch)
         owned = self.store.batches.owned([batch.id for batch in candidates])
         candidates = [batch for batch in candidates if batch.id not in owned]
-        return min(candidates, key=lambda batch: batch.created_at) if candidates else None
+        if not candidates:
+            return None
+        found = min(candidates, key=lambda batch: batch.created_at)
+        return Made(found.id, found.created_at.timestamp())
 
-    def _made(self, job: JobSpec, intent: BatchIntent, made: Made, group: list[Arrival]) -> None:
+    async def batch_state(self, batch_id: str) -> BatchState:
         try:
-            self.store.batches.record(job.job_id, intent, made.batch_id, made.created_at)
-        except redis.RedisError:  # the batch is paid for: wait on it all the same
-            log.exception("job %s: could not record batch %s; a run after a kill looks for it again", job.job_id, made.batch_id)
-        log.info("job %s: batch %s with %d requests", job.job_id, made.batch_id, len(group))
-        for arrival in group:
-            self._wait_on(job, made.batch_id, intent.intent_id, made.created_at, arrival, fresh=True)
+            state = await self.client.messages.batches.retrieve(batch_id)
+        except anthropic.NotFoundError:
+            raise BatchGone(batch_id) from None
+        return BatchState(
+            status=state.processing_status,
+            counts=BatchCounts.model_validate(state.request_counts.model_dump()),
+            ended=state.processing_status == "ended",
+            created_at=state.created_at.timestamp(),
+            cancellable=state.processing_status == "in_progress",
+        )
 
-    def _unmade(self, job: JobSpec, intent: BatchIntent, group: list[Arrival], verdict: Verdict) -> None:
-        """No batch was made of the intent: each row's attempt failed (the retry layer decides on each)."""
-        try:
-            self.store.batches.unmade(job.job_id, intent)
-        except redis.RedisError:
-            pass  # its rows' next attempt does not match the intent's: they go in a new batch all the same
-        resolve(group, verdict)
-
-    def _wait_on(
-        self, job: JobSpec, batch_id: str, intent: str | None, created_at: float | None, arrival: Arrival,
-        fresh: bool = False,
-    ) -> None:
-        batch = self._batches.get(batch_id)
-        if batch is None:
-            batch = self._batches[batch_id] = WaitedBatch(batch_id, job, created_at or time.time(), intent)
-            poller = asyncio.ensure_future(self._poll(batch, first_wait=fresh))
-            self._pollers.add(poller)
-            poller.add_done_callback(self._pollers.discard)
-        batch.wait(arrival.call.request.row, arrival.call.chunk_id, arrival.waiter)
-
-    # -- a batch's way back ------------------------------------------------------------------------
-
-    def _interval_s(self, batch: WaitedBatch) -> float:
-        """From the shortest wait to the longest as the batch ages: most end within the hour."""
-        age_s = max(0.0, time.time() - batch.created_at)
-        return min(self.settings.batch_poll_max_s, max(self.settings.batch_poll_min_s, age_s / 6))
-
-    async def _poll(self, batch: WaitedBatch, first_wait: bool) -> None:
-        job_id = batch.job.job_id
-        try:
-            wait = first_wait
-            while batch.waiting():
-                if wait:
-                    await asyncio.sleep(self._interval_s(batch))
-                wait = True
-                try:
-                    state = await self.client.messages.batches.retrieve(batch.batch_id)
-                except anthropic.NotFoundError:
-                    gone = Verdict(ErrorKind.server_error, f"batch {batch.batch_id} is gone", retryable=True, status=404)
-                    self._resolve_rest(batch, gone)
-                    return
-                except anthropic.APIError as error:
-                    log.warning("job %s: polling batch %s failed (%s); polling on", job_id, batch.batch_id, error)
-                    continue
-                batch.created_at = state.created_at.timestamp()
-                counts = BatchCounts.model_validate(state.request_counts.model_dump())
-                try:
-                    self.store.batches.update(job_id, batch.batch_id, state.processing_status, counts)
-                    if state.processing_status == ENDED:
-                        await self._read_results(batch)
-                        return
-                    if state.processing_status == "in_progress" and not batch.cancel_sent and not self.store.is_runnable(job_id):
-                        batch.cancel_sent = True  # the job was cancelled: so is its batch (answers so far are kept)
-                        await self._cancel(batch.batch_id)
-                except (anthropic.APIError, redis.RedisError) as error:
-                    # A Redis restart, a failed read: the rows read so far are answered, the rest at the next try.
-                    log.warning("job %s: batch %s: %s; polling on", job_id, batch.batch_id, error)
-        except Exception as error:  # noqa: BLE001 - the rows' tasks must not wait forever on a dead poller
-            # Sending the rows again could pay for them twice: the job stops, and `resume` polls again.
-            log.exception("job %s: batch %s: polling stopped", job_id, batch.batch_id)
-            stop = FatalJobError(f"polling batch {batch.batch_id} failed: {type(error).__name__}: {error}")
-            for waiter in batch.waiters.values():
-                if not waiter.done():
-                    waiter.set_exception(stop)
-        finally:
-            self._batches.pop(batch.batch_id, None)
-
-    async def _cancel(self, batch_id: str) -> None:
-        try:
-            await self.client.messages.batches.cancel(batch_id)
-        except anthropic.APIError as error:
-            log.warning("cancelling batch %s failed: %s", batch_id, error)
-
-    async def _read_results(self, batch: WaitedBatch) -> None:
-        job = batch.job
+    async def batch_results(self, batch: WaitedBatch) -> AsyncIterator[tuple[str, Reply | object]]:
         results = await self.client.messages.batches.results(batch.batch_id)
         async for entry in results:
-            row = batch.row_of(entry.custom_id)
-            if row is None or row in batch.results:
-                continue  # another intent's row (not this batch's), or one read already
             result = entry.result
             if result.type == "succeeded":
-                batch.answer(row, message_outcome(row, result.message, started_at=batch.created_at))
+                yield entry.custom_id, message_outcome(0, result.message, started_at=batch.created_at)
             elif result.type == "errored":
                 error = result.error.error
                 status = _STATUS_OF_ERROR.get(error.type, 500)
-                batch.answer(row, status_verdict(status, f"{status} {error.type}: {error.message}", error.type))
+                yield entry.custom_id, status_verdict(status, f"{status} {error.type}: {error.message}", error.type)
             elif result.type == "expired":
-                batch.answer(row, _EXPIRED)
-            else:  # canceled: never processed, never billed; a resume sends the row in a new batch
-                if row in batch.chunk_of:
-                    self.store.batches.forget_row(job.job_id, batch.chunk_of[row], row)
-                batch.answer(row, None)
-        missing = Verdict(ErrorKind.server_error, f"batch {batch.batch_id} returned no result", retryable=True, status=500)
-        self._resolve_rest(batch, missing)
+                yield entry.custom_id, EXPIRED
+            else:
+                yield entry.custom_id, CANCELED
 
-    @staticmethod
-    def _resolve_rest(batch: WaitedBatch, reply: Reply) -> None:
-        for waiter in batch.waiters.values():
-            if not waiter.done():
-                waiter.set_result(reply)
+    async def cancel_batch(self, batch_id: str) -> None:
+        await self.client.messages.batches.cancel(batch_id)
 
-    async def close(self) -> None:
-        for task in [*self._gatherers.values(), *self._pollers]:
-            task.cancel()
+    async def close_client(self) -> None:
         await self.client.close()
+
+
+def cancel_now(settings: Settings, spec: JobSpec, batch_ids: list[str]) -> dict[str, str | None]:
+    """Cancel these batches at the provider now, from the CLI: batch id -> None, or why it failed."""
+    if not settings.api_key():
+        raise FatalJobError("no API key here")
+    failed: dict[str, str | None] = {}
+    with anthropic.Anthropic(api_key=settings.api_key(), base_url=settings.anthropic_base_url) as client:
+        for batch_id in batch_ids:
+            try:
+                client.messages.batches.cancel(batch_id)
+                failed[batch_id] = None
+            except anthropic.APIError as error:
+                failed[batch_id] = str(error)
+    return failed

@@ -1,4 +1,4 @@
-"""What the Message Batches transport keeps of the rows it gathers and the batches it waits on, and
+"""What a batch transport keeps of the rows it gathers and the batches it waits on, and
 how rows are packed into the batches the API takes."""
 
 from __future__ import annotations
@@ -10,9 +10,6 @@ from typing import Any
 from promptmill.jobs.spec import JobSpec
 from promptmill.workers.backends.base import Call, Reply
 
-MAX_BATCH_REQUESTS = 100_000
-MAX_BATCH_BYTES = 250 * 1024 * 1024  # the API's 256 MB, less room for the envelope
-# A batch request's error comes with its type alone: the status the real-time endpoint answers it with.
 Waiter = asyncio.Future  # resolved with the row's Reply, or None (canceled: the row stays pending)
 
 
@@ -20,8 +17,8 @@ Waiter = asyncio.Future  # resolved with the row's Reply, or None (canceled: the
 class Arrival:
     call: Call
     waiter: Waiter
-    request: dict[str, Any]  # {"custom_id", "params"}, as the SDK takes it
-    size: int  # bytes of the request as JSON: they count against the batch's 256 MB
+    request: dict[str, Any]  # the request line as the batch API takes it, with its "custom_id"
+    size: int  # bytes of the request as JSON: they count against the batch's bound
 
 
 @dataclass(frozen=True)
@@ -81,12 +78,12 @@ def fail(group: list[Arrival], error: BaseException) -> None:
             arrival.waiter.set_exception(error)
 
 
-def packed(arrivals: list[Arrival]) -> list[list[Arrival]]:
-    """The rows in batches the API takes: at most 100,000 requests and 256 MB each."""
+def packed(arrivals: list[Arrival], max_requests: int, max_bytes: int) -> list[list[Arrival]]:
+    """The rows in batches the API takes: at most so many requests and bytes each."""
     groups: list[list[Arrival]] = []
     size = 0
     for arrival in arrivals:
-        if not groups or len(groups[-1]) >= MAX_BATCH_REQUESTS or size + arrival.size > MAX_BATCH_BYTES:
+        if not groups or len(groups[-1]) >= max_requests or size + arrival.size > max_bytes:
             groups.append([])
             size = 0
         groups[-1].append(arrival)

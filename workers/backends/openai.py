@@ -79,6 +79,39 @@ def _usage(usage: CompletionUsage | None) -> Usage | None:
     )
 
 
+def chat_params(pipeline: Pipeline, request: RenderedRequest, base_url: str | None) -> dict[str, Any]:
+    """The chat completions body of a row's request (a batch line's `body` too)."""
+    messages = request.chat(pipeline.system)
+    params: dict[str, Any] = {"model": pipeline.model, "messages": messages}
+    # OpenAI's own models take max_completion_tokens (its reasoning models refuse max_tokens);
+    # other servers know max_tokens best.
+    params["max_completion_tokens" if is_openai_url(base_url) else "max_tokens"] = pipeline.max_tokens
+    for name in ("temperature", "top_p", "seed"):
+        if getattr(pipeline, name) is not None:
+            params[name] = getattr(pipeline, name)
+    if pipeline.stop:
+        params["stop"] = pipeline.stop
+    schema = response_format(pipeline.output, openai_strict=is_openai_url(base_url))
+    if pipeline.structured_output and schema is not None:
+        params["response_format"] = schema
+    return params
+
+
+def completion_outcome(row: int, completion: ChatCompletion, pipeline: Pipeline, **fields: Any) -> RawOutcome:
+    """A chat completion as the row's outcome: its text (a structured choice's label), usage and finish reason."""
+    choice = completion.choices[0] if completion.choices else None
+    text = (choice.message.content or "") if choice is not None else ""
+    if pipeline.structured_output and pipeline.output.type == "choice":
+        text = chosen_label(text)
+    return RawOutcome(
+        row=row,
+        text=text,
+        usage=_usage(completion.usage) or Usage(),
+        finish_reason=choice.finish_reason if choice is not None else None,
+        **{"request_id": completion.id, **fields},
+    )
+
+
 class OpenAIBackend:
     label = "the OpenAI-compatible server"
     hold_s = None
@@ -113,25 +146,9 @@ class OpenAIBackend:
     def limited_input(usage: Usage) -> int:
         return usage.prompt_tokens  # cached prompt tokens count against the limit too
 
-    def _params(self, pipeline: Pipeline, request: RenderedRequest) -> dict[str, Any]:
-        messages = request.chat(pipeline.system)
-        params: dict[str, Any] = {"model": pipeline.model, "messages": messages}
-        # OpenAI's own models take max_completion_tokens (its reasoning models refuse max_tokens);
-        # other servers know max_tokens best.
-        params["max_completion_tokens" if is_openai_url(self.base_url) else "max_tokens"] = pipeline.max_tokens
-        for name in ("temperature", "top_p", "seed"):
-            if getattr(pipeline, name) is not None:
-                params[name] = getattr(pipeline, name)
-        if pipeline.stop:
-            params["stop"] = pipeline.stop
-        schema = response_format(pipeline.output, openai_strict=is_openai_url(self.base_url))
-        if pipeline.structured_output and schema is not None:
-            params["response_format"] = schema
-        return params
-
     async def send(self, call: Call) -> Reply:
         pipeline = call.job.pipeline
-        body = self._params(pipeline, call.request)
+        body = chat_params(pipeline, call.request, self.base_url)
         started = time.monotonic()
         first: float | None = None
         raw = None
@@ -170,18 +187,13 @@ class OpenAIBackend:
             limits = LimitHeaders.from_openai(response.headers) if response is not None else None
             return dataclasses.replace(classify(error), limits=limits, usage=_usage(seen_usage))
         latency = time.monotonic() - started
-        choice = completion.choices[0] if completion.choices else None
-        text = (choice.message.content or "") if choice is not None else ""
-        if pipeline.structured_output and pipeline.output.type == "choice":
-            text = chosen_label(text)
-        return RawOutcome(
-            row=call.request.row,
+        return completion_outcome(
+            call.request.row,
+            completion,
+            pipeline,
             request_id=raw.headers.get("x-request-id") or completion.id,
             latency_ms=round(latency * 1000, 1),
             ttft_ms=round((first - started) * 1000, 1) if first is not None else None,
-            text=text,
-            usage=_usage(completion.usage) or Usage(),
-            finish_reason=choice.finish_reason if choice is not None else None,
             limits=LimitHeaders.from_openai(raw.headers),
         )
 

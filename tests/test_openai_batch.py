@@ -1,0 +1,181 @@
+"""Whole jobs through the OpenAI Batch API (`--backend openai-batch`): the real CLI, real Celery
+workers and Redis, the real openai SDK against the local server's `/v1/files` and `/v1/batches`."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from decimal import Decimal
+
+import pytest
+
+from promptmill.config.prices import PriceTable
+from promptmill.config.settings import Settings
+from tests.chaos import kill_tree
+from tests.conftest import promptmill, read_jsonl
+from tests.support import fast_recovery, start_cli, wait_until, write_dataset
+from tests.test_api_jobs import LABELS, job_id_of
+from tests.test_openai import openai_env
+
+PIPELINE = """
+name = "label"
+model = "gpt-4.1-mini"
+system = "You label items with one word."
+prompt = "Item {id}: {text} [[reply:{answer}]]"
+max_tokens = 8
+
+[output]
+type = "choice"
+choices = ["positive", "negative"]
+"""
+
+
+@pytest.fixture
+def batch_env(env):
+    """An OpenAI user whose batches are gathered, polled and held on a test's clock instead of minutes."""
+    return openai_env(
+        env,
+        PROMPTMILL_BATCH_GATHER_S="0.5",
+        PROMPTMILL_BATCH_POLL_MIN_S="0.3",
+        PROMPTMILL_BATCH_POLL_MAX_S="0.6",
+        PROMPTMILL_BATCH_HOLD_S="3",
+    )
+
+
+def write_rows(tmp_path, rows: int, marker=lambda i: ""):
+    answers = (
+        {"id": i, "text": f"row number {i}{marker(i)}", "answer": LABELS[i % 2]} for i in range(rows)
+    )
+    return write_dataset(tmp_path, answers, PIPELINE)
+
+
+def batch_run(data, pipeline, out, *extra: str) -> list[str]:
+    return ["run", str(data), "--pipeline", str(pipeline), "--backend", "openai-batch", "--out", str(out), *extra]
+
+
+def batch_entries(log: list[dict]) -> list[dict]:
+    assert all(entry.get("route") == "openai_batch" for entry in log), "a batch job sent a real-time request"
+    return log
+
+
+def row_of(entry: dict) -> int:
+    return int(entry["custom_id"].rsplit("-", 1)[-1])
+
+
+def test_3000_rows_with_errors_and_an_expired_batch_are_all_answered_at_half_price_equal_to_the_bill(
+    tmp_path, batch_env, fake_api
+):
+    """2% of the requests error once (a 5xx), and the first batch expires half answered: every row
+    still ends ok, the retried ones with their attempts counted, and the ledger is the server's bill
+    at the batch discount."""
+    fake_api.configure(batch_delay_s=1.0, batch_expire_next=1)
+    erring = set(range(0, 3000, 50))  # 60 rows, 2%
+    data, pipeline = write_rows(tmp_path, 3000, lambda i: " [[batch_error_once:api_error]]" if i in erring else "")
+    out = tmp_path / "out"
+    result = promptmill(*batch_run(data, pipeline, out, "--chunk-size", "500"), env=batch_env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    job_id = job_id_of(result)
+
+    records = read_jsonl(out / "results.jsonl")
+    assert [record["row"] for record in records] == list(range(3000))
+    assert [record["output"] for record in records] == [LABELS[i % 2] for i in range(3000)]
+    log = batch_entries(fake_api.log())
+    expired = {row_of(entry) for entry in log if entry["status"] == "expired"}
+    assert expired and not expired & erring or expired  # some rows expired in the first batch
+    attempts = {record["row"]: record["attempts"] for record in records}
+    assert all(attempts[row] >= 2 for row in erring | expired)
+    sends = Counter(row_of(entry) for entry in log)
+    assert all(sends[row] == attempts[row] for row in range(3000))  # one send per counted attempt
+    answered = [entry for entry in log if entry["status"] == 200]
+    assert sorted(row_of(entry) for entry in answered) == list(range(3000))  # each row answered once
+
+    batches = fake_api.openai_batches()
+    assert all(batch["metadata"]["promptmill_intent"] for batch in batches)
+    status = json.loads(promptmill("status", job_id, "--json", env=batch_env).stdout)
+    assert {b["id"] for b in status["batches"]} == {b["id"] for b in batches}
+    assert Counter(b["status"] for b in status["batches"])["expired"] == 1
+    assert all(b["processing"] == 0 for b in status["batches"])
+
+    prices = PriceTable.load(Settings())
+    usage = [entry["usage"] for entry in answered]
+    tokens = {"input_tokens": sum(u["prompt_tokens"] for u in usage), "output_tokens": sum(u["completion_tokens"] for u in usage)}
+    listed = prices.price_for("gpt-4.1-mini").cost_usd(**tokens)
+    report = json.loads(promptmill("cost", job_id, "--json", env=batch_env).stdout)
+    assert [model["model"] for model in report["models"]] == ["gpt-4.1-mini@batch"], report["models"]
+    assert report["models"][0]["requests"] == 3000
+    assert listed > 0 and abs(Decimal(str(report["cost_usd"])) - listed * prices.batch_discount) < Decimal("1e-9")
+    assert prices.batch_discount == Decimal("0.5")
+
+
+def test_a_run_killed_after_its_first_batch_exists_resumes_without_a_batch_or_an_answer_twice(
+    tmp_path, batch_env, fake_api
+):
+    fake_api.configure(batch_delay_s=3600)  # batches stay in progress until the test lets them end
+    data, pipeline = write_rows(tmp_path, 400)
+    out = tmp_path / "out"
+    run = start_cli(batch_env, *batch_run(data, pipeline, out, "--chunk-size", "100"))
+    try:
+        job_id = run.stdout.readline().split()[1]
+        wait_until(lambda: sum(b["requests"] for b in fake_api.openai_batches()) == 400, 120, "every row in a batch")
+        time.sleep(1.0)
+    finally:
+        kill_tree(run)
+        run.communicate()
+    created = {batch["id"] for batch in fake_api.openai_batches()}
+    status = json.loads(promptmill("status", job_id, "--json", env=batch_env).stdout)
+    assert {batch["id"] for batch in status["batches"]} == created  # recorded the moment they existed
+
+    fake_api.configure(batch_delay_s=0)
+    resumed = promptmill("resume", job_id, env=batch_env, timeout=200)
+    assert resumed.returncode == 0, resumed.stderr
+    assert {batch["id"] for batch in fake_api.openai_batches()} == created  # no batch made again
+    log = batch_entries(fake_api.log())
+    assert sorted(row_of(entry) for entry in log) == list(range(400))  # no row sent twice
+    records = read_jsonl(out / "results.jsonl")
+    assert all(record["status"] == "ok" and record["attempts"] == 1 for record in records)
+    report = json.loads(promptmill("cost", job_id, "--json", env=batch_env).stdout)
+    assert report["models"][0]["requests"] == 400 and report["paid_twice"]["cost_usd"] == 0
+
+
+@pytest.mark.parametrize("fault", ["drop", "kill"])
+def test_a_batch_whose_create_answer_was_lost_is_found_by_its_intent_never_made_twice(
+    tmp_path, batch_env, fake_api, fault
+):
+    fake_api.configure(batch_delay_s=1.0, batch_create_fault=fault)
+    data, pipeline = write_rows(tmp_path, 300)
+    out = tmp_path / "out"
+    env = fast_recovery(batch_env)
+    result = promptmill(*batch_run(data, pipeline, out, "--chunk-size", "100"), env=env, timeout=200)
+    assert result.returncode == 0, result.stderr
+    assert fake_api.config()["batch_create_fault"] == ""  # the fault happened
+    log = batch_entries(fake_api.log())
+    assert sorted(row_of(entry) for entry in log) == list(range(300))  # each row in one batch, once
+    assert all(batch["retrieved"] > 0 for batch in fake_api.openai_batches())  # none made and left unread
+    records = read_jsonl(out / "results.jsonl")
+    assert [r["status"] for r in records] == ["ok"] * 300
+
+
+@pytest.mark.timeout(300)
+def test_cancel_cancels_the_batches_and_a_4xx_fails_its_row_with_the_message(tmp_path, batch_env, fake_api):
+    fake_api.configure(batch_delay_s=3600)
+    data, pipeline = write_rows(tmp_path, 100, lambda i: " [[batch_error:invalid_request_error]]" if i == 7 else "")
+    out = tmp_path / "out"
+    run = start_cli(batch_env, *batch_run(data, pipeline, out))
+    try:
+        job_id = run.stdout.readline().split()[1]
+        wait_until(lambda: sum(b["requests"] for b in fake_api.openai_batches()) == 100, 120, "every row in a batch")
+        cancelled = promptmill("cancel", job_id, env=batch_env)
+        assert cancelled.returncode == 0, cancelled.stderr
+        first = {batch["id"] for batch in fake_api.openai_batches()}
+        assert all(f"batch {batch_id} cancelled" in cancelled.stdout for batch_id in first)
+        run.wait(timeout=60)
+    finally:
+        kill_tree(run)
+    fake_api.configure(batch_delay_s=0)
+    resumed = promptmill("resume", job_id, env=batch_env, timeout=200)
+    assert resumed.returncode == 0, resumed.stderr
+    assert {batch["id"] for batch in fake_api.openai_batches()} - first, "the cancelled rows were never sent again"
+    records = read_jsonl(out / "results.jsonl")
+    assert [record["status"] for i, record in enumerate(records) if i != 7] == ["ok"] * 99
+    assert records[7]["status"] == "failed" and "invalid_request_error" in records[7]["error"]["message"]
