@@ -12,6 +12,7 @@ from typing import Any, Iterator, Literal, get_args
 
 import orjson
 
+from promptmill.jobs.batch_files import batch_lines
 from promptmill.jobs.carried import with_carried
 from promptmill.jobs.files import atomic_write
 from promptmill.jobs.manifest import write_manifest
@@ -22,7 +23,7 @@ from promptmill.jobs.state.store import JobStore
 from promptmill.jobs.tabular import Tabular, fitted
 from promptmill.pipelines.items import ItemOutcome
 
-ExportFormat = Literal["jsonl", "csv", "parquet"]
+ExportFormat = Literal["jsonl", "csv", "parquet", "openai-batch"]
 EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
 
 
@@ -40,6 +41,8 @@ def export_job(store: JobStore, spec: JobSpec, out_dir: Path, fmt: ExportFormat 
     if shards_reachable(spec):
         flush_complete_chunks(store, spec)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if fmt == "openai-batch":
+        return _export_batch_files(store, spec, out_dir)
     results_path = out_dir / f"results.{fmt}"
     failures_path = out_dir / "failures.jsonl"
     records = with_carried(spec, (_record(o) for o in iter_outcomes(store, spec)))
@@ -88,6 +91,21 @@ def export_job(store: JobStore, spec: JobSpec, out_dir: Path, fmt: ExportFormat 
     }  # fmt: skip
 
 
+def _export_batch_files(store: JobStore, spec: JobSpec, out_dir: Path) -> dict[str, Any]:
+    """The Batch API's own files: answers in output.jsonl, failures in errors.jsonl."""
+    records = with_carried(spec, (_record(o) for o in iter_outcomes(store, spec)))
+    output_path, errors_path = out_dir / "output.jsonl", out_dir / "errors.jsonl"
+    written = failed = 0
+    with atomic_write(output_path) as output, atomic_write(errors_path) as errors:
+        for answered, line in batch_lines(records, spec.model, "openai"):
+            written += 1
+            failed += not answered
+            (output if answered else errors).write(line)
+    manifest = write_manifest(store, spec, out_dir)
+    return {"results": str(output_path), "failures": str(errors_path), "manifest": str(manifest),
+            "records": written, "failed": failed}  # fmt: skip
+
+
 _OPEN: dict[str, dict[str, Any]] = {"jsonl": {}, "parquet": {}, "csv": {"mode": "w", "newline": "", "encoding": "utf-8"}}
 
 
@@ -128,7 +146,8 @@ def remove_job_files(spec: JobSpec) -> list[Path]:
     if not logs.is_symlink():
         written += worker_logs(logs, spec.job_id)
     if _manifest_names(folder / "manifest.json", spec.job_id):
-        written += [folder / name for name in ("failures.jsonl", *(f"results.{fmt}" for fmt in EXPORT_FORMATS))]
+        written += [folder / name for name in ("failures.jsonl", "output.jsonl", "errors.jsonl",
+                                               *(f"results.{fmt}" for fmt in EXPORT_FORMATS[:3]))]  # fmt: skip
         written.append(folder / "manifest.json")  # last: it says whose the results are, should a removal fail
     removed = []
     for path in written:

@@ -17,6 +17,7 @@ from typing import IO, Any, Iterator
 import orjson
 
 from promptmill.jobs.spec import INPUT_FORMATS, InputFormat
+from promptmill.pipelines.render import BODY_COLUMN
 
 _SUFFIXES: dict[str, InputFormat] = {
     ".jsonl": "jsonl",
@@ -43,10 +44,16 @@ Row = dict[str, Any] | InvalidRow
 
 
 def detect_format(path: Path) -> InputFormat:
+    """By the file's name; a JSONL file whose first line is a batch request is an OpenAI batch file."""
     suffixes = [suffix.lower() for suffix in path.suffixes]
     for suffix in reversed(suffixes):
         if suffix in _SUFFIXES:
-            return _SUFFIXES[suffix]
+            found = _SUFFIXES[suffix]
+            if found == "jsonl" and path.is_file():
+                first = next(_jsonl_rows(path, 0, limit=1 << 24), None)
+                if first is not None and is_batch_line(first[1]):
+                    return "openai-batch"
+            return found
     raise ValueError(f"cannot tell the format of {path} from its name; pass --format {'|'.join(INPUT_FORMATS)}")
 
 
@@ -82,7 +89,8 @@ def iter_rows(
     A row bigger than `max_row_bytes` (as read, or as JSON for Parquet) is an `InvalidRow`. A
     `hashlib` digest given is fed the whole file's bytes as the rows stream (once they all have).
     """
-    readers = {"jsonl": _jsonl_rows, "json": _json_rows, "csv": _csv_rows, "parquet": _parquet_rows}
+    readers = {"jsonl": _jsonl_rows, "json": _json_rows, "csv": _csv_rows, "parquet": _parquet_rows,
+               "openai-batch": _batch_file_rows}  # fmt: skip
     limit = max_row_bytes or None
     rows = readers[input_format](path, skip, digest, limit)
     for row_number, (line, row, size) in enumerate(rows, start=skip):
@@ -101,6 +109,24 @@ _Read = Iterator[tuple[int, Row | None, int]]
 def _jsonl_rows(path: Path, skip: int, digest: Any = None, limit: int | None = None) -> _Read:
     with _open(path, digest) as handle:
         yield from _jsonl_lines(handle, skip, limit)
+
+
+def _batch_file_rows(path: Path, skip: int, digest: Any = None, limit: int | None = None) -> _Read:
+    """An OpenAI batch file: each line's request as a row of its `custom_id` and its `body`."""
+    for line, row, size in _jsonl_rows(path, skip, digest, limit):
+        if isinstance(row, dict):
+            row = {"custom_id": row.get("custom_id"), BODY_COLUMN: row.get("body")}
+        yield line, row, size
+
+
+def json_lines(path: Path, limit: int | None = None) -> _Read:
+    """A JSONL file's lines as (line, object or InvalidRow, bytes); None for one over `limit`."""
+    return _jsonl_rows(path, 0, None, limit)
+
+
+def is_batch_line(row: Any) -> bool:
+    """Does this JSON line look like an OpenAI batch file's request?"""
+    return isinstance(row, dict) and {"custom_id", "body"} <= row.keys() and ("url" in row or "method" in row)
 
 
 def _skip_rest_of_line(readline: Any, ends: tuple[Any, ...]) -> None:
@@ -304,4 +330,4 @@ def input_columns(path: Path, input_format: InputFormat, sample_rows: int = 100)
     return (list(names), f"its first {seen:,} rows") if seen else None
 
 
-__all__ = ["INPUT_FORMATS", "InvalidRow", "InputFormat", "Row", "detect_format", "input_columns", "iter_rows"]
+__all__ = ["INPUT_FORMATS", "InvalidRow", "InputFormat", "Row", "detect_format", "input_columns", "is_batch_line", "iter_rows", "json_lines"]

@@ -12,7 +12,7 @@ from promptmill.config.backends import BACKENDS, BackendInfo, BackendName
 from promptmill.config.settings import MAX_CHUNK_SIZE
 from promptmill.pipelines.spec import Pipeline, RateLimits
 
-InputFormat = Literal["jsonl", "json", "csv", "parquet"]
+InputFormat = Literal["jsonl", "json", "csv", "parquet", "openai-batch"]
 INPUT_FORMATS: tuple[InputFormat, ...] = get_args(InputFormat)
 
 

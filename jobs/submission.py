@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from promptmill.config.backends import BackendName, backend_info
 from promptmill.config.prices import PriceTable, UnknownModelError
 from promptmill.config.settings import MAX_CHUNK_SIZE, Settings
+from promptmill.jobs.batch_files import ID_COLUMN, BatchFile, BatchFileError, check_batch_file, default_pipeline
 from promptmill.jobs.readers import InputFormat, detect_format, input_columns
 from promptmill.jobs.spec import JobSpec, new_job_id
 from promptmill.pipelines.spec import BRACES_HINT, Pipeline, PipelineError, RateLimits, load_pipeline, nearest, validation_problems
@@ -22,7 +23,7 @@ class SubmitError(ValueError):
 def build_spec(
     settings: Settings,
     input_path: Path,
-    pipeline_source: Path | Pipeline,
+    pipeline_source: Path | Pipeline | None,
     backend: BackendName,
     model: str | None = None,
     out_dir: Path | None = None,
@@ -37,7 +38,8 @@ def build_spec(
     """Limits come from the CLI, else the pipeline, else Settings. `overrides` set pipeline fields
     (a compare's contender: its temperature) over the file's. The pipeline is a file, or one built
     in Python (its `pipeline_text` then is its TOML, for the manifest); `name` and `fingerprint`
-    let the Python API find the job again."""
+    let the Python API find the job again. An OpenAI batch file needs no pipeline: its lines are the
+    requests (a pipeline given supplies defaults, limits, prices and the model)."""
     if not input_path.exists():
         raise SubmitError(f"INPUT: {input_path} does not exist")
     try:
@@ -45,7 +47,14 @@ def build_spec(
     except ValueError as bad:
         raise SubmitError(f"INPUT: {bad}") from None
     pipeline_path = pipeline_source if isinstance(pipeline_source, Path) else None
-    if pipeline_path is not None:
+    batch_file = _batch_file(input_path) if fmt == "openai-batch" else None
+    if pipeline_source is None:
+        if batch_file is None:
+            raise SubmitError("--pipeline: a pipeline file is needed (only an OpenAI batch file runs without one)")
+        if not (model or batch_file.model):
+            raise SubmitError("model: the batch file's first request names no model; pass --model")
+        pipeline = default_pipeline(model or batch_file.model, batch_file.max_tokens)  # type: ignore[arg-type]
+    elif pipeline_path is not None:
         try:
             pipeline = load_pipeline(pipeline_path)
         except PipelineError as bad:
@@ -59,7 +68,10 @@ def build_spec(
             pipeline = Pipeline.model_validate({**pipeline.model_dump(), **changed})
         except ValidationError as bad:
             raise SubmitError(validation_problems(bad)) from None
-    _check_columns(input_path, fmt, pipeline)
+    if batch_file is not None and pipeline.id_column is None:
+        pipeline = pipeline.model_copy(update={"id_column": ID_COLUMN})  # results carry each line's custom_id
+    if batch_file is None:  # a batch file's rows are its requests: the prompt names no column of theirs
+        _check_columns(input_path, fmt, pipeline)
     prices = pipeline.price_table(settings)
     _check_model(settings, backend, pipeline, prices, "model")
     if chunk_size is not None and not 1 <= chunk_size <= MAX_CHUNK_SIZE:
@@ -96,6 +108,13 @@ def build_spec(
             )
         _check_model(settings, link.backend, link.pipeline, prices, name)
     return spec
+
+
+def _batch_file(input_path: Path) -> BatchFile:
+    try:
+        return check_batch_file(input_path)
+    except BatchFileError as bad:
+        raise SubmitError(str(bad)) from None
 
 
 def _check_columns(input_path: Path, fmt: InputFormat, pipeline: Pipeline) -> None:

@@ -80,11 +80,32 @@ class RenderedRequest(BaseModel):
     #: A conversation the caller's prompt function made (the Python API): its turns, system turns
     #: among them, stand for the user turn after the pipeline's system prompt.
     messages: list[dict[str, str]] | None = None
+    #: The row's own request parameters (an OpenAI batch line's body): max_tokens, temperature,
+    #: top_p, stop, seed and response_format, over the pipeline's.
+    body: dict[str, Any] | None = None
+
+    def over(self, pipeline: Any) -> Any:
+        """The pipeline with this row's own parameters over its own (the pipeline itself if none)."""
+        if not self.body:
+            return pipeline
+        changed = {name: value for name, value in self.body.items() if name in _PIPELINE_FIELDS}
+        return pipeline.model_copy(update=changed)
+
+    @property
+    def json_schema(self) -> dict[str, Any] | None:
+        """The JSON schema the row's own `response_format` asks the answer to follow, if any."""
+        response_format = (self.body or {}).get("response_format")
+        if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
+            return (response_format.get("json_schema") or {}).get("schema") or None
+        return None
 
     def chat(self, system: str | None) -> list[dict[str, str]]:
         """The chat's messages in the OpenAI shape: the system prompt, then the row's turns."""
         turns = self.messages or [{"role": "user", "content": self.prompt}]
         return ([{"role": "system", "content": system}] if system else []) + turns
+
+
+_PIPELINE_FIELDS = ("max_tokens", "temperature", "top_p", "stop", "seed")
 
 
 class ItemOutcome(BaseModel):

@@ -16,7 +16,11 @@ from promptmill.pipelines.spec import Pipeline
 PROMPT_ERROR_COLUMN = "_promptmill_prompt_error"
 #: A row whose prompt the caller's function made as a conversation holds its turns here, as JSON.
 MESSAGES_COLUMN = "_promptmill_messages"
+#: A row of an OpenAI batch file holds its request's `body` here: its messages are the row's turns,
+#: its sampling parameters the row's own.
+BODY_COLUMN = "_promptmill_body"
 ROLES = ("system", "user", "assistant")
+_BODY_PARAMETERS = ("max_tokens", "temperature", "top_p", "stop", "seed", "response_format")
 
 
 class RenderError(ValueError):
@@ -26,6 +30,8 @@ class RenderError(ValueError):
 def render_request(pipeline: Pipeline, row_number: int, row: Mapping[str, Any], line: int = 0) -> RenderedRequest:
     if row.get(PROMPT_ERROR_COLUMN):
         raise RenderError(str(row[PROMPT_ERROR_COLUMN]))
+    if row.get(BODY_COLUMN) is not None:
+        return body_request(row_number, line, row[BODY_COLUMN])
     if row.get(MESSAGES_COLUMN):
         messages = conversation(orjson.loads(row[MESSAGES_COLUMN]))
         return RenderedRequest(row=row_number, line=line, prompt="\n\n".join(m["content"] for m in messages), messages=messages)
@@ -54,16 +60,49 @@ def render_request(pipeline: Pipeline, row_number: int, row: Mapping[str, Any], 
     return RenderedRequest(row=row_number, line=line, prompt="".join(parts))
 
 
+def body_request(row_number: int, line: int, body: Any) -> RenderedRequest:
+    """A chat completions `body` as the row's request: its turns (text parts joined, `developer`
+    turns as system), and its sampling and `response_format` as the row's own parameters."""
+    if not isinstance(body, dict):
+        raise RenderError(f"the request's body must be an object, not {type(body).__name__}")
+    turns = []
+    for i, message in enumerate(body.get("messages") or []):
+        if not isinstance(message, dict):
+            raise RenderError(f"message {i}: expected an object, not {message!r:.200}")
+        content = message.get("content")
+        if isinstance(content, list):  # content parts: text alone here
+            kinds = {part.get("type") for part in content if isinstance(part, dict)} - {"text"}
+            if kinds:
+                raise RenderError(f"message {i}: only text content parts are taken, not {', '.join(sorted(map(str, kinds)))}")
+            content = "".join(part.get("text", "") for part in content)
+        role = "system" if message.get("role") == "developer" else message.get("role")
+        turns.append({"role": role, "content": content})
+    messages = conversation(turns)
+    params = {name: body[name] for name in _BODY_PARAMETERS if body.get(name) is not None}
+    if body.get("max_completion_tokens") is not None:
+        params["max_tokens"] = body["max_completion_tokens"]
+    if isinstance(params.get("stop"), str):
+        params["stop"] = [params["stop"]]
+    for name, kinds in (("max_tokens", int), ("temperature", (int, float)), ("top_p", (int, float)), ("seed", int),
+                        ("stop", list), ("response_format", dict)):  # fmt: skip
+        if name in params and (not isinstance(params[name], kinds) or isinstance(params[name], bool)):
+            raise RenderError(f"the request's {name} is {params[name]!r:.100}, not a {name.replace('_', ' ')} value")
+    if params.get("max_tokens", 1) < 1:
+        raise RenderError(f"the request's max_tokens must be 1 or more, not {params['max_tokens']}")
+    prompt = "\n\n".join(m["content"] for m in messages)
+    return RenderedRequest(row=row_number, line=line, prompt=prompt, messages=messages, body=params)
+
+
 def conversation(messages: Any) -> list[dict[str, str]]:
     """A list of chat turns, checked: each a {role, content} of text, and one turn at least that is
     not a system turn. Raises RenderError saying what is wrong."""
     if not isinstance(messages, list) or not messages:
-        raise RenderError("the prompt function's messages must be a non-empty list of {role, content}")
+        raise RenderError("the messages must be a non-empty list of {role, content}")
     checked = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ROLES or not isinstance(message.get("content"), str):
             raise RenderError(f"message {i}: expected {{role: {'|'.join(ROLES)}, content: text}}, not {message!r:.200}")
         checked.append({"role": message["role"], "content": message["content"]})
     if all(message["role"] == "system" for message in checked):
-        raise RenderError("the prompt function's messages hold system turns only; add a user turn")
+        raise RenderError("the messages hold system turns only; add a user turn")
     return checked

@@ -351,7 +351,7 @@ class FakeAnthropic:
             reply = " ".join(reply.split()[: int(body["max_tokens"])])
         usage = self._usage(body, reply, commit_cache=False)
         entry = {"t": arrived, "prompt": prompt, "status": 200, "usage": None, "port": _client_port(request),
-                 "model": body["model"]}  # fmt: skip
+                 "model": body["model"], "params": {k: v for k, v in body.items() if k != "messages"}}  # fmt: skip
         self.log.append(entry)
 
         input_cost = usage["input_tokens"] + usage["cache_creation_input_tokens"]

@@ -179,3 +179,108 @@ def test_cancel_cancels_the_batches_and_a_4xx_fails_its_row_with_the_message(tmp
     records = read_jsonl(out / "results.jsonl")
     assert [record["status"] for i, record in enumerate(records) if i != 7] == ["ok"] * 99
     assert records[7]["status"] == "failed" and "invalid_request_error" in records[7]["error"]["message"]
+
+
+# -- OpenAI batch files in and out -------------------------------------------------------------------
+
+SCHEMA = {"type": "object", "properties": {"total": {"type": "number"}}, "required": ["total"]}
+
+
+def write_batch_file(path, requests: int, model: str = "gpt-4.1-mini", bad_row: int | None = None):
+    """A batch file as teams hold it: a system turn, sampling, a stop, a seed; every third request asks
+    for JSON by schema. `bad_row`'s messages hold system turns only (it fails alone, at its render)."""
+    with path.open("w") as handle:
+        for i in range(requests):
+            user = f"Request {i}. [[reply:" + ('{"total": %d}' % i if i % 3 == 0 else LABELS[i % 2]) + "]]"
+            messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": user}]
+            if i == bad_row:
+                messages = messages[:1]
+            body = {"model": model, "messages": messages, "max_tokens": 12, "temperature": 0.2, "top_p": 0.9,
+                    "stop": "END", "seed": 3}  # fmt: skip
+            if i % 3 == 0:
+                body["response_format"] = {"type": "json_schema", "json_schema": {"name": "total", "schema": SCHEMA}}
+            line = {"custom_id": f"req-{i:03d}", "method": "POST", "url": "/v1/chat/completions", "body": body}
+            handle.write(json.dumps(line) + "\n")
+    return path
+
+
+def export_batch(job_id: str, env, folder) -> tuple[list[dict], list[dict]]:
+    exported = promptmill("export", job_id, "--format", "openai-batch", "--out", str(folder), env=env)
+    assert exported.returncode == 0, exported.stderr
+    return read_jsonl(folder / "output.jsonl"), read_jsonl(folder / "errors.jsonl")
+
+
+def check_output_lines(output: list[dict], errors: list[dict], requests: int, bad_row: int) -> None:
+    """One line per custom_id in the Batch API's shapes; answers as chat.completions."""
+    assert sorted(line["custom_id"] for line in output + errors) == [f"req-{i:03d}" for i in range(requests)]
+    assert [line["custom_id"] for line in errors] == [f"req-{bad_row:03d}"]
+    assert errors[0]["response"]["status_code"] == 400 and errors[0]["response"]["body"]["error"]["message"]
+    for line in output:
+        assert set(line) == {"id", "custom_id", "response", "error"} and line["error"] is None
+        assert line["response"]["status_code"] == 200 and line["response"]["request_id"]
+        body = line["response"]["body"]
+        i = int(line["custom_id"].split("-")[1])
+        assert body["object"] == "chat.completion" and body["choices"][0]["finish_reason"] == "stop"
+        content = body["choices"][0]["message"]["content"]
+        assert (json.loads(content) == {"total": i}) if i % 3 == 0 else content == LABELS[i % 2]
+        usage = body["usage"]
+        assert usage["prompt_tokens"] > 0 and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_a_batch_file_runs_through_openai_as_it_is_and_exports_in_the_batch_apis_shapes(tmp_path, env, fake_api):
+    requests, bad = 30, 4
+    data = write_batch_file(tmp_path / "requests.jsonl", requests, bad_row=bad)
+    env = openai_env(env)
+    result = promptmill("run", str(data), "--backend", "openai", "--out", str(tmp_path / "out"), env=env)
+    assert result.returncode == 0, result.stderr  # no pipeline: the file's lines are the requests
+    output, errors = export_batch(job_id_of(result), env, tmp_path / "export")
+    check_output_lines(output, errors, requests, bad)
+    sent = {entry["prompt"]: entry for entry in fake_api.log()}
+    assert len(sent) == requests - 1
+    for entry in sent.values():
+        params = entry["params"]
+        i = int(entry["prompt"].split()[1].rstrip("."))
+        assert entry["system"] == "Answer briefly." and params["model"] == "gpt-4.1-mini"
+        assert (params["max_completion_tokens"] if "max_completion_tokens" in params else params["max_tokens"]) == 12
+        assert (params["temperature"], params["top_p"], params["stop"], params["seed"]) == (0.2, 0.9, ["END"], 3)
+        assert ("response_format" in params) == (i % 3 == 0)
+    records = read_jsonl(tmp_path / "out" / "results.jsonl")
+    assert [record["custom_id"] for record in records] == [f"req-{i:03d}" for i in range(requests)]
+
+
+def test_a_batch_file_runs_through_anthropic_translated(tmp_path, env, fake_api):
+    requests, bad = 12, 5
+    data = write_batch_file(tmp_path / "requests.jsonl", requests, bad_row=bad)
+    result = promptmill("run", str(data), "--backend", "anthropic", "--model", "claude-haiku-4-5",
+                        "--out", str(tmp_path / "out"), env=env)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    output, errors = export_batch(job_id_of(result), env, tmp_path / "export")
+    check_output_lines(output, errors, requests, bad)
+    assert all(line["response"]["body"]["model"] == "claude-haiku-4-5" for line in output)
+    for entry in fake_api.log():
+        params = entry["params"]
+        i = int(entry["prompt"].split()[1].rstrip("."))
+        assert params["system"] == "Answer briefly." and params["max_tokens"] == 12
+        assert (params["temperature"], params["top_p"], params["stop_sequences"]) == (0.2, 0.9, ["END"])
+        assert "seed" not in params and "response_format" not in params
+        if i % 3 == 0:
+            assert params["output_config"] == {"format": {"type": "json_schema", "schema": SCHEMA}}
+        else:
+            assert "output_config" not in params
+
+
+def test_a_batch_file_with_bad_lines_is_refused_at_submit_naming_them(tmp_path, env, fake_api):
+    data = write_batch_file(tmp_path / "requests.jsonl", 30)
+    lines = data.read_text().splitlines()
+    for number in range(3, 30, 2):  # 14 lines: another endpoint
+        lines[number - 1] = lines[number - 1].replace("/v1/chat/completions", "/v1/embeddings")
+    lines[1] = lines[0]  # a custom_id twice
+    data.write_text("\n".join(lines) + "\n")
+    result = promptmill("run", str(data), "--input-format", "openai-batch", "--backend", "openai",
+                        "--out", str(tmp_path / "out"), env=openai_env(env))  # fmt: skip
+    assert result.returncode != 0
+    message = result.stderr
+    assert "15 of 30 lines are not batch requests" in message
+    assert "line 2: custom_id 'req-000' is used twice" in message
+    assert "line 3: url is '/v1/embeddings'" in message and "and 5 more" in message
+    assert fake_api.log() == []  # nothing sent

@@ -96,7 +96,7 @@ InputTpmOption = typer.Option(
 )
 OutputTpmOption = typer.Option(None, "--output-tpm", min=1, help="The account's output tokens per minute.")
 InputFormatOption = typer.Option(
-    None, "--input-format", help=f"The input's format: {', '.join(INPUT_FORMATS)} (default: from its name)."
+    None, "--input-format", help=f"The input's format: {', '.join(INPUT_FORMATS)} (default: from its name; a JSONL file of batch requests is openai-batch)."
 )
 # The old spelling of --input-format on the commands that read an input; it still works, with a note.
 OldFormatOption = typer.Option(None, "--format", hidden=True, help="Old spelling of --input-format.")

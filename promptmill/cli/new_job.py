@@ -36,8 +36,10 @@ from promptmill.pipelines.spec import RateLimits
 
 # (name, type, typer default), in the order `--help` lists them.
 _OPTIONS: list[tuple[str, Any, Any]] = [
-    ("input_path", Path, typer.Argument(..., metavar="INPUT", help="A JSONL, JSON, CSV or Parquet file.")),
-    ("pipeline", Path, typer.Option(..., "--pipeline", "-p", help="The pipeline TOML file.")),
+    ("input_path", Path, typer.Argument(..., metavar="INPUT", help="A JSONL, JSON, CSV or Parquet file, or an OpenAI batch file.")),
+    ("pipeline", Optional[Path], typer.Option(
+        None, "--pipeline", "-p", help="The pipeline TOML file (optional for an OpenAI batch file: its lines are the requests)."
+    )),
     ("backend", BackendName, BackendOption),
     ("model", Optional[str], typer.Option(None, help="Overrides the pipeline's model.")),
     ("out_dir", Optional[Path], typer.Option(None, "--out", help="Output folder (default: promptmill-out/JOB).")),
@@ -60,7 +62,7 @@ _OPTIONS: list[tuple[str, Any, Any]] = [
 @dataclass(frozen=True)
 class JobRequest:
     input_path: Path
-    pipeline: Path
+    pipeline: Path | None
     backend: BackendName
     model: str | None
     out_dir: Path | None

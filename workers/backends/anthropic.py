@@ -27,8 +27,10 @@ _RAW_RESPONSE = "X-Stainless-Raw-Response"  # the header `with_raw_response` set
 
 
 def message_params(job: JobSpec, request: RenderedRequest) -> dict[str, Any]:
-    """The Messages API parameters of a row's request (a batch request's `params` too)."""
-    pipeline = job.pipeline
+    """The Messages API parameters of a row's request (a batch request's `params` too). A row with a
+    body of its own (an OpenAI batch file's) is translated: its sampling, `stop` as `stop_sequences`
+    and a `response_format` JSON schema as `output_config`'s format (`seed` has no match)."""
+    pipeline = request.over(job.pipeline)
     cache_control = {"type": "ephemeral", "ttl": pipeline.cache_ttl}
     content: str | list[dict[str, Any]] = request.prompt
     prefix = pipeline.shared_prefix
@@ -54,6 +56,8 @@ def message_params(job: JobSpec, request: RenderedRequest) -> dict[str, Any]:
         params["extra_body"] = sampling
     if pipeline.stop:
         params["stop_sequences"] = pipeline.stop
+    if request.json_schema is not None:
+        params["output_config"] = {"format": {"type": "json_schema", "schema": request.json_schema}}
     return params
 
 

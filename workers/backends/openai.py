@@ -80,7 +80,9 @@ def _usage(usage: CompletionUsage | None) -> Usage | None:
 
 
 def chat_params(pipeline: Pipeline, request: RenderedRequest, base_url: str | None) -> dict[str, Any]:
-    """The chat completions body of a row's request (a batch line's `body` too)."""
+    """The chat completions body of a row's request (a batch line's `body` too); a row with a body of
+    its own (an OpenAI batch file's) keeps its parameters as they are."""
+    pipeline = request.over(pipeline)
     messages = request.chat(pipeline.system)
     params: dict[str, Any] = {"model": pipeline.model, "messages": messages}
     # OpenAI's own models take max_completion_tokens (its reasoning models refuse max_tokens);
@@ -94,6 +96,8 @@ def chat_params(pipeline: Pipeline, request: RenderedRequest, base_url: str | No
     schema = response_format(pipeline.output, openai_strict=is_openai_url(base_url))
     if pipeline.structured_output and schema is not None:
         params["response_format"] = schema
+    if request.body and "response_format" in request.body:
+        params["response_format"] = request.body["response_format"]
     return params
 
 

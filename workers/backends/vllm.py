@@ -25,7 +25,7 @@ from promptmill.config.settings import Settings
 from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.state.store import JobStore
 from promptmill.pipelines.items import AttemptError, ErrorKind, ItemError, RenderedRequest, Usage
-from promptmill.pipelines.spec import EngineOptions
+from promptmill.pipelines.spec import EngineOptions, Pipeline
 from promptmill.workers.backends.base import Call, EngineDied, EngineStartFailed, RawOutcome
 from promptmill.workers.engine_clock import EngineClock
 from promptmill.workers.local_model import resolve_model
@@ -209,13 +209,14 @@ class VLLMBackend:
         ids = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         return list(ids if isinstance(ids, list) else ids["input_ids"])
 
-    def _sampling(self, job: JobSpec) -> Any:
+    def _sampling(self, pipeline: Pipeline, json_schema: dict[str, Any] | None = None) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
-        pipeline = job.pipeline
         structured = None
-        if pipeline.output.type == "choice":
+        if json_schema is not None:  # a row's own response_format (an OpenAI batch file's)
+            structured = StructuredOutputsParams(json=json_schema)
+        elif pipeline.output.type == "choice":
             structured = StructuredOutputsParams(choice=pipeline.output.choices)
         elif pipeline.output.type == "json":
             structured = StructuredOutputsParams(json=pipeline.output.json_schema)
@@ -295,6 +296,10 @@ class VLLMBackend:
         checked = self._checked(call.job, call.request)
         if isinstance(checked, RawOutcome):
             return checked
-        if call.job.job_id not in self._sampling_by_job:
-            self._sampling_by_job[call.job.job_id] = self._sampling(call.job)
-        return await self._generate(engine, call.job, call.request.row, checked, self._sampling_by_job[call.job.job_id])
+        if call.request.body:  # a row with parameters of its own (an OpenAI batch file's)
+            sampling = self._sampling(call.request.over(call.job.pipeline), call.request.json_schema)
+        else:
+            if call.job.job_id not in self._sampling_by_job:
+                self._sampling_by_job[call.job.job_id] = self._sampling(call.job.pipeline)
+            sampling = self._sampling_by_job[call.job.job_id]
+        return await self._generate(engine, call.job, call.request.row, checked, sampling)
