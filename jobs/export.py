@@ -106,6 +106,21 @@ def _export_batch_files(store: JobStore, spec: JobSpec, out_dir: Path) -> dict[s
             "records": written, "failed": failed}  # fmt: skip
 
 
+def write_run_batch_output(store: JobStore, spec: JobSpec, output: Path) -> dict[str, int]:
+    """`vllm run-batch`'s output file: one line per request, answers and failures together, in input order."""
+    if shards_reachable(spec):
+        flush_complete_chunks(store, spec)
+    records = with_carried(spec, (_record(o) for o in iter_outcomes(store, spec)))
+    written = failed = 0
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(output) as handle:
+        for answered, line in batch_lines(records, spec.model, "vllm"):
+            written += 1
+            failed += not answered
+            handle.write(line)
+    return {"records": written, "failed": failed}
+
+
 _OPEN: dict[str, dict[str, Any]] = {"jsonl": {}, "parquet": {}, "csv": {"mode": "w", "newline": "", "encoding": "utf-8"}}
 
 

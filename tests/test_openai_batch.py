@@ -284,3 +284,42 @@ def test_a_batch_file_with_bad_lines_is_refused_at_submit_naming_them(tmp_path, 
     assert "line 2: custom_id 'req-000' is used twice" in message
     assert "line 3: url is '/v1/embeddings'" in message and "and 5 more" in message
     assert fake_api.log() == []  # nothing sent
+
+
+def test_run_batch_killed_and_run_again_writes_every_request_once_and_pays_none_twice(tmp_path, env, fake_api):
+    """`promptmill run-batch` (here on the openai backend) is SIGKILLed, workers and all, a third of
+    the way in; the same command again finds its job by the input's hash and the output path and
+    sends only what was left: the output holds one line per request, in vLLM's shape."""
+    requests = 300
+    data = write_batch_file(tmp_path / "requests.jsonl", requests)
+    output = tmp_path / "results.jsonl"
+    env = openai_env(env)
+    fake_api.configure(latency_ms=150)
+    command = ["run-batch", "-i", str(data), "-o", str(output), "--backend", "openai"]
+    run = start_cli(env, *command)
+    try:
+        wait_until(lambda: sum(entry["status"] == 200 and "done" in entry for entry in fake_api.log()) >= requests // 3,
+                   120, "a third of the requests answered")  # fmt: skip
+    finally:
+        kill_tree(run)
+        run.communicate()
+    at_kill = fake_api.log()
+    on_the_wire = sum("done" not in entry for entry in at_kill)
+    assert not output.exists() and len(at_kill) < requests
+
+    fake_api.configure(latency_ms=0)
+    again = promptmill(*command, env=env, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "resuming" in again.stderr and again.stdout.strip() == str(output)
+    lines = read_jsonl(output)
+    assert [line["custom_id"] for line in lines] == [f"req-{i:03d}" for i in range(requests)]
+    assert all(line["response"]["status_code"] == 200 and line["error"] is None for line in lines)
+    assert all(line["id"].startswith("vllm-") and line["response"]["body"]["object"] == "chat.completion" for line in lines)
+    answered = Counter(entry["prompt"] for entry in fake_api.log() if entry["status"] == 200)
+    assert len(answered) == requests
+    assert sum(answered.values()) - requests <= on_the_wire  # paid twice: at most what was on the wire at the kill
+
+    sent = len(fake_api.log())
+    third = promptmill(*command, env=env)  # done: nothing is sent again
+    assert third.returncode == 0, third.stderr
+    assert len(fake_api.log()) == sent and len(read_jsonl(output)) == requests
