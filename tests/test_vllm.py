@@ -192,6 +192,40 @@ def test_json_outputs_always_parse_against_their_schema(tmp_path: Path, gpu_env,
     assert "Time to first token of answered rows" in page
 
 
+def test_an_openai_batch_file_runs_on_the_engine_with_each_requests_sampling_and_schema(
+    tmp_path: Path, gpu_env, gpu_worker
+) -> None:
+    """No pipeline: each line's body is its request. Its max_tokens caps its answer, its JSON schema is
+    decoded for, and the export holds a chat.completion per custom_id."""
+    schema = {"type": "object", "properties": {"stars": {"type": "integer", "enum": [1, 2, 3, 4, 5]}}, "required": ["stars"]}
+    data = tmp_path / "requests.jsonl"
+    with data.open("w") as handle:
+        for i, review in enumerate(REVIEWS[:12]):
+            body = {"model": "any", "max_tokens": 3 if i == 1 else 40, "temperature": 0,
+                    "messages": [{"role": "system", "content": "You read product reviews."},
+                                 {"role": "user", "content": f"How many stars (1-5)? {review['text']}"}]}  # fmt: skip
+            if i % 3 == 0:
+                body["response_format"] = {"type": "json_schema", "json_schema": {"name": "stars", "schema": schema}}
+            handle.write(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}) + "\n")
+    submitted = promptmill("submit", str(data), "--backend", "vllm", "--model", MODEL, "--out", str(tmp_path / "out"), env=gpu_env)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip().splitlines()[-1]
+    records = finish(gpu_env, job_id)
+    assert [record["custom_id"] for record in records] == [f"r{i}" for i in range(12)]
+    exported = promptmill("export", job_id, "--format", "openai-batch", "--out", str(tmp_path / "batch"), env=gpu_env)
+    assert exported.returncode == 0, exported.stderr
+    lines = {line["custom_id"]: line for line in read_jsonl(tmp_path / "batch" / "output.jsonl")}
+    assert sorted(lines) == sorted(f"r{i}" for i in range(12)) and read_jsonl(tmp_path / "batch" / "errors.jsonl") == []
+    for i in range(12):
+        body = lines[f"r{i}"]["response"]["body"]
+        assert body["object"] == "chat.completion" and body["model"] == MODEL
+        content, usage = body["choices"][0]["message"]["content"], body["usage"]
+        assert usage["prompt_tokens"] > 20 and usage["completion_tokens"] <= (3 if i == 1 else 40)
+        if i % 3 == 0:
+            assert json.loads(content)["stars"] in (1, 2, 3, 4, 5)
+    assert lines["r1"]["response"]["body"]["choices"][0]["finish_reason"] == "length"
+
+
 def summary_job_under_way(tmp_path: Path, env: dict[str, str], rows: int, done: int) -> tuple[str, JobStore]:
     """A summary job of `rows` reviews, submitted, once `done` of them are done. In chunks of 4: a gpu
     worker feeds its engine 8 chunks at once, and answers that all run to max_tokens end together, so
