@@ -2,8 +2,9 @@
 
     .venv/bin/python bench/batch.py                 # 100,000 rows (about two minutes)
     .venv/bin/python bench/batch.py --rows 20000
+    .venv/bin/python bench/batch.py --backend openai-batch   # the OpenAI Batch API's path
 
-A real `promptmill submit --backend anthropic-batch` and one `promptmill worker --queues batch
+A real `promptmill submit --backend anthropic-batch` (or `openai-batch`) and one `promptmill worker --queues batch
 --chunks N` (the default gathering and 1,000-row chunks; N holds every chunk at once) on an
 embedded Redis of their own, against the local server, whose batches do not end while the bench
 runs. Every row may wait in Redis at once (MAX_PENDING_ROWS above the rows), as they do while their
@@ -38,6 +39,7 @@ API_KEY = "bench-key"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--backend", choices=["anthropic-batch", "openai-batch"], default="anthropic-batch")
     options = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="pm-batch-bench-"))
     reviews = [json.loads(line) for line in (ROOT / "examples" / "reviews.jsonl").read_text().splitlines()]
@@ -50,7 +52,9 @@ def main() -> None:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("PROMPTMILL_", "ANTHROPIC_"))}
     env = {**base, "PROMPTMILL_REDIS_URL": url, "PROMPTMILL_DATA_DIR": str(folder / "data"),
            "PROMPTMILL_MAX_PENDING_ROWS": str(options.rows + 1), "ANTHROPIC_BASE_URL": server.url,
-           "ANTHROPIC_API_KEY": API_KEY}  # fmt: skip
+           "ANTHROPIC_API_KEY": API_KEY, "OPENAI_BASE_URL": server.url + "/v1", "OPENAI_API_KEY": API_KEY}  # fmt: skip
+    model = ["--model", "gpt-4.1-mini"] if options.backend == "openai-batch" else []
+    batches_of = server.openai_batches if options.backend == "openai-batch" else server.batches
     client = redis.Redis.from_url(url)
     baseline = int(client.info("memory")["used_memory"])
     chunks = str(-(-options.rows // 1000))
@@ -61,12 +65,12 @@ def main() -> None:
         started = time.monotonic()
         submit = subprocess.Popen(
             [PROMPTMILL, "submit", str(data), "--pipeline", str(ROOT / "examples" / "sentiment.toml"),
-             "--backend", "anthropic-batch", "--out", str(folder / "out")],
+             "--backend", options.backend, *model, "--out", str(folder / "out")],
             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         )  # fmt: skip
         first = None
         while True:
-            batches = server.batches()
+            batches = batches_of()
             sent = sum(batch["requests"] for batch in batches)
             if batches and first is None:
                 first = time.monotonic() - started
@@ -79,7 +83,7 @@ def main() -> None:
         submit.wait(timeout=60)
         used = int(client.info("memory")["used_memory"])
         sizes = sorted(batch["requests"] for batch in batches)
-        print(f"{options.rows:,} rows, examples/sentiment.toml, --backend anthropic-batch, 1 batch worker:")
+        print(f"{options.rows:,} rows, examples/sentiment.toml, --backend {options.backend}, 1 batch worker:")
         print(f"  submit to the first batch created: {first:.1f}s; to every row in a batch: {everything:.1f}s")
         print(f"  {len(batches)} batches of {sizes[0]:,} to {sizes[-1]:,} requests")
         print(f"  Redis used_memory with every row waiting on its batch: {(used - baseline) / 2**20:.1f} MiB "
