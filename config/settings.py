@@ -127,6 +127,14 @@ class Settings(BaseSettings):
     )
     batch_poll_min_s: float = Field(default=10.0, gt=0, description="The first wait between polls of a batch.")
     batch_poll_max_s: float = Field(default=60.0, gt=0, description="The longest wait between polls of a batch.")
+    deadline_rpm: int = Field(
+        default=50, ge=1,
+        description="Requests per minute a batch job's deadline counts on for its real-time rows, unless the "
+        "job's limits say (--rpm, the pipeline's [limits]).",
+    )
+    deadline_margin_s: float = Field(
+        default=300.0, ge=0, description="Time kept before a batch job's deadline beyond what its real-time rows need."
+    )
     batch_hold_s: float = Field(
         default=300.0, gt=0, le=3000,
         description="How long a chunk task waits on its batches before it gives its worker back and is sent again "

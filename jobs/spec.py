@@ -37,6 +37,7 @@ class JobSpec(BaseModel):
     pipeline_text: str | None = Field(default=None, description="The pipeline file as submitted, for the manifest.")
     name: str | None = Field(default=None, description="The Python API's name for the job, that finds it again.")
     fingerprint: str | None = Field(default=None, description="What the named job ran: data, pipeline, backend, model.")
+    deadline_at: float | None = Field(default=None, description="A batch job's deadline (epoch seconds).")
     created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
 
     @property
@@ -67,4 +68,13 @@ class JobSpec(BaseModel):
             # The pipeline's own [price] is its model's: a fallback model is priced by the table.
             pipeline = self.pipeline.model_copy(update={"model": model, "fallback": [], "price": None})
             chain.append(self.model_copy(update={"backend": backend, "pipeline": pipeline}))
+        if self.deadline_at is not None and self.info.realtime_twin is not None:
+            # Near its deadline a batch job's rows go through the provider's real-time API: its last link.
+            pipeline = self.pipeline.model_copy(update={"fallback": []})
+            chain.append(self.model_copy(update={"backend": self.info.realtime_twin, "pipeline": pipeline, "deadline_at": None}))
         return chain
+
+    @property
+    def deadline_link(self) -> int | None:
+        """The link of the chain a batch job's rows go to near its deadline (None: no deadline)."""
+        return len(self.links()) - 1 if self.deadline_at is not None and self.info.realtime_twin else None

@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from promptmill.config.backends import BackendName, backend_info
+from promptmill.config.backends import BACKENDS, BackendName, backend_info
 from promptmill.config.prices import PriceTable, UnknownModelError
 from promptmill.config.settings import MAX_CHUNK_SIZE, Settings
 from promptmill.jobs.batch_files import ID_COLUMN, BatchFile, BatchFileError, check_batch_file, default_pipeline
 from promptmill.jobs.readers import InputFormat, detect_format, input_columns
 from promptmill.jobs.spec import JobSpec, new_job_id
-from promptmill.pipelines.spec import BRACES_HINT, Pipeline, PipelineError, RateLimits, load_pipeline, nearest, validation_problems
+from promptmill.pipelines.spec import (
+    BRACES_HINT,
+    Pipeline,
+    PipelineError,
+    RateLimits,
+    duration_s,
+    load_pipeline,
+    nearest,
+    validation_problems,
+)
 
 
 class SubmitError(ValueError):
@@ -34,6 +44,7 @@ def build_spec(
     pipeline_text: str | None = None,
     name: str | None = None,
     fingerprint: str | None = None,
+    deadline: str | None = None,
 ) -> JobSpec:
     """Limits come from the CLI, else the pipeline, else Settings. `overrides` set pipeline fields
     (a compare's contender: its temperature) over the file's. The pipeline is a file, or one built
@@ -78,6 +89,7 @@ def build_spec(
         raise SubmitError(f"--chunk-size must be from 1 to {MAX_CHUNK_SIZE:,}, not {chunk_size:,}")
     from_settings = RateLimits(rpm=settings.rpm, input_tpm=settings.input_tpm, output_tpm=settings.output_tpm)
     job_limits = (limits or RateLimits()).over(pipeline.limits.over(from_settings))
+    deadline_at = _deadline_at(deadline or pipeline.deadline, backend)
     job_id = new_job_id()
     spec = JobSpec(
         job_id=job_id,
@@ -95,12 +107,13 @@ def build_spec(
         pipeline_text=pipeline_text,
         name=name,
         fingerprint=fingerprint,
+        deadline_at=deadline_at,
     )
     if pipeline.stream and not spec.info.streams:
         raise SubmitError(f"stream: the {spec.backend} backend does not stream (a batch's answers come as a file); drop `stream`")
-    for link in spec.links()[1:]:
-        name = f"fallback: {link.backend}:{link.model}"
-        if link.queue != spec.queue and (spec.info.batches or link.info.batches):
+    for i, link in enumerate(spec.links()[1:], start=1):
+        name = f"fallback: {link.backend}:{link.model}" if i != spec.deadline_link else "deadline"
+        if link.queue != spec.queue and (spec.info.batches or link.info.batches) and i != spec.deadline_link:
             # A row waits on a batch for up to a day: it cannot be handed between a batch and the rest.
             raise SubmitError(
                 f"{name} runs on the {link.queue!r} queue and the job on {spec.queue!r}: a batch job's chain "
@@ -108,6 +121,19 @@ def build_spec(
             )
         _check_model(settings, link.backend, link.pipeline, prices, name)
     return spec
+
+
+def _deadline_at(deadline: str | None, backend: BackendName) -> float | None:
+    """When a batch job's deadline falls (epoch seconds), from a duration after now."""
+    if deadline is None:
+        return None
+    if backend_info(backend).realtime_twin is None:
+        batch = ", ".join(name for name, info in BACKENDS.items() if info.realtime_twin)
+        raise SubmitError(f"deadline: only a batch backend ({batch}) takes a deadline, not {backend}")
+    try:
+        return time.time() + duration_s(deadline)
+    except ValueError as bad:
+        raise SubmitError(f"deadline: {bad}") from None
 
 
 def _batch_file(input_path: Path) -> BatchFile:

@@ -24,6 +24,18 @@ RECORD_FIELDS = frozenset(ItemOutcome.model_fields)
 BRACES_HINT = "a literal brace in the prompt (a JSON example) is written doubled: {{ and }}"
 
 
+DURATION_PATTERN = r"^\d+(\.\d+)?[smhdw]$"
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
+
+
+def duration_s(text: str) -> float:
+    """A duration such as 30s, 90m, 8h, 7d or 2w in seconds; ValueError for anything else."""
+    try:
+        return float(text[:-1]) * _UNIT_S[text[-1]]
+    except (KeyError, ValueError, IndexError):
+        raise ValueError(f"{text!r} is not a duration such as 30m, 8h or 7d") from None
+
+
 class PipelineError(ValueError):
     """A pipeline that cannot run; the message names the file and the field."""
 
@@ -181,6 +193,9 @@ class Pipeline(BaseModel):
     # (404); the whole fleet moves on once a model has failed with no success for fallback_after_s.
     fallback: list[str] = Field(default_factory=list)
     fallback_after_s: float = Field(default=60.0, gt=0)
+    # A batch job's deadline from its submit ("8h", "90m"): once near, the rows still unanswered go
+    # through the same provider's real-time API (a batch backend only).
+    deadline: str | None = Field(default=None, pattern=DURATION_PATTERN)
     # Results join back to the input: its id column, and other columns, carried into every record
     # under their own names (read from the input at export, never held in Redis).
     id_column: str | None = Field(default=None, min_length=1)

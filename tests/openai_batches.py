@@ -8,8 +8,8 @@ the batch is `failed`, its `errors.data` naming the lines), then holds it `in_pr
 requests that failed (`[[batch_error:TYPE]]` every time, `[[batch_error_once:TYPE]]` the first time:
 the status of TYPE and OpenAI's error body). `batch_expire_next` (config) makes that many of the next
 batches expire: their first half answered, the rest `batch_expired` in the error file. A cancel
-makes the batch `cancelling`, then `cancelled` at the next look: what it had not answered goes in the
-error file as `batch_cancelled`. GET /v1/batches lists newest first (`limit`, `after`).
+makes the batch `cancelling`, then `cancelled` at the next look, its first half answered by then: the
+rest goes in the error file as `batch_cancelled`. GET /v1/batches lists newest first (`limit`, `after`).
 `batch_create_fault` (config) loses the next create's answer as for Message Batches ("drop", "kill").
 
 Every request of a batch is in the log (`route` openai_batch, its `batch_id` and `custom_id`,
@@ -189,10 +189,11 @@ class OpenAIBatches:
         if not done and batch["status"] != "cancelling":
             return
         outputs, errors = [], []
-        half = len(batch["entries"]) // 2 if batch["expire"] else len(batch["entries"])
+        # An expiring batch, and a cancelled one, answered the first half of its requests by then.
+        half = len(batch["entries"]) // 2 if batch["expire"] or batch["status"] == "cancelling" else len(batch["entries"])
         for number, (entry, body) in enumerate(zip(batch["entries"], batch["bodies"])):
             line = {"id": f"batch_req_{uuid.uuid4().hex[:16]}", "custom_id": entry["custom_id"]}
-            if batch["status"] == "cancelling" or number >= half:
+            if number >= half:
                 code = "batch_cancelled" if batch["status"] == "cancelling" else "batch_expired"
                 entry["status"] = "cancelled" if code == "batch_cancelled" else "expired"
                 errors.append({**line, "response": None, "error": {"code": code, "message": f"{code} for this test"}})

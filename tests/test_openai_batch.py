@@ -327,3 +327,49 @@ def test_run_batch_killed_and_run_again_writes_every_request_once_and_pays_none_
     third = promptmill(*command, env=env)  # done: nothing is sent again
     assert third.returncode == 0, third.stderr
     assert len(fake_api.log()) == sent and len(read_jsonl(output)) == requests
+
+
+def test_a_deadline_crossing_sends_the_rows_left_in_real_time_before_it_and_pays_none_twice(
+    tmp_path, batch_env, fake_api
+):
+    """Batches that would not end in time: once the rows left need, at the real-time limit, all the
+    time before the deadline but the margin, the batch is cancelled (the half it answered is kept, at
+    the batch price) and the rest go through chat completions, before the deadline, at full price."""
+    rows = 200
+    fake_api.configure(batch_delay_s=3600)
+    data, pipeline = write_rows(tmp_path, rows)
+    out = tmp_path / "out"
+    env = {**batch_env, "PROMPTMILL_DEADLINE_RPM": "6000", "PROMPTMILL_DEADLINE_MARGIN_S": "3"}
+    result = promptmill(*batch_run(data, pipeline, out, "--deadline", "40s"), env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    job_id = job_id_of(result)
+
+    records = read_jsonl(out / "results.jsonl")
+    assert [record["output"] for record in records] == [LABELS[i % 2] for i in range(rows)]
+    status = json.loads(promptmill("status", job_id, "--json", env=env).stdout)
+    deadline = status["deadline"]
+    assert deadline["realtime_since"] is not None and deadline["realtime_since"] < deadline["at"]
+    assert max(record["finished_at"] for record in records) < deadline["at"]
+
+    log = fake_api.log()
+    in_batches = {entry["prompt"] for entry in log if entry["route"] == "openai_batch" and entry["status"] == 200}
+    in_real_time = [entry["prompt"] for entry in log if entry.get("route") == "chat" and entry["status"] == 200]
+    assert in_batches and in_real_time and not in_batches & set(in_real_time)  # none paid twice
+    assert len(in_batches) + len(in_real_time) == rows and len(set(in_real_time)) == len(in_real_time)
+    assert all(b["status"] == "cancelled" for b in fake_api.openai_batches())
+    assert (deadline["rows_batch"], deadline["rows_realtime"]) == (len(in_batches), len(in_real_time))
+
+    prices = PriceTable.load(Settings())
+    price = prices.price_for("gpt-4.1-mini")
+
+    def cost(route: str) -> Decimal:
+        usage = [e["usage"] for e in log if e.get("route") == route and e["status"] == 200]
+        cached = sum(u["prompt_tokens_details"]["cached_tokens"] for u in usage)  # the system prompt, in real time
+        return price.cost_usd(input_tokens=sum(u["prompt_tokens"] for u in usage) - cached, cache_read_input_tokens=cached,
+                              output_tokens=sum(u["completion_tokens"] for u in usage))  # fmt: skip
+
+    report = json.loads(promptmill("cost", job_id, "--json", env=env).stdout)
+    requests = {model["model"]: model["requests"] for model in report["models"] if model["requests"]}
+    assert requests == {"gpt-4.1-mini@batch": len(in_batches), "gpt-4.1-mini": len(in_real_time)}
+    billed = cost("openai_batch") * prices.batch_discount + cost("chat")
+    assert abs(Decimal(str(report["cost_usd"])) - billed) < Decimal("1e-9")

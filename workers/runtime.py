@@ -231,7 +231,7 @@ class WorkerRuntime:
         state = self.fallbacks[job.job_id]
         queue = links[start].queue
         paths: list[Send | None] = [
-            await self._path(link, attempts.for_model(link.model, first=i == 0), gate, Health(state, i))
+            await self._path(link, attempts.for_model(link.model + link.info.ledger_suffix, first=i == 0), gate, Health(state, i))
             if i >= start and link.queue == queue else None
             for i, link in enumerate(links)
         ]  # fmt: skip

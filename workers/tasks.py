@@ -124,7 +124,7 @@ async def _run_requests(rt: WorkerRuntime, run: ChunkRun, pending: list[Rendered
     path = await rt.request_path(job, ChunkAttempts(run), gate, run.link, carried)
     hold_s = (await rt.backend(run.model_job)).hold_s
     lines = {request.row: request.line for request in pending}
-    committed = 0
+    committed = handed = 0
     checked_at = time.monotonic()
     deadline: asyncio.Timeout | None = None
 
@@ -142,6 +142,7 @@ async def _run_requests(rt: WorkerRuntime, run: ChunkRun, pending: list[Rendered
                 async for raw in outcomes:
                     if raw.handed_to is not None:  # gone on to another queue's model: its run commits it
                         run.hand_off(raw.row, handoff_of(raw))
+                        handed += 1
                     else:
                         outcome = to_outcome(job, raw, lines.get(raw.row, 0))
                         committed += _commit(rt, run, raw.ledger_model or job.model, outcome, raw)
@@ -160,7 +161,7 @@ async def _run_requests(rt: WorkerRuntime, run: ChunkRun, pending: list[Rendered
             rt.pace.write()  # what this chunk did is in `status` by the time it ends
             if rt.metrics:
                 flush_metrics()
-    if hold_s is not None and committed < len(pending) and not lease_lost.is_set() and run.runnable():
+    if hold_s is not None and committed + handed < len(pending) and not lease_lost.is_set() and run.runnable():
         raise _StillWaiting(run)  # rows whose batch was canceled under a running job: a new batch takes them
     return committed
 

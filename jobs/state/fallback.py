@@ -6,6 +6,10 @@ already; an answer clears the mark. The fleet is on the first model not failing 
 pipeline's `fallback_after_s`. A model the fleet passed over is probed: once per `fallback_after_s`,
 fleet-wide, one row tries it first (one attempt), and its answer brings the fleet back.
 
+A batch job with a deadline has the provider's real-time API as its chain's last model: once the
+deadline is near (the batch transport decides, `switch_to_realtime`), the whole fleet is on it for
+good, with no probe back to the batches.
+
 Each process reads the marks at most once a second, so a row costs no Redis round trip while the
 chain is healthy.
 """
@@ -21,6 +25,7 @@ from promptmill.jobs.state.keys import JobKeys
 from promptmill.jobs.spec import JobSpec
 
 _FAILING = "failing_since:"
+_SWITCHED = "deadline_switched_at"
 READ_EVERY_S = 1.0
 
 
@@ -54,6 +59,8 @@ class FallbackState:
         self._failing: dict[int, float] = {}
         self._read_at = float("-inf")
         self._next_probe: dict[int, float] = {}
+        self.deadline_link = job.deadline_link
+        self._switched = False
 
     def _read(self) -> None:
         now = time.monotonic()
@@ -66,6 +73,7 @@ class FallbackState:
             for field, value in raw.items()
             if field.decode().startswith(_FAILING)
         }
+        self._switched = _SWITCHED.encode() in raw
 
     def failed(self, link: int) -> None:
         if link not in self._failing:
@@ -80,12 +88,19 @@ class FallbackState:
 
     def position(self) -> FleetPosition:
         self._read()
+        if self._switched and self.deadline_link is not None:
+            reason = "the deadline is near: the rows left go through the real-time API"
+            return FleetPosition(self.deadline_link, self.models[self.deadline_link], reason)
         return fleet_position(self._failing, self.models, self.after_s, time.time())
 
     def route(self) -> tuple[list[int], bool]:
         """The links a new row goes to, in order, and whether its first is a probe (one attempt)."""
         at = self.position().link
         onward = list(range(at, len(self.models)))
+        if self._switched:
+            # Every row starts at the batch still: one a batch holds waits on its answer (paid for);
+            # the batch transport passes the others on to the real-time API. Never a probe.
+            return list(range(len(self.models))), False
         now = time.monotonic()
         for link in range(at):
             if now < self._next_probe.get(link, 0):
@@ -94,6 +109,18 @@ class FallbackState:
             if self.client.set(self.keys.probe(link), 1, nx=True, px=int(self.after_s * 1000)):
                 return [link, *onward], True
         return onward, False
+
+
+def switch_to_realtime(client: redis.Redis, job_id: str) -> bool:
+    """The batch job's deadline is near: from now on its rows go through the real-time API (True: this
+    call switched it)."""
+    return bool(client.hsetnx(JobKeys(job_id).fallback, _SWITCHED, time.time()))
+
+
+def switched_at(client: redis.Redis, job_id: str) -> float | None:
+    """When the job's rows went over to the real-time API (None: they have not)."""
+    raw = client.hget(JobKeys(job_id).fallback, _SWITCHED)
+    return None if raw is None else float(raw)
 
 
 def fallback_status(client: redis.Redis, job: JobSpec) -> dict | None:

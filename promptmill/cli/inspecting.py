@@ -29,15 +29,16 @@ from promptmill.cli.app import (
 )
 from promptmill.cli.new_job import JobRequest
 from promptmill.config.backends import DEFAULT_BACKEND
-from promptmill.config.prices import PriceTable
+from promptmill.config.prices import BATCH, PriceTable
 from promptmill.config.settings import get_settings
-from promptmill.jobs.state.fallback import fallback_status
+from promptmill.jobs.state.fallback import fallback_status, switched_at
 from promptmill.jobs.ledger import cost_report
 from promptmill.jobs.state.pace import job_pace
 from promptmill.reports.report import write_report
 from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.state.status import JobState, JobStatus
 from promptmill.jobs.state.store import JobStore
+from promptmill.pipelines.items import iso_utc
 from promptmill.jobs.verify import verify_job
 
 
@@ -67,6 +68,7 @@ def _status_dict(spec: JobSpec, status: JobStatus, prices: PriceTable, store: Jo
         "budget": vars(store.budgets.get(spec.job_id)),
         "limits": None if status.limit_scope is None else store.limits.summary(status.limit_scope, spec.limits),
         **({"batches": _batches(store, spec.job_id)} if spec.info.batches else {}),
+        **({"deadline": _deadline(store, spec, status)} if spec.deadline_at is not None else {}),
         **({"fallback": chain} if (chain := fallback_status(store.redis, spec)) is not None else {}),
         **job_pace(store.redis, spec.job_id, status.pending if status.produced else max(status.pending, 1)).as_dict(),
         **({"engine": status.engine} if spec.info.local else {}),
@@ -81,6 +83,16 @@ def _pause_reason(status: JobStatus) -> str | None:
     if status.state is JobState.paused_budget:
         return "budget: the next request would pass it; `promptmill resume JOB --budget USD` goes on"
     return None
+
+
+def _deadline(store: JobStore, spec: JobSpec, status: JobStatus) -> dict:
+    """A batch job's deadline, whether its rows went over to the real-time API, and the rows each way."""
+    went_over = switched_at(store.redis, spec.job_id)
+    batch = sum(count for model, count in status.requests_by_model.items() if model.endswith(BATCH))
+    return {
+        "at": iso_utc(spec.deadline_at), "realtime_since": iso_utc(went_over),
+        "rows_batch": batch, "rows_realtime": sum(status.requests_by_model.values()) - batch,
+    }  # fmt: skip
 
 
 def _batches(store: JobStore, job_id: str) -> list[dict]:
@@ -122,6 +134,10 @@ def status(job_id: JobArg, as_json: JsonFlag = False) -> None:
             value = f"{value:,.0f}s"
         elif key == "fallback":
             value = f"on {value['on']} of {' -> '.join(value['chain'])}" + (f": {value['reason']}" if value["reason"] else "")
+        elif key == "deadline":
+            went = f"in real time since {value['realtime_since']}" if value["realtime_since"] else "in batches"
+            value = (f"{value['at']}: rows go {went}; {value['rows_batch']:,} answered in batches, "
+                     f"{value['rows_realtime']:,} in real time")  # fmt: skip
         elif key == "batches":
             value = "\n".join(_batch_line(batch) for batch in value) or "none yet"
         elif key == "budget":

@@ -16,6 +16,7 @@ from promptmill.jobs.shards import ShardError
 from promptmill.jobs.state.status import JobState
 from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.state.store import JobStore
+from promptmill.pipelines.spec import duration_s
 
 
 @app.command()
@@ -115,11 +116,10 @@ def delete(
 
 
 def _duration_s(text: str) -> float:
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
     try:
-        return float(text[:-1]) * units[text[-1]]
-    except (KeyError, ValueError, IndexError):
-        fail(f"--older-than: {text!r} is not a duration such as 7d, 12h, 30m")
+        return duration_s(text)
+    except ValueError as bad:
+        fail(f"--older-than: {bad}")
 
 
 @app.command()

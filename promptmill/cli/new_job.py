@@ -56,6 +56,10 @@ _OPTIONS: list[tuple[str, Any, Any]] = [
         None, "--keep-columns", metavar="A,B", help="Input columns carried into every record, comma-separated."
     )),
     ("budget", Optional[float], BudgetOption),
+    ("deadline", Optional[str], typer.Option(
+        None, "--deadline", metavar="DURATION",
+        help="A batch job's deadline from now (8h, 90m): once near, its unanswered rows go through the real-time API.",
+    )),
 ]
 
 
@@ -75,6 +79,7 @@ class JobRequest:
     old_format: str | None = None
     id_column: str | None = None
     keep_columns: str | None = None
+    deadline: str | None = None
 
     def spec(self, settings: Settings) -> JobSpec:
         """The checked spec; a bad option or pipeline fails here in one line naming the field."""
@@ -90,7 +95,7 @@ class JobRequest:
         try:
             spec = build_spec(
                 settings, self.input_path, self.pipeline, self.backend, self.model, self.out_dir,
-                self.chunk_size, limits, input_format, carried,  # type: ignore[arg-type]
+                self.chunk_size, limits, input_format, carried, deadline=self.deadline,  # type: ignore[arg-type]
             )  # fmt: skip
         except SubmitError as bad:
             fail(str(bad))

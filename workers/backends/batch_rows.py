@@ -40,6 +40,7 @@ class WaitedBatch:
     waiters: dict[int, Waiter] = field(default_factory=dict)  # row -> its waiting task's future
     chunk_of: dict[int, str] = field(default_factory=dict)
     cancel_sent: bool = False
+    for_deadline: bool = False  # cancelled because its job's deadline is near: its rows go in real time
     # What its results said, by row, as they are read: a row whose next run starts waiting while they
     # stream (its chunk's hold ended meanwhile) takes its reply from here, not from a read gone past it.
     results: dict[int, Reply | None] = field(default_factory=dict)

@@ -13,6 +13,13 @@ An errored or expired request is a retryable verdict like any other: the retry l
 attempt and sends the row again, into a later batch, never to the real-time endpoint. A canceled
 request (the job was cancelled: its poller cancels the batch) leaves its row pending for a resume.
 
+A job with a deadline goes over to the real-time API once the deadline is near: when the rows it has
+left would need, at the real-time limit, all the time until the deadline but `deadline_margin_s`.
+From then on no batch is made for it, its batches are cancelled (what they answered first is kept
+and paid at the batch price), and each row they did not answer, and each row arriving, is passed
+over to the chain's last link, the provider's real-time API, served by api workers under the
+fleet's limits (jobs/state/fallback.py).
+
 What differs between providers (how a request line looks, how a batch is made, read, found after a
 lost create and cancelled) is a subclass's: anthropic_batch.py, openai_batch.py.
 """
@@ -31,9 +38,10 @@ import redis
 
 from promptmill.config.settings import Settings
 from promptmill.jobs.state.batches import BatchCounts, BatchIntent
+from promptmill.jobs.state.fallback import switch_to_realtime, switched_at
 from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.state.store import JobStore
-from promptmill.pipelines.items import ErrorKind
+from promptmill.pipelines.items import ErrorKind, ItemError
 from promptmill.workers.backends.base import Call, FatalJobError, RawOutcome, Reply
 from promptmill.workers.backends.batch_rows import Arrival, Made, WaitedBatch, Waiter, fail, packed, resolve
 from promptmill.workers.retry import Verdict, classify
@@ -47,6 +55,13 @@ EXPIRED = Verdict(
     ErrorKind.expired, "expired: the batch ended before this request was processed", retryable=True, status="expired"
 )
 CANCELED = object()  # a result for a request the batch never ran because it was cancelled
+_NEAR_CHECK_S = 1.0  # how often a process looks again whether a job's deadline is near
+
+
+def passed_to_realtime(row: int) -> RawOutcome:
+    """A row the batch will not answer before the job's deadline: on to the real-time API."""
+    error = ItemError(kind=ErrorKind.server_error, message="passed over: the deadline is near")
+    return RawOutcome(row=row, error=error, attempts=0, passed_over=True)
 
 
 class BatchGone(Exception):
@@ -84,6 +99,7 @@ class ProviderBatchBackend:
         self._batches: dict[str, WaitedBatch] = {}  # batch id -> the rows this process waits on in it
         self._pollers: set[asyncio.Task] = set()
         self._creating: dict[str, asyncio.Future[Made | None]] = {}  # intent id -> its create's answer
+        self._near: dict[str, tuple[float, bool]] = {}  # job id -> (when looked, its deadline near)
 
     def limit_scope(self, job: JobSpec) -> None:
         return None  # a batch is not paced by the real-time limits; the API queues what it takes
@@ -115,6 +131,24 @@ class ProviderBatchBackend:
 
     async def close_client(self) -> None:
         raise NotImplementedError
+
+    def deadline_near(self, job: JobSpec) -> bool:
+        """Is the job's deadline near (its rows now go in real time)? Switches the job when it is."""
+        if job.deadline_at is None or job.deadline_link is None:
+            return False
+        looked_at, near = self._near.get(job.job_id, (float("-inf"), False))
+        if near or time.monotonic() - looked_at < _NEAR_CHECK_S:
+            return near
+        near = switched_at(self.store.redis, job.job_id) is not None
+        if not near:
+            rpm = job.links()[job.deadline_link].limits.rpm or self.settings.deadline_rpm
+            needed_s = self.store.status(job.job_id).pending / (rpm / 60)
+            near = time.time() >= job.deadline_at - needed_s - self.settings.deadline_margin_s
+            if near and switch_to_realtime(self.store.redis, job.job_id):
+                log.warning("job %s: its deadline is near (the rows left need %.0fs at %d rpm): they go in real time",
+                            job.job_id, needed_s, rpm)  # fmt: skip
+        self._near[job.job_id] = (time.monotonic(), near)
+        return near
 
     # -- a row's way in ----------------------------------------------------------------------------
 
@@ -152,6 +186,10 @@ class ProviderBatchBackend:
             else:
                 unanswered.setdefault(holder.intent, []).append(arrival)
         try:
+            if fresh and self.deadline_near(job):  # no batch now: they go in real time
+                for arrival in fresh:
+                    arrival.waiter.set_result(passed_to_realtime(arrival.call.request.row))
+                fresh = []
             for intent_id, group in unanswered.items():
                 await self._look_for(job, intent_id, group)
             for group in packed(fresh, self.max_requests, self.max_bytes):
@@ -308,6 +346,9 @@ class ProviderBatchBackend:
                     if state.cancellable and not batch.cancel_sent and not self.store.is_runnable(job_id):
                         batch.cancel_sent = True  # the job was cancelled: so is its batch (answers so far are kept)
                         await self._cancel(batch.batch_id)
+                    elif state.cancellable and not batch.cancel_sent and self.deadline_near(batch.job):
+                        batch.cancel_sent = batch.for_deadline = True  # what it did not answer goes in real time
+                        await self._cancel(batch.batch_id)
                 except (self.api_error, redis.RedisError) as error:
                     # A Redis restart, a failed read: the rows read so far are answered, the rest at the next try.
                     log.warning("job %s: batch %s: %s; polling on", job_id, batch.batch_id, error)
@@ -336,7 +377,7 @@ class ProviderBatchBackend:
             if reply is CANCELED:  # never processed, never billed; a resume sends the row in a new batch
                 if row in batch.chunk_of:
                     self.store.batches.forget_row(job.job_id, batch.chunk_of[row], row)
-                batch.answer(row, None)
+                batch.answer(row, passed_to_realtime(row) if batch.for_deadline or self.deadline_near(job) else None)
             else:
                 if isinstance(reply, RawOutcome):
                     reply.row = row
