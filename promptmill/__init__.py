@@ -13,6 +13,7 @@ The layers live in the repo's top folders and install under this name; each impo
 before it: `config` <- `pipelines` <- `jobs` <- `workers` <- `api` <- `cli`.
 """
 
+from promptmill.api.batch_files import BatchRun, run_batch
 from promptmill.api.choosing import compare, estimate
 from promptmill.api.data import MissingExtra
 from promptmill.api.jobs import Job, JobError, JobStopped, run, run_async, submit
@@ -20,6 +21,6 @@ from promptmill.api.pipeline import Pipeline, PipelineError
 from promptmill.api.results import Results
 
 __all__ = [
-    "Job", "JobError", "JobStopped", "MissingExtra", "Pipeline", "PipelineError", "Results",
-    "compare", "estimate", "run", "run_async", "submit",
+    "BatchRun", "Job", "JobError", "JobStopped", "MissingExtra", "Pipeline", "PipelineError", "Results",
+    "compare", "estimate", "run", "run_async", "run_batch", "submit",
 ]  # fmt: skip

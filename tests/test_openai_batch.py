@@ -4,6 +4,7 @@ workers and Redis, the real openai SDK against the local server's `/v1/files` an
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import Counter
 from decimal import Decimal
@@ -373,3 +374,30 @@ def test_a_deadline_crossing_sends_the_rows_left_in_real_time_before_it_and_pays
     assert requests == {"gpt-4.1-mini@batch": len(in_batches), "gpt-4.1-mini": len(in_real_time)}
     billed = cost("openai_batch") * prices.batch_discount + cost("chat")
     assert abs(Decimal(str(report["cost_usd"])) - billed) < Decimal("1e-9")
+
+
+def test_pm_run_batch_is_the_same_run_from_python_and_a_second_call_sends_nothing(tmp_path, env, fake_api, monkeypatch):
+    import promptmill as pm
+    from promptmill.config.settings import get_settings
+
+    for name in list(os.environ):
+        if name.startswith(("PROMPTMILL_", "ANTHROPIC_", "OPENAI_")):
+            monkeypatch.delenv(name)
+    for name, value in openai_env(env).items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    try:
+        data = write_batch_file(tmp_path / "requests.jsonl", 20, bad_row=3)
+        ran = pm.run_batch(data, tmp_path / "results.jsonl", backend="openai", progress=False)
+        assert (ran.requests, ran.failed, ran.resumed) == (20, 1, False)
+        lines = read_jsonl(tmp_path / "results.jsonl")
+        assert [line["custom_id"] for line in lines] == [f"req-{i:03d}" for i in range(20)]
+        assert lines[3]["response"]["status_code"] == 400 and "system turns only" in lines[3]["error"]
+        sent = len(fake_api.log())
+        again = pm.run_batch(data, tmp_path / "results.jsonl", backend="openai", progress=False)
+        assert again.job_id == ran.job_id and len(fake_api.log()) == sent
+        with pytest.raises(pm.JobError, match="lines are not batch requests"):
+            (tmp_path / "bad.jsonl").write_text('{"custom_id": "a", "url": "/v1/embeddings", "body": {}}\n')
+            pm.run_batch(tmp_path / "bad.jsonl", tmp_path / "bad-out.jsonl", backend="openai", progress=False)
+    finally:
+        get_settings.cache_clear()

@@ -11,6 +11,11 @@ EXAMPLES: dict[str, list[str]] = {
     "run": [
         "promptmill run reviews.jsonl --pipeline sentiment.toml --backend vllm",
         "promptmill run tickets.csv -p extract.toml --id-column ticket_id --budget 20 --json",
+        "promptmill run big.jsonl -p extract.toml --backend openai-batch --deadline 8h",
+    ],
+    "run-batch": [
+        "promptmill run-batch -i requests.jsonl -o results.jsonl --model smollm2-135m-instruct",
+        "promptmill run-batch -i requests.jsonl -o results.jsonl --backend openai-batch",
     ],
     "submit": ["PROMPTMILL_REDIS_URL=redis://queue:6379/0 promptmill submit big.parquet -p extract.toml"],
     "resume": ["promptmill resume JOB", "promptmill resume JOB --retry-failed --budget 50"],
@@ -22,7 +27,7 @@ EXAMPLES: dict[str, list[str]] = {
     "cost": ["promptmill cost JOB --json"],
     "jobs": ["promptmill jobs --json"],
     "cancel": ["promptmill cancel JOB"],
-    "export": ["promptmill export JOB --format parquet --out results/"],
+    "export": ["promptmill export JOB --format parquet --out results/", "promptmill export JOB --format openai-batch"],
     "delete": ["promptmill delete JOB --files"],
     "gc": ["promptmill gc --older-than 7d --dry-run"],
     "worker": ["PROMPTMILL_REDIS_URL=redis://queue:6379/0 promptmill worker --queues api --chunks 4"],
