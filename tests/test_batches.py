@@ -323,3 +323,28 @@ def test_a_batch_job_draws_nothing_from_the_fleets_rate_limit(tmp_path, batch_en
     assert [r["status"] for r in read_jsonl(tmp_path / "out" / "results.jsonl")] == ["ok"] * 30
     status = json.loads(promptmill("status", job_id_of(result), "--json", env=batch_env).stdout)
     assert status["limits"] is None  # no worker drew on (or even named) a fleet limit for the job
+
+
+def test_a_deadline_crossing_sends_message_batch_rows_in_real_time_before_it(tmp_path, batch_env, fake_api):
+    """The same deadline on Message Batches: the batch is cancelled (it had answered nothing) and
+    every row is answered once through /v1/messages, before the deadline, at the real-time price."""
+    fake_api.configure(batch_delay_s=3600)
+    data, pipeline = write_rows(tmp_path, 120)
+    out = tmp_path / "out"
+    env = {**batch_env, "PROMPTMILL_DEADLINE_RPM": "6000", "PROMPTMILL_DEADLINE_MARGIN_S": "3"}
+    result = promptmill(*batch_run(data, pipeline, out, "--deadline", "30s"), env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    job_id = job_id_of(result)
+    records = read_jsonl(out / "results.jsonl")
+    assert [record["output"] for record in records] == [LABELS[i % 2] for i in range(120)]
+    status = json.loads(promptmill("status", job_id, "--json", env=env).stdout)
+    assert max(record["finished_at"] for record in records) < status["deadline"]["at"]
+    assert (status["deadline"]["rows_batch"], status["deadline"]["rows_realtime"]) == (0, 120)
+    log = fake_api.log()
+    assert {b["status"] for b in fake_api.batches()} == {"ended"} and all(
+        entry["status"] == "canceled" for entry in log if entry.get("route") == "batch"
+    )
+    answered = Counter(entry["prompt"] for entry in log if entry.get("route") != "batch" and entry["status"] == 200)
+    assert len(answered) == 120 and set(answered.values()) == {1}
+    report = json.loads(promptmill("cost", job_id, "--json", env=env).stdout)
+    assert {m["model"]: m["requests"] for m in report["models"] if m["requests"]} == {"claude-haiku-4-5": 120}
