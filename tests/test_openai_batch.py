@@ -123,14 +123,15 @@ def test_a_run_killed_after_its_first_batch_exists_resumes_without_a_batch_or_an
     finally:
         kill_tree(run)
         run.communicate()
-    created = {batch["id"] for batch in fake_api.openai_batches()}
+    created = {batch["id"]: batch["input_file_id"] for batch in fake_api.openai_batches()}
     status = json.loads(promptmill("status", job_id, "--json", env=batch_env).stdout)
-    assert {batch["id"] for batch in status["batches"]} == created  # recorded the moment they existed
+    # Recorded the moment they existed: each batch, and the file it was made of.
+    assert {batch["id"]: batch["files"]["input"] for batch in status["batches"]} == created
 
     fake_api.configure(batch_delay_s=0)
     resumed = promptmill("resume", job_id, env=batch_env, timeout=200)
     assert resumed.returncode == 0, resumed.stderr
-    assert {batch["id"] for batch in fake_api.openai_batches()} == created  # no batch made again
+    assert {batch["id"] for batch in fake_api.openai_batches()} == set(created)  # no batch made again
     log = batch_entries(fake_api.log())
     assert sorted(row_of(entry) for entry in log) == list(range(400))  # no row sent twice
     records = read_jsonl(out / "results.jsonl")
@@ -401,3 +402,15 @@ def test_pm_run_batch_is_the_same_run_from_python_and_a_second_call_sends_nothin
             pm.run_batch(tmp_path / "bad.jsonl", tmp_path / "bad-out.jsonl", backend="openai", progress=False)
     finally:
         get_settings.cache_clear()
+
+
+def test_rows_are_packed_into_openai_batches_of_at_most_50000_requests_and_200_mb():
+    from promptmill.workers.backends.batch_rows import Arrival, packed
+    from promptmill.workers.backends.openai_batch import OpenAIBatchBackend as Batches
+
+    small = [Arrival(None, None, {}, size=10) for _ in range(120_001)]  # type: ignore[arg-type]
+    assert [len(group) for group in packed(small, Batches.max_requests, Batches.max_bytes)] == [50_000, 50_000, 20_001]
+    big = [Arrival(None, None, {}, size=Batches.max_bytes // 2 + 1) for _ in range(3)]  # type: ignore[arg-type]
+    groups = packed(big, Batches.max_requests, Batches.max_bytes)
+    assert [len(group) for group in groups] == [1, 1, 1]
+    assert all(sum(a.size for a in group) <= Batches.max_bytes < 200 * 1024 * 1024 for group in groups)

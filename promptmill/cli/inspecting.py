@@ -96,9 +96,10 @@ def _deadline(store: JobStore, spec: JobSpec, status: JobStatus) -> dict:
 
 
 def _batches(store: JobStore, job_id: str) -> list[dict]:
-    """Each Message Batch of the job, as its workers last saw it."""
+    """Each provider batch of the job, as its workers last saw it (an OpenAI batch's files too)."""
     return [
-        {"id": record.batch_id, "status": record.processing_status, "requests": record.requests, **record.counts.model_dump()}
+        {"id": record.batch_id, "status": record.processing_status, "requests": record.requests,
+         **record.counts.model_dump(), **({"files": record.files} if record.files else {})}
         for record in store.batches.all(job_id)
     ]
 
@@ -199,8 +200,8 @@ def verify(job_id: JobArg, as_json: JsonFlag = False) -> None:
 
 @app.command()
 def estimate(
-    input_path: Path = typer.Argument(..., metavar="INPUT", help="A JSONL, JSON, CSV or Parquet file."),
-    pipeline: Path = typer.Option(..., "--pipeline", "-p", help="The pipeline TOML file."),
+    input_path: Path = typer.Argument(..., metavar="INPUT", help="A JSONL, JSON, CSV or Parquet file, or an OpenAI batch file."),
+    pipeline: Optional[Path] = typer.Option(None, "--pipeline", "-p", help="The pipeline TOML file (optional for a batch file)."),
     model: Optional[str] = typer.Option(None, help="Overrides the pipeline's model."),
     rpm: Optional[int] = RpmOption,
     input_tpm: Optional[int] = InputTpmOption,
