@@ -120,6 +120,8 @@ class ItemOutcome(BaseModel):
     finish_reason: str | None = None
     attempts: int = 0
     model: str | None = None  #: who answered (None: no model saw the row)
+    #: The ledger's name for what answered, as it was priced: MODEL, MODEL@batch, MODEL@long.
+    priced_as: str | None = None
     models_tried: list[str] | None = None  #: with a fallback chain: every model the row went to, in order
     request_id: str | None = None  #: the provider's id of the answering request
     started_at: str | None = None  #: ISO 8601 UTC: the row's first attempt of its last run

@@ -360,6 +360,8 @@ def test_a_deadline_crossing_sends_the_rows_left_in_real_time_before_it_and_pays
     assert len(in_batches) + len(in_real_time) == rows and len(set(in_real_time)) == len(in_real_time)
     assert all(b["status"] == "cancelled" for b in fake_api.openai_batches())
     assert (deadline["rows_batch"], deadline["rows_realtime"]) == (len(in_batches), len(in_real_time))
+    priced = Counter(record["priced_as"] for record in records)  # each row says how it was priced
+    assert priced == {"gpt-4.1-mini@batch": len(in_batches), "gpt-4.1-mini": len(in_real_time)}
 
     prices = PriceTable.load(Settings())
     price = prices.price_for("gpt-4.1-mini")

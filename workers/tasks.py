@@ -49,6 +49,7 @@ def to_outcome(job: JobSpec, raw: RawOutcome, line: int = 0) -> ItemOutcome:
         "finish_reason": raw.finish_reason,
         "attempts": raw.attempts,
         "model": (raw.model or job.model) if raw.attempts else None,  # a row refused before sending reached no model
+        "priced_as": raw.ledger_model if raw.attempts else None,
         "models_tried": raw.models_tried,
         "request_id": raw.request_id,
         "started_at": iso_utc(raw.started_at),

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import orjson
 
+from promptmill.api.data import file_sha256
 from promptmill.api.driving import check_model_built, create_job, drive, expire_if_finished, open_store, reopen
 from promptmill.api.jobs import NAMES_KEY, JobError, JobStopped, progress_console
 from promptmill.config.settings import get_settings
@@ -31,14 +32,6 @@ class BatchRun:
     requests: int
     failed: int
     resumed: bool
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def run_batch(

@@ -123,8 +123,9 @@ def row_costs(spec: JobSpec, prices: PriceTable, records: list[dict[str, Any]]) 
         link = links.get(model, spec)
         if not link.info.billed_per_token:
             yield prices.engine_cost_usd(usage.engine_us)
-        else:
-            yield prices.price_for(model + link.info.ledger_suffix).cost_usd(**usage.token_counts())
+        else:  # as the ledger priced it (a deadline's batch and real-time rows share a model's name)
+            priced = record.get("priced_as") or model + link.info.ledger_suffix
+            yield prices.price_for(priced).cost_usd(**usage.token_counts())
 
 
 def _input_table(spec: JobSpec, rows: int) -> Any:
