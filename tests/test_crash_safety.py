@@ -124,7 +124,9 @@ def test_a_row_that_kills_its_worker_every_time_fails_as_poison_and_the_rest_com
 
 
 def test_an_interrupted_run_resumes_with_its_counts_and_completes_exactly(tmp_path, env, fake_api, store, new_job):
-    fake_api.configure(latency_ms=20)
+    # Answers slow enough that the run is far from its end when the interrupt lands, however slowly a
+    # loaded machine lets this test see its 500th row (at 20 ms, CI once saw the run end first).
+    fake_api.configure(latency_ms=100)
     data, pipeline = write_job(tmp_path, 3000)
     out = tmp_path / "o"
     run = start_cli(env, "run", str(data), "--pipeline", str(pipeline), "--out", str(out))
