@@ -149,6 +149,33 @@ def test_an_interrupted_run_resumes_with_its_counts_and_completes_exactly(tmp_pa
     assert promptmill("verify", job_id, env=env).returncode == 0
 
 
+def test_a_paused_job_sends_nothing_more_until_resumed_then_completes_each_row_once(tmp_path, env, fake_api, store, new_job):
+    # 8 requests in flight of 100 ms each: about 80 rows a second, so the job is far from its end
+    # when `pause` (a process of its own) lands.
+    fake_api.configure(latency_ms=100)
+    env = {**env, "PROMPTMILL_MAX_IN_FLIGHT": "4"}
+    data, pipeline = write_job(tmp_path, 1000)
+    out = tmp_path / "o"
+    run = start_cli(env, "run", str(data), "--pipeline", str(pipeline), "--out", str(out))
+    job_id = new_job(run)
+    wait_until(lambda: store.status(job_id).terminal >= 100, 120, "100 rows")
+    paused = promptmill("pause", job_id, env=env)
+    assert paused.returncode == 0, paused.stderr
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 4 and f"job {job_id} paused: paused by the user" in stderr, stderr
+    status = json.loads(promptmill("status", job_id, "--json", env=env).stdout)
+    assert status["state"] == "paused" and 100 <= status["done"] < 1000
+    sent = len(fake_api.log())
+    assert sent == status["done"]  # what was on the wire at the pause was answered and committed
+    assert promptmill("pause", job_id, env=env).returncode != 0  # only a running job pauses
+
+    resumed = promptmill("resume", job_id, env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    records = read_jsonl(out / "results.jsonl")
+    assert [r["row"] for r in records] == list(range(1000)) and all(r["status"] == "ok" for r in records)
+    assert max(successes_by_prompt(fake_api.log()).values()) == 1  # none sent twice
+
+
 @pytest.mark.chaos
 @pytest.mark.timeout(600)
 def test_10000_rows_while_workers_are_killed_at_random_end_exact_and_pay_only_for_answers_in_flight(

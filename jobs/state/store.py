@@ -180,6 +180,14 @@ class JobStore:
         """A fatal error: stop every worker on the job, keep every committed result."""
         self.set_state(job_id, JobState.failed, error)
 
+    def pause(self, job_id: str) -> bool:
+        """Pause a running job: its workers commit the answers on the wire and send nothing more until
+        a resume. False: it was not running."""
+        if not self.status(job_id).state.runnable:
+            return False
+        self.set_state(job_id, JobState.paused, f"paused by the user; `promptmill resume {job_id}` goes on")
+        return True
+
     def is_runnable(self, job_id: str) -> bool:
         return self.stored_state(job_id).runnable
 

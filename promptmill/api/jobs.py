@@ -334,6 +334,12 @@ class Job:
             if store.status(self.job_id).state.runnable:
                 store.set_state(self.job_id, JobState.cancelled)
 
+    def pause(self) -> bool:
+        """Pause the running job (as `promptmill pause`): the answers on the wire are committed, nothing
+        more is sent; `resume()` goes on. False: it was not running."""
+        with self._store() as (store, _):
+            return store.pause(self.job_id)
+
     def resume(self, *, workers: int | None = None, budget: float | None = None, progress: bool = True,
                max_failed_share: float | None = 0.5) -> Results:  # fmt: skip
         """Go on from where the job stopped, here, to its end (as `promptmill resume`)."""

@@ -27,6 +27,7 @@ EXAMPLES: dict[str, list[str]] = {
     "cost": ["promptmill cost JOB --json"],
     "jobs": ["promptmill jobs --json"],
     "cancel": ["promptmill cancel JOB"],
+    "pause": ["promptmill pause JOB", "promptmill resume JOB"],
     "export": ["promptmill export JOB --format parquet --out results/", "promptmill export JOB --format openai-batch"],
     "delete": ["promptmill delete JOB --files"],
     "gc": ["promptmill gc --older-than 7d --dry-run"],

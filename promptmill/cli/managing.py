@@ -31,6 +31,16 @@ def cancel(job_id: JobArg) -> None:
     out.print(f"job {job_id} cancelled")
 
 
+@app.command()
+def pause(job_id: JobArg) -> None:
+    """Pause a running job: workers commit the answers on the wire and take no more of its rows;
+    `resume JOB` goes on where it stopped."""
+    with open_job(job_id) as (_, store, _, _):
+        if not store.pause(job_id):
+            fail(f"job {job_id} is {store.status(job_id).state.value}: only a running job pauses")
+    out.print(f"job {job_id} paused; `promptmill resume {job_id}` goes on")
+
+
 def _cancel_batches(settings: Settings, store: JobStore, spec: JobSpec) -> None:
     """Cancel the provider's batches now (the workers waiting on them would too, at their next poll);
     what they answered before the cancel is kept, the rest stays pending for a resume."""
