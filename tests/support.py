@@ -71,6 +71,13 @@ def fast_recovery(env: dict[str, str]) -> dict[str, str]:
     return {**env, "PROMPTMILL_LEASE_TTL_S": "2", "PROMPTMILL_SWEEP_EVERY_S": "1"}
 
 
+def interruptible() -> None:
+    """In a child about to run: Ctrl-C (SIGINT) as a terminal delivers it. A suite started in the
+    background by a non-interactive shell (`make test &`) inherits SIGINT ignored, and Python keeps
+    an ignored SIGINT ignored: the test's Ctrl-C would never arrive."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_cli(env: dict[str, str], *args: str, quiet: bool = False) -> subprocess.Popen:
     """A `promptmill` command left running, for a test to interrupt or kill around it; a quiet one
     (a worker, whose log nobody reads) writes nowhere, so it can never block on a full pipe."""
@@ -78,6 +85,7 @@ def start_cli(env: dict[str, str], *args: str, quiet: bool = False) -> subproces
     return subprocess.Popen(
         [PROMPTMILL, *args],
         env=env, cwd=ROOT, stdout=output, stderr=output, text=True, start_new_session=quiet,
+        preexec_fn=interruptible,
     )  # fmt: skip
 
 

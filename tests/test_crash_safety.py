@@ -125,8 +125,7 @@ def test_a_row_that_kills_its_worker_every_time_fails_as_poison_and_the_rest_com
 
 def test_an_interrupted_run_resumes_with_its_counts_and_completes_exactly(tmp_path, env, fake_api, store, new_job):
     # 8 requests in flight of 100 ms each: about 80 rows a second, so the run is far from its end when
-    # the interrupt lands, however slowly a loaded machine lets this test see its 500th row (unbounded,
-    # the run reached 3,000 rows first on CI, latency or not: its concurrency grows to meet it).
+    # the interrupt lands, however slowly a loaded machine lets this test see its 500th row.
     fake_api.configure(latency_ms=100)
     env = {**env, "PROMPTMILL_MAX_IN_FLIGHT": "4"}
     data, pipeline = write_job(tmp_path, 1500)

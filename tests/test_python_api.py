@@ -18,7 +18,7 @@ from pydantic import BaseModel
 import promptmill as pm
 from promptmill.config.settings import get_settings
 from promptmill.jobs.state.store import JobStore
-from tests.support import ROOT, start_cli, stop, wait_until
+from tests.support import ROOT, interruptible, start_cli, stop, wait_until
 from tests.test_api_jobs import successes_by_prompt
 
 HAIKU = "claude-haiku-4-5"
@@ -282,7 +282,7 @@ def test_ctrl_c_stops_the_workers_at_once_and_leaves_the_job_to_resume(tmp_path,
     store = JobStore.from_url(redis_url)
     before = set(store.job_ids())
     script_run = subprocess.Popen([sys.executable, str(script), str(tmp_path / "out")], env=api_env, cwd=tmp_path,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)  # fmt: skip
     wait_until(lambda: set(store.job_ids()) - before, 120, "the job")
     (job_id,) = set(store.job_ids()) - before
     wait_until(lambda: store.status(job_id).terminal >= 50, 120, "50 rows")
