@@ -40,8 +40,8 @@ class BatchFileError(ValueError):
 @dataclass(frozen=True)
 class BatchFile:
     requests: int
-    model: str | None  # the first line's body's model
-    max_tokens: int | None  # the first line's
+    model: str | None  # the first model a request names
+    max_tokens: int | None  # the first max_tokens (or max_completion_tokens) a request names
 
 
 def check_batch_file(path: Path) -> BatchFile:
@@ -58,9 +58,10 @@ def check_batch_file(path: Path) -> BatchFile:
             bad.append(f"line {line_number}: {problem}")
             continue
         body = row["body"]
-        if requests == 1 or model is None:
-            model = body.get("model") if isinstance(body.get("model"), str) else model
-            max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or max_tokens
+        if model is None and isinstance(body.get("model"), str):
+            model = body["model"]
+        if max_tokens is None:
+            max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
     if bad:
         shown = "; ".join(bad[:_SHOWN]) + (f"; and {len(bad) - _SHOWN:,} more" if len(bad) > _SHOWN else "")
         raise BatchFileError(f"INPUT: {len(bad):,} of {requests:,} lines are not batch requests: {shown}")

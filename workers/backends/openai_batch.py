@@ -18,7 +18,7 @@ import openai
 import orjson
 from openai.types.chat import ChatCompletion
 
-from promptmill.config.settings import KeyRefused, Settings
+from promptmill.config.settings import KeyRefused, Settings, is_openai_url
 from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.state.batches import BatchCounts, BatchIntent
 from promptmill.jobs.state.store import JobStore
@@ -74,7 +74,7 @@ class OpenAIBatchBackend(ProviderBatchBackend):
     def __init__(self, job: JobSpec, settings: Settings, store: JobStore | None = None):
         api_key, self.base_url = _key_and_url(job, settings)
         super().__init__(job, settings, store)
-        if self.base_url and self.base_url != "https://api.openai.com/v1":
+        if not is_openai_url(self.base_url):
             self.label = f"the batch API at {self.base_url}"
         # Uploading, polling and reading are not a row's attempts: the SDK's retries serve them (an
         # upload sent twice leaves a file nobody reads, never a second bill). The create is sent once.
