@@ -101,6 +101,18 @@ def chat_params(pipeline: Pipeline, request: RenderedRequest, base_url: str | No
     return params
 
 
+def key_and_url(job: JobSpec, settings: Settings) -> tuple[str, str | None]:
+    """The job's OpenAI-compatible server and the key it may be sent (FatalJobError: none here)."""
+    base_url = settings.openai_url(job.pipeline.base_url)
+    try:
+        api_key = settings.openai_key(base_url, job.pipeline.api_key_env)
+    except KeyRefused as refused:
+        raise FatalJobError(str(refused)) from None
+    if not api_key:
+        raise FatalJobError("no OpenAI API key in this worker: set OPENAI_API_KEY (or PROMPTMILL_OPENAI_API_KEY)")
+    return api_key, base_url
+
+
 def completion_outcome(row: int, completion: ChatCompletion, pipeline: Pipeline, **fields: Any) -> RawOutcome:
     """A chat completion as the row's outcome: its text (a structured choice's label), usage and finish reason."""
     choice = completion.choices[0] if completion.choices else None
@@ -122,13 +134,7 @@ class OpenAIBackend:
     one_token_budget = True  # OpenAI counts the prompt plus max_tokens against one budget
 
     def __init__(self, job: JobSpec, settings: Settings, store: JobStore | None = None):
-        self.base_url = settings.openai_url(job.pipeline.base_url)
-        try:
-            self.api_key = settings.openai_key(self.base_url, job.pipeline.api_key_env)
-        except KeyRefused as refused:
-            raise FatalJobError(str(refused)) from None
-        if not self.api_key:
-            raise FatalJobError("no OpenAI API key in this worker: set OPENAI_API_KEY (or PROMPTMILL_OPENAI_API_KEY)")
+        self.api_key, self.base_url = key_and_url(job, settings)
         self.label = "the OpenAI API" if is_openai_url(self.base_url) else f"the server at {self.base_url}"
         self.max_in_flight: int | None = settings.max_in_flight
         self.client = openai.AsyncOpenAI(

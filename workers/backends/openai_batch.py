@@ -18,14 +18,14 @@ import openai
 import orjson
 from openai.types.chat import ChatCompletion
 
-from promptmill.config.settings import KeyRefused, Settings, is_openai_url
+from promptmill.config.settings import Settings, is_openai_url
 from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.state.batches import BatchCounts, BatchIntent
 from promptmill.jobs.state.store import JobStore
 from promptmill.pipelines.items import ErrorKind
-from promptmill.workers.backends.base import Call, FatalJobError, Reply
+from promptmill.workers.backends.base import Call, Reply
 from promptmill.workers.backends.batch_rows import Made, WaitedBatch
-from promptmill.workers.backends.openai import OpenAIBackend, chat_params, completion_outcome
+from promptmill.workers.backends.openai import OpenAIBackend, chat_params, completion_outcome, key_and_url
 from promptmill.workers.backends.provider_batches import (
     CANCELED,
     CLOCK_MARGIN_S,
@@ -40,17 +40,6 @@ ENDPOINT = "/v1/chat/completions"
 INTENT_KEY = "promptmill_intent"  # the batch's metadata: the intent it was made of
 _OVER = ("completed", "failed", "expired", "cancelled")
 _CANCELLABLE = ("validating", "in_progress", "finalizing")
-
-
-def _key_and_url(job: JobSpec, settings: Settings) -> tuple[str, str | None]:
-    base_url = settings.openai_url(job.pipeline.base_url)
-    try:
-        api_key = settings.openai_key(base_url, job.pipeline.api_key_env)
-    except KeyRefused as refused:
-        raise FatalJobError(str(refused)) from None
-    if not api_key:
-        raise FatalJobError("no OpenAI API key in this worker: set OPENAI_API_KEY (or PROMPTMILL_OPENAI_API_KEY)")
-    return api_key, base_url
 
 
 def batch_counts(status: str, counts: Any) -> BatchCounts:
@@ -72,7 +61,7 @@ class OpenAIBatchBackend(ProviderBatchBackend):
     limited_input = staticmethod(OpenAIBackend.limited_input)
 
     def __init__(self, job: JobSpec, settings: Settings, store: JobStore | None = None):
-        api_key, self.base_url = _key_and_url(job, settings)
+        api_key, self.base_url = key_and_url(job, settings)
         super().__init__(job, settings, store)
         if not is_openai_url(self.base_url):
             self.label = f"the batch API at {self.base_url}"
@@ -171,7 +160,7 @@ class OpenAIBatchBackend(ProviderBatchBackend):
 
 def cancel_now(settings: Settings, spec: JobSpec, batch_ids: list[str]) -> dict[str, str | None]:
     """Cancel these batches at the provider now, from the CLI: batch id -> None, or why it failed."""
-    api_key, base_url = _key_and_url(spec, settings)
+    api_key, base_url = key_and_url(spec, settings)
     failed: dict[str, str | None] = {}
     with openai.OpenAI(api_key=api_key, base_url=base_url) as client:
         for batch_id in batch_ids:
