@@ -15,7 +15,8 @@ from typing import Any
 
 from promptmill.config.backends import QUEUES
 
-TASK_RUN_CHUNK = "promptmill.run_chunk"
+TASK_RUN_CHUNK = "promptmill.run_chunk"  # run this chunk (a lost one sent again, a retry, rows handed on)
+TASK_RUN_NEXT = "promptmill.run_next"  # run the chunk next by the jobs' fair shares (jobs/state/fair.py)
 # kombu re-delivers a message still unacknowledged this long after delivery: a last resort, long
 # enough that a slow chunk is never delivered twice while it runs (its lease would hold the second
 # one off anyway).

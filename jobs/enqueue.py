@@ -23,17 +23,18 @@ def enqueue(
 
     On resume, the chunks already stored and not complete go first; then the producer goes on from
     where it stopped, sending each chunk as it stores it and waiting while `max_pending_rows` rows
-    wait for workers. `on_chunk` runs after each chunk, `on_wait` while the producer waits.
+    wait for workers. Every chunk waits its job's turn among the jobs on its queue (fair shares:
+    jobs/dispatch.py). `on_chunk` runs after each chunk, `on_wait` while the producer waits.
     """
     if resuming:
-        for chunk_id in store.chunks.incomplete(spec.job_id):
-            sender.send(spec.job_id, chunk_id, spec.queue)
+        incomplete = [int(chunk_id) for chunk_id in store.chunks.incomplete(spec.job_id)]
+        sender.send_fairly(store.fair, spec, incomplete, every_waiting=True)
     if store.status(spec.job_id).produced:
         return 0
 
     def send(chunk, added: bool) -> None:
         if added and chunk.requests:
-            sender.send(spec.job_id, chunk.chunk_id, spec.queue)
+            sender.send_fairly(store.fair, spec, [chunk.first_row])
         if on_chunk is not None:
             on_chunk()
 

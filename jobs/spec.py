@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 
 from promptmill.config.backends import BACKENDS, BackendInfo, BackendName
 from promptmill.config.settings import MAX_CHUNK_SIZE
-from promptmill.pipelines.spec import Pipeline, RateLimits
+from promptmill.pipelines.spec import MAX_PRIORITY, Pipeline, RateLimits
 
 InputFormat = Literal["jsonl", "json", "csv", "parquet", "openai-batch"]
 INPUT_FORMATS: tuple[InputFormat, ...] = get_args(InputFormat)
@@ -38,6 +38,9 @@ class JobSpec(BaseModel):
     name: str | None = Field(default=None, description="The Python API's name for the job, that finds it again.")
     fingerprint: str | None = Field(default=None, description="What the named job ran: data, pipeline, backend, model.")
     deadline_at: float | None = Field(default=None, description="A batch job's deadline (epoch seconds).")
+    priority: int = Field(
+        default=1, ge=1, le=MAX_PRIORITY, description="Its weight in the fleet's fair shares: 3 gets three times 1's rows."
+    )
     created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
 
     @property

@@ -16,6 +16,7 @@ from promptmill.jobs.readers import InputFormat, detect_format, input_columns
 from promptmill.jobs.spec import JobSpec, new_job_id
 from promptmill.pipelines.spec import (
     BRACES_HINT,
+    MAX_PRIORITY,
     Pipeline,
     PipelineError,
     RateLimits,
@@ -45,6 +46,7 @@ def build_spec(
     name: str | None = None,
     fingerprint: str | None = None,
     deadline: str | None = None,
+    priority: int | None = None,
 ) -> JobSpec:
     """Limits come from the CLI, else the pipeline, else Settings. `overrides` set pipeline fields
     (a compare's contender: its temperature) over the file's. The pipeline is a file, or one built
@@ -108,6 +110,7 @@ def build_spec(
         name=name,
         fingerprint=fingerprint,
         deadline_at=deadline_at,
+        priority=_priority(priority, pipeline),
     )
     if pipeline.stream and not spec.info.streams:
         raise SubmitError(f"stream: the {spec.backend} backend does not stream (a batch's answers come as a file); drop `stream`")
@@ -121,6 +124,14 @@ def build_spec(
             )
         _check_model(settings, link.backend, link.pipeline, prices, name)
     return spec
+
+
+def _priority(priority: int | None, pipeline: Pipeline) -> int:
+    """The job's weight in the fleet's fair shares: --priority, else the pipeline's, else 1."""
+    chosen = priority if priority is not None else pipeline.priority or 1
+    if not 1 <= chosen <= MAX_PRIORITY:
+        raise SubmitError(f"--priority must be from 1 to {MAX_PRIORITY:,}, not {chosen:,}")
+    return chosen
 
 
 def _deadline_at(deadline: str | None, backend: BackendName) -> float | None:

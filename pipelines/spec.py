@@ -24,6 +24,7 @@ RECORD_FIELDS = frozenset(ItemOutcome.model_fields)
 BRACES_HINT = "a literal brace in the prompt (a JSON example) is written doubled: {{ and }}"
 
 
+MAX_PRIORITY = 1000  # a job's weight in the fleet's fair shares: 1 (the default) to this
 DURATION_PATTERN = r"^\d+(\.\d+)?[smhdw]$"
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
 
@@ -196,6 +197,9 @@ class Pipeline(BaseModel):
     # A batch job's deadline from its submit ("8h", "90m"): once near, the rows still unanswered go
     # through the same provider's real-time API (a batch backend only).
     deadline: str | None = Field(default=None, pattern=DURATION_PATTERN)
+    # The job's weight in the fleet's fair shares (`--priority` wins): while jobs wait for the same
+    # workers, each gets rows in proportion to its weight.
+    priority: int | None = Field(default=None, ge=1, le=MAX_PRIORITY)
     # Results join back to the input: its id column, and other columns, carried into every record
     # under their own names (read from the input at export, never held in Redis).
     id_column: str | None = Field(default=None, min_length=1)

@@ -38,8 +38,9 @@ def sweep_once(store: JobStore, sender: ChunkSender, every_s: float, ttl_s: floa
     """Send the lost chunks of every runnable job once more; returns how many were sent.
 
     Lost: a chunk whose worker died while running it, or, once every chunk is enqueued and the
-    queue is empty, a chunk neither done nor running that was not sent for a while: its message died
-    with a worker that had reserved it or was holding it for a delayed retry (`JobStore.lost_chunks`).
+    queue is empty, a chunk neither done nor running nor waiting its turn that was not sent for a while:
+    its message died with a worker that had reserved it or was holding it for a delayed retry
+    (`ChunkStore.lost`). Chunks waiting their turn with an empty queue get new messages to run them.
     """
     sent = 0
     for job_id in store.job_ids():
@@ -60,6 +61,12 @@ def sweep_once(store: JobStore, sender: ChunkSender, every_s: float, ttl_s: floa
         empty = {queue: bool(status.produced) and _queue_is_empty(queue) for queue in {link.queue for link in links}}
         empty_links = [i for i, link in enumerate(links) if i and empty[link.queue]]
         lost = store.chunks.lost(job_id, empty[spec.queue], 3 * every_s, empty_links)
+        if store.fair.waiting(job_id):
+            # Its chunks waiting their turn need "run the next chunk" messages: a job that left the fair
+            # shares as it got more comes back, and an empty queue means theirs were lost (a dead worker's
+            # reserved messages come back only after the visibility timeout).
+            lost_messages = empty[spec.queue] if status.produced else _queue_is_empty(spec.queue)
+            sender.send_fairly(store.fair, spec, [], every_waiting=lost_messages)
         for run in lost:
             chunk_id, link = parse_run_id(run)
             sender.send(job_id, chunk_id, links[link].queue, link)

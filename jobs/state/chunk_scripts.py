@@ -96,7 +96,9 @@ return 1
 # Find the job's lost chunks in one step. A chunk is lost when it is incomplete, unflushed and
 # unleased, and either (orphaned) a worker started it and died (its run count moved past the count
 # it was last sent again at), or (stranded, only when the queue is empty) no message for it exists:
-# it died in a dead worker's reserved or delayed messages, a resent copy among them. The guard is
+# it died in a dead worker's reserved or delayed messages, a resent copy among them. A chunk that
+# waits its turn in the fair shares (KEYS[7], jobs/state/fair.py) has no message of its own: it is not
+# stranded, and the sweeper replaces lost "run the next chunk" messages instead. The guard is
 # the loss itself (a run count, a time), never the chunk: a chunk lost twice is sent twice.
 # Rows handed to another queue's model are that run's ("CHUNK@LINK"), lost the same way on its queue.
 # ARGV: now (s), how long a chunk sent must wait before it counts as stranded (s), queue empty (0/1),
@@ -114,7 +116,7 @@ local function look(run, empty)
     redis.call('HSET', KEYS[5], run, runs)
     redis.call('HSET', KEYS[6], run, now)
     table.insert(lost, run)
-  elseif empty and now - sent_at >= wait then
+  elseif empty and now - sent_at >= wait and not redis.call('ZSCORE', KEYS[7], run) then
     redis.call('HSET', KEYS[6], run, now)
     table.insert(lost, run)
   end

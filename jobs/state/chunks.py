@@ -122,7 +122,7 @@ class ChunkStore:
     ) -> list[str]:
         """The job's lost runs (see `run_id`), each marked as sent again now (see `SWEEP`): the
         caller sends them. `empty_links`: the chain's models whose queue is empty."""
-        keys = ["chunks", "chunk_rows", "flushed", "chunk_runs", "resent", "sent_at"]
+        keys = ["chunks", "chunk_rows", "flushed", "chunk_runs", "resent", "sent_at", "ready"]
         lost = self._sweep(
             keys=[getattr(JobKeys(job_id), name) for name in keys],
             args=[time.time(), stranded_after_s, int(queue_empty), JobKeys(job_id).prefix,

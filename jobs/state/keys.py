@@ -9,6 +9,8 @@ Cluster slot and one Lua script may touch them together.
     pm:{JOB}:chunks             list of chunk ids in input order
     pm:{JOB}:chunk_rows         hash: chunk id -> rows in the chunk (to tell a complete chunk)
     pm:{JOB}:chunk:{CHUNK}      the chunk's rendered requests as JSON
+    pm:{JOB}:ready              sorted set: the chunks waiting for a worker slot, by first row (their
+                                messages are "run the next chunk": jobs/state/fair.py picks which)
     pm:{JOB}:results:{CHUNK}    hash: row -> outcome JSON; a row's field is its done mark
     pm:{JOB}:counters           hash: ok, failed
     pm:{JOB}:ledger             hash: "MODEL|requests", "MODEL|failed_attempts", "MODEL|input_tokens", ...
@@ -59,6 +61,9 @@ Cluster slot and one Lua script may touch them together.
                                 "START+WIDTH|..." (10 minutes after an hour, an hour after a day);
                                 first, last: the job's first row's start and last row's end; rolled:
                                 when the slots were last rolled up
+    pm:fair:{QUEUE}             sorted set: the queue's jobs with chunks waiting, by their pass (stride
+                                scheduling: the lowest runs next; jobs/state/fair.py)
+    pm:fair:{QUEUE}:served      the queue's virtual time: the pass last served (a job joins there)
     pm:limit:{SCOPE}            hash: the fleet's rate-limit buckets for one account and model, with
                                 the limits learned from the provider's headers (the LIMIT_* fields)
 """
@@ -80,6 +85,8 @@ META_FINISHED_AT = "finished_at"
 META_INPUT_SHA256 = "input_sha256"
 META_BUDGET_MICRO = "budget_micro"
 META_LIMIT_SCOPE = "limit_scope"
+META_PRIORITY = "priority"  # the job's weight in its queue's fair shares (default 1)
+META_FAIR_PASS = "fair_pass"  # its pass when it last left its queue's fair set (it comes back no earlier)
 META_ENGINE = "engine"  # the local engine's start, as its worker tells it: what it is doing, since when
 
 # Fields of pm:{JOB}:budget (micro-USD).
@@ -132,6 +139,14 @@ def batch_owner_key(batch_id: str) -> str:
     return f"pm:batch:{batch_id}"
 
 
+def fair_key(queue: str) -> str:
+    return "pm:fair:{" + queue + "}"
+
+
+def fair_time_key(queue: str) -> str:
+    return fair_key(queue) + ":served"
+
+
 def limiter_key(scope: str) -> str:
     return "pm:limit:{" + scope + "}"
 
@@ -158,6 +173,7 @@ class JobKeys:
     meta = property(lambda self: self._key("meta"))
     chunks = property(lambda self: self._key("chunks"))
     chunk_rows = property(lambda self: self._key("chunk_rows"))
+    ready = property(lambda self: self._key("ready"))
     counters = property(lambda self: self._key("counters"))
     ledger = property(lambda self: self._key("ledger"))
     budget = property(lambda self: self._key("budget"))

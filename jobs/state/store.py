@@ -16,6 +16,7 @@ from promptmill.config.celery_config import REDIS_CONNECTION_OPTIONS
 from promptmill.jobs.state.batches import BatchStore
 from promptmill.jobs.state.budget import BudgetStore
 from promptmill.jobs.state.chunks import ChunkStore
+from promptmill.jobs.state.fair import FairStore
 from promptmill.jobs.state.keys import (
     COUNTER_FAILED,
     COUNTER_OK,
@@ -26,6 +27,7 @@ from promptmill.jobs.state.keys import (
     META_INPUT_SHA256,
     META_ENGINE,
     META_LIMIT_SCOPE,
+    META_PRIORITY,
     META_PRODUCED,
     META_ROWS_PRODUCED,
     META_STATE,
@@ -65,6 +67,7 @@ class JobStore:
         self.budgets = BudgetStore(client)
         self.limits = LimitStore(client)
         self.batches = BatchStore(client)
+        self.fair = FairStore(client)
         self._finish_producing = client.register_script(_FINISH_PRODUCING)
 
     @classmethod
@@ -77,7 +80,9 @@ class JobStore:
             raise ValueError(f"job {spec.job_id} already exists")
         now = time.time()
         with self.redis.pipeline() as pipe:
-            meta = {META_STATE: JobState.producing, META_ROWS_PRODUCED: 0, META_CREATED_AT: now}
+            meta = {
+                META_STATE: JobState.producing, META_ROWS_PRODUCED: 0, META_CREATED_AT: now, META_PRIORITY: spec.priority
+            }  # fmt: skip
             pipe.hset(JobKeys(spec.job_id).meta, mapping=meta)
             pipe.zadd(JOBS_INDEX, {spec.job_id: now})
             pipe.execute()

@@ -112,6 +112,7 @@ def _kept(out_dir: str, pipeline: Pipeline) -> tuple[JobSpec, Results] | None:
 def _prepare(
     settings: Settings, store: JobStore, data: Any, pipeline: Pipeline, backend: str, out: str | Path | None,
     budget: float | None, name: str | None, input_format: InputFormat | None, chunk_size: int | None,
+    priority: int | None = None,
 ) -> _Prepared:  # fmt: skip
     if backend not in BACKENDS:
         raise JobError(f"backend: {backend!r} is none of {', '.join(BACKENDS)}")
@@ -134,7 +135,7 @@ def _prepare(
         spec = build_spec(
             settings, staged.path, pipeline.file, backend, None, Path(out) if out else None, chunk_size, None,  # type: ignore[arg-type]
             staged.input_format, None, pipeline_text=None if pipeline.prompt_function else pipeline.to_toml(),
-            name=name, fingerprint=asked,
+            name=name, fingerprint=asked, priority=priority,
         )  # fmt: skip
     except SubmitError as bad:
         raise JobError(str(bad)) from None
@@ -190,6 +191,7 @@ def run(
     input_format: InputFormat | None = None,
     chunk_size: int | None = None,
     max_failed_share: float | None = 0.5,
+    priority: int | None = None,
 ) -> Results:
     """Run the pipeline over every row of `data` here, to the end, and return the results.
 
@@ -206,6 +208,8 @@ def run(
     >>> results = pm.run(reviews, pipeline, backend="vllm")      # doctest: +SKIP
     >>> results.to_pandas()[["text", "output"]]                   # doctest: +SKIP
 
+    `priority` is the job's weight in the fleet's fair shares (default: the pipeline's, else 1).
+
     Raises `JobStopped` when the job stops before its end (its rows failing past
     `max_failed_share`, a budget, an outage, a cancel); Ctrl-C stops the workers and leaves the job
     to resume.
@@ -213,7 +217,7 @@ def run(
     settings = get_settings()
     chosen = as_pipeline(pipeline).with_model(model)
     with open_store(settings) as (store, url):
-        prepared = _prepare(settings, store, data, chosen, backend, out, budget, name, input_format, chunk_size)
+        prepared = _prepare(settings, store, data, chosen, backend, out, budget, name, input_format, chunk_size, priority)
         spec = prepared.spec
         if prepared.kept is not None:
             return prepared.kept
@@ -243,8 +247,10 @@ def submit(
     name: str | None = None,
     input_format: InputFormat | None = None,
     chunk_size: int | None = None,
+    priority: int | None = None,
 ) -> "Job":
     """Send the job to the fleet on PROMPTMILL_REDIS_URL (workers anywhere) and return at once.
+    `priority` is its weight in the fleet's fair shares with the other jobs (default 1).
 
     >>> job = pm.submit("tickets.jsonl", "triage.toml", backend="anthropic")   # doctest: +SKIP
     >>> job.wait().to_pandas()                                                 # doctest: +SKIP
@@ -254,7 +260,7 @@ def submit(
         raise JobError("submit needs PROMPTMILL_REDIS_URL, the Redis your workers use; pm.run runs a job here")
     chosen = as_pipeline(pipeline).with_model(model)
     store = JobStore.from_url(settings.redis_url)
-    prepared = _prepare(settings, store, data, chosen, backend, out, budget, name, input_format, chunk_size)
+    prepared = _prepare(settings, store, data, chosen, backend, out, budget, name, input_format, chunk_size, priority)
     if prepared.kept is not None:
         raise JobError(
             f"job {prepared.spec.job_id} did this work and is complete (its results are in {prepared.spec.out_dir}; "

@@ -60,6 +60,11 @@ _OPTIONS: list[tuple[str, Any, Any]] = [
         None, "--deadline", metavar="DURATION",
         help="A batch job's deadline from now (8h, 90m): once near, its unanswered rows go through the real-time API.",
     )),
+    ("priority", Optional[int], typer.Option(
+        None, "--priority", metavar="N", min=1,
+        help="The job's weight in the fleet's fair shares (default: the pipeline's, else 1): while jobs wait for "
+        "the same workers, each gets rows in proportion to its weight.",
+    )),
 ]
 
 
@@ -80,6 +85,7 @@ class JobRequest:
     id_column: str | None = None
     keep_columns: str | None = None
     deadline: str | None = None
+    priority: int | None = None
 
     def spec(self, settings: Settings) -> JobSpec:
         """The checked spec; a bad option or pipeline fails here in one line naming the field."""
@@ -96,6 +102,7 @@ class JobRequest:
             spec = build_spec(
                 settings, self.input_path, self.pipeline, self.backend, self.model, self.out_dir,
                 self.chunk_size, limits, input_format, carried, deadline=self.deadline,  # type: ignore[arg-type]
+                priority=self.priority,
             )  # fmt: skip
         except SubmitError as bad:
             fail(str(bad))
