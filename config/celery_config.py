@@ -16,7 +16,11 @@ from typing import Any
 from promptmill.config.backends import QUEUES
 
 TASK_RUN_CHUNK = "promptmill.run_chunk"  # run this chunk (a lost one sent again, a retry, rows handed on)
-TASK_RUN_NEXT = "promptmill.run_next"  # run the chunk next by the jobs' fair shares (jobs/state/fair.py)
+TASK_RUN_NEXT = "promptmill.run_next"  # pick the chunk next by the jobs' fair shares (jobs/state/fair.py)
+# A queue on Redis serves its lower priority numbers first (kombu's steps 0, 3, 6, 9). Chunks sent by
+# name go at the default, 0; "pick the next chunk" messages at 9, behind them: a slot that picked a
+# chunk runs it before any slot makes another pick, so Celery's queue never stacks up picked chunks.
+NEXT_PRIORITY = 9
 # kombu re-delivers a message still unacknowledged this long after delivery: a last resort, long
 # enough that a slow chunk is never delivered twice while it runs (its lease would hold the second
 # one off anyway).

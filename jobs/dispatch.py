@@ -3,16 +3,16 @@
 workers; it only needs the tasks' names and the queue.
 
 A job's chunks go out fairly (`send_fairly`): they wait in Redis and the queue gets as many
-"run the next chunk" messages, each of which runs the chunk that the jobs' fair shares say is next
-(jobs/state/fair.py). A chunk sent by name (`send`) runs as soon as a worker takes its message: one
-whose worker died, a delayed retry, rows handed to another queue's model.
+"pick the next chunk" messages, each of which sends the chunk that the jobs' fair shares say is next
+by name (jobs/state/fair.py). A chunk sent by name (`send`) runs as soon as a worker takes its
+message: a picked one, one whose worker died, a delayed retry, rows handed to another queue's model.
 """
 
 from __future__ import annotations
 
 from celery import Celery
 
-from promptmill.config.celery_config import TASK_RUN_CHUNK, TASK_RUN_NEXT, celery_config
+from promptmill.config.celery_config import NEXT_PRIORITY, TASK_RUN_CHUNK, TASK_RUN_NEXT, celery_config
 from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.state.chunks import chunk_id_for
 from promptmill.jobs.state.fair import FairStore
@@ -44,9 +44,10 @@ class ChunkSender:
         return messages
 
     def send_next(self, queue: str, count: int) -> None:
-        """`count` messages that each run the chunk next by the fair shares of `queue`."""
+        """`count` messages that each pick the chunk next by the fair shares of `queue`, behind every
+        chunk sent by name (NEXT_PRIORITY)."""
         for _ in range(count):
-            self.app.send_task(TASK_RUN_NEXT, args=(queue,), queue=queue)
+            self.app.send_task(TASK_RUN_NEXT, args=(queue,), queue=queue, priority=NEXT_PRIORITY)
 
     def close(self) -> None:
         if self._owned:

@@ -1,4 +1,5 @@
-"""The one Celery task: run a chunk of a job's rows and commit each row's outcome as it finishes.
+"""The Celery tasks: run a chunk of a job's rows and commit each row's outcome as it finishes
+(`run_chunk`), and pick the chunk a free slot runs next by the jobs' fair shares (`run_next`).
 
 A chunk is leased while it runs (a second delivery of it skips), rows already done are dropped before
 anything is sent, and each outcome is committed with its done mark and usage in one atomic step. A
@@ -192,40 +193,34 @@ class _LeasedElsewhere(Exception):
 MAX_REDIS_ERRORS = 3  # a Redis error (a restart, a failover) is retried; anything else stops the job
 
 
-@dataclass(frozen=True)
-class _Again:
-    """Run the chunk again after `countdown` seconds (by its name: its turn was had). `ran`: this
-    run used the worker's slot (False: the chunk was leased elsewhere, and the slot is still free)."""
-
-    countdown: float
-    errors: int
-    ran: bool = True
-
-
-def _attempt(job_id: str, chunk_id: str, link: int, errors: int) -> str | _Again:
-    """Run the chunk once; what is not the rows' fault becomes when to run it again."""
+# max_retries=None: a chunk is sent again as often as it waits (on a lease, on a batch for up to a day);
+# Celery's default of 3 would end a batch chunk's fourth hold with MaxRetriesExceededError.
+@app.task(bind=True, name=TASK_RUN_CHUNK, acks_late=True, reject_on_worker_lost=True, ignore_result=True, max_retries=None)
+def run_chunk(self, job_id: str, chunk_id: str, errors: int = 0, link: int = 0) -> str:
+    # `errors` counts Redis failures on this chunk; waiting for another worker's lease is no error.
+    # `link`: run only the chunk's rows handed to that model of the job's fallback chain.
     try:
         with runtime().running_chunk(job_id):
             return _run_chunk(job_id, chunk_id, link)
     except _LeasedElsewhere as leased:
         # Another worker holds the chunk (or held it and died): look again when its lease runs out.
-        return _Again(leased.wait_s, errors, ran=False)
+        raise self.retry(countdown=leased.wait_s)
     except _StillWaiting as waiting:
         # Its rows wait on the provider's batch: give the worker's slot back and look again soon. The
         # sweeper must not take the delayed message for a lost one meanwhile.
         countdown = runtime().settings.batch_poll_min_s
         waiting.run.sent_later(time.time() + countdown)
-        return _Again(countdown, errors)
+        raise self.retry(countdown=countdown)
     except EngineDied as died:
         # Counted as its worker dying (the chunk's run count stays), so a row that kills engines is
         # found and failed as poison; the next run starts a new engine.
         log.error("chunk %s of job %s: %s", chunk_id, job_id, died)
-        return _Again(1, errors)
+        raise self.retry(countdown=1)
     except redis.RedisError:
         if errors >= MAX_REDIS_ERRORS:
             raise  # Redis is gone for now: the chunk is stranded, and the sweeper sends it again later
         log.exception("chunk %s of job %s: Redis failed; retrying", chunk_id, job_id)
-        return _Again(2**errors, errors + 1)
+        raise self.retry(kwargs={"errors": errors + 1, "link": link}, countdown=2**errors)
     except Exception as error:  # noqa: BLE001 - not the rows' fault: stop the job, fail no row
         # A missing key, a bug, a spec from another version: every row would fail the same way and
         # be lost for good. The job stops with the reason; `resume` goes on once it is fixed.
@@ -235,44 +230,20 @@ def _attempt(job_id: str, chunk_id: str, link: int, errors: int) -> str | _Again
         return "job failed"
 
 
-# max_retries=None: a chunk is sent again as often as it waits (on a lease, on a batch for up to a day);
-# Celery's default of 3 would end a batch chunk's fourth hold with MaxRetriesExceededError.
-@app.task(bind=True, name=TASK_RUN_CHUNK, acks_late=True, reject_on_worker_lost=True, ignore_result=True, max_retries=None)
-def run_chunk(self, job_id: str, chunk_id: str, errors: int = 0, link: int = 0) -> str:
-    # `errors` counts Redis failures on this chunk; waiting for another worker's lease is no error.
-    # `link`: run only the chunk's rows handed to that model of the job's fallback chain.
-    result = _attempt(job_id, chunk_id, link, errors)
-    if isinstance(result, _Again):
-        raise self.retry(kwargs={"errors": result.errors, "link": link}, countdown=result.countdown)
-    return result
-
-
-# What a picked chunk's run says when it ran nothing, and the slot may take the next pick.
-_RAN_NOTHING = ("unknown job", "job not runnable", "already complete")
-_MAX_PICKS = 16  # picks a message makes before it gives up its slot (each was run elsewhere or gone)
-
-
 @app.task(name=TASK_RUN_NEXT, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def run_next(queue: str) -> str:
-    """A slot of `queue` is free: run the chunk the jobs' fair shares say is next (jobs/state/fair.py).
+    """A slot of `queue` is free: pick the chunk the jobs' fair shares say is next (jobs/state/fair.py)
+    and send it by name, ahead of every "pick the next chunk" message (those go at the lowest priority).
 
-    A chunk to run again later goes by its name (`run_chunk`): it has had its turn. One a worker
-    died on is the sweeper's to send again, by name too.
+    The chunk runs as its own `run_chunk` task, named by its job and chunk in Celery's events and in
+    Flower. If this worker dies between the pick and the send, the chunk is stranded (picked, never
+    leased): the sweeper sends it again by name.
     """
-    fair = runtime().store.fair
-    for _ in range(_MAX_PICKS):
-        picked = fair.take(queue)
-        if picked is None:
-            return "no chunk waits"
-        result = _attempt(picked.job_id, picked.chunk_id, 0, 0)
-        if isinstance(result, _Again):
-            kwargs = {"errors": result.errors} if result.errors else {}
-            run_chunk.apply_async((picked.job_id, picked.chunk_id), kwargs, countdown=result.countdown, queue=queue)
-            if result.ran:
-                return "sent again later"
-        elif result not in _RAN_NOTHING:
-            return result
-    return "every pick was running elsewhere or gone"
+    picked = runtime().store.fair.take(queue)
+    if picked is None:
+        return "no chunk waits"
+    ChunkSender(app).send(picked.job_id, picked.chunk_id, queue)
+    return f"sent chunk {picked.chunk_id} of job {picked.job_id}"
 
 
 def _run_carefully(rt: WorkerRuntime, run: ChunkRun, pending: list[RenderedRequest], runs: int) -> int:

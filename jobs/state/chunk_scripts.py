@@ -98,7 +98,7 @@ return 1
 # it was last sent again at), or (stranded, only when the queue is empty) no message for it exists:
 # it died in a dead worker's reserved or delayed messages, a resent copy among them. A chunk that
 # waits its turn in the fair shares (KEYS[7], jobs/state/fair.py) has no message of its own: it is not
-# stranded, and the sweeper replaces lost "run the next chunk" messages instead. The guard is
+# stranded, and the sweeper replaces lost "pick the next chunk" messages instead. The guard is
 # the loss itself (a run count, a time), never the chunk: a chunk lost twice is sent twice.
 # Rows handed to another queue's model are that run's ("CHUNK@LINK"), lost the same way on its queue.
 # ARGV: now (s), how long a chunk sent must wait before it counts as stranded (s), queue empty (0/1),

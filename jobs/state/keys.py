@@ -10,7 +10,7 @@ Cluster slot and one Lua script may touch them together.
     pm:{JOB}:chunk_rows         hash: chunk id -> rows in the chunk (to tell a complete chunk)
     pm:{JOB}:chunk:{CHUNK}      the chunk's rendered requests as JSON
     pm:{JOB}:ready              sorted set: the chunks waiting for a worker slot, by first row (their
-                                messages are "run the next chunk": jobs/state/fair.py picks which)
+                                messages are "pick the next chunk": jobs/state/fair.py picks which)
     pm:{JOB}:results:{CHUNK}    hash: row -> outcome JSON; a row's field is its done mark
     pm:{JOB}:counters           hash: ok, failed
     pm:{JOB}:ledger             hash: "MODEL|requests", "MODEL|failed_attempts", "MODEL|input_tokens", ...
