@@ -69,6 +69,12 @@ JOBS_HELD = Gauge(
     "those that ended less than PROMPTMILL_FORGET_JOB_AFTER_S ago.",
     multiprocess_mode="livesum",
 )
+JOB_SHARE = Gauge(
+    "promptmill_job_share",
+    "A running job's fair share of its queue's worker turns: its weight (priority) over the weights of the jobs "
+    "waiting for the same workers (0 once it waits for none).",
+    ["job"], multiprocess_mode="mostrecent",
+)  # fmt: skip
 ENGINE_RUNNING = Gauge(
     "promptmill_engine_running_requests", "Requests the local vLLM engine is running.", multiprocess_mode="livesum"
 )
@@ -196,7 +202,7 @@ def forget_measures(job_id: str) -> None:
     for key in [key for key in list(_measures) if key[0] == job_id]:
         _measures.pop(key, None)
     if not os.environ.get(MULTIPROC_DIR):
-        for metric in (REQUESTS, TOKENS, COST, ROWS):
+        for metric in (REQUESTS, TOKENS, COST, ROWS, JOB_SHARE):
             metric.remove_by_labels({"job": job_id})
 
 

@@ -21,7 +21,7 @@ from promptmill.jobs.state.pace import roll_up
 from promptmill.jobs.state.status import JobState
 from promptmill.jobs.state.store import JobStore
 from promptmill.workers.app import app
-from promptmill.workers.metrics import JOBS_HELD
+from promptmill.workers.metrics import JOB_SHARE, JOBS_HELD
 from promptmill.workers.runtime import WorkerRuntime, runtime
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ def _queue_is_empty(queue: str) -> bool:
             return True  # kombu's Redis transport: no list under the queue's name means no message
 
 
-def sweep_once(store: JobStore, sender: ChunkSender, every_s: float, ttl_s: float) -> int:
+def sweep_once(store: JobStore, sender: ChunkSender, every_s: float, ttl_s: float, measured: bool = False) -> int:
     """Send the lost chunks of every runnable job once more; returns how many were sent.
 
     Lost: a chunk whose worker died while running it, or, once every chunk is enqueued and the
@@ -57,12 +57,15 @@ def sweep_once(store: JobStore, sender: ChunkSender, every_s: float, ttl_s: floa
         if not status.state.runnable or not store.take_sweep_turn(job_id, every_s):
             continue
         roll_up(store.redis, job_id)  # its pace keeps a bounded number of slots, however long it runs
+        if measured:
+            running = bool(store.running_chunks(job_id))
+            JOB_SHARE.labels(job=job_id).set(store.fair.fraction(job_id, spec.queue, spec.priority, running))
         links = spec.links()
         empty = {queue: bool(status.produced) and _queue_is_empty(queue) for queue in {link.queue for link in links}}
         empty_links = [i for i, link in enumerate(links) if i and empty[link.queue]]
         lost = store.chunks.lost(job_id, empty[spec.queue], 3 * every_s, empty_links)
         if store.fair.waiting(job_id):
-            # Its chunks waiting their turn need "run the next chunk" messages: a job that left the fair
+            # Its chunks waiting their turn need "pick the next chunk" messages: a job that left the fair
             # shares as it got more comes back, and an empty queue means theirs were lost (a dead worker's
             # reserved messages come back only after the visibility timeout).
             lost_messages = empty[spec.queue] if status.produced else _queue_is_empty(spec.queue)
@@ -89,7 +92,7 @@ class OrphanSweeper(threading.Thread):
     def run(self) -> None:
         while not self.stopped.wait(self.every_s):
             try:
-                sweep_once(self.rt.store, ChunkSender(app), self.every_s, self.ttl_s)
+                sweep_once(self.rt.store, ChunkSender(app), self.every_s, self.ttl_s, self.rt.metrics)
                 forgotten = self.rt.forget_ended_jobs(self.rt.settings.forget_job_after_s)
                 if forgotten:
                     log.info("let go of %d ended jobs: %s", len(forgotten), ", ".join(forgotten))

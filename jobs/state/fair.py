@@ -3,8 +3,10 @@
 Celery's queues are first in, first out: a job that queued 65,536 rows would hold a later 200-row job
 back until they all ran. So a job's chunks do not wait in Celery under their own names. They wait in
 Redis (`pm:{JOB}:ready`, in input order), and Celery's queue holds one interchangeable message per
-waiting chunk: "run the next chunk" (`TASK_RUN_NEXT`). The worker that takes such a message picks the
-chunk there and then (`FairStore.take`), by stride scheduling (weighted fair queuing):
+waiting chunk: "pick the next chunk" (`TASK_RUN_NEXT`). The worker slot that takes such a message
+picks the chunk there and then (`FairStore.take`) and sends it by name, ahead of every pick message
+(config/celery_config.NEXT_PRIORITY), so it runs next. The pick is by stride scheduling (weighted fair
+queuing):
 
 - each queue's jobs with chunks waiting sit in `pm:fair:{QUEUE}`, scored by their pass;
 - the job with the lowest pass gives its next chunk, and its pass grows by the chunk's rows over the
@@ -15,8 +17,9 @@ chunk there and then (`FairStore.take`), by stride scheduling (weighted fair que
   turn comes, and the pick goes on to the next job: its share goes to the others at once.
 
 Nothing here replaces Celery: messages, acks, redelivery and the workers are Celery's; Redis only
-decides which chunk a delivered message runs. Crash safety is the chunks' own: a picked chunk is leased
-and committed row by row as ever, and the sweeper sends a chunk whose worker died again by name.
+decides which chunk a free slot sends. Crash safety is the chunks' own: a picked chunk is leased and
+committed row by row as ever, and the sweeper sends a chunk whose worker died, or that was picked and
+never sent, again by name.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from promptmill.jobs.state.status import JobState
 # Add chunks to a job's waiting set (NX: a chunk waits once however often it is added) and put the job
 # in its queue's fair set if it is not there. KEYS: ready, fair set, virtual time, meta. ARGV[1]: the
 # job; ARGV[2]: '1' to count every waiting chunk as needing a message (a lost message's repair);
-# then pairs of score (first row) and chunk id. Returns how many "run the next chunk" messages to send:
+# then pairs of score (first row) and chunk id. Returns how many "pick the next chunk" messages to send:
 # the chunks added, or every chunk waiting when the job (re)joins (its messages may have gone to other
 # jobs' chunks while it was out).
 _ADD = lua("""
@@ -122,9 +125,26 @@ class FairStore:
         return int(self.redis.zcard(JobKeys(job_id).ready))
 
     def weights(self, queue: str) -> dict[str, int]:
-        """The weight of each job of the queue that has chunks waiting (as of its last turn)."""
+        """The weight of each runnable job of the queue that has chunks waiting (one paused, ended or
+        run dry since its last turn leaves the set only at its next turn: it is not counted)."""
         jobs = [raw.decode() for raw in self.redis.zrange(fair_key(queue), 0, -1)]
         with self.redis.pipeline(transaction=False) as pipe:
             for job_id in jobs:
-                pipe.hget(JobKeys(job_id).meta, META_PRIORITY)
-            return {job_id: int(raw or 1) for job_id, raw in zip(jobs, pipe.execute())}
+                pipe.hmget(JobKeys(job_id).meta, [META_STATE, META_PRIORITY])
+                pipe.zcard(JobKeys(job_id).ready)
+            replies = pipe.execute()
+        weights = {}
+        for job_id, (state, priority), waiting in zip(jobs, replies[::2], replies[1::2]):
+            if waiting and state is not None and JobState(state.decode()).runnable:
+                weights[job_id] = int(priority or 1)
+        return weights
+
+    def fraction(self, job_id: str, queue: str, weight: int, running: bool) -> float:
+        """The job's fair share of its queue's turns: its weight over the weights of the jobs waiting
+        for them, itself included while it waits or runs (`running`: it holds slots). 0: it waits for
+        none (not runnable, or nothing left to run)."""
+        weights = self.weights(queue)
+        if job_id not in weights and not running:
+            return 0.0
+        weights[job_id] = weight
+        return round(weight / sum(weights.values()), 4)

@@ -71,6 +71,17 @@ def reopen(settings: Settings, store: JobStore, spec: JobSpec, budget: float | N
     return status
 
 
+def hand_to_fleet(settings: Settings, store: JobStore, spec: JobSpec) -> int:
+    """Give a reopened job back to the fleet's workers on PROMPTMILL_REDIS_URL (no local worker): its
+    chunks wait their turn again, and a producer that had not finished goes on here. Returns the rows
+    the producer read."""
+    sender = ChunkSender.for_url(settings.redis_url)  # type: ignore[arg-type]
+    try:
+        return enqueue(store, spec, sender, settings.max_pending_rows, resuming=True)
+    finally:
+        sender.close()
+
+
 def drive(
     settings: Settings,
     store: JobStore,

@@ -24,6 +24,7 @@ from promptmill.api.driving import (
     drive,
     expire_if_finished,
     open_store,
+    hand_to_fleet,
     reopen,
 )
 from promptmill.api.pipeline import Pipeline, as_pipeline
@@ -347,14 +348,21 @@ class Job:
             return store.pause(self.job_id)
 
     def resume(self, *, workers: int | None = None, budget: float | None = None, progress: bool = True,
-               max_failed_share: float | None = 0.5) -> Results:  # fmt: skip
-        """Go on from where the job stopped, here, to its end (as `promptmill resume`)."""
+               max_failed_share: float | None = 0.5, detach: bool = False) -> "Results | Job":  # fmt: skip
+        """Go on from where the job stopped, here, to its end (as `promptmill resume`), and return its
+        results. With `detach=True` (`resume --detach`): hand it back to the fleet's workers on
+        PROMPTMILL_REDIS_URL and return this Job at once; `wait()` follows it."""
         settings = get_settings()
+        if detach and not settings.redis_url:
+            raise JobError("detach hands the job to the workers on PROMPTMILL_REDIS_URL; without one, resume() runs it here")
         with open_store(settings) as (store, url):
             spec = self._spec(store)
             if reopen(settings, store, spec, budget).state is not JobState.complete:
+                if detach:
+                    hand_to_fleet(settings, store, spec)
+                    return self
                 _drive(settings, store, url, spec, workers, True, progress_console(progress), max_failed_share)
-            return _results(settings, store, spec, self._pipeline)
+            return self if detach else _results(settings, store, spec, self._pipeline)
 
     def report(self, out: str | Path | None = None) -> Path:
         """Write the job's report.html (as `promptmill report`); returns its path."""

@@ -33,8 +33,9 @@ from promptmill.config.prices import BATCH, PriceTable
 from promptmill.config.settings import get_settings
 from promptmill.jobs.state.fallback import fallback_status, switched_at
 from promptmill.jobs.ledger import cost_report
-from promptmill.jobs.state.pace import job_pace
+from promptmill.jobs.state.pace import JobPace, job_pace
 from promptmill.reports.report import write_report
+from promptmill.reports.share import job_share
 from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.state.status import JobState, JobStatus
 from promptmill.jobs.state.store import JobStore
@@ -44,6 +45,7 @@ from promptmill.jobs.verify import verify_job
 
 def _status_dict(spec: JobSpec, status: JobStatus, prices: PriceTable, store: JobStore) -> dict:
     usage = status.usage
+    pace = _pace(store, spec, status)
     report = cost_report(spec, status, prices)
     return {
         "job_id": spec.job_id,
@@ -70,10 +72,15 @@ def _status_dict(spec: JobSpec, status: JobStatus, prices: PriceTable, store: Jo
         **({"batches": _batches(store, spec.job_id)} if spec.info.batches else {}),
         **({"deadline": _deadline(store, spec, status)} if spec.deadline_at is not None else {}),
         **({"fallback": chain} if (chain := fallback_status(store.redis, spec)) is not None else {}),
-        **job_pace(store.redis, spec.job_id, status.pending if status.produced else max(status.pending, 1)).as_dict(),
+        **pace.as_dict(),
+        "share": job_share(store, spec, status, pace),
         **({"engine": status.engine} if spec.info.local else {}),
         "out_dir": spec.out_dir,
     }
+
+
+def _pace(store: JobStore, spec: JobSpec, status: JobStatus) -> JobPace:
+    return job_pace(store.redis, spec.job_id, status.pending if status.produced else max(status.pending, 1))
 
 
 def _pause_reason(status: JobStatus) -> str | None:
@@ -133,6 +140,8 @@ def status(job_id: JobArg, as_json: JsonFlag = False) -> None:
             value = f"{value['last_minute'] or 0:,.1f} over the last minute, {value['job'] or 0:,.1f} over the job"
         elif key == "eta_s" and value is not None:
             value = f"{value:,.0f}s"
+        elif key == "share":
+            value = _share_line(value)
         elif key == "fallback":
             value = f"on {value['on']} of {' -> '.join(value['chain'])}" + (f": {value['reason']}" if value["reason"] else "")
         elif key == "deadline":
@@ -148,6 +157,13 @@ def status(job_id: JobArg, as_json: JsonFlag = False) -> None:
                 value = f"${value['spent_usd']:.6f} spent of ${value['cap_usd']:.6f}, ${value['held_usd']:.6f} held in flight"
         table.add_row(key, "" if value is None else str(value))
     out.print(table)
+
+
+def _share_line(share: dict) -> str:
+    line = f"weight {share['weight']}, {share['fair_fraction']:.0%} of its workers' turns, {share['slots']} slots held"
+    if share["limit_fraction"] is not None:
+        line += f", {share['limit_fraction']:.0%} of the rate limit over the last minute"
+    return line
 
 
 def _batch_line(batch: dict) -> str:
@@ -333,8 +349,9 @@ def cost(job_id: JobArg, as_json: JsonFlag = False) -> None:
 
 @app.command()
 def jobs(as_json: JsonFlag = False) -> None:
-    """List the jobs in this Redis: state, rows ok and failed of the total (jobs whose keys expired or
-    were deleted are gone)."""
+    """List the jobs in this Redis: state, rows ok and failed of the total, and for a running job its
+    share of the fleet (its weight, the share of its workers' turns that gives it), pace and ETA (jobs
+    whose keys expired or were deleted are gone)."""
     settings = get_settings()
     listed = []
     with open_store(settings) as (store, _):
@@ -344,18 +361,34 @@ def jobs(as_json: JsonFlag = False) -> None:
                 spec = store.spec(job_id)
             except KeyError:
                 continue  # expired as we listed it
-            listed.append({
+            job = {
                 "job_id": job_id, "state": status.state.value, "ok": status.ok, "failed": status.failed,
                 "total": status.total, "backend": spec.backend, "model": spec.model, "reason": _pause_reason(status),
-            })  # fmt: skip
+                "weight": spec.priority, "share": None, "rows_per_s": None, "eta_s": None,
+            }  # fmt: skip
+            if status.state.runnable:
+                pace = _pace(store, spec, status)
+                share = job_share(store, spec, status, pace)
+                job.update(share=share["fair_fraction"], slots=share["slots"], limit_fraction=share["limit_fraction"],
+                           rows_per_s=pace.rows_per_s["last_minute"], eta_s=pace.eta_s)  # fmt: skip
+            listed.append(job)
     if as_json:
         out.print_json(json.dumps({"jobs": listed}))
         return
     table = Table(box=None, pad_edge=False)
-    for title in ("job", "state", "ok", "failed", "total"):
+    for title in ("job", "state", "ok", "failed", "total", "weight", "share", "rows/s", "eta"):
         table.add_column(title, no_wrap=True, justify="left" if title in ("job", "state") else "right")
     table.add_column("model", overflow="fold")
     for job in listed:
         failed = f"[red]{job['failed']:,}[/]" if job["failed"] else "0"
-        table.add_row(job["job_id"], job["state"], f"{job['ok']:,}", failed, f"{job['total']:,}", escape(job["model"]))
+        share = "" if job["share"] is None else f"{job['share']:.0%}"
+        pace = "" if job["rows_per_s"] is None else f"{job['rows_per_s']:,.1f}"
+        eta = "" if job["eta_s"] is None else _duration(job["eta_s"])
+        table.add_row(job["job_id"], job["state"], f"{job['ok']:,}", failed, f"{job['total']:,}", str(job["weight"]),
+                      share, pace, eta, escape(job["model"]))  # fmt: skip
     out.print(table)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"

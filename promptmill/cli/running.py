@@ -15,7 +15,7 @@ import typer
 from rich.markup import escape
 
 from promptmill.api.driving import drive as api_drive
-from promptmill.api.driving import reopen
+from promptmill.api.driving import hand_to_fleet, reopen
 from promptmill.cli.app import JobArg, JsonFlag, app, err, expire_if_finished, fail, open_job, open_store, out
 from promptmill.cli.new_job import JobRequest, job_command
 from promptmill.config.settings import Settings, get_settings
@@ -217,8 +217,16 @@ def resume(
     ),
     max_failed_share: float = MaxFailedShareOption,
     as_json: JsonFlag = False,
+    detach: bool = typer.Option(
+        False, "--detach",
+        help="Hand the job back to the fleet's workers on PROMPTMILL_REDIS_URL and return at once (no local workers), "
+        "as `submit` does.",
+    ),
 ) -> None:
-    """Pick a stopped, failed, cancelled or paused job up where it stopped, here, to the end."""
+    """Pick a stopped, failed, cancelled or paused job up where it stopped, here, to the end (with
+    --detach: on the fleet's workers)."""
+    if detach and not get_settings().redis_url:
+        fail("--detach hands the job to the workers on PROMPTMILL_REDIS_URL; without one, resume runs it here")
     with open_job(job_id) as (settings, store, url, spec):
         if retry_failed:
             try:
@@ -243,5 +251,11 @@ def resume(
             highlight=False,
             soft_wrap=True,
         )
+        if detach:
+            if status.state is not JobState.complete:
+                hand_to_fleet(settings, store, spec)
+                err.print(f"back with the fleet's workers on queue {spec.queue!r}")
+            out.print(spec.job_id, highlight=False)
+            return
         ending = RunEnding(max_failed_share, as_json)
         _run_to_end(settings, store, url, spec, workers or spec.info.local_workers, True, ending)
