@@ -17,6 +17,7 @@ import redis
 
 from promptmill.config.settings import Settings
 from promptmill.jobs.state.keys import COUNTER_OK, JobKeys
+from promptmill.jobs.state.status import JobState
 from promptmill.jobs.state.store import JobStore
 from tests.chaos import (
     kill_holders_of_resent_chunks,
@@ -28,7 +29,7 @@ from tests.chaos import (
 )
 from tests.conftest import promptmill, read_jsonl
 from tests.support import fast_recovery, start_cli, wait_until, write_dataset
-from tests.test_api_jobs import LABELS, job_id_of, successes_by_prompt, write_job
+from tests.test_api_jobs import LABELS, PIPELINE, job_id_of, successes_by_prompt, write_job
 
 
 @pytest.fixture
@@ -179,15 +180,22 @@ def test_a_paused_job_sends_nothing_more_until_resumed_then_completes_each_row_o
 
 @pytest.mark.chaos
 @pytest.mark.timeout(600)
-def test_10000_rows_while_workers_are_killed_at_random_end_exact_and_pay_only_for_answers_in_flight(
-    tmp_path, env, fake_api
+def test_10000_rows_and_a_second_job_while_workers_are_killed_at_random_end_exact_and_pay_only_for_answers_in_flight(
+    tmp_path, env, fake_api, store
 ):
     fake_api.configure(latency_ms=5)
+    env = fast_recovery(env)
+    # A second job, weight 3, shares the run's workers by fair shares and takes their kills too.
+    second = tmp_path / "second"
+    rows = ({"id": i, "text": f"second job row {i}", "answer": LABELS[i % 2]} for i in range(3000))
+    second_data, second_pipeline = write_dataset(second, rows, PIPELINE)
+    submitted = promptmill("submit", str(second_data), "--pipeline", str(second_pipeline), "--out", str(second / "o"),
+                           "--priority", "3", env=env)  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr
+    second_id = submitted.stdout.split()[-1]
     data, pipeline = write_job(tmp_path, 10_000)
     out = tmp_path / "o"
-    run = start_cli(
-        fast_recovery(env), "run", str(data), "--pipeline", str(pipeline), "--out", str(out), "--workers", "3"
-    )
+    run = start_cli(env, "run", str(data), "--pipeline", str(pipeline), "--out", str(out), "--workers", "3")
     try:
         kills = kill_workers_at_random(run, random.Random(3), every_s=(3, 6))
     finally:
@@ -195,43 +203,53 @@ def test_10000_rows_while_workers_are_killed_at_random_end_exact_and_pay_only_fo
     stdout, stderr = run.communicate()
     assert run.returncode == 0, stderr
     assert len(kills) >= 3, "the job ended before the harness could kill anything"
+    job_id = job_id_of(subprocess.CompletedProcess([], 0, stdout=stdout, stderr=stderr))
+    # Weight 3 against 1: it ends while the big job has about a third of its rows done.
+    assert store.status(second_id).state is JobState.complete, store.status(second_id)
+    assert promptmill("export", second_id, "--out", str(second / "o"), env=env).returncode == 0
 
-    records = read_jsonl(out / "results.jsonl")
-    assert [r["row"] for r in records] == list(range(10_000))
-    assert all(r["status"] == "ok" for r in records)
     answered = [entry for entry in fake_api.log() if entry["status"] == 200]
     by_prompt = Counter(entry["prompt"] for entry in answered)
     paid_twice = {prompt for prompt, count in by_prompt.items() if count > 1}
-    # A row is answered twice only if one of its answers was in flight when a worker died. The
-    # server's log tells which: an answer that is not the row's committed one must have gone to a
-    # connection of a worker that was killed (so it was sent before the kill: the server's clock
-    # lags a loaded machine by seconds), and the kill came before that worker could commit it.
+    settings = Settings()
+    assert len(paid_twice) <= len(kills) * settings.api_chunks_per_worker * settings.chunk_size  # kills x rows in flight
+    for job, records_at, count in ((job_id, out, 10_000), (second_id, second / "o", 3000)):
+        records = read_jsonl(records_at / "results.jsonl")
+        assert [r["row"] for r in records] == list(range(count))
+        assert all(r["status"] == "ok" for r in records)
+        ours = [entry for entry in answered if ("second job" in (entry["prompt"] or "")) == (job == second_id)]
+        assert_paid_twice_only_in_flight(ours, records, kills)
+        assert_tokens_are_the_bill_less_lost_answers(job, ours, env)
+        assert promptmill("verify", job, env=env).returncode == 0
+    print(f"chaos: {len(kills)} workers killed; {len(paid_twice)} of 13,000 rows answered twice")  # -s shows it
+
+
+def assert_paid_twice_only_in_flight(answered: list[dict], records: list[dict], kills) -> None:
+    """A row is answered twice only if one of its answers was in flight when a worker died. The
+    server's log tells which: an answer that is not the row's committed one must have gone to a
+    connection of a worker that was killed (so it was sent before the kill: the server's clock lags a
+    loaded machine by seconds), and the kill came before that worker could commit it."""
+    paid_twice = {prompt for prompt, count in Counter(e["prompt"] for e in answered).items() if count > 1}
     committed_request = {r["request_id"] for r in records}
     committed_within = 2.0  # a busy worker commits what it read within this
     for entry in answered:
         if entry["prompt"] in paid_twice and entry["request_id"] not in committed_request:
             holders = [kill.at for kill in kills if entry["port"] in kill.ports]
             assert any(when <= entry["done"] + committed_within for when in holders), (entry, kills)
-    settings = Settings()
-    assert len(paid_twice) <= len(kills) * settings.api_chunks_per_worker * settings.chunk_size  # kills x rows in flight
-    # The job's tokens are the server's billed usage less exactly the lost answers.
+
+
+def assert_tokens_are_the_bill_less_lost_answers(job_id: str, answered: list[dict], env: dict[str, str]) -> None:
+    """The job's tokens are the server's billed usage for its rows less exactly the lost answers."""
+    first_answer: dict[str, dict] = {}
     lost = Counter()
     for entry in answered:
-        if entry["prompt"] in paid_twice:
+        if entry["prompt"] in first_answer:  # one answer of each row is the committed one
             lost["input"] += entry["usage"]["input_tokens"]
             lost["output"] += entry["usage"]["output_tokens"]
-    for prompt in paid_twice:  # one answer of each such row is the committed one
-        one = next(e["usage"] for e in answered if e["prompt"] == prompt)
-        lost["input"] -= one["input_tokens"]
-        lost["output"] -= one["output_tokens"]
-    job_id = job_id_of(subprocess.CompletedProcess([], 0, stdout=stdout, stderr=stderr))
+        first_answer.setdefault(entry["prompt"], entry)
     status = json.loads(promptmill("status", job_id, "--json", env=env).stdout)
-    billed_input = sum(e["usage"]["input_tokens"] for e in answered)
-    billed_output = sum(e["usage"]["output_tokens"] for e in answered)
-    assert status["tokens"]["input"] == billed_input - lost["input"]
-    assert status["tokens"]["output"] == billed_output - lost["output"]
-    assert promptmill("verify", job_id, env=env).returncode == 0
-    print(f"chaos: {len(kills)} workers killed; {len(paid_twice)} of 10,000 rows answered twice")  # -s shows it
+    assert status["tokens"]["input"] == sum(e["usage"]["input_tokens"] for e in answered) - lost["input"]
+    assert status["tokens"]["output"] == sum(e["usage"]["output_tokens"] for e in answered) - lost["output"]
 
 
 @pytest.mark.chaos
