@@ -19,6 +19,7 @@ from promptmill.jobs.shards import flush_chunk, shards_reachable
 from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.state.store import JobStore
 from promptmill.pipelines.items import ErrorKind, ItemOutcome, RenderedRequest
+from promptmill.pipelines.attachments import AttachmentError, describe, limits_for
 from promptmill.pipelines.render import RenderError, render_request
 
 OnChunk = Callable[[ChunkPayload, bool], None]
@@ -31,6 +32,8 @@ def _chunks(spec: JobSpec, start_row: int, digest: Any) -> Iterator[tuple[ChunkP
     first_row = start_row
     row_count = 0
     rows = iter_rows(Path(spec.input_path), spec.input_format, start_row, spec.max_row_bytes, digest)
+    limits = limits_for(spec.backend)
+    resize = {attachment.column: attachment.resize == "auto" for attachment in spec.pipeline.attachments}
     for row_number, line, row in rows:
         if row_count == 0:
             first_row = row_number
@@ -39,9 +42,14 @@ def _chunks(spec: JobSpec, start_row: int, digest: Any) -> Iterator[tuple[ChunkP
             failures.append(ItemOutcome.failure(row_number, ErrorKind.invalid_row, row.reason, line=line))
         else:
             try:
-                requests.append(render_request(spec.pipeline, row_number, row, line))
+                request = render_request(spec.pipeline, row_number, row, line, spec.input_path)
+                if request.attachments:  # each file read once here, for its size, type and sha256
+                    request.attachments = [describe(ref, row[ref.column], limits, resize[ref.column]) for ref in request.attachments]
+                requests.append(request)
             except RenderError as bad:
                 failures.append(ItemOutcome.failure(row_number, ErrorKind.render_error, str(bad), line=line))
+            except AttachmentError as bad:
+                failures.append(ItemOutcome.failure(row_number, ErrorKind.attachment_error, str(bad), line=line))
         if row_count == spec.chunk_size:
             yield ChunkPayload(chunk_id=chunk_id_for(first_row), first_row=first_row, row_count=row_count, requests=requests), failures
             requests, failures, row_count = [], [], 0

@@ -112,6 +112,7 @@ def build_spec(
         deadline_at=deadline_at,
         priority=_priority(priority, pipeline),
     )
+    _check_attachments(spec)
     if pipeline.stream and not spec.info.streams:
         raise SubmitError(f"stream: the {spec.backend} backend does not stream (a batch's answers come as a file); drop `stream`")
     for i, link in enumerate(spec.links()[1:], start=1):
@@ -154,6 +155,21 @@ def _batch_file(input_path: Path) -> BatchFile:
         raise SubmitError(str(bad)) from None
 
 
+def _check_attachments(spec: JobSpec) -> None:
+    """Images and documents go only where a model reads them: the local models here read text."""
+    if not spec.pipeline.attachments:
+        return
+    if spec.input_format == "openai-batch":
+        raise SubmitError("attachments: an OpenAI batch file's requests carry their own content; drop [[attachments]]")
+    for link in spec.links():
+        if link.info.local:
+            first = spec.pipeline.attachments[0]
+            raise SubmitError(
+                f"attachments: {first.column!r} ({first.kind}) cannot go to {link.model} on the local engine, which "
+                f"takes text only here; use an API backend (anthropic, openai) for rows with images or documents"
+            )
+
+
 def _check_columns(input_path: Path, fmt: InputFormat, pipeline: Pipeline) -> None:
     """Every column the prompt names, and every column carried into the results, is in the input, as
     its start tells: a misspelt column fails here, not on every row after each was paid for."""
@@ -165,7 +181,9 @@ def _check_columns(input_path: Path, fmt: InputFormat, pipeline: Pipeline) -> No
         return
     columns, where = found
     listed = ", ".join(columns[:20]) + (f" and {len(columns) - 20:,} more" if len(columns) > 20 else "")
-    for field, names in (("prompt", pipeline.columns), ("id_column/keep_columns", pipeline.carried_columns)):
+    attached = [attachment.column for attachment in pipeline.attachments]
+    prompt_columns = [name for name in pipeline.columns if name not in attached]
+    for field, names in (("prompt", prompt_columns), ("id_column/keep_columns", pipeline.carried_columns), ("attachments", attached)):
         # The prompt names a column as {name}, the pipeline's other fields by its name.
         shown = (lambda name: f"{{{name}}}") if field == "prompt" else repr
         for name in names:

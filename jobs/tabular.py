@@ -62,6 +62,7 @@ class Tabular:
             "models_tried": _json_text(record["models_tried"]),
             "errors": orjson.dumps(record["errors"]).decode(),
             "line": record["line"],
+            "attachments": _json_text(record.get("attachments")),
         }
         if typed:
             for name in _TIMES:
@@ -87,7 +88,7 @@ class Tabular:
              ("finish_reason", pa.string()), ("attempts", pa.int64()), ("model", pa.string()),
              ("request_id", pa.string()), *((name, pa.timestamp("ms", tz="UTC")) for name in _TIMES),
              ("latency_ms", pa.float64()), ("ttft_ms", pa.float64()), ("models_tried", pa.string()),
-             ("errors", pa.string()), ("line", pa.int64())]
+             ("errors", pa.string()), ("line", pa.int64()), ("attachments", pa.string())]
         )  # fmt: skip
 
 

@@ -28,6 +28,7 @@ class ErrorKind(StrEnum):
     auth_error = "auth_error"  #: 401 / 403: fatal for the whole job
     prompt_too_long = "prompt_too_long"  #: the prompt does not fit the model's context
     engine_error = "engine_error"  #: the local engine failed on this request
+    attachment_error = "attachment_error"  #: the row's image or document is missing, unreadable, changed or too big
     worker_lost = "worker_lost"  #: the chunk killed its worker too many times
 
 
@@ -71,6 +72,22 @@ class AttemptError(BaseModel):
     message: str
 
 
+class AttachmentRef(BaseModel):
+    """A row's image or document, by reference: never its bytes (pipelines/attachments.py)."""
+
+    column: str
+    kind: Literal["image", "document"]
+    source: str  #: an absolute path, a file/s3/gs/https URL, or "input": bytes in the input row itself
+    at: int = 0  #: where in the prompt's text it goes (0: before the text)
+    media_type: str | None = None
+    size: int | None = None  #: bytes, as the producer read them (None: a URL the provider fetches)
+    sha256: str | None = None  #: of those bytes: the worker sends the same file or fails the row
+
+    def audit(self) -> dict[str, Any]:
+        """What a row's record keeps of it: enough to prove later which file went, none of its bytes."""
+        return {"column": self.column, "sha256": self.sha256, "size": self.size, "media_type": self.media_type}
+
+
 class RenderedRequest(BaseModel):
     """One row turned into the user turn of a chat; the system prompt is the pipeline's."""
 
@@ -83,6 +100,8 @@ class RenderedRequest(BaseModel):
     #: The row's own request parameters (an OpenAI batch line's body): max_tokens, temperature,
     #: top_p, stop, seed and response_format, over the pipeline's.
     body: dict[str, Any] | None = None
+    #: The row's images and documents (a pipeline's `[[attachments]]`), by reference.
+    attachments: list[AttachmentRef] | None = None
 
     def over(self, pipeline: Any) -> Any:
         """The pipeline with this row's own parameters over its own (the pipeline itself if none)."""
@@ -130,6 +149,8 @@ class ItemOutcome(BaseModel):
     ttft_ms: float | None = None  #: its first token (a streamed answer, or the local engine's)
     errors: list[AttemptError] = Field(default_factory=list)  #: every failed attempt, in order
     line: int = 0  #: where the row starts in the input file (its position, for Parquet and JSON arrays)
+    #: Each attachment's column, sha256, size and media type: the row's input, provable later.
+    attachments: list[dict[str, Any]] | None = None
 
     @classmethod
     def failure(cls, row: int, kind: ErrorKind, message: str, **extra: Any) -> "ItemOutcome":

@@ -7,7 +7,8 @@ from typing import Any, Mapping
 
 import orjson
 
-from promptmill.pipelines.items import RenderedRequest
+from promptmill.pipelines.attachments import AttachmentError, source_of
+from promptmill.pipelines.items import AttachmentRef, RenderedRequest
 from promptmill.pipelines.spec import Pipeline
 
 
@@ -27,7 +28,11 @@ class RenderError(ValueError):
     pass
 
 
-def render_request(pipeline: Pipeline, row_number: int, row: Mapping[str, Any], line: int = 0) -> RenderedRequest:
+def render_request(
+    pipeline: Pipeline, row_number: int, row: Mapping[str, Any], line: int = 0, input_path: str = ""
+) -> RenderedRequest:
+    """The row's request. Its attachments are references (`describe` reads them); a relative path is
+    the input file's folder's. Raises RenderError, or AttachmentError for an attachment's column."""
     if row.get(PROMPT_ERROR_COLUMN):
         raise RenderError(str(row[PROMPT_ERROR_COLUMN]))
     if row.get(BODY_COLUMN) is not None:
@@ -38,9 +43,14 @@ def render_request(pipeline: Pipeline, row_number: int, row: Mapping[str, Any], 
     # Each placeholder is looked up as a whole column name, never as an attribute or index path, so
     # a template cannot reach into Python objects.
     parts: list[str] = []
+    attached = {spec.column: spec for spec in pipeline.attachments}
+    placed: dict[str, int] = {}
     for literal, field, spec, conversion in Formatter().parse(pipeline.prompt):
         parts.append(literal)
         if field is None:
+            continue
+        if field in attached:  # the file goes here in the user turn, not its path as text
+            placed.setdefault(field, sum(map(len, parts)))
             continue
         if field not in row:
             raise RenderError(f"row has no column {field!r} (columns: {', '.join(map(str, row)) or 'none'})")
@@ -57,7 +67,16 @@ def render_request(pipeline: Pipeline, row_number: int, row: Mapping[str, Any], 
             parts.append(format(value, spec or ""))
         except (TypeError, ValueError) as bad:
             raise RenderError(f"column {field!r}: cannot format {value!r} with {spec!r}: {bad}") from None
-    return RenderedRequest(row=row_number, line=line, prompt="".join(parts))
+    attachments = [_attachment(spec, row, placed.get(spec.column, 0), input_path) for spec in pipeline.attachments]
+    return RenderedRequest(row=row_number, line=line, prompt="".join(parts), attachments=attachments or None)
+
+
+def _attachment(spec: Any, row: Mapping[str, Any], at: int, input_path: str) -> AttachmentRef:
+    if spec.column not in row:
+        raise RenderError(f"row has no column {spec.column!r} for its {spec.kind} (columns: {', '.join(map(str, row)) or 'none'})")
+    if row[spec.column] is None:
+        raise AttachmentError(f"attachment {spec.column!r} is empty (null)")
+    return AttachmentRef(column=spec.column, kind=spec.kind, at=at, source=source_of(row[spec.column], spec.column, input_path))
 
 
 def body_request(row_number: int, line: int, body: Any) -> RenderedRequest:

@@ -150,6 +150,18 @@ class PipelinePrice(BaseModel):
         )
 
 
+class AttachmentSpec(BaseModel):
+    """A column holding a file the model reads: a path, a URL or bytes (pipelines/attachments.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    column: str = Field(min_length=1)
+    kind: Literal["image", "document"]
+    # "auto": an image over the provider's best size (or its byte limit) is shrunk with Pillow before
+    # it is sent; "off": sent as it is, and one over the limit fails its row.
+    resize: Literal["auto", "off"] = "off"
+
+
 class Pipeline(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -204,6 +216,9 @@ class Pipeline(BaseModel):
     # under their own names (read from the input at export, never held in Redis).
     id_column: str | None = Field(default=None, min_length=1)
     keep_columns: list[str] = Field(default_factory=list)
+    # Images and documents: each a column of the input. Where the prompt names the column, the file
+    # goes there in the user turn; otherwise before the text.
+    attachments: list[AttachmentSpec] = Field(default_factory=list)
 
     def price_table(self, settings: Settings) -> PriceTable:
         """The price table this pipeline's jobs are costed by: the shipped and user tables, with the
@@ -243,6 +258,13 @@ class Pipeline(BaseModel):
                 f"id_column/keep_columns: {', '.join(map(repr, clashing))} would overwrite the results field "
                 f"of that name; carry another column"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _attachments_once(self) -> "Pipeline":
+        columns = [attachment.column for attachment in self.attachments]
+        if twice := sorted({column for column in columns if columns.count(column) > 1}):
+            raise ValueError(f"attachments: column {', '.join(map(repr, twice))} is attached twice")
         return self
 
     @property

@@ -6,6 +6,10 @@ them is two standard errors of that ratio estimate. Output tokens are bounded by
 high cost assumes every answer uses it all and the input at its upper bound, the low one a single
 token per answer and the input at its lower bound. With a running or
 finished job of the same pipeline, the observed output per row gives the expected figure too.
+
+A row's images cost what the provider's rule says (Anthropic: width x height / 750 at the image's best
+size), read from each image's header; its documents are counted by the token-counting endpoint on a
+sample of them and scaled to them all.
 """
 
 from __future__ import annotations
@@ -20,9 +24,12 @@ from typing import Callable
 from promptmill.config.prices import ModelPrice
 from promptmill.jobs.readers import InvalidRow, iter_rows
 from promptmill.jobs.spec import JobSpec
+from promptmill.pipelines.attachments import AttachmentError, Loaded, image_size, image_tokens, load, open_ref
+from promptmill.pipelines.items import AttachmentRef
 from promptmill.pipelines.render import RenderError, render_request
 
 TokenCounter = Callable[[str | None, str], int]  # (system, user turn) -> input tokens
+DocumentCounter = Callable[[Loaded], int]  # a document -> the input tokens it adds to a request
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,8 @@ class Estimate:
     input_tokens: int
     input_tokens_error_pct: float
     rows_counted: int
+    image_tokens: int  # of input_tokens: the rows' images, by the provider's rule
+    document_tokens: int  # of input_tokens: the rows' documents, counted on a sample and scaled
     output_tokens_low: int
     output_tokens_max: int
     output_tokens_expected: int | None
@@ -78,22 +87,36 @@ def estimate_job(
     output_per_row: float | None = None,
     batch_discount: Decimal | None = None,
     seed: int = 0,
+    count_document: DocumentCounter | None = None,
 ) -> Estimate:
     pipeline = spec.pipeline
     system_chars = len(pipeline.system or "")
     rows = unusable = total_chars = 0
     sample: list[str] = []  # reservoir sample of user turns: even over a file streamed once
     chooser = random.Random(seed)
-    for number, _, row in iter_rows(Path(spec.input_path), spec.input_format, max_row_bytes=spec.max_row_bytes):
+    images = _Images()
+    documents: list[tuple[AttachmentRef, int]] = []  # reservoir sample of documents, with their row's line
+    document_count = 0
+    for number, line, row in iter_rows(Path(spec.input_path), spec.input_format, max_row_bytes=spec.max_row_bytes):
         rows += 1
         if isinstance(row, InvalidRow):
             unusable += 1
             continue
         try:
-            prompt = render_request(pipeline, number, row).prompt
-        except RenderError:
+            request = render_request(pipeline, number, row, line, spec.input_path)
+            for ref in request.attachments or ():
+                if ref.kind == "image":
+                    images.add(ref, row[ref.column])
+                    continue
+                document_count += 1
+                if len(documents) < sample_size:
+                    documents.append((ref, line))
+                elif (slot := chooser.randrange(document_count)) < sample_size:
+                    documents[slot] = (ref, line)
+        except (RenderError, AttachmentError):
             unusable += 1
             continue
+        prompt = request.prompt
         total_chars += system_chars + len(prompt)
         seen = rows - unusable
         if len(sample) < sample_size:
@@ -102,7 +125,11 @@ def estimate_job(
             sample[slot] = prompt
     requests = rows - unusable
     counted = [(system_chars + len(prompt), count_tokens(pipeline.system, prompt)) for prompt in sample]
-    input_tokens, error_pct = _scale(counted, total_chars, requests)
+    text_tokens, error_pct = _scale(counted, total_chars, requests)
+    document_tokens, document_pct = _documents(spec, documents, document_count, count_document)
+    input_tokens = text_tokens + images.tokens + document_tokens
+    if input_tokens:  # each part's bound, weighted by its tokens (the images' rule is exact)
+        error_pct = round((error_pct * text_tokens + document_pct * document_tokens) / input_tokens, 2)
     output_low, output_max = requests, requests * pipeline.max_tokens
     # The cost bounds take the input's bound too, so the true cost lies between them.
     input_low = math.floor(input_tokens * (1 - error_pct / 100))
@@ -114,6 +141,8 @@ def estimate_job(
         input_tokens=input_tokens,
         input_tokens_error_pct=error_pct,
         rows_counted=len(counted),
+        image_tokens=images.tokens,
+        document_tokens=document_tokens,
         output_tokens_low=output_low,
         output_tokens_max=output_max,
         output_tokens_expected=expected,
@@ -142,3 +171,45 @@ def _scale(counted: list[tuple[int, int]], total_chars: int, requests: int) -> t
     # Standard error of a ratio estimator, with the finite-population correction.
     standard_error = math.sqrt(variance / n * (1 - n / requests)) / mean_chars
     return round(ratio * total_chars), round(200 * standard_error / ratio, 2)
+
+
+class _Images:
+    """The rows' images' tokens by the provider's rule, each image's size read from its header."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+
+    def add(self, ref: AttachmentRef, value: object) -> None:
+        if ref.source.startswith(("https://", "http://")):
+            return  # the provider fetches it: its size is not known here
+        try:
+            if isinstance(value, (bytes, bytearray, memoryview)):
+                width, height = image_size(bytes(value))
+            else:
+                with open_ref(ref) as handle:
+                    width, height = image_size(handle)
+        except (AttachmentError, OSError, ValueError):
+            return  # a file that cannot be read fails its row without a request: it costs nothing
+        self.tokens += image_tokens(width, height)
+
+
+def _documents(
+    spec: JobSpec, sample: list[tuple[AttachmentRef, int]], count: int, count_document: DocumentCounter | None
+) -> tuple[int, float]:
+    """The documents' tokens: the sample's, counted, scaled to all of them; and the bound in percent."""
+    if not sample or count_document is None:
+        return 0, 0.0
+    counted = []
+    for ref, line in sample:
+        try:
+            counted.append(count_document(load(ref, spec.input_path, line, None, resize=False)))
+        except AttachmentError:
+            continue
+    if not counted:
+        return 0, 0.0
+    mean = sum(counted) / len(counted)
+    if len(counted) >= count:
+        return round(sum(counted)), 0.0
+    variance = sum((tokens - mean) ** 2 for tokens in counted) / max(len(counted) - 1, 1)
+    standard_error = math.sqrt(variance / len(counted) * (1 - len(counted) / count))
+    return round(mean * count), round(200 * standard_error / mean, 2) if mean else 0.0

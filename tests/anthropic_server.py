@@ -10,6 +10,12 @@ the answer TEXT (`[[reply@MODEL:TEXT]]` for that model only, over it; without ei
 `reply`), `[[status:400]]` fails that request with 400 (any status; `[[status@MODEL:404]]` for that
 model only), `[[spend_limit]]` with
 the 429 of an exhausted spend limit; otherwise the answer is "ok".
+Images and documents: `image` and `document` blocks (base64 or url sources), and chat completions'
+`image_url` (data URLs or URLs) and `file` parts (`file_data` data URLs), are checked as the APIs
+check them (media type, base64, an image over 5 MB or a PDF over 100 pages: 400) and logged as
+`files` (type, media_type, sha256 and size of the decoded bytes, or the url, and tokens). An image
+bills Anthropic's rule, width x height / 750 at its best size (within 1,568 px and 1.15 megapixels);
+a PDF bills 1,500 tokens a page; a URL is not fetched and bills 1,000.
 Usage: tokens are words, counted block by block. Text up to a block sent with `cache_control` (a
 breakpoint: the system prompt, or a prefix of the user turn) is a cache write the first time (5m or
 1h, by its ttl) and a cache read until it expires; the rest is input_tokens; output_tokens = words
@@ -67,6 +73,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import binascii
+import hashlib
+import io
 import json
 import math
 import os
@@ -139,6 +149,87 @@ def _text(content) -> str:
     if isinstance(content, str):
         return content
     return "".join(block.get("text", "") for block in content if isinstance(block, dict))
+
+
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")
+PDF_TOKENS_PER_PAGE = 1500
+URL_TOKENS = 1000
+
+
+class BadFile(ValueError):
+    """A file block the API would refuse with 400."""
+
+
+def _file_entry(kind: str, media_type: str | None, data: str | None, url: str | None) -> dict:
+    """A decoded file as the log keeps it, with the tokens it bills."""
+    if url is not None:
+        return {"type": kind, "url": url, "tokens": URL_TOKENS}
+    if kind == "image" and media_type not in IMAGE_TYPES:
+        raise BadFile(f"image: media_type {media_type!r} is not one of {', '.join(IMAGE_TYPES)}")
+    if kind == "document" and media_type != "application/pdf":
+        raise BadFile(f"document: media_type {media_type!r} is not application/pdf")
+    try:
+        raw = base64.b64decode(data or "", validate=True)
+    except binascii.Error:
+        raise BadFile(f"{kind}: the data is not valid base64") from None
+    entry = {"type": kind, "media_type": media_type, "sha256": hashlib.sha256(raw).hexdigest(), "size": len(raw)}
+    if kind == "image":
+        if len(raw) > 5 * 1024 * 1024:
+            raise BadFile("image exceeds 5 MB maximum")
+        from PIL import Image
+
+        with Image.open(io.BytesIO(raw)) as image:
+            width, height = image.size
+        scale = min(1.0, 1568 / max(width, height), math.sqrt(1_150_000 / (width * height)))
+        entry |= {"width": width, "height": height,
+                  "tokens": math.ceil(max(1, int(width * scale)) * max(1, int(height * scale)) / 750)}  # fmt: skip
+    else:
+        from pypdf import PdfReader
+
+        pages = len(PdfReader(io.BytesIO(raw)).pages)
+        if pages > 100:
+            raise BadFile(f"document: a PDF of {pages} pages is over the maximum of 100")
+        entry |= {"pages": pages, "tokens": pages * PDF_TOKENS_PER_PAGE}
+    return entry
+
+
+def _files(content) -> list[dict]:
+    """The image and document blocks of a Messages API turn, decoded (BadFile: a block the API refuses)."""
+    files = []
+    for block in content if isinstance(content, list) else ():
+        if isinstance(block, dict) and block.get("type") in ("image", "document"):
+            source = block.get("source") or {}
+            if source.get("type") == "url":
+                files.append(_file_entry(block["type"], None, None, source.get("url")))
+            elif source.get("type") == "base64":
+                files.append(_file_entry(block["type"], source.get("media_type"), source.get("data"), None))
+            else:
+                raise BadFile(f"{block['type']}.source.type: {source.get('type')!r} is not base64 or url")
+    return files
+
+
+def _block_kinds(content) -> list[dict]:
+    """A turn's blocks in order, each its type (and a text block's text): where the files went."""
+    return [{"type": block.get("type"), **({"text": block["text"]} if "text" in block else {})}
+            for block in content if isinstance(block, dict)]  # fmt: skip
+
+
+def _chat_files(content) -> list[dict]:
+    """The `image_url` and `file` parts of a chat completions turn, decoded."""
+    files = []
+    for part in content if isinstance(content, list) else ():
+        if not isinstance(part, dict):
+            continue
+        if part.get("type") == "image_url":
+            url = (part.get("image_url") or {}).get("url", "")
+            match = re.match(r"data:([^;]+);base64,(.*)$", url, re.S)
+            files.append(_file_entry("image", match.group(1), match.group(2), None) if match else _file_entry("image", None, None, url))
+        elif part.get("type") == "file":
+            match = re.match(r"data:([^;]+);base64,(.*)$", (part.get("file") or {}).get("file_data", ""), re.S)
+            if not match:
+                raise BadFile("file.file_data must be a base64 data URL")
+            files.append(_file_entry("document", match.group(1), match.group(2), None))
+    return files
 
 
 def _blocks(body: dict) -> list[tuple[str, dict | None]]:
@@ -241,7 +332,7 @@ class FakeAnthropic:
         self.buckets: dict[str, Bucket] = {}
         self.batches: dict[str, dict] = {}
         self.failed_once: set[str] = set()  # prompts whose one batch failure (_once markers) happened
-        self.openai_batches = OpenAIBatches(self, _reply, _kill_client)
+        self.openai_batches = OpenAIBatches(self, _reply, _kill_client, _chat_files)
 
     def _authorised(self, request: web.Request) -> bool:
         bearer = request.headers.get("authorization", "")
@@ -316,6 +407,7 @@ class FakeAnthropic:
                 for i in breakpoints:  # each breakpoint's prefix is cached, or its life renewed, on use
                     self.seen_prefixes[_prefix(blocks, i)] = now + (3600 if blocks[i][1].get("ttl") == "1h" else 300)
         plain = sum(words) - cache_read - cache_write
+        plain += sum(file["tokens"] for file in _files(body["messages"][-1]["content"]))
         return {
             "input_tokens": plain,
             "output_tokens": max(1, len(reply.split())),
@@ -332,7 +424,11 @@ class FakeAnthropic:
         if not self._authorised(request):
             return _error(401, "authentication_error", "invalid x-api-key")
         body = await request.json()
-        return web.json_response({"input_tokens": sum(len(text.split()) for text, _ in _blocks(body))})
+        try:
+            files = sum(file["tokens"] for file in _files(body["messages"][-1]["content"]))
+        except BadFile as bad:
+            return _error(400, "invalid_request_error", str(bad))
+        return web.json_response({"input_tokens": files + sum(len(text.split()) for text, _ in _blocks(body))})
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
         arrived = time.monotonic()
@@ -344,6 +440,11 @@ class FakeAnthropic:
         if missing:
             return _error(400, "invalid_request_error", f"{missing[0]}: Field required")
         prompt = _text(body["messages"][-1]["content"])
+        try:
+            files = _files(body["messages"][-1]["content"])
+        except BadFile as bad:
+            self.log.append({"t": arrived, "prompt": prompt, "status": 400, "usage": None, "error": str(bad)})
+            return _error(400, "invalid_request_error", str(bad))
         reply = _reply(prompt, body["model"], self.config["reply"])
         # An answer longer than max_tokens (a word a token) is cut there, as the API cuts it.
         stop_reason = "max_tokens" if len(reply.split()) > int(body["max_tokens"]) else "end_turn"
@@ -352,6 +453,9 @@ class FakeAnthropic:
         usage = self._usage(body, reply, commit_cache=False)
         entry = {"t": arrived, "prompt": prompt, "status": 200, "usage": None, "port": _client_port(request),
                  "model": body["model"], "params": {k: v for k, v in body.items() if k != "messages"}}  # fmt: skip
+        if files:
+            entry["files"] = files
+            entry["blocks"] = _block_kinds(body["messages"][-1]["content"])
         self.log.append(entry)
 
         input_cost = usage["input_tokens"] + usage["cache_creation_input_tokens"]
@@ -508,13 +612,20 @@ class FakeAnthropic:
             return _openai_error(400, "invalid_request_error", f"Missing required parameter: '{missing[0]}'.")
         system = " ".join(_text(m["content"]) for m in body["messages"] if m.get("role") in ("system", "developer"))
         prompt = _text(body["messages"][-1]["content"])
+        try:
+            files = _chat_files(body["messages"][-1]["content"])
+        except BadFile as bad:
+            self.log.append({"t": arrived, "prompt": prompt, "status": 400, "usage": None, "route": "chat", "error": str(bad)})
+            return _openai_error(400, "invalid_request_error", str(bad))
         reply = _reply(prompt, body["model"], self.config["reply"])
         params = {key: value for key, value in body.items() if key != "messages"}
         entry = {"t": arrived, "prompt": prompt, "status": 200, "usage": None, "port": _client_port(request),
                  "route": "chat", "model": body["model"], "params": params, "system": system or None}  # fmt: skip
+        if files:
+            entry["files"] = files
         self.log.append(entry)
         max_tokens = int(body.get("max_completion_tokens") or body.get("max_tokens") or 16)
-        prompt_tokens = len(system.split()) + len(prompt.split())
+        prompt_tokens = len(system.split()) + len(prompt.split()) + sum(file["tokens"] for file in files)
 
         costs = {"rpm": 1, "input_tpm": prompt_tokens + max_tokens, "output_tpm": 0}
         wait = max((self.buckets[b].wait_s(costs[b]) for b in self.buckets), default=0.0)
@@ -666,6 +777,8 @@ class FakeAnthropic:
             return {"type": "errored", "error": {"type": "error", "error": {"type": kind, "message": f"{kind} for this test"}}}
         reply = _reply(prompt, params["model"], self.config["reply"])
         usage = self._usage(params, reply, commit_cache=True)
+        if files := _files(params["messages"][-1]["content"]):
+            entry["files"] = files
         entry.update(status=200, usage=usage, done=time.monotonic(), request_id=f"msg_{uuid.uuid4().hex[:24]}")
         message = {
             "id": entry["request_id"],

@@ -40,9 +40,11 @@ def _openai_error(status: int, message: str) -> web.Response:
 
 
 class OpenAIBatches:
-    def __init__(self, server: "FakeAnthropic", reply: Callable[[str, str, str], str], kill_client: Callable):
+    def __init__(self, server: "FakeAnthropic", reply: Callable[[str, str, str], str], kill_client: Callable,
+                 files: Callable[[object], list[dict]]):  # fmt: skip
         self.server = server
         self.reply = reply  # the server's: the answer to a prompt for a model
+        self.files_of = files  # the server's: a turn's images and documents, decoded, with their tokens
         self.kill_client = kill_client
         self.files: dict[str, dict] = {}
         self.batches: dict[str, dict] = {}
@@ -170,6 +172,9 @@ class OpenAIBatches:
             elif schema.get("properties", {}).get("answer", {}).get("enum"):
                 text = json.dumps({"answer": reply})
         prompt_tokens = sum(len(_text(m.get("content")).split()) for m in body["messages"])
+        if files := self.files_of(body["messages"][-1].get("content")):
+            entry["files"] = files
+            prompt_tokens += sum(file["tokens"] for file in files)
         completion_tokens = max(1, len(reply.split()))
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                  "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": 0}}  # fmt: skip

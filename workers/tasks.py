@@ -43,7 +43,7 @@ _RUNNABLE_CHECK_S = 1.0
 CUT_AT_MAX_TOKENS = ("max_tokens", "length")
 
 
-def to_outcome(job: JobSpec, raw: RawOutcome, line: int = 0) -> ItemOutcome:
+def to_outcome(job: JobSpec, raw: RawOutcome, line: int = 0, attachments: list[dict] | None = None) -> ItemOutcome:
     common = {
         "usage": raw.usage,
         "text": raw.text if job.pipeline.store_text else None,
@@ -59,6 +59,7 @@ def to_outcome(job: JobSpec, raw: RawOutcome, line: int = 0) -> ItemOutcome:
         "ttft_ms": raw.ttft_ms,
         "errors": raw.errors,
         "line": line,
+        "attachments": attachments,
     }
     if raw.error is not None:
         return ItemOutcome(row=raw.row, status="failed", error=raw.error, **common)
@@ -126,6 +127,7 @@ async def _run_requests(rt: WorkerRuntime, run: ChunkRun, pending: list[Rendered
     path = await rt.request_path(job, ChunkAttempts(run), gate, run.link, carried)
     hold_s = (await rt.backend(run.model_job)).hold_s
     lines = {request.row: request.line for request in pending}
+    audits = {request.row: [ref.audit() for ref in request.attachments] for request in pending if request.attachments}
     committed = handed = 0
     checked_at = time.monotonic()
     deadline: asyncio.Timeout | None = None
@@ -146,7 +148,7 @@ async def _run_requests(rt: WorkerRuntime, run: ChunkRun, pending: list[Rendered
                         run.hand_off(raw.row, handoff_of(raw))
                         handed += 1
                     else:
-                        outcome = to_outcome(job, raw, lines.get(raw.row, 0))
+                        outcome = to_outcome(job, raw, lines.get(raw.row, 0), audits.get(raw.row))
                         committed += _commit(rt, run, raw.ledger_model or job.model, outcome, raw)
                     if gate.closed:
                         continue  # draining: the answers in flight are paid for, so they are committed

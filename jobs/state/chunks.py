@@ -78,7 +78,7 @@ class ChunkStore:
                 JobKeys(job_id).chunk_rows,
                 JobKeys(job_id).meta,
             ],
-            args=[chunk.model_dump_json(), chunk.chunk_id, chunk.row_count, META_ROWS_PRODUCED],
+            args=[chunk.model_dump_json(exclude_none=True), chunk.chunk_id, chunk.row_count, META_ROWS_PRODUCED],
         )
         return bool(added)
 
@@ -262,7 +262,7 @@ class ChunkStore:
         """Put these failed rows of a chunk back to pending with `payload` as the chunk's requests."""
         argument = {
             "chunk": chunk_id,
-            "payload": payload.model_dump_json(),
+            "payload": payload.model_dump_json(exclude_none=True),
             "keep": {str(o.row): o.model_dump_json() for o in keep},
             "retry": [
                 {

@@ -50,6 +50,9 @@ def need(module: str, extra: str) -> Any:
 def stage(data: Any, pipeline: Pipeline, folder: Path, input_format: InputFormat | None = None) -> StagedInput:
     """The data as a file a job reads (see the module's note)."""
     render = pipeline.prompt_function
+    # A relative attachment path is the data's: its file's folder, or for data in memory the caller's
+    # working folder. A staged copy lives elsewhere, so its paths are made absolute first.
+    rooted = _Rooted([attachment.column for attachment in pipeline.file.attachments], Path.cwd())
     if isinstance(data, (str, os.PathLike)):
         path = Path(data)
         if not path.exists():
@@ -57,17 +60,45 @@ def stage(data: Any, pipeline: Pipeline, folder: Path, input_format: InputFormat
         fmt = input_format or detect_format(path)
         if render is None:
             return StagedInput(path, fmt, file_sha256(path))
-        rows = (row if isinstance(row, dict) else {PROMPT_ERROR_COLUMN: row.reason} for _, _, row in iter_rows(path, fmt))
+        rooted.base = path.resolve().parent
+        rows = (rooted.row(row) if isinstance(row, dict) else {PROMPT_ERROR_COLUMN: row.reason} for _, _, row in iter_rows(path, fmt))
         return _stage_jsonl(rows, render, folder)
     batches = _arrow_batches(data)
     if batches is not None:
-        return _stage_parquet(batches, render, folder)
+        return _stage_parquet((rooted.batch(batch) for batch in batches), render, folder)
     if isinstance(data, Mapping) or not isinstance(data, Iterable):
         raise TypeError(
             f"data: expected a file's path, a pandas or polars DataFrame, a pyarrow Table, a datasets.Dataset "
             f"or an iterable of dicts, not {type(data).__name__}"
         )
-    return _stage_jsonl(iter(data), render, folder)
+    return _stage_jsonl((rooted.row(row) if isinstance(row, Mapping) else row for row in data), render, folder)
+
+
+class _Rooted:
+    """Attachment columns' relative paths made absolute against `base` (URLs and bytes as they are)."""
+
+    def __init__(self, columns: list[str], base: Path):
+        self.columns, self.base = columns, base
+
+    def value(self, value: Any) -> Any:
+        if isinstance(value, str) and value.strip() and "://" not in value and not Path(value).expanduser().is_absolute():
+            return str(self.base / value.strip())
+        return value
+
+    def row(self, row: Mapping[str, Any]) -> Mapping[str, Any]:
+        if not self.columns or not any(column in row for column in self.columns):
+            return row
+        return {**row, **{column: self.value(row[column]) for column in self.columns if column in row}}
+
+    def batch(self, batch: Any) -> Any:
+        import pyarrow as pa
+
+        for column in self.columns:
+            kind = batch.schema.field(column).type if column in batch.schema.names else None
+            if kind is not None and (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+                values = pa.array([self.value(value) for value in batch.column(column).to_pylist()], kind)
+                batch = batch.set_column(batch.schema.get_field_index(column), column, values)
+        return batch
 
 
 def file_sha256(path: Path) -> str:

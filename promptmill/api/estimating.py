@@ -11,6 +11,7 @@ from promptmill.config.prices import ModelPrice
 from promptmill.config.settings import Settings
 from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.state.status import JobStatus
+from promptmill.pipelines.attachments import Loaded, anthropic_content
 from promptmill.reports.estimate import Estimate, estimate_job
 
 #: The backends whose tokens an estimate can count.
@@ -25,12 +26,13 @@ def estimate_spec(
     The API's own errors (anthropic.APIError) pass through."""
     prices = spec.pipeline.price_table(settings)
     local = spec.info.local
+    count_document = None
     if local:
         count_tokens, price, speed = _engine_counting(spec, settings, prices.engine_hour_usd, observed)
     else:
-        count_tokens, price, speed = _api_counting(spec, settings), prices.price_for(spec.model), None
+        (count_tokens, count_document), price, speed = _api_counting(spec, settings), prices.price_for(spec.model), None
     figures = estimate_job(spec, price, count_tokens, sample, output_per_row(spec, observed),
-                           None if local else prices.batch_discount)  # fmt: skip
+                           None if local else prices.batch_discount, count_document=count_document)  # fmt: skip
     return figures, speed
 
 
@@ -39,8 +41,8 @@ def output_per_row(spec: JobSpec, observed: JobStatus | None) -> float | None:
     return None if observed is None else observed.usage.output_tokens / observed.requests_by_model[spec.model]
 
 
-def _api_counting(spec: JobSpec, settings: Settings) -> Callable[[str | None, str], int]:
-    """Input tokens as the Anthropic API counts them."""
+def _api_counting(spec: JobSpec, settings: Settings) -> tuple[Callable[[str | None, str], int], Callable[[Loaded], int]]:
+    """Input tokens as the Anthropic API counts them: of a row's text, and of a document."""
     import anthropic
 
     client = anthropic.Anthropic(api_key=settings.api_key(), base_url=settings.anthropic_base_url)
@@ -50,7 +52,15 @@ def _api_counting(spec: JobSpec, settings: Settings) -> Callable[[str | None, st
         messages = [{"role": "user", "content": prompt}]
         return client.messages.count_tokens(model=spec.model, messages=messages, **extra).input_tokens
 
-    return count_tokens
+    bare: list[int] = []  # a one-word turn's tokens, counted once: what a document adds is the rest
+
+    def count_document(document: Loaded) -> int:
+        if not bare:
+            bare.append(count_tokens(None, "Read."))
+        content = anthropic_content("Read.", [document])
+        return client.messages.count_tokens(model=spec.model, messages=[{"role": "user", "content": content}]).input_tokens - bare[0]
+
+    return count_tokens, count_document
 
 
 def _engine_counting(

@@ -287,7 +287,10 @@ def estimate(
     )
     out.print(
         f"{figures.rows:,} rows ({figures.unusable_rows:,} unusable) for {spec.model}\n"
-        f"input: {figures.input_tokens:,} tokens ({exact}; the API counted {figures.rows_counted:,} rows)\n"
+        f"input: {figures.input_tokens:,} tokens ({exact}; the API counted {figures.rows_counted:,} rows)"
+        + (f", of them images {figures.image_tokens:,} (width x height / 750) and documents {figures.document_tokens:,}"
+           if figures.image_tokens or figures.document_tokens else "")
+        + "\n"
         f"output: {figures.output_tokens_low:,} to {figures.output_tokens_max:,} tokens (max_tokens {spec.pipeline.max_tokens})\n"
         f"cost: ${figures.cost_usd_low:,.4f} to ${figures.cost_usd_high:,.4f}{expected}"
         + (

@@ -18,8 +18,9 @@ from anthropic.types import Message
 from promptmill.config.settings import Settings
 from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.state.store import JobStore
+from promptmill.pipelines.attachments import AttachmentError, anthropic_content, load_row
 from promptmill.pipelines.items import RenderedRequest, Usage
-from promptmill.workers.backends.base import Call, FatalJobError, RawOutcome, Reply
+from promptmill.workers.backends.base import Call, FatalJobError, RawOutcome, Reply, attachment_failed
 from promptmill.workers.limit_signals import LimitHeaders, account_scope
 from promptmill.workers.retry import STREAM_ERRORS, classify, stream_ended_early
 
@@ -29,7 +30,8 @@ _RAW_RESPONSE = "X-Stainless-Raw-Response"  # the header `with_raw_response` set
 def message_params(job: JobSpec, request: RenderedRequest) -> dict[str, Any]:
     """The Messages API parameters of a row's request (a batch request's `params` too). A row with a
     body of its own (an OpenAI batch file's) is translated: its sampling, `stop` as `stop_sequences`
-    and a `response_format` JSON schema as `output_config`'s format (`seed` has no match)."""
+    and a `response_format` JSON schema as `output_config`'s format (`seed` has no match). A row's
+    images and documents are read now and go as content blocks (AttachmentError: one cannot go)."""
     pipeline = request.over(job.pipeline)
     cache_control = {"type": "ephemeral", "ttl": pipeline.cache_ttl}
     content: str | list[dict[str, Any]] = request.prompt
@@ -39,6 +41,8 @@ def message_params(job: JobSpec, request: RenderedRequest) -> dict[str, Any]:
         content = [{"type": "text", "text": prefix, "cache_control": cache_control}]
         if rest := request.prompt[len(prefix) :]:
             content.append({"type": "text", "text": rest})
+    if request.attachments:
+        content = anthropic_content(request.prompt, load_row(request, pipeline, job.input_path, job.backend))
     turns: list[dict[str, Any]] = [{"role": "user", "content": content}]
     system = pipeline.system
     if request.messages:  # a caller's conversation: its system turns join the system prompt
@@ -125,7 +129,10 @@ class AnthropicBackend:
         return usage.input_tokens + usage.cache_creation_input_tokens  # cache reads do not count
 
     async def send(self, call: Call) -> Reply:
-        params = message_params(call.job, call.request)
+        try:
+            params = message_params(call.job, call.request)
+        except AttachmentError as error:
+            return attachment_failed(call.request.row, error)
         if call.job.pipeline.stream:
             return await self._stream(call, params)
         body = {**params, **params.pop("extra_body", {})}

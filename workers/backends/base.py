@@ -19,7 +19,8 @@ from typing import Hashable, Protocol
 from promptmill.config.settings import Settings
 from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.state.store import JobStore
-from promptmill.pipelines.items import AttemptError, ItemError, RenderedRequest, Usage
+from promptmill.pipelines.attachments import AttachmentError
+from promptmill.pipelines.items import AttemptError, ErrorKind, ItemError, RenderedRequest, Usage
 from promptmill.workers.limit_signals import LimitHeaders
 from promptmill.workers.retry import Verdict
 
@@ -77,6 +78,11 @@ class RawOutcome:
 
 
 Reply = RawOutcome | Verdict
+
+
+def attachment_failed(row: int, error: AttachmentError) -> RawOutcome:
+    """A row whose image or document cannot go fails alone, before it reaches the model."""
+    return RawOutcome(row=row, error=ItemError(kind=ErrorKind.attachment_error, message=str(error)), attempts=0)
 
 
 class Backend(Protocol):

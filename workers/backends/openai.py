@@ -23,9 +23,10 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from promptmill.config.settings import KeyRefused, Settings, is_openai_url
 from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.state.store import JobStore
+from promptmill.pipelines.attachments import AttachmentError, load_row, openai_content
 from promptmill.pipelines.items import RenderedRequest, Usage
 from promptmill.pipelines.spec import OutputSpec, Pipeline
-from promptmill.workers.backends.base import Call, FatalJobError, RawOutcome, Reply
+from promptmill.workers.backends.base import Call, FatalJobError, RawOutcome, Reply, attachment_failed
 from promptmill.workers.limit_signals import LimitHeaders, account_scope
 from promptmill.workers.retry import STREAM_ERRORS, classify, stream_ended_early
 
@@ -79,11 +80,15 @@ def _usage(usage: CompletionUsage | None) -> Usage | None:
     )
 
 
-def chat_params(pipeline: Pipeline, request: RenderedRequest, base_url: str | None) -> dict[str, Any]:
+def chat_params(pipeline: Pipeline, request: RenderedRequest, base_url: str | None, input_path: str = "") -> dict[str, Any]:
     """The chat completions body of a row's request (a batch line's `body` too); a row with a body of
-    its own (an OpenAI batch file's) keeps its parameters as they are."""
+    its own (an OpenAI batch file's) keeps its parameters as they are. A row's images and documents
+    are read now and go as content parts (AttachmentError: one cannot go)."""
     pipeline = request.over(pipeline)
-    messages = request.chat(pipeline.system)
+    messages: list[dict[str, Any]] = request.chat(pipeline.system)
+    if request.attachments:
+        files = load_row(request, pipeline, input_path, "openai")
+        messages[-1] = {"role": "user", "content": openai_content(request.prompt, files)}
     params: dict[str, Any] = {"model": pipeline.model, "messages": messages}
     # OpenAI's own models take max_completion_tokens (its reasoning models refuse max_tokens);
     # other servers know max_tokens best.
@@ -158,7 +163,10 @@ class OpenAIBackend:
 
     async def send(self, call: Call) -> Reply:
         pipeline = call.job.pipeline
-        body = chat_params(pipeline, call.request, self.base_url)
+        try:
+            body = chat_params(pipeline, call.request, self.base_url, call.job.input_path)
+        except AttachmentError as error:
+            return attachment_failed(call.request.row, error)
         started = time.monotonic()
         first: float | None = None
         raw = None
