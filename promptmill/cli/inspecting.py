@@ -353,8 +353,8 @@ def cost(job_id: JobArg, as_json: JsonFlag = False) -> None:
 @app.command()
 def jobs(as_json: JsonFlag = False) -> None:
     """List the jobs in this Redis: state, rows ok and failed of the total, and for a running job its
-    share of the fleet (its weight, the share of its workers' turns that gives it), pace and ETA (jobs
-    whose keys expired or were deleted are gone)."""
+    share of the fleet (the share of its workers' turns its weight gives it: "75% x3" for weight 3),
+    pace in rows/s and ETA (jobs whose keys expired or were deleted are gone)."""
     settings = get_settings()
     listed = []
     with open_store(settings) as (store, _):
@@ -378,17 +378,22 @@ def jobs(as_json: JsonFlag = False) -> None:
     if as_json:
         out.print_json(json.dumps({"jobs": listed}))
         return
+    # A running job's share (and its weight, when not 1), pace and ETA: columns only while one runs,
+    # so that a list of finished jobs fits 80 columns.
+    running = any(job["share"] is not None for job in listed)
     table = Table(box=None, pad_edge=False)
-    for title in ("job", "state", "ok", "failed", "total", "weight", "share", "rows/s", "eta"):
+    for title in ("job", "state", "ok", "failed", "total", *(("share", "rows/s", "eta") if running else ())):
         table.add_column(title, no_wrap=True, justify="left" if title in ("job", "state") else "right")
     table.add_column("model", overflow="fold")
     for job in listed:
         failed = f"[red]{job['failed']:,}[/]" if job["failed"] else "0"
-        share = "" if job["share"] is None else f"{job['share']:.0%}"
-        pace = "" if job["rows_per_s"] is None else f"{job['rows_per_s']:,.1f}"
-        eta = "" if job["eta_s"] is None else _duration(job["eta_s"])
-        table.add_row(job["job_id"], job["state"], f"{job['ok']:,}", failed, f"{job['total']:,}", str(job["weight"]),
-                      share, pace, eta, escape(job["model"]))  # fmt: skip
+        shown = [job["job_id"], job["state"], f"{job['ok']:,}", failed, f"{job['total']:,}"]
+        if running:
+            weight = "" if job["weight"] == 1 else f" x{job['weight']}"
+            shown.append("" if job["share"] is None else f"{job['share']:.0%}{weight}")
+            shown.append("" if job["rows_per_s"] is None else f"{job['rows_per_s']:,.1f}")
+            shown.append("" if job["eta_s"] is None else _duration(job["eta_s"]))
+        table.add_row(*shown, escape(job["model"]))
     out.print(table)
 
 
