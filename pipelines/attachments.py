@@ -49,6 +49,10 @@ _BY_SUFFIX = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", 
 BEST_LONG_EDGE = 1568
 BEST_PIXELS = 1_150_000
 PIXELS_PER_TOKEN = 750  # Anthropic: an image costs about width x height / 750 tokens
+# What one file may cost, at most, before its answer says: an image at its best size (the API scales
+# a larger one down), and a document page (Anthropic: its text and its image, 1,500 to 3,000 tokens).
+IMAGE_TOKENS_MOST = math.ceil(BEST_PIXELS / PIXELS_PER_TOKEN) + 100
+PAGE_TOKENS_MOST = 3000
 
 
 class AttachmentError(ValueError):
@@ -72,6 +76,13 @@ LIMITS = {
     "anthropic": ProviderLimits("Anthropic", 5 * MIB, 32 * MIB, 100),
     "openai": ProviderLimits("OpenAI", 20 * MIB, 32 * MIB, 100),
 }
+
+
+def file_tokens_bound(ref: AttachmentRef) -> int:
+    """At most what the attachment adds to its request's input tokens."""
+    if ref.kind == "image":
+        return IMAGE_TOKENS_MOST
+    return PAGE_TOKENS_MOST * (ref.pages or LIMITS["anthropic"].document_pages)
 
 
 def limits_for(backend: str) -> ProviderLimits | None:
@@ -129,6 +140,16 @@ def describe(ref: AttachmentRef, row_value: Any, limits: ProviderLimits | None, 
     _check_kind(described)
     if limits is not None:
         _check_size(described, size, limits, resize)
+    if described.kind == "document":  # its pages: a limit of the provider's, and what it may cost
+        if ref.source == INPUT_SOURCE:
+            pages = pdf_pages(bytes(row_value), described)
+        else:
+            with open_ref(ref) as handle:
+                pages = pdf_pages(handle, described)
+        described.pages = pages
+        if limits is not None and pages > limits.document_pages:
+            raise AttachmentError(f"attachment {ref.column!r}: {_name(ref)} has {pages} pages, over "
+                                  f"{limits.label}'s {limits.document_pages} for a document")  # fmt: skip
     return described
 
 
@@ -211,7 +232,7 @@ def load(ref: AttachmentRef, input_path: str, line: int, limits: ProviderLimits 
     if limits is not None:
         _check_size(ref, len(data), limits, resize=False)
         if kind == "application/pdf":
-            pages = pdf_pages(data)
+            pages = pdf_pages(data, ref)
             if pages > limits.document_pages:
                 raise AttachmentError(f"attachment {ref.column!r}: {_name(ref)} has {pages} pages, over "
                                       f"{limits.label}'s {limits.document_pages} for a document")  # fmt: skip
@@ -289,13 +310,13 @@ def image_size(data_or_file: bytes | BinaryIO) -> tuple[int, int]:
         return image.size
 
 
-def pdf_pages(data: bytes) -> int:
+def pdf_pages(data: bytes | BinaryIO, ref: AttachmentRef) -> int:
     from pypdf import PdfReader
 
     try:
-        return len(PdfReader(io.BytesIO(data)).pages)
+        return len(PdfReader(io.BytesIO(data) if isinstance(data, bytes) else data).pages)
     except Exception as error:  # noqa: BLE001 - pypdf raises many kinds on a broken file
-        raise AttachmentError(f"not a readable PDF: {error}") from None
+        raise AttachmentError(f"attachment {ref.column!r}: {_name(ref)} is not a readable PDF: {error}") from None
 
 
 # -- into the request, as each provider takes it ----------------------------------------------------

@@ -82,6 +82,7 @@ class AttachmentRef(BaseModel):
     media_type: str | None = None
     size: int | None = None  #: bytes, as the producer read them (None: a URL the provider fetches)
     sha256: str | None = None  #: of those bytes: the worker sends the same file or fails the row
+    pages: int | None = None  #: a document's
 
     def audit(self) -> dict[str, Any]:
         """What a row's record keeps of it: enough to prove later which file went, none of its bytes."""

@@ -92,7 +92,8 @@ def body_request(row_number: int, line: int, body: Any) -> RenderedRequest:
         if isinstance(content, list):  # content parts: text alone here
             kinds = {part.get("type") for part in content if isinstance(part, dict)} - {"text"}
             if kinds:
-                raise RenderError(f"message {i}: only text content parts are taken, not {', '.join(sorted(map(str, kinds)))}")
+                raise RenderError(f"message {i}: only text content parts are taken, not {', '.join(sorted(map(str, kinds)))}; "
+                                  "give a row's image or document as a column named in a pipeline's [[attachments]]")
             content = "".join(part.get("text", "") for part in content)
         role = "system" if message.get("role") == "developer" else message.get("role")
         turns.append({"role": role, "content": content})

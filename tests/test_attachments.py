@@ -273,3 +273,25 @@ def test_from_python_a_dataframes_relative_paths_are_the_callers_and_records_car
     outputs = [json.loads(output) if isinstance(output, str) else output for output in table["output"]]
     assert [output["total"] for output in outputs] == [row["expected"]["total"] for row in receipts]
     assert {entry["files"][0]["sha256"] for entry in answered(fake_api.log())} == {sha256(tmp_path / row["image"]) for row in receipts}
+
+
+def test_vllms_own_media_loader_reads_the_image_parts_we_send_as_the_files_pixels(tmp_path, receipts):
+    """No model that reads images can be built from a package here, so the local engine refuses
+    attachments (above). What a vLLM server does with an `openai` job's image parts is checked on its
+    own: vLLM's media connector (what its chat endpoint runs on `image_url`) decodes them to the
+    file's pixels, a resized one to its best size."""
+    from vllm.multimodal.utils import MediaConnector
+
+    from promptmill.pipelines.attachments import describe, limits_for, load, openai_content
+    from promptmill.pipelines.items import AttachmentRef
+
+    big = noise_png(tmp_path / "big.png", 1400)
+    for path, resize, size in ((tmp_path / receipts[1]["image"], False, None), (big, True, (1072, 1072))):
+        ref = describe(AttachmentRef(column="image", kind="image", source=str(path)), None, limits_for("openai"), resize)
+        (part,) = openai_content("", [load(ref, "", 0, limits_for("anthropic"), resize)])
+        decoded = MediaConnector().fetch_image(part["image_url"]["url"])
+        with Image.open(path) as original:
+            if size is None:
+                assert decoded.size == original.size and decoded.tobytes() == original.convert("RGB").tobytes()
+            else:
+                assert decoded.size == size

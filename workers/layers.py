@@ -156,7 +156,7 @@ class Budget:
     def _worst_case_micro_usd(self, call: Call) -> int:
         """The input estimated from characters (with a quarter's margin) at the dearer of the input
         and cache-write prices, the output at `max_tokens`."""
-        input_tokens = math.ceil(self.estimate.estimate(call.chars) * 1.25)
+        input_tokens = math.ceil(self.estimate.estimate(call.chars) * 1.25) + call.file_tokens
         price = self.prices.price_for(self.prices.ledger_model(call.job.model, input_tokens) + self.suffix)
         worst = max(price.input, price.cache_write_5m, price.cache_write_1h) * input_tokens
         worst += price.output * call.job.pipeline.max_tokens
@@ -214,7 +214,7 @@ class Limit:
         max_tokens = call.job.pipeline.max_tokens
         # Output is reserved at max_tokens, and given back once the answer says what it used.
         asked = time.monotonic()
-        grant = await limiter.acquire(*self._charge(self.estimate.estimate(call.chars), max_tokens, max_tokens))
+        grant = await limiter.acquire(*self._charge(self.estimate.estimate(call.chars) + call.file_tokens, max_tokens, max_tokens))
         started = time.monotonic()
         reply = await send(call)
         age_s = time.monotonic() - started
@@ -246,7 +246,8 @@ class Limit:
         charged_input = self.backend.limited_input(usage)
         limiter.settle(grant, *self._charge(charged_input, usage.output_tokens, max_tokens))
         limiter.record(ok=True)
-        self.estimate.learn(call.chars, charged_input)
+        if not call.request.attachments:  # a file's tokens are not its text's: they would skew the ratio
+            self.estimate.learn(call.chars, charged_input)
         return reply
 
 

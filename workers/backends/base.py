@@ -19,7 +19,7 @@ from typing import Hashable, Protocol
 from promptmill.config.settings import Settings
 from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.state.store import JobStore
-from promptmill.pipelines.attachments import AttachmentError
+from promptmill.pipelines.attachments import AttachmentError, file_tokens_bound
 from promptmill.pipelines.items import AttemptError, ErrorKind, ItemError, RenderedRequest, Usage
 from promptmill.workers.limit_signals import LimitHeaders
 from promptmill.workers.retry import Verdict
@@ -53,6 +53,12 @@ class Call:
     @property
     def chars(self) -> int:
         return len(self.request.prompt) + len(self.job.pipeline.system or "")
+
+    @property
+    def file_tokens(self) -> int:
+        """At most what the row's images and documents add to its input: what the limiter reserves
+        and the budget's worst case counts for them before the answer says."""
+        return sum(file_tokens_bound(ref) for ref in self.request.attachments or ())
 
 
 @dataclass
