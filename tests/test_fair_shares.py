@@ -207,6 +207,10 @@ def test_weights_1_and_3_get_1_to_3_of_the_limit_and_a_paused_jobs_share_goes_to
         assert status["share"]["weight"] == 3 and status["share"]["fair_fraction"] == 0.75
         listed = {job["job_id"]: job for job in json.loads(promptmill("jobs", "--json", env=env).stdout)["jobs"]}
         assert listed[light]["weight"] == 1 and listed[light]["share"] == 0.25
+        shown = promptmill("jobs", env={**env, "COLUMNS": "80"}).stdout
+        running = shown[shown.index("running: their share of the fleet"):]
+        assert any(line.split()[:3] == [heavy, "3", "75%"] for line in running.splitlines()), shown
+        assert "…" not in shown and all(len(line) <= 80 for line in shown.splitlines()), shown
 
         wait_until(lambda: len(requests_of(fake_api.log(), "light")) >= 200, 120, "200 of the light job's requests")
         log = fake_api.log()

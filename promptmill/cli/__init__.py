@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from promptmill.cli import batch_files, comparing, init, inspecting, managing, running, worker  # noqa: F401 - each registers its commands
+from promptmill.cli import batch_files, comparing, init, inspecting, listing, managing, running, worker  # noqa: F401 - each registers its commands
 from promptmill.cli.app import app
 
 # An example for every command, shown at the end of its --help (one table: a command without one fails

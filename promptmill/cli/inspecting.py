@@ -45,13 +45,13 @@ from promptmill.jobs.verify import verify_job
 
 def _status_dict(spec: JobSpec, status: JobStatus, prices: PriceTable, store: JobStore) -> dict:
     usage = status.usage
-    pace = _pace(store, spec, status)
+    pace = pace_of(store, spec, status)
     report = cost_report(spec, status, prices)
     return {
         "job_id": spec.job_id,
         "state": status.state.value,
         "error": status.error,
-        "reason": _pause_reason(status),
+        "reason": pause_reason(status),
         "backend": spec.backend,
         "model": spec.model,
         "produced": status.produced,
@@ -79,11 +79,11 @@ def _status_dict(spec: JobSpec, status: JobStatus, prices: PriceTable, store: Jo
     }
 
 
-def _pace(store: JobStore, spec: JobSpec, status: JobStatus) -> JobPace:
+def pace_of(store: JobStore, spec: JobSpec, status: JobStatus) -> JobPace:
     return job_pace(store.redis, spec.job_id, status.pending if status.produced else max(status.pending, 1))
 
 
-def _pause_reason(status: JobStatus) -> str | None:
+def pause_reason(status: JobStatus) -> str | None:
     """Why a paused job waits (None: it is not paused)."""
     if status.state is JobState.paused:
         return status.error
@@ -348,55 +348,3 @@ def cost(job_id: JobArg, as_json: JsonFlag = False) -> None:
             f"on the API ({report.comparison_model}, no caching): ${report.api_equivalent_usd:.6f}",
             highlight=False,
         )
-
-
-@app.command()
-def jobs(as_json: JsonFlag = False) -> None:
-    """List the jobs in this Redis: state, rows ok and failed of the total, and for a running job its
-    share of the fleet (the share of its workers' turns its weight gives it: "75% x3" for weight 3),
-    pace in rows/s and ETA (jobs whose keys expired or were deleted are gone)."""
-    settings = get_settings()
-    listed = []
-    with open_store(settings) as (store, _):
-        for job_id in store.job_ids():
-            try:
-                status = store.status(job_id)
-                spec = store.spec(job_id)
-            except KeyError:
-                continue  # expired as we listed it
-            job = {
-                "job_id": job_id, "state": status.state.value, "ok": status.ok, "failed": status.failed,
-                "total": status.total, "backend": spec.backend, "model": spec.model, "reason": _pause_reason(status),
-                "weight": spec.priority, "share": None, "rows_per_s": None, "eta_s": None,
-            }  # fmt: skip
-            if status.state.runnable:
-                pace = _pace(store, spec, status)
-                share = job_share(store, spec, status, pace)
-                job.update(share=share["fair_fraction"], slots=share["slots"], limit_fraction=share["limit_fraction"],
-                           rows_per_s=pace.rows_per_s["last_minute"], eta_s=pace.eta_s)  # fmt: skip
-            listed.append(job)
-    if as_json:
-        out.print_json(json.dumps({"jobs": listed}))
-        return
-    # A running job's share (and its weight, when not 1), pace and ETA: columns only while one runs,
-    # so that a list of finished jobs fits 80 columns.
-    running = any(job["share"] is not None for job in listed)
-    table = Table(box=None, pad_edge=False)
-    for title in ("job", "state", "ok", "failed", "total", *(("share", "rows/s", "eta") if running else ())):
-        table.add_column(title, no_wrap=True, justify="left" if title in ("job", "state") else "right")
-    table.add_column("model", overflow="fold")
-    for job in listed:
-        failed = f"[red]{job['failed']:,}[/]" if job["failed"] else "0"
-        shown = [job["job_id"], job["state"], f"{job['ok']:,}", failed, f"{job['total']:,}"]
-        if running:
-            weight = "" if job["weight"] == 1 else f" x{job['weight']}"
-            shown.append("" if job["share"] is None else f"{job['share']:.0%}{weight}")
-            shown.append("" if job["rows_per_s"] is None else f"{job['rows_per_s']:,.1f}")
-            shown.append("" if job["eta_s"] is None else _duration(job["eta_s"]))
-        table.add_row(*shown, escape(job["model"]))
-    out.print(table)
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"

@@ -41,9 +41,8 @@ from promptmill.jobs.state.batches import BatchCounts, BatchIntent
 from promptmill.jobs.state.fallback import switch_to_realtime, switched_at
 from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.state.store import JobStore
-from promptmill.pipelines.attachments import AttachmentError
 from promptmill.pipelines.items import ErrorKind, ItemError
-from promptmill.workers.backends.base import Call, FatalJobError, RawOutcome, Reply, attachment_failed
+from promptmill.workers.backends.base import AttachmentError, Call, FatalJobError, RawOutcome, Reply, attachment_failed
 from promptmill.workers.backends.batch_rows import Arrival, Made, WaitedBatch, Waiter, fail, packed, resolve
 from promptmill.workers.retry import Verdict, classify
 
