@@ -99,8 +99,10 @@ def test_run_serves_its_local_workers_metrics_on_one_port_while_it_runs(tmp_path
     fake_api.configure(latency_ms=100)
     port = free_port()
     data, pipeline = write_dataset(tmp_path, ({"id": i, "text": f"row {i}"} for i in range(400)), PIPELINE)
-    run = start_cli({**env, "PROMPTMILL_METRICS_PORT": str(port), "PROMPTMILL_MAX_IN_FLIGHT": "8"}, "run", str(data),
-                    "-p", str(pipeline), "--workers", "2", "--chunk-size", "10", "--out", str(tmp_path / "out"))  # fmt: skip
+    run_env = {**env, "PROMPTMILL_METRICS_PORT": str(port), "PROMPTMILL_MAX_IN_FLIGHT": "8", "PROMPTMILL_SWEEP_EVERY_S": "0.5"}
+    run = start_cli(run_env, "run", str(data), "-p", str(pipeline), "--workers", "2", "--chunk-size", "10",
+                    "--out", str(tmp_path / "out"))  # fmt: skip
+    shares: list[float] = []
     try:
 
         def sent() -> float:
@@ -109,10 +111,19 @@ def test_run_serves_its_local_workers_metrics_on_one_port_while_it_runs(tmp_path
             except OSError:
                 return 0
 
+        def share() -> bool:  # the job's fair share, set by the sweeper: the whole fleet's, alone
+            try:
+                shares.append(total([scrape(port)], "promptmill_job_share"))
+            except OSError:
+                pass
+            return bool(shares) and shares[-1] > 0
+
         wait_until(lambda: sent() >= 100 or run.poll() is not None, 120, "metrics from the run's workers")
         scraped = sent()
         answered_after = sum(1 for e in fake_api.log() if e["status"] == 200)
         assert 100 <= scraped <= answered_after
+        wait_until(lambda: share() or run.poll() is not None, 60, "the job's share in the metrics")
+        assert shares[-1] == 1.0, shares
         _, stderr = run.communicate(timeout=120)
         assert run.returncode == 0, stderr
     finally:
