@@ -12,7 +12,6 @@ requests per second, then the medians and the API's wall over the CLI's.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -29,7 +28,7 @@ import redis  # noqa: E402
 from bench.rate_limit import API_KEY, measure, write_inputs  # noqa: E402
 from promptmill.jobs.state.embedded import EmbeddedRedis  # noqa: E402
 from tests.anthropic_server import ServerControl  # noqa: E402
-from tests.support import PROMPTMILL  # noqa: E402
+from tests.support import PROMPTMILL, user_env  # noqa: E402
 
 API_SCRIPT = """
 import sys
@@ -63,13 +62,7 @@ def main() -> None:
     redis_server = EmbeddedRedis(folder / "redis")
     redis_url = redis_server.start()
     server = ServerControl.start(API_KEY)
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("PROMPTMILL_", "ANTHROPIC_"))},
-        "PROMPTMILL_REDIS_URL": redis_url,
-        "PROMPTMILL_DATA_DIR": str(folder / "data"),
-        "ANTHROPIC_BASE_URL": server.url,
-        "ANTHROPIC_API_KEY": API_KEY,
-    }
+    env = user_env(folder, redis_url, server.url, API_KEY)
     data, pipeline = write_inputs(folder, options.rows, "anthropic")
     walls: dict[str, list[float]] = {"cli": [], "api": []}
     print(f"ceiling: {options.rows:,} rows, 2 workers, chunks of 256, no limit, an instant server\n", flush=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ import redis  # noqa: E402
 
 from promptmill.jobs.state.embedded import EmbeddedRedis  # noqa: E402
 from tests.anthropic_server import ServerControl  # noqa: E402
-from tests.support import PROMPTMILL, write_dataset  # noqa: E402
+from tests.support import PROMPTMILL, user_env, write_dataset  # noqa: E402
 
 API_KEY = "bench-key"
 
@@ -49,10 +48,8 @@ def main() -> None:
     server = ServerControl.start(API_KEY)
     server.configure(batch_delay_s=86_400)
     url = redis_server.start()
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("PROMPTMILL_", "ANTHROPIC_"))}
-    env = {**base, "PROMPTMILL_REDIS_URL": url, "PROMPTMILL_DATA_DIR": str(folder / "data"),
-           "PROMPTMILL_MAX_PENDING_ROWS": str(options.rows + 1), "ANTHROPIC_BASE_URL": server.url,
-           "ANTHROPIC_API_KEY": API_KEY, "OPENAI_BASE_URL": server.url + "/v1", "OPENAI_API_KEY": API_KEY}  # fmt: skip
+    env = user_env(folder, url, server.url, API_KEY, PROMPTMILL_MAX_PENDING_ROWS=str(options.rows + 1),
+                   OPENAI_BASE_URL=server.url + "/v1", OPENAI_API_KEY=API_KEY)  # fmt: skip
     model = ["--model", "gpt-4.1-mini"] if options.backend == "openai-batch" else []
     batches_of = server.openai_batches if options.backend == "openai-batch" else server.batches
     client = redis.Redis.from_url(url)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ from promptmill.config.prices import PriceTable  # noqa: E402
 from promptmill.config.settings import Settings  # noqa: E402
 from promptmill.jobs.state.embedded import EmbeddedRedis  # noqa: E402
 from tests.anthropic_server import ServerControl  # noqa: E402
-from tests.support import PROMPTMILL, write_dataset  # noqa: E402
+from tests.support import PROMPTMILL, user_env, write_dataset  # noqa: E402
 
 API_KEY = "bench-key"
 # Caching needs a prefix of at least the model's minimum: 1,024 tokens on Sonnet 4.5, 4,096 on Haiku 4.5
@@ -69,9 +68,7 @@ def main() -> None:
     data, _ = write_dataset(folder, (json.loads(reviews[n % len(reviews)]) for n in range(options.rows)), name="reviews.jsonl")
     redis_server = EmbeddedRedis(folder / "redis")
     server = ServerControl.start(API_KEY)
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("PROMPTMILL_", "ANTHROPIC_"))}
-    env = {**base, "PROMPTMILL_REDIS_URL": redis_server.start(), "PROMPTMILL_DATA_DIR": str(folder / "data"),
-           "ANTHROPIC_BASE_URL": server.url, "ANTHROPIC_API_KEY": API_KEY}  # fmt: skip
+    env = user_env(folder, redis_server.start(), server.url, API_KEY)
     try:
         sentiment = ROOT / "examples" / "sentiment.toml"
         estimate = json.loads(cli(env, "estimate", str(data), "--pipeline", str(sentiment), "--json").stdout)

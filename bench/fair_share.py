@@ -19,7 +19,7 @@ server's log:
 from __future__ import annotations
 
 import argparse
-import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -33,7 +33,8 @@ from promptmill.jobs.state.embedded import EmbeddedRedis  # noqa: E402
 from promptmill.jobs.state.status import JobState  # noqa: E402
 from promptmill.jobs.state.store import JobStore  # noqa: E402
 from tests.anthropic_server import ServerControl  # noqa: E402
-from tests.support import PROMPTMILL, stop, write_dataset  # noqa: E402
+from tests.chaos import kill_tree  # noqa: E402
+from tests.support import PROMPTMILL, stop, user_env, write_dataset  # noqa: E402
 
 API_KEY = "bench-key"
 PIPELINE = """
@@ -76,15 +77,15 @@ def main() -> None:
     parser.add_argument("--rpm", type=int, default=3000, help="the limit the server holds (and the jobs are told)")
     parser.add_argument("--workers", type=int, default=2)
     options = parser.parse_args()
+    # Killed (SIGTERM) as when interrupted: the `finally` below stops the workers it started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     folder = Path(tempfile.mkdtemp(prefix="promptmill-fair-"))
     redis_server = EmbeddedRedis(folder / "redis")
     redis_url = redis_server.start()
     server = ServerControl.start(API_KEY)
     server.configure(rpm=options.rpm, burst_s=1, latency_ms=100)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PROMPTMILL_", "ANTHROPIC_"))}
-    env |= {"PROMPTMILL_REDIS_URL": redis_url, "PROMPTMILL_DATA_DIR": str(folder / "data"),
-            "ANTHROPIC_BASE_URL": server.url, "ANTHROPIC_API_KEY": API_KEY}  # fmt: skip
+    env = user_env(folder, redis_url, server.url, API_KEY)
     store = JobStore.from_url(redis_url)
     print(f"in {folder}: limit {options.rpm} requests/min, latency 100 ms, {options.workers} workers; large job "
           f"{options.large:,} rows (weight {options.large_priority}), small job {options.small:,} rows "
@@ -106,9 +107,14 @@ def main() -> None:
         wait_for(lambda: done(large), "the large job", workers)
         log = server.log()
     finally:
-        stop(*workers)
-        server.stop()
-        redis_server.stop()
+        try:
+            stop(*workers, timeout=30)
+        except subprocess.TimeoutExpired:  # a warm shutdown that cannot finish (the server went first)
+            for worker in workers:
+                kill_tree(worker)
+        finally:
+            server.stop()
+            redis_server.stop()
 
     small_log, large_log = of_job(log, "small"), of_job(log, "large")
     small_end = max(entry["done"] for entry in small_log if entry["status"] == 200)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import subprocess
 import sys
@@ -40,7 +39,7 @@ import redis  # noqa: E402
 
 from promptmill.jobs.state.embedded import EmbeddedRedis  # noqa: E402
 from tests.anthropic_server import ServerControl  # noqa: E402
-from tests.support import PROMPTMILL, write_dataset  # noqa: E402
+from tests.support import PROMPTMILL, user_env, write_dataset  # noqa: E402
 
 API_KEY = "bench-key"
 RPM, OUTPUT_TPM = 1200, 100_000
@@ -113,13 +112,8 @@ def main() -> None:
     redis_server = EmbeddedRedis(folder / "redis")
     redis_url = redis_server.start()
     server = ServerControl.start(API_KEY)
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("PROMPTMILL_", "ANTHROPIC_"))}
     env = {
-        **base_env,
-        "PROMPTMILL_REDIS_URL": redis_url,
-        "PROMPTMILL_DATA_DIR": str(folder / "data"),
-        "ANTHROPIC_BASE_URL": server.url,
-        "ANTHROPIC_API_KEY": API_KEY,
+        **user_env(folder, redis_url, server.url, API_KEY),
         "OPENAI_BASE_URL": server.url + "/v1",
         "OPENAI_API_KEY": API_KEY,
         "BENCH_BACKEND": options.backend,

@@ -12,7 +12,6 @@ flushed to a shard) and the bytes each costs, and what Redis holds once the job 
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ import redis  # noqa: E402
 from promptmill.jobs.state.embedded import EmbeddedRedis  # noqa: E402
 from promptmill.jobs.state.store import JobStore  # noqa: E402
 from tests.anthropic_server import ServerControl  # noqa: E402
-from tests.support import PROMPTMILL, write_dataset  # noqa: E402
+from tests.support import PROMPTMILL, user_env, write_dataset  # noqa: E402
 
 API_KEY = "bench-key"
 PIPELINE = """
@@ -59,13 +58,7 @@ def main() -> None:
     store = JobStore.from_url(url)
     server = ServerControl.start(API_KEY)
     data, pipeline = write_inputs(folder, options.rows)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PROMPTMILL_", "ANTHROPIC_"))}
-    env.update(
-        PROMPTMILL_REDIS_URL=url,
-        PROMPTMILL_DATA_DIR=str(folder / "data"),
-        ANTHROPIC_BASE_URL=server.url,
-        ANTHROPIC_API_KEY=API_KEY,
-    )
+    env = user_env(folder, url, server.url, API_KEY)
     if options.max_pending_rows:
         env["PROMPTMILL_MAX_PENDING_ROWS"] = str(options.max_pending_rows)
 

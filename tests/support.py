@@ -62,6 +62,14 @@ def write_dataset(
     return data, pipeline_path
 
 
+def user_env(folder: Path, redis_url: str, api_url: str, api_key: str, **extra: str) -> dict[str, str]:
+    """The environment of a user whose jobs go to this Redis and whose Anthropic API is `api_url` (a
+    bench's local server): none of the caller's own promptmill or Anthropic settings, data in `folder`."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("PROMPTMILL_", "ANTHROPIC_"))}
+    return {**base, "PROMPTMILL_REDIS_URL": redis_url, "PROMPTMILL_DATA_DIR": str(folder / "data"),
+            "ANTHROPIC_BASE_URL": api_url, "ANTHROPIC_API_KEY": api_key, **extra}  # fmt: skip
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
