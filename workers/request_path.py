@@ -36,7 +36,7 @@ from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.state.budget import BudgetStore
 from promptmill.jobs.state.outage import OutageClock
 from promptmill.pipelines.items import RenderedRequest
-from promptmill.workers.backends.base import Backend, Call, RawOutcome
+from promptmill.workers.backends.base import AttachmentError, Backend, Call, RawOutcome, Reply, attachment_failed
 from promptmill.workers.concurrency import AdaptiveConcurrency
 from promptmill.workers.layers import (
     AttemptLog,
@@ -102,10 +102,19 @@ def build_path(parts: PathParts) -> Send:
 def compose(layers: list[Layer], backend: Backend) -> Send:
     """The layers, outermost first, around the backend's `send`. A layer is bound to the next by
     `partial` (no frame of its own): every frame is paid on each of a request's awaits."""
-    path: Send = backend.send
+    path: Send = functools.partial(_files_readable, send=backend.send)
     for layer in reversed(layers):
         path = functools.partial(layer, send=path)
     return path
+
+
+async def _files_readable(call: Call, send: Send) -> Reply | None:
+    """The backend's `send`, for every backend: a row whose image or document cannot be read as it is
+    sent (missing, changed, over the provider's limit) fails alone, before anything reaches the model."""
+    try:
+        return await send(call)
+    except AttachmentError as error:
+        return attachment_failed(call.request.row, error)
 
 
 async def fan_out(

@@ -18,9 +18,9 @@ from anthropic.types import Message
 from promptmill.config.settings import Settings
 from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.state.store import JobStore
-from promptmill.pipelines.attachments import AttachmentError, anthropic_content, load_row
+from promptmill.pipelines.attachments import anthropic_content, load_row
 from promptmill.pipelines.items import RenderedRequest, Usage
-from promptmill.workers.backends.base import Call, FatalJobError, RawOutcome, Reply, attachment_failed
+from promptmill.workers.backends.base import Call, FatalJobError, RawOutcome, Reply
 from promptmill.workers.limit_signals import LimitHeaders, account_scope
 from promptmill.workers.retry import STREAM_ERRORS, classify, stream_ended_early
 
@@ -129,10 +129,7 @@ class AnthropicBackend:
         return usage.input_tokens + usage.cache_creation_input_tokens  # cache reads do not count
 
     async def send(self, call: Call) -> Reply:
-        try:
-            params = message_params(call.job, call.request)
-        except AttachmentError as error:
-            return attachment_failed(call.request.row, error)
+        params = message_params(call.job, call.request)
         if call.job.pipeline.stream:
             return await self._stream(call, params)
         body = {**params, **params.pop("extra_body", {})}

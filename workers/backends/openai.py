@@ -23,10 +23,10 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from promptmill.config.settings import KeyRefused, Settings, is_openai_url
 from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.state.store import JobStore
-from promptmill.pipelines.attachments import AttachmentError, load_row, openai_content
+from promptmill.pipelines.attachments import load_row, openai_content
 from promptmill.pipelines.items import RenderedRequest, Usage
 from promptmill.pipelines.spec import OutputSpec, Pipeline
-from promptmill.workers.backends.base import Call, FatalJobError, RawOutcome, Reply, attachment_failed
+from promptmill.workers.backends.base import Call, FatalJobError, RawOutcome, Reply
 from promptmill.workers.limit_signals import LimitHeaders, account_scope
 from promptmill.workers.retry import STREAM_ERRORS, classify, stream_ended_early
 
@@ -163,10 +163,7 @@ class OpenAIBackend:
 
     async def send(self, call: Call) -> Reply:
         pipeline = call.job.pipeline
-        try:
-            body = chat_params(pipeline, call.request, self.base_url, call.job.input_path)
-        except AttachmentError as error:
-            return attachment_failed(call.request.row, error)
+        body = chat_params(pipeline, call.request, self.base_url, call.job.input_path)
         started = time.monotonic()
         first: float | None = None
         raw = None

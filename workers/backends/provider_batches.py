@@ -42,7 +42,7 @@ from promptmill.jobs.state.fallback import switch_to_realtime, switched_at
 from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.state.store import JobStore
 from promptmill.pipelines.items import ErrorKind, ItemError
-from promptmill.workers.backends.base import AttachmentError, Call, FatalJobError, RawOutcome, Reply, attachment_failed
+from promptmill.workers.backends.base import Call, FatalJobError, RawOutcome, Reply
 from promptmill.workers.backends.batch_rows import Arrival, Made, WaitedBatch, Waiter, fail, packed, resolve
 from promptmill.workers.retry import Verdict, classify
 
@@ -153,10 +153,7 @@ class ProviderBatchBackend:
     # -- a row's way in ----------------------------------------------------------------------------
 
     async def send(self, call: Call) -> Reply | None:
-        try:
-            request = self.request_line(call)  # its custom_id "INTENT-ROW", once the row's batch is intended
-        except AttachmentError as error:
-            return attachment_failed(call.request.row, error)
+        request = self.request_line(call)  # its custom_id "INTENT-ROW", once the row's batch is intended
         waiter: Waiter = asyncio.get_running_loop().create_future()
         job_id = call.job.job_id
         size = len(orjson.dumps(request)) + _CUSTOM_ID_BYTES
