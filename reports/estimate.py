@@ -94,7 +94,7 @@ def estimate_job(
     rows = unusable = total_chars = 0
     sample: list[str] = []  # reservoir sample of user turns: even over a file streamed once
     chooser = random.Random(seed)
-    images = _Images()
+    image_total = 0
     documents: list[tuple[AttachmentRef, int]] = []  # reservoir sample of documents, with their row's line
     document_count = 0
     for number, line, row in iter_rows(Path(spec.input_path), spec.input_format, max_row_bytes=spec.max_row_bytes):
@@ -106,7 +106,7 @@ def estimate_job(
             request = render_request(pipeline, number, row, line, spec.input_path)
             for ref in request.attachments or ():
                 if ref.kind == "image":
-                    images.add(ref, row[ref.column])
+                    image_total += _image_tokens(ref, row[ref.column])
                     continue
                 document_count += 1
                 if len(documents) < sample_size:
@@ -127,7 +127,7 @@ def estimate_job(
     counted = [(system_chars + len(prompt), count_tokens(pipeline.system, prompt)) for prompt in sample]
     text_tokens, error_pct = _scale(counted, total_chars, requests)
     document_tokens, document_pct = _documents(spec, documents, document_count, count_document)
-    input_tokens = text_tokens + images.tokens + document_tokens
+    input_tokens = text_tokens + image_total + document_tokens
     if input_tokens:  # each part's bound, weighted by its tokens (the images' rule is exact)
         error_pct = round((error_pct * text_tokens + document_pct * document_tokens) / input_tokens, 2)
     output_low, output_max = requests, requests * pipeline.max_tokens
@@ -141,7 +141,7 @@ def estimate_job(
         input_tokens=input_tokens,
         input_tokens_error_pct=error_pct,
         rows_counted=len(counted),
-        image_tokens=images.tokens,
+        image_tokens=image_total,
         document_tokens=document_tokens,
         output_tokens_low=output_low,
         output_tokens_max=output_max,
@@ -173,24 +173,18 @@ def _scale(counted: list[tuple[int, int]], total_chars: int, requests: int) -> t
     return round(ratio * total_chars), round(200 * standard_error / ratio, 2)
 
 
-class _Images:
-    """The rows' images' tokens by the provider's rule, each image's size read from its header."""
-
-    def __init__(self) -> None:
-        self.tokens = 0
-
-    def add(self, ref: AttachmentRef, value: object) -> None:
-        if ref.source.startswith(("https://", "http://")):
-            return  # the provider fetches it: its size is not known here
-        try:
-            if isinstance(value, (bytes, bytearray, memoryview)):
-                width, height = image_size(bytes(value))
-            else:
-                with open_ref(ref) as handle:
-                    width, height = image_size(handle)
-        except (AttachmentError, OSError, ValueError):
-            return  # a file that cannot be read fails its row without a request: it costs nothing
-        self.tokens += image_tokens(width, height)
+def _image_tokens(ref: AttachmentRef, value: object) -> int:
+    """An image's tokens by the provider's rule, its size read from its header (0: a URL the provider
+    fetches, or a file that cannot be read, which fails its row without a request)."""
+    if ref.source.startswith(("https://", "http://")):
+        return 0
+    try:
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            return image_tokens(*image_size(bytes(value)))
+        with open_ref(ref) as handle:
+            return image_tokens(*image_size(handle))
+    except (AttachmentError, OSError, ValueError):
+        return 0
 
 
 def _documents(
