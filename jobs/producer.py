@@ -33,7 +33,7 @@ def _chunks(spec: JobSpec, start_row: int, digest: Any) -> Iterator[tuple[ChunkP
     row_count = 0
     rows = iter_rows(Path(spec.input_path), spec.input_format, start_row, spec.max_row_bytes, digest)
     limits = limits_for(spec.backend)
-    resize = {attachment.column: attachment.resize == "auto" for attachment in spec.pipeline.attachments}
+    resized = spec.pipeline.resized
     for row_number, line, row in rows:
         if row_count == 0:
             first_row = row_number
@@ -44,7 +44,7 @@ def _chunks(spec: JobSpec, start_row: int, digest: Any) -> Iterator[tuple[ChunkP
             try:
                 request = render_request(spec.pipeline, row_number, row, line, spec.input_path)
                 if request.attachments:  # each file read once here, for its size, type and sha256
-                    request.attachments = [describe(ref, row[ref.column], limits, resize[ref.column]) for ref in request.attachments]
+                    request.attachments = [describe(ref, row[ref.column], limits, ref.column in resized) for ref in request.attachments]
                 requests.append(request)
             except RenderError as bad:
                 failures.append(ItemOutcome.failure(row_number, ErrorKind.render_error, str(bad), line=line))

@@ -147,9 +147,8 @@ def describe(ref: AttachmentRef, row_value: Any, limits: ProviderLimits | None, 
             with open_ref(ref) as handle:
                 pages = pdf_pages(handle, described)
         described.pages = pages
-        if limits is not None and pages > limits.document_pages:
-            raise AttachmentError(f"attachment {ref.column!r}: {_name(ref)} has {pages} pages, over "
-                                  f"{limits.label}'s {limits.document_pages} for a document")  # fmt: skip
+        if limits is not None:
+            _check_pages(described, limits)
     return described
 
 
@@ -189,6 +188,12 @@ def _check_size(ref: AttachmentRef, size: int, limits: ProviderLimits, resize: b
         hint = '; resize = "auto" shrinks it' if ref.kind == "image" else ""
         raise AttachmentError(f"attachment {ref.column!r}: {_name(ref)} is {size / MIB:.1f} MiB, over "
                               f"{limits.label}'s {most / MIB:.0f} MiB for a {ref.kind}{hint}")  # fmt: skip
+
+
+def _check_pages(ref: AttachmentRef, limits: ProviderLimits) -> None:
+    if ref.pages is not None and ref.pages > limits.document_pages:
+        raise AttachmentError(f"attachment {ref.column!r}: {_name(ref)} has {ref.pages} pages, over "
+                              f"{limits.label}'s {limits.document_pages} for a document")  # fmt: skip
 
 
 def _name(ref: AttachmentRef) -> str:
@@ -231,19 +236,14 @@ def load(ref: AttachmentRef, input_path: str, line: int, limits: ProviderLimits 
         data, kind = shrink(data, kind or "image/png", limits.image_bytes)
     if limits is not None:
         _check_size(ref, len(data), limits, resize=False)
-        if kind == "application/pdf":
-            pages = pdf_pages(data, ref)
-            if pages > limits.document_pages:
-                raise AttachmentError(f"attachment {ref.column!r}: {_name(ref)} has {pages} pages, over "
-                                      f"{limits.label}'s {limits.document_pages} for a document")  # fmt: skip
+        _check_pages(ref, limits)  # its pages as counted at submit: the same bytes, by their sha256
     return Loaded(ref, kind, data=data)
 
 
 def load_row(request: Any, pipeline: Any, input_path: str, backend: str) -> list[Loaded]:
     """Every attachment of a row's request, read now for `backend`'s provider."""
-    limits = limits_for(backend)
-    resize = {attachment.column: attachment.resize == "auto" for attachment in pipeline.attachments}
-    return [load(ref, input_path, request.line, limits, resize.get(ref.column, False)) for ref in request.attachments or ()]
+    limits, resized = limits_for(backend), pipeline.resized
+    return [load(ref, input_path, request.line, limits, ref.column in resized) for ref in request.attachments or ()]
 
 
 @functools.lru_cache(maxsize=1)

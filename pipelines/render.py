@@ -9,7 +9,7 @@ import orjson
 
 from promptmill.pipelines.attachments import AttachmentError, source_of
 from promptmill.pipelines.items import AttachmentRef, RenderedRequest
-from promptmill.pipelines.spec import Pipeline
+from promptmill.pipelines.spec import AttachmentSpec, Pipeline
 
 
 #: A row whose prompt the caller's own function (the Python API's) could not make carries why here:
@@ -71,7 +71,7 @@ def render_request(
     return RenderedRequest(row=row_number, line=line, prompt="".join(parts), attachments=attachments or None)
 
 
-def _attachment(spec: Any, row: Mapping[str, Any], at: int, input_path: str) -> AttachmentRef:
+def _attachment(spec: AttachmentSpec, row: Mapping[str, Any], at: int, input_path: str) -> AttachmentRef:
     if spec.column not in row:
         raise RenderError(f"row has no column {spec.column!r} for its {spec.kind} (columns: {', '.join(map(str, row)) or 'none'})")
     if row[spec.column] is None:

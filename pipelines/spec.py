@@ -268,6 +268,11 @@ class Pipeline(BaseModel):
         return self
 
     @property
+    def resized(self) -> set[str]:
+        """The attachment columns whose images are shrunk to the provider's best size (resize = "auto")."""
+        return {attachment.column for attachment in self.attachments if attachment.resize == "auto"}
+
+    @property
     def carried_columns(self) -> list[str]:
         """The input columns every record carries: the id column first, then the kept ones."""
         return list(dict.fromkeys(([self.id_column] if self.id_column else []) + self.keep_columns))
