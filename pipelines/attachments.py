@@ -110,11 +110,17 @@ def source_of(value: Any, column: str, input_path: str) -> str:
         return INPUT_SOURCE
     if not isinstance(value, str) or not value.strip():
         raise AttachmentError(f"attachment {column!r}: expected a path, a URL or bytes, not {value!r:.100}")
+    return rooted(value, Path(input_path).resolve().parent)
+
+
+def rooted(value: str, folder: Path) -> str:
+    """A path made absolute against `folder` (a relative one is the data's, not the worker's); a URL
+    as it is."""
     value = value.strip()
     if value.startswith(("file://", *_REMOTE, *_URL)):
         return value
     path = Path(value).expanduser()
-    return str(path if path.is_absolute() else Path(input_path).resolve().parent / path)
+    return str(path if path.is_absolute() else folder / path)
 
 
 def describe(ref: AttachmentRef, row_value: Any, limits: ProviderLimits | None, resize: bool) -> AttachmentRef:

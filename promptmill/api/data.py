@@ -19,6 +19,7 @@ import orjson
 from promptmill.api.pipeline import PROMPT_COLUMN, Pipeline
 from promptmill.jobs.readers import detect_format, iter_rows
 from promptmill.jobs.spec import InputFormat
+from promptmill.pipelines.attachments import rooted
 from promptmill.pipelines.render import MESSAGES_COLUMN, PROMPT_ERROR_COLUMN, RenderError, conversation
 
 #: Columns the staging adds, which results leave out of the input's own.
@@ -81,9 +82,7 @@ class _Rooted:
         self.columns, self.base = columns, base
 
     def value(self, value: Any) -> Any:
-        if isinstance(value, str) and value.strip() and "://" not in value and not Path(value).expanduser().is_absolute():
-            return str(self.base / value.strip())
-        return value
+        return rooted(value, self.base) if isinstance(value, str) and value.strip() else value
 
     def row(self, row: Mapping[str, Any]) -> Mapping[str, Any]:
         if not self.columns or not any(column in row for column in self.columns):
