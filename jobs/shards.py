@@ -110,19 +110,23 @@ def flush_complete_chunks(store: JobStore, spec: JobSpec) -> int:
     return sum(flush_chunk(store, spec, chunk_id) for chunk_id in pending)
 
 
-def _read_shard(spec: JobSpec, chunk_id: str) -> list[ItemOutcome]:
+def shard_lines(spec: JobSpec, chunk_id: str) -> list[bytes]:
+    """A flushed chunk's outcomes as their JSON lines, in row order (ShardError if its shard is missing)."""
     path = _shard_path(spec, chunk_id)
     legacy = shard_dir(spec) / f"{chunk_id}.jsonl"  # flushed before shards named their job, by its only job
     if not path.exists() and legacy.exists() and marked_jobs(shard_dir(spec)) == [spec.job_id]:
         path = legacy
     try:
-        with path.open("rb") as handle:
-            return [ItemOutcome.model_validate(orjson.loads(line)) for line in handle if line.strip()]
+        return [line for line in path.read_bytes().splitlines() if line.strip()]
     except FileNotFoundError:
         raise ShardError(
             f"chunk {chunk_id} of job {spec.job_id} was flushed to {path}, which is missing; "
             "run this command where the job's output folder is"
         ) from None
+
+
+def _read_shard(spec: JobSpec, chunk_id: str) -> list[ItemOutcome]:
+    return [ItemOutcome.model_validate(orjson.loads(line)) for line in shard_lines(spec, chunk_id)]
 
 
 def outcomes_by_chunk(store: JobStore, spec: JobSpec) -> Iterator[tuple[str, list[ItemOutcome]]]:

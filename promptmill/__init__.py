@@ -19,8 +19,9 @@ from promptmill.api.data import MissingExtra
 from promptmill.api.jobs import Job, JobError, JobStopped, run, run_async, submit
 from promptmill.api.pipeline import Pipeline, PipelineError
 from promptmill.api.results import Results
+from promptmill.api.viewer import ui
 
 __all__ = [
     "BatchRun", "Job", "JobError", "JobStopped", "MissingExtra", "Pipeline", "PipelineError", "Results",
-    "compare", "estimate", "run", "run_async", "run_batch", "submit",
+    "compare", "estimate", "run", "run_async", "run_batch", "submit", "ui",
 ]  # fmt: skip

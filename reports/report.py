@@ -89,6 +89,14 @@ def _by_model(models: list) -> go.Figure:
 
 def write_report(store: JobStore, spec: JobSpec, prices: PriceTable, path: Path) -> dict:
     """Write the report; returns what it shows in figures, for the command to print."""
+    parts, shown = report_parts(store, spec, prices)
+    write_page(path, f"promptmill job {spec.job_id}", parts)
+    return {"report": str(path), **shown}
+
+
+def report_parts(store: JobStore, spec: JobSpec, prices: PriceTable) -> tuple[list[str | go.Figure], dict]:
+    """The report's parts in order (HTML text and figures: the live viewer's job page shows them too),
+    and its verdict and failures by kind."""
     status = store.status(spec.job_id)
     report = cost_report(spec, status, prices)
     pace = job_pace(store.redis, spec.job_id, status.pending)
@@ -138,5 +146,5 @@ def write_report(store: JobStore, spec: JobSpec, prices: PriceTable, path: Path)
     shown_pace = [("latency ms", pace.latency_ms), ("time to first token ms", pace.ttft_ms or "not measured"),
                   ("rows/s", pace.rows_per_s), ("output tokens/s", pace.output_tokens_per_s)]  # fmt: skip
     figures += ["<h2>Manifest</h2>", table(["", ""], manifest), "<h2>Pace</h2>", table(["", ""], shown_pace)]
-    write_page(path, f"promptmill job {spec.job_id}", figures)
-    return {"report": str(path), "verify": "ok" if verdict.ok else "mismatch", "failures": dict(failures)}
+    return figures, {"verify": "ok" if verdict.ok else "mismatch", "problems": verdict.problems,
+                     "failures": dict(failures)}  # fmt: skip

@@ -22,7 +22,7 @@ from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.state.status import JobState
 from promptmill.jobs.state.store import JobStore
 from promptmill.jobs.submission import SubmitError, build_spec
-from promptmill.pipelines.spec import Pipeline
+from promptmill.pipelines.spec import Pipeline, load_pipeline
 from promptmill.reports.compare.page import write_compare_page
 from promptmill.reports.compare.plan import (
     SAMPLE_FILE,
@@ -112,6 +112,22 @@ def run_compare(settings: Settings, plan: ComparePlan, folder: Path, workers: in
     title = f"{Path(plan.input_path).name}: {len(rows):,} rows through {len(scores)} contenders"
     write_compare_page(folder / "compare.html", title, scores, notes)
     return Compared(folder, plan, rows, scores, notes)
+
+
+def read_compare(folder: Path) -> tuple[str, list[Score], list[str], list[dict[str, Any]]]:
+    """A compare run before, from its folder (the live viewer's compare page): its title, scores and
+    notes as `compare.html` shows them, and the sampled rows on which its contenders disagree."""
+    plan = ComparePlan.load(folder)
+    if plan is None:
+        raise CompareError(f"{folder} holds no compare")
+    rows = read_sample(folder)
+    try:
+        scores = _scores(plan, load_pipeline(plan.pipeline_path), folder, rows)
+    except (OSError, ValueError) as bad:
+        raise CompareError(f"scoring the compare in {folder}: {bad}") from None
+    title = f"{Path(plan.input_path).name}: {len(rows):,} rows through {len(scores)} contenders"
+    lines = (orjson.loads(line) for line in (folder / "rows.jsonl").read_bytes().splitlines() if line.strip())
+    return title, scores, _projection_lines(plan, scores, len(rows)), [line for line in lines if not line["agree"]]
 
 
 def plan_compare(

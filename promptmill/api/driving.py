@@ -62,13 +62,18 @@ def reopen(settings: Settings, store: JobStore, spec: JobSpec, budget: float | N
     spent and lets go of what dead workers held; its state says where it goes on from."""
     status = store.status(spec.job_id)
     OutageClock(store.redis, spec.job_id).reset()
-    cap = store.budgets.get(spec.job_id).cap_usd if budget is None else budget
-    ledger_usd = float(cost_report(spec, status, spec.pipeline.price_table(settings)).cost_usd)
-    store.budgets.set(spec.job_id, cap, ledger_usd)
+    set_budget(settings, store, spec, store.budgets.get(spec.job_id).cap_usd if budget is None else budget)
     if status.state is not JobState.complete:
         store.set_state(spec.job_id, JobState.running if status.produced else JobState.producing)
     prepare_shards(spec)
     return status
+
+
+def set_budget(settings: Settings, store: JobStore, spec: JobSpec, usd: float | None) -> None:
+    """A new cap for the job (None: none), counting what its ledger has spent so far; workers on it
+    keep what they hold for the requests in flight."""
+    ledger_usd = float(cost_report(spec, store.status(spec.job_id), spec.pipeline.price_table(settings)).cost_usd)
+    store.budgets.set(spec.job_id, usd, ledger_usd)
 
 
 def hand_to_fleet(settings: Settings, store: JobStore, spec: JobSpec) -> int:

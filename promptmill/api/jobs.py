@@ -26,6 +26,7 @@ from promptmill.api.driving import (
     open_store,
     hand_to_fleet,
     reopen,
+    set_budget,
 )
 from promptmill.api.pipeline import Pipeline, as_pipeline
 from promptmill.api.results import Results
@@ -346,6 +347,15 @@ class Job:
         more is sent; `resume()` goes on. False: it was not running."""
         with self._store() as (store, _):
             return store.pause(self.job_id)
+
+    def set_budget(self, usd: float | None) -> None:
+        """A new cap in USD for the whole job (what it spent so far counts; None: no cap), as
+        `promptmill budget JOB USD`. A job paused at its budget goes on with `resume()`."""
+        if usd is not None and usd < 0:
+            raise JobError(f"budget: {usd} is below 0")
+        settings = get_settings()
+        with self._store() as (store, _):
+            set_budget(settings, store, self._spec(store), usd)
 
     def resume(self, *, workers: int | None = None, budget: float | None = None, progress: bool = True,
                max_failed_share: float | None = 0.5, detach: bool = False) -> "Results | Job":  # fmt: skip

@@ -3,7 +3,6 @@ table (Arrow, pandas, polars, Hugging Face datasets) beside the input's own colu
 
 from __future__ import annotations
 
-from decimal import Decimal
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -11,7 +10,7 @@ import orjson
 from pydantic import BaseModel
 
 from promptmill.api.data import STAGED_COLUMNS, need
-from promptmill.config.prices import PriceTable
+from promptmill.jobs.ledger import row_cost
 from promptmill.jobs.readers import iter_rows
 from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.tabular import OUTPUT_PREFIX, output_fields
@@ -85,7 +84,7 @@ class Results:
             "model": pa.array([r["model"] for r in records], pa.string()),
             "attempts": pa.array([r["attempts"] for r in records], pa.int64()),
             "usage": pa.array([r["usage"] for r in records], pa.struct([(n, pa.int64()) for n in Usage.model_fields])),
-            "cost_usd": pa.array([float(cost) for cost in row_costs(self.spec, prices, records)], pa.float64()),
+            "cost_usd": pa.array([float(row_cost(self.spec, prices, record)) for record in records], pa.float64()),
         }
         for name, kind in output_fields(self.spec).items():
             values = [(r["output"] or {}).get(name) if isinstance(r["output"], dict) else None for r in records]
@@ -108,24 +107,6 @@ class Results:
         """A Hugging Face `datasets.Dataset` (`promptmill[hf]`), as `to_arrow` lays it out."""
         datasets = need("datasets", "hf")
         return datasets.Dataset(self.to_arrow())
-
-
-def row_costs(spec: JobSpec, prices: PriceTable, records: list[dict[str, Any]]) -> Iterator[Decimal]:
-    """What each row's answering request cost: its tokens at its model's price, or its share of the
-    local engine's time."""
-    links = {link.model: link for link in spec.links()}
-    for record in records:
-        usage = Usage(**record["usage"])
-        model = record["model"]
-        if model is None or not usage.answered:
-            yield Decimal(0)
-            continue
-        link = links.get(model, spec)
-        if not link.info.billed_per_token:
-            yield prices.engine_cost_usd(usage.engine_us)
-        else:  # as the ledger priced it (a deadline's batch and real-time rows share a model's name)
-            priced = record.get("priced_as") or model + link.info.ledger_suffix
-            yield prices.price_for(priced).cost_usd(**usage.token_counts())
 
 
 def _input_table(spec: JobSpec, rows: int) -> Any:

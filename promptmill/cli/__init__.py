@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from promptmill.cli import batch_files, comparing, init, inspecting, listing, managing, running, worker  # noqa: F401 - each registers its commands
+from promptmill.cli import batch_files, comparing, init, inspecting, listing, managing, running, viewer, worker  # noqa: F401 - each registers its commands
 from promptmill.cli.app import app
 
 # An example for every command, shown at the end of its --help (one table: a command without one fails
@@ -28,6 +28,8 @@ EXAMPLES: dict[str, list[str]] = {
     "jobs": ["promptmill jobs --json"],
     "cancel": ["promptmill cancel JOB"],
     "pause": ["promptmill pause JOB", "promptmill resume JOB"],
+    "budget": ["promptmill budget JOB 25", "promptmill budget JOB none"],
+    "ui": ["promptmill ui", "promptmill ui --port 9000"],
     "export": ["promptmill export JOB --format parquet --out results/", "promptmill export JOB --format openai-batch"],
     "delete": ["promptmill delete JOB --files"],
     "gc": ["promptmill gc --older-than 7d --dry-run"],

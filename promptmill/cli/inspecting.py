@@ -29,93 +29,18 @@ from promptmill.cli.app import (
 )
 from promptmill.cli.new_job import JobRequest
 from promptmill.config.backends import DEFAULT_BACKEND
-from promptmill.config.prices import BATCH, PriceTable
 from promptmill.config.settings import get_settings
-from promptmill.jobs.state.fallback import fallback_status, switched_at
 from promptmill.jobs.ledger import cost_report
-from promptmill.jobs.state.pace import JobPace, job_pace
 from promptmill.reports.report import write_report
-from promptmill.reports.share import job_share
-from promptmill.jobs.spec import JobSpec
-from promptmill.jobs.state.status import JobState, JobStatus
-from promptmill.jobs.state.store import JobStore
-from promptmill.pipelines.items import iso_utc
+from promptmill.reports.status import job_status
 from promptmill.jobs.verify import verify_job
-
-
-def _status_dict(spec: JobSpec, status: JobStatus, prices: PriceTable, store: JobStore) -> dict:
-    usage = status.usage
-    pace = pace_of(store, spec, status)
-    report = cost_report(spec, status, prices)
-    return {
-        "job_id": spec.job_id,
-        "state": status.state.value,
-        "error": status.error,
-        "reason": pause_reason(status),
-        "backend": spec.backend,
-        "model": spec.model,
-        "produced": status.produced,
-        "total": status.total,
-        "done": status.ok,
-        "failed": status.failed,
-        "pending": status.pending,
-        "tokens": {
-            "input": usage.input_tokens,
-            "output": usage.output_tokens,
-            "cache_read": usage.cache_read_input_tokens,
-            "cache_creation": usage.cache_creation_input_tokens,
-        },
-        "cost_usd": float(report.cost_usd),
-        "paid_twice": {"models": report.paid_twice, "cost_usd": float(report.paid_twice_usd)},
-        "budget": vars(store.budgets.get(spec.job_id)),
-        "limits": None if status.limit_scope is None else store.limits.summary(status.limit_scope, spec.limits),
-        **({"batches": _batches(store, spec.job_id)} if spec.info.batches else {}),
-        **({"deadline": _deadline(store, spec, status)} if spec.deadline_at is not None else {}),
-        **({"fallback": chain} if (chain := fallback_status(store.redis, spec)) is not None else {}),
-        **pace.as_dict(),
-        "share": job_share(store, spec, status, pace),
-        **({"engine": status.engine} if spec.info.local else {}),
-        "out_dir": spec.out_dir,
-    }
-
-
-def pace_of(store: JobStore, spec: JobSpec, status: JobStatus) -> JobPace:
-    return job_pace(store.redis, spec.job_id, status.pending if status.produced else max(status.pending, 1))
-
-
-def pause_reason(status: JobStatus) -> str | None:
-    """Why a paused job waits (None: it is not paused)."""
-    if status.state is JobState.paused:
-        return status.error
-    if status.state is JobState.paused_budget:
-        return "budget: the next request would pass it; `promptmill resume JOB --budget USD` goes on"
-    return None
-
-
-def _deadline(store: JobStore, spec: JobSpec, status: JobStatus) -> dict:
-    """A batch job's deadline, whether its rows went over to the real-time API, and the rows each way."""
-    went_over = switched_at(store.redis, spec.job_id)
-    batch = sum(count for model, count in status.requests_by_model.items() if model.endswith(BATCH))
-    return {
-        "at": iso_utc(spec.deadline_at), "realtime_since": iso_utc(went_over),
-        "rows_batch": batch, "rows_realtime": sum(status.requests_by_model.values()) - batch,
-    }  # fmt: skip
-
-
-def _batches(store: JobStore, job_id: str) -> list[dict]:
-    """Each provider batch of the job, as its workers last saw it (an OpenAI batch's files too)."""
-    return [
-        {"id": record.batch_id, "status": record.processing_status, "requests": record.requests,
-         **record.counts.model_dump(), **({"files": record.files} if record.files else {})}
-        for record in store.batches.all(job_id)
-    ]
 
 
 @app.command()
 def status(job_id: JobArg, as_json: JsonFlag = False) -> None:
     """Where a job stands: state, rows done, failed and pending, tokens and cost."""
     with open_job(job_id) as (settings, store, _, spec):
-        info = _status_dict(spec, store.status(job_id), spec.pipeline.price_table(settings), store)
+        info = job_status(spec, store.status(job_id), spec.pipeline.price_table(settings), store)
     if as_json:
         out.print_json(json.dumps(info))
         return

@@ -8,9 +8,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from promptmill.cli.app import JsonFlag, app, open_store, out
-from promptmill.cli.inspecting import pace_of, pause_reason
 from promptmill.config.settings import get_settings
-from promptmill.reports.share import job_share
+from promptmill.reports.status import job_list
 
 
 @app.command()
@@ -18,26 +17,8 @@ def jobs(as_json: JsonFlag = False) -> None:
     """List the jobs in this Redis: state, rows ok and failed of the total, and for a running job its
     share of the fleet (the share of its workers' turns its weight gives it), weight, pace in rows/s
     and ETA (jobs whose keys expired or were deleted are gone)."""
-    settings = get_settings()
-    listed = []
-    with open_store(settings) as (store, _):
-        for job_id in store.job_ids():
-            try:
-                status = store.status(job_id)
-                spec = store.spec(job_id)
-            except KeyError:
-                continue  # expired as we listed it
-            job = {
-                "job_id": job_id, "state": status.state.value, "ok": status.ok, "failed": status.failed,
-                "total": status.total, "backend": spec.backend, "model": spec.model, "reason": pause_reason(status),
-                "weight": spec.priority, "share": None, "rows_per_s": None, "eta_s": None,
-            }  # fmt: skip
-            if status.state.runnable:
-                pace = pace_of(store, spec, status)
-                share = job_share(store, spec, status, pace)
-                job.update(share=share["fair_fraction"], slots=share["slots"], limit_fraction=share["limit_fraction"],
-                           rows_per_s=pace.rows_per_s["last_minute"], eta_s=pace.eta_s)  # fmt: skip
-            listed.append(job)
+    with open_store(get_settings()) as (store, _):
+        listed = job_list(store)
     if as_json:
         out.print_json(json.dumps({"jobs": listed}))
         return

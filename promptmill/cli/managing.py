@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from promptmill.cli.app import JobArg, app, err, expire_if_finished, fail, open_job, open_store, out
+from promptmill.api.driving import set_budget
 from promptmill.config.settings import Settings, get_settings
 from promptmill.jobs.export import EXPORT_FORMATS, FilesKept, export_job, own_folder, remove_job_files
 from promptmill.jobs.shards import ShardError
@@ -39,6 +40,26 @@ def pause(job_id: JobArg) -> None:
         if not store.pause(job_id):
             fail(f"job {job_id} is {store.status(job_id).state.value}: only a running job pauses")
     out.print(f"job {job_id} paused; `promptmill resume {job_id}` goes on")
+
+
+@app.command()
+def budget(
+    job_id: JobArg,
+    usd: str = typer.Argument(..., metavar="USD", help="The new cap in USD for the whole job, or `none`."),
+) -> None:
+    """Give a job a new budget (what it spent so far counts); a job paused at its old one goes on with
+    `resume JOB`."""
+    try:
+        cap = None if usd.lower() == "none" else float(usd)
+    except ValueError:
+        fail(f"USD: {usd!r} is no amount (a number, or none)")
+    if cap is not None and cap < 0:
+        fail(f"USD: {usd} is below 0")
+    with open_job(job_id) as (settings, store, _, spec):
+        set_budget(settings, store, spec, cap)
+        state = store.status(job_id).state
+    out.print(f"job {job_id}: budget {'none' if cap is None else f'${cap:,.2f}'}"
+              + (f"; `promptmill resume {job_id}` goes on" if state is JobState.paused_budget else ""), highlight=False)  # fmt: skip
 
 
 def _cancel_batches(settings: Settings, store: JobStore, spec: JobSpec) -> None:

@@ -79,9 +79,11 @@ def _latencies(scores: list[Score]) -> go.Figure:
     return figure
 
 
+def compare_parts(scores: list[Score], notes: list[str]) -> list[str | go.Figure]:
+    """The page's parts in order (the live viewer's compare page shows them too)."""
+    return [_table(scores), *(f"<p>{html.escape(note)}</p>" for note in notes), _cost_against_quality(scores),
+            _latencies(scores), _confusions(scores)]  # fmt: skip
+
+
 def write_compare_page(path: Path, title: str, scores: list[Score], notes: list[str]) -> None:
-    write_page(
-        path, title,
-        [_table(scores), *(f"<p>{html.escape(note)}</p>" for note in notes), _cost_against_quality(scores),
-         _latencies(scores), _confusions(scores)],
-    )  # fmt: skip
+    write_page(path, title, compare_parts(scores, notes))

@@ -1,0 +1,72 @@
+"""The job page's actions, each a POST the guard has checked (token and CSRF), each the Python API's
+own: cancel, pause, a new budget; a resume runs `promptmill resume JOB` in the background here (its
+local workers, its log in the job's logs folder), as the command would in a terminal."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+
+from promptmill.api.jobs import Job
+from promptmill.jobs.state.status import JobState
+from promptmill.web.pages import _spec, _state
+
+
+def _back(request: Request, job_id: str, said: str) -> Response:
+    response = RedirectResponse(f"/jobs/{job_id}", status_code=303)
+    response.set_cookie("promptmill_ui_said", said.replace('"', "'")[:300], max_age=30, samesite="strict", path="/")
+    return response
+
+
+def resume_in_background(job_id: str, out_dir: str, retry_failed: bool = False, budget: float | None = None) -> Path:
+    """`promptmill resume JOB` in a process of its own (it outlives the viewer); returns its log."""
+    logs = Path(out_dir) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / f"{job_id}.ui-resume.log"
+    command = [sys.executable, "-m", "promptmill", "resume", job_id]
+    command += ["--retry-failed"] if retry_failed else []
+    command += ["--budget", str(budget)] if budget is not None else []
+    with log.open("ab") as written:
+        subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=written, stderr=subprocess.STDOUT,
+                         start_new_session=True, env=os.environ.copy())  # fmt: skip
+    return log
+
+
+async def act(request: Request) -> Response:
+    spec = _spec(request)
+    action = request.path_params["action"]
+    if action not in ACTIONS:
+        raise HTTPException(404, f"no action {action}")
+    form = await request.form()
+    job = Job(spec.job_id)
+    state = _state(request).store.status(spec.job_id).state
+    if action == "cancel":
+        job.cancel()
+        return _back(request, spec.job_id, f"job {spec.job_id} cancelled: its workers finish the rows in flight")
+    if action == "pause":
+        paused = job.pause()
+        return _back(request, spec.job_id, "paused" if paused else f"not paused: the job is {state.value}")
+    budget: float | None = None
+    if action == "budget":
+        try:
+            budget = float(str(form.get("usd", "")))
+            if budget < 0:
+                raise ValueError
+        except ValueError:
+            return _back(request, spec.job_id, "budget: give an amount in USD, 0 or more")
+        job.set_budget(budget)
+        if state is not JobState.paused_budget:
+            return _back(request, spec.job_id, f"budget set to ${budget:,.2f}")
+    if state.runnable:
+        return _back(request, spec.job_id, f"the job is {state.value}: nothing to resume")
+    log = resume_in_background(spec.job_id, spec.out_dir, retry_failed=action == "retry-failed", budget=budget)
+    return _back(request, spec.job_id, f"resuming here (promptmill resume); its log: {log}")
+
+
+ACTIONS = ("cancel", "pause", "resume", "retry-failed", "budget")

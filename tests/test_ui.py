@@ -1,0 +1,202 @@
+"""`promptmill ui` in a real browser (Debian's Chromium, driven by Playwright): the jobs page follows a
+running job, a job's failed rows open, a cancel from the page stops the job, every value shown is
+escaped, and nothing answers without the token."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.support import PROMPTMILL, read_jsonl, start_cli, stop, wait_until, write_dataset
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (.ci/run installs it)")
+
+EVIL = "<script>window.__pwned = 1</script><img src=x onerror=\"window.__pwned = 2\">"
+PIPELINE = """
+name = "ui <script>window.__pwned = 3</script>"
+model = "claude-haiku-4-5"
+system = "Answer in one word. <b>bold?</b>"
+prompt = "Review: {text}"
+max_tokens = 20
+"""
+SHOTS = os.environ.get("PROMPTMILL_UI_SHOTS")  # where the README's screenshots are taken from
+
+
+def _rows(count: int) -> list[dict]:
+    """Rows the fake API answers; every fifth fails for good (400), every seventh answers with markup."""
+    rows = []
+    for i in range(count):
+        text = f"review {i}"
+        if i % 5 == 3:
+            text += " [[status:400]]"
+        elif i % 7 == 2:
+            text += f" [[reply:{EVIL}]] {EVIL}"
+        rows.append({"text": text})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def viewer(env):
+    """`promptmill ui` on a free port; its URL as it printed it."""
+    process = start_cli(env, "ui", "--port", "0")
+    line = process.stdout.readline()
+    match = re.search(r"(http://127\.0\.0\.1:\d+)/\?token=(\S+)", line)
+    assert match, f"no URL in {line!r}: {process.stderr.read() if process.poll() is not None else ''}"
+    yield {"base": match.group(1), "token": match.group(2), "url": match.group(0)}
+    stop(process)
+
+
+def _page(browser):
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page.on("dialog", lambda dialog: dialog.accept())  # every action's confirmation: yes
+    return page
+
+
+def _shot(page, name: str, tmp_path: Path) -> None:
+    page.screenshot(path=str(tmp_path / f"{name}.png"), full_page=True)
+    if SHOTS:
+        Path(SHOTS).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(SHOTS) / f"{name}.png"), full_page=False)
+
+
+def _start_job(env, tmp_path: Path, rows: int, rpm: int) -> tuple:
+    data, pipeline = write_dataset(tmp_path / "in", _rows(rows), PIPELINE)
+    run = start_cli(env, "run", str(data), "-p", str(pipeline), "--rpm", str(rpm), "--workers", "1",
+                    "--out", str(tmp_path / "out"), "--json", "--max-failed-share", "1")  # fmt: skip
+    job_id = {}
+
+    def started() -> bool:
+        folder = tmp_path / "out" / "shards" / ".job"
+        if folder.exists() and folder.read_text().split():
+            job_id["id"] = folder.read_text().split()[0]
+        return "id" in job_id
+
+    wait_until(started, 120, "the job to start")
+    return run, job_id["id"]
+
+
+def _done(page, job_id: str) -> int:
+    return int(page.locator(f"tr[data-job='{job_id}'] td.done").inner_text().replace(",", ""))
+
+
+def test_the_jobs_page_follows_a_running_job_then_its_failed_rows_open(browser, viewer, env, fake_api, tmp_path):
+    fake_api.configure(latency_ms=50)
+    run, job_id = _start_job(env, tmp_path, rows=40, rpm=150)
+    try:
+        page = _page(browser)
+        page.goto(viewer["url"])
+        row = page.locator(f"tr[data-job='{job_id}']")
+        row.wait_for(timeout=30_000)
+        first = _done(page, job_id)
+        # The page reads the job again by itself: its count of rows done goes up without a reload.
+        page.wait_for_function(
+            f"() => {{ const c = document.querySelector(\"tr[data-job='{job_id}'] td.done\");"
+            f" return c && Number(c.innerText.replace(/,/g, '')) > {first}; }}", timeout=60_000,
+        )  # fmt: skip
+        assert _done(page, job_id) > first
+        _shot(page, "ui-jobs", tmp_path)
+        finished = run.communicate(timeout=240)
+        assert run.returncode == 0, finished
+        page.wait_for_function(f"() => document.querySelector(\"tr[data-job='{job_id}'] .state\").innerText === 'complete'",
+                               timeout=30_000)  # fmt: skip
+
+        page.click(f"tr[data-job='{job_id}'] a")
+        page.wait_for_selector("#live .state.complete")
+        page.wait_for_selector(".plot .main-svg", timeout=60_000)  # the report's plots, drawn from data
+        assert "verify: ok" in page.locator(".verdict").inner_text()
+        _shot(page, "ui-job", tmp_path)
+
+        page.get_by_role("link", name="Rows", exact=True).click()
+        page.select_option("select[name=status]", "failed")
+        page.click("button:has-text('Show')")
+        page.wait_for_url(re.compile(r"status=failed"))
+        shown = page.locator("table.rows tbody tr")
+        failed = [r for r in _rows(40) if "[[status:400]]" in r["text"]]
+        assert page.locator("table.rows .state").all_inner_texts() == ["failed"] * len(failed)
+        assert shown.count() == len(failed)
+        _shot(page, "ui-rows", tmp_path)
+        shown.first.locator("a").click()
+        page.wait_for_selector("h2:has-text('Error')")
+        assert "invalid_request" in page.locator("p.bad").inner_text()
+        assert "Review: review 3 [[status:400]]" in page.locator("pre.prompt").last.inner_text()
+
+        # Every value from rows, answers and pipelines is shown as text, never run.
+        for path in ("/", f"/jobs/{job_id}", f"/jobs/{job_id}/rows?q=pwned", f"/jobs/{job_id}/rows/2"):
+            page.goto(viewer["base"] + path)
+            page.wait_for_load_state("networkidle")
+            assert page.evaluate("() => window.__pwned") is None, path
+        assert EVIL in page.locator("pre.answer").inner_text()
+        assert page.locator("img[src=x]").count() == 0
+        results = read_jsonl(tmp_path / "out" / "results.jsonl")
+        assert [r["row"] for r in results if r["text"] == EVIL] == [i for i, row in enumerate(_rows(40)) if "reply:" in row["text"]]
+    finally:
+        stop(run)
+
+
+def test_a_cancel_from_the_job_page_stops_the_job(browser, viewer, env, fake_api, tmp_path):
+    fake_api.configure(latency_ms=50)
+    run, job_id = _start_job(env, tmp_path, rows=400, rpm=120)
+    try:
+        page = _page(browser)
+        page.goto(f"{viewer['url']}".replace("/?", f"/jobs/{job_id}?"))
+        page.wait_for_selector("#live .state.running", timeout=60_000)
+        page.click("button[value=cancel]")  # the confirmation is accepted
+        page.wait_for_selector("#live .state.cancelled", timeout=30_000)
+        assert "cancelled" in page.locator(".said").inner_text()
+        out, _ = run.communicate(timeout=120)  # the run sees its job stop and ends
+        assert json.loads(out)["state"] == "cancelled"
+        sent = len(fake_api.log())
+        status = json.loads(_cli(env, "status", job_id, "--json"))
+        assert status["state"] == "cancelled" and status["done"] + status["failed"] < 400
+        assert len(fake_api.log()) == sent  # nothing more went out
+    finally:
+        stop(run)
+
+
+def _cli(env, *args: str) -> str:
+    import subprocess
+
+    return subprocess.run([PROMPTMILL, *args], env=env, capture_output=True, text=True, timeout=120, check=True).stdout
+
+
+def _get(url: str, method: str = "GET", headers: dict | None = None, body: bytes | None = None) -> int:
+    request = urllib.request.Request(url, method=method, headers=headers or {}, data=body)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status
+    except urllib.error.HTTPError as refused:
+        return refused.code
+
+
+def test_a_request_without_the_token_is_refused(viewer, env, fake_api, tmp_path):
+    base, token = viewer["base"], viewer["token"]
+    data, pipeline = write_dataset(tmp_path / "in", [{"text": "fine"}], PIPELINE)
+    job_id = json.loads(_cli(env, "run", str(data), "-p", str(pipeline), "--json", "--out", str(tmp_path / "out")))["job_id"]
+    for path in ("/", "/fragments/jobs", f"/jobs/{job_id}", f"/jobs/{job_id}/rows", "/static/app.js"):
+        assert _get(base + path) == 403, path
+        assert _get(base + path + "?token=" + token[:-1] + "x") == 403, path
+        assert _get(base + path, headers={"Authorization": f"token {token}"}) == 200, path
+    # An action needs its CSRF value from the page, on top of the token, and a POST.
+    held = {"Authorization": f"token {token}", "Content-Type": "application/x-www-form-urlencoded"}
+    assert _get(f"{base}/jobs/{job_id}/cancel", "POST", held, b"") == 403
+    assert _get(f"{base}/jobs/{job_id}/cancel", "POST", held, b"csrf=" + token.encode()) == 403
+    assert _get(f"{base}/jobs/{job_id}/cancel", headers={"Authorization": f"token {token}"}) == 405
+    assert json.loads(_cli(env, "status", job_id, "--json"))["state"] == "complete"
