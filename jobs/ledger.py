@@ -6,7 +6,7 @@ Every figure is computed from committed state only, so it is the same after a cr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable, Iterator
 from decimal import Decimal
 
 from promptmill.config.prices import PriceTable
@@ -110,15 +110,19 @@ def cost_report(spec: JobSpec, status: JobStatus, prices: PriceTable) -> CostRep
     )
 
 
-def row_cost(spec: JobSpec, prices: PriceTable, record: dict[str, Any]) -> Decimal:
-    """What a row's answering request cost (its record as exported): its tokens at its model's price,
-    or its share of the local engine's time."""
-    usage = Usage(**record["usage"])
-    model = record["model"]
-    if model is None or not usage.answered:
-        return Decimal(0)
-    link = next((link for link in spec.links() if link.model == model), spec)
-    if not link.info.billed_per_token:
-        return prices.engine_cost_usd(usage.engine_us)
-    # As the ledger priced it (a deadline's batch and real-time rows share a model's name).
-    return prices.price_for(record.get("priced_as") or model + link.info.ledger_suffix).cost_usd(**usage.token_counts())
+def row_costs(spec: JobSpec, prices: PriceTable, records: Iterable[dict[str, Any]]) -> Iterator[Decimal]:
+    """What each row's answering request cost (its record as exported): its tokens at its model's
+    price, or its share of the local engine's time."""
+    links = {link.model: link for link in spec.links()}
+    for record in records:
+        usage = Usage(**record["usage"])
+        model = record["model"]
+        if model is None or not usage.answered:
+            yield Decimal(0)
+            continue
+        link = links.get(model, spec)
+        if not link.info.billed_per_token:
+            yield prices.engine_cost_usd(usage.engine_us)
+        else:  # as the ledger priced it (a deadline's batch and real-time rows share a model's name)
+            priced = record.get("priced_as") or model + link.info.ledger_suffix
+            yield prices.price_for(priced).cost_usd(**usage.token_counts())

@@ -18,7 +18,7 @@ import numpy as np
 import orjson
 
 from promptmill.config.prices import PriceTable
-from promptmill.jobs.ledger import row_cost
+from promptmill.jobs.ledger import row_costs
 from promptmill.jobs.readers import InvalidRow, iter_rows
 from promptmill.jobs.shards import ShardError, shard_lines
 from promptmill.jobs.spec import JobSpec
@@ -82,10 +82,12 @@ class RowIndex:
         raw = self.store.redis.hvals(JobKeys(self.spec.job_id).results(chunk_id))
         return sorted(raw, key=lambda line: orjson.loads(line)["row"])
 
-    def _record(self, line: bytes) -> dict[str, Any]:
-        record = orjson.loads(line)
-        record["cost_usd"] = float(row_cost(self.spec, self.prices, record))
-        return record
+    def _records(self, lines: list[bytes]) -> list[dict[str, Any]]:
+        """The rows' records as the browser shows them: with what each one cost."""
+        records = [orjson.loads(line) for line in lines]
+        for record, cost in zip(records, row_costs(self.spec, self.prices, records)):
+            record["cost_usd"] = float(cost)
+        return records
 
     # -- the index --------------------------------------------------------------------------------
 
@@ -94,7 +96,8 @@ class RowIndex:
         key = (model, priced_as)
         if key not in self._units:
             def cost(**usage: int) -> float:
-                return float(row_cost(self.spec, self.prices, {"model": model, "priced_as": priced_as, "usage": usage}))
+                (priced,) = row_costs(self.spec, self.prices, [{"model": model, "priced_as": priced_as, "usage": usage}])
+                return float(priced)
 
             base = cost(input_tokens=1)
             self._units[key] = np.array(
@@ -202,7 +205,8 @@ class RowIndex:
         for chunk, numbers in wanted.items():
             chunk_lines = self._lines(ids[chunk], ids[chunk] in flushed)
             lines.update({(chunk, n): chunk_lines[n] for n in numbers if n < len(chunk_lines)})
-        rows = [self._record(lines[key]) for i in shown if (key := (int(columns["chunk"][i]), int(columns["line"][i]))) in lines]
+        keys = [(int(columns["chunk"][i]), int(columns["line"][i])) for i in shown]
+        rows = self._records([lines[key] for key in keys if key in lines])
         return RowPage(rows, len(chosen), len(columns["row"]))
 
     def _input_order_page(self, offset: int, limit: int) -> RowPage:
@@ -219,7 +223,7 @@ class RowIndex:
             if len(rows) < limit and seen + committed > offset:
                 lines = live[chunk_id] if chunk_id not in flushed else shard_lines(self.spec, chunk_id)
                 start = max(offset - seen, 0)
-                rows += [self._record(line) for line in lines[start : start + limit - len(rows)]]
+                rows += self._records(lines[start : start + limit - len(rows)])
             seen += committed
         return RowPage(rows, seen, seen)
 
@@ -240,7 +244,7 @@ class RowIndex:
         found = next((line for line in lines if orjson.loads(line)["row"] == number), None)
         if found is None:
             return None
-        record = self._record(found)
+        (record,) = self._records([found])
         record["input"], record["prompt"] = self._input(number)
         return record
 

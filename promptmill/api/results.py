@@ -10,7 +10,7 @@ import orjson
 from pydantic import BaseModel
 
 from promptmill.api.data import STAGED_COLUMNS, need
-from promptmill.jobs.ledger import row_cost
+from promptmill.jobs.ledger import row_costs
 from promptmill.jobs.readers import iter_rows
 from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.tabular import OUTPUT_PREFIX, output_fields
@@ -84,7 +84,7 @@ class Results:
             "model": pa.array([r["model"] for r in records], pa.string()),
             "attempts": pa.array([r["attempts"] for r in records], pa.int64()),
             "usage": pa.array([r["usage"] for r in records], pa.struct([(n, pa.int64()) for n in Usage.model_fields])),
-            "cost_usd": pa.array([float(row_cost(self.spec, prices, record)) for record in records], pa.float64()),
+            "cost_usd": pa.array([float(cost) for cost in row_costs(self.spec, prices, records)], pa.float64()),
         }
         for name, kind in output_fields(self.spec).items():
             values = [(r["output"] or {}).get(name) if isinstance(r["output"], dict) else None for r in records]
