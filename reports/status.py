@@ -3,6 +3,8 @@ of every job in a Redis, all read from committed state."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 from promptmill.config.prices import BATCH, PriceTable
 from promptmill.jobs.ledger import cost_report
 from promptmill.jobs.spec import JobSpec
@@ -84,7 +86,13 @@ def _batches(store: JobStore, job_id: str) -> list[dict]:
     ]
 
 
-def job_list(store: JobStore, prices_of=None) -> list[dict]:
+def eta_text(seconds: float) -> str:
+    """A time left as `jobs` and the viewer show it: 1h05m, 4m09s."""
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def job_list(store: JobStore, prices_of: Callable[[JobSpec], PriceTable] | None = None) -> list[dict]:
     """`jobs --json`: every job in this Redis (newest last), with a running one's share of the fleet,
     pace and ETA; with `prices_of(spec)`, each one's cost so far and budget too."""
     listed = []

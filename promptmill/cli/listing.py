@@ -9,7 +9,7 @@ from rich.table import Table
 
 from promptmill.cli.app import JsonFlag, app, open_store, out
 from promptmill.config.settings import get_settings
-from promptmill.reports.status import job_list
+from promptmill.reports.status import eta_text, job_list
 
 
 @app.command()
@@ -38,10 +38,6 @@ def jobs(as_json: JsonFlag = False) -> None:
         for job in running:
             fleet.add_row(job["job_id"], str(job["weight"]), f"{job['share']:.0%}", str(job["slots"]),
                           "" if job["rows_per_s"] is None else f"{job['rows_per_s']:,.1f}",
-                          "" if job["eta_s"] is None else _duration(job["eta_s"]))  # fmt: skip
+                          "" if job["eta_s"] is None else eta_text(job["eta_s"]))  # fmt: skip
         out.print(fleet)
 
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"

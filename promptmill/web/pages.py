@@ -18,7 +18,7 @@ from promptmill.reports.compare.page import compare_parts
 from promptmill.reports.compare.plan import CompareError
 from promptmill.reports.report import report_parts
 from promptmill.reports.rows import KINDS, SORTS, RowQuery
-from promptmill.reports.status import job_list, job_status
+from promptmill.reports.status import eta_text, job_list, job_status
 from promptmill.web.guard import csrf_value
 from promptmill.web.state import ViewerState
 
@@ -32,15 +32,10 @@ def _usd(value: float | None) -> str:
     return f"${value:,.2f}" if value >= 1 else f"${value:.6f}".rstrip("0").rstrip(".") if value else "$0"
 
 
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "–"
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-templates.env.filters.update(usd=_usd, duration=_duration, num=lambda n: "–" if n is None else f"{n:,}",
-                             pct=lambda f: "–" if f is None else f"{f:.0%}")  # fmt: skip
+templates.env.filters.update(
+    usd=_usd, duration=lambda s: "–" if s is None else eta_text(s),
+    num=lambda n: "–" if n is None else f"{n:,}", pct=lambda f: "–" if f is None else f"{f:.0%}",
+)
 
 
 def _state(request: Request) -> ViewerState:
