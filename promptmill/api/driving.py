@@ -71,7 +71,9 @@ def reopen(settings: Settings, store: JobStore, spec: JobSpec, budget: float | N
 
 def set_budget(settings: Settings, store: JobStore, spec: JobSpec, usd: float | None) -> None:
     """A new cap for the job (None: none), counting what its ledger has spent so far; workers on it
-    keep what they hold for the requests in flight."""
+    keep what they hold for the requests in flight. ValueError for a cap below 0."""
+    if usd is not None and usd < 0:
+        raise ValueError(f"budget: {usd} is below 0")
     ledger_usd = float(cost_report(spec, store.status(spec.job_id), spec.pipeline.price_table(settings)).cost_usd)
     store.budgets.set(spec.job_id, usd, ledger_usd)
 

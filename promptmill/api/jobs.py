@@ -351,11 +351,12 @@ class Job:
     def set_budget(self, usd: float | None) -> None:
         """A new cap in USD for the whole job (what it spent so far counts; None: no cap), as
         `promptmill budget JOB USD`. A job paused at its budget goes on with `resume()`."""
-        if usd is not None and usd < 0:
-            raise JobError(f"budget: {usd} is below 0")
         settings = get_settings()
         with self._store() as (store, _):
-            set_budget(settings, store, self._spec(store), usd)
+            try:
+                set_budget(settings, store, self._spec(store), usd)
+            except ValueError as below_zero:
+                raise JobError(str(below_zero)) from None
 
     def resume(self, *, workers: int | None = None, budget: float | None = None, progress: bool = True,
                max_failed_share: float | None = 0.5, detach: bool = False) -> "Results | Job":  # fmt: skip

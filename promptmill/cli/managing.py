@@ -53,10 +53,11 @@ def budget(
         cap = None if usd.lower() == "none" else float(usd)
     except ValueError:
         fail(f"USD: {usd!r} is no amount (a number, or none)")
-    if cap is not None and cap < 0:
-        fail(f"USD: {usd} is below 0")
     with open_job(job_id) as (settings, store, _, spec):
-        set_budget(settings, store, spec, cap)
+        try:
+            set_budget(settings, store, spec, cap)
+        except ValueError:  # below 0
+            fail(f"USD: {usd} is below 0")
         state = store.status(job_id).state
     out.print(f"job {job_id}: budget {'none' if cap is None else f'${cap:,.2f}'}"
               + (f"; `promptmill resume {job_id}` goes on" if state is JobState.paused_budget else ""), highlight=False)  # fmt: skip

@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from promptmill.api.jobs import Job
+from promptmill.api.jobs import Job, JobError
 from promptmill.jobs.state.status import JobState
 from promptmill.web.pages import _spec, _state
 
@@ -56,11 +56,9 @@ async def act(request: Request) -> Response:
     if action == "budget":
         try:
             budget = float(str(form.get("usd", "")))
-            if budget < 0:
-                raise ValueError
-        except ValueError:
+            job.set_budget(budget)
+        except (ValueError, JobError):
             return _back(request, spec.job_id, "budget: give an amount in USD, 0 or more")
-        job.set_budget(budget)
         if state is not JobState.paused_budget:
             return _back(request, spec.job_id, f"budget set to ${budget:,.2f}")
     if state.runnable:
