@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import PROMPTMILL, read_jsonl, start_cli, stop, wait_until, write_dataset
+from tests.support import promptmill, read_jsonl, start_cli, stop, wait_until, write_dataset
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (.ci/run installs it)")
@@ -31,11 +31,14 @@ SHOTS = os.environ.get("PROMPTMILL_UI_SHOTS")  # where the README's screenshots 
 
 
 def _rows(count: int) -> list[dict]:
-    """Rows the fake API answers; every fifth fails for good (400), every seventh answers with markup."""
+    """Rows the fake API answers; every fifth fails for good (400), every seventh answers with markup,
+    row 11 fails with a server error whose message is markup."""
     rows = []
     for i in range(count):
         text = f"review {i}"
-        if i % 5 == 3:
+        if i == 11:
+            text += " [[status:500]]"
+        elif i % 5 == 3:
             text += " [[status:400]]"
         elif i % 7 == 2:
             text += f" [[reply:{EVIL}]] {EVIL}"
@@ -98,7 +101,7 @@ def _done(page, job_id: str) -> int:
 
 
 def test_the_jobs_page_follows_a_running_job_then_its_failed_rows_open(browser, viewer, env, fake_api, tmp_path):
-    fake_api.configure(latency_ms=50)
+    fake_api.configure(latency_ms=50, error_message=EVIL)
     run, job_id = _start_job(env, tmp_path, rows=40, rpm=150)
     try:
         page = _page(browser)
@@ -129,7 +132,7 @@ def test_the_jobs_page_follows_a_running_job_then_its_failed_rows_open(browser, 
         page.click("button:has-text('Show')")
         page.wait_for_url(re.compile(r"status=failed"))
         shown = page.locator("table.rows tbody tr")
-        failed = [r for r in _rows(40) if "[[status:400]]" in r["text"]]
+        failed = [r for r in _rows(40) if "[[status:" in r["text"]]
         assert page.locator("table.rows .state").all_inner_texts() == ["failed"] * len(failed)
         assert shown.count() == len(failed)
         _shot(page, "ui-rows", tmp_path)
@@ -139,10 +142,15 @@ def test_the_jobs_page_follows_a_running_job_then_its_failed_rows_open(browser, 
         assert "Review: review 3 [[status:400]]" in page.locator("pre.prompt").last.inner_text()
 
         # Every value from rows, answers and pipelines is shown as text, never run.
-        for path in ("/", f"/jobs/{job_id}", f"/jobs/{job_id}/rows?q=pwned", f"/jobs/{job_id}/rows/2"):
+        paths = ("/", f"/jobs/{job_id}", f"/jobs/{job_id}/rows?q=pwned", f"/jobs/{job_id}/rows?status=failed",
+                 f"/jobs/{job_id}/rows/11", f"/jobs/{job_id}/rows/2")  # fmt: skip
+        for path in paths:
             page.goto(viewer["base"] + path)
             page.wait_for_load_state("networkidle")
             assert page.evaluate("() => window.__pwned") is None, path
+            if path.endswith("/11"):
+                assert EVIL in page.locator(".error-message").inner_text()
+                assert "server_error" in page.locator("p.bad").inner_text()
         assert EVIL in page.locator("pre.answer").inner_text()
         assert page.locator("img[src=x]").count() == 0
         results = read_jsonl(tmp_path / "out" / "results.jsonl")
@@ -172,9 +180,9 @@ def test_a_cancel_from_the_job_page_stops_the_job(browser, viewer, env, fake_api
 
 
 def _cli(env, *args: str) -> str:
-    import subprocess
-
-    return subprocess.run([PROMPTMILL, *args], env=env, capture_output=True, text=True, timeout=120, check=True).stdout
+    finished = promptmill(*args, env=env)
+    assert finished.returncode == 0, finished.stderr
+    return finished.stdout
 
 
 def _get(url: str, method: str = "GET", headers: dict | None = None, body: bytes | None = None) -> int:
@@ -200,3 +208,19 @@ def test_a_request_without_the_token_is_refused(viewer, env, fake_api, tmp_path)
     assert _get(f"{base}/jobs/{job_id}/cancel", "POST", held, b"csrf=" + token.encode()) == 403
     assert _get(f"{base}/jobs/{job_id}/cancel", headers={"Authorization": f"token {token}"}) == 405
     assert json.loads(_cli(env, "status", job_id, "--json"))["state"] == "complete"
+
+
+def test_a_new_budget_from_the_page_or_the_cli_becomes_the_jobs_cap(browser, viewer, env, fake_api, tmp_path):
+    data, pipeline = write_dataset(tmp_path / "in", [{"text": "fine"}], PIPELINE)
+    job_id = json.loads(_cli(env, "run", str(data), "-p", str(pipeline), "--json", "--out", str(tmp_path / "out")))["job_id"]
+    page = _page(browser)
+    page.goto(viewer["url"].replace("/?", f"/jobs/{job_id}?"))
+    page.fill("input[name=usd]", "0.25")
+    page.click("button:has-text('Set budget')")  # the confirmation is accepted
+    assert "budget set to $0.25" in page.locator(".said").inner_text()
+    assert json.loads(_cli(env, "status", job_id, "--json"))["budget"]["cap_usd"] == 0.25
+    _cli(env, "budget", job_id, "none")
+    assert json.loads(_cli(env, "status", job_id, "--json"))["budget"]["cap_usd"] is None
+    refused = promptmill("budget", job_id, "--", "-1", env=env)
+    assert refused.returncode == 2 and "below 0" in refused.stderr
+    assert json.loads(_cli(env, "status", job_id, "--json"))["budget"]["cap_usd"] is None
