@@ -6,6 +6,7 @@ import typer
 
 from promptmill.api.viewer import DEFAULT_PORT, ui as start_viewer
 from promptmill.cli.app import app, err, fail, out
+from promptmill.cli.running import sigterm_as_interrupt
 
 _LOCAL = ("127.0.0.1", "localhost", "::1")
 
@@ -27,4 +28,5 @@ def ui(
                   highlight=False)  # fmt: skip
     out.print(f"promptmill ui: {viewer.url}", highlight=False, soft_wrap=True)
     err.print("Ctrl-C stops it", highlight=False)
+    sigterm_as_interrupt()  # `kill` (make ui-demo's end) stops it as Ctrl-C does: an embedded Redis it started too
     viewer.wait()
