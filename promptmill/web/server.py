@@ -110,6 +110,7 @@ class Viewer:
         self._thread.start()
         while not self._server.started:
             if not self._thread.is_alive():
+                self._stack.close()  # an embedded Redis it started stops too
                 raise OSError(f"the viewer could not serve on {self.host}:{self.port}")
             time.sleep(0.05)
         self._bound_port()
