@@ -10,15 +10,16 @@ import sys
 from pathlib import Path
 
 from starlette.exceptions import HTTPException
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from promptmill.api.jobs import Job, JobError
 from promptmill.jobs.state.status import JobState
-from promptmill.web.pages import _spec, _state
+from promptmill.web.pages import spec_of, viewer_of
 
 
-def _back(request: Request, job_id: str, said: str) -> Response:
+def _back(job_id: str, said: str) -> Response:
     response = RedirectResponse(f"/jobs/{job_id}", status_code=303)
     response.set_cookie("promptmill_ui_said", said.replace('"', "'")[:300], max_age=30, samesite="strict", path="/")
     return response
@@ -39,32 +40,37 @@ def resume_in_background(job_id: str, out_dir: str, retry_failed: bool = False, 
 
 
 async def act(request: Request) -> Response:
-    spec = _spec(request)
+    form = await request.form()
+    # What an action does (Redis, a process started) runs in a worker thread, as every page does.
+    return await run_in_threadpool(_act, request, str(form.get("usd", "")))
+
+
+def _act(request: Request, usd: str) -> Response:
+    spec = spec_of(request)
     action = request.path_params["action"]
     if action not in ACTIONS:
         raise HTTPException(404, f"no action {action}")
-    form = await request.form()
     job = Job(spec.job_id)
-    state = _state(request).store.status(spec.job_id).state
+    state = viewer_of(request).store.status(spec.job_id).state
     if action == "cancel":
         job.cancel()
-        return _back(request, spec.job_id, f"job {spec.job_id} cancelled: its workers finish the rows in flight")
+        return _back(spec.job_id, f"job {spec.job_id} cancelled: its workers finish the rows in flight")
     if action == "pause":
         paused = job.pause()
-        return _back(request, spec.job_id, "paused" if paused else f"not paused: the job is {state.value}")
+        return _back(spec.job_id, "paused" if paused else f"not paused: the job is {state.value}")
     budget: float | None = None
     if action == "budget":
         try:
-            budget = float(str(form.get("usd", "")))
+            budget = float(usd)
             job.set_budget(budget)
         except (ValueError, JobError):
-            return _back(request, spec.job_id, "budget: give an amount in USD, 0 or more")
+            return _back(spec.job_id, "budget: give an amount in USD, 0 or more")
         if state is not JobState.paused_budget:
-            return _back(request, spec.job_id, f"budget set to ${budget:,.2f}")
+            return _back(spec.job_id, f"budget set to ${budget:,.2f}")
     if state.runnable:
-        return _back(request, spec.job_id, f"the job is {state.value}: nothing to resume")
+        return _back(spec.job_id, f"the job is {state.value}: nothing to resume")
     log = resume_in_background(spec.job_id, spec.out_dir, retry_failed=action == "retry-failed", budget=budget)
-    return _back(request, spec.job_id, f"resuming here (promptmill resume); its log: {log}")
+    return _back(spec.job_id, f"resuming here (promptmill resume); its log: {log}")
 
 
 ACTIONS = ("cancel", "pause", "resume", "retry-failed", "budget")

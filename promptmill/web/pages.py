@@ -1,5 +1,7 @@
 """The viewer's pages: the jobs, a job, its rows and one row, the compares. Each live part is a
-fragment of its page that the page's script reads again every second or so."""
+fragment of its page that the page's script reads again every second or so. Every handler is a plain
+function, which Starlette runs in a worker thread: a slow one (a report, a rows index being built)
+never holds up the others."""
 
 from __future__ import annotations
 
@@ -16,7 +18,6 @@ from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.state.status import JobState
 from promptmill.reports.compare.page import compare_parts
 from promptmill.reports.compare.plan import CompareError
-from promptmill.reports.report import report_parts
 from promptmill.reports.rows import KINDS, SORTS, RowQuery
 from promptmill.reports.status import eta_text, job_list, job_status
 from promptmill.web.guard import csrf_value
@@ -38,57 +39,55 @@ templates.env.filters.update(
 )
 
 
-def _state(request: Request) -> ViewerState:
+def viewer_of(request: Request) -> ViewerState:
     return request.app.state.viewer
 
 
 def _render(request: Request, name: str, **context: Any) -> HTMLResponse:
-    viewer = _state(request)
+    viewer = viewer_of(request)
     return templates.TemplateResponse(request, name, {"csrf": csrf_value(viewer.token), **context})
 
 
-def _spec(request: Request) -> JobSpec:
+def spec_of(request: Request) -> JobSpec:
     job_id = request.path_params["job_id"]
-    store = _state(request).store
+    store = viewer_of(request).store
     if not store.exists(job_id):
         raise HTTPException(404, f"no job {job_id} in this Redis")
     return store.spec(job_id)
 
 
 def _jobs(request: Request) -> list[dict]:
-    viewer = _state(request)
+    viewer = viewer_of(request)
     return list(reversed(job_list(viewer.store, viewer.prices)))  # newest first
 
 
-async def jobs_page(request: Request) -> Response:
-    return _render(request, "jobs.html", jobs=_jobs(request), compares=_state(request).compares())
+def jobs_page(request: Request) -> Response:
+    return _render(request, "jobs.html", jobs=_jobs(request), compares=viewer_of(request).compares())
 
 
-async def jobs_fragment(request: Request) -> Response:
+def jobs_fragment(request: Request) -> Response:
     return _render(request, "_jobs_table.html", jobs=_jobs(request))
 
 
 def _status(request: Request, spec: JobSpec) -> dict:
-    viewer = _state(request)
+    viewer = viewer_of(request)
     return job_status(spec, viewer.store.status(spec.job_id), viewer.prices(spec), viewer.store)
 
 
-async def job_page(request: Request) -> Response:
-    spec = _spec(request)
+def job_page(request: Request) -> Response:
+    spec = spec_of(request)
     return _render(request, "job.html", spec=spec, info=_status(request, spec), states=JobState)
 
 
-async def job_fragment(request: Request) -> Response:
-    spec = _spec(request)
+def job_fragment(request: Request) -> Response:
+    spec = spec_of(request)
     return _render(request, "_job_live.html", spec=spec, info=_status(request, spec))
 
 
-async def job_plots(request: Request) -> Response:
+def job_plots(request: Request) -> Response:
     """The report's plots and tables, as `report` draws them (read again every 20 s)."""
-    spec = _spec(request)
-    viewer = _state(request)
-    parts, shown = report_parts(viewer.store, spec, viewer.prices(spec))
-    return _render(request, "_parts.html", parts=viewer.figures(parts), verdict=shown)
+    parts, shown = viewer_of(request).report(spec_of(request))
+    return _render(request, "_parts.html", parts=parts, verdict=shown)
 
 
 def _query(request: Request) -> RowQuery:
@@ -109,9 +108,9 @@ def _query(request: Request) -> RowQuery:
     )  # fmt: skip
 
 
-async def rows_page(request: Request) -> Response:
-    spec = _spec(request)
-    index = _state(request).rows(spec)
+def rows_page(request: Request) -> Response:
+    spec = spec_of(request)
+    index = viewer_of(request).rows(spec)
     query = _query(request)
     found = index.page(query)
     if query.in_input_order:
@@ -122,17 +121,17 @@ async def rows_page(request: Request) -> Response:
                    sorts=SORTS, page_rows=PAGE_ROWS, number=query.offset // PAGE_ROWS + 1)  # fmt: skip
 
 
-async def row_page(request: Request) -> Response:
-    spec = _spec(request)
+def row_page(request: Request) -> Response:
+    spec = spec_of(request)
     number = request.path_params["row"]
-    record = _state(request).rows(spec).row(number)
+    record = viewer_of(request).rows(spec).row(number)
     if record is None:
         raise HTTPException(404, f"row {number} of job {spec.job_id} has no outcome yet")
     return _render(request, "row.html", spec=spec, record=record)
 
 
-async def compare_page(request: Request) -> Response:
-    viewer = _state(request)
+def compare_page(request: Request) -> Response:
+    viewer = viewer_of(request)
     folder = viewer.compares().get(request.path_params["key"])
     if folder is None:
         raise HTTPException(404, "no such compare among this Redis's jobs")

@@ -15,6 +15,7 @@ from promptmill.config.settings import Settings
 from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.state.store import JobStore
 from promptmill.reports.compare.plan import PLAN_FILE, SAMPLE_FILE
+from promptmill.reports.report import report_parts
 from promptmill.reports.rows import RowIndex
 
 
@@ -32,6 +33,7 @@ class ViewerState:
     token: str
     _prices: dict[str, PriceTable] = field(default_factory=dict)
     _rows: dict[str, RowIndex] = field(default_factory=dict)
+    _reports: dict[str, tuple[tuple, list, dict]] = field(default_factory=dict)
 
     def prices(self, spec: JobSpec) -> PriceTable:
         if spec.job_id not in self._prices:
@@ -44,6 +46,20 @@ class ViewerState:
         if index is None or index.spec.created_at != spec.created_at:
             index = self._rows[spec.job_id] = RowIndex(self.store, spec, self.prices(spec))
         return index
+
+    def report(self, spec: JobSpec) -> tuple[list[Markup | Figure], dict]:
+        """The report's parts and verdict for the job page. A stopped job's are kept while it stays as
+        it is: the report reads every outcome, which the page would otherwise redo every 20 s."""
+        status = self.store.status(spec.job_id)
+        asked = (status.state, status.terminal, spec.created_at)
+        kept = self._reports.get(spec.job_id)
+        if kept is not None and kept[0] == asked:
+            return kept[1], kept[2]
+        parts, shown = report_parts(self.store, spec, self.prices(spec))
+        figures = self.figures(parts)
+        if not status.state.runnable:
+            self._reports[spec.job_id] = (asked, figures, shown)
+        return figures, shown
 
     def compares(self) -> dict[str, Path]:
         """The compares whose contenders' jobs are in this Redis, by a short key of their folder."""
