@@ -249,7 +249,8 @@ class RowIndex:
         return record
 
     def _input(self, number: int) -> tuple[dict[str, Any] | str | None, dict[str, Any] | None]:
-        """The row as the input holds it, and its rendered request (system and user turns)."""
+        """The row as the input holds it, and its rendered request (system and user turns, and which
+        columns' files go with it: what went, by sha256, is the record's own `attachments`)."""
         path = Path(self.spec.input_path)
         if not path.exists():
             return f"{path} is not here", None
@@ -264,4 +265,4 @@ class RowIndex:
         except ValueError as bad:
             return row, {"error": str(bad)}
         return row, {"system": self.spec.pipeline.system, "user": request.prompt,
-                     "attachments": [ref.audit() for ref in request.attachments or []]}  # fmt: skip
+                     "attachments": [{"column": ref.column, "kind": ref.kind} for ref in request.attachments or []]}  # fmt: skip
