@@ -8,6 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
@@ -36,6 +38,8 @@ def _usd(value: float | None) -> str:
 templates.env.filters.update(
     usd=_usd, duration=lambda s: "–" if s is None else eta_text(s),
     num=lambda n: "–" if n is None else f"{n:,}", pct=lambda f: "–" if f is None else f"{f:.0%}",
+    # JSON to read, escaped as any text is (Jinja's tojson writes <, > and & as \u escapes, for scripts).
+    json=lambda value, indent=False: orjson.dumps(value, default=str, option=orjson.OPT_INDENT_2 if indent else 0).decode(),
 )
 
 
