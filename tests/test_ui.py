@@ -141,6 +141,22 @@ def test_the_jobs_page_follows_a_running_job_then_its_failed_rows_open(browser, 
         assert "invalid_request" in page.locator("p.bad").inner_text()
         assert "Review: review 3 [[status:400]]" in page.locator("pre.prompt").last.inner_text()
 
+        # The other filters, the search and a sort, as the rows page's URL asks them.
+        results = read_jsonl(tmp_path / "out" / "results.jsonl")
+
+        def rows_shown(query: str) -> list[int]:
+            page.goto(f"{viewer['base']}/jobs/{job_id}/rows?{query}")
+            return [int(number) for number in page.locator("table.rows tbody td.n a").all_inner_texts()]
+
+        assert rows_shown("kind=server_error") == [11]
+        assert rows_shown("kind=invalid_request") == [i for i, row in enumerate(_rows(40)) if "[[status:400]]" in row["text"]]
+        assert rows_shown("attempts=2") == [11]  # retried; every other row went once
+        assert rows_shown("q=PWNED") == sorted([11] + [i for i, row in enumerate(_rows(40)) if "reply:" in row["text"]])
+        haiku = [r["row"] for r in results if r["model"] == "claude-haiku-4-5"]
+        assert haiku and rows_shown("model=claude-haiku-4-5") == haiku and rows_shown("model=another") == []
+        slowest_first = sorted(results, key=lambda r: (r["latency_ms"] is None, -(r["latency_ms"] or 0), r["row"]))
+        assert rows_shown("sort=latency&order=desc") == [r["row"] for r in slowest_first]
+
         # Every value from rows, answers and pipelines is shown as text, never run.
         paths = ("/", f"/jobs/{job_id}", f"/jobs/{job_id}/rows?q=pwned", f"/jobs/{job_id}/rows?status=failed",
                  f"/jobs/{job_id}/rows/11", f"/jobs/{job_id}/rows/2")  # fmt: skip
@@ -153,30 +169,65 @@ def test_the_jobs_page_follows_a_running_job_then_its_failed_rows_open(browser, 
                 assert "server_error" in page.locator("p.bad").inner_text()
         assert EVIL in page.locator("pre.answer").inner_text()
         assert page.locator("img[src=x]").count() == 0
-        results = read_jsonl(tmp_path / "out" / "results.jsonl")
         assert [r["row"] for r in results if r["text"] == EVIL] == [i for i, row in enumerate(_rows(40)) if "reply:" in row["text"]]
     finally:
         stop(run)
 
 
-def test_a_cancel_from_the_job_page_stops_the_job(browser, viewer, env, fake_api, tmp_path):
+def test_pause_resume_and_cancel_from_the_job_page_steer_the_job(browser, viewer, env, fake_api, tmp_path):
     fake_api.configure(latency_ms=50)
     run, job_id = _start_job(env, tmp_path, rows=400, rpm=120)
+    resumed_log = tmp_path / "out" / "logs" / f"{job_id}.ui-resume.log"
     try:
         page = _page(browser)
         page.goto(f"{viewer['url']}".replace("/?", f"/jobs/{job_id}?"))
         page.wait_for_selector("#live .state.running", timeout=60_000)
-        page.click("button[value=cancel]")  # the confirmation is accepted
+        page.click("button[value=pause]")  # each confirmation is accepted
+        page.wait_for_selector("#live .state.paused", timeout=30_000)
+        out, _ = run.communicate(timeout=120)  # the run sees its job stop and ends
+        assert json.loads(out)["state"] == "paused"
+        paused = json.loads(_cli(env, "status", job_id, "--json"))
+        paused_at = paused["done"] + paused["failed"]
+
+        page.click("button[value=resume]")  # `promptmill resume JOB` here, in the background
+        assert "resuming here" in page.locator(".said").inner_text()
+        page.wait_for_selector("#live .state.running", timeout=60_000)
+        page.wait_for_function(
+            f"() => Number(document.querySelector('#live .done').innerText.replace(/,/g, '')) > {paused_at}",
+            timeout=120_000,
+        )  # fmt: skip
+
+        page.click("button[value=cancel]")
         page.wait_for_selector("#live .state.cancelled", timeout=30_000)
         assert "cancelled" in page.locator(".said").inner_text()
-        out, _ = run.communicate(timeout=120)  # the run sees its job stop and ends
-        assert json.loads(out)["state"] == "cancelled"
+        wait_until(lambda: "was cancelled" in resumed_log.read_text(), 120, "the resumed run to see its job stop")
         sent = len(fake_api.log())
         status = json.loads(_cli(env, "status", job_id, "--json"))
-        assert status["state"] == "cancelled" and status["done"] + status["failed"] < 400
+        assert status["state"] == "cancelled" and paused_at < status["done"] + status["failed"] < 400
         assert len(fake_api.log()) == sent  # nothing more went out
     finally:
         stop(run)
+
+
+def test_a_compare_shows_its_contenders_and_the_rows_where_they_disagree(browser, viewer, env, fake_api, tmp_path):
+    pipeline = PIPELINE.replace('max_tokens = 20', 'max_tokens = 5\n[output]\ntype = "choice"\nchoices = ["positive", "negative"]')
+    rows = [{"text": "fine [[reply:positive]]", "label": "positive"},
+            {"text": f"{EVIL} [[reply@claude-haiku-4-5:positive]] [[reply@claude-sonnet-4-5:negative]]", "label": "negative"},
+            {"text": "bad [[reply:negative]]", "label": "negative"}]  # fmt: skip
+    data, pipeline_path = write_dataset(tmp_path / "in", rows, pipeline)
+    folder = tmp_path / "compare"
+    _cli(env, "compare", str(data), "-p", str(pipeline_path), "-a", "anthropic:claude-haiku-4-5",
+         "-a", "anthropic:claude-sonnet-4-5", "--label", "label", "--out", str(folder))  # fmt: skip
+    page = _page(browser)
+    page.goto(viewer["url"])
+    page.click(f"a:has-text('{folder}')")
+    page.wait_for_selector(".plot .main-svg", timeout=60_000)  # cost against accuracy, latencies
+    assert page.locator("h2:has-text('disagree')").inner_text() == "Rows where they disagree (1)"
+    split = page.locator("table.rows tbody tr").all_inner_texts()
+    script = EVIL[: EVIL.index("<img")]  # as JSON, the input's quotes are escaped
+    assert len(split) == 1 and script in split[0] and '"positive"' in split[0] and '"negative"' in split[0]
+    assert "anthropic:claude-sonnet-4-5" in page.locator("table").first.inner_text()
+    assert page.evaluate("() => window.__pwned") is None
 
 
 def _cli(env, *args: str) -> str:
