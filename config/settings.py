@@ -114,6 +114,14 @@ class Settings(BaseSettings):
     # gets no key, unless the pipeline names a variable holding its own (`api_key_env`).
     openai_key_hosts: str = ""
 
+    # Where rows' files may come from besides the data's own folder (pipelines/attachments.py), as the
+    # workers' operator allows it: folders, and `s3://BUCKET` or `gs://BUCKET` for cloud files
+    # (comma-separated). Absolute paths, `file://`, `~` and cloud URLs are refused outside them.
+    attachment_roots: str = ""
+    # The https hosts a self-hosted server (a pipeline's `base_url` other than OpenAI's) may be sent
+    # to fetch a row's image from (comma-separated); it would fetch from inside your network.
+    attachment_url_hosts: str = ""
+
     # Anthropic's Message Batches (`--backend anthropic-batch`).
     batch_chunk_size: int = Field(
         default=1_000, ge=1, le=MAX_CHUNK_SIZE, description="A batch job's rows per chunk, unless --chunk-size says."

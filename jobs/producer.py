@@ -19,6 +19,7 @@ from promptmill.jobs.shards import flush_chunk, shards_reachable
 from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.state.store import JobStore
 from promptmill.pipelines.items import ErrorKind, ItemOutcome, RenderedRequest
+from promptmill.config.settings import get_settings
 from promptmill.pipelines.attachments import AttachmentError, describe, limits_for
 from promptmill.pipelines.render import RenderError, render_request
 
@@ -32,8 +33,7 @@ def _chunks(spec: JobSpec, start_row: int, digest: Any) -> Iterator[tuple[ChunkP
     first_row = start_row
     row_count = 0
     rows = iter_rows(Path(spec.input_path), spec.input_format, start_row, spec.max_row_bytes, digest)
-    limits = limits_for(spec.backend)
-    resized = spec.pipeline.resized
+    request_for = RequestMaker(spec)
     for row_number, line, row in rows:
         if row_count == 0:
             first_row = row_number
@@ -41,20 +41,41 @@ def _chunks(spec: JobSpec, start_row: int, digest: Any) -> Iterator[tuple[ChunkP
         if isinstance(row, InvalidRow):
             failures.append(ItemOutcome.failure(row_number, ErrorKind.invalid_row, row.reason, line=line))
         else:
-            try:
-                request = render_request(spec.pipeline, row_number, row, line, spec.input_path)
-                if request.attachments:  # each file read once here, for its size, type and sha256
-                    request.attachments = [describe(ref, row[ref.column], limits, ref.column in resized) for ref in request.attachments]
+            request = request_for(row_number, row, line)
+            if isinstance(request, ItemOutcome):
+                failures.append(request)
+            else:
                 requests.append(request)
-            except RenderError as bad:
-                failures.append(ItemOutcome.failure(row_number, ErrorKind.render_error, str(bad), line=line))
-            except AttachmentError as bad:
-                failures.append(ItemOutcome.failure(row_number, ErrorKind.attachment_error, str(bad), line=line))
         if row_count == spec.chunk_size:
             yield ChunkPayload(chunk_id=chunk_id_for(first_row), first_row=first_row, row_count=row_count, requests=requests), failures
             requests, failures, row_count = [], [], 0
     if row_count:
         yield ChunkPayload(chunk_id=chunk_id_for(first_row), first_row=first_row, row_count=row_count, requests=requests), failures
+
+
+class RequestMaker:
+    """A row's request as the producer makes it (and `resume --retry-failed` again): rendered, its
+    files checked where the job may take them from (`Access`) and each read once, for its size, type
+    and sha256; or the row's failure, with its reason."""
+
+    def __init__(self, spec: JobSpec):
+        self.spec = spec
+        self.limits = limits_for(spec.backend)
+        self.access = spec.attachment_access(get_settings()) if spec.pipeline.attachments else None
+
+    def __call__(self, row_number: int, row: dict[str, Any], line: int) -> RenderedRequest | ItemOutcome:
+        try:
+            request = render_request(self.spec.pipeline, row_number, row, line, self.access)
+            if request.attachments:
+                resized = self.spec.pipeline.resized
+                request.attachments = [
+                    describe(ref, row[ref.column], self.limits, ref.column in resized) for ref in request.attachments
+                ]
+            return request
+        except RenderError as bad:
+            return ItemOutcome.failure(row_number, ErrorKind.render_error, str(bad), line=line)
+        except AttachmentError as bad:
+            return ItemOutcome.failure(row_number, ErrorKind.attachment_error, str(bad), line=line)
 
 
 def _wait_for_room(spec: JobSpec, store: JobStore, max_pending_rows: int, on_wait: Callable[[], None] | None) -> None:

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from promptmill.jobs.state.chunks import ChunkPayload
+from promptmill.jobs.producer import RequestMaker
 from promptmill.jobs.readers import InvalidRow, iter_rows
 from promptmill.jobs.shards import outcomes_by_chunk
 from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.state.store import JobStore
 from promptmill.pipelines.items import ErrorKind, ItemOutcome, RenderedRequest
-from promptmill.pipelines.render import RenderError, render_request
 
 INPUT_FAULTS = frozenset({ErrorKind.invalid_row, ErrorKind.render_error, ErrorKind.prompt_too_long})
 
@@ -35,15 +35,15 @@ def _retryable(outcome: ItemOutcome) -> bool:
 def _render(spec: JobSpec, rows: set[int]) -> dict[int, RenderedRequest]:
     """The requests of these rows, rendered again from the input as the producer did."""
     requests: dict[int, RenderedRequest] = {}
+    request_for = RequestMaker(spec)
     start, last = min(rows), max(rows)
     for number, line, row in iter_rows(Path(spec.input_path), spec.input_format, start, spec.max_row_bytes):
         if number > last:
             break
         if number in rows and not isinstance(row, InvalidRow):
-            try:
-                requests[number] = render_request(spec.pipeline, number, row, line)
-            except RenderError:
-                pass  # the input changed under the job: the row stays failed
+            request = request_for(number, row, line)
+            if isinstance(request, RenderedRequest):  # else the input changed under the job: it stays failed
+                requests[number] = request
     return requests
 
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import secrets
+from pathlib import Path
 from datetime import datetime, timezone
 from typing import Literal, get_args
 
 from pydantic import BaseModel, Field
 
 from promptmill.config.backends import BACKENDS, BackendInfo, BackendName
-from promptmill.config.settings import MAX_CHUNK_SIZE
+from promptmill.config.settings import MAX_CHUNK_SIZE, Settings, is_openai_url
+from promptmill.pipelines.attachments import Access
 from promptmill.pipelines.spec import MAX_PRIORITY, Pipeline, RateLimits
 
 InputFormat = Literal["jsonl", "json", "csv", "parquet", "openai-batch"]
@@ -41,12 +43,22 @@ class JobSpec(BaseModel):
     priority: int = Field(
         default=1, ge=1, le=MAX_PRIORITY, description="Its weight in the fleet's fair shares: 3 gets three times 1's rows."
     )
+    attachment_root: str | None = Field(
+        default=None, description="The folder a row's relative file paths are in; None: the input file's."
+    )
     created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
 
     @property
     def info(self) -> BackendInfo:
         """Its backend's descriptor: queue, pricing, batching (config/backends.py)."""
         return BACKENDS[self.backend]
+
+    def attachment_access(self, settings: Settings) -> Access:
+        """Where this job's rows may take their files from: its data's folder and what the operator
+        allows (Settings), read from the process's own settings, never from the spec alone."""
+        folder = self.attachment_root or str(Path(self.input_path).parent)
+        self_hosted = self.info.provider == "openai" and not is_openai_url(settings.openai_url(self.pipeline.base_url))
+        return Access.of(folder, settings, self_hosted)
 
     @property
     def queue(self) -> str:

@@ -19,6 +19,7 @@ import functools
 import hashlib
 import io
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable
@@ -91,45 +92,129 @@ def limits_for(backend: str) -> ProviderLimits | None:
 
 
 def media_type(head: bytes, name: str = "") -> str | None:
-    """The file's media type, from its first bytes (or, when they do not tell, its name)."""
+    """The file's media type, from its first bytes; a URL's (no bytes here), from its name."""
     for magic, kind in _MAGIC:
         if head.startswith(magic):
             return kind
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "image/webp"
-    return _BY_SUFFIX.get(Path(urlparse(name).path).suffix.lower()) if name else None
+    return _BY_SUFFIX.get(Path(urlparse(name).path).suffix.lower()) if name and not head else None
+
+
+# -- where a row's file may come from ---------------------------------------------------------------
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+MAX_IMAGE_PIXELS = 50_000_000  # read from an image's header before it is decoded: a bigger one fails its row
+
+
+def _entries(listed: str) -> list[str]:
+    return [entry.strip() for entry in listed.split(",") if entry.strip()]
+
+
+@dataclass(frozen=True)
+class Access:
+    """Where a job's rows may take their files from: the data's own folder (symlinks followed, then
+    checked), and what the workers' operator allows beside it (`PROMPTMILL_ATTACHMENT_ROOTS`: folders
+    and cloud buckets; `PROMPTMILL_ATTACHMENT_URL_HOSTS`: the https hosts a self-hosted server may be
+    sent to fetch). The producer checks each row's value (`source`); the worker checks the recorded
+    reference again (`check`), whatever a spec in Redis says."""
+
+    folder: Path  #: the data's folder: a relative path is inside it or refused
+    roots: tuple[Path, ...] = ()
+    buckets: tuple[str, ...] = ()  #: "s3://bucket", "gs://bucket"
+    url_hosts: tuple[str, ...] | None = None  #: None: the provider fetches an https URL itself, any host
+
+    @classmethod
+    def of(cls, folder: str | Path, settings: Any, self_hosted: bool) -> "Access":
+        roots, buckets = [], []
+        for entry in _entries(settings.attachment_roots):
+            if entry.startswith(_REMOTE):
+                scheme, _, rest = entry.partition("://")
+                buckets.append(f"{'gs' if scheme == 'gcs' else scheme}://{rest.strip('/').split('/')[0]}")
+            else:
+                roots.append(Path(entry).expanduser().resolve())
+        hosts = tuple(entry.lower() for entry in _entries(settings.attachment_url_hosts)) if self_hosted else None
+        return cls(Path(folder).resolve(), tuple(roots), tuple(buckets), hosts)
+
+    def source(self, value: Any, column: str) -> str:
+        """Where a row's attachment is, from its column's value: a real path (symlinks resolved)
+        inside the data's folder or an allowed root, an allowed URL as it is, or INPUT_SOURCE for
+        bytes held in the row itself. Anything else raises AttachmentError naming the value."""
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            return INPUT_SOURCE
+        if not isinstance(value, str) or not value.strip():
+            raise AttachmentError(f"attachment {column!r}: expected a path, a URL or bytes, not {value!r:.100}")
+        value = value.strip()
+        if _SCHEME.match(value) and not value.startswith("file://"):
+            return self._url(value, column)
+        if value.startswith("file://"):
+            path = Path(unquote(urlparse(value).path))
+        else:
+            path = Path(value).expanduser() if value.startswith("~") else Path(value)
+        if path.is_absolute():  # the data names a place of its own: only where the operator allows
+            real = path.resolve()
+            if not any(real.is_relative_to(root) for root in self.roots):
+                raise AttachmentError(
+                    f"attachment {column!r}: {value} is outside the data's folder; a file named by an absolute "
+                    f"path, file:// or ~ must be under a folder of PROMPTMILL_ATTACHMENT_ROOTS"
+                )
+            return str(real)
+        real = (self.folder / path).resolve()
+        if not self._allowed(real):
+            raise AttachmentError(
+                f"attachment {column!r}: {value} leads outside the data's folder {self.folder} (to {real}); "
+                f"allow its folder in PROMPTMILL_ATTACHMENT_ROOTS if it is meant"
+            )
+        return str(real)
+
+    def check(self, ref: AttachmentRef) -> None:
+        """The worker's check of a recorded reference: the same rule, and a local file's sha256."""
+        source = ref.source
+        if source == INPUT_SOURCE:
+            return
+        if _SCHEME.match(source) and not source.startswith("file://"):
+            self._url(source, ref.column)
+            return
+        path = Path(unquote(urlparse(source).path)) if source.startswith("file://") else Path(source)
+        if not path.is_absolute() or not self._allowed(path.resolve()):
+            raise AttachmentError(f"attachment {ref.column!r}: {source} is outside the data's folder and the "
+                                  f"folders this worker allows (PROMPTMILL_ATTACHMENT_ROOTS)")  # fmt: skip
+        if ref.sha256 is None:
+            raise AttachmentError(f"attachment {ref.column!r}: {source} was not hashed at submit; a worker "
+                                  f"sends a local file only with its sha256")  # fmt: skip
+
+    def _allowed(self, real: Path) -> bool:
+        return any(real.is_relative_to(folder) for folder in (self.folder, *self.roots))
+
+    def _url(self, url: str, column: str) -> str:
+        parts = urlparse(url)
+        if url.startswith(_REMOTE):
+            bucket = f"{'gs' if parts.scheme == 'gcs' else parts.scheme}://{parts.netloc}"
+            if bucket not in self.buckets:
+                raise AttachmentError(f"attachment {column!r}: {url}: the bucket {bucket} is not one of "
+                                      f"PROMPTMILL_ATTACHMENT_ROOTS")  # fmt: skip
+            return url
+        if parts.scheme != "https":
+            raise AttachmentError(f"attachment {column!r}: {url}: only https:// URLs go out (the provider "
+                                  f"fetches them); give a file in the data's folder instead")  # fmt: skip
+        host = (parts.hostname or "").lower()
+        if self.url_hosts is not None and host not in self.url_hosts:
+            raise AttachmentError(f"attachment {column!r}: {url}: a self-hosted server would fetch it from inside "
+                                  f"your network; allow {host} in PROMPTMILL_ATTACHMENT_URL_HOSTS if it is meant")  # fmt: skip
+        return url
 
 
 # -- the producer's side: a reference, never the bytes ---------------------------------------------
 
 
-def source_of(value: Any, column: str, input_path: str) -> str:
-    """Where a row's attachment is, from its column's value: a path made absolute against the input
-    file's folder, a URL as it is, or INPUT_SOURCE for bytes held in the row itself."""
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return INPUT_SOURCE
-    if not isinstance(value, str) or not value.strip():
-        raise AttachmentError(f"attachment {column!r}: expected a path, a URL or bytes, not {value!r:.100}")
-    return rooted(value, Path(input_path).resolve().parent)
-
-
-def rooted(value: str, folder: Path) -> str:
-    """A path made absolute against `folder` (a relative one is the data's, not the worker's); a URL
-    as it is."""
-    value = value.strip()
-    if value.startswith(("file://", *_REMOTE, *_URL)):
-        return value
-    path = Path(value).expanduser()
-    return str(path if path.is_absolute() else folder / path)
-
-
 def describe(ref: AttachmentRef, row_value: Any, limits: ProviderLimits | None, resize: bool) -> AttachmentRef:
-    """The reference with its size, media type and sha256, the bytes read once as they stream. A
-    file that is missing, of a kind its `kind` does not take, or (unless an image may be resized)
-    over the provider's limit raises AttachmentError. An https URL is the provider's to fetch."""
-    if ref.source.startswith(_URL):
-        kind = media_type(b"", ref.source)
-        return ref.model_copy(update={"media_type": kind})
+    """The reference with its size, media type and sha256, the bytes read once as they stream, and
+    its content checked: an image's header and pixels (Pillow), a PDF's pages (pypdf). A file that is
+    missing, not what its `kind` takes (by its bytes, never its name), unreadable, or (unless an image
+    may be resized) over the provider's limit raises AttachmentError. An https URL is the provider's
+    to fetch."""
+    if ref.source.startswith("https://"):
+        return ref.model_copy(update={"media_type": media_type(b"", ref.source)})
     digest, size, head = hashlib.sha256(), 0, b""
     if ref.source == INPUT_SOURCE:
         data = bytes(row_value)
@@ -142,20 +227,32 @@ def describe(ref: AttachmentRef, row_value: Any, limits: ProviderLimits | None, 
                     head = block[:16]
                 digest.update(block)
                 size += len(block)
-    described = ref.model_copy(update={"size": size, "sha256": digest.hexdigest(), "media_type": media_type(head, ref.source)})
+    described = ref.model_copy(update={"size": size, "sha256": digest.hexdigest(), "media_type": media_type(head)})
     _check_kind(described)
     if limits is not None:
         _check_size(described, size, limits, resize)
-    if described.kind == "document":  # its pages: a limit of the provider's, and what it may cost
-        if ref.source == INPUT_SOURCE:
-            pages = pdf_pages(bytes(row_value), described)
-        else:
-            with open_ref(ref) as handle:
-                pages = pdf_pages(handle, described)
-        described.pages = pages
-        if limits is not None:
-            _check_pages(described, limits)
+    if ref.source == INPUT_SOURCE:
+        content: bytes | BinaryIO = bytes(row_value)
+        described.pages = _check_content(content, described)
+    else:
+        with open_ref(ref) as handle:
+            described.pages = _check_content(handle, described)
+    if limits is not None:
+        _check_pages(described, limits)
     return described
+
+
+def _check_content(content: bytes | BinaryIO, ref: AttachmentRef) -> int | None:
+    """Is the file what its type says: an image Pillow reads (its pixels within MAX_IMAGE_PIXELS, its
+    data intact), a PDF pypdf opens. A document's pages; None for an image."""
+    if ref.kind == "document":
+        return pdf_pages(content, ref)
+    with open_image(content, ref) as image:
+        try:
+            image.verify()
+        except Exception as error:  # noqa: BLE001 - Pillow raises many kinds on a broken file
+            raise AttachmentError(f"attachment {ref.column!r}: {_name(ref)} is not a readable image: {error}") from None
+    return None
 
 
 def open_ref(ref: AttachmentRef) -> BinaryIO:
@@ -224,9 +321,13 @@ class Loaded:
         return base64.b64encode(self.data or b"").decode()
 
 
-def load(ref: AttachmentRef, input_path: str, line: int, limits: ProviderLimits | None, resize: bool) -> Loaded:
-    """Read the attachment now: the same bytes the producer hashed (else AttachmentError), shrunk to
-    the provider's best size when `resize`, and within its limits."""
+def load(ref: AttachmentRef, input_path: str, line: int, limits: ProviderLimits | None, resize: bool,
+         access: Access | None = None) -> Loaded:  # fmt: skip
+    """Read the attachment now, if `access` allows it (the worker's own rule, whatever the spec
+    says): the same bytes the producer hashed (else AttachmentError), shrunk to the provider's best
+    size when `resize`, and within its limits."""
+    if access is not None:
+        access.check(ref)
     if ref.source.startswith(_URL):
         return Loaded(ref, ref.media_type, url=ref.source)
     if ref.source == INPUT_SOURCE:
@@ -239,17 +340,17 @@ def load(ref: AttachmentRef, input_path: str, line: int, limits: ProviderLimits 
                               f"(its sha256 is not the one recorded)")  # fmt: skip
     kind = ref.media_type
     if resize and ref.kind == "image" and limits is not None:
-        data, kind = shrink(data, kind or "image/png", limits.image_bytes)
+        data, kind = shrink(data, kind or "image/png", limits.image_bytes, ref)
     if limits is not None:
         _check_size(ref, len(data), limits, resize=False)
         _check_pages(ref, limits)  # its pages as counted at submit: the same bytes, by their sha256
     return Loaded(ref, kind, data=data)
 
 
-def load_row(request: Any, pipeline: Any, input_path: str, backend: str) -> list[Loaded]:
-    """Every attachment of a row's request, read now for `backend`'s provider."""
+def load_row(request: Any, pipeline: Any, input_path: str, backend: str, access: Access) -> list[Loaded]:
+    """Every attachment of a row's request, read now for `backend`'s provider, each checked by `access`."""
     limits, resized = limits_for(backend), pipeline.resized
-    return [load(ref, input_path, request.line, limits, ref.column in resized) for ref in request.attachments or ()]
+    return [load(ref, input_path, request.line, limits, ref.column in resized, access) for ref in request.attachments or ()]
 
 
 @functools.lru_cache(maxsize=1)
@@ -289,30 +390,52 @@ def image_tokens(width: int, height: int) -> int:
     return math.ceil(w * h / PIXELS_PER_TOKEN)
 
 
-def shrink(data: bytes, kind: str, most_bytes: int) -> tuple[bytes, str]:
+def shrink(data: bytes, kind: str, most_bytes: int, ref: AttachmentRef) -> tuple[bytes, str]:
     """The image at its best size (and, if still too big, smaller in steps), re-encoded in its own
     format (a GIF as PNG); as it is when it already fits."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as image:
+    with open_image(data, ref) as image:
         size = best_size(*image.size)
         if size == image.size and len(data) <= most_bytes:
             return data, kind
         form = {"image/jpeg": "JPEG", "image/webp": "WEBP"}.get(kind, "PNG")
-        image = image.convert("RGB") if form == "JPEG" else image
-        while True:
-            out = io.BytesIO()
-            image.resize(size, Image.LANCZOS).save(out, form)
-            if out.tell() <= most_bytes or min(size) <= 64:
-                return out.getvalue(), f"image/{form.lower()}"
-            size = (max(1, int(size[0] * 0.75)), max(1, int(size[1] * 0.75)))
+        try:
+            image = image.convert("RGB") if form == "JPEG" else image
+            while True:
+                out = io.BytesIO()
+                image.resize(size, Image.LANCZOS).save(out, form)
+                if out.tell() <= most_bytes or min(size) <= 64:
+                    return out.getvalue(), f"image/{form.lower()}"
+                size = (max(1, int(size[0] * 0.75)), max(1, int(size[1] * 0.75)))
+        except Exception as error:  # noqa: BLE001 - a truncated or corrupt image fails as it is decoded
+            raise AttachmentError(f"attachment {ref.column!r}: {_name(ref)} could not be decoded: {error}") from None
 
 
-def image_size(data_or_file: bytes | BinaryIO) -> tuple[int, int]:
-    """An image's width and height, from its header."""
+def open_image(content: bytes | BinaryIO, ref: AttachmentRef) -> Any:
+    """The image opened from its header (nothing decoded yet), refused when Pillow cannot read it or
+    when its pixels are over MAX_IMAGE_PIXELS (a decompression bomb is a few KB that decode to GBs)."""
+    import warnings
+
     from PIL import Image
 
-    with Image.open(io.BytesIO(data_or_file) if isinstance(data_or_file, bytes) else data_or_file) as image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(content) if isinstance(content, bytes) else content)
+    except Exception as error:  # noqa: BLE001 - UnidentifiedImageError, DecompressionBomb*, OSError...
+        raise AttachmentError(f"attachment {ref.column!r}: {_name(ref)} is not a readable image: {error}") from None
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        image.close()
+        raise AttachmentError(f"attachment {ref.column!r}: {_name(ref)} is {width}x{height} pixels, over the "
+                              f"{MAX_IMAGE_PIXELS / 1e6:.0f} megapixels an image may have")  # fmt: skip
+    return image
+
+
+def image_size(data_or_file: bytes | BinaryIO, ref: AttachmentRef) -> tuple[int, int]:
+    """An image's width and height, from its header."""
+    with open_image(data_or_file, ref) as image:
         return image.size
 
 

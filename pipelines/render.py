@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 import orjson
 
-from promptmill.pipelines.attachments import AttachmentError, source_of
+from promptmill.pipelines.attachments import Access, AttachmentError
 from promptmill.pipelines.items import AttachmentRef, RenderedRequest
 from promptmill.pipelines.spec import AttachmentSpec, Pipeline
 
@@ -29,10 +29,11 @@ class RenderError(ValueError):
 
 
 def render_request(
-    pipeline: Pipeline, row_number: int, row: Mapping[str, Any], line: int = 0, input_path: str = ""
+    pipeline: Pipeline, row_number: int, row: Mapping[str, Any], line: int = 0, access: Access | None = None
 ) -> RenderedRequest:
-    """The row's request. Its attachments are references (`describe` reads them); a relative path is
-    the input file's folder's. Raises RenderError, or AttachmentError for an attachment's column."""
+    """The row's request. Its attachments are references (`describe` reads them), each where `access`
+    allows (a relative path: inside the data's folder). Raises RenderError, or AttachmentError for an
+    attachment's column."""
     if row.get(PROMPT_ERROR_COLUMN):
         raise RenderError(str(row[PROMPT_ERROR_COLUMN]))
     if row.get(BODY_COLUMN) is not None:
@@ -67,16 +68,18 @@ def render_request(
             parts.append(format(value, spec or ""))
         except (TypeError, ValueError) as bad:
             raise RenderError(f"column {field!r}: cannot format {value!r} with {spec!r}: {bad}") from None
-    attachments = [_attachment(spec, row, placed.get(spec.column, 0), input_path) for spec in pipeline.attachments]
+    if pipeline.attachments and access is None:
+        raise ValueError("a pipeline with attachments renders a row only with the job's Access")
+    attachments = [_attachment(spec, row, placed.get(spec.column, 0), access) for spec in pipeline.attachments]  # type: ignore[arg-type]
     return RenderedRequest(row=row_number, line=line, prompt="".join(parts), attachments=attachments or None)
 
 
-def _attachment(spec: AttachmentSpec, row: Mapping[str, Any], at: int, input_path: str) -> AttachmentRef:
+def _attachment(spec: AttachmentSpec, row: Mapping[str, Any], at: int, access: Access) -> AttachmentRef:
     if spec.column not in row:
         raise RenderError(f"row has no column {spec.column!r} for its {spec.kind} (columns: {', '.join(map(str, row)) or 'none'})")
     if row[spec.column] is None:
         raise AttachmentError(f"attachment {spec.column!r} is empty (null)")
-    return AttachmentRef(column=spec.column, kind=spec.kind, at=at, source=source_of(row[spec.column], spec.column, input_path))
+    return AttachmentRef(column=spec.column, kind=spec.kind, at=at, source=access.source(row[spec.column], spec.column))
 
 
 def body_request(row_number: int, line: int, body: Any) -> RenderedRequest:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from promptmill.config.prices import ModelPrice
+from promptmill.config.settings import get_settings
 from promptmill.jobs.readers import InvalidRow, iter_rows
 from promptmill.jobs.spec import JobSpec
 from promptmill.pipelines.attachments import AttachmentError, Loaded, image_size, image_tokens, load, open_ref
@@ -97,13 +98,14 @@ def estimate_job(
     image_total = 0
     documents: list[tuple[AttachmentRef, int]] = []  # reservoir sample of documents, with their row's line
     document_count = 0
+    access = spec.attachment_access(get_settings()) if pipeline.attachments else None
     for number, line, row in iter_rows(Path(spec.input_path), spec.input_format, max_row_bytes=spec.max_row_bytes):
         rows += 1
         if isinstance(row, InvalidRow):
             unusable += 1
             continue
         try:
-            request = render_request(pipeline, number, row, line, spec.input_path)
+            request = render_request(pipeline, number, row, line, access)
             for ref in request.attachments or ():
                 if ref.kind == "image":
                     image_total += _image_tokens(ref, row[ref.column])
@@ -180,9 +182,9 @@ def _image_tokens(ref: AttachmentRef, value: object) -> int:
         return 0
     try:
         if isinstance(value, (bytes, bytearray, memoryview)):
-            return image_tokens(*image_size(bytes(value)))
+            return image_tokens(*image_size(bytes(value), ref))
         with open_ref(ref) as handle:
-            return image_tokens(*image_size(handle))
+            return image_tokens(*image_size(handle, ref))
     except (AttachmentError, OSError, ValueError):
         return 0
 

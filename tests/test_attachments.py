@@ -71,11 +71,11 @@ def test_images_reach_the_server_as_image_blocks_of_the_files_bytes_and_a_missin
     tmp_path, env, fake_api, receipts
 ):
     rows = [{k: v for k, v in row.items() if k != "pdf"} for row in receipts]
-    rows[1]["image"] = "file://" + str(tmp_path / rows[1]["image"])  # a file:// URL reads the same
+    rows[1]["image"] = "file://" + str(tmp_path / rows[1]["image"])  # a file:// URL reads the same, where allowed
     rows.append({"id": "gone", "image": "receipts/nowhere.png", "answer": "{}", "expected": None})
     data, pipeline_path = write_dataset(tmp_path, rows, pipeline("image", "image"))
     out = tmp_path / "out"
-    result = run(env, data, pipeline_path, out)
+    result = run({**env, "PROMPTMILL_ATTACHMENT_ROOTS": str(tmp_path / "receipts")}, data, pipeline_path, out)
 
     records = read_jsonl(out / "results.jsonl")
     assert [r["status"] for r in records] == ["ok"] * 4 + ["failed"]
@@ -101,6 +101,91 @@ def test_images_reach_the_server_as_image_blocks_of_the_files_bytes_and_a_missin
     status = json.loads(promptmill("status", job_id_of(result), "--json", env=env).stdout)
     assert status["tokens"]["input"] == sum(entry["usage"]["input_tokens"] for entry in log)
     assert all(entry["files"][0]["tokens"] > 100 for entry in log)
+
+
+def test_a_rows_file_is_read_only_inside_the_datas_folder_or_an_allowed_root(tmp_path, env, fake_api, receipts):
+    """A downloaded dataset names the worker's secrets every way it can: a symlink shipped with the
+    data, `../`, `file://`, `~`, an absolute path, http://, a link-local URL, a bucket, a text file
+    named .png. Only the good image is sent; every other row fails alone, naming its path."""
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "id_rsa.png").write_bytes((tmp_path / receipts[0]["image"]).read_bytes())  # an image, so kind checks pass
+    data_dir = tmp_path / "data"
+    (data_dir / "img").mkdir(parents=True)
+    good = data_dir / "img" / "good.png"
+    good.write_bytes((tmp_path / receipts[1]["image"]).read_bytes())
+    (data_dir / "img" / "evil.png").symlink_to(secret / "id_rsa.png")
+    (data_dir / "img" / "out").symlink_to(secret, target_is_directory=True)
+    (data_dir / "img" / "fake.png").write_text("a text file, named as an image\n")
+    (data_dir / "img" / "broken.png").write_bytes(good.read_bytes()[:200])  # a PNG's header, its pixels cut off
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "key.png").write_bytes((secret / "id_rsa.png").read_bytes())
+    answer = json.dumps({"merchant": "m", "date": "d", "total": 1})
+    bad = {
+        "symlink": "img/evil.png",
+        "symlinked folder": "img/out/id_rsa.png",
+        "dotdot": "../secret/id_rsa.png",
+        "file url": "file://" + str(secret / "id_rsa.png"),
+        "absolute": str(secret / "id_rsa.png"),
+        "home": "~/.ssh/key.png",
+        "http": "http://169.254.169.254/latest/meta-data/x.png",
+        "bucket": "s3://someone-elses-bucket/x.png",
+        "fake": "img/fake.png",
+        "broken": "img/broken.png",
+    }
+    rows = [{"id": "good", "image": "img/good.png", "answer": answer}]
+    rows += [{"id": name, "image": value, "answer": answer} for name, value in bad.items()]
+    data, pipeline_path = write_dataset(data_dir, rows, pipeline("image", "image", resize="auto"))
+    out = tmp_path / "out"
+    run({**env, "HOME": str(home)}, data, pipeline_path, out)
+    records = read_jsonl(out / "results.jsonl")
+    assert [r["status"] for r in records] == ["ok"] + ["failed"] * len(bad)
+    for record, (name, value) in zip(records[1:], bad.items()):
+        assert record["error"]["kind"] == "attachment_error", (name, record["error"])
+        assert value in record["error"]["message"], (name, record["error"]["message"])
+    assert "unknown type" in records[-2]["error"]["message"]  # its bytes say what it is, not its name
+    assert "not a readable image" in records[-1]["error"]["message"]
+    sent = answered(fake_api.log())
+    assert len(fake_api.log()) == 1 and [entry["files"][0]["sha256"] for entry in sent] == [sha256(good)]
+
+    # The operator's opt-in opens a folder (and only it): the absolute path and the file:// row go.
+    fake_api.reset()
+    allowed = {**env, "HOME": str(home), "PROMPTMILL_ATTACHMENT_ROOTS": f"{secret}, s3://my-bucket"}
+    run(allowed, data, pipeline_path, tmp_path / "allowed")
+    records = {row["id"]: r for row, r in zip(rows, read_jsonl(tmp_path / "allowed" / "results.jsonl"))}
+    opened = {"symlink", "symlinked folder", "dotdot", "file url", "absolute"}
+    assert {name for name, record in records.items() if record["status"] == "ok"} == {"good", *opened}
+    assert "PROMPTMILL_ATTACHMENT_ROOTS" in records["bucket"]["error"]["message"]
+
+
+def test_the_worker_refuses_a_file_the_spec_in_redis_was_rewritten_to_reach(tmp_path, env, fake_api, receipts):
+    """A chunk whose reference was rewritten in Redis (a path outside the data's folder, a file with no
+    sha256) fails its row at the worker: it re-checks what it reads, whatever the producer recorded."""
+    from promptmill.config.settings import Settings
+    from promptmill.pipelines.attachments import Access, AttachmentError, load
+    from promptmill.pipelines.items import AttachmentRef
+
+    outside = tmp_path / "elsewhere.png"
+    outside.write_bytes((tmp_path / receipts[0]["image"]).read_bytes())
+    data, pipeline_path = write_dataset(tmp_path / "receipts", [{"id": 1, "image": "x.png"}], pipeline("image", "image"))
+    access = Access.of(data.parent, Settings(_env_file=None), self_hosted=False)
+    inside = AttachmentRef(column="image", kind="image", source=str(tmp_path / receipts[1]["image"]))
+    with pytest.raises(AttachmentError, match="sha256"):
+        load(inside, str(data), 1, None, False, access)
+    ref = AttachmentRef(column="image", kind="image", source=str(outside), sha256=sha256(outside))
+    with pytest.raises(AttachmentError, match="outside the data's folder"):
+        load(ref, str(data), 1, None, False, access)
+    for url in ("http://169.254.169.254/x.png", "ftp://host/x.png", "s3://bucket/x.png"):
+        with pytest.raises(AttachmentError):
+            load(ref.model_copy(update={"source": url}), str(data), 1, None, False, access)
+    assert load(ref, str(data), 1, None, False, Access.of(data.parent, Settings(_env_file=None, attachment_roots=str(tmp_path)), False)).data
+    # A self-hosted server fetches an https URL itself: only from the hosts allowed.
+    hosted = Access.of(data.parent, Settings(_env_file=None, attachment_url_hosts="images.example.com"), self_hosted=True)
+    url = ref.model_copy(update={"source": "https://169.254.169.254/x.png"})
+    with pytest.raises(AttachmentError, match="PROMPTMILL_ATTACHMENT_URL_HOSTS"):
+        load(url, str(data), 1, None, False, hosted)
+    assert load(url.model_copy(update={"source": "https://images.example.com/x.png"}), "", 1, None, False, hosted).url
 
 
 def test_the_image_goes_where_the_prompt_names_it_else_before_the_text(tmp_path, env, fake_api, receipts):

@@ -19,7 +19,6 @@ import orjson
 from promptmill.api.pipeline import PROMPT_COLUMN, Pipeline
 from promptmill.jobs.readers import detect_format, iter_rows
 from promptmill.jobs.spec import InputFormat
-from promptmill.pipelines.attachments import rooted
 from promptmill.pipelines.render import MESSAGES_COLUMN, PROMPT_ERROR_COLUMN, RenderError, conversation
 
 #: Columns the staging adds, which results leave out of the input's own.
@@ -32,6 +31,9 @@ class StagedInput:
     path: Path
     input_format: InputFormat
     sha256: str
+    #: The folder the rows' relative file paths are in, where it is not the staged file's own: the
+    #: caller's working folder for data in memory, the data file's for a file staged anew.
+    attachment_root: Path | None = None
 
 
 class MissingExtra(ImportError):
@@ -52,8 +54,7 @@ def stage(data: Any, pipeline: Pipeline, folder: Path, input_format: InputFormat
     """The data as a file a job reads (see the module's note)."""
     render = pipeline.prompt_function
     # A relative attachment path is the data's: its file's folder, or for data in memory the caller's
-    # working folder. A staged copy lives elsewhere, so its paths are made absolute first.
-    rooted = _Rooted([attachment.column for attachment in pipeline.file.attachments], Path.cwd())
+    # working folder. It is kept as it is, and the job records the folder (and confines files to it).
     if isinstance(data, (str, os.PathLike)):
         path = Path(data)
         if not path.exists():
@@ -61,43 +62,29 @@ def stage(data: Any, pipeline: Pipeline, folder: Path, input_format: InputFormat
         fmt = input_format or detect_format(path)
         if render is None:
             return StagedInput(path, fmt, file_sha256(path))
-        rooted.base = path.resolve().parent
-        rows = (rooted.row(row) if isinstance(row, dict) else {PROMPT_ERROR_COLUMN: row.reason} for _, _, row in iter_rows(path, fmt))
-        return _stage_jsonl(rows, render, folder)
+        rows = (row if isinstance(row, dict) else {PROMPT_ERROR_COLUMN: row.reason} for _, _, row in iter_rows(path, fmt))
+        return _rooted(_stage_jsonl(rows, render, folder), path.resolve().parent)
+    root = Path.cwd().resolve()
     batches = _arrow_batches(data)
     if batches is not None:
-        return _stage_parquet((rooted.batch(batch) for batch in batches), render, folder)
+        return _rooted(_stage_parquet(batches, render, folder), root)
     if isinstance(data, Mapping) or not isinstance(data, Iterable):
         raise TypeError(
             f"data: expected a file's path, a pandas or polars DataFrame, a pyarrow Table, a datasets.Dataset "
             f"or an iterable of dicts, not {type(data).__name__}"
         )
-    return _stage_jsonl((rooted.row(row) if isinstance(row, Mapping) else row for row in data), render, folder)
+    return _rooted(_stage_jsonl(iter(data), render, folder), root)
 
 
-class _Rooted:
-    """Attachment columns' relative paths made absolute against `base` (URLs and bytes as they are)."""
+def with_attachment_root(spec: Any, staged: StagedInput) -> Any:
+    """The job spec with the folder its rows' relative file paths are in, when staging says."""
+    if staged.attachment_root is None:
+        return spec
+    return spec.model_copy(update={"attachment_root": str(staged.attachment_root)})
 
-    def __init__(self, columns: list[str], base: Path):
-        self.columns, self.base = columns, base
 
-    def value(self, value: Any) -> Any:
-        return rooted(value, self.base) if isinstance(value, str) and value.strip() else value
-
-    def row(self, row: Mapping[str, Any]) -> Mapping[str, Any]:
-        if not self.columns or not any(column in row for column in self.columns):
-            return row
-        return {**row, **{column: self.value(row[column]) for column in self.columns if column in row}}
-
-    def batch(self, batch: Any) -> Any:
-        import pyarrow as pa
-
-        for column in self.columns:
-            kind = batch.schema.field(column).type if column in batch.schema.names else None
-            if kind is not None and (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-                values = pa.array([self.value(value) for value in batch.column(column).to_pylist()], kind)
-                batch = batch.set_column(batch.schema.get_field_index(column), column, values)
-        return batch
+def _rooted(staged: StagedInput, root: Path) -> StagedInput:
+    return StagedInput(staged.path, staged.input_format, staged.sha256, root)
 
 
 def file_sha256(path: Path) -> str:
@@ -227,4 +214,4 @@ def _named_by_content(partial: Path, fmt: InputFormat) -> StagedInput:
     return StagedInput(final, fmt, sha)
 
 
-__all__ = ["STAGED_COLUMNS", "MissingExtra", "StagedInput", "file_sha256", "need", "stage"]
+__all__ = ["STAGED_COLUMNS", "MissingExtra", "StagedInput", "file_sha256", "need", "stage", "with_attachment_root"]

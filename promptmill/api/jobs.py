@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 from rich.console import Console
 
-from promptmill.api.data import StagedInput, stage
+from promptmill.api.data import StagedInput, stage, with_attachment_root
 from promptmill.api.driving import (
     check_model_built,
     create_job,
@@ -62,7 +62,10 @@ def fingerprint(staged: StagedInput, pipeline: Pipeline, backend: str) -> str:
     """What a named job ran, readable part by part: the data's and the pipeline's sha256 (short), the
     backend and the model."""
     file = orjson.dumps(pipeline.file.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
-    return f"data={staged.sha256[:16]} pipeline={hashlib.sha256(file).hexdigest()[:16]} backend={backend} model={pipeline.model}"
+    data = staged.sha256[:16]
+    if pipeline.file.attachments and staged.attachment_root is not None:  # the same paths from another folder
+        data += hashlib.sha256(str(staged.attachment_root).encode()).hexdigest()[:8]
+    return f"data={data} pipeline={hashlib.sha256(file).hexdigest()[:16]} backend={backend} model={pipeline.model}"
 
 
 def _differs(old: str, new: str) -> str:
@@ -141,6 +144,7 @@ def _prepare(
         )  # fmt: skip
     except SubmitError as bad:
         raise JobError(str(bad)) from None
+    spec = with_attachment_root(spec, staged)
     check_model_built(spec, settings)
     create_job(store, spec, budget)
     # Kept for good (a name outlives its job's keys): where its results are, with their spec and cost.

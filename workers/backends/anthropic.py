@@ -15,7 +15,7 @@ from typing import Any, Hashable
 import anthropic
 from anthropic.types import Message
 
-from promptmill.config.settings import Settings
+from promptmill.config.settings import Settings, get_settings
 from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.state.store import JobStore
 from promptmill.pipelines.attachments import anthropic_content, load_row
@@ -42,7 +42,7 @@ def message_params(job: JobSpec, request: RenderedRequest) -> dict[str, Any]:
         if rest := request.prompt[len(prefix) :]:
             content.append({"type": "text", "text": rest})
     if request.attachments:
-        content = anthropic_content(request.prompt, load_row(request, pipeline, job.input_path, job.backend))
+        content = anthropic_content(request.prompt, load_row(request, pipeline, job.input_path, job.backend, job.attachment_access(get_settings())))
     turns: list[dict[str, Any]] = [{"role": "user", "content": content}]
     system = pipeline.system
     if request.messages:  # a caller's conversation: its system turns join the system prompt

@@ -20,7 +20,7 @@ from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types import CompletionUsage
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from promptmill.config.settings import KeyRefused, Settings, is_openai_url
+from promptmill.config.settings import KeyRefused, Settings, get_settings, is_openai_url
 from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.state.store import JobStore
 from promptmill.pipelines.attachments import load_row, openai_content
@@ -80,14 +80,14 @@ def _usage(usage: CompletionUsage | None) -> Usage | None:
     )
 
 
-def chat_params(pipeline: Pipeline, request: RenderedRequest, base_url: str | None, input_path: str = "") -> dict[str, Any]:
+def chat_params(job: JobSpec, request: RenderedRequest, base_url: str | None) -> dict[str, Any]:
     """The chat completions body of a row's request (a batch line's `body` too); a row with a body of
     its own (an OpenAI batch file's) keeps its parameters as they are. A row's images and documents
     are read now and go as content parts (AttachmentError: one cannot go)."""
-    pipeline = request.over(pipeline)
+    pipeline = request.over(job.pipeline)
     messages: list[dict[str, Any]] = request.chat(pipeline.system)
     if request.attachments:
-        files = load_row(request, pipeline, input_path, "openai")
+        files = load_row(request, pipeline, job.input_path, "openai", job.attachment_access(get_settings()))
         messages[-1] = {"role": "user", "content": openai_content(request.prompt, files)}
     params: dict[str, Any] = {"model": pipeline.model, "messages": messages}
     # OpenAI's own models take max_completion_tokens (its reasoning models refuse max_tokens);
@@ -163,7 +163,7 @@ class OpenAIBackend:
 
     async def send(self, call: Call) -> Reply:
         pipeline = call.job.pipeline
-        body = chat_params(pipeline, call.request, self.base_url, call.job.input_path)
+        body = chat_params(call.job, call.request, self.base_url)
         started = time.monotonic()
         first: float | None = None
         raw = None

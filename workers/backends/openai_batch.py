@@ -77,7 +77,7 @@ class OpenAIBatchBackend(ProviderBatchBackend):
         return "openai-batch", settings.openai_url(job.pipeline.base_url), job.pipeline.api_key_env
 
     def request_line(self, call: Call) -> dict[str, Any]:
-        body = chat_params(call.job.pipeline, call.request, self.base_url, call.job.input_path)
+        body = chat_params(call.job, call.request, self.base_url)
         return {"custom_id": "", "method": "POST", "url": ENDPOINT, "body": body}
 
     async def create_batch(self, job: JobSpec, intent: BatchIntent, requests: list[dict[str, Any]]) -> Made:
