@@ -113,6 +113,10 @@ class Settings(BaseSettings):
     # hosts (comma-separated: `host`, `host:port` or a URL) alone: a pipeline's `base_url` elsewhere
     # gets no key, unless the pipeline names a variable holding its own (`api_key_env`).
     openai_key_hosts: str = ""
+    # The variables a pipeline's `api_key_env` may name beside PROMPTMILL_KEY_*: `NAME` (any host) or
+    # `NAME=host1,host2` (only to those hosts), entries separated by `;` or spaces. A PROMPTMILL_KEY_*
+    # variable listed here with hosts is bound to them too. Never the Redis URL, AWS_*, GOOGLE_*, AZURE_*.
+    pipeline_keys: str = ""
 
     # Where rows' files may come from besides the data's own folder (pipelines/attachments.py), as the
     # workers' operator allows it: folders, and `s3://BUCKET` or `gs://BUCKET` for cloud files
@@ -230,17 +234,24 @@ class Settings(BaseSettings):
         target = _origin(base_url or OPENAI_URL)
         if target == _origin(self._configured_openai_url() or OPENAI_URL):
             return True
-        for entry in filter(None, (entry.strip() for entry in self.openai_key_hosts.split(","))):
-            scheme, host, port = _origin(entry)
-            if "://" in entry and target == (scheme, host, port):
-                return True
-            if "://" not in entry and target[1] == host and (":" not in entry or target[2] == port):
-                return True  # a bare host (and port): any scheme
-        return False
+        entries = (entry.strip() for entry in self.openai_key_hosts.split(","))
+        return any(_host_matches(base_url or OPENAI_URL, entry) for entry in entries if entry)
 
     def _pipeline_key(self, base_url: str | None, key_env: str) -> str:
-        if key_env in FLEET_KEY_VARIABLES:
-            raise KeyRefused(f"api_key_env: {key_env} holds the fleet's key; a pipeline names a variable of its own")
+        """The pipeline's own key, from the variable it names, if the operator lets pipelines name it
+        (PROMPTMILL_KEY_*, PROMPTMILL_PIPELINE_KEYS) and `base_url` is one of its hosts."""
+        refused = key_variable_refused(key_env)
+        if refused:
+            raise KeyRefused(refused)
+        listed = self.pipeline_key_hosts()
+        if key_env not in listed and not key_env.startswith(PIPELINE_KEY_PREFIX):
+            raise KeyRefused(f"api_key_env: {key_env} is not a pipeline key of this fleet: name a {PIPELINE_KEY_PREFIX}* "
+                             f"variable, or list it in PROMPTMILL_PIPELINE_KEYS")  # fmt: skip
+        hosts = listed.get(key_env)
+        if hosts is not None and not any(_host_matches(base_url or OPENAI_URL, host) for host in hosts):
+            target = _origin(base_url or OPENAI_URL)[1]
+            raise KeyRefused(f"api_key_env: {key_env} goes to {', '.join(hosts)} only, not {target} "
+                             f"(PROMPTMILL_PIPELINE_KEYS)")  # fmt: skip
         key = os.environ.get(key_env)
         if not key:
             raise KeyRefused(f"api_key_env: {key_env} is not set in this worker's environment")
@@ -249,7 +260,36 @@ class Settings(BaseSettings):
             fleet.add(self.openai_api_key.get_secret_value())
         if key in fleet and not self.key_may_go_to(base_url):
             raise KeyRefused(f"api_key_env: {key_env} holds the fleet's key, which goes to its own servers only")
+        if self.redis_url and key.strip() == self.redis_url.strip():
+            raise KeyRefused(f"api_key_env: {key_env} holds the fleet's Redis URL, which is no key")
         return key
+
+    def pipeline_key_hosts(self) -> dict[str, tuple[str, ...] | None]:
+        """PROMPTMILL_PIPELINE_KEYS as variable -> the hosts it may go to (None: any)."""
+        listed: dict[str, tuple[str, ...] | None] = {}
+        for entry in self.pipeline_keys.replace(";", " ").split():
+            name, bound, hosts = entry.partition("=")
+            listed[name.strip()] = tuple(h.strip() for h in hosts.split(",") if h.strip()) if bound else None
+        return listed
+
+
+def key_variable_refused(name: str) -> str | None:
+    """Why a pipeline may never name this variable as its key (None: it may, if the fleet lists it):
+    the fleet's own keys, its Redis URL and settings, and the clouds' credentials."""
+    if name in FLEET_KEY_VARIABLES:
+        return f"api_key_env: {name} holds the fleet's key; a pipeline names a variable of its own"
+    if name.upper().startswith(NEVER_KEY_PREFIXES) and not name.startswith(PIPELINE_KEY_PREFIX):
+        return f"api_key_env: {name} is the fleet's own setting or a cloud's credential, never a pipeline's key"
+    return None
+
+
+def _host_matches(url: str, entry: str) -> bool:
+    """Is `url` on `entry` (`host`, `host:port` or a URL)?"""
+    target = _origin(url)
+    scheme, host, port = _origin(entry)
+    if "://" in entry:
+        return target == (scheme, host, port)
+    return target[1] == host and (":" not in entry or target[2] == port)
 
 
 class KeyRefused(ValueError):
@@ -257,6 +297,8 @@ class KeyRefused(ValueError):
 
 
 SELF_HOSTED_KEY = "no-key"
+PIPELINE_KEY_PREFIX = "PROMPTMILL_KEY_"  #: variables the operator set for pipelines to name as their key
+NEVER_KEY_PREFIXES = ("PROMPTMILL_", "AWS_", "GOOGLE_", "AZURE_", "REDIS")
 OPENAI_URL = "https://api.openai.com/v1"
 # The variables the fleet's own keys live in: a pipeline may not name them as its key.
 FLEET_KEY_VARIABLES = frozenset(

@@ -16,7 +16,7 @@ from referencing.exceptions import Unresolvable
 from referencing.jsonschema import DRAFT202012
 
 from promptmill.config.prices import ModelPrice, PriceTable
-from promptmill.config.settings import FLEET_KEY_VARIABLES, Settings
+from promptmill.config.settings import Settings, key_variable_refused
 from promptmill.pipelines.items import ItemOutcome
 
 _SCHEMA_URI = "urn:promptmill:output-schema"
@@ -228,8 +228,9 @@ class Pipeline(BaseModel):
 
     @model_validator(mode="after")
     def _key_of_its_own(self) -> "Pipeline":
-        if self.api_key_env in FLEET_KEY_VARIABLES:
-            raise ValueError(f"api_key_env: {self.api_key_env} holds the fleet's key; name a variable of the pipeline's own")
+        refused = key_variable_refused(self.api_key_env) if self.api_key_env else None
+        if refused:
+            raise ValueError(refused)
         return self
 
     @model_validator(mode="after")

@@ -7,6 +7,7 @@ import json
 from decimal import Decimal
 from pathlib import Path
 
+import pytest
 import redis
 
 from promptmill.config.prices import PriceTable
@@ -238,8 +239,9 @@ def test_a_pipelines_base_url_elsewhere_never_receives_the_fleets_key(tmp_path, 
             elsewhere_takes_fleet_key.stop()
 
         # The pipeline's own key, from a variable it names.
-        own_key = pointed.replace("[output]", 'api_key_env = "GATEWAY_KEY"\n\n[output]')
-        result, out = run_job(tmp_path / "own", openai_env(env, GATEWAY_KEY="the-pipelines-own-key"), 5, pipeline=own_key)
+        own_key = pointed.replace("[output]", 'api_key_env = "PROMPTMILL_KEY_GATEWAY"\n\n[output]')
+        key_env = openai_env(env, PROMPTMILL_KEY_GATEWAY="the-pipelines-own-key")
+        result, out = run_job(tmp_path / "own", key_env, 5, pipeline=own_key)
         assert result.returncode == 0, result.stderr
         assert [e["status"] for e in elsewhere.log()] == [200] * 5
         assert [e["status"] for e in fake_api.log()] == []  # the configured server saw none of it
@@ -249,3 +251,52 @@ def test_a_pipelines_base_url_elsewhere_never_receives_the_fleets_key(tmp_path, 
     fleet_key = PIPELINE.replace("[output]", 'api_key_env = "OPENAI_API_KEY"\n\n[output]')
     refused, _ = run_job(tmp_path / "refused", openai_env(env), 5, pipeline=fleet_key)
     assert refused.returncode == 2 and "api_key_env" in refused.stderr, refused.stderr
+
+
+def with_key(url: str, variable: str) -> str:
+    return PIPELINE.replace('model = "gpt-4.1-mini"', f'model = "gpt-4.1-mini"\nbase_url = "{url}/v1"').replace(
+        "[output]", f'api_key_env = "{variable}"\n\n[output]'
+    )
+
+
+def test_a_pipeline_names_only_a_key_the_fleet_lets_it_and_that_key_reaches_only_its_hosts(tmp_path, env, fake_api):
+    """A capture server that answers only when sent the fleet's Redis URL (or the cloud's secret) as
+    its key: no pipeline gets it sent there, whatever variable it names. A key the operator listed
+    with its hosts goes to them and to no other server."""
+    redis_url = env["PROMPTMILL_REDIS_URL"]
+    capture = ServerControl.start(redis_url)
+    try:
+        fleet = openai_env(env, AWS_SECRET_ACCESS_KEY=redis_url, MY_VARIABLE=redis_url, PROMPTMILL_KEY_COPY=redis_url)
+        for variable in ("PROMPTMILL_REDIS_URL", "AWS_SECRET_ACCESS_KEY", "MY_VARIABLE", "PROMPTMILL_KEY_COPY"):
+            result, _ = run_job(tmp_path / variable, fleet, 2, pipeline=with_key(capture.url, variable))
+            assert result.returncode != 0 and "api_key_env" in result.stderr and variable in result.stderr, result.stderr
+            assert redis_url not in result.stderr + result.stdout
+        assert capture.log() == []  # nothing was ever sent there
+    finally:
+        capture.stop()
+
+    gateway = ServerControl.start("the-gateways-key")
+    other = ServerControl.start("the-gateways-key")  # would take the key too, were it sent
+    try:
+        host = gateway.url.removeprefix("http://")
+        bound = openai_env(env, GATEWAY_KEY="the-gateways-key", PROMPTMILL_PIPELINE_KEYS=f"GATEWAY_KEY={host}")
+        result, out = run_job(tmp_path / "bound", bound, 3, pipeline=with_key(gateway.url, "GATEWAY_KEY"))
+        assert result.returncode == 0, result.stderr
+        assert [e["status"] for e in gateway.log()] == [200] * 3
+        refused, _ = run_job(tmp_path / "other", bound, 3, pipeline=with_key(other.url, "GATEWAY_KEY"))
+        assert refused.returncode != 0 and "GATEWAY_KEY goes to" in refused.stderr, refused.stderr
+        assert other.log() == []
+    finally:
+        gateway.stop()
+        other.stop()
+
+
+def test_the_worker_refuses_the_fleets_variables_whatever_spec_names_them():
+    """A spec rewritten in Redis skips the pipeline's check at submit: the worker's own refuses."""
+    from promptmill.config.settings import KeyRefused, Settings
+
+    settings = Settings(_env_file=None, redis_url="redis://:password@10.0.0.1:6379/0")
+    for variable in ("PROMPTMILL_REDIS_URL", "AWS_SECRET_ACCESS_KEY", "GOOGLE_APPLICATION_CREDENTIALS",
+                     "AZURE_CLIENT_SECRET", "OPENAI_API_KEY", "REDIS_PASSWORD"):  # fmt: skip
+        with pytest.raises(KeyRefused, match=variable):
+            settings.openai_key("http://127.0.0.1:1/v1", variable)
