@@ -300,3 +300,42 @@ def test_the_worker_refuses_the_fleets_variables_whatever_spec_names_them():
                      "AZURE_CLIENT_SECRET", "OPENAI_API_KEY", "REDIS_PASSWORD"):  # fmt: skip
         with pytest.raises(KeyRefused, match=variable):
             settings.openai_key("http://127.0.0.1:1/v1", variable)
+
+
+@pytest.mark.parametrize("backend", ["openai", "openai-batch"])
+def test_two_jobs_on_two_servers_share_one_worker_and_neither_closes_the_others_client(tmp_path, env, fake_api, backend):
+    """One worker process runs chunks of two jobs at once, one on `127.0.0.1:P` and one on
+    `localhost:P`: each gets a client of its own, and neither chunk closes the other's (a batch's
+    poller goes on with the client it polls with). Both end exact."""
+    from promptmill.jobs.state.status import JobState
+    from promptmill.jobs.state.store import JobStore
+    from tests.support import start_cli, stop, wait_until
+
+    fake_api.configure(latency_ms=150, batch_delay_s=1.0)
+    port = fake_api.url.rsplit(":", 1)[1]
+    fleet = openai_env(env, PROMPTMILL_OPENAI_KEY_HOSTS=f"127.0.0.1:{port},localhost:{port}",
+                       PROMPTMILL_BATCH_GATHER_S="0.3", PROMPTMILL_BATCH_POLL_MIN_S="0.3",
+                       PROMPTMILL_BATCH_POLL_MAX_S="0.5", PROMPTMILL_BATCH_HOLD_S="3")  # fmt: skip
+    store = JobStore.from_url(env["PROMPTMILL_REDIS_URL"])
+    jobs = {}
+    for host in ("127.0.0.1", "localhost"):
+        pinned = PIPELINE.replace('model = "gpt-4.1-mini"', f'model = "gpt-4.1-mini"\nbase_url = "http://{host}:{port}/v1"')
+        data, pipeline_path = write_job(tmp_path / host, 60, pinned)
+        submitted = promptmill("submit", str(data), "-p", str(pipeline_path), "--backend", backend, "--chunk-size", "10",
+                               "--out", str(tmp_path / host / "out"), env=fleet)  # fmt: skip
+        assert submitted.returncode == 0, submitted.stderr
+        jobs[host] = submitted.stdout.split()[-1]
+    queue = "api" if backend == "openai" else "batch"
+    worker = start_cli(fleet, "worker", "--queues", queue, quiet=True)
+    try:
+        ended = lambda: all(not store.status(job_id).state.runnable for job_id in jobs.values())  # noqa: E731
+        wait_until(ended, 240, "both jobs to end")
+    finally:
+        stop(worker)
+    for host, job_id in jobs.items():
+        status = store.status(job_id)
+        assert status.state is JobState.complete, (host, status.state, status.error)
+        exported = promptmill("export", job_id, "--out", str(tmp_path / host / "export"), env=fleet)
+        assert exported.returncode == 0, exported.stderr
+        records = read_jsonl(tmp_path / host / "export" / "results.jsonl")
+        assert [r["output"] for r in records] == [LABELS[i % 2] for i in range(60)]

@@ -5,7 +5,8 @@ each process runs one persistent loop in a thread of its own, and every task thr
 coroutine to it. Several chunks then share one loop, one client, one limiter and one in-flight
 budget: requests keep flowing while one chunk drains and the next starts.
 
-The runtime holds the backend registry: one instance of each backend per process (clients and
+The runtime holds the backend registry: one backend per identity (backend, server, key variable,
+engine settings), shared by the chunks that use it and closed only when none does (clients and
 engines outlive a chunk), and the per-process state its request path needs.
 """
 
@@ -20,8 +21,9 @@ import logging
 import os
 import threading
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Hashable, Iterator, TypeVar
+from typing import AsyncIterator, Awaitable, Callable, Hashable, Iterator, TypeVar
 
 from promptmill.config.prices import PriceTable
 from promptmill.config.settings import Settings
@@ -59,12 +61,17 @@ def transport(job: JobSpec) -> BackendFactory:
     return getattr(importlib.import_module(module), name)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Served:
     backend: Backend
     identity: Hashable
     slots: AdaptiveConcurrency | None
     estimate: InputTokenEstimate = field(default_factory=InputTokenEstimate)
+    users: int = 0  #: the chunks running on it now: it is closed only when none is
+
+
+# The backends a running chunk holds (`WorkerRuntime.holding`): each coroutine's own.
+_held: ContextVar[list[_Served] | None] = ContextVar("promptmill_held_backends", default=None)
 
 
 @dataclass
@@ -75,7 +82,8 @@ class WorkerRuntime:
     settings: Settings
     specs: dict[str, JobSpec] = field(default_factory=dict)
     reachable: dict[str, bool] = field(default_factory=dict)  # job id -> sees the job's shard folder
-    served: dict[str, _Served] = field(default_factory=dict)  # backend name -> its instance and state
+    served: dict[tuple[str, Hashable], _Served] = field(default_factory=dict)  # (backend, identity) -> it
+    _swap: asyncio.Condition | None = None  # made on the loop: backends made, closed and let go under it
     limiters: dict[tuple[str, RateLimits], FleetLimiter] = field(default_factory=dict)
     scoped_jobs: set[str] = field(default_factory=set)
     careful: threading.Lock = field(default_factory=threading.Lock)  # one chunk at a time hunts for poison
@@ -154,7 +162,16 @@ class WorkerRuntime:
             in_use = {link.limits for spec in self.specs.values() for link in spec.links()}
             for key in [key for key in self.limiters if key[1] not in in_use]:
                 del self.limiters[key]
+            self.run(self._close_unused())
         return forgotten
+
+    async def _close_unused(self) -> None:
+        """Close the backends that no running chunk holds and no job held here uses."""
+        in_use = {(link.backend, transport(link).identity(link, self.settings)) for spec in self.specs.values() for link in spec.links()}
+        swap = self._swapping()
+        async with swap:
+            for key in [key for key, served in self.served.items() if key not in in_use and served.users == 0]:
+                await self.served.pop(key).backend.close()
 
     def stop_sending(self) -> None:
         """The process is going away (the run that started it is gone): every running chunk sends
@@ -186,21 +203,59 @@ class WorkerRuntime:
 
     # -- backends and their request path ----------------------------------------------------------
 
+    @contextlib.asynccontextmanager
+    async def holding(self) -> AsyncIterator[None]:
+        """A chunk runs: every backend it gets meanwhile (`_served`) is held for it, and let go after."""
+        held: list[_Served] = []
+        token = _held.set(held)
+        try:
+            yield
+        finally:
+            _held.reset(token)
+            swap = self._swapping()
+            async with swap:
+                for served in held:
+                    served.users -= 1
+                swap.notify_all()
+
+    def _swapping(self) -> asyncio.Condition:
+        if self._swap is None:
+            self._swap = asyncio.Condition()
+        return self._swap
+
     async def _served(self, job: JobSpec) -> _Served:
-        """The process's backend for the job; one that cannot serve it (an engine with other
-        arguments: one engine per process, since it holds the device) is closed and replaced."""
+        """The process's backend for the job's identity (held for the running chunk, if any).
+
+        Chunks of jobs on other servers or keys get backends of their own beside it (a client, and a
+        batch backend's pollers, live until no job held here uses them: `forget_ended_jobs`). A local
+        engine holds the device: one per process, so an engine with other arguments waits until the
+        chunks on the running one are done, and then replaces it (between chunks, never under one)."""
         factory = transport(job)
-        identity = factory.identity(job, self.settings)
-        served = self.served.get(job.backend)
-        if served is None or served.identity != identity:
-            if served is not None:
-                self.served.pop(job.backend)
-                await served.backend.close()
-            backend = factory(job, self.settings, self.store)
-            ceiling = backend.max_in_flight
-            slots = None if ceiling is None else AdaptiveConcurrency(ceiling=ceiling)
-            served = self.served[job.backend] = _Served(backend, identity, slots)
-        return served
+        key = (job.backend, factory.identity(job, self.settings))
+        held = _held.get()
+        mine = held or []
+        swap = self._swapping()
+        async with swap:
+            if key not in self.served and job.info.local:
+                others = [other for other in self.served if other[0] == job.backend]
+                # (a chunk never waits on an engine it holds itself: a fallback chain of local models)
+                await swap.wait_for(lambda: key in self.served or all(
+                    self.served[other].users == mine.count(self.served[other]) for other in others if other in self.served
+                ))  # fmt: skip
+            if key not in self.served:
+                if job.info.local:
+                    for other in [other for other in self.served if other[0] == job.backend]:
+                        if self.served[other].users == 0:
+                            await self.served.pop(other).backend.close()
+                backend = factory(job, self.settings, self.store)
+                ceiling = backend.max_in_flight
+                slots = None if ceiling is None else AdaptiveConcurrency(ceiling=ceiling)
+                self.served[key] = _Served(backend, key[1], slots)
+            served = self.served[key]
+            if held is not None:
+                served.users += 1
+                held.append(served)
+            return served
 
     def _limiter(self, backend: Backend, job: JobSpec) -> FleetLimiter | None:
         scope = backend.limit_scope(job)

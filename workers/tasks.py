@@ -120,7 +120,13 @@ class _StillWaiting(Exception):
 
 
 async def _run_requests(rt: WorkerRuntime, run: ChunkRun, pending: list[RenderedRequest]) -> int:
-    """Send the rows down the run's request path and commit their outcomes as they come."""
+    """Send the rows down the run's request path and commit their outcomes as they come, holding the
+    backends it uses meanwhile (another job's chunk never closes them under it)."""
+    async with rt.holding():
+        return await _send_and_commit(rt, run, pending)
+
+
+async def _send_and_commit(rt: WorkerRuntime, run: ChunkRun, pending: list[RenderedRequest]) -> int:
     job, lease_lost = run.job, run.lease.lost
     gate = Gate()
     carried = run.handed() if run.link else None
