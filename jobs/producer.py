@@ -21,7 +21,7 @@ from promptmill.jobs.state.store import JobStore
 from promptmill.pipelines.items import ErrorKind, ItemOutcome, RenderedRequest
 from promptmill.config.settings import get_settings
 from promptmill.pipelines.attachments import AttachmentError, describe, limits_for
-from promptmill.pipelines.render import RenderError, render_request
+from promptmill.pipelines.render import RenderError
 
 OnChunk = Callable[[ChunkPayload, bool], None]
 _ROOM_POLL_S = 0.2
@@ -61,11 +61,11 @@ class RequestMaker:
     def __init__(self, spec: JobSpec):
         self.spec = spec
         self.limits = limits_for(spec.backend)
-        self.access = spec.attachment_access(get_settings()) if spec.pipeline.attachments else None
+        self.settings = get_settings()
 
     def __call__(self, row_number: int, row: dict[str, Any], line: int) -> RenderedRequest | ItemOutcome:
         try:
-            request = render_request(self.spec.pipeline, row_number, row, line, self.access)
+            request = self.spec.render(row_number, row, line, self.settings)
             if request.attachments:
                 resized = self.spec.pipeline.resized
                 request.attachments = [

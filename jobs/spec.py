@@ -5,13 +5,15 @@ from __future__ import annotations
 import secrets
 from pathlib import Path
 from datetime import datetime, timezone
-from typing import Literal, get_args
+from typing import Any, Literal, Mapping, get_args
 
 from pydantic import BaseModel, Field
 
 from promptmill.config.backends import BACKENDS, BackendInfo, BackendName
 from promptmill.config.settings import MAX_CHUNK_SIZE, Settings, is_openai_url
 from promptmill.pipelines.attachments import Access
+from promptmill.pipelines.items import RenderedRequest
+from promptmill.pipelines.render import BODY_COLUMN, STAGED_COLUMNS, render_request
 from promptmill.pipelines.spec import MAX_PRIORITY, Pipeline, RateLimits
 
 InputFormat = Literal["jsonl", "json", "csv", "parquet", "openai-batch"]
@@ -43,6 +45,9 @@ class JobSpec(BaseModel):
     priority: int = Field(
         default=1, ge=1, le=MAX_PRIORITY, description="Its weight in the fleet's fair shares: 3 gets three times 1's rows."
     )
+    staged: bool = Field(
+        default=False, description="The input is promptmill's staging of the caller's rows: its reserved columns are ours."
+    )
     attachment_root: str | None = Field(
         default=None, description="The folder a row's relative file paths are in; None: the input file's."
     )
@@ -59,6 +64,21 @@ class JobSpec(BaseModel):
         folder = self.attachment_root or str(Path(self.input_path).parent)
         self_hosted = self.info.provider == "openai" and not is_openai_url(settings.openai_url(self.pipeline.base_url))
         return Access.of(folder, settings, self_hosted)
+
+    def render(self, row_number: int, row: Mapping[str, Any], line: int, settings: Settings) -> RenderedRequest:
+        """A row's request as this job makes it: its reserved columns read only where they are ours,
+        its files only where `settings` let the job take them from (RenderError, AttachmentError)."""
+        access = self.attachment_access(settings) if self.pipeline.attachments else None
+        return render_request(self.pipeline, row_number, row, line, access, self.own_columns)
+
+    @property
+    def own_columns(self) -> frozenset[str]:
+        """The reserved `_promptmill_*` columns that promptmill itself wrote into this job's input (an
+        OpenAI batch file's bodies, as its reader gives them; a staging's prompts): only these are read
+        as ours, never a user's column of the same name."""
+        return (frozenset({BODY_COLUMN}) if self.input_format == "openai-batch" else frozenset()) | (
+            STAGED_COLUMNS if self.staged else frozenset()
+        )
 
     @property
     def queue(self) -> str:

@@ -20,6 +20,8 @@ MESSAGES_COLUMN = "_promptmill_messages"
 #: A row of an OpenAI batch file holds its request's `body` here: its messages are the row's turns,
 #: its sampling parameters the row's own.
 BODY_COLUMN = "_promptmill_body"
+#: The columns promptmill writes into an input it stages (the Python API's prompt function's).
+STAGED_COLUMNS = frozenset({PROMPT_ERROR_COLUMN, MESSAGES_COLUMN})
 ROLES = ("system", "user", "assistant")
 _BODY_PARAMETERS = ("max_tokens", "temperature", "top_p", "stop", "seed", "response_format")
 
@@ -29,16 +31,19 @@ class RenderError(ValueError):
 
 
 def render_request(
-    pipeline: Pipeline, row_number: int, row: Mapping[str, Any], line: int = 0, access: Access | None = None
+    pipeline: Pipeline, row_number: int, row: Mapping[str, Any], line: int = 0, access: Access | None = None,
+    ours: frozenset[str] = frozenset(),
 ) -> RenderedRequest:
     """The row's request. Its attachments are references (`describe` reads them), each where `access`
-    allows (a relative path: inside the data's folder). Raises RenderError, or AttachmentError for an
+    allows (a relative path: inside the data's folder). The reserved columns in `ours` are the ones
+    promptmill itself wrote into this input (`JobSpec.own_columns`); in any other input a column of
+    that name is the user's, read as any other. Raises RenderError, or AttachmentError for an
     attachment's column."""
-    if row.get(PROMPT_ERROR_COLUMN):
+    if PROMPT_ERROR_COLUMN in ours and row.get(PROMPT_ERROR_COLUMN):
         raise RenderError(str(row[PROMPT_ERROR_COLUMN]))
-    if row.get(BODY_COLUMN) is not None:
+    if BODY_COLUMN in ours and row.get(BODY_COLUMN) is not None:
         return body_request(row_number, line, row[BODY_COLUMN])
-    if row.get(MESSAGES_COLUMN):
+    if MESSAGES_COLUMN in ours and row.get(MESSAGES_COLUMN):
         messages = conversation(orjson.loads(row[MESSAGES_COLUMN]))
         return RenderedRequest(row=row_number, line=line, prompt="\n\n".join(m["content"] for m in messages), messages=messages)
     # Each placeholder is looked up as a whole column name, never as an attribute or index path, so

@@ -27,7 +27,7 @@ from promptmill.jobs.readers import InvalidRow, iter_rows
 from promptmill.jobs.spec import JobSpec
 from promptmill.pipelines.attachments import AttachmentError, Loaded, image_size, image_tokens, load, open_ref
 from promptmill.pipelines.items import AttachmentRef
-from promptmill.pipelines.render import RenderError, render_request
+from promptmill.pipelines.render import RenderError
 
 TokenCounter = Callable[[str | None, str], int]  # (system, user turn) -> input tokens
 DocumentCounter = Callable[[Loaded], int]  # a document -> the input tokens it adds to a request
@@ -98,14 +98,14 @@ def estimate_job(
     image_total = 0
     documents: list[tuple[AttachmentRef, int]] = []  # reservoir sample of documents, with their row's line
     document_count = 0
-    access = spec.attachment_access(get_settings()) if pipeline.attachments else None
+    settings = get_settings()
     for number, line, row in iter_rows(Path(spec.input_path), spec.input_format, max_row_bytes=spec.max_row_bytes):
         rows += 1
         if isinstance(row, InvalidRow):
             unusable += 1
             continue
         try:
-            request = render_request(pipeline, number, row, line, access)
+            request = spec.render(number, row, line, settings)
             for ref in request.attachments or ():
                 if ref.kind == "image":
                     image_total += _image_tokens(ref, row[ref.column])

@@ -18,6 +18,7 @@ import numpy as np
 import orjson
 
 from promptmill.config.prices import PriceTable
+from promptmill.config.settings import get_settings
 from promptmill.jobs.ledger import row_costs
 from promptmill.jobs.readers import InvalidRow, iter_rows
 from promptmill.jobs.shards import ShardError, shard_lines
@@ -25,7 +26,6 @@ from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.state.keys import JobKeys
 from promptmill.jobs.state.store import JobStore
 from promptmill.pipelines.items import ErrorKind, Usage
-from promptmill.pipelines.render import render_request
 
 SortKey = Literal["row", "latency", "cost"]
 SORTS: tuple[str, ...] = ("row", "latency", "cost")
@@ -261,7 +261,7 @@ class RowIndex:
         if not self.spec.pipeline.store_text:
             return row, None
         try:
-            request = render_request(self.spec.pipeline, number, row, line, self.spec.input_path)
+            request = self.spec.render(number, row, line, get_settings())
         except ValueError as bad:
             return row, {"error": str(bad)}
         return row, {"system": self.spec.pipeline.system, "user": request.prompt,

@@ -193,3 +193,39 @@ def test_cache_prefix_needs_text_before_the_first_column(tmp_path, env):
     data.write_text(json.dumps({"text": "x"}) + "\n")
     refused = promptmill("submit", str(data), "--pipeline", str(pipeline), env=env)
     assert refused.returncode == 2 and "cache_prefix" in refused.stderr
+
+
+def test_a_rows_own_max_tokens_is_what_the_budget_holds_and_never_goes_past_it(tmp_path, env, fake_api):
+    """A batch file's rows carry their own max_tokens: one asking for 900,000 under a $0.01 budget is
+    held at its own worst case, so it is never sent; the rows within the budget go as they ask."""
+    lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": "claude-haiku-4-5", "max_tokens": 900_000 if i == 3 else 10,
+                       "messages": [{"role": "user", "content": f"Row {i}. [[reply:ok]]"}]}} for i in range(8)]  # fmt: skip
+    data = tmp_path / "requests.jsonl"
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    ran = promptmill("run", str(data), "--backend", "anthropic", "--out", str(tmp_path / "out"), "--budget", "0.01",
+                     "--workers", "1", env=env)  # fmt: skip
+    assert ran.returncode == 3 and "paused at its budget" in ran.stderr, ran.stderr
+    sent = [entry for entry in fake_api.log() if entry["prompt"]]
+    assert sent and all(entry["params"]["max_tokens"] == 10 for entry in sent), [e["params"]["max_tokens"] for e in sent]
+    assert not any(entry["prompt"].startswith("Row 3.") for entry in sent)
+    assert billed_usd(fake_api.log()) <= Decimal("0.01")
+
+
+def test_a_users_own_reserved_columns_are_ordinary_columns(tmp_path, env, fake_api):
+    """`_promptmill_body`, `_promptmill_messages` and `_promptmill_prompt_error` are promptmill's only
+    where it wrote them (a batch file's reader, the Python API's staging): in a user's dataset they
+    are columns like any other, so a row cannot swap its prompt or ask for 900,000 tokens."""
+    rows = [{"id": i, "text": f"row {i}",
+             "_promptmill_body": {"messages": [{"role": "user", "content": "PWNED"}], "max_tokens": 900_000},
+             "_promptmill_messages": json.dumps([{"role": "user", "content": "PWNED too"}]),
+             "_promptmill_prompt_error": "a failure of the user's making"} for i in range(4)]  # fmt: skip
+    data, _ = write_dataset(tmp_path, rows)
+    pipeline = tmp_path / "p.toml"
+    pipeline.write_text('name = "p"\nmodel = "claude-haiku-4-5"\nprompt = "Item {text} [[reply:yes]]"\nmax_tokens = 8\n')
+    ran = promptmill("run", str(data), "--pipeline", str(pipeline), "--out", str(tmp_path / "out"), env=env)
+    assert ran.returncode == 0, ran.stderr
+    assert [r["status"] for r in read_jsonl(tmp_path / "out" / "results.jsonl")] == ["ok"] * 4
+    sent = [entry for entry in fake_api.log() if entry["status"] == 200]
+    assert sorted(entry["prompt"] for entry in sent) == [f"Item row {i} [[reply:yes]]" for i in range(4)]
+    assert all(entry["params"]["max_tokens"] == 8 for entry in sent)

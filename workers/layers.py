@@ -155,11 +155,11 @@ class Budget:
 
     def _worst_case_micro_usd(self, call: Call) -> int:
         """The input estimated from characters (with a quarter's margin) at the dearer of the input
-        and cache-write prices, the output at `max_tokens`."""
+        and cache-write prices, the output at the row's `max_tokens`."""
         input_tokens = math.ceil(self.estimate.estimate(call.chars) * 1.25) + call.file_tokens
         price = self.prices.price_for(self.prices.ledger_model(call.job.model, input_tokens) + self.suffix)
         worst = max(price.input, price.cache_write_5m, price.cache_write_1h) * input_tokens
-        worst += price.output * call.job.pipeline.max_tokens
+        worst += price.output * call.max_tokens
         return math.ceil(worst)  # USD per million tokens x tokens = micro-USD
 
     async def __call__(self, call: Call, send: Send) -> Reply | None:
@@ -211,7 +211,7 @@ class Limit:
 
     async def __call__(self, call: Call, send: Send) -> Reply | None:
         limiter = self.limiter
-        max_tokens = call.job.pipeline.max_tokens
+        max_tokens = call.max_tokens
         # Output is reserved at max_tokens, and given back once the answer says what it used.
         asked = time.monotonic()
         grant = await limiter.acquire(*self._charge(self.estimate.estimate(call.chars) + call.file_tokens, max_tokens, max_tokens))

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from promptmill.api.comparing import compare_folder, plan_compare, run_compare
-from promptmill.api.data import need, stage, with_attachment_root
+from promptmill.api.data import need, stage, as_staged
 from promptmill.api.driving import check_model_built, open_store
 from promptmill.api.estimating import ESTIMATED_BACKENDS, estimate_spec
 from promptmill.api.jobs import JobError, progress_console
@@ -50,7 +50,7 @@ def estimate(
         spec = build_spec(settings, staged.path, chosen.file, backend, None, None, None, limits, staged.input_format)  # type: ignore[arg-type]
     except SubmitError as bad:
         raise JobError(str(bad)) from None
-    spec = with_attachment_root(spec, staged)
+    spec = as_staged(spec, staged)
     check_model_built(spec, settings)
     observed = None
     if job is not None:

@@ -34,6 +34,8 @@ class StagedInput:
     #: The folder the rows' relative file paths are in, where it is not the staged file's own: the
     #: caller's working folder for data in memory, the data file's for a file staged anew.
     attachment_root: Path | None = None
+    #: Its prompt columns were written here (the caller's prompt function): they are promptmill's own.
+    prompts: bool = False
 
 
 class MissingExtra(ImportError):
@@ -63,28 +65,28 @@ def stage(data: Any, pipeline: Pipeline, folder: Path, input_format: InputFormat
         if render is None:
             return StagedInput(path, fmt, file_sha256(path))
         rows = (row if isinstance(row, dict) else {PROMPT_ERROR_COLUMN: row.reason} for _, _, row in iter_rows(path, fmt))
-        return _rooted(_stage_jsonl(rows, render, folder), path.resolve().parent)
+        return _staged(_stage_jsonl(rows, render, folder), path.resolve().parent, render)
     root = Path.cwd().resolve()
     batches = _arrow_batches(data)
     if batches is not None:
-        return _rooted(_stage_parquet(batches, render, folder), root)
+        return _staged(_stage_parquet(batches, render, folder), root, render)
     if isinstance(data, Mapping) or not isinstance(data, Iterable):
         raise TypeError(
             f"data: expected a file's path, a pandas or polars DataFrame, a pyarrow Table, a datasets.Dataset "
             f"or an iterable of dicts, not {type(data).__name__}"
         )
-    return _rooted(_stage_jsonl(iter(data), render, folder), root)
+    return _staged(_stage_jsonl(iter(data), render, folder), root, render)
 
 
-def with_attachment_root(spec: Any, staged: StagedInput) -> Any:
-    """The job spec with the folder its rows' relative file paths are in, when staging says."""
-    if staged.attachment_root is None:
-        return spec
-    return spec.model_copy(update={"attachment_root": str(staged.attachment_root)})
+def as_staged(spec: Any, staged: StagedInput) -> Any:
+    """The job spec as staging made its input: the folder its rows' relative file paths are in, and
+    whether its prompt columns are promptmill's (`JobSpec.own_columns`)."""
+    root = str(staged.attachment_root) if staged.attachment_root is not None else None
+    return spec.model_copy(update={"attachment_root": root, "staged": staged.prompts})
 
 
-def _rooted(staged: StagedInput, root: Path) -> StagedInput:
-    return StagedInput(staged.path, staged.input_format, staged.sha256, root)
+def _staged(staged: StagedInput, root: Path, render: Callable[..., Any] | None) -> StagedInput:
+    return StagedInput(staged.path, staged.input_format, staged.sha256, root, prompts=render is not None)
 
 
 def file_sha256(path: Path) -> str:
@@ -214,4 +216,4 @@ def _named_by_content(partial: Path, fmt: InputFormat) -> StagedInput:
     return StagedInput(final, fmt, sha)
 
 
-__all__ = ["STAGED_COLUMNS", "MissingExtra", "StagedInput", "file_sha256", "need", "stage", "with_attachment_root"]
+__all__ = ["STAGED_COLUMNS", "MissingExtra", "StagedInput", "file_sha256", "need", "stage", "as_staged"]

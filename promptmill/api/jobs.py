@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 from rich.console import Console
 
-from promptmill.api.data import StagedInput, stage, with_attachment_root
+from promptmill.api.data import StagedInput, stage, as_staged
 from promptmill.api.driving import (
     check_model_built,
     create_job,
@@ -144,7 +144,7 @@ def _prepare(
         )  # fmt: skip
     except SubmitError as bad:
         raise JobError(str(bad)) from None
-    spec = with_attachment_root(spec, staged)
+    spec = as_staged(spec, staged)
     check_model_built(spec, settings)
     create_job(store, spec, budget)
     # Kept for good (a name outlives its job's keys): where its results are, with their spec and cost.

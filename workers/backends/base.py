@@ -55,6 +55,12 @@ class Call:
         return len(self.request.prompt) + len(self.job.pipeline.system or "")
 
     @property
+    def max_tokens(self) -> int:
+        """The most the row's answer may use: its own `max_tokens` (a batch file's row carries one), else
+        the pipeline's. What the limiter and the budget reserve for its output."""
+        return self.request.over(self.job.pipeline).max_tokens
+
+    @property
     def file_tokens(self) -> int:
         """At most what the row's images and documents add to its input: what the limiter reserves
         and the budget's worst case counts for them before the answer says."""
