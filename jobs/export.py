@@ -148,6 +148,18 @@ def own_folder(spec: JobSpec) -> bool:
     return True
 
 
+KEPT_FILE = "job.json"  #: beside a complete named job's results: its spec and cost, for when Redis has let it go
+REPORT_FILE = "report.html"
+
+
+def _names_job(path: Path, job_id: str) -> bool:
+    """Does the file (a job.json, a report) name this job? Another job may share the folder."""
+    try:
+        return path.is_file() and job_id in path.read_text(errors="replace")
+    except OSError:
+        return False
+
+
 def remove_job_files(spec: JobSpec) -> list[Path]:
     """Remove what the job wrote in its folder, and nothing else: its own shards and worker logs, its
     results, failures and manifest where the manifest names it, then each folder it empties. Only
@@ -159,7 +171,8 @@ def remove_job_files(spec: JobSpec) -> list[Path]:
     written = [*shard_paths(spec)]
     logs = folder / "logs"
     if not logs.is_symlink():
-        written += worker_logs(logs, spec.job_id)
+        written += worker_logs(logs, spec.job_id) + [logs / f"{spec.job_id}.ui-resume.log"]
+    written += [path for path in (folder / KEPT_FILE, folder / REPORT_FILE) if _names_job(path, spec.job_id)]
     if _manifest_names(folder / "manifest.json", spec.job_id):
         written += [folder / name for name in ("failures.jsonl", "output.jsonl", "errors.jsonl",
                                                *(f"results.{fmt}" for fmt in EXPORT_FORMATS[:3]))]  # fmt: skip
@@ -169,6 +182,11 @@ def remove_job_files(spec: JobSpec) -> list[Path]:
         if path.is_symlink() or path.is_file():
             path.unlink()
             removed.append(path)
+    if not any(folder.glob("*.html")):  # the script a report drew with, once no page is left to use it
+        for script in folder.glob("plotly-*.min.js"):
+            if script.is_file() or script.is_symlink():
+                script.unlink()
+                removed.append(script)
     unmark(spec)
     for emptied in (shard_dir(spec), logs, folder):
         if emptied.is_dir() and not emptied.is_symlink() and not any(emptied.iterdir()):

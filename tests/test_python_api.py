@@ -10,6 +10,7 @@ import subprocess
 import sys
 import re
 import textwrap
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -18,7 +19,7 @@ from pydantic import BaseModel
 import promptmill as pm
 from promptmill.config.settings import get_settings
 from promptmill.jobs.state.store import JobStore
-from tests.support import ROOT, interruptible, start_cli, stop, wait_until
+from tests.support import ROOT, interruptible, promptmill, start_cli, stop, wait_until
 from tests.test_api_jobs import successes_by_prompt
 
 HAIKU = "claude-haiku-4-5"
@@ -314,3 +315,62 @@ def test_the_readme_s_python_example_runs_as_written_and_every_python_block_comp
             compile(body.replace("await ", ""), path.name, "exec")
             for name in re.findall(r"\bpm\.(\w+)", body):
                 assert hasattr(pm, name), f"{path.name}: pm.{name}"
+
+
+def test_a_job_deleted_with_its_files_is_run_anew_by_the_same_pm_run(tmp_path, api_env, fake_api):
+    """`delete --files` removes the job's folder's files (job.json, report.html and the viewer's resume
+    log among them) and its names: the same `pm.run` then runs the job anew, never returning results
+    that are gone."""
+    pipeline = pm.Pipeline(**SENTIMENT)
+    first = pm.run(reviews(12), pipeline, out=tmp_path / "out", workers=1, progress=False)
+    assert first.status == "complete" and len(fake_api.log()) == 12
+    pm.Job(first.job_id).report()
+    (tmp_path / "out" / "logs").mkdir(exist_ok=True)
+    (tmp_path / "out" / "logs" / f"{first.job_id}.ui-resume.log").write_text("a resume from the viewer\n")
+    assert {"job.json", "report.html", "results.jsonl"} <= {path.name for path in (tmp_path / "out").iterdir()}
+    deleted = promptmill("delete", first.job_id, "--files", env=api_env)
+    assert deleted.returncode == 0, deleted.stderr
+    assert not (tmp_path / "out").exists()  # every file it wrote gone, and so its emptied folder
+    again = pm.run(reviews(12), pipeline, out=tmp_path / "out", workers=1, progress=False)
+    assert again.job_id != first.job_id and again.status == "complete"
+    assert len(fake_api.log()) == 24 and [r["output"] for r in again] == [r["output"] for r in first]
+
+
+def test_what_promptmill_writes_is_its_users_alone_whatever_the_umask(tmp_path, api_env, fake_api):
+    """Under a umask of 022 (files 0644, folders 0755 elsewhere), the data folder, the job folders,
+    staged inputs, results, shards and logs are 0700 and 0600, from the CLI and from Python; the
+    caller's own umask is as it was after a `pm.run`."""
+    import stat
+
+    before = os.umask(0o022)
+    try:
+        data, pipeline_path = write_rows(tmp_path / "in", 10)
+        ran = promptmill("run", str(data), "-p", str(pipeline_path), "--out", str(tmp_path / "cli-out"), env=api_env)
+        assert ran.returncode == 0, ran.stderr
+        results = pm.run(reviews(10), pm.Pipeline(**SENTIMENT), out=tmp_path / "pm-out", workers=1, progress=False)
+        assert results.status == "complete"
+        assert os.umask(0o022) == 0o022  # the caller's, given back
+    finally:
+        os.umask(before)
+    data_dir = Path(api_env["PROMPTMILL_DATA_DIR"])
+    assert any((data_dir / "inputs").iterdir())  # the frame, staged
+    written = 0
+    for root in (tmp_path / "cli-out", tmp_path / "pm-out", data_dir):
+        for path in [root, *root.rglob("*")]:
+            mode = path.lstat().st_mode
+            if stat.S_ISLNK(mode) or stat.S_ISSOCK(mode):
+                continue
+            assert mode & 0o077 == 0, f"{path} is {oct(mode & 0o777)}"
+            written += 1
+    assert written > 10
+
+
+def write_rows(folder: Path, count: int) -> tuple[Path, Path]:
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / "rows.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in reviews(count)))
+    pipeline = folder / "p.toml"
+    pipeline.write_text(pm.Pipeline(**SENTIMENT).to_toml())
+    return data, pipeline

@@ -8,13 +8,14 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.support import promptmill, read_jsonl, start_cli, stop, wait_until, write_dataset
+from tests.support import promptmill, promptmill_process, read_jsonl, start_cli, stop, wait_until, write_dataset
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (.ci/run installs it)")
@@ -275,3 +276,77 @@ def test_a_new_budget_from_the_page_or_the_cli_becomes_the_jobs_cap(browser, vie
     refused = promptmill("budget", job_id, "--", "-1", env=env)
     assert refused.returncode == 2 and "below 0" in refused.stderr
     assert json.loads(_cli(env, "status", job_id, "--json"))["budget"]["cap_usd"] is None
+
+
+def _ask(base: str, path: str, method: str = "GET", headers: dict | None = None, body: bytes | None = None):
+    """One request as sent (no redirect followed, no cookie kept): its status, headers and body."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    where = urlsplit(base)
+    connection = http.client.HTTPConnection(where.hostname, where.port, timeout=30)
+    try:
+        connection.putrequest(method, path, skip_host="Host" in (headers or {}))
+        for name, value in (headers or {}).items():
+            connection.putheader(name, value)
+        if body is not None:
+            connection.putheader("Content-Length", str(len(body)))
+        connection.endheaders(body)
+        answer = connection.getresponse()
+        return answer.status, answer.headers, answer.read().decode(errors="replace")
+    finally:
+        connection.close()
+
+
+def _said(headers) -> str:
+    from http.cookies import SimpleCookie
+    from urllib.parse import unquote
+
+    cookies = SimpleCookie()
+    for value in headers.get_all("set-cookie") or []:
+        cookies.load(value)
+    return unquote(cookies["promptmill_ui_said"].value) if "promptmill_ui_said" in cookies else ""
+
+
+def test_the_viewers_resume_runs_the_installed_command_never_code_from_its_folder_and_only_once(env, fake_api, tmp_path):
+    """The viewer runs in a folder holding a `typer.py` (a download, a project of the user's): the
+    resume it starts is the installed `promptmill`, which never imports it. A second resume while the
+    first runs is refused: one process resumes the job."""
+    from promptmill.web.guard import csrf_value
+
+    folder = tmp_path / "where-the-viewer-runs"
+    folder.mkdir()
+    marker = tmp_path / "typer-ran"
+    (folder / "typer.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\nraise SystemExit(9)\n")
+    fake_api.configure(latency_ms=200)
+    data, pipeline = write_dataset(tmp_path / "in", [{"text": f"fine {i}"} for i in range(40)], PIPELINE)
+    out = tmp_path / "out"
+    paused = promptmill("run", str(data), "-p", str(pipeline), "--budget", "0.0000001", "--out", str(out), "--json", env=env)
+    assert paused.returncode == 3, paused.stderr
+    job_id = json.loads(paused.stdout)["job_id"]
+    viewer = promptmill_process("ui", "--port", "0", env=env, cwd=folder, stdout=subprocess.PIPE, text=True)
+    try:
+        match = re.search(r"(http://127\.0\.0\.1:(\d+))/\?token=(\S+)", viewer.stdout.readline())
+        assert match
+        base, port, token = match.group(1), match.group(2), match.group(3)
+        held = {"Authorization": f"token {token}", "Content-Type": "application/x-www-form-urlencoded"}
+        form = f"csrf={csrf_value(token)}".encode()
+        _, first, _ = _ask(base, f"/jobs/{job_id}/budget", "POST", held, form + b"&usd=1")
+        _, second, _ = _ask(base, f"/jobs/{job_id}/resume", "POST", held, form)
+        assert "resuming here" in _said(first), _said(first)
+        assert "not resumed" in _said(second) or "nothing to resume" in _said(second), _said(second)
+        log = out / "logs" / f"{job_id}.ui-resume.log"
+        wait_until(lambda: json.loads(_cli(env, "status", job_id, "--json"))["state"] == "complete", 180, "the resume to end")
+        wait_until(lambda: "done " in log.read_text(), 60, "the resume's last line")
+        assert log.read_text().count("done ") == 1, log.read_text()  # one resume ran
+        assert not marker.exists()
+
+        # Its own address only: another Host (a rebound name) is refused; a redirect stays on this origin;
+        # its cookie is named by the port it really has (--port 0 here).
+        assert _ask(base, "/", headers={"Authorization": f"token {token}", "Host": f"evil.example:{port}"})[0] == 403
+        assert _ask(base, "/", headers={"Authorization": f"token {token}", "Host": f"localhost:{port}"})[0] == 200
+        status, headers, _ = _ask(base, f"//evil.example/?token={token}")
+        assert status == 303 and headers["location"].startswith("/") and not headers["location"].startswith("//")
+        assert headers["set-cookie"].startswith(f"promptmill_ui_{port}="), headers["set-cookie"]
+    finally:
+        stop(viewer)

@@ -61,6 +61,8 @@ Cluster slot and one Lua script may touch them together.
                                 "START+WIDTH|..." (10 minutes after an hour, an hour after a day);
                                 first, last: the job's first row's start and last row's end; rolled:
                                 when the slots were last rolled up
+    pm:names                    hash: a name the Python API gave a job -> JSON of its job id and folder
+                                (kept for good, as a name outlives its job's keys; gone with the job)
     pm:fair:{QUEUE}             sorted set: the queue's jobs with chunks waiting, by their pass (stride
                                 scheduling: the lowest runs next; jobs/state/fair.py)
     pm:fair:{QUEUE}:served      the queue's virtual time: the pass last served (a job joins there)
@@ -74,6 +76,7 @@ import string
 from dataclasses import dataclass
 
 JOBS_INDEX = "pm:jobs"
+NAMES_KEY = "pm:names"
 
 # Fields of pm:{JOB}:meta.
 META_STATE = "state"

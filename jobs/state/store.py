@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from typing import Iterator
 
+import orjson
 import redis
 
 from promptmill.config.celery_config import REDIS_CONNECTION_OPTIONS
@@ -21,6 +22,7 @@ from promptmill.jobs.state.keys import (
     COUNTER_FAILED,
     COUNTER_OK,
     JOBS_INDEX,
+    NAMES_KEY,
     META_CREATED_AT,
     META_ERROR,
     META_FINISHED_AT,
@@ -126,6 +128,12 @@ class JobStore:
             deleted += self.redis.unlink(*batch)
         self.redis.zrem(JOBS_INDEX, job_id)
         return deleted
+
+    def forget_names(self, job_id: str) -> int:
+        """Drop the Python API's names of the job (a job deleted by hand, with its files: the same
+        `pm.run` then runs anew instead of finding it). Its keys merely expiring keep its names."""
+        named = [name for name, found in self.redis.hscan_iter(NAMES_KEY) if orjson.loads(found).get("job_id") == job_id]
+        return self.redis.hdel(NAMES_KEY, *named) if named else 0
 
     def running_chunks(self, job_id: str) -> int:
         """Runs of the job's chunks holding a lease now (workers still on it)."""

@@ -15,7 +15,9 @@ import orjson
 
 from promptmill.api.data import file_sha256
 from promptmill.api.driving import check_model_built, create_job, drive, expire_if_finished, open_store, reopen
-from promptmill.api.jobs import NAMES_KEY, JobError, JobStopped, progress_console
+from promptmill.jobs.files import private_files
+from promptmill.jobs.state.keys import NAMES_KEY
+from promptmill.api.jobs import JobError, JobStopped, progress_console
 from promptmill.config.settings import get_settings
 from promptmill.jobs.export import write_run_batch_output
 from promptmill.jobs.state.status import JobState
@@ -34,6 +36,7 @@ class BatchRun:
     resumed: bool
 
 
+@private_files()
 def run_batch(
     input_file: str | Path,
     output_file: str | Path,

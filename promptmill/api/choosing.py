@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from promptmill.api.comparing import compare_folder, plan_compare, run_compare
-from promptmill.api.data import need, stage, as_staged
+from promptmill.api.data import as_staged, need, stage
+from promptmill.jobs.files import private_files
 from promptmill.api.driving import check_model_built, open_store
 from promptmill.api.estimating import ESTIMATED_BACKENDS, estimate_spec
 from promptmill.api.jobs import JobError, progress_console
@@ -20,6 +21,7 @@ from promptmill.pipelines.spec import RateLimits
 from promptmill.reports.compare.plan import CompareError
 
 
+@private_files()
 def estimate(
     data: Any,
     pipeline: Pipeline | str | Path,
@@ -64,6 +66,7 @@ def estimate(
     return {**figures.as_dict(), **({"engine": speed} if speed else {})}
 
 
+@private_files()
 def compare(
     data: Any,
     pipeline: Pipeline | str | Path,

@@ -34,15 +34,15 @@ from promptmill.config.backends import BACKENDS
 from promptmill.config.settings import Settings, get_settings
 from promptmill.jobs.dispatch import ChunkSender
 from promptmill.jobs.enqueue import enqueue
-from promptmill.jobs.export import export_job
-from promptmill.jobs.files import atomic_write
+from promptmill.jobs.export import KEPT_FILE, export_job
+from promptmill.jobs.files import atomic_write, private_files
 from promptmill.jobs.ledger import cost_report
 from promptmill.jobs.spec import InputFormat, JobSpec
+from promptmill.jobs.state.keys import NAMES_KEY
 from promptmill.jobs.state.status import JobState
 from promptmill.jobs.state.store import JobStore
 from promptmill.jobs.submission import SubmitError, build_spec
 
-NAMES_KEY = "pm:names"  #: name -> job id, for the jobs the Python API named
 
 
 class JobError(RuntimeError):
@@ -85,7 +85,6 @@ def progress_console(progress: bool) -> Console:
     return Console(stderr="ipykernel" not in sys.modules)
 
 
-KEPT_FILE = "job.json"  #: beside a complete job's results: its spec and cost, for when Redis has let it go
 
 
 class _Prepared:
@@ -104,14 +103,20 @@ def _refuse_other_work(name: str, job_id: str, was: str | None, now: str) -> Non
         )
 
 
-def _kept(out_dir: str, pipeline: Pipeline) -> tuple[JobSpec, Results] | None:
-    """A complete job's results as kept on disk (its keys in Redis expire after JOB_TTL_DAYS)."""
-    kept = Path(out_dir) / KEPT_FILE
-    if not kept.exists():
+def _kept(named: dict[str, str], pipeline: Pipeline) -> tuple[JobSpec, Results] | None:
+    """A complete job's results as kept on disk (its keys in Redis expire after JOB_TTL_DAYS); None
+    where they are not all there (removed, or another job's): the work runs anew."""
+    kept, results = Path(named["out"]) / KEPT_FILE, Path(named["out"]) / "results.jsonl"
+    if not kept.is_file() or not results.is_file():
         return None
-    saved = orjson.loads(kept.read_bytes())
-    spec = JobSpec.model_validate(saved["spec"])
-    return spec, Results(spec, saved["status"], saved["cost"], Path(out_dir) / "results.jsonl", pipeline.output_model)
+    try:
+        saved = orjson.loads(kept.read_bytes())
+        spec = JobSpec.model_validate(saved["spec"])
+    except (orjson.JSONDecodeError, KeyError, ValueError):
+        return None
+    if spec.job_id != named["job_id"]:
+        return None
+    return spec, Results(spec, saved["status"], saved["cost"], results, pipeline.output_model)
 
 
 def _prepare(
@@ -131,7 +136,7 @@ def _prepare(
         _refuse_other_work(name, spec.job_id, spec.fingerprint, asked)
         status = reopen(settings, store, spec, budget)
         return _Prepared(spec, resuming=True, done=status.state is JobState.complete)
-    kept = _kept(named["out"], pipeline) if named is not None else None
+    kept = _kept(named, pipeline) if named is not None else None
     if kept is not None:
         spec, results = kept
         _refuse_other_work(name, spec.job_id, spec.fingerprint, asked)
@@ -183,6 +188,7 @@ def _results(settings: Settings, store: JobStore, spec: JobSpec, pipeline: Pipel
     return Results(spec, status.state.value, cost, Path(written["results"]), model)
 
 
+@private_files()
 def run(
     data: Any,
     pipeline: Pipeline | str | Path,
@@ -242,6 +248,7 @@ async def run_async(data: Any, pipeline: Pipeline | str | Path, **options: Any) 
     return await asyncio.to_thread(run, data, pipeline, **options)
 
 
+@private_files()
 def submit(
     data: Any,
     pipeline: Pipeline | str | Path,
@@ -311,6 +318,7 @@ class Job:
         return {"job_id": self.job_id, "state": status.state.value, "reason": status.error, "ok": status.ok,
                 "failed": status.failed, "total": status.total, "produced": status.produced}  # fmt: skip
 
+    @private_files()
     def wait(self, timeout: float | None = None, poll_s: float = 0.5) -> Results:
         """Wait for the job to stop; its results when complete, else `JobStopped` (TimeoutError past `timeout`)."""
         import time
@@ -327,6 +335,7 @@ class Job:
             raise JobStopped(self.job_id, status["state"], status["reason"])
         return self.results()
 
+    @private_files()
     def results(self) -> Results:
         """The job's records so far (all of them once it is complete), exported to its folder."""
         settings = get_settings()
@@ -362,6 +371,7 @@ class Job:
             except ValueError as below_zero:
                 raise JobError(str(below_zero)) from None
 
+    @private_files()
     def resume(self, *, workers: int | None = None, budget: float | None = None, progress: bool = True,
                max_failed_share: float | None = 0.5, detach: bool = False) -> "Results | Job":  # fmt: skip
         """Go on from where the job stopped, here, to its end (as `promptmill resume`), and return its
@@ -379,6 +389,7 @@ class Job:
                 _drive(settings, store, url, spec, workers, True, progress_console(progress), max_failed_share)
             return self if detach else _results(settings, store, spec, self._pipeline)
 
+    @private_files()
     def report(self, out: str | Path | None = None) -> Path:
         """Write the job's report.html (as `promptmill report`); returns its path."""
         from promptmill.reports.report import write_report

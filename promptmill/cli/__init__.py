@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from promptmill.cli import batch_files, comparing, init, inspecting, listing, managing, running, viewer, worker  # noqa: F401 - each registers its commands
 from promptmill.cli.app import app
+from promptmill.jobs.files import make_private
 
 # An example for every command, shown at the end of its --help (one table: a command without one fails
 # the tests).
@@ -46,4 +47,5 @@ for _command in app.registered_commands:
 
 
 def main() -> None:
+    make_private()  # what it writes, and its workers write, is the user's alone
     app()

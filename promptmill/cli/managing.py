@@ -113,7 +113,7 @@ def _delete(store: JobStore, job_id: str, files: bool) -> str:
     store.set_state(job_id, JobState.cancelled)  # workers on it stop sending before its keys go
     _let_running_chunks_end(store, job_id)
     removed = remove_job_files(spec) if files else []
-    keys = store.delete_job(job_id)
+    keys = store.delete_job(job_id) + store.forget_names(job_id)
     return f"deleted job {job_id}: {keys:,} Redis keys" + (f", {len(removed):,} files and folders" if files else "")
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
+import threading
 from pathlib import Path
 
 from starlette.exceptions import HTTPException
@@ -17,6 +17,7 @@ from starlette.responses import RedirectResponse, Response
 from promptmill.api.jobs import Job, JobError
 from promptmill.jobs.state.status import JobState
 from promptmill.web.pages import spec_of, viewer_of
+from promptmill.workers.local_workers import promptmill_command
 
 
 def _back(job_id: str, said: str) -> Response:
@@ -25,17 +26,31 @@ def _back(job_id: str, said: str) -> Response:
     return response
 
 
+class ResumeRunning(RuntimeError):
+    """A resume this viewer started for the job is still running."""
+
+
+_resumes: dict[str, subprocess.Popen] = {}  # job id -> the resume this viewer started for it
+_resumes_lock = threading.Lock()
+
+
 def resume_in_background(job_id: str, out_dir: str, retry_failed: bool = False, budget: float | None = None) -> Path:
-    """`promptmill resume JOB` in a process of its own (it outlives the viewer); returns its log."""
+    """`promptmill resume JOB` in a process of its own (it outlives the viewer), by the installed
+    command (never `python -m` from the viewer's folder, whose files would come first on its import
+    path); returns its log. A second while the first still runs raises ResumeRunning."""
     logs = Path(out_dir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / f"{job_id}.ui-resume.log"
-    command = [sys.executable, "-m", "promptmill", "resume", job_id]
+    command = [*promptmill_command(), "resume", job_id]
     command += ["--retry-failed"] if retry_failed else []
     command += ["--budget", str(budget)] if budget is not None else []
-    with log.open("ab") as written:
-        subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=written, stderr=subprocess.STDOUT,
-                         start_new_session=True, env=os.environ.copy())  # fmt: skip
+    with _resumes_lock:
+        running = _resumes.get(job_id)
+        if running is not None and running.poll() is None:
+            raise ResumeRunning(f"a resume of job {job_id} started here is still running (pid {running.pid}); its log: {log}")
+        with log.open("ab") as written:
+            _resumes[job_id] = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=written, stderr=subprocess.STDOUT,
+                                                start_new_session=True, env=os.environ.copy())  # fmt: skip
     return log
 
 
@@ -69,7 +84,10 @@ def _act(request: Request, usd: str) -> Response:
             return _back(spec.job_id, f"budget set to ${budget:,.2f}")
     if state.runnable:
         return _back(spec.job_id, f"the job is {state.value}: nothing to resume")
-    log = resume_in_background(spec.job_id, spec.out_dir, retry_failed=action == "retry-failed", budget=budget)
+    try:
+        log = resume_in_background(spec.job_id, spec.out_dir, retry_failed=action == "retry-failed", budget=budget)
+    except ResumeRunning as running:
+        return _back(spec.job_id, f"not resumed: {running}")
     return _back(spec.job_id, f"resuming here (promptmill resume); its log: {log}")
 
 

@@ -24,6 +24,17 @@ SECURITY_HEADERS = {
 }
 
 
+#: The names the viewer answers to (its --host too): a request naming another host is refused.
+LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def _host_name(header: str) -> str:
+    """The host of a Host header, without its port (`[::1]:8686` -> `::1`)."""
+    if header.startswith("["):
+        return header[1 : header.find("]")].lower() if "]" in header else ""
+    return header.rsplit(":", 1)[0].lower() if header.count(":") == 1 else header.lower()
+
+
 def new_token() -> str:
     return secrets.token_urlsafe(24)
 
@@ -36,8 +47,8 @@ def csrf_value(token: str) -> str:
 class TokenGuard:
     """ASGI middleware: refuse any request without the token, and an action without its CSRF value."""
 
-    def __init__(self, app: ASGIApp, token: str, cookie: str):
-        self.app, self.token, self.cookie = app, token, cookie
+    def __init__(self, app: ASGIApp, token: str, cookie: str, hosts: frozenset[str] = LOCAL_HOSTS):
+        self.app, self.token, self.cookie, self.hosts = app, token, cookie, hosts
 
     def _holds(self, offered: str | None) -> bool:
         return offered is not None and hmac.compare_digest(offered.encode(), self.token.encode())
@@ -47,13 +58,19 @@ class TokenGuard:
             await self.app(scope, receive, send)
             return
         request = Request(scope, receive)
+        if _host_name(request.headers.get("host", "")) not in self.hosts:
+            # A page elsewhere whose name was pointed at 127.0.0.1 (DNS rebinding) names itself here.
+            refused = PlainTextResponse("403: this viewer answers to its own address only", status_code=403)
+            await refused(scope, receive, _with_headers(send))
+            return
         in_url = request.query_params.get("token")
         header = request.headers.get("authorization", "")
         offered = header[6:] if header.startswith("token ") else request.cookies.get(self.cookie)
         if self._holds(in_url) and request.method == "GET":
             # Keep the token in a cookie for this port and drop it from the address bar and history.
             rest = urlencode([(k, v) for k, v in request.query_params.multi_items() if k != "token"])
-            response: Response = RedirectResponse(request.url.path + (f"?{rest}" if rest else ""), status_code=303)
+            path = "/" + request.url.path.lstrip("/\\")  # never `//elsewhere`: a redirect stays on this origin
+            response: Response = RedirectResponse(path + (f"?{rest}" if rest else ""), status_code=303)
             response.set_cookie(self.cookie, self.token, httponly=True, samesite="strict", path="/")
         elif not self._holds(offered):
             response = PlainTextResponse(

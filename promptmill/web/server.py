@@ -21,7 +21,7 @@ from promptmill.api.driving import open_store
 from promptmill.config.settings import Settings, get_settings
 from promptmill.web import pages
 from promptmill.web.actions import act
-from promptmill.web.guard import SECURITY_HEADERS, TokenGuard, new_token
+from promptmill.web.guard import LOCAL_HOSTS, SECURITY_HEADERS, TokenGuard, new_token
 from promptmill.web.state import ViewerState
 
 DEFAULT_PORT = 8686
@@ -45,7 +45,7 @@ async def _refused(request: Request, exc: Exception) -> Response:
     return PlainTextResponse(f"{code}: {getattr(exc, 'detail', exc)}", status_code=code, headers=SECURITY_HEADERS)
 
 
-def create_app(state: ViewerState, port: int) -> Starlette:
+def create_app(state: ViewerState, port: int, host: str = "127.0.0.1") -> Starlette:
     job = "/jobs/{job_id:str}"
     routes = [
         Route("/", pages.jobs_page),
@@ -60,19 +60,24 @@ def create_app(state: ViewerState, port: int) -> Starlette:
         Route("/static/plotly.min.js", plotly_js),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
-    app = Starlette(routes=routes, middleware=[Middleware(TokenGuard, token=state.token, cookie=f"promptmill_ui_{port}")],
+    guard = Middleware(TokenGuard, token=state.token, cookie=f"promptmill_ui_{port}", hosts=_names(host))
+    app = Starlette(routes=routes, middleware=[guard],
                     exception_handlers={404: _refused, 405: _refused, 409: _refused})  # fmt: skip
     app.state.viewer = state
     return app
 
 
-def _port_taken(host: str, port: int) -> bool:
-    with socket.socket() as probe:
+def _names(host: str) -> frozenset[str]:
+    """The names a request may give as its Host: the local ones, --host, and for a wildcard address
+    (every interface) this machine's name and addresses."""
+    names = {host.lower()}
+    if host in ("0.0.0.0", "::", ""):
         try:
-            probe.bind((host, port))
+            name, aliases, addresses = socket.gethostbyname_ex(socket.gethostname())
+            names |= {name.lower(), *(alias.lower() for alias in aliases), *addresses}
         except OSError:
-            return True
-        return False
+            pass
+    return LOCAL_HOSTS | names
 
 
 class Viewer:
@@ -81,39 +86,41 @@ class Viewer:
     def __init__(self, host: str = "127.0.0.1", port: int = DEFAULT_PORT, settings: Settings | None = None):
         import uvicorn
 
-        if port and _port_taken(host, port):
-            raise OSError(f"port {port} on {host} is in use: choose another with --port (0: any free one)")
+        # Bound here, before the app is made: its cookie is named by the port it really has (0: any free one).
+        self._socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self._socket.bind((host, port))
+        except OSError:
+            self._socket.close()
+            raise OSError(f"port {port} on {host} is in use: choose another with --port (0: any free one)") from None
+        self.host = host
+        self.port = self._socket.getsockname()[1]
         self._stack = ExitStack()
+        self._stack.callback(self._socket.close)
         settings = settings or get_settings()
         store, _ = self._stack.enter_context(open_store(settings))
         self.token = new_token()
-        app = create_app(ViewerState(settings, store, self.token), port)
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off")
+        app = create_app(ViewerState(settings, store, self.token), self.port, host)
+        config = uvicorn.Config(app, host=host, port=self.port, log_level="warning", access_log=False, lifespan="off")
         self._server = uvicorn.Server(config)
-        self.host = host
-        self.port = port
 
     @property
     def url(self) -> str:
         shown = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
         return f"http://{shown}:{self.port}/?token={self.token}"
 
-    def _bound_port(self) -> None:
-        for server in getattr(self._server, "servers", []):
-            for sock in server.sockets:
-                self.port = sock.getsockname()[1]
-                return
-
     def start(self) -> "Viewer":
         """Serve from a thread of this process; returns once it answers."""
-        self._thread = threading.Thread(target=self._server.run, daemon=True, name="promptmill-ui")
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True, name="promptmill-ui"
+        )
         self._thread.start()
         while not self._server.started:
             if not self._thread.is_alive():
                 self._stack.close()  # an embedded Redis it started stops too
                 raise OSError(f"the viewer could not serve on {self.host}:{self.port}")
             time.sleep(0.05)
-        self._bound_port()
         return self
 
     def wait(self) -> None:
