@@ -44,14 +44,15 @@ class BatchFile:
     max_tokens: int | None  # the first max_tokens (or max_completion_tokens) a request names
 
 
-def check_batch_file(path: Path) -> BatchFile:
+def check_batch_file(path: Path, max_row_bytes: int) -> BatchFile:
     """Read the whole file once: every line a chat completions request with an object body and a
-    `custom_id` of its own, or a `BatchFileError` naming the lines that are not (10 of them, and the count)."""
+    `custom_id` of its own, or a `BatchFileError` naming the lines that are not (10 of them, and the
+    count). A line over `max_row_bytes` is never held whole: it is one of those named."""
     seen: set[str] = set()
     bad: list[str] = []
     model = max_tokens = None
     requests = 0
-    for line_number, row, _ in json_lines(path, limit=1 << 26):
+    for line_number, row, _ in json_lines(path, limit=max_row_bytes):
         requests += 1
         problem = _problem(row, seen)
         if problem:
@@ -72,7 +73,7 @@ def check_batch_file(path: Path) -> BatchFile:
 
 def _problem(row: Any, seen: set[str]) -> str | None:
     if row is None:
-        return "too long"
+        return "over PROMPTMILL_MAX_ROW_BYTES"
     if not isinstance(row, dict):
         return row.reason.split(": ", 1)[-1]  # an InvalidRow: not JSON, not an object
     if row.get("url") != ENDPOINT:

@@ -60,7 +60,7 @@ def build_spec(
     except ValueError as bad:
         raise SubmitError(f"INPUT: {bad}") from None
     pipeline_path = pipeline_source if isinstance(pipeline_source, Path) else None
-    batch_file = _batch_file(input_path) if fmt == "openai-batch" else None
+    batch_file = _batch_file(input_path, settings.max_row_bytes) if fmt == "openai-batch" else None
     if pipeline_source is None:
         if batch_file is None:
             raise SubmitError("--pipeline: a pipeline file is needed (only an OpenAI batch file runs without one)")
@@ -148,9 +148,9 @@ def _deadline_at(deadline: str | None, backend: BackendName) -> float | None:
         raise SubmitError(f"deadline: {bad}") from None
 
 
-def _batch_file(input_path: Path) -> BatchFile:
+def _batch_file(input_path: Path, max_row_bytes: int) -> BatchFile:
     try:
-        return check_batch_file(input_path)
+        return check_batch_file(input_path, max_row_bytes)
     except BatchFileError as bad:
         raise SubmitError(str(bad)) from None
 

@@ -8,6 +8,7 @@ import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from promptmill.cli import app
 from promptmill.jobs.readers import InvalidRow, iter_rows
@@ -37,9 +38,12 @@ def test_a_row_with_no_end_is_skipped_unread_and_memory_stays_bounded_by_max_row
     jsonl.write_bytes(b'{"text": "before"}\n{"text": "' + huge + b'"}\n{"text": "after"}\n')
     csv_file = tmp_path / "rows.csv"
     csv_file.write_bytes(b'id,text\n1,before\n2,"a quote never closed\n' + huge + b"\n3,after\n")
+    array = tmp_path / "rows.json"  # an array's item of 40 MB, with brackets, commas and escapes in its strings
+    array.write_bytes(b'[{"text": "before"},\n {"text": "' + huge + b'", "more": ["]", "\\"}", {}]},\n {"text": "after"}]')
     for data, fmt, before, after in (
         (jsonl, "jsonl", {"text": "before"}, {"text": "after"}),
         (csv_file, "csv", {"id": "1", "text": "before"}, {"id": "3", "text": "after"}),
+        (array, "json", {"text": "before"}, {"text": "after"}),
     ):
         tracemalloc.start()
         try:
@@ -51,8 +55,24 @@ def test_a_row_with_no_end_is_skipped_unread_and_memory_stays_bounded_by_max_row
         failed = rows[1][2]
         assert isinstance(failed, InvalidRow) and "over PROMPTMILL_MAX_ROW_BYTES (1,048,576)" in failed.reason
         assert [number for number, _, _ in rows] == [0, 1, 2]
-        assert rows[2][1] == (3 if fmt == "jsonl" else 5), rows  # the line the next row starts on
+        assert rows[2][1] == {"jsonl": 3, "csv": 5, "json": 3}[fmt], rows  # the line (or item) the next row starts on
         assert peak < 6 * limit, f"{fmt}: the reader held {peak:,} bytes at its peak"
+
+    # A batch file's check reads its lines under the same limit: the long one is named, never held.
+    from promptmill.jobs.batch_files import BatchFileError, check_batch_file
+
+    batch = tmp_path / "requests.jsonl"
+    request = {"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "m", "messages": []}}
+    batch.write_bytes(json.dumps(request).encode() + b"\n" + json.dumps({**request, "custom_id": "r2"}).encode()[:-2]
+                      + b', "pad": "' + huge + b'"}}\n')  # fmt: skip
+    tracemalloc.start()
+    try:
+        with pytest.raises(BatchFileError, match="line 2: over PROMPTMILL_MAX_ROW_BYTES"):
+            check_batch_file(batch, limit)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 6 * limit, f"the batch file's check held {peak:,} bytes at its peak"
 
 
 def test_a_utf8_bom_starts_a_jsonl_file_without_failing_its_first_row(tmp_path):
