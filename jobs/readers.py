@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import IO, Any, Iterator
 
 import orjson
 
+from promptmill.jobs.json_array import BrokenArray, array_items
 from promptmill.jobs.spec import INPUT_FORMATS, InputFormat
 from promptmill.pipelines.render import BODY_COLUMN
 
@@ -34,7 +34,6 @@ _BOM = b"\xef\xbb\xbf"
 # its lines are read (`_BoundedLines`), before the csv module sees them.
 csv.field_size_limit(sys.maxsize)
 _SKIP_READ = 1 << 16  # what an oversized line is skipped by, a read at a time
-_READ_BLOCK = 1 << 16  # what a JSON array is scanned by
 
 
 @dataclass(frozen=True)
@@ -183,7 +182,7 @@ def _json_rows(path: Path, skip: int, digest: Any = None, limit: int | None = No
             return
         position = 0
         try:
-            for position, raw in enumerate(_array_items(handle, limit), start=1):
+            for position, raw in enumerate(array_items(handle, limit), start=1):
                 if position <= skip:
                     continue
                 if raw is None:
@@ -194,81 +193,9 @@ def _json_rows(path: Path, skip: int, digest: Any = None, limit: int | None = No
                 if isinstance(value, InvalidRow):
                     value = InvalidRow(value.reason.replace(f"line {position}:", f"item {position}:", 1))
                 yield position, value, len(raw)
-        except _BrokenArray as bad:
+        except BrokenArray as bad:
             # The array is cut or broken from here on: one failed item says where, nothing after it.
             yield position + 1, InvalidRow(f"item {position + 1}: the JSON array is not valid from here ({bad})"), 0
-
-
-class _BrokenArray(ValueError):
-    pass
-
-
-# Outside a string, the bytes that matter to an item's bounds; inside one, its end or an escape.
-_STRUCTURE = re.compile(rb'["{}\[\],]')
-_IN_STRING = re.compile(rb'["\\]')
-
-
-def _array_items(handle: IO[bytes], limit: int | None) -> Iterator[bytes | None]:
-    """The raw bytes of each item of the top-level JSON array the file holds (None for one over
-    `limit`, whose bytes are dropped as they are read), by a scan that jumps from one string quote
-    or bracket to the next: nothing is parsed here, and memory holds one item at most."""
-    depth, in_string, escaped = 0, False, False
-    item = bytearray()
-    over = False
-    started = False  # the item has a byte other than space
-    while block := handle.read(_READ_BLOCK):
-        at, taken = 0, 0
-        while at < len(block):
-            if escaped:
-                escaped, at = False, at + 1
-                continue
-            found = (_IN_STRING if in_string else _STRUCTURE).search(block, at)
-            if found is None:
-                at = len(block)
-                break
-            char, at = found.group(), found.end()
-            if in_string:
-                if char == b"\\":
-                    escaped = True
-                else:
-                    in_string = False
-                continue
-            if depth == 0:  # before the array: its own bracket, where items start
-                if char != b"[":
-                    raise _BrokenArray(f"{char.decode()} before the array's [")
-                depth, taken = 1, at
-            elif char == b'"':
-                in_string = True
-            elif char in (b"{", b"["):
-                depth += 1
-            elif char in (b"}", b"]") and depth > 1:
-                depth -= 1
-            elif depth == 1 and char in (b",", b"]"):  # the end of an item (and of the array, at "]")
-                item, over, started = _add(item, block[taken : at - 1], limit, over, started)
-                taken = at
-                if started:
-                    yield None if over else bytes(item)
-                elif char == b",":
-                    raise _BrokenArray("an empty item")
-                item, over, started = bytearray(), False, False
-                if char == b"]":
-                    depth = 0
-                    return
-            elif char != b",":  # (a comma inside an item is the item's)
-                raise _BrokenArray(f"an unmatched {char.decode()}")
-        if depth >= 1:
-            item, over, started = _add(item, block[taken:], limit, over, started)
-    raise _BrokenArray("the file ends before the array does")
-
-
-def _add(item: bytearray, part: bytes, limit: int | None, over: bool, started: bool) -> tuple[bytearray, bool, bool]:
-    started = started or bool(part.strip())
-    if over:
-        return item, over, started
-    item += part
-    if limit is not None and len(item) > limit:
-        return bytearray(), True, started
-    return item, over, started
 
 
 def _first_char(handle: io.BufferedReader) -> bytes:

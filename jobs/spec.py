@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 
 from promptmill.config.backends import BACKENDS, BackendInfo, BackendName
 from promptmill.config.settings import MAX_CHUNK_SIZE, Settings, is_openai_url
-from promptmill.pipelines.attachments import Access
+from promptmill.pipelines.file_access import Access
 from promptmill.pipelines.items import RenderedRequest
 from promptmill.pipelines.render import BODY_COLUMN, STAGED_COLUMNS, render_request
 from promptmill.pipelines.spec import MAX_PRIORITY, Pipeline, RateLimits

@@ -1,7 +1,7 @@
 """Rows that carry images and documents: where a row's file is, what it is, and its bytes when sent.
 
-A pipeline's `[[attachments]]` name the columns that hold a file: a local path (relative to the
-input file's folder), a `file://`, `s3://` or `gs://` URL (the last two through fsspec), an
+A pipeline's `[[attachments]]` name the columns that hold a file: a local path (inside the input
+file's folder), a `file://`, `s3://` or `gs://` URL (where the operator allows: file_access.py), an
 `https://` URL the provider fetches itself, or the bytes themselves (a Parquet binary column).
 
 The bytes never wait in Redis. The producer records each attachment's reference, size, media type
@@ -19,7 +19,6 @@ import functools
 import hashlib
 import io
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable
@@ -28,17 +27,12 @@ from urllib.parse import unquote, urlparse
 from promptmill.pipelines.items import AttachmentRef
 
 INPUT_SOURCE = "input"  # the bytes are the input row's own (a Parquet binary column), read from the file again
-_REMOTE = ("s3://", "gs://", "gcs://")
+REMOTE = ("s3://", "gs://", "gcs://")
 _URL = ("https://", "http://")
 _READ = 1 << 20
 
-_MAGIC = (
-    (b"\x89PNG\r\n\x1a\n", "image/png"),
-    (b"\xff\xd8\xff", "image/jpeg"),
-    (b"GIF87a", "image/gif"),
-    (b"GIF89a", "image/gif"),
-    (b"%PDF-", "application/pdf"),
-)
+_MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF87a", "image/gif"),
+          (b"GIF89a", "image/gif"), (b"%PDF-", "application/pdf"))  # fmt: skip
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")
 DOCUMENT_TYPES = ("application/pdf",)
 _BY_SUFFIX = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
@@ -101,107 +95,7 @@ def media_type(head: bytes, name: str = "") -> str | None:
     return _BY_SUFFIX.get(Path(urlparse(name).path).suffix.lower()) if name and not head else None
 
 
-# -- where a row's file may come from ---------------------------------------------------------------
-
-_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 MAX_IMAGE_PIXELS = 50_000_000  # read from an image's header before it is decoded: a bigger one fails its row
-
-
-def _entries(listed: str) -> list[str]:
-    return [entry.strip() for entry in listed.split(",") if entry.strip()]
-
-
-@dataclass(frozen=True)
-class Access:
-    """Where a job's rows may take their files from: the data's own folder (symlinks followed, then
-    checked), and what the workers' operator allows beside it (`PROMPTMILL_ATTACHMENT_ROOTS`: folders
-    and cloud buckets; `PROMPTMILL_ATTACHMENT_URL_HOSTS`: the https hosts a self-hosted server may be
-    sent to fetch). The producer checks each row's value (`source`); the worker checks the recorded
-    reference again (`check`), whatever a spec in Redis says."""
-
-    folder: Path  #: the data's folder: a relative path is inside it or refused
-    roots: tuple[Path, ...] = ()
-    buckets: tuple[str, ...] = ()  #: "s3://bucket", "gs://bucket"
-    url_hosts: tuple[str, ...] | None = None  #: None: the provider fetches an https URL itself, any host
-
-    @classmethod
-    def of(cls, folder: str | Path, settings: Any, self_hosted: bool) -> "Access":
-        roots, buckets = [], []
-        for entry in _entries(settings.attachment_roots):
-            if entry.startswith(_REMOTE):
-                scheme, _, rest = entry.partition("://")
-                buckets.append(f"{'gs' if scheme == 'gcs' else scheme}://{rest.strip('/').split('/')[0]}")
-            else:
-                roots.append(Path(entry).expanduser().resolve())
-        hosts = tuple(entry.lower() for entry in _entries(settings.attachment_url_hosts)) if self_hosted else None
-        return cls(Path(folder).resolve(), tuple(roots), tuple(buckets), hosts)
-
-    def source(self, value: Any, column: str) -> str:
-        """Where a row's attachment is, from its column's value: a real path (symlinks resolved)
-        inside the data's folder or an allowed root, an allowed URL as it is, or INPUT_SOURCE for
-        bytes held in the row itself. Anything else raises AttachmentError naming the value."""
-        if isinstance(value, (bytes, bytearray, memoryview)):
-            return INPUT_SOURCE
-        if not isinstance(value, str) or not value.strip():
-            raise AttachmentError(f"attachment {column!r}: expected a path, a URL or bytes, not {value!r:.100}")
-        value = value.strip()
-        if _SCHEME.match(value) and not value.startswith("file://"):
-            return self._url(value, column)
-        if value.startswith("file://"):
-            path = Path(unquote(urlparse(value).path))
-        else:
-            path = Path(value).expanduser() if value.startswith("~") else Path(value)
-        if path.is_absolute():  # the data names a place of its own: only where the operator allows
-            real = path.resolve()
-            if not any(real.is_relative_to(root) for root in self.roots):
-                raise AttachmentError(
-                    f"attachment {column!r}: {value} is outside the data's folder; a file named by an absolute "
-                    f"path, file:// or ~ must be under a folder of PROMPTMILL_ATTACHMENT_ROOTS"
-                )
-            return str(real)
-        real = (self.folder / path).resolve()
-        if not self._allowed(real):
-            raise AttachmentError(
-                f"attachment {column!r}: {value} leads outside the data's folder {self.folder} (to {real}); "
-                f"allow its folder in PROMPTMILL_ATTACHMENT_ROOTS if it is meant"
-            )
-        return str(real)
-
-    def check(self, ref: AttachmentRef) -> None:
-        """The worker's check of a recorded reference: the same rule, and a local file's sha256."""
-        source = ref.source
-        if source == INPUT_SOURCE:
-            return
-        if _SCHEME.match(source) and not source.startswith("file://"):
-            self._url(source, ref.column)
-            return
-        path = Path(unquote(urlparse(source).path)) if source.startswith("file://") else Path(source)
-        if not path.is_absolute() or not self._allowed(path.resolve()):
-            raise AttachmentError(f"attachment {ref.column!r}: {source} is outside the data's folder and the "
-                                  f"folders this worker allows (PROMPTMILL_ATTACHMENT_ROOTS)")  # fmt: skip
-        if ref.sha256 is None:
-            raise AttachmentError(f"attachment {ref.column!r}: {source} was not hashed at submit; a worker "
-                                  f"sends a local file only with its sha256")  # fmt: skip
-
-    def _allowed(self, real: Path) -> bool:
-        return any(real.is_relative_to(folder) for folder in (self.folder, *self.roots))
-
-    def _url(self, url: str, column: str) -> str:
-        parts = urlparse(url)
-        if url.startswith(_REMOTE):
-            bucket = f"{'gs' if parts.scheme == 'gcs' else parts.scheme}://{parts.netloc}"
-            if bucket not in self.buckets:
-                raise AttachmentError(f"attachment {column!r}: {url}: the bucket {bucket} is not one of "
-                                      f"PROMPTMILL_ATTACHMENT_ROOTS")  # fmt: skip
-            return url
-        if parts.scheme != "https":
-            raise AttachmentError(f"attachment {column!r}: {url}: only https:// URLs go out (the provider "
-                                  f"fetches them); give a file in the data's folder instead")  # fmt: skip
-        host = (parts.hostname or "").lower()
-        if self.url_hosts is not None and host not in self.url_hosts:
-            raise AttachmentError(f"attachment {column!r}: {url}: a self-hosted server would fetch it from inside "
-                                  f"your network; allow {host} in PROMPTMILL_ATTACHMENT_URL_HOSTS if it is meant")  # fmt: skip
-        return url
 
 
 # -- the producer's side: a reference, never the bytes ---------------------------------------------
@@ -258,7 +152,7 @@ def _check_content(content: bytes | BinaryIO, ref: AttachmentRef) -> int | None:
 def open_ref(ref: AttachmentRef) -> BinaryIO:
     source = ref.source
     try:
-        if source.startswith(_REMOTE):
+        if source.startswith(REMOTE):
             try:
                 import fsspec
             except ImportError:
@@ -322,9 +216,9 @@ class Loaded:
 
 
 def load(ref: AttachmentRef, input_path: str, line: int, limits: ProviderLimits | None, resize: bool,
-         access: Access | None = None) -> Loaded:  # fmt: skip
-    """Read the attachment now, if `access` allows it (the worker's own rule, whatever the spec
-    says): the same bytes the producer hashed (else AttachmentError), shrunk to the provider's best
+         access: Any = None) -> Loaded:  # fmt: skip
+    """Read the attachment now, if `access` (file_access.Access: the worker's own rule, whatever the
+    spec says) allows it: the same bytes the producer hashed (else AttachmentError), shrunk to the provider's best
     size when `resize`, and within its limits."""
     if access is not None:
         access.check(ref)
@@ -347,7 +241,7 @@ def load(ref: AttachmentRef, input_path: str, line: int, limits: ProviderLimits 
     return Loaded(ref, kind, data=data)
 
 
-def load_row(request: Any, pipeline: Any, input_path: str, backend: str, access: Access) -> list[Loaded]:
+def load_row(request: Any, pipeline: Any, input_path: str, backend: str, access: Any) -> list[Loaded]:
     """Every attachment of a row's request, read now for `backend`'s provider, each checked by `access`."""
     limits, resized = limits_for(backend), pipeline.resized
     return [load(ref, input_path, request.line, limits, ref.column in resized, access) for ref in request.attachments or ()]

@@ -7,7 +7,8 @@ from typing import Any, Mapping
 
 import orjson
 
-from promptmill.pipelines.attachments import Access, AttachmentError
+from promptmill.pipelines.attachments import AttachmentError
+from promptmill.pipelines.file_access import Access
 from promptmill.pipelines.items import AttachmentRef, RenderedRequest
 from promptmill.pipelines.spec import AttachmentSpec, Pipeline
 

@@ -163,7 +163,8 @@ def test_the_worker_refuses_a_file_the_spec_in_redis_was_rewritten_to_reach(tmp_
     """A chunk whose reference was rewritten in Redis (a path outside the data's folder, a file with no
     sha256) fails its row at the worker: it re-checks what it reads, whatever the producer recorded."""
     from promptmill.config.settings import Settings
-    from promptmill.pipelines.attachments import Access, AttachmentError, load
+    from promptmill.pipelines.attachments import AttachmentError, load
+    from promptmill.pipelines.file_access import Access
     from promptmill.pipelines.items import AttachmentRef
 
     outside = tmp_path / "elsewhere.png"

@@ -165,3 +165,46 @@ def test_no_module_of_the_package_passes_400_lines():
         if (count := len(path.read_text().splitlines())) > 400
     }
     assert long == {}
+
+
+def test_the_viewers_actions_answer_in_an_install_without_the_engine_extras(tmp_path, env, fake_api):
+    """`pip install promptmill` alone (no vllm, whose server brought python-multipart along): the
+    viewer's action forms are read, and a budget set from the page becomes the job's cap."""
+    import json
+    import re
+    import shutil
+    import urllib.request
+
+    from promptmill.web.guard import csrf_value
+    from tests.support import stop, wait_until
+
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
+                                                                 "tests", "docs", "bench", "examples", "deploy"))  # fmt: skip
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    installed = subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", str(source)], capture_output=True, text=True)
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    assert subprocess.run([str(venv / "bin" / "python"), "-c", "import vllm"], capture_output=True).returncode != 0
+
+    data, pipeline = write_job(tmp_path, 2)
+    ran = promptmill("run", str(data), "--pipeline", str(pipeline), "--out", str(tmp_path / "out"), "--json", env=env)
+    assert ran.returncode == 0, ran.stderr
+    job_id = json.loads(ran.stdout)["job_id"]
+    viewer = subprocess.Popen([str(venv / "bin" / "promptmill"), "ui", "--port", "0"], env=env, cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        line = viewer.stdout.readline()
+        match = re.search(r"(http://127\.0\.0\.1:\d+)/\?token=(\S+)", line)
+        assert match, line + (viewer.stderr.read() if viewer.poll() is not None else "")
+        base, token = match.groups()
+        form = f"csrf={csrf_value(token)}&usd=0.5".encode()
+        request = urllib.request.Request(f"{base}/jobs/{job_id}/budget", data=form, method="POST",
+                                         headers={"Authorization": f"token {token}",
+                                                  "Content-Type": "application/x-www-form-urlencoded"})  # fmt: skip
+        with urllib.request.urlopen(request, timeout=60) as answer:  # the redirect back to the job's page
+            assert answer.status == 200
+        status = lambda: json.loads(promptmill("status", job_id, "--json", env=env).stdout)  # noqa: E731
+        wait_until(lambda: status()["budget"]["cap_usd"] == 0.5, 30, "the budget set from the page")
+    finally:
+        stop(viewer)

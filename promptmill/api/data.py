@@ -37,6 +37,13 @@ class StagedInput:
     #: Its prompt columns were written here (the caller's prompt function): they are promptmill's own.
     prompts: bool = False
 
+    def identity(self, with_root: bool) -> str:
+        """The data's part of a job's fingerprint: its sha256 (short), and where its rows' relative
+        file paths lead (the same paths from another folder are other files)."""
+        if not with_root or self.attachment_root is None:
+            return self.sha256[:16]
+        return self.sha256[:16] + hashlib.sha256(str(self.attachment_root).encode()).hexdigest()[:8]
+
 
 class MissingExtra(ImportError):
     """An optional library the call needs is not installed; the message names the extra."""

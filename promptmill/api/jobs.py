@@ -62,9 +62,7 @@ def fingerprint(staged: StagedInput, pipeline: Pipeline, backend: str) -> str:
     """What a named job ran, readable part by part: the data's and the pipeline's sha256 (short), the
     backend and the model."""
     file = orjson.dumps(pipeline.file.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
-    data = staged.sha256[:16]
-    if pipeline.file.attachments and staged.attachment_root is not None:  # the same paths from another folder
-        data += hashlib.sha256(str(staged.attachment_root).encode()).hexdigest()[:8]
+    data = staged.identity(with_root=bool(pipeline.file.attachments))
     return f"data={data} pipeline={hashlib.sha256(file).hexdigest()[:16]} backend={backend} model={pipeline.model}"
 
 
@@ -112,11 +110,10 @@ def _kept(named: dict[str, str], pipeline: Pipeline) -> tuple[JobSpec, Results] 
     try:
         saved = orjson.loads(kept.read_bytes())
         spec = JobSpec.model_validate(saved["spec"])
-    except (orjson.JSONDecodeError, KeyError, ValueError):
+    except (KeyError, ValueError):  # (orjson's JSONDecodeError and pydantic's ValidationError are ValueErrors)
         return None
-    if spec.job_id != named["job_id"]:
-        return None
-    return spec, Results(spec, saved["status"], saved["cost"], results, pipeline.output_model)
+    ours = spec.job_id == named["job_id"]
+    return (spec, Results(spec, saved["status"], saved["cost"], results, pipeline.output_model)) if ours else None
 
 
 def _prepare(
