@@ -117,6 +117,14 @@ class Settings(BaseSettings):
     # `NAME=host1,host2` (only to those hosts), entries separated by `;` or spaces. A PROMPTMILL_KEY_*
     # variable listed here with hosts is bound to them too. Never the Redis URL, AWS_*, GOOGLE_*, AZURE_*.
     pipeline_keys: str = ""
+    # The hosts a pipeline's `base_url` may name (comma-separated: `host`, `host:port` or a URL); unset:
+    # any. The workers refuse a job elsewhere, whatever its spec says.
+    base_url_hosts: str = ""
+    max_priority: int = Field(
+        default=1000, ge=1, le=1000,
+        description="The highest weight a job may take in the fleet's fair shares: a higher --priority is refused "
+        "at submit, and the workers count a job's weight at this most, whatever its spec in Redis says.",
+    )  # fmt: skip
 
     # Where rows' files may come from besides the data's own folder (pipelines/attachments.py), as the
     # workers' operator allows it: folders, and `s3://BUCKET` or `gs://BUCKET` for cloud files
@@ -263,6 +271,13 @@ class Settings(BaseSettings):
         if self.redis_url and key.strip() == self.redis_url.strip():
             raise KeyRefused(f"api_key_env: {key_env} holds the fleet's Redis URL, which is no key")
         return key
+
+    def base_url_refused(self, base_url: str | None) -> str | None:
+        """Why a pipeline may not send its rows to `base_url` (None: it may): PROMPTMILL_BASE_URL_HOSTS."""
+        hosts = [entry.strip() for entry in self.base_url_hosts.split(",") if entry.strip()]
+        if base_url is None or not hosts or any(_host_matches(base_url, host) for host in hosts):
+            return None
+        return f"base_url: {base_url} is not one of this fleet's hosts (PROMPTMILL_BASE_URL_HOSTS: {', '.join(hosts)})"
 
     def pipeline_key_hosts(self) -> dict[str, tuple[str, ...] | None]:
         """PROMPTMILL_PIPELINE_KEYS as variable -> the hosts it may go to (None: any)."""

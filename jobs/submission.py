@@ -110,7 +110,7 @@ def build_spec(
         name=name,
         fingerprint=fingerprint,
         deadline_at=deadline_at,
-        priority=_priority(priority, pipeline),
+        priority=_priority(priority, pipeline, settings.max_priority),
     )
     _check_attachments(spec)
     if pipeline.stream and not spec.info.streams:
@@ -127,11 +127,13 @@ def build_spec(
     return spec
 
 
-def _priority(priority: int | None, pipeline: Pipeline) -> int:
-    """The job's weight in the fleet's fair shares: --priority, else the pipeline's, else 1."""
+def _priority(priority: int | None, pipeline: Pipeline, most: int = MAX_PRIORITY) -> int:
+    """The job's weight in the fleet's fair shares: --priority, else the pipeline's, else 1; at most
+    `most` (PROMPTMILL_MAX_PRIORITY)."""
     chosen = priority if priority is not None else pipeline.priority or 1
-    if not 1 <= chosen <= MAX_PRIORITY:
-        raise SubmitError(f"--priority must be from 1 to {MAX_PRIORITY:,}, not {chosen:,}")
+    if not 1 <= chosen <= most:
+        limit = " (PROMPTMILL_MAX_PRIORITY)" if most < MAX_PRIORITY else ""
+        raise SubmitError(f"--priority must be from 1 to {most:,}{limit}, not {chosen:,}")
     return chosen
 
 
@@ -206,6 +208,8 @@ def _check_model(settings: Settings, backend: BackendName, pipeline: Pipeline, p
             raise SubmitError(f"{field}: {unknown}") from None
     if info.provider == "anthropic" and not settings.api_key():
         raise SubmitError("anthropic_api_key: no API key; set ANTHROPIC_API_KEY (or PROMPTMILL_ANTHROPIC_API_KEY)")
+    if info.provider == "openai" and (refused := settings.base_url_refused(pipeline.base_url)):
+        raise SubmitError(refused)
     # A pipeline's own key (api_key_env) is read where the workers run, not here.
     if info.provider == "openai" and not pipeline.api_key_env and not settings.openai_key(settings.openai_url(pipeline.base_url)):
         raise SubmitError(

@@ -238,3 +238,22 @@ def test_weights_1_and_3_get_1_to_3_of_the_limit_and_a_paused_jobs_share_goes_to
     exact(env, tmp_path, "heavy", heavy, 1500)
     answered = Counter(entry["prompt"] for entry in fake_api.log() if entry["status"] == 200)
     assert max(answered.values()) == 1  # no row was paid twice: pausing commits what is on the wire
+
+
+def test_a_weight_past_the_fleets_max_priority_is_refused_at_submit_and_counts_at_the_max_in_redis(
+    store, tmp_path, queue, env
+):
+    """PROMPTMILL_MAX_PRIORITY bounds a job's weight: `--priority` over it is refused at submit, and a
+    weight written into Redis past it (a rewritten job) counts at the max in the workers' picks."""
+    from promptmill.jobs.state.keys import META_PRIORITY, JobKeys
+
+    data, pipeline = write_rows(tmp_path, "greedy", 4)
+    refused = promptmill("submit", str(data), "-p", str(pipeline), "--priority", "5", "--out", str(tmp_path / "o"),
+                         env={**env, "PROMPTMILL_MAX_PRIORITY": "3"})  # fmt: skip
+    assert refused.returncode == 2 and "PROMPTMILL_MAX_PRIORITY" in refused.stderr, refused.stderr
+
+    light, greedy = make_job(store, tmp_path, "light", 1, 30), make_job(store, tmp_path, "greedy", 2, 60)
+    store.redis.hset(JobKeys(greedy.job_id).meta, META_PRIORITY, 1000)
+    wait_turns(store, queue, [light, greedy])
+    taken = [store.fair.take(queue, max_weight=2) for _ in range(30)]
+    assert Counter(picked.job_id for picked in taken) == {light.job_id: 10, greedy.job_id: 20}

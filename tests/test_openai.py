@@ -339,3 +339,38 @@ def test_two_jobs_on_two_servers_share_one_worker_and_neither_closes_the_others_
         assert exported.returncode == 0, exported.stderr
         records = read_jsonl(tmp_path / host / "export" / "results.jsonl")
         assert [r["output"] for r in records] == [LABELS[i % 2] for i in range(60)]
+
+
+def test_a_base_url_outside_the_fleets_hosts_is_refused_at_submit_and_by_the_workers(tmp_path, env, fake_api):
+    """PROMPTMILL_BASE_URL_HOSTS names where pipelines may send rows: a submitter that knows it refuses
+    another base_url at once; a job submitted from elsewhere (or rewritten in Redis) is stopped by the
+    workers, which know it too, before anything is sent."""
+    from promptmill.jobs.state.status import JobState
+    from promptmill.jobs.state.store import JobStore
+    from tests.support import start_cli, stop, wait_until
+
+    elsewhere = ServerControl.start(API_KEY)
+    try:
+        allowed_host = fake_api.url.removeprefix("http://")
+        fleet = openai_env(env, PROMPTMILL_BASE_URL_HOSTS=allowed_host, PROMPTMILL_OPENAI_KEY_HOSTS=elsewhere.url)
+        pointed = PIPELINE.replace('model = "gpt-4.1-mini"', f'model = "gpt-4.1-mini"\nbase_url = "{elsewhere.url}/v1"')
+        refused, _ = run_job(tmp_path / "refused", fleet, 3, pipeline=pointed)
+        assert refused.returncode == 2 and "PROMPTMILL_BASE_URL_HOSTS" in refused.stderr, refused.stderr
+
+        submitter = {k: v for k, v in fleet.items() if k != "PROMPTMILL_BASE_URL_HOSTS"}
+        data, pipeline_path = write_job(tmp_path / "submitted", 3, pointed)
+        submitted = promptmill("submit", str(data), "-p", str(pipeline_path), "--backend", "openai",
+                               "--out", str(tmp_path / "submitted" / "out"), env=submitter)  # fmt: skip
+        assert submitted.returncode == 0, submitted.stderr
+        job_id = submitted.stdout.split()[-1]
+        store = JobStore.from_url(env["PROMPTMILL_REDIS_URL"])
+        worker = start_cli(fleet, "worker", "--queues", "api", quiet=True)
+        try:
+            wait_until(lambda: not store.status(job_id).state.runnable, 120, "the workers to stop the job")
+        finally:
+            stop(worker)
+        status = store.status(job_id)
+        assert status.state is JobState.failed and "PROMPTMILL_BASE_URL_HOSTS" in (status.error or ""), status
+        assert elsewhere.log() == []
+    finally:
+        elsewhere.stop()

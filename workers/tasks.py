@@ -247,7 +247,8 @@ def run_next(queue: str) -> str:
     Flower. If this worker dies between the pick and the send, the chunk is stranded (picked, never
     leased): the sweeper sends it again by name.
     """
-    picked = runtime().store.fair.take(queue)
+    rt = runtime()
+    picked = rt.store.fair.take(queue, rt.settings.max_priority)  # the fleet's own bound, whatever a spec says
     if picked is None:
         return "no chunk waits"
     ChunkSender(app).send(picked.job_id, picked.chunk_id, queue)

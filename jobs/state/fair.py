@@ -62,7 +62,8 @@ return added
 """, PASS=META_FAIR_PASS)
 
 # The next chunk for a free slot of one queue. KEYS: the queue's fair set, its virtual time. ARGV[1]:
-# now (epoch s), for the sweeper's clock of when the chunk was last sent. Returns {job, chunk} or nil.
+# now (epoch s), for the sweeper's clock of when the chunk was last sent; ARGV[2]: the most weight a
+# job counts at (the worker's PROMPTMILL_MAX_PRIORITY, whatever a job's meta says). Returns {job, chunk} or nil.
 # A job's keys are named from its id (pm:{JOB}:...), as the sweeper's script does.
 _TAKE = lua("""
 local served = tonumber(redis.call('GET', KEYS[2]) or '0')
@@ -81,7 +82,8 @@ while true do
         redis.call('SET', KEYS[2], tostring(served))
       end
       local rows = tonumber(redis.call('HGET', prefix .. 'chunk_rows', chunk) or '1')
-      local weight = tonumber(redis.call('HGET', prefix .. 'meta', $PRIORITY) or '1')
+      local weight = tonumber(redis.call('HGET', prefix .. 'meta', $PRIORITY) or '1') or 1
+      weight = math.max(1, math.min(weight, tonumber(ARGV[2])))
       redis.call('ZADD', KEYS[1], math.max(pass, served) + rows / weight, job)
       redis.call('HSET', prefix .. 'sent_at', chunk, ARGV[1])
       return {job, chunk}
@@ -115,9 +117,10 @@ class FairStore:
             args += [first_row, chunk_id]
         return int(self._add(keys=[keys.ready, fair_key(queue), fair_time_key(queue), keys.meta], args=args))
 
-    def take(self, queue: str) -> Picked | None:
-        """The chunk a free slot of `queue` runs now, taken off its job's waiting set (None: none waits)."""
-        picked = self._take(keys=[fair_key(queue), fair_time_key(queue)], args=[time.time()])
+    def take(self, queue: str, max_weight: int = 1000) -> Picked | None:
+        """The chunk a free slot of `queue` runs now, taken off its job's waiting set (None: none waits);
+        a job's weight counts at `max_weight` at most."""
+        picked = self._take(keys=[fair_key(queue), fair_time_key(queue)], args=[time.time(), max_weight])
         return None if picked is None else Picked(picked[0].decode(), picked[1].decode())
 
     def waiting(self, job_id: str) -> int:

@@ -109,6 +109,9 @@ def chat_params(job: JobSpec, request: RenderedRequest, base_url: str | None) ->
 def key_and_url(job: JobSpec, settings: Settings) -> tuple[str, str | None]:
     """The job's OpenAI-compatible server and the key it may be sent (FatalJobError: none here)."""
     base_url = settings.openai_url(job.pipeline.base_url)
+    refused = settings.base_url_refused(job.pipeline.base_url)
+    if refused:
+        raise FatalJobError(refused)
     try:
         api_key = settings.openai_key(base_url, job.pipeline.api_key_env)
     except KeyRefused as refused:
