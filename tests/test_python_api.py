@@ -374,3 +374,27 @@ def write_rows(folder: Path, count: int) -> tuple[Path, Path]:
     pipeline = folder / "p.toml"
     pipeline.write_text(pm.Pipeline(**SENTIMENT).to_toml())
     return data, pipeline
+
+
+def test_a_budget_must_be_a_finite_amount_on_every_face(tmp_path, api_env, fake_api):
+    """inf caps nothing and nan compares to nothing: the CLI, the Python API and `budget` refuse both
+    with a message saying so, and the job keeps the cap it had."""
+    pipeline = pm.Pipeline(**SENTIMENT)
+    data, pipeline_path = write_rows(tmp_path / "in", 3)
+    for amount in ("inf", "nan", "-1"):
+        refused = promptmill("run", str(data), "-p", str(pipeline_path), "--budget", amount, env=api_env)
+        assert refused.returncode == 2 and "--budget" in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr
+        with pytest.raises(pm.JobError, match="budget"):
+            pm.run(reviews(3), pipeline, budget=float(amount), progress=False)
+    assert fake_api.log() == []
+    done = pm.run(reviews(3), pipeline, budget=1.0, workers=1, progress=False)
+    for amount in ("inf", "nan"):
+        said = promptmill("budget", done.job_id, amount, env=api_env)
+        assert said.returncode == 2 and "no amount in USD" in said.stderr, said.stderr
+        with pytest.raises(pm.JobError, match="no amount in USD"):
+            pm.Job(done.job_id).set_budget(float(amount))
+    import json
+
+    shown = json.loads(promptmill("status", done.job_id, "--json", env=api_env).stdout)
+    assert shown["budget"]["cap_usd"] == 1.0

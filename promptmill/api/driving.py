@@ -4,6 +4,7 @@ what a stopped job needs to go on. Errors are raised, never printed: each face s
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -39,6 +40,7 @@ def open_store(settings: Settings) -> Iterator[tuple[JobStore, str]]:
 
 def create_job(store: JobStore, spec: JobSpec, budget: float | None) -> None:
     """The job in Redis with its budget cap (None: none), and its shard folder."""
+    checked_budget(budget)
     store.create_job(spec)
     store.budgets.set(spec.job_id, budget)
     prepare_shards(spec)
@@ -69,11 +71,20 @@ def reopen(settings: Settings, store: JobStore, spec: JobSpec, budget: float | N
     return status
 
 
+def checked_budget(usd: float | None, error: type[Exception] = ValueError) -> float | None:
+    """A budget cap as given, or `error` saying what is wrong with it: below 0, or no finite amount
+    (inf, nan: a cap that caps nothing, or nothing that compares)."""
+    if usd is not None and not math.isfinite(usd):
+        raise error(f"budget: {usd} is no amount in USD (give a finite number, or none for no cap)")
+    if usd is not None and usd < 0:
+        raise error(f"budget: {usd} is below 0")
+    return usd
+
+
 def set_budget(settings: Settings, store: JobStore, spec: JobSpec, usd: float | None) -> None:
     """A new cap for the job (None: none), counting what its ledger has spent so far; workers on it
-    keep what they hold for the requests in flight. ValueError for a cap below 0."""
-    if usd is not None and usd < 0:
-        raise ValueError(f"budget: {usd} is below 0")
+    keep what they hold for the requests in flight. ValueError for a cap below 0, or not finite."""
+    checked_budget(usd)
     ledger_usd = float(cost_report(spec, store.status(spec.job_id), spec.pipeline.price_table(settings)).cost_usd)
     store.budgets.set(spec.job_id, usd, ledger_usd)
 

@@ -20,6 +20,7 @@ from rich.console import Console
 from promptmill.api.data import StagedInput, stage, as_staged
 from promptmill.api.driving import (
     check_model_built,
+    checked_budget,
     create_job,
     drive,
     expire_if_finished,
@@ -123,6 +124,7 @@ def _prepare(
 ) -> _Prepared:  # fmt: skip
     if backend not in BACKENDS:
         raise JobError(f"backend: {backend!r} is none of {', '.join(BACKENDS)}")
+    checked_budget(budget, JobError)
     staged = stage(data, pipeline, settings.data_dir / "inputs", input_format)
     asked = fingerprint(staged, pipeline, backend)
     name = name or "job-" + hashlib.sha256(asked.encode()).hexdigest()[:16]
@@ -363,10 +365,8 @@ class Job:
         `promptmill budget JOB USD`. A job paused at its budget goes on with `resume()`."""
         settings = get_settings()
         with self._store() as (store, _):
-            try:
-                set_budget(settings, store, self._spec(store), usd)
-            except ValueError as below_zero:
-                raise JobError(str(below_zero)) from None
+            checked_budget(usd, JobError)  # below 0, or no finite amount
+            set_budget(settings, store, self._spec(store), usd)
 
     @private_files()
     def resume(self, *, workers: int | None = None, budget: float | None = None, progress: bool = True,

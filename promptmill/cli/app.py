@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from promptmill.config.settings import MAX_CHUNK_SIZE, Settings, get_settings
-from promptmill.api.driving import expire_if_finished, open_store  # noqa: F401  (the commands' too)
+from promptmill.api.driving import checked_budget, expire_if_finished, open_store  # noqa: F401  (the commands' too)
 from promptmill.jobs.readers import INPUT_FORMATS
 from promptmill.config.backends import BACKENDS, DEFAULT_BACKEND
 from promptmill.jobs.spec import JobSpec
@@ -107,6 +107,14 @@ def input_format_of(input_format: str | None, old_format: str | None) -> str | N
         err.print("note: `--format` for the input is now `--input-format` (`--format` is export's output format)")
     return input_format or old_format
 ChunkSizeOption = typer.Option(None, min=1, max=MAX_CHUNK_SIZE, help="Rows per chunk (task).")
+def budget_checked(usd: float | None) -> float | None:
+    try:
+        return checked_budget(usd)
+    except ValueError as bad:
+        raise typer.BadParameter(str(bad).removeprefix("budget: ")) from None
+
+
 BudgetOption = typer.Option(
-    None, "--budget", min=0.0, help="USD the job may spend at most: it pauses (paused_budget) before passing it."
-)
+    None, "--budget", min=0.0, callback=budget_checked,
+    help="USD the job may spend at most: it pauses (paused_budget) before passing it.",
+)  # fmt: skip

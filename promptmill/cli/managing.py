@@ -56,8 +56,8 @@ def budget(
     with open_job(job_id) as (settings, store, _, spec):
         try:
             set_budget(settings, store, spec, cap)
-        except ValueError:  # below 0
-            fail(f"USD: {usd} is below 0")
+        except ValueError as bad:  # below 0, or no finite amount
+            fail(f"USD: {str(bad).removeprefix('budget: ')}")
         state = store.status(job_id).state
     out.print(f"job {job_id}: budget {'none' if cap is None else f'${cap:,.2f}'}"
               + (f"; `promptmill resume {job_id}` goes on" if state is JobState.paused_budget else ""), highlight=False)  # fmt: skip

@@ -16,7 +16,7 @@ from rich.markup import escape
 
 from promptmill.api.driving import drive as api_drive
 from promptmill.api.driving import hand_to_fleet, reopen
-from promptmill.cli.app import JobArg, JsonFlag, app, err, expire_if_finished, fail, open_job, open_store, out
+from promptmill.cli.app import JobArg, JsonFlag, app, budget_checked, err, expire_if_finished, fail, open_job, open_store, out
 from promptmill.cli.new_job import JobRequest, job_command
 from promptmill.config.settings import Settings, get_settings
 from promptmill.jobs.dispatch import ChunkSender
@@ -210,7 +210,8 @@ def resume(
     job_id: JobArg,
     workers: Optional[int] = typer.Option(None, min=1, help="Local worker processes."),
     budget: Optional[float] = typer.Option(
-        None, "--budget", min=0.0, help="A new cap in USD for the whole job (what it spent so far counts)."
+        None, "--budget", min=0.0, callback=budget_checked,
+        help="A new cap in USD for the whole job (what it spent so far counts).",
     ),
     retry_failed: bool = typer.Option(
         False, "--retry-failed", help="Send the failed rows again (their attempts keep counting); rows whose input is at fault stay failed."
