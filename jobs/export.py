@@ -69,7 +69,7 @@ def export_job(store: JobStore, spec: JobSpec, out_dir: Path, fmt: ExportFormat 
                 if writer is None:
                     writer = csv.DictWriter(handle, fieldnames=list(flat))
                     writer.writeheader()
-                writer.writerow(flat)
+                writer.writerow({name: spreadsheet_safe(value) for name, value in flat.items()})
         else:
             import pyarrow as pa
             import pyarrow.parquet as pq
@@ -134,6 +134,17 @@ def _write_batch(pq: Any, pa: Any, sink: Any, writer: Any, table: Tabular, batch
 
 class FilesKept(RuntimeError):
     """The job's folder cannot be told to be its own here: nothing in it is removed."""
+
+
+# A cell a spreadsheet program would read as a formula: `=`, `+`, `-`, `@`, or a tab or return first.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """A CSV cell that a spreadsheet shows as the text it is: a string that would start a formula (a
+    model's answer, an input's text: `=HYPERLINK(...)`) gets a leading apostrophe, as OWASP advises and
+    spreadsheet programs take it (they show the text without it)."""
+    return "'" + value if isinstance(value, str) and value.startswith(_FORMULA_START) else value
 
 
 def own_folder(spec: JobSpec) -> bool:

@@ -212,3 +212,26 @@ def test_worker_killed_mid_job_then_resume_completes_without_paying_twice(tmp_pa
     assert twice <= 2 * 2 * Settings().chunk_size
     status = json.loads(promptmill("status", job_id, "--json", env=env).stdout)
     assert status["done"] == 1500
+
+
+def test_a_csv_export_shows_a_formula_like_cell_as_text_in_a_spreadsheet(tmp_path, env, fake_api):
+    """An input's text or a model's answer that starts like a formula (`=HYPERLINK(...)`, `+`, `-`,
+    `@`) is written to CSV with a leading apostrophe, as spreadsheet programs take it; the JSONL
+    results keep the text as it came."""
+    import csv
+
+    evil = ["=HYPERLINK(\"http://x\",\"y\")", "+1+cmd", "-2+3", "@SUM(A1)", "fine"]
+    rows = [{"id": i, "text": f"row {i}", "note": text, "answer": text} for i, text in enumerate(evil)]
+    free_text = 'name = "echo"\nmodel = "claude-haiku-4-5"\nprompt = "Item {id}: {text} [[reply:{answer}]]"\nmax_tokens = 20\n'
+    data, pipeline = write_dataset(tmp_path, rows, free_text)
+    out = tmp_path / "out"
+    result = promptmill("run", str(data), "--pipeline", str(pipeline), "--out", str(out), "--keep-columns", "note", env=env)
+    assert result.returncode == 0, result.stderr
+    assert [r["text"] for r in read_jsonl(out / "results.jsonl")] == evil  # the answers, as they came
+    exported = promptmill("export", job_id_of(result), "--format", "csv", "--out", str(out / "csv"), env=env)
+    assert exported.returncode == 0, exported.stderr
+    with (out / "csv" / "results.csv").open(newline="") as handle:
+        cells = list(csv.DictReader(handle))
+    shown = [("'" + text if text != "fine" else text) for text in evil]
+    assert [cell["text"] for cell in cells] == [cell["note"] for cell in cells] == shown
+    assert all(not value.startswith(("=", "+", "-", "@")) for cell in cells for value in cell.values())
