@@ -416,3 +416,21 @@ def test_rows_are_packed_into_openai_batches_of_at_most_50000_requests_and_200_m
     groups = packed(big, Batches.max_requests, Batches.max_bytes)
     assert [len(group) for group in groups] == [1, 1, 1]
     assert all(sum(a.size for a in group) <= Batches.max_bytes < 200 * 1024 * 1024 for group in groups)
+
+
+def test_paths_are_printed_as_they_are_never_read_as_markup(tmp_path, env, fake_api):
+    """A folder named like terminal markup (`[red]…`) is printed as its name: the output path of
+    `run-batch`, the results of `run` and the page `report` wrote."""
+    odd = tmp_path / "[red]out[bold]"
+    odd.mkdir()
+    data = write_batch_file(odd / "requests.jsonl", 3)
+    output = odd / "results.jsonl"
+    ran = promptmill("run-batch", "-i", str(data), "-o", str(output), "--backend", "openai", env=openai_env(env))
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.strip() == str(output)
+    result = promptmill("run", str(data), "--backend", "openai", "--out", str(odd / "run"), env=openai_env(env))
+    assert result.returncode == 0, result.stderr
+    assert f"results: {odd / 'run' / 'results.jsonl'}" in result.stderr.replace("\n", "")
+    report = promptmill("report", job_id_of(result), "--out", str(odd / "report"), env=openai_env(env))
+    assert report.returncode == 0, report.stderr
+    assert report.stdout.strip() == str(odd / "report" / "report.html")

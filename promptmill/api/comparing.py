@@ -88,6 +88,7 @@ def run_compare(settings: Settings, plan: ComparePlan, folder: Path, workers: in
         f"(seed {plan.seed}), {len(plan.contenders)} contenders",
         highlight=False,
         soft_wrap=True,
+        markup=False,  # a folder's path, as it is
     )
     with open_store(settings) as (store, url):
         specs = [_contender_spec(settings, store, plan, folder, contender) for contender in plan.contenders]

@@ -29,7 +29,7 @@ def run_batch(
     resumable: the same command after a kill goes on where it stopped."""
     if ctx.args:
         err.print(f"note: ignoring {' '.join(ctx.args)} (vLLM engine flags go in a pipeline's [engine] table)",
-                  highlight=False)  # fmt: skip
+                  highlight=False, markup=False)  # fmt: skip
     again = f"promptmill run-batch -i {input_file} -o {output_file}"
     logs = get_settings().data_dir / "run-batch"
     try:
@@ -41,4 +41,4 @@ def run_batch(
         fail(str(bad))
     err.print(f"[bold green]done[/] {ran.requests - ran.failed:,} answered, {ran.failed:,} failed of {ran.requests:,} "
               f"requests", highlight=False)  # fmt: skip
-    out.print(str(ran.output), highlight=False, soft_wrap=True)
+    out.print(str(ran.output), highlight=False, soft_wrap=True, markup=False)  # a path, as it is

@@ -65,4 +65,4 @@ def init(
     parts = _OUTPUTS[output]
     head = _HEAD.format(path=path, name=path.stem, system=parts["system"], prompt=parts["prompt"], max_tokens=parts["max_tokens"])
     path.write_text(head + parts["output"], encoding="utf-8")
-    err.print(f"wrote {path} ({output} output); its prompt reads the column {{text}}: edit it to name yours", highlight=False)
+    err.print(f"wrote {path} ({output} output); its prompt reads the column {{text}}: edit it to name yours", highlight=False, markup=False)

@@ -121,7 +121,7 @@ def report(
         folder = out_dir or Path(spec.out_dir)
         folder.mkdir(parents=True, exist_ok=True)
         shown = write_report(store, spec, spec.pipeline.price_table(settings), folder / "report.html")
-    out.print(shown["report"], highlight=False, soft_wrap=True)  # a path is never folded
+    out.print(shown["report"], highlight=False, soft_wrap=True, markup=False)  # a path, never folded nor read as markup
 
 
 @app.command()

@@ -100,7 +100,7 @@ def export(
             expire_if_finished(store, job_id, settings)
         except ShardError as missing:
             fail(str(missing), code=1)
-    out.print(f"{written['records']:,} records ({written['failed']:,} failed) to {written['results']}")
+    out.print(f"{written['records']:,} records ({written['failed']:,} failed) to {written['results']}", markup=False)
 
 
 def _delete(store: JobStore, job_id: str, files: bool) -> str:
@@ -178,7 +178,7 @@ def gc(
                 err.print(f"kept job {job_id}: its results are not all on disk; `promptmill export {job_id}` first")
                 continue
             try:
-                out.print(f"would delete job {job_id}" if dry_run else _delete(store, job_id, files), highlight=False)
+                out.print(f"would delete job {job_id}" if dry_run else _delete(store, job_id, files), highlight=False, markup=False)
             except FilesKept as kept:
                 err.print(f"kept job {job_id}: {kept}", highlight=False, markup=False)
                 continue

@@ -50,7 +50,7 @@ def ways_out(what: str, go_on: str, logs: Path | str) -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt:
-        err.print(f"\ninterrupted: workers stopped; go on with [bold]{go_on}[/]", soft_wrap=True)
+        err.print(f"\ninterrupted: workers stopped; go on with [bold]{escape(go_on)}[/]", soft_wrap=True)
         raise typer.Exit(130)
     except WorkersExited as died:
         fail(f"{died}; see the logs in {logs}", code=1)
@@ -115,7 +115,7 @@ def _run_to_end(
             f"tokens: {usage.input_tokens:,} input, {usage.output_tokens:,} output, "
             f"{usage.cache_read_input_tokens:,} cache read, {usage.cache_creation_input_tokens:,} cache write; "
             f"cost ${report.cost_usd:.6f}\n"
-            f"results: {written['results']}\nfailures: {written['failures']}",
+            f"results: {escape(str(written['results']))}\nfailures: {escape(str(written['failures']))}",
             highlight=False,
         )
     too_many = too_many_failed(status, ending.max_failed_share, finished=True)

@@ -162,4 +162,4 @@ def prepare_model(
     for alias in models or list(MODELS):
         started = time.monotonic()
         folder = build_model(settings, alias)
-        out.print(f"{alias} ready at {folder} ({time.monotonic() - started:.1f}s)")
+        out.print(f"{alias} ready at {folder} ({time.monotonic() - started:.1f}s)", markup=False)
