@@ -257,3 +257,28 @@ def test_a_weight_past_the_fleets_max_priority_is_refused_at_submit_and_counts_a
     wait_turns(store, queue, [light, greedy])
     taken = [store.fair.take(queue, max_weight=2) for _ in range(30)]
     assert Counter(picked.job_id for picked in taken) == {light.job_id: 10, greedy.job_id: 20}
+
+
+def test_an_ended_job_leaves_the_fair_set_at_once_and_a_resumed_one_comes_back_where_it_left(store, tmp_path, queue):
+    """A job leaves its queue's fair set as its last waiting chunk is taken (complete soon), and at
+    once when it is cancelled or fails, not when its turn would come; a resume brings it back at the
+    pass it left with."""
+    from promptmill.jobs.state.keys import fair_key
+
+    def members() -> set[str]:
+        return {member.decode() for member in store.redis.zrange(fair_key(queue), 0, -1)}
+
+    short, cancelled, failing = (make_job(store, tmp_path, name, 1, chunks) for name, chunks in
+                                 (("short", 1), ("cancelled", 5), ("failing", 5)))  # fmt: skip
+    wait_turns(store, queue, [short, cancelled, failing])
+    assert members() == {short.job_id, cancelled.job_id, failing.job_id}
+    taken = [store.fair.take(queue) for _ in range(3)]
+    assert short.job_id in {picked.job_id for picked in taken} and short.job_id not in members()
+    store.set_state(cancelled.job_id, JobState.cancelled)
+    store.fail_job(failing.job_id, "a refused key")
+    assert members() == set()
+    left_at = float(store.redis.hget(f"pm:{{{cancelled.job_id}}}:meta", "fair_pass") or 0)
+    assert left_at > 0
+    store.set_state(cancelled.job_id, JobState.running)  # resumed: its waiting chunks wait their turn again
+    wait_turns(store, queue, [cancelled])
+    assert store.redis.zscore(fair_key(queue), cancelled.job_id) == left_at

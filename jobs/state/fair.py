@@ -13,8 +13,9 @@ queuing):
   job's weight (its priority, default 1): two jobs that both wait get rows in the ratio of their weights;
 - a job that joins starts at the queue's virtual time (the pass last served) or where it left off,
   whichever is later: never ahead of the jobs already there, never a backlog of turns to catch up on;
-- a job that cannot use its turn (paused, cancelled, failed, nothing waiting) leaves the set when its
-  turn comes, and the pick goes on to the next job: its share goes to the others at once.
+- a job leaves the set as its last waiting chunk is taken, and at once when it is cancelled, fails or
+  is deleted; one that cannot use its turn (paused) leaves when its turn comes, and the pick goes on to
+  the next job: its share goes to the others at once.
 
 Nothing here replaces Celery: messages, acks, redelivery and the workers are Celery's; Redis only
 decides which chunk a free slot sends. Crash safety is the chunks' own: a picked chunk is leased and
@@ -84,7 +85,13 @@ while true do
       local rows = tonumber(redis.call('HGET', prefix .. 'chunk_rows', chunk) or '1')
       local weight = tonumber(redis.call('HGET', prefix .. 'meta', $PRIORITY) or '1') or 1
       weight = math.max(1, math.min(weight, tonumber(ARGV[2])))
-      redis.call('ZADD', KEYS[1], math.max(pass, served) + rows / weight, job)
+      local next_pass = math.max(pass, served) + rows / weight
+      if redis.call('ZCARD', prefix .. 'ready') > 0 then
+        redis.call('ZADD', KEYS[1], next_pass, job)
+      else  -- its last chunk waiting: it leaves now, and comes back where it left off with its next
+        redis.call('HSET', prefix .. 'meta', $PASS, tostring(next_pass))
+        redis.call('ZREM', KEYS[1], job)
+      end
       redis.call('HSET', prefix .. 'sent_at', chunk, ARGV[1])
       return {job, chunk}
     end
@@ -122,6 +129,17 @@ class FairStore:
         a job's weight counts at `max_weight` at most."""
         picked = self._take(keys=[fair_key(queue), fair_time_key(queue)], args=[time.time(), max_weight])
         return None if picked is None else Picked(picked[0].decode(), picked[1].decode())
+
+    def leave(self, job_id: str) -> int:
+        """The job leaves every queue's fair set now (it ended), keeping its pass for a resume to come
+        back at; returns the sets it left."""
+        left = 0
+        for key in self.redis.scan_iter(match=fair_key("*"), count=100):  # (not the `:served` clocks)
+            score = self.redis.zscore(key, job_id)
+            if score is not None and self.redis.zrem(key, job_id):
+                self.redis.hset(JobKeys(job_id).meta, META_FAIR_PASS, repr(score))
+                left += 1
+        return left
 
     def waiting(self, job_id: str) -> int:
         """The job's chunks waiting for a slot."""

@@ -117,6 +117,7 @@ class JobStore:
     def delete_job(self, job_id: str) -> int:
         """Remove every Redis key of the job; returns how many there were. The spec goes first: from
         then on a late answer's commit (and every write guarded by it) writes nothing."""
+        self.fair.leave(job_id)
         deleted = self.redis.unlink(JobKeys(job_id).spec)
         batch: list[bytes] = []
         for key in self._job_keys(job_id):
@@ -182,6 +183,8 @@ class JobStore:
             else:
                 pipe.hset(JobKeys(job_id).meta, META_ERROR, error)
             pipe.execute()
+        if state in (JobState.cancelled, JobState.failed):
+            self.fair.leave(job_id)  # an ended job takes no turn of the fleet's
 
     def tell_engine(self, job_id: str, stage: str) -> None:
         """What the local engine serving the job is doing while it starts (`status`, the progress bar);
