@@ -208,3 +208,37 @@ def test_requeue_failed_puts_rows_back_to_pending_keeping_their_attempts_and_pai
     assert store.chunks.done_rows(job.job_id, chunk_id) == {0}
     assert store.chunks.failed_attempts(job.job_id, chunk_id) == {1: 3}
     assert store.chunks.retried_usage(job.job_id).usage.input_tokens == 5
+
+
+def test_a_late_answer_for_a_flushed_chunk_is_paid_twice_unless_it_is_the_answer_its_shard_holds(store, job):
+    """A chunk done and flushed to its shard, then two late commits for its row: the very answer the
+    shard holds (one batch's result read by a second run: billed once) is counted nowhere; another
+    answer (billed again) goes to paid_twice. The worker compares them by the shard's request id."""
+    import asyncio
+
+    from promptmill.jobs.shards import flush_chunk, prepare_shards
+    from promptmill.jobs.state.chunk_run import ChunkRun
+    from promptmill.jobs.state.chunks import LATE
+    from promptmill.workers.runtime import WorkerRuntime
+    from promptmill.workers.tasks import _commit
+
+    prepare_shards(job)
+    store.chunks.add(job.job_id, chunk(0, 1))
+    chunk_id = chunk_id_for(0)
+    answer = ok(0).model_copy(update={"request_id": "msg_batch_result_0"})
+    assert store.chunks.commit(job.job_id, chunk_id, job.model, answer)
+    assert flush_chunk(store, job, chunk_id)
+    assert store.chunks.commit(job.job_id, chunk_id, job.model, answer) == LATE  # decided by the caller
+    assert store.status(job.job_id).paid_twice.as_dict() == {}
+
+    loop = asyncio.new_event_loop()
+    try:
+        rt = WorkerRuntime(pid=0, loop=loop, store=store, settings=Settings())
+        run = ChunkRun(store, job, chunk_id, 0, 15.0)
+        assert not _commit(rt, run, job.model, answer)  # the shard's own answer, read again: billed once
+        assert store.status(job.job_id).paid_twice.as_dict() == {}
+        again = ok(0, input_tokens=7).model_copy(update={"request_id": "msg_another_request"})
+        assert not _commit(rt, run, job.model, again)
+        assert store.status(job.job_id).paid_twice.as_dict() == {job.model: {"requests": 1, **again.usage.model_dump()}}
+    finally:
+        loop.close()

@@ -14,13 +14,15 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import orjson
 import redis
 from celery.signals import worker_shutdown
 
 from promptmill.config.celery_config import TASK_RUN_CHUNK, TASK_RUN_NEXT
 from promptmill.jobs.state.chunk_run import ChunkRun
 from promptmill.jobs.dispatch import ChunkSender
-from promptmill.jobs.shards import flush_chunk
+from promptmill.jobs.shards import ShardError, flush_chunk, shard_lines
+from promptmill.jobs.state.chunks import COMMITTED, LATE
 from promptmill.jobs.spec import JobSpec
 from promptmill.pipelines.items import ErrorKind, ItemError, ItemOutcome, RenderedRequest, iso_utc
 from promptmill.pipelines.parse import OutputParseError, parse_output
@@ -179,7 +181,10 @@ async def _send_and_commit(rt: WorkerRuntime, run: ChunkRun, pending: list[Rende
 def _commit(rt: WorkerRuntime, run: ChunkRun, model: str, outcome: ItemOutcome, raw: RawOutcome | None = None) -> bool:
     """Commit a row's outcome (False: the row was done already) and count a new one in the job's
     pace and the process's metrics."""
-    new = run.commit(model, outcome)
+    done = run.commit(model, outcome)
+    if done == LATE:
+        _late_answer(rt, run, model, outcome)
+    new = done == COMMITTED
     job = run.job
     if new:
         if raw is None:  # failed before any request (a poison row): no latency, no tokens
@@ -190,6 +195,19 @@ def _commit(rt: WorkerRuntime, run: ChunkRun, model: str, outcome: ItemOutcome, 
         if rt.metrics:
             count_row(job.job_id, outcome.status)
     return new
+
+
+def _late_answer(rt: WorkerRuntime, run: ChunkRun, model: str, outcome: ItemOutcome) -> None:
+    """An answer for a row whose chunk is in its shard already: paid twice, unless it is the very answer
+    the shard holds (the same request id: one batch's result read by two runs, billed once). Where the
+    shard cannot be read here, it counts as paid twice (the bill is never under-counted)."""
+    job = run.job
+    try:
+        kept = [orjson.loads(line) for line in shard_lines(job, run.chunk_id)] if rt.shards_reachable(job) else []
+    except (ShardError, OSError, orjson.JSONDecodeError):
+        kept = []
+    if not any(record.get("row") == outcome.row and record.get("request_id") == outcome.request_id for record in kept):
+        rt.store.chunks.paid_twice(job.job_id, model, outcome.usage)
 
 
 class _LeasedElsewhere(Exception):

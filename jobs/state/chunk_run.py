@@ -60,8 +60,8 @@ class ChunkRun:
     def add_failed_attempt(self, row: int, model: str, billed: tuple[str, Usage] | None = None) -> int:
         return self.store.chunks.add_failed_attempt(self.job_id, self.chunk_id, row, model, billed)
 
-    def commit(self, model: str, outcome: ItemOutcome) -> bool:
-        """The row's outcome, once (False: it was done already, or the job is gone)."""
+    def commit(self, model: str, outcome: ItemOutcome) -> int:
+        """The row's outcome, once: what the commit did (jobs/state/chunks.py COMMITTED, DONE, GONE, LATE)."""
         return self.store.chunks.commit(self.job_id, self.chunk_id, model, outcome)
 
     def hand_off(self, row: int, handoff: HandOff) -> bool:

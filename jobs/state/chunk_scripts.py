@@ -23,7 +23,8 @@ _NAMES = dict(
 # An answer for a row already done (its chunk ran twice at once) was paid for all the same: its usage
 # goes to the paid_twice ledger, so the ledger and paid_twice add up to the provider's bill. The very
 # answer committed already (the same request id: one batch's result read by two runs) was billed
-# once: it is counted nowhere again.
+# once: it is counted nowhere again. Once the chunk is flushed, the row's outcome is in its shard, not
+# here: an answer with a request id returns -2, and the caller compares it with the shard's.
 COMMIT = lua("""
 if redis.call('EXISTS', KEYS[7]) == 0 then return -1 end  -- the job was deleted: nothing of it is written again
 local model = ARGV[4]
@@ -34,6 +35,7 @@ local function account(ledger)
   end
 end
 if redis.call('SISMEMBER', KEYS[4], ARGV[6]) == 1 then
+  if ARGV[7] ~= '' then return -2 end
   account(KEYS[5])
   return 0
 end

@@ -22,11 +22,12 @@ from promptmill.jobs.state.chunk_scripts import (
     REQUEUE_FAILED,
     SWEEP,
 )
-from promptmill.jobs.state.keys import META_ROWS_PRODUCED, JobKeys
+from promptmill.jobs.state.keys import LEDGER_REQUESTS, META_ROWS_PRODUCED, JobKeys
 from promptmill.jobs.state.status import LedgerPart
 from promptmill.pipelines.items import AttemptError, ItemOutcome, RenderedRequest, Usage
 
 _USAGE_FIELDS = tuple(Usage.model_fields)
+COMMITTED, DONE, GONE, LATE = 1, 0, -1, -2  #: what a commit did (ChunkStore.commit)
 log = logging.getLogger(__name__)
 
 
@@ -220,8 +221,10 @@ class ChunkStore:
         """What failed attempts were billed for (streams broken off): in the ledger, in no outcome."""
         return LedgerPart.parse(self.redis.hgetall(JobKeys(job_id).partial))
 
-    def commit(self, job_id: str, chunk_id: str, model: str, outcome: ItemOutcome) -> bool:
-        """Commit an outcome with its done mark and usage, atomically; False if the row was done."""
+    def commit(self, job_id: str, chunk_id: str, model: str, outcome: ItemOutcome) -> int:
+        """Commit an outcome with its done mark and usage, atomically: COMMITTED, DONE (the row was done
+        already), GONE (its job was deleted), or LATE (its chunk is in its shard already, and the
+        answer has a request id: `paid_twice` counts it unless the shard's outcome is the same answer)."""
         usage = outcome.usage
         answered = int(usage.answered)
         args: list[object] = [
@@ -241,9 +244,22 @@ class ChunkStore:
             ],
             args=args,
         )
-        if committed == -1:
+        if committed == GONE:
             log.warning("job %s is gone (deleted): the outcome of row %d is dropped", job_id, outcome.row)
-        return committed == 1
+        return int(committed)
+
+    def paid_twice(self, job_id: str, model: str, usage: Usage) -> None:
+        """An answer for a row done and flushed before it came, billed again: in the paid_twice ledger."""
+        keys = JobKeys(job_id)
+        if not self.redis.exists(keys.spec):
+            return
+        with self.redis.pipeline() as pipe:
+            if usage.answered:
+                pipe.hincrby(keys.paid_twice, f"{model}|{LEDGER_REQUESTS}", int(usage.answered))
+            for name in _USAGE_FIELDS:
+                if getattr(usage, name):
+                    pipe.hincrby(keys.paid_twice, f"{model}|{name}", getattr(usage, name))
+            pipe.execute()
 
     def outcomes(self, job_id: str, chunk_ids: list[str]) -> list[list[ItemOutcome]]:
         """The outcomes held in Redis for each of these chunks, each list in row order."""
