@@ -200,6 +200,9 @@ class Pipeline(BaseModel):
     # (PROMPTMILL_OPENAI_BASE_URL, OPENAI_BASE_URL or PROMPTMILL_OPENAI_KEY_HOSTS).
     api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     structured_output: bool = True
+    # openai-batch: keep each batch's input file (every row's prompt) at OpenAI after its results are
+    # read; by default it is deleted then.
+    keep_batch_files: bool = False
     price: PipelinePrice | None = None
     # Models to fall back on, in order, after `model`: "MODEL" on the job's backend, or "BACKEND:MODEL".
     # A row moves on when its attempts on a model are spent on retryable errors or the model is gone

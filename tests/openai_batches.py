@@ -1,6 +1,7 @@
 """The OpenAI Batch API for the local server (tests/anthropic_server.py): `/v1/files` and `/v1/batches`.
 
-POST /v1/files (multipart, `purpose` batch) keeps the file; GET /v1/files/{id}/content gives it back.
+POST /v1/files (multipart, `purpose` batch) keeps the file; GET /v1/files/{id}/content gives it back;
+GET /v1/files lists them, DELETE /v1/files/{id} deletes one.
 POST /v1/batches checks each line (`url` must be the batch's endpoint, `custom_id` unique: otherwise
 the batch is `failed`, its `errors.data` naming the lines), then holds it `in_progress` for
 `batch_delay_s` after which it is `completed`: an output file of the answers (as POST
@@ -56,6 +57,8 @@ class OpenAIBatches:
     def routes(self, application: web.Application) -> None:
         application.router.add_post("/v1/files", self.upload)
         application.router.add_get("/v1/files/{file_id}/content", self.content)
+        application.router.add_get("/v1/files", self.list_files)
+        application.router.add_delete("/v1/files/{file_id}", self.delete_file)
         application.router.add_post("/v1/batches", self.create)
         application.router.add_get("/v1/batches", self.list)
         application.router.add_get("/v1/batches/{batch_id}", self.retrieve)
@@ -88,6 +91,20 @@ class OpenAIBatches:
         if file is None:
             return _openai_error(404, "No such File object")
         return web.Response(body=file["content"], content_type="application/octet-stream")
+
+    async def list_files(self, request: web.Request) -> web.Response:
+        if not self.server._authorised(request):
+            return _openai_error(401, "Incorrect API key provided")
+        files = [self._file_view(file) for file in self.files.values()]
+        return web.json_response({"object": "list", "data": files, "has_more": False})
+
+    async def delete_file(self, request: web.Request) -> web.Response:
+        if not self.server._authorised(request):
+            return _openai_error(401, "Incorrect API key provided")
+        file_id = request.match_info["file_id"]
+        if self.files.pop(file_id, None) is None:
+            return _openai_error(404, "No such File object")
+        return web.json_response({"id": file_id, "object": "file", "deleted": True})
 
     # -- batches ---------------------------------------------------------------------------------
 

@@ -434,3 +434,21 @@ def test_paths_are_printed_as_they_are_never_read_as_markup(tmp_path, env, fake_
     report = promptmill("report", job_id_of(result), "--out", str(odd / "report"), env=openai_env(env))
     assert report.returncode == 0, report.stderr
     assert report.stdout.strip() == str(odd / "report" / "report.html")
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_batchs_input_file_is_deleted_at_the_provider_once_its_results_are_read(tmp_path, batch_env, fake_api, keep):
+    """Every row's prompt sits in a batch's input file at OpenAI: once the batch ends and its results
+    are read, the file goes, unless the pipeline keeps it (`keep_batch_files = true`)."""
+    import openai as sdk
+
+    fake_api.configure(batch_delay_s=0.3)
+    pipeline_text = PIPELINE.replace("max_tokens = 8\n", "max_tokens = 8\nkeep_batch_files = true\n") if keep else PIPELINE
+    rows = ({"id": i, "text": f"row {i}", "answer": LABELS[i % 2]} for i in range(6))
+    data, pipeline = write_dataset(tmp_path, rows, pipeline_text)
+    ran = promptmill(*batch_run(data, pipeline, tmp_path / "out"), env=batch_env)
+    assert ran.returncode == 0, ran.stderr
+    assert [r["status"] for r in read_jsonl(tmp_path / "out" / "results.jsonl")] == ["ok"] * 6
+    client = sdk.OpenAI(base_url=batch_env["OPENAI_BASE_URL"], api_key=batch_env["OPENAI_API_KEY"])
+    inputs = [file for file in client.files.list().data if file.filename.startswith("promptmill-")]
+    assert len(inputs) == (1 if keep else 0), [file.filename for file in inputs]

@@ -12,6 +12,7 @@ goes into a later batch; a 4xx fails its row with the provider's message.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, AsyncIterator, Hashable
 
 import openai
@@ -39,6 +40,7 @@ from promptmill.workers.retry import Verdict, status_verdict
 ENDPOINT = "/v1/chat/completions"
 INTENT_KEY = "promptmill_intent"  # the batch's metadata: the intent it was made of
 _OVER = ("completed", "failed", "expired", "cancelled")
+log = logging.getLogger(__name__)
 _CANCELLABLE = ("validating", "in_progress", "finalizing")
 
 
@@ -130,6 +132,12 @@ class OpenAIBatchBackend(ProviderBatchBackend):
                              retryable=True, status=500)  # fmt: skip
             for row in batch.waiters:
                 yield f"{batch.intent}-{row}", failed
+        # Every result read: the input file (every row's prompt) goes, unless `keep_batch_files = true`.
+        if state.input_file_id and not batch.job.pipeline.keep_batch_files:
+            try:
+                await self.client.files.delete(state.input_file_id)
+            except openai.APIError as error:  # gone already (another run read it too), or refused: no row's loss
+                log.warning("job %s: deleting batch %s's input file failed: %s", batch.job.job_id, batch.batch_id, error)
 
     def _reply(self, batch: WaitedBatch, entry: dict[str, Any]) -> Reply | object:
         response = entry.get("response")
