@@ -348,3 +348,32 @@ def test_a_deadline_crossing_sends_message_batch_rows_in_real_time_before_it(tmp
     assert len(answered) == 120 and set(answered.values()) == {1}
     report = json.loads(promptmill("cost", job_id, "--json", env=env).stdout)
     assert {m["model"]: m["requests"] for m in report["models"] if m["requests"]} == {"claude-haiku-4-5": 120}
+
+
+def test_a_batch_taken_after_a_lost_create_that_holds_none_of_its_rows_is_dropped_for_its_own(tmp_path, batch_env, fake_api):
+    """Another client of the account made a batch of the same size just before: after our create's
+    answer is lost, the provider's list offers both, and the earlier (another's) is taken first. Its
+    results name none of our rows: it is dropped (and never taken again), the batch our create did
+    make is found and read, and no row is sent or paid twice."""
+    import anthropic
+
+    fake_api.configure(batch_delay_s=1.0)
+    client = anthropic.Anthropic(base_url=batch_env["ANTHROPIC_BASE_URL"], api_key=batch_env["ANTHROPIC_API_KEY"])
+    requests = [{"custom_id": f"someone-{i}", "params": {"model": "claude-haiku-4-5", "max_tokens": 8,
+                 "messages": [{"role": "user", "content": f"someone else's {i}"}]}} for i in range(5)]  # fmt: skip
+    foreign = client.messages.batches.create(requests=requests)
+    fake_api.configure(batch_create_fault="drop")  # the next create (ours) is made, its answer lost
+    data, pipeline = write_rows(tmp_path, 5)
+    out = tmp_path / "out"
+    result = promptmill(*batch_run(data, pipeline, out, "--chunk-size", "5"), env=fast_recovery(batch_env), timeout=200)
+    assert result.returncode == 0, result.stderr
+    assert fake_api.config()["batch_create_fault"] == ""  # the create's answer was lost
+
+    ours = [entry for entry in batch_entries(fake_api.log()) if not entry["custom_id"].startswith("someone-")]
+    assert sorted(row_of(entry) for entry in ours) == list(range(5))  # each row in one batch, once
+    records = read_jsonl(out / "results.jsonl")
+    assert [r["status"] for r in records] == ["ok"] * 5 and all(r["attempts"] == 1 for r in records)
+    status = json.loads(promptmill("status", job_id_of(result), "--json", env=batch_env).stdout)
+    assert foreign.id not in {b["id"] for b in status["batches"]} and len(status["batches"]) == 1
+    report = json.loads(promptmill("cost", job_id_of(result), "--json", env=batch_env).stdout)
+    assert report["models"][0]["requests"] == 5 and report["paid_twice"]["cost_usd"] == 0

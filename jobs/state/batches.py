@@ -146,6 +146,18 @@ class BatchStore:
                 held[where] = Holder(attempt, intent.batch_id, intent.intent_id)
         return held
 
+    def disown(self, job_id: str, batch_id: str, intent_id: str | None) -> None:
+        """The batch taken for the intent's (after a lost create) holds none of its rows: it is no longer
+        the job's, and never taken by this fleet again; the intent's batch is looked for again by the
+        rows' next run (the one the provider did make of it, or none: then they go in a new one)."""
+        intent = self.intent(job_id, intent_id) if intent_id else None
+        with self.redis.pipeline() as pipe:
+            pipe.hdel(JobKeys(job_id).batches, batch_id)
+            pipe.set(batch_owner_key(batch_id), "another's", ex=BATCH_OWNER_TTL_S)
+            if intent is not None and intent.batch_id == batch_id:
+                pipe.hset(JobKeys(job_id).batch_intents, intent.intent_id, intent.model_copy(update={"batch_id": None}).model_dump_json())
+            pipe.execute()
+
     def forget_row(self, job_id: str, chunk_id: str, row: int) -> None:
         """The row's batch will never answer it (canceled): its next run sends it in a new one."""
         self.redis.hdel(JobKeys(job_id).batch_rows(chunk_id), row)

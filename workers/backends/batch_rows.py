@@ -56,6 +56,12 @@ class WaitedBatch:
         if waiter is not None and not waiter.done():
             waiter.set_result(reply)
 
+    def resolve_rest(self, reply: Reply) -> None:
+        """Every row not answered yet gets this reply."""
+        for waiter in self.waiters.values():
+            if not waiter.done():
+                waiter.set_result(reply)
+
     def waiting(self) -> bool:
         return any(not waiter.done() for waiter in self.waiters.values())
 

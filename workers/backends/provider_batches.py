@@ -332,7 +332,7 @@ class ProviderBatchBackend:
                     state = await self.batch_state(batch.batch_id)
                 except BatchGone:
                     gone = Verdict(ErrorKind.server_error, f"batch {batch.batch_id} is gone", retryable=True, status=404)
-                    self._resolve_rest(batch, gone)
+                    batch.resolve_rest(gone)
                     return
                 except self.api_error as error:
                     log.warning("job %s: polling batch %s failed (%s); polling on", job_id, batch.batch_id, error)
@@ -370,8 +370,10 @@ class ProviderBatchBackend:
 
     async def _read_results(self, batch: WaitedBatch) -> None:
         job = batch.job
+        seen = ours = 0
         async for custom_id, reply in self.batch_results(batch):
             row = batch.row_of(custom_id)
+            seen, ours = seen + 1, ours + (row is not None)
             if row is None or row in batch.results:
                 continue  # another intent's row (not this batch's), or one read already
             if reply is CANCELED:  # never processed, never billed; a resume sends the row in a new batch
@@ -382,14 +384,13 @@ class ProviderBatchBackend:
                 if isinstance(reply, RawOutcome):
                     reply.row = row
                 batch.answer(row, reply)
+        if seen and not ours:  # taken after a lost create, and another's: its rows go in a batch of their own
+            log.warning("job %s: batch %s holds none of its rows; dropped", job.job_id, batch.batch_id)
+            self.store.batches.disown(job.job_id, batch.batch_id, batch.intent)
+            batch.resolve_rest(None)  # type: ignore[arg-type]  # their next run looks for the intent's own batch
+            return
         missing = Verdict(ErrorKind.server_error, f"batch {batch.batch_id} returned no result", retryable=True, status=500)
-        self._resolve_rest(batch, missing)
-
-    @staticmethod
-    def _resolve_rest(batch: WaitedBatch, reply: Reply) -> None:
-        for waiter in batch.waiters.values():
-            if not waiter.done():
-                waiter.set_result(reply)
+        batch.resolve_rest(missing)
 
     async def close(self) -> None:
         for task in [*self._gatherers.values(), *self._pollers]:
