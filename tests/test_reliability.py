@@ -155,6 +155,23 @@ def test_a_chunk_lost_twice_is_sent_again_both_times(tmp_path, env, store):
     assert chunk in store.chunks.lost(spec.job_id, queue_empty=True, stranded_after_s=0)
 
 
+def test_a_chunk_picked_and_never_sent_is_lost_after_the_lease_time_whatever_the_queues_depth(tmp_path, env, store):
+    """The worker that takes a chunk's turn dies before it sends the chunk by name: nothing holds it,
+    runs it or waits with it. With the queue still deep (not empty), it is found once the lease time
+    has passed since the pick, and once only for that pick."""
+    spec = new_job(tmp_path, env, store)
+    store.finish_producing(spec.job_id)
+    store.set_state(spec.job_id, JobState.running)
+    queue = "picked-test-" + spec.job_id
+    store.fair.add(spec.job_id, queue, [(0, "0000000000"), (2, "0000000002")])
+    picked = store.fair.take(queue)  # ... and its worker dies here
+    assert picked is not None and picked.chunk_id == "0000000000"
+    assert store.chunks.lost(spec.job_id, queue_empty=False, stranded_after_s=30, lease_s=15) == []  # within its lease
+    assert store.chunks.lost(spec.job_id, queue_empty=False, stranded_after_s=30, lease_s=0) == ["0000000000"]
+    assert store.chunks.lost(spec.job_id, queue_empty=False, stranded_after_s=30, lease_s=15) == []  # sent again now
+    store.fair.leave(spec.job_id)
+
+
 def test_the_sweeper_skips_a_job_whose_keys_are_gone_and_sweeps_the_others(tmp_path, env, store):
     from promptmill.workers.sweeper import sweep_once
 

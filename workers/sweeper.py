@@ -34,11 +34,14 @@ def _queue_is_empty(queue: str) -> bool:
             return True  # kombu's Redis transport: no list under the queue's name means no message
 
 
-def sweep_once(store: JobStore, sender: ChunkSender, every_s: float, ttl_s: float, measured: bool = False) -> int:
+def sweep_once(
+    store: JobStore, sender: ChunkSender, every_s: float, ttl_s: float, measured: bool = False, lease_s: float = 15.0
+) -> int:
     """Send the lost chunks of every runnable job once more; returns how many were sent.
 
-    Lost: a chunk whose worker died while running it, or, once every chunk is enqueued and the
-    queue is empty, a chunk neither done nor running nor waiting its turn that was not sent for a while:
+    Lost: a chunk whose worker died while running it; a chunk picked for a slot that nothing started
+    within `lease_s` (its picker died before it sent it), whatever the queue's depth; or, once every
+    chunk is enqueued and the queue is empty, a chunk neither done nor running nor waiting its turn that was not sent for a while:
     its message died with a worker that had reserved it or was holding it for a delayed retry
     (`ChunkStore.lost`). Chunks waiting their turn with an empty queue get new messages to run them.
     """
@@ -63,7 +66,7 @@ def sweep_once(store: JobStore, sender: ChunkSender, every_s: float, ttl_s: floa
         links = spec.links()
         empty = {queue: bool(status.produced) and _queue_is_empty(queue) for queue in {link.queue for link in links}}
         empty_links = [i for i, link in enumerate(links) if i and empty[link.queue]]
-        lost = store.chunks.lost(job_id, empty[spec.queue], 3 * every_s, empty_links)
+        lost = store.chunks.lost(job_id, empty[spec.queue], 3 * every_s, empty_links, lease_s)
         if store.fair.waiting(job_id):
             # Its chunks waiting their turn need "pick the next chunk" messages: a job that left the fair
             # shares as it got more comes back, and an empty queue means theirs were lost (a dead worker's
@@ -92,7 +95,8 @@ class OrphanSweeper(threading.Thread):
     def run(self) -> None:
         while not self.stopped.wait(self.every_s):
             try:
-                sweep_once(self.rt.store, ChunkSender(app), self.every_s, self.ttl_s, self.rt.metrics)
+                sweep_once(self.rt.store, ChunkSender(app), self.every_s, self.ttl_s, self.rt.metrics,
+                           self.rt.settings.lease_ttl_s)
                 forgotten = self.rt.forget_ended_jobs(self.rt.settings.forget_job_after_s)
                 if forgotten:
                     log.info("let go of %d ended jobs: %s", len(forgotten), ", ".join(forgotten))

@@ -98,24 +98,30 @@ return 1
 # Find the job's lost chunks in one step. A chunk is lost when it is incomplete, unflushed and
 # unleased, and either (orphaned) a worker started it and died (its run count moved past the count
 # it was last sent again at), or (stranded, only when the queue is empty) no message for it exists:
-# it died in a dead worker's reserved or delayed messages, a resent copy among them. A chunk that
+# it died in a dead worker's reserved or delayed messages, a resent copy among them, or (picked,
+# whatever the queue's depth) its turn was taken and nothing started it within the lease time since:
+# the worker that picked it died before it sent it by name, whose message runs ahead of every other. A chunk that
 # waits its turn in the fair shares (KEYS[7], jobs/state/fair.py) has no message of its own: it is not
 # stranded, and the sweeper replaces lost "pick the next chunk" messages instead. The guard is
 # the loss itself (a run count, a time), never the chunk: a chunk lost twice is sent twice.
 # Rows handed to another queue's model are that run's ("CHUNK@LINK"), lost the same way on its queue.
 # ARGV: now (s), how long a chunk sent must wait before it counts as stranded (s), queue empty (0/1),
-# the job's key prefix, the links of the chain whose queue is empty (JSON list).
+# the job's key prefix, the links of the chain whose queue is empty (JSON list), the lease time (s).
 SWEEP = lua("""
 local now, wait, queue_empty, prefix = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3] == '1', ARGV[4]
 local empty_links = {}
 for _, link in ipairs(cjson.decode(ARGV[5])) do empty_links[link] = true end
 local lost = {}
-local function look(run, empty)
+local lease = tonumber(ARGV[6])
+local function look(run, empty, picked)
   if redis.call('EXISTS', prefix .. $LEASE .. ':' .. run) == 1 then return end
   local runs = redis.call('HGET', KEYS[4], run)
   local sent_at = tonumber(redis.call('HGET', KEYS[6], run) or '0')
   if runs and runs ~= redis.call('HGET', KEYS[5], run) then
     redis.call('HSET', KEYS[5], run, runs)
+    redis.call('HSET', KEYS[6], run, now)
+    table.insert(lost, run)
+  elseif picked and sent_at > 0 and now - sent_at >= lease and not redis.call('ZSCORE', KEYS[7], run) then
     redis.call('HSET', KEYS[6], run, now)
     table.insert(lost, run)
   elseif empty and now - sent_at >= wait and not redis.call('ZSCORE', KEYS[7], run) then
@@ -127,10 +133,10 @@ for _, chunk in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
   if redis.call('SISMEMBER', KEYS[3], chunk) == 0 then
     local rows = tonumber(redis.call('HGET', KEYS[2], chunk) or '0')
     local handed = redis.call('HVALS', prefix .. $HANDED .. ':' .. chunk)
-    if redis.call('HLEN', prefix .. $RESULTS .. ':' .. chunk) + #handed < rows then look(chunk, queue_empty) end
+    if redis.call('HLEN', prefix .. $RESULTS .. ':' .. chunk) + #handed < rows then look(chunk, queue_empty, true) end
     local links = {}
     for _, raw in ipairs(handed) do links[cjson.decode(raw).link] = true end
-    for link, _ in pairs(links) do look(chunk .. '@' .. link, empty_links[link] == true) end
+    for link, _ in pairs(links) do look(chunk .. '@' .. link, empty_links[link] == true, false) end
   end
 end
 return lost

@@ -119,15 +119,17 @@ class ChunkStore:
         ]
 
     def lost(
-        self, job_id: str, queue_empty: bool, stranded_after_s: float, empty_links: list[int] = ()
+        self, job_id: str, queue_empty: bool, stranded_after_s: float, empty_links: list[int] = (),
+        lease_s: float = 15.0,
     ) -> list[str]:
         """The job's lost runs (see `run_id`), each marked as sent again now (see `SWEEP`): the
-        caller sends them. `empty_links`: the chain's models whose queue is empty."""
+        caller sends them. `empty_links`: the chain's models whose queue is empty; `lease_s`: how long
+        a picked chunk may wait to start."""
         keys = ["chunks", "chunk_rows", "flushed", "chunk_runs", "resent", "sent_at", "ready"]
         lost = self._sweep(
             keys=[getattr(JobKeys(job_id), name) for name in keys],
             args=[time.time(), stranded_after_s, int(queue_empty), JobKeys(job_id).prefix,
-                  orjson.dumps(list(empty_links)).decode()],
+                  orjson.dumps(list(empty_links)).decode(), lease_s],
         )  # fmt: skip
         return [raw.decode() for raw in lost]
 
