@@ -21,6 +21,12 @@ def _entries(listed: str) -> list[str]:
     return [entry.strip() for entry in listed.split(",") if entry.strip()]
 
 
+def _bucket(url: str) -> str:
+    """A cloud URL's bucket, as `s3://name` or `gs://name` (gcs:// is gs://)."""
+    parts = urlparse(url)
+    return f"{'gs' if parts.scheme == 'gcs' else parts.scheme}://{parts.netloc}"
+
+
 @dataclass(frozen=True)
 class Access:
     """Where a job's rows may take their files from: the data's own folder (symlinks followed, then
@@ -39,8 +45,7 @@ class Access:
         roots, buckets = [], []
         for entry in _entries(settings.attachment_roots):
             if entry.startswith(REMOTE):
-                scheme, _, rest = entry.partition("://")
-                buckets.append(f"{'gs' if scheme == 'gcs' else scheme}://{rest.strip('/').split('/')[0]}")
+                buckets.append(_bucket(entry))
             else:
                 roots.append(Path(entry).expanduser().resolve())
         hosts = tuple(entry.lower() for entry in _entries(settings.attachment_url_hosts)) if self_hosted else None
@@ -80,18 +85,16 @@ class Access:
     def check(self, ref: AttachmentRef) -> None:
         """The worker's check of a recorded reference: the same rule, and a local file's sha256."""
         source = ref.source
-        if source == INPUT_SOURCE:
-            return
         if _SCHEME.match(source) and not source.startswith("file://"):
             self._url(source, ref.column)
             return
         path = Path(unquote(urlparse(source).path)) if source.startswith("file://") else Path(source)
-        if not path.is_absolute() or not self._allowed(path.resolve()):
+        if source != INPUT_SOURCE and (not path.is_absolute() or not self._allowed(path.resolve())):
             raise AttachmentError(f"attachment {ref.column!r}: {source} is outside the data's folder and the "
                                   f"folders this worker allows (PROMPTMILL_ATTACHMENT_ROOTS)")  # fmt: skip
         if ref.sha256 is None:
             raise AttachmentError(f"attachment {ref.column!r}: {source} was not hashed at submit; a worker "
-                                  f"sends a local file only with its sha256")  # fmt: skip
+                                  f"sends a file's bytes only with their sha256")  # fmt: skip
 
     def _allowed(self, real: Path) -> bool:
         return any(real.is_relative_to(folder) for folder in (self.folder, *self.roots))
@@ -99,7 +102,7 @@ class Access:
     def _url(self, url: str, column: str) -> str:
         parts = urlparse(url)
         if url.startswith(REMOTE):
-            bucket = f"{'gs' if parts.scheme == 'gcs' else parts.scheme}://{parts.netloc}"
+            bucket = _bucket(url)
             if bucket not in self.buckets:
                 raise AttachmentError(f"attachment {column!r}: {url}: the bucket {bucket} is not one of "
                                       f"PROMPTMILL_ATTACHMENT_ROOTS")  # fmt: skip

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from promptmill.config.prices import BATCH, PriceTable
+from promptmill.config.prices import BATCH, PriceTable, UnknownModelError
 from promptmill.jobs.ledger import cost_report
 from promptmill.jobs.spec import JobSpec
 from promptmill.jobs.state.fallback import fallback_status, switched_at
@@ -108,8 +108,11 @@ def job_list(store: JobStore, prices_of: Callable[[JobSpec], PriceTable] | None 
             "weight": spec.priority, "share": None, "rows_per_s": None, "eta_s": None,
         }  # fmt: skip
         if prices_of is not None:
-            job.update(produced=status.produced, created_at=status.created_at,
-                       cost_usd=float(cost_report(spec, status, prices_of(spec)).cost_usd),
+            try:
+                cost_usd: float | None = float(cost_report(spec, status, prices_of(spec)).cost_usd)
+            except UnknownModelError:  # its ledger names a model this machine's table has no price for
+                cost_usd = None  # (one job's cost unknown here never hides the others)
+            job.update(produced=status.produced, created_at=status.created_at, cost_usd=cost_usd,
                        budget_usd=store.budgets.get(job_id).cap_usd)  # fmt: skip
         if status.state.runnable:
             pace = pace_of(store, spec, status)

@@ -381,3 +381,35 @@ def test_vllms_own_media_loader_reads_the_image_parts_we_send_as_the_files_pixel
                 assert decoded.size == original.size and decoded.tobytes() == original.convert("RGB").tobytes()
             else:
                 assert decoded.size == size
+
+
+def test_a_file_pillow_cannot_read_or_a_decompression_bomb_fails_its_row_never_the_worker(tmp_path):
+    """Whatever Pillow says of a row's image (not an image, cut short, more pixels than an image may
+    have, read from its header before anything is decoded) is that row's `AttachmentError`, at submit
+    (`describe`) and in the worker that shrinks it (`load` with resize), never an exception that
+    stops a chunk or a job."""
+    from promptmill.pipelines.attachments import MAX_IMAGE_PIXELS, AttachmentError, describe, limits_for, load
+    from promptmill.pipelines.items import AttachmentRef
+
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (8_000, 8_000)).save(bomb)  # 64 megapixels in a few KB
+    assert bomb.stat().st_size < 100_000 and 8_000 * 8_000 > MAX_IMAGE_PIXELS
+    huge = tmp_path / "huge.png"
+    Image.new("1", (10_000, 10_000)).save(huge)  # past Pillow's own bound too: its DecompressionBomb refusal
+    text = tmp_path / "notes.png"
+    text.write_text("a text file, named as an image\n")
+    cut = tmp_path / "cut.png"
+    noise_png(tmp_path / "whole.png", 300)
+    cut.write_bytes((tmp_path / "whole.png").read_bytes()[:2000])
+    limits = limits_for("anthropic")
+    for path, said in ((bomb, "megapixels"), (huge, "decompression bomb"), (text, "unknown type"), (cut, "not a readable image")):
+        ref = AttachmentRef(column="image", kind="image", source=str(path))
+        with pytest.raises(AttachmentError, match=said):
+            describe(ref, None, limits, resize=True)
+        if path is cut:
+            continue  # at its best size already: the worker sends its bytes as hashed, undecoded
+        # The worker's side, for a file that changed into this after a good one was hashed at submit
+        # (its sha256 recorded as this file's own here, so the bytes reach Pillow as it resizes).
+        hashed = ref.model_copy(update={"sha256": sha256(path), "media_type": "image/png"})
+        with pytest.raises(AttachmentError, match=said if path is not text else "not a readable image"):
+            load(hashed, "", 1, limits, resize=True)

@@ -242,3 +242,15 @@ def test_a_late_answer_for_a_flushed_chunk_is_paid_twice_unless_it_is_the_answer
         assert store.status(job.job_id).paid_twice.as_dict() == {job.model: {"requests": 1, **again.usage.model_dump()}}
     finally:
         loop.close()
+
+
+def test_the_job_list_shows_a_job_whose_ledger_names_an_unpriced_model_with_its_cost_unknown(store, job):
+    """`jobs` and the viewer's jobs page list every job in the Redis: one whose ledger names a model
+    this machine has no price for (a price file elsewhere) shows its cost as unknown, and the others
+    are listed all the same (the page answered 500 for every job before)."""
+    from promptmill.reports.status import job_list
+
+    store.chunks.add(job.job_id, chunk(0, 1))
+    store.chunks.commit(job.job_id, chunk_id_for(0), "model-priced-elsewhere", ok(0))
+    listed = {entry["job_id"]: entry for entry in job_list(store, lambda spec: spec.pipeline.price_table(Settings()))}
+    assert listed[job.job_id]["cost_usd"] is None and listed[job.job_id]["ok"] == 1
