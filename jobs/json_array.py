@@ -13,8 +13,9 @@ class BrokenArray(ValueError):
     """The array is cut or broken at this point: nothing after it is read."""
 
 
-# Outside a string, the bytes that matter to an item's bounds; inside one, its end or an escape.
-_STRUCTURE = re.compile(rb'["{}\[\],]')
+# Outside a string, what matters to an item's bounds: a whole string (skipped at once), a quote that
+# opens one running past the block read, or a bracket or comma. Inside one: its end or an escape.
+_STRUCTURE = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|["{}\[\],]', re.S)
 _IN_STRING = re.compile(rb'["\\]')
 
 
@@ -45,8 +46,10 @@ def array_items(handle: IO[bytes], limit: int | None) -> Iterator[bytes | None]:
                 continue
             if depth == 0:  # before the array: its own bracket, where items start
                 if char != b"[":
-                    raise BrokenArray(f"{char.decode()} before the array's [")
+                    raise BrokenArray(f"{char[:1].decode()} before the array's [")
                 depth, taken = 1, at
+            elif len(char) > 1:
+                continue  # a whole string
             elif char == b'"':
                 in_string = True
             elif char in (b"{", b"["):
