@@ -3,6 +3,8 @@ says, and does it once."""
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import pytest
 
 from promptmill.config.settings import Settings
@@ -22,7 +24,7 @@ def store(redis_url) -> JobStore:
 
 
 @pytest.fixture
-def job(store: JobStore, tmp_path) -> JobSpec:
+def job(store: JobStore, tmp_path) -> Iterator[JobSpec]:
     settings = Settings()
     pipeline = Pipeline(name="t", model="claude-haiku-4-5", prompt="{text}", max_tokens=16)
     spec = JobSpec(
@@ -37,7 +39,11 @@ def job(store: JobStore, tmp_path) -> JobSpec:
         max_attempts=settings.max_attempts,
     )
     store.create_job(spec)
-    return spec
+    # Runnable to the workers of later tests on this Redis (their sweepers measure and send its chunks):
+    # it goes with the test.
+    yield spec
+    store.fair.leave(spec.job_id)
+    store.delete_job(spec.job_id)
 
 
 def chunk(first_row: int, rows: int) -> ChunkPayload:
