@@ -413,3 +413,17 @@ def test_a_file_pillow_cannot_read_or_a_decompression_bomb_fails_its_row_never_t
         hashed = ref.model_copy(update={"sha256": sha256(path), "media_type": "image/png"})
         with pytest.raises(AttachmentError, match=said if path is not text else "not a readable image"):
             load(hashed, "", 1, limits, resize=True)
+
+
+def test_a_compares_contenders_read_the_rows_files_where_the_input_names_them(tmp_path, env, fake_api, receipts):
+    """A compare's contenders read a sample copied into the compare's folder: the rows' relative paths
+    still lead to the files beside the input (the job's folder for them is the input's)."""
+    rows = [{k: v for k, v in row.items() if k != "pdf"} for row in receipts]
+    data, pipeline_path = write_dataset(tmp_path, rows, pipeline("image", "image"))
+    result = promptmill("compare", str(data), "--pipeline", str(pipeline_path), "--against", "anthropic:claude-haiku-4-5",
+                        "--sample", "4", "--out", str(tmp_path / "cmp"), "--json", env=env)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (contender,) = json.loads(result.stdout)["contenders"]
+    assert contender["ok"] == 4, contender
+    sent = {entry["files"][0]["sha256"] for entry in answered(fake_api.log())}
+    assert sent == {sha256(tmp_path / row["image"]) for row in receipts}

@@ -95,6 +95,8 @@ def compare(
     pipeline_path = Path(pipeline) if isinstance(pipeline, (str, Path)) else _pipeline_file(chosen, settings.data_dir)
     try:
         plan = plan_compare(staged.path, pipeline_path, list(against), sample, seed, label, staged.input_format)
+        if staged.attachment_root is not None:  # the rows' relative file paths are the caller's
+            plan = plan.model_copy(update={"attachment_root": str(staged.attachment_root)})
         folder = compare_folder(plan, Path(out) if out else None)
         compared = run_compare(settings, plan, folder, workers, progress_console(progress))
     except CompareError as bad:

@@ -164,6 +164,7 @@ def _contender_spec(settings: Settings, store: JobStore, plan: ComparePlan, fold
         )  # fmt: skip
     except SubmitError as bad:
         raise CompareError(f"--against {contender.name}: {bad}") from None
+    spec = spec.model_copy(update={"attachment_root": plan.attachment_root or str(Path(plan.input_path).resolve().parent)})
     try:
         check_model_built(spec, settings)
     except ModelNotBuiltError as missing:

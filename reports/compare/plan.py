@@ -81,6 +81,9 @@ class ComparePlan(BaseModel):
     rows: list[int] = Field(default_factory=list, description="The sampled rows' numbers in the input, in order.")
     input_rows: int = 0  # readable rows in the input, for the projections
     unreadable_rows: int = 0
+    #: The folder the rows' relative file paths are in (None: the input's own): the contenders read a
+    #: sample copied into the compare's folder, and their files where the input's rows name them.
+    attachment_root: str | None = None
 
     def asks_the_same(self, other: "ComparePlan") -> bool:
         """The same compare: what a user typed, without what running it recorded."""
