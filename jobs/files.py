@@ -14,18 +14,20 @@ from typing import IO, Any, Iterator
 PRIVATE_UMASK = 0o077  #: group and others get no bit of what promptmill makes
 
 
-def make_private() -> None:
+def make_private() -> int:
     """From now on this process (and every process it starts) makes its folders 0700 and files 0600:
-    the umask only takes bits away, so the one it had is kept, with group's and others' bits added."""
-    os.umask(os.umask(PRIVATE_UMASK) | PRIVATE_UMASK)
+    the umask only takes bits away, so the one it had is kept, with group's and others' bits added.
+    Returns the umask it had."""
+    before = os.umask(PRIVATE_UMASK)
+    os.umask(before | PRIVATE_UMASK)
+    return before
 
 
 @contextlib.contextmanager
 def private_files() -> Iterator[None]:
     """`make_private` while the block runs (the Python API's calls, in a caller's process whose own
     files are none of ours), then the caller's umask again. Also a decorator: `@private_files()`."""
-    before = os.umask(PRIVATE_UMASK)
-    os.umask(before | PRIVATE_UMASK)
+    before = make_private()
     try:
         yield
     finally:

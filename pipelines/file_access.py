@@ -5,6 +5,7 @@ the data, `../`, `file://`, `~`, an absolute path, a link-local URL); none of th
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,14 +43,9 @@ class Access:
 
     @classmethod
     def of(cls, folder: str | Path, settings: Any, self_hosted: bool) -> "Access":
-        roots, buckets = [], []
-        for entry in _entries(settings.attachment_roots):
-            if entry.startswith(REMOTE):
-                buckets.append(_bucket(entry))
-            else:
-                roots.append(Path(entry).expanduser().resolve())
-        hosts = tuple(entry.lower() for entry in _entries(settings.attachment_url_hosts)) if self_hosted else None
-        return cls(Path(folder).resolve(), tuple(roots), tuple(buckets), hosts)
+        """The job's rule under these settings: made once per job and settings in a process (a row is
+        rendered, and a request checked, with it: its folders are not resolved again for each)."""
+        return _access(str(folder), settings.attachment_roots, settings.attachment_url_hosts, self_hosted)
 
     def source(self, value: Any, column: str) -> str:
         """Where a row's attachment is, from its column's value: a real path (symlinks resolved)
@@ -115,3 +111,15 @@ class Access:
             raise AttachmentError(f"attachment {column!r}: {url}: a self-hosted server would fetch it from inside "
                                   f"your network; allow {host} in PROMPTMILL_ATTACHMENT_URL_HOSTS if it is meant")  # fmt: skip
         return url
+
+
+@functools.lru_cache(maxsize=256)
+def _access(folder: str, listed_roots: str, listed_hosts: str, self_hosted: bool) -> Access:
+    roots, buckets = [], []
+    for entry in _entries(listed_roots):
+        if entry.startswith(REMOTE):
+            buckets.append(_bucket(entry))
+        else:
+            roots.append(Path(entry).expanduser().resolve())
+    hosts = tuple(entry.lower() for entry in _entries(listed_hosts)) if self_hosted else None
+    return Access(Path(folder).resolve(), tuple(roots), tuple(buckets), hosts)

@@ -42,7 +42,6 @@ def job(store: JobStore, tmp_path) -> Iterator[JobSpec]:
     # Runnable to the workers of later tests on this Redis (their sweepers measure and send its chunks):
     # it goes with the test.
     yield spec
-    store.fair.leave(spec.job_id)
     store.delete_job(spec.job_id)
 
 
